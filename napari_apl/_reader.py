@@ -1,0 +1,115 @@
+"""npe2 reader: NIfTI scans and label volumes as napari layers that keep the scan's geometry.
+
+Layer data are canonical RAS+ voxels transposed to ``(Z, Y, X)``; see ``_layers`` for the
+convention. A broken file gives a one-line error notification and no layer (never a traceback).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._layers import image_layer_data, labels_layer_data, notify_error
+from .core.errors import APLError
+from .core.volume import Volume, load_volume
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+LABEL_NAME_HINT = re.compile(r"(label|seg|mask)", re.IGNORECASE)
+MAX_LABEL_VALUES = 64
+MAX_HINTED_LABEL_VALUES = 1024
+LAZY_BYTES = 1024**3
+_SAMPLE_VOXELS = 200_000
+NULL_LAYER: list = [(None,)]  # npe2's "handled, no layer" sentinel
+
+
+def is_nifti(path: str | Path) -> bool:
+    """Whether ``path`` names a NIfTI file (``.nii`` or ``.nii.gz``)."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def get_reader(path: str | Sequence[str]) -> Callable[[Any], list] | None:
+    """npe2 reader hook: return ``read_nifti`` for NIfTI paths, ``None`` for anything else."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    if not paths or not all(is_nifti(p) for p in paths):
+        return None
+    return read_nifti
+
+
+def read_nifti(path: str | Sequence[str]) -> list:
+    """Read one or more NIfTI files into layer data tuples; broken files become notifications."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    layers: list = []
+    for p in paths:
+        try:
+            layers.append(read_layer_data(p))
+        except APLError as exc:
+            notify_error(exc)
+        except Exception as exc:  # a bug or an unexpected library error: still one line, no dialog
+            notify_error(f"{p} cannot be opened: {type(exc).__name__}: {exc}")
+    return layers or NULL_LAYER
+
+
+def read_layer_data(path: str | Path) -> tuple:
+    """Read a NIfTI file as an image or a labels layer data tuple (raises ``APLError`` on bad files)."""
+    path = Path(path)
+    volume = load_volume(path, lazy=_should_be_lazy(path))
+    if looks_like_labels(volume, path.name):
+        return labels_layer_data(volume)
+    extra: dict[str, Any] = {}
+    limits = _ct_window(volume)
+    if limits is not None:
+        extra["contrast_limits"] = limits
+    return image_layer_data(volume, **extra)
+
+
+def _should_be_lazy(path: Path) -> bool:
+    """Whether the file is big enough to be read lazily (slice by slice through dask)."""
+    import nibabel as nib
+
+    try:
+        hdr = nib.load(str(path)).header
+        nbytes = math.prod(int(s) for s in hdr.get_data_shape()) * np.dtype(hdr.get_data_dtype()).itemsize
+    except Exception:  # load_volume will report what is wrong with the file
+        return False
+    return nbytes > LAZY_BYTES
+
+
+def _is_integral(arr: np.ndarray) -> bool:
+    """Whether every value of ``arr`` is an integer."""
+    if arr.dtype.kind in "biu":
+        return True
+    return bool(np.all(np.isfinite(arr)) and np.array_equal(arr, np.round(arr)))
+
+
+def looks_like_labels(volume: Volume, name: str = "") -> bool:
+    """Labels: non-negative integral values, few distinct ones (<= 64, <= 1024 with a label-ish name)."""
+    if volume.lazy:
+        return False
+    data = np.asarray(volume.data)
+    hinted = bool(LABEL_NAME_HINT.search(name))
+    if not hinted and data.dtype.kind not in "biu":
+        return False
+    limit = MAX_HINTED_LABEL_VALUES if hinted else MAX_LABEL_VALUES
+    step = max(1, data.size // _SAMPLE_VOXELS)
+    sample = data.reshape(-1)[::step]
+    if not _is_integral(sample) or np.unique(sample).size > limit:
+        return False
+    return _is_integral(data) and data.min() >= 0 and np.unique(data).size <= limit
+
+
+def _ct_window(volume: Volume) -> tuple[float, float] | None:
+    """Abdominal CT display window when the voxels look like Hounsfield units, else ``None``."""
+    from .core.preprocess import PRESETS
+
+    if volume.lazy:
+        return None
+    data = np.asarray(volume.data)
+    if data.size == 0 or float(data.min()) > -500 or float(data.max()) < 200:
+        return None
+    preset = PRESETS["ct-abdomen"]
+    return (preset.level - preset.width / 2, preset.level + preset.width / 2)

@@ -1,0 +1,420 @@
+"""The ``napari-apl`` command line: a thin layer over ``napari_apl.core``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .core.errors import APLError, OutputError
+
+MAP_DTYPES = {"main": "uint8", "aux": "uint8", "pseudo_label": "uint8", "confidence": "float32", "consistency": "float32"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument parser whose usage errors are one line and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """Print a one-line usage error and exit 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _out_dir(path: str) -> Path:
+    """Return the output folder, creating it when its parent exists; refuse a missing parent."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out-dir {out} is a file, not a folder: choose a folder")
+    if not out.exists():
+        if not out.parent.is_dir():
+            raise OutputError(f"output folder {out.parent} does not exist: create it first")
+        try:
+            out.mkdir()
+        except OSError as exc:
+            raise OutputError(f"cannot create output folder {out}: {exc.strerror}") from exc
+    return out
+
+
+def _check_outputs(paths: Sequence[Path], overwrite: bool, inputs: Sequence[str | None]) -> None:
+    """Validate every output path before any work starts, so a bad one writes nothing."""
+    from .core.io_utils import check_output_path
+
+    for p in paths:
+        check_output_path(p, overwrite=overwrite, inputs=tuple(inputs))
+
+
+def _normalization(name: str, meta, volume):
+    """Resolve ``--normalize`` (a preset name, ``checkpoint`` or ``auto``) to a Normalization."""
+    from .core.preprocess import Normalization, get_preset
+
+    if name == "checkpoint":
+        return Normalization.from_dict(meta.normalization)
+    if name == "auto":
+        return get_preset("ct-abdomen") if _looks_like_ct(volume) else Normalization.from_dict(meta.normalization)
+    return get_preset(name)
+
+
+def _looks_like_ct(volume) -> bool:
+    """Guess whether a volume holds Hounsfield units (air near -1000 present)."""
+    import numpy as np
+
+    data = volume.data
+    step = max(1, int(data.shape[2]) // 8)
+    sample = np.asarray(data[::4, ::4, ::step])
+    return bool(sample.size and np.nanmin(sample) < -500 and np.nanpercentile(sample, 99) < 4000)
+
+
+def _progress(total: int, desc: str, quiet: bool):
+    """Return a tqdm progress bar on stderr (disabled with --quiet)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="it", disable=quiet, file=sys.stderr, leave=False)
+
+
+def _write_maps(pred_maps: dict, out: Path, volume, overwrite: bool) -> list[Path]:
+    """Write the prediction maps as NIfTI on the input's voxel grid and affine."""
+    import numpy as np
+
+    from .core.volume import save_canonical
+
+    written = []
+    for name, arr in pred_maps.items():
+        dtype = np.dtype(MAP_DTYPES[name])
+        written.append(
+            save_canonical(arr.astype(dtype, copy=False), out / f"{name}.nii.gz", volume, dtype=dtype, overwrite=overwrite)
+        )
+    return written
+
+
+# --- sub-commands -------------------------------------------------------------------------------------
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    """Write a synthetic abdominal phantom and its labels."""
+    from .core.phantom import write_phantom
+
+    out = _out_dir(args.out_dir)
+    kw = {"orientation": args.orientation}
+    if args.shape:
+        kw["shape"] = tuple(args.shape)
+    if args.spacing:
+        kw["spacing"] = tuple(args.spacing)
+    img, lab = write_phantom(out, args.modality, args.seed, overwrite=args.overwrite, **kw)
+    print(f"wrote {img}\nwrote {lab}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print a checkpoint's summary."""
+    from .core.checkpoint import describe
+
+    print(describe(args.checkpoint))
+    return 0
+
+
+def _load_inputs(args: argparse.Namespace):
+    """Load the image volume and the checkpoint named on the command line."""
+    from .core.checkpoint import load_checkpoint
+    from .core.volume import load_volume
+
+    model, meta = load_checkpoint(args.checkpoint)
+    volume = load_volume(args.image, lazy=getattr(args, "lazy", False))
+    norm = _normalization(args.normalize, meta, volume)
+    return model, meta, volume, norm
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predict both heads, pseudo labels, confidence and consistency maps for a volume."""
+    from .core.infer import iter_predict
+
+    out = _out_dir(args.out_dir)
+    _check_outputs([out / f"{n}.nii.gz" for n in MAP_DTYPES], args.overwrite, [args.image, args.checkpoint])
+    model, meta, volume, norm = _load_inputs(args)
+    gen = iter_predict(model, meta, volume, normalization=norm, batch_size=args.batch_size, device=args.device)
+    bar = _progress(int(volume.data.shape[2]), "predict", args.quiet)
+    t0 = time.perf_counter()
+    try:
+        while True:
+            done, _ = next(gen)
+            bar.n = done
+            bar.refresh()
+    except StopIteration as stop:
+        pred = stop.value
+    finally:
+        bar.close()
+    for p in _write_maps(pred.as_dict(), out, volume, args.overwrite):
+        print(f"wrote {p}")
+    print(f"predicted {volume.data.shape[2]} slices in {time.perf_counter() - t0:.1f} s ({norm.kind})")
+    return 0
+
+
+def cmd_refine(args: argparse.Namespace) -> int:
+    """Refine a checkpoint on an unlabelled target volume and write the refined model and maps."""
+    import numpy as np
+
+    from .core.checkpoint import save_checkpoint
+    from .core.infer import predict_volume
+    from .core.refine import RefineConfig, refine
+    from .core.volume import load_volume
+
+    out = _out_dir(args.out_dir)
+    outputs = [out / "refined.pt", out / "log.json"] + [out / f"{n}.nii.gz" for n in MAP_DTYPES]
+    _check_outputs(outputs, args.overwrite, [args.image, args.checkpoint])
+    model, meta, volume, norm = _load_inputs(args)
+    corrections = None
+    if args.corrections:
+        corr_vol = load_volume(args.corrections)
+        if tuple(corr_vol.data.shape) != tuple(volume.data.shape):
+            raise APLError(f"--corrections {args.corrections} does not have the image's shape: use a mask on its grid")
+        corr = np.asarray(corr_vol.data)
+        corrections = np.where(corr == args.corrections_unset, -1, corr).astype(np.int16)
+    cfg = RefineConfig(method=args.method, iterations=args.iterations, seed=args.seed, device=args.device)
+    for key in ("lr", "batch_size", "weight", "teacher_decay", "tau", "bn"):
+        val = getattr(args, key)
+        if val is not None:
+            setattr(cfg, key, val)
+    cfg.normalization = norm.to_dict()
+    gen = refine(model, meta, volume, cfg, corrections=corrections)
+    bar = _progress(cfg.iterations, f"refine ({cfg.method})", args.quiet)
+    t0 = time.perf_counter()
+    try:
+        while True:
+            ev = next(gen)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in ev.losses.items()} | {"ω": f"{ev.mean_confidence:.3f}"})
+            if ev.note:
+                bar.write(ev.note)
+    except StopIteration as stop:
+        result = stop.value
+    except KeyboardInterrupt:
+        raise
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    new_meta = meta.__class__.from_dict(meta.to_dict())
+    new_meta.provenance = dict(meta.provenance) | {
+        "refined_from": str(Path(args.checkpoint).name),
+        "method": cfg.method,
+        "iterations": result.iterations_done,
+        "target": str(Path(args.image).name),
+        "refined_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    pred = predict_volume(result.model, meta, volume, normalization=norm, batch_size=args.batch_size or 8, device=args.device)
+    maps = pred.as_dict()
+    maps["pseudo_label"] = result.pseudo
+    written = _write_maps(maps, out, volume, args.overwrite)
+    written.append(save_checkpoint(out / "refined.pt", result.model, new_meta, overwrite=args.overwrite))
+    log = {
+        "config": cfg.to_dict(),
+        "iterations_done": result.iterations_done,
+        "stopped": result.stopped,
+        "notes": result.notes,
+        "seconds": elapsed,
+        "history": result.history,
+    }
+    from .core.io_utils import atomic_write
+
+    written.append(
+        atomic_write(out / "log.json", lambda p: p.write_text(json.dumps(log, indent=1)), overwrite=args.overwrite)
+    )
+    for p in written:
+        print(f"wrote {p}")
+    for n in result.notes:
+        print(f"note: {n}")
+    print(f"refined for {result.iterations_done} iterations in {elapsed:.1f} s")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score a predicted label volume against reference labels (Dice and ASSD per organ)."""
+    import numpy as np
+
+    from .core.labels import CLASS_NAMES
+    from .core.metrics import evaluate
+    from .core.volume import load_volume
+
+    if args.json:
+        _check_outputs([Path(args.json)], args.overwrite, [args.pred, args.gt])
+    pred = load_volume(args.pred)
+    gt = load_volume(args.gt)
+    if tuple(pred.data.shape) != tuple(gt.data.shape):
+        raise APLError(f"--pred has shape {tuple(pred.data.shape)} but --gt has {tuple(gt.data.shape)}: use masks on one grid")
+    if not np.allclose(pred.affine, gt.affine, atol=1e-3):
+        raise APLError("--pred and --gt have different affines: resample the prediction onto the reference grid")
+    res = evaluate(np.asarray(pred.data).round().astype(np.int16), np.asarray(gt.data).round().astype(np.int16), gt.spacing)
+    print(f"{'organ':<14}{'Dice %':>9}{'ASSD mm':>10}")
+    for name in CLASS_NAMES[1:]:
+        d = res["dice"].get(name, float("nan"))
+        a = res["assd"].get(name, float("nan"))
+        print(f"{name:<14}{100 * d:>9.2f}{a:>10.2f}")
+    print(f"{'mean':<14}{100 * res['mean_dice']:>9.2f}{res['mean_assd']:>10.2f}")
+    if args.json:
+        from .core.io_utils import atomic_write
+
+        atomic_write(args.json, lambda p: p.write_text(json.dumps(res, indent=1)), overwrite=args.overwrite)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Wrap a raw (e.g. ADVENT DeepLabv2) state dict into a napari-apl checkpoint."""
+    from .core.checkpoint import FORMAT_VERSION, CheckpointMeta, import_state_dict, save_checkpoint
+    from .core.labels import CLASS_NAMES
+    from .core.preprocess import get_preset
+
+    _check_outputs([Path(args.out)], args.overwrite, [args.state_dict])
+    names = args.classes.split(",") if args.classes else list(CLASS_NAMES)
+    meta = CheckpointMeta(
+        format_version=FORMAT_VERSION,
+        arch=args.arch,
+        arch_args={"num_classes": len(names)},
+        class_names=names,
+        input_size=tuple(args.input_size),
+        spacing=tuple(args.spacing),
+        normalization=get_preset(args.normalize).to_dict(),
+        provenance={"imported_from": Path(args.state_dict).name, "note": args.note or ""},
+    )
+    model = import_state_dict(args.state_dict, meta)
+    save_checkpoint(args.out, model, meta, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_train_source(args: argparse.Namespace) -> int:
+    """Train a dual-head model on labelled source volumes."""
+    from .core.train import train_source_cli
+
+    return train_source_cli(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Open napari with the sample CT, the demo checkpoint and the APL widget docked."""
+    from ._demo import launch_demo
+
+    launch_demo(screenshot=args.screenshot, quit_after=args.quit_after)
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------------------
+
+
+def _common_model_args(p: argparse.ArgumentParser) -> None:
+    """Add the options shared by predict and refine."""
+    p.add_argument("image", help="input volume (.nii / .nii.gz)")
+    p.add_argument("--checkpoint", "-c", required=True, help="napari-apl checkpoint (.pt)")
+    p.add_argument("--out-dir", "-o", required=True, help="output folder (created if its parent exists)")
+    p.add_argument(
+        "--normalize",
+        default="auto",
+        help="target intensity preset: ct-abdomen, ct-soft, mri, zscore, checkpoint (the source's) "
+        "or auto (ct-abdomen for Hounsfield-unit volumes, else the checkpoint's); default auto",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--lazy", action="store_true", help="read the volume lazily (dask) slice by slice")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the ``napari-apl`` argument parser."""
+    from . import __version__
+
+    parser = _Parser(prog="napari-apl", description="Adaptive pseudo labelling for source-free MRI to CT segmentation.")
+    parser.add_argument("--version", action="version", version=f"napari-apl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("phantom", help="write a synthetic abdominal phantom with labels")
+    p.add_argument("--modality", choices=("ct", "mri"), required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", "-o", required=True)
+    p.add_argument("--orientation", default="RAS", help="3-letter orientation code of the written file (RAS, LAS, LPS...)")
+    p.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"))
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"))
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("info", help="print a checkpoint's summary")
+    p.add_argument("checkpoint")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("predict", help="predict both heads and the confidence / consistency maps")
+    _common_model_args(p)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("refine", help="adapt a checkpoint to an unlabelled target volume (APL or a baseline)")
+    _common_model_args(p)
+    p.add_argument("--method", "-m", default="apl", help="apl (default), apl-con, threshold, cbst or mrnet")
+    p.add_argument("--iterations", "-n", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, help="learning rate (default: the method's tuned value)")
+    p.add_argument("--batch-size", type=int, help="slices per iteration (default 8)")
+    p.add_argument("--weight", choices=("uniform", "confusion"), help="W of the relevance matrix (Eq. 1)")
+    p.add_argument("--teacher-decay", type=float, help="EMA teacher decay (0 = no teacher)")
+    p.add_argument("--tau", type=float, help="threshold of the 'threshold' baseline (default 0.9)")
+    p.add_argument("--bn", choices=("frozen", "train"), help="batch-norm statistics: frozen or train")
+    p.add_argument("--corrections", help="label volume of hand corrections on the image grid (kept as hard labels)")
+    p.add_argument("--corrections-unset", type=int, default=255, help="value meaning 'not corrected' (default 255)")
+    p.set_defaults(func=cmd_refine)
+
+    p = sub.add_parser("evaluate", help="Dice and ASSD per organ of a mask against reference labels")
+    p.add_argument("--pred", required=True)
+    p.add_argument("--gt", required=True)
+    p.add_argument("--json", help="also write the scores as JSON")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("import", help="wrap a raw state dict (e.g. ADVENT DeepLabv2) into a checkpoint")
+    p.add_argument("state_dict")
+    p.add_argument("--arch", default="deeplabv2")
+    p.add_argument("--classes", help="comma-separated class names (default: background,liver,...)")
+    p.add_argument("--input-size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"))
+    p.add_argument("--spacing", type=float, nargs=2, default=(1.5, 1.5), metavar=("MX", "MY"))
+    p.add_argument("--normalize", default="ct-abdomen", help="intensity preset the model was trained with")
+    p.add_argument("--note", help="provenance note")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("train-source", help="train a dual-head model on labelled source volumes")
+    p.add_argument("--images", required=True, help="glob of source images")
+    p.add_argument("--labels", required=True, help="glob of label volumes (paired after sorting)")
+    p.add_argument("--arch", default="unet-dual")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--normalize", default="mri", help="source intensity preset (default mri)")
+    p.add_argument("--spacing", type=float, nargs=2, default=(2.5, 2.5), metavar=("MX", "MY"))
+    p.add_argument("--input-size", type=int, nargs=2, default=(160, 160), metavar=("H", "W"))
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_train_source)
+
+    p = sub.add_parser("demo", help="open napari with the sample CT, the demo model and the APL widget")
+    p.add_argument("--screenshot", help="save a screenshot of the window to this PNG after predicting")
+    p.add_argument("--quit-after", action="store_true", help="close napari after the screenshot")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``napari-apl`` command line; exit 2 with one line on bad input."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except APLError as exc:
+        print(f"napari-apl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"napari-apl {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

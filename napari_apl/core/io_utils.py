@@ -1,0 +1,76 @@
+"""Atomic, non-destructive file writing used by every writer in the project."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import OutputError, OutputExistsError
+
+
+def _suffix(path: Path) -> str:
+    """Return the full suffix of ``path`` (``.nii.gz`` stays one suffix)."""
+    return "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+
+
+def check_output_path(path: str | os.PathLike, *, overwrite: bool = False, inputs: tuple = ()) -> Path:
+    """Validate an output path before any work starts; return it as an absolute ``Path``."""
+    out = Path(path).expanduser().absolute()
+    for src in inputs:
+        if src is not None and Path(src).expanduser().absolute() == out:
+            raise OutputError(f"output {out} is the same file as an input: choose another output path")
+    if out.is_dir():
+        raise OutputError(f"output {out} is a folder: give a file name")
+    folder = out.parent
+    if not folder.is_dir():
+        raise OutputError(f"output folder {folder} does not exist: create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {folder} is not writable: choose another folder")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} exists already: pass overwrite (--overwrite) to replace it")
+    return out
+
+
+def atomic_write(
+    path: str | os.PathLike,
+    write_fn: Callable[[Path], None],
+    *,
+    overwrite: bool = False,
+    inputs: tuple = (),
+) -> Path:
+    """Write a file through ``write_fn(tmp_path)`` to a temporary name, fsync, then rename it in place.
+
+    A crash at any point leaves either the old file or the complete new one; an existing file is
+    only replaced when ``overwrite`` is true.
+    """
+    out = check_output_path(path, overwrite=overwrite, inputs=inputs)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp" + _suffix(out), dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        if out.exists() and not overwrite:  # appeared while we were writing
+            raise OutputExistsError(f"{out} appeared while writing: pass overwrite to replace it")
+        os.replace(tmp, out)
+        try:
+            dfd = os.open(out.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise OutputError(f"disk full while writing {out}: free space and export again") from exc
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out

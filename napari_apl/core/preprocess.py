@@ -1,0 +1,205 @@
+"""Intensity normalisation of CT/MRI volumes: CT windows, robust percentiles and z-scores.
+
+A ``Normalization`` is the recipe (stored in checkpoints as ``to_dict()``); ``fit(data)`` computes the
+statistics of one volume (whole-volume statistics, on a subsample of axial slices for big or lazy
+volumes) and returns a ``FittedNormalization`` that maps arrays to float32.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import APLError, VolumeError
+
+__all__ = [
+    "KINDS",
+    "MAX_FIT_VOXELS",
+    "PRESETS",
+    "FittedNormalization",
+    "Normalization",
+    "NormalizationError",
+    "get_preset",
+]
+
+KINDS = ("ct_window", "percentile", "zscore")
+MAX_FIT_VOXELS = 20_000_000
+_FIELDS = ("kind", "level", "width", "lower", "upper")
+
+
+class NormalizationError(APLError):
+    """A normalisation recipe is invalid (unknown kind or preset, bad window or percentiles)."""
+
+
+def _number(value: Any, name: str) -> float:
+    """Convert a parameter to a finite float or raise a one-line ``NormalizationError``."""
+    if isinstance(value, bool):
+        raise NormalizationError(f"normalization {name} must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise NormalizationError(f"normalization {name} must be a number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise NormalizationError(f"normalization {name} must be finite, got {value!r}")
+    return out
+
+
+def _is_dask(arr: Any) -> bool:
+    mod = sys.modules.get("dask.array")
+    return mod is not None and isinstance(arr, mod.Array)
+
+
+def _is_torch(arr: Any) -> bool:
+    mod = sys.modules.get("torch")
+    return mod is not None and isinstance(arr, mod.Tensor)
+
+
+def _sample(data: Any, max_voxels: int) -> np.ndarray:
+    """Return ``data`` (numpy or dask) as numpy, keeping every k-th axial slice so at most ``max_voxels``."""
+    if _is_torch(data):
+        data = data.detach().cpu().numpy()
+    if not hasattr(data, "shape") or not hasattr(data, "ndim"):
+        data = np.asarray(data)
+    size = math.prod(int(s) for s in data.shape)
+    if size == 0:
+        raise VolumeError("cannot normalise an empty volume: give a non-empty image")
+    if data.ndim >= 3 and size > max_voxels:
+        step = math.ceil(size / max_voxels)
+        data = data[:, :, step // 2 :: step]
+    if _is_dask(data):
+        data = data.compute()
+    return np.asarray(data)
+
+
+@dataclass(frozen=True)
+class FittedNormalization:
+    """A normalisation fitted to one volume: ``(x - shift) / scale``, clipped to [0, 1] when ``clip``."""
+
+    kind: str
+    shift: float
+    scale: float
+    clip: bool
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.scale) and self.scale > 0 and math.isfinite(self.shift)):
+            raise NormalizationError(f"fitted normalization needs a finite shift and scale > 0, got {self}")
+
+    def __call__(self, arr: Any) -> Any:
+        """Normalise an array (numpy, dask or torch) and return float32 of the same shape."""
+        shift, inv = np.float32(self.shift), np.float32(1.0 / self.scale)
+        if _is_torch(arr):
+            out = (arr.float() - float(shift)) * float(inv)
+            return out.clamp_(0.0, 1.0) if self.clip else out
+        if _is_dask(arr):
+            out = (arr.astype(np.float32) - shift) * inv
+            return out.clip(0.0, 1.0) if self.clip else out
+        out = np.asarray(arr, dtype=np.float32) - shift
+        out *= inv
+        if self.clip:
+            np.clip(out, 0.0, 1.0, out=out)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON description of the fitted statistics (for logs and provenance)."""
+        return {"kind": self.kind, "shift": self.shift, "scale": self.scale, "clip": self.clip}
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How to map image intensities to network inputs: ``ct_window``, ``percentile`` or ``zscore``."""
+
+    kind: str
+    level: float = 40.0
+    width: float = 400.0
+    lower: float = 0.5
+    upper: float = 99.5
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise NormalizationError(
+                f"unknown normalization kind {self.kind!r}: use one of {', '.join(KINDS)}"
+            )
+        for name in ("level", "width", "lower", "upper"):
+            object.__setattr__(self, name, _number(getattr(self, name), name))
+        if self.width <= 0:
+            raise NormalizationError(f"normalization width must be > 0, got {self.width}")
+        if not (0.0 <= self.lower < self.upper <= 100.0):
+            raise NormalizationError(
+                f"normalization percentiles must satisfy 0 <= lower < upper <= 100, "
+                f"got lower={self.lower}, upper={self.upper}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dictionary of every field (stored in checkpoint metadata)."""
+        return {
+            "kind": self.kind,
+            "level": self.level,
+            "width": self.width,
+            "lower": self.lower,
+            "upper": self.upper,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Normalization:
+        """Rebuild a ``Normalization`` from ``to_dict()`` output, validating every field."""
+        if not isinstance(d, Mapping):
+            raise NormalizationError(f"normalization must be a dictionary, got {type(d).__name__}")
+        unknown = sorted(str(k) for k in d if k not in _FIELDS)
+        if unknown:
+            raise NormalizationError(
+                f"normalization has unknown field(s) {', '.join(unknown)}: allowed are {', '.join(_FIELDS)}"
+            )
+        if "kind" not in d:
+            raise NormalizationError(f"normalization needs a 'kind' ({', '.join(KINDS)})")
+        return cls(**{k: d[k] for k in _FIELDS if k in d})
+
+    def fit(self, data: Any, *, max_voxels: int = MAX_FIT_VOXELS) -> FittedNormalization:
+        """Compute the statistics of a whole volume (numpy/dask/torch; subsampled when large)."""
+        if self.kind == "ct_window":
+            return FittedNormalization(self.kind, self.level - self.width / 2.0, self.width, True)
+        sample = _sample(data, max_voxels)
+        if sample.dtype.kind not in "biuf":
+            raise VolumeError(f"cannot normalise voxels of type {sample.dtype}: give a numeric image")
+        if sample.dtype.kind == "f" and not np.isfinite(sample).all():
+            raise VolumeError("the volume contains NaN or Inf voxels: replace them before normalising")
+        if sample.dtype.kind == "b":
+            sample = sample.astype(np.uint8)
+        vmin, vmax = float(sample.min()), float(sample.max())
+        if vmax <= vmin:
+            raise VolumeError(
+                f"the volume is constant (every voxel is {vmin:g}): there is nothing to normalise with "
+                f"{self.kind}, check that the right image was loaded"
+            )
+        if self.kind == "percentile":
+            lo, hi = (float(v) for v in np.percentile(sample, [self.lower, self.upper]))
+            if hi <= lo:  # almost constant: fall back to the full range
+                lo, hi = vmin, vmax
+            return FittedNormalization(self.kind, lo, hi - lo, True)
+        mean = float(np.mean(sample, dtype=np.float64))
+        std = float(np.std(sample, dtype=np.float64))
+        if not std > 0:
+            raise VolumeError("the volume has zero variance: there is nothing to normalise with zscore")
+        return FittedNormalization(self.kind, mean, std, False)
+
+
+PRESETS: dict[str, Normalization] = {
+    "ct-abdomen": Normalization("ct_window", level=40.0, width=400.0),
+    "ct-soft": Normalization("ct_window", level=50.0, width=350.0),
+    "mri": Normalization("percentile", lower=0.5, upper=99.5),
+    "zscore": Normalization("zscore"),
+}
+
+
+def get_preset(name: str) -> Normalization:
+    """Return the normalisation preset called ``name`` (a one-line error lists the valid names)."""
+    try:
+        return PRESETS[name]
+    except (KeyError, TypeError):
+        raise NormalizationError(
+            f"unknown normalization preset {name!r}: use one of {', '.join(PRESETS)}"
+        ) from None

@@ -1,0 +1,196 @@
+"""The pseudo-label maths of APL (Eq. 1-4 of the paper) and of the baselines it is compared with.
+
+All functions take per-pixel class probabilities or logits as torch tensors shaped ``(N, C, H, W)``
+(any number of trailing spatial dimensions works) and are differentiable where a loss needs them.
+
+Conventions, stated once:
+
+* The merged prediction is the mean of the two heads' probabilities, ``(p_m + p_a) / 2``; its
+  argmax is the paper's ``argmax(D_m + D_a)`` and its values stay in [0, 1], so the confidence
+  ``ω = top-1 − top-2`` (Eq. 3) is in [0, 1].
+* The relevance matrix (Eq. 1) per pixel is ``R = W ⊙ (p_m p_aᵀ)``, a ``C × C`` matrix. The paper
+  only says that W's entries are "the number of pixels". Two readings are offered:
+
+  - ``"uniform"``: W = 1 everywhere. The off-diagonal mass of R is then ``1 − ⟨p_m, p_a⟩``, exactly
+    BCDM's classifier discrepancy.
+  - ``"confusion"``: ``W[i, j]`` = number of pixels in the batch that the main head assigns to
+    class i and the auxiliary head to class j (the heads' hard confusion matrix), normalised so
+    that its entries average 1 (``W = C² · n_ij / Σ n``). Pairs of classes that the heads really
+    confuse weigh more; it carries no gradient.
+
+* Losses are averaged over pixels rather than summed (the paper writes sums); this only rescales
+  the learning rate and makes it independent of the slice size.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+WeightMode = Literal["uniform", "confusion"]
+IGNORE = 255
+
+
+def merge(p_main: torch.Tensor, p_aux: torch.Tensor) -> torch.Tensor:
+    """Return the merged prediction ``(p_m + p_a) / 2`` of the two heads."""
+    return 0.5 * (p_main + p_aux)
+
+
+def pseudo_label(p_main: torch.Tensor, p_aux: torch.Tensor) -> torch.Tensor:
+    """Return the pseudo label ``argmax(p_m + p_a)`` per pixel (int64, class axis removed)."""
+    return torch.argmax(p_main + p_aux, dim=1)
+
+
+def confidence(prob: torch.Tensor) -> torch.Tensor:
+    """Return the category-aware confidence ω = top-1 − top-2 probability per pixel (Eq. 3)."""
+    top2 = torch.topk(prob, k=2, dim=1).values
+    return (top2[:, 0] - top2[:, 1]).abs()
+
+
+def confusion_weight(p_main: torch.Tensor, p_aux: torch.Tensor) -> torch.Tensor:
+    """Return the heads' pixel-count confusion matrix, normalised to mean 1 (a ``C × C`` tensor)."""
+    c = p_main.shape[1]
+    a = torch.argmax(p_main, dim=1).reshape(-1)
+    b = torch.argmax(p_aux, dim=1).reshape(-1)
+    counts = torch.bincount(a * c + b, minlength=c * c).reshape(c, c).to(p_main.dtype)
+    return counts * (c * c) / counts.sum().clamp_min(1)
+
+
+def weight_matrix(
+    p_main: torch.Tensor, p_aux: torch.Tensor, weight: WeightMode | torch.Tensor = "uniform"
+) -> torch.Tensor:
+    """Return the ``C × C`` weight matrix W of Eq. 1 for the chosen reading (or a given tensor)."""
+    c = p_main.shape[1]
+    if isinstance(weight, torch.Tensor):
+        if weight.shape != (c, c):
+            raise ValueError(f"weight matrix must be {c}x{c}, got {tuple(weight.shape)}")
+        return weight.to(p_main)
+    if weight == "uniform":
+        return torch.ones(c, c, dtype=p_main.dtype, device=p_main.device)
+    if weight == "confusion":
+        return confusion_weight(p_main.detach(), p_aux.detach())
+    raise ValueError(f"unknown weight mode '{weight}': choose uniform or confusion")
+
+
+def relevance(
+    p_main: torch.Tensor, p_aux: torch.Tensor, weight: WeightMode | torch.Tensor = "uniform"
+) -> torch.Tensor:
+    """Return the per-pixel relevance matrix ``R = W ⊙ p_m p_aᵀ`` shaped ``(N, C, C, *spatial)`` (Eq. 1)."""
+    w = weight_matrix(p_main, p_aux, weight)
+    outer = p_main.unsqueeze(2) * p_aux.unsqueeze(1)
+    shape = (1, *w.shape) + (1,) * (p_main.dim() - 2)
+    return outer * w.reshape(shape)
+
+
+def disagreement(
+    p_main: torch.Tensor, p_aux: torch.Tensor, weight: WeightMode | torch.Tensor = "uniform"
+) -> torch.Tensor:
+    """Return the per-pixel off-diagonal mass of R: how much the two heads disagree."""
+    w = weight_matrix(p_main, p_aux, weight)
+    total = torch.einsum("nc...,cd,nd...->n...", p_main, w, p_aux)
+    diag = torch.einsum("nc...,c,nc...->n...", p_main, torch.diagonal(w), p_aux)
+    return total - diag
+
+
+def consistency_map(p_main: torch.Tensor, p_aux: torch.Tensor) -> torch.Tensor:
+    """Return the displayable disagreement map ``1 − ⟨p_m, p_a⟩`` in [0, 1] (uniform W)."""
+    return (1.0 - (p_main * p_aux).sum(dim=1)).clamp(0.0, 1.0)
+
+
+def loss_con(
+    p_main: torch.Tensor, p_aux: torch.Tensor, weight: WeightMode | torch.Tensor = "uniform"
+) -> torch.Tensor:
+    """Return L_Con (Eq. 2): the off-diagonal relevance mass averaged over pixels."""
+    return disagreement(p_main, p_aux, weight).mean()
+
+
+def loss_ssl(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    omega: torch.Tensor,
+    class_weight: torch.Tensor | None = None,
+    ignore_index: int = IGNORE,
+) -> torch.Tensor:
+    """Return L_SSL (Eq. 4): the ω-weighted cross-entropy with the pseudo labels, averaged over pixels.
+
+    ``class_weight`` optionally rescales classes (class balance); pixels labelled ``ignore_index``
+    count neither in the sum nor in the average.
+    """
+    ce = F.cross_entropy(logits, target, weight=class_weight, ignore_index=ignore_index, reduction="none")
+    valid = (target != ignore_index).to(ce.dtype)
+    return (omega * ce * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+# --- baselines ------------------------------------------------------------------------------------
+
+
+def threshold_labels(prob: torch.Tensor, tau: float = 0.9) -> torch.Tensor:
+    """Return argmax labels where the top probability exceeds τ, ``IGNORE`` elsewhere (Lee 2013)."""
+    top, lab = prob.max(dim=1)
+    return torch.where(top > tau, lab, torch.full_like(lab, IGNORE))
+
+
+def cbst_thresholds(prob: torch.Tensor, portion: float) -> torch.Tensor:
+    """Return CBST's per-class thresholds k_c: the top-``portion`` max-probability among pixels predicted c.
+
+    Classes that no pixel is predicted as get k_c = 1 (nothing can pass it).
+    """
+    c = prob.shape[1]
+    top, lab = prob.max(dim=1)
+    k = torch.ones(c, dtype=prob.dtype, device=prob.device)
+    for cls in range(c):
+        vals = top[lab == cls]
+        if vals.numel() == 0:
+            continue
+        vals, _ = torch.sort(vals, descending=True)
+        idx = min(int(round(portion * vals.numel())), vals.numel() - 1)
+        k[cls] = vals[idx]
+    return k
+
+
+def cbst_labels(prob: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Return CBST's class-balanced labels ``argmax_c p_c / k_c``, ``IGNORE`` where the maximum is < 1."""
+    scaled = prob / k.reshape(1, -1, *([1] * (prob.dim() - 2))).clamp_min(1e-8)
+    top, lab = scaled.max(dim=1)
+    return torch.where(top >= 1.0, lab, torch.full_like(lab, IGNORE))
+
+
+def mrnet_loss(
+    main_logits: torch.Tensor,
+    aux_logits: torch.Tensor,
+    target: torch.Tensor,
+    memory: torch.Tensor | None = None,
+    memory_weight: float = 0.1,
+    ignore_index: int = IGNORE,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Return MRNet's rectified loss: CE·exp(−var) + var with var = KL(p_aux ‖ p_main), plus a memory term.
+
+    ``memory`` is the detached merged prediction the heads are pulled towards (weight 0.1).
+    """
+    log_main = F.log_softmax(main_logits, dim=1)
+    log_aux = F.log_softmax(aux_logits, dim=1)
+    var = (log_aux.exp() * (log_aux - log_main)).sum(dim=1)
+    ce = F.cross_entropy(main_logits, target, ignore_index=ignore_index, reduction="none")
+    valid = (target != ignore_index).to(ce.dtype)
+    rect = (ce * torch.exp(-var) * valid).sum() / valid.sum().clamp_min(1.0) + var.mean()
+    mem = torch.zeros((), dtype=rect.dtype, device=rect.device)
+    if memory is not None and memory_weight > 0:
+        mem_log = memory.clamp_min(1e-8).log()
+        kl_main = (memory * (mem_log - log_main)).sum(dim=1).mean()
+        kl_aux = (memory * (mem_log - log_aux)).sum(dim=1).mean()
+        mem = memory_weight * (kl_main + kl_aux)
+    total = rect + mem
+    return total, {"rectified": float(rect.detach()), "memory": float(mem.detach())}
+
+
+def class_balance_weights(labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE) -> torch.Tensor:
+    """Return class weights ∝ 1/√(frequency) of the given labels, normalised to mean 1 over present classes."""
+    lab = labels[labels != ignore_index].reshape(-1)
+    counts = torch.bincount(lab, minlength=num_classes).to(torch.float32)
+    w = torch.where(counts > 0, 1.0 / counts.clamp_min(1).sqrt(), torch.zeros_like(counts))
+    present = counts > 0
+    if present.any():
+        w = w / w[present].mean()
+    return w

@@ -1,0 +1,541 @@
+"""Source-free refinement of a dual-head model on one target volume: APL (Algorithm 1) and baselines.
+
+``refine`` is a generator: each iteration it yields a ``RefineEvent`` (losses, mean ω, disagreement,
+how many pseudo labels changed, optionally the current pseudo-label volume) and checks a
+``RefineControl`` for pause/stop between steps. The CLI drives it with a progress bar; the napari
+widget drives it inside a worker thread. It returns a ``RefineResult``. No source image is used.
+
+One APL iteration, as in Algorithm 1 of the paper:
+
+1. predict a batch of target slices with both heads (``p_m``, ``p_a``);
+2. relevance R (Eq. 1) and the merged prediction / pseudo label;
+3. confidence ω (Eq. 3);
+4. classifier step on L_Con (Eq. 2) — the encoder's features are detached, so E is untouched;
+5. update the ensemble of pseudo labels (an exponential moving average of merged predictions per
+   slice, from which ``ŷ`` and ``ω`` are read);
+6. encoder step on L_SSL (Eq. 4) — only the encoder's optimiser steps, the classifiers are untouched.
+
+Engineering beyond the paper (each switchable in ``RefineConfig`` and documented there): batch-norm
+statistics frozen, pseudo labels from an EMA teacher, class-balanced L_SSL, hard user corrections,
+and a guard that never returns a model whose organs collapsed to background.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import time
+from collections.abc import Generator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import pseudo
+from .checkpoint import CheckpointMeta
+from .errors import APLError
+from .infer import PreparedVolume, prepare
+from .models import DualHeadNet
+from .preprocess import Normalization
+from .utils import release_device_memory, resolve_device, seed_everything
+from .volume import Volume
+
+METHODS = ("apl", "apl-con", "threshold", "cbst", "mrnet")
+
+
+@dataclass
+class RefineConfig:
+    """Settings of one refinement run; defaults are the tuned APL recipe."""
+
+    method: str = "apl"
+    iterations: int = 200
+    batch_size: int = 8
+    lr: float = 2e-5
+    """Learning rate of the encoder step (and of all parameters for the baselines)."""
+    lr_classifier: float | None = None
+    """Learning rate of the classifier step on L_Con; ``None`` = same as ``lr``."""
+    weight: str = "uniform"
+    """W of Eq. 1: ``uniform`` (BCDM's discrepancy) or ``confusion`` (the heads' confusion counts)."""
+    seed: int = 0
+    device: str = "auto"
+    amp: bool | None = None
+    """Mixed precision (bf16 autocast, float32 losses); ``None`` = on for CUDA, off elsewhere."""
+    bn: str = "frozen"
+    """Batch-norm handling: ``frozen`` (source statistics kept) or ``train`` (target batch statistics)."""
+    teacher_decay: float = 0.99
+    """EMA decay of a teacher copy that makes the pseudo labels; 0 disables the teacher."""
+    ensemble_decay: float = 0.7
+    """Weight of the past in the per-slice ensemble of merged predictions (step 5 of Algorithm 1)."""
+    class_balance: bool = True
+    """Weight L_SSL's classes ∝ 1/√(pseudo-label frequency)."""
+    both_heads_ssl: bool = True
+    """Apply L_SSL to both heads' logits (the encoder gets gradients through both)."""
+    foreground_sampling: float = 0.5
+    """Fraction of each batch drawn from slices whose pseudo labels contain an organ."""
+    tau: float = 0.9
+    """Fixed threshold of the ``threshold`` baseline."""
+    cbst_portion: float = 0.2
+    cbst_step: float = 0.05
+    cbst_max: float = 0.5
+    rounds: int = 4
+    """Number of pseudo-label regeneration rounds of CBST."""
+    mrnet_memory: float = 0.1
+    collapse_guard: float = 0.3
+    """An organ whose pseudo-label volume falls below this fraction of its start is a collapse."""
+    guard_every: int = 20
+    emit_every: int = 0
+    """Attach the current pseudo-label volume to every n-th event (0 = only the last)."""
+    normalization: dict | None = None
+    """Target intensity normalisation (``Normalization.to_dict``); ``None`` = the checkpoint's."""
+
+    def validate(self) -> RefineConfig:
+        """Check the settings and raise a one-line ``APLError`` naming a bad one."""
+        if self.method not in METHODS:
+            raise APLError(f"unknown method '{self.method}': choose one of {', '.join(METHODS)}")
+        if self.iterations < 0:
+            raise APLError("iterations must be 0 or more")
+        if self.batch_size < 1:
+            raise APLError("batch size must be at least 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise APLError(f"learning rate must be a positive number, got {self.lr}")
+        if self.weight not in ("uniform", "confusion"):
+            raise APLError(f"unknown weight '{self.weight}': choose uniform or confusion")
+        if self.bn not in ("frozen", "train"):
+            raise APLError(f"unknown batch-norm mode '{self.bn}': choose frozen or train")
+        if not 0 <= self.teacher_decay < 1 or not 0 <= self.ensemble_decay < 1:
+            raise APLError("teacher and ensemble decays must be in [0, 1)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the settings as a JSON-ready dict."""
+        return asdict(self)
+
+
+class RefineControl:
+    """Thread-safe pause / resume / stop switches a refinement checks between its steps."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._running = threading.Event()
+        self._running.set()
+
+    def stop(self) -> None:
+        """Ask the refinement to finish after the current step (also releases a pause)."""
+        self._stop.set()
+        self._running.set()
+
+    def pause(self) -> None:
+        """Hold the refinement after the current step until ``resume`` or ``stop``."""
+        self._running.clear()
+
+    def resume(self) -> None:
+        """Let a paused refinement go on."""
+        self._running.set()
+
+    @property
+    def stopped(self) -> bool:
+        """Whether a stop was asked for."""
+        return self._stop.is_set()
+
+    @property
+    def paused(self) -> bool:
+        """Whether the refinement is held."""
+        return not self._running.is_set()
+
+    def wait_if_paused(self, poll: float = 0.05) -> None:
+        """Block while paused; return at once when running or stopped."""
+        while not self._running.wait(poll):
+            if self._stop.is_set():
+                return
+
+
+@dataclass
+class RefineEvent:
+    """Progress of one refinement iteration."""
+
+    iteration: int
+    total: int
+    losses: dict[str, float]
+    mean_confidence: float
+    mean_disagreement: float
+    changed_fraction: float
+    pseudo: np.ndarray | None = None
+    note: str = ""
+
+
+@dataclass
+class RefineResult:
+    """What a refinement returns: the refined model, the ensemble's pseudo labels and the history."""
+
+    model: DualHeadNet
+    pseudo: np.ndarray
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: bool = False
+    iterations_done: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+
+def _set_bn_eval(model: torch.nn.Module) -> None:
+    """Put every batch-norm layer in eval mode so its running statistics stay those of the source."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _train_mode(model: DualHeadNet, bn: str) -> None:
+    """Switch the model to training mode with the chosen batch-norm handling."""
+    model.train()
+    if bn == "frozen":
+        _set_bn_eval(model)
+
+
+@torch.no_grad()
+def _ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
+    """Move the teacher's weights toward the student's (buffers are copied)."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(decay).add_(s.detach(), alpha=1 - decay)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        t.copy_(s)
+
+
+def _organ_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Return voxel counts per class of a label tensor."""
+    return torch.bincount(labels.reshape(-1).long(), minlength=num_classes)[:num_classes]
+
+
+def _finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter and buffer of ``model`` is finite."""
+    return all(torch.isfinite(t).all() for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point())
+
+
+class _Ensemble:
+    """The ensemble of target pseudo labels: an EMA of merged probabilities per slice on the model grid."""
+
+    def __init__(self, n_slices: int, num_classes: int, hw: tuple[int, int], decay: float) -> None:
+        self.prob = torch.zeros((n_slices, num_classes, *hw), dtype=torch.float16)
+        self.seen = torch.zeros(n_slices, dtype=torch.bool)
+        self.decay = decay
+
+    def update(self, idx: list[int], merged: torch.Tensor) -> torch.Tensor:
+        """Blend new merged predictions for slices ``idx``; return the fraction of labels that changed."""
+        new = merged.detach().to("cpu", torch.float32)
+        old = self.prob[idx].float()
+        seen = self.seen[idx].reshape(-1, 1, 1, 1)
+        blended = torch.where(seen, self.decay * old + (1 - self.decay) * new, new)
+        changed = (old.argmax(1) != blended.argmax(1)) & seen.reshape(-1, 1, 1)
+        self.prob[idx] = blended.to(torch.float16)
+        self.seen[idx] = True
+        return changed.float().mean()
+
+    def get(self, idx: list[int], device: torch.device) -> torch.Tensor:
+        """Return the ensemble probabilities of slices ``idx`` as float32 on ``device``."""
+        return self.prob[idx].to(device, torch.float32)
+
+    def labels(self) -> torch.Tensor:
+        """Return the ensemble's pseudo labels for all slices ``(Z, H, W)`` uint8."""
+        return self.prob.argmax(1).to(torch.uint8)
+
+
+def _grid_corrections(prep: PreparedVolume, corrections: np.ndarray | None) -> torch.Tensor | None:
+    """Map a canonical corrections volume (-1 = untouched) onto the model grid ``(Z, H, W)`` int64."""
+    if corrections is None:
+        return None
+    corr = np.asarray(corrections)
+    if corr.shape != tuple(prep.volume.data.shape):
+        raise APLError(
+            f"corrections have shape {corr.shape} but the volume has {tuple(prep.volume.data.shape)}: "
+            "paint on a layer made from this image"
+        )
+    if not (corr >= 0).any():
+        return None
+    t = torch.from_numpy(np.moveaxis(corr.astype(np.float32), 2, 0)).unsqueeze(1)
+    g = prep.grid.forward(t, mode="nearest", pad_value=-1.0)
+    return g[:, 0].round().long()
+
+
+def _to_volume(prep: PreparedVolume, labels_zhw: torch.Tensor) -> np.ndarray:
+    """Map model-grid labels ``(Z, H, W)`` back onto the canonical voxel grid ``(X, Y, Z)`` uint8."""
+    out = np.zeros(tuple(prep.volume.data.shape), np.uint8)
+    z = labels_zhw.shape[0]
+    for start in range(0, z, 32):
+        chunk = labels_zhw[start : start + 32].unsqueeze(1).float()
+        back = prep.grid.inverse(chunk, mode="nearest")[:, 0].round().to(torch.uint8).numpy()
+        out[:, :, start : start + 32] = np.moveaxis(back, 0, 2)
+    return out
+
+
+# --- the loop -----------------------------------------------------------------------------------------
+
+
+def refine(
+    model: DualHeadNet,
+    meta: CheckpointMeta,
+    volume: Volume,
+    config: RefineConfig | None = None,
+    *,
+    control: RefineControl | None = None,
+    corrections: np.ndarray | None = None,
+) -> Generator[RefineEvent, None, RefineResult]:
+    """Refine ``model`` on ``volume`` without labels, yielding a ``RefineEvent`` per iteration.
+
+    The model passed in is not modified: a copy is trained and returned in the result. Stopping
+    through ``control`` ends the loop after the current step and still returns a usable model.
+    """
+    cfg = (config or RefineConfig()).validate()
+    ctl = control or RefineControl()
+    dev = resolve_device(cfg.device)
+    use_amp = (dev.type == "cuda") if cfg.amp is None else bool(cfg.amp)
+    rng = seed_everything(cfg.seed)
+    norm = Normalization.from_dict(cfg.normalization) if cfg.normalization else None
+
+    start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    student = copy.deepcopy(model).to(dev)
+    prep = prepare(volume, meta, student, norm)
+    n_slices = int(volume.data.shape[2])
+    num_classes = len(meta.class_names)
+
+    # Target slices on the model grid, prepared once (small: Z x H x W float32).
+    xs = torch.cat([prep.batch(list(range(s, min(s + 32, n_slices)))) for s in range(0, n_slices, 32)])
+    hw = (int(xs.shape[-2]), int(xs.shape[-1]))
+    corr = _grid_corrections(prep, corrections)
+
+    teacher: DualHeadNet | None = None
+    if cfg.teacher_decay > 0:
+        teacher = copy.deepcopy(student).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+    ensemble = _Ensemble(n_slices, num_classes, hw, cfg.ensemble_decay)
+
+    def predict_probs(net: DualHeadNet, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return both heads' probabilities for slices ``idx`` on the model grid (no gradient)."""
+        was = net.training
+        net.eval()
+        with torch.no_grad(), torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+            m, a = net(xs[idx].to(dev))
+        net.train(was)
+        return torch.softmax(m.float(), 1), torch.softmax(a.float(), 1)
+
+    # Initial ensemble over the whole volume: the start model's pseudo labels.
+    source = teacher if teacher is not None else student
+    for s in range(0, n_slices, 16):
+        idx = list(range(s, min(s + 16, n_slices)))
+        pm, pa = predict_probs(source, idx)
+        ensemble.update(idx, pseudo.merge(pm, pa))
+    start_counts = _organ_counts(ensemble.labels(), num_classes)
+    start_organs = [c for c in range(1, num_classes) if start_counts[c] > 0]
+
+    enc_params = list(student.encoder_parameters())
+    cls_params = list(student.classifier_parameters())
+    lr_cls = cfg.lr_classifier if cfg.lr_classifier is not None else cfg.lr
+    if cfg.method in ("apl", "apl-con"):
+        opt_cls = torch.optim.Adam(cls_params, lr=lr_cls)
+        opt_enc = torch.optim.Adam(enc_params, lr=cfg.lr)
+        opt_all = None
+    else:
+        opt_cls = opt_enc = None
+        opt_all = torch.optim.Adam(enc_params + cls_params, lr=cfg.lr)
+
+    history: list[dict[str, Any]] = []
+    notes: list[str] = []
+    good_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    good_iter = 0
+    cbst_k: torch.Tensor | None = None
+    round_len = max(1, cfg.iterations // max(1, cfg.rounds))
+
+    def sample_batch() -> list[int]:
+        """Draw a batch of slice indices, part of it from slices whose pseudo labels hold an organ."""
+        labels = ensemble.prob.argmax(1)
+        fg = torch.nonzero((labels > 0).flatten(1).any(1)).flatten().tolist()
+        n_fg = int(round(cfg.batch_size * cfg.foreground_sampling)) if fg else 0
+        pick = list(rng.choice(fg, size=n_fg, replace=len(fg) < n_fg)) if n_fg else []
+        pick += list(rng.integers(0, n_slices, size=cfg.batch_size - n_fg))
+        return [int(i) for i in pick]
+
+    def apply_corrections(idx: list[int], target: torch.Tensor, omega: torch.Tensor) -> None:
+        """Overwrite targets with the user's painted labels at full weight."""
+        if corr is None:
+            return
+        c = corr[idx].to(dev)
+        mask = c >= 0
+        target[mask] = c[mask]
+        omega[mask] = 1.0
+
+    it = 0
+    stopped = False
+    t0 = time.perf_counter()
+    for it in range(1, cfg.iterations + 1):
+        ctl.wait_if_paused()
+        if ctl.stopped:
+            stopped = True
+            it -= 1
+            break
+        idx = sample_batch()
+        x = xs[idx].to(dev)
+        _train_mode(student, cfg.bn)
+        losses: dict[str, float] = {}
+
+        # 1-3: predict, merge, confidence (pseudo labels come from the teacher when there is one)
+        pm_t, pa_t = predict_probs(teacher if teacher is not None else student, idx)
+        merged_now = pseudo.merge(pm_t, pa_t)
+        mean_dis = float(pseudo.consistency_map(pm_t, pa_t).mean())
+
+        if cfg.method in ("apl", "apl-con"):
+            # 4: classifier step on L_Con with the encoder's features detached (E untouched)
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+                with torch.no_grad():
+                    feats = student.features(x)
+                m_log, a_log = student.heads(feats, hw)
+            l_con = pseudo.loss_con(torch.softmax(m_log.float(), 1), torch.softmax(a_log.float(), 1), cfg.weight)
+            opt_cls.zero_grad(set_to_none=True)
+            l_con.backward()
+            opt_cls.step()
+            losses["con"] = float(l_con.detach())
+            # 5: update the ensemble of pseudo labels
+            changed = float(ensemble.update(idx, merged_now))
+            ens = ensemble.get(idx, dev)
+            target = ens.argmax(1)
+            omega = pseudo.confidence(ens)
+            mean_conf = float(omega.mean())
+            if cfg.method == "apl":
+                # 6: encoder step on L_SSL; only the encoder's optimiser steps
+                apply_corrections(idx, target, omega)
+                cw = pseudo.class_balance_weights(target, num_classes).to(dev) if cfg.class_balance else None
+                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+                    m_log, a_log = student(x)
+                l_ssl = pseudo.loss_ssl(m_log.float(), target, omega, cw)
+                if cfg.both_heads_ssl:
+                    l_ssl = 0.5 * (l_ssl + pseudo.loss_ssl(a_log.float(), target, omega, cw))
+                opt_enc.zero_grad(set_to_none=True)
+                opt_cls.zero_grad(set_to_none=True)
+                l_ssl.backward()
+                opt_enc.step()
+                opt_cls.zero_grad(set_to_none=True)
+                losses["ssl"] = float(l_ssl.detach())
+        else:
+            changed = float(ensemble.update(idx, merged_now))
+            omega_all = pseudo.confidence(merged_now)
+            mean_conf = float(omega_all.mean())
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+                m_log, a_log = student(x)
+            m_log, a_log = m_log.float(), a_log.float()
+            ones = torch.ones_like(omega_all)
+            if cfg.method == "threshold":
+                target = pseudo.threshold_labels(merged_now, cfg.tau)
+                apply_corrections(idx, target, ones)
+                loss = 0.5 * (
+                    pseudo.loss_ssl(m_log, target, ones) + pseudo.loss_ssl(a_log, target, ones)
+                )
+            elif cfg.method == "cbst":
+                if cbst_k is None or (it - 1) % round_len == 0:
+                    rnd = (it - 1) // round_len
+                    portion = min(cfg.cbst_portion + cfg.cbst_step * rnd, cfg.cbst_max)
+                    probs_all = []
+                    for s in range(0, n_slices, 16):
+                        sl = list(range(s, min(s + 16, n_slices)))
+                        a, b = predict_probs(teacher if teacher is not None else student, sl)
+                        probs_all.append(pseudo.merge(a, b).cpu())
+                    cbst_k = pseudo.cbst_thresholds(torch.cat(probs_all), portion).to(dev)
+                    losses["portion"] = portion
+                target = pseudo.cbst_labels(merged_now, cbst_k)
+                apply_corrections(idx, target, ones)
+                loss = 0.5 * (
+                    pseudo.loss_ssl(m_log, target, ones) + pseudo.loss_ssl(a_log, target, ones)
+                )
+            else:  # mrnet: label from softmax(0.5 f_aux + f_main) of the teacher
+                with torch.no_grad():
+                    tm, ta = (teacher if teacher is not None else student)(x)
+                    target = torch.softmax(0.5 * ta.float() + tm.float(), 1).argmax(1)
+                apply_corrections(idx, target, ones)
+                memory = pseudo.merge(torch.softmax(m_log, 1), torch.softmax(a_log, 1)).detach()
+                loss, parts = pseudo.mrnet_loss(m_log, a_log, target, memory, cfg.mrnet_memory)
+                losses.update(parts)
+            opt_all.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_all.step()
+            losses["total"] = float(loss.detach())
+
+        if teacher is not None:
+            _ema_update(teacher, student, cfg.teacher_decay)
+
+        # guard: finite weights, and no organ collapsing to background
+        note = ""
+        if not all(math.isfinite(v) for v in losses.values()) or not _finite(student):
+            student.load_state_dict(good_state)
+            if teacher is not None:
+                teacher.load_state_dict(good_state)
+            note = f"non-finite loss at iteration {it}: restored iteration {good_iter} and stopped"
+            notes.append(note)
+            stopped = True
+        elif it % cfg.guard_every == 0 or it == cfg.iterations:
+            counts = _organ_counts(ensemble.labels(), num_classes)
+            collapsed = [c for c in start_organs if counts[c] < cfg.collapse_guard * start_counts[c]]
+            if collapsed:
+                student.load_state_dict(good_state)
+                if teacher is not None:
+                    teacher.load_state_dict(good_state)
+                names = ", ".join(meta.class_names[c] for c in collapsed)
+                note = f"{names} collapsing at iteration {it}: restored iteration {good_iter} and stopped"
+                notes.append(note)
+                stopped = True
+            else:
+                good_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+                good_iter = it
+
+        record = {
+            "iteration": it,
+            **losses,
+            "mean_confidence": mean_conf,
+            "mean_disagreement": mean_dis,
+            "changed_fraction": changed,
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(record)
+        emit = cfg.emit_every > 0 and (it % cfg.emit_every == 0)
+        yield RefineEvent(
+            iteration=it,
+            total=cfg.iterations,
+            losses=losses,
+            mean_confidence=mean_conf,
+            mean_disagreement=mean_dis,
+            changed_fraction=changed,
+            pseudo=_to_volume(prep, ensemble.labels()) if emit else None,
+            note=note,
+        )
+        if stopped:
+            break
+
+    final = teacher if teacher is not None else student
+    final = final.to("cpu").eval()
+    for p in final.parameters():
+        p.requires_grad_(True)
+    if not _finite(final):  # never hand back a broken model
+        final.load_state_dict(start_state)
+        notes.append("refined weights were not finite: returned the start model")
+    if any("restored" in n for n in notes):  # rebuild the pseudo labels from the restored model
+        ensemble = _Ensemble(n_slices, num_classes, hw, cfg.ensemble_decay)
+        for s in range(0, n_slices, 16):
+            idx = list(range(s, min(s + 16, n_slices)))
+            pm, pa = predict_probs(final.to(dev), idx)
+            ensemble.update(idx, pseudo.merge(pm, pa))
+        final = final.to("cpu")
+    labels = ensemble.labels()
+    if corr is not None:
+        labels = torch.where(corr >= 0, corr.to(labels.dtype), labels)
+    result = RefineResult(
+        model=final,
+        pseudo=_to_volume(prep, labels),
+        history=history,
+        stopped=stopped,
+        iterations_done=it,
+        notes=notes,
+    )
+    del student, teacher, xs
+    release_device_memory(dev)
+    return result
+

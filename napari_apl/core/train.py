@@ -1,0 +1,404 @@
+"""Source-model training: a dual-head network on labelled source volumes with domain-randomising augmentation.
+
+The augmentations aim at a model that transfers to an unseen modality without target data:
+random non-monotonic intensity remapping, GIN-style random shallow convolutions, gamma, noise,
+blur and a smooth bias field, plus rotations, scaling and shifts that never flip left and right
+(the kidneys are side-specific classes). Both heads are supervised (cross-entropy + soft Dice).
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import sys
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import FORMAT_VERSION, CheckpointMeta, save_checkpoint
+from .errors import APLError, CheckpointError
+from .io_utils import atomic_write
+from .labels import CLASS_NAMES
+from .models import DualHeadNet, build_model
+from .preprocess import Normalization, get_preset
+from .utils import resolve_device, seed_everything
+from .volume import SliceGrid, Volume, load_volume
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a source-training run."""
+
+    arch: str = "unet-dual"
+    arch_args: dict = field(default_factory=dict)
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 1e-3
+    spacing: tuple[float, float] = (2.5, 2.5)
+    input_size: tuple[int, int] = (160, 160)
+    normalization: str = "mri"
+    seed: int = 0
+    device: str = "auto"
+    aux_weight: float = 0.5
+    augment: bool = True
+    gin_prob: float = 0.5
+    remap_prob: float = 0.4
+    iters_per_epoch: int | None = None
+    """Batches per epoch; ``None`` = one pass over the slices."""
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+def pair_files(images: str | Sequence[str], labels: str | Sequence[str]) -> list[tuple[str, str]]:
+    """Pair image and label files (globs or lists) after sorting them naturally."""
+
+    def expand(spec: str | Sequence[str]) -> list[str]:
+        items = sorted(glob.glob(spec)) if isinstance(spec, str) else [str(s) for s in spec]
+        return sorted(items, key=_natural_key)
+
+    imgs, labs = expand(images), expand(labels)
+    if not imgs:
+        raise APLError(f"no image files match {images!r}: check the --images glob")
+    if len(imgs) != len(labs):
+        raise APLError(f"{len(imgs)} images but {len(labs)} label files: the globs must pair one to one")
+    return list(zip(imgs, labs))
+
+
+def _natural_key(s: str) -> list:
+    """Sort key treating digit runs as numbers (image_2 before image_10)."""
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+@dataclass
+class SliceSet:
+    """Source slices on the model grid: images ``(N, 1, H, W)`` float32 and labels ``(N, H, W)`` int64."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    volume_index: torch.Tensor
+
+
+def volume_slices(
+    image: Volume, labels: Volume | None, norm: Normalization, spacing: Sequence[float], size: Sequence[int], stride: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Normalise and resample all axial slices of a volume (and its labels) onto the model grid."""
+    data = np.asarray(image.data)
+    fitted = norm.fit(data)
+    grid = SliceGrid.for_volume(image, spacing=tuple(spacing), size=tuple(size), stride=stride)
+    x = torch.from_numpy(np.moveaxis(fitted(data).astype(np.float32), 2, 0).copy()).unsqueeze(1)
+    x = grid.forward(x, mode="bilinear", pad_value=float(x.min()))
+    y = None
+    if labels is not None:
+        lab = np.moveaxis(np.asarray(labels.data).round().astype(np.float32), 2, 0).copy()
+        y = grid.forward(torch.from_numpy(lab).unsqueeze(1), mode="nearest", pad_value=0.0)[:, 0].long()
+    return x, y
+
+
+def load_slice_set(
+    pairs: Sequence[tuple[str, str]], norm: Normalization, spacing: Sequence[float], size: Sequence[int], stride: int
+) -> SliceSet:
+    """Load paired volumes (checking shapes and affines) into one set of model-grid slices."""
+    xs, ys, vi = [], [], []
+    target = None
+    for k, (ip, lp) in enumerate(pairs):
+        img, lab = load_volume(ip), load_volume(lp)
+        if tuple(img.original_shape) != tuple(lab.original_shape):
+            raise APLError(f"{Path(ip).name} and {Path(lp).name} differ in shape: pair each image with its labels")
+        if not np.allclose(img.original_affine, lab.original_affine, atol=1e-3):
+            raise APLError(f"{Path(ip).name} and {Path(lp).name} differ in affine: they are not on one grid")
+        x, y = volume_slices(img, lab, norm, spacing, size, stride)
+        if target is None:
+            target = tuple(x.shape[-2:])
+        x, y = _fit_hw(x, target, float(x.min())), _fit_hw(y.unsqueeze(1).float(), target, 0.0)[:, 0].long()
+        xs.append(x)
+        ys.append(y)
+        vi.append(torch.full((x.shape[0],), k, dtype=torch.long))
+    return SliceSet(torch.cat(xs), torch.cat(ys), torch.cat(vi))
+
+
+def _fit_hw(t: torch.Tensor, hw: tuple[int, int], pad: float) -> torch.Tensor:
+    """Centre-pad or centre-crop ``(N, C, H, W)`` to ``hw`` (training only: volumes of different sizes)."""
+    _, _, h, w = t.shape
+    th, tw = hw
+    if h < th or w < tw:
+        ph, pw = max(0, th - h), max(0, tw - w)
+        t = F.pad(t, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=pad)
+        h, w = t.shape[-2:]
+    y0, x0 = (h - th) // 2, (w - tw) // 2
+    return t[..., y0 : y0 + th, x0 : x0 + tw]
+
+
+# --- augmentation -------------------------------------------------------------------------------------
+
+
+def _smooth_field(n: int, hw: tuple[int, int], coarse: int, gen: torch.Generator, device) -> torch.Tensor:
+    """Return a smooth random field ``(n, 1, H, W)`` in [-1, 1] by upsampling coarse noise."""
+    f = torch.rand((n, 1, coarse, coarse), generator=gen, device=device) * 2 - 1
+    return F.interpolate(f, size=hw, mode="bicubic", align_corners=False)
+
+
+def random_remap(x: torch.Tensor, gen: torch.Generator, knots: int = 6) -> torch.Tensor:
+    """Map intensities in [0, 1] through a random non-monotonic piecewise-linear curve per image."""
+    n = x.shape[0]
+    ys = torch.rand((n, knots), generator=gen, device=x.device)
+    xc = x.clamp(0, 1) * (knots - 1)
+    lo = xc.floor().long().clamp(0, knots - 2)
+    frac = xc - lo
+    flat_lo = lo.reshape(n, -1)
+    y0 = torch.gather(ys, 1, flat_lo).reshape_as(x)
+    y1 = torch.gather(ys, 1, flat_lo + 1).reshape_as(x)
+    return y0 + (y1 - y0) * frac
+
+
+def gin(x: torch.Tensor, gen: torch.Generator, layers: int = 4, width: int = 2) -> torch.Tensor:
+    """Apply a random shallow convolutional network (GIN-style) and rescale to the input's range."""
+    n = x.shape[0]
+    out = x
+    cin = 1
+    for i in range(layers):
+        k = 1 if i == layers - 1 else int(torch.randint(1, 3, (1,), generator=gen)) * 2 + 1
+        cout = 1 if i == layers - 1 else width
+        w = torch.randn((n * cout, cin, k, k), generator=gen, device=x.device)
+        out = F.conv2d(out.reshape(1, n * cin, *out.shape[-2:]), w, padding=k // 2, groups=n).reshape(
+            n, cout, *x.shape[-2:]
+        )
+        if i < layers - 1:
+            out = F.leaky_relu(out, 0.2)
+        cin = cout
+    alpha = torch.rand((n, 1, 1, 1), generator=gen, device=x.device)
+    mixed = alpha * out + (1 - alpha) * x
+    lo = mixed.amin(dim=(1, 2, 3), keepdim=True)
+    hi = mixed.amax(dim=(1, 2, 3), keepdim=True)
+    return (mixed - lo) / (hi - lo).clamp_min(1e-6)
+
+
+def augment_batch(
+    x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, cfg: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Domain-randomise a batch: geometry (no left-right flip) then intensity transforms."""
+    n, _, h, w = x.shape
+    dev = x.device
+    # geometry: rotation ±15°, isotropic scale 0.85..1.2, shift ±8 %; never a flip
+    ang = (torch.rand(n, generator=gen, device=dev) * 2 - 1) * math.radians(15)
+    scale = 0.85 + torch.rand(n, generator=gen, device=dev) * 0.35
+    shift = (torch.rand((n, 2), generator=gen, device=dev) * 2 - 1) * 0.08
+    cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, (n, 1, h, w), align_corners=False)
+    bg = x.amin(dim=(1, 2, 3), keepdim=True)
+    x = F.grid_sample(x - bg, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + bg
+    y = F.grid_sample(y.unsqueeze(1).float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    y = y[:, 0].round().long()
+    # intensities, in [0, 1]
+    lo = x.amin(dim=(1, 2, 3), keepdim=True)
+    hi = x.amax(dim=(1, 2, 3), keepdim=True)
+    x = (x - lo) / (hi - lo).clamp_min(1e-6)
+    r = torch.rand((n, 1, 1, 1), generator=gen, device=dev)
+    x = torch.where(r < cfg.remap_prob, random_remap(x, gen), x)
+    r = torch.rand((n, 1, 1, 1), generator=gen, device=dev)
+    x = torch.where(r < cfg.gin_prob, gin(x, gen), x)
+    gamma = torch.exp((torch.rand((n, 1, 1, 1), generator=gen, device=dev) * 2 - 1) * 0.5)
+    x = x.clamp(0, 1) ** gamma
+    bias = 1 + 0.3 * _smooth_field(n, (h, w), 4, gen, dev)
+    x = x * bias
+    blur = torch.rand(n, generator=gen, device=dev) < 0.3
+    if blur.any():
+        k = torch.tensor([0.25, 0.5, 0.25], device=dev)
+        kern = (k[:, None] * k[None, :]).reshape(1, 1, 3, 3)
+        x = torch.where(blur.reshape(-1, 1, 1, 1), F.conv2d(x, kern, padding=1), x)
+    noise = torch.rand((n, 1, 1, 1), generator=gen, device=dev) * 0.08
+    x = x + noise * torch.randn(x.shape, generator=gen, device=dev)
+    return x, y
+
+
+# --- training -----------------------------------------------------------------------------------------
+
+
+def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Return cross-entropy plus soft Dice (over the organ classes) for one head."""
+    ce = F.cross_entropy(logits, target)
+    prob = torch.softmax(logits, 1)
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(prob.dtype)
+    inter = (prob * onehot).sum((0, 2, 3))
+    denom = prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    dice = (2 * inter + 1) / (denom + 1)
+    return ce + (1 - dice[1:]).mean()
+
+
+@dataclass
+class TrainEvent:
+    """Progress of source training, one per batch."""
+
+    epoch: int
+    step: int
+    steps: int
+    loss: float
+
+
+def _state_path(out: Path) -> Path:
+    """Return the resumable training-state file that sits beside the output checkpoint."""
+    return out.with_name(out.name + ".train-state")
+
+
+def train_source(
+    pairs: Sequence[tuple[str, str]],
+    out: str | Path,
+    cfg: TrainConfig,
+    *,
+    overwrite: bool = False,
+    resume: bool = True,
+    stop: Callable[[], bool] | None = None,
+) -> Generator[TrainEvent, None, tuple[DualHeadNet, CheckpointMeta]]:
+    """Train a dual-head model on labelled source pairs; resumes from its last finished epoch.
+
+    After every epoch the model, optimiser and RNG state are saved (atomically) beside ``out`` so an
+    interrupted run goes on where it stopped; the final checkpoint is written to ``out``.
+    """
+    out = Path(out)
+    from .io_utils import check_output_path
+
+    check_output_path(out, overwrite=overwrite)
+    dev = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    norm = get_preset(cfg.normalization)
+    model = build_model(cfg.arch, num_classes=len(CLASS_NAMES), **cfg.arch_args)
+    data = load_slice_set(pairs, norm, cfg.spacing, cfg.input_size, model.stride)
+    model.to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    n = data.images.shape[0]
+    steps = cfg.iters_per_epoch or max(1, math.ceil(n / cfg.batch_size))
+    total_steps = steps * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    start_epoch = 0
+    state_file = _state_path(out)
+    if resume and state_file.exists():
+        try:
+            st = torch.load(state_file, map_location="cpu", weights_only=True)
+            if st.get("config") != _cfg_key(cfg):
+                raise CheckpointError(
+                    f"{state_file} was written by a run with other settings: delete it or use the same settings"
+                )
+            model.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            gen.set_state(st["rng"])
+            start_epoch = int(st["epoch"])
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"cannot resume from {state_file} ({exc}): delete it to start afresh") from exc
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        for step in range(steps):
+            idx = perm[(step * cfg.batch_size) % n :][: cfg.batch_size]
+            if idx.numel() < cfg.batch_size:
+                idx = torch.cat([idx, perm[: cfg.batch_size - idx.numel()]])
+            x, y = data.images[idx], data.labels[idx]
+            if cfg.augment:
+                x, y = augment_batch(x, y, gen, cfg)
+            x, y = x.to(dev), y.to(dev)
+            main, aux = model(x)
+            loss = seg_loss(main, y) + cfg.aux_weight * seg_loss(aux, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            yield TrainEvent(epoch=epoch + 1, step=step + 1, steps=steps, loss=float(loss.detach()))
+            if stop is not None and stop():
+                return model.eval(), _meta(cfg, norm, pairs, epoch)
+        state = {
+            "config": _cfg_key(cfg),
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": gen.get_state(),
+            "epoch": epoch + 1,
+        }
+        atomic_write(state_file, lambda p, s=state: torch.save(s, p), overwrite=True)
+    model = model.cpu().eval()
+    meta = _meta(cfg, norm, pairs, cfg.epochs)
+    save_checkpoint(out, model, meta, overwrite=overwrite)
+    state_file.unlink(missing_ok=True)
+    return model, meta
+
+
+def _cfg_key(cfg: TrainConfig) -> str:
+    """Return the settings that must match for a resumed run, as a string."""
+    import json
+
+    d = asdict(cfg)
+    d.pop("device", None)
+    d.pop("epochs", None)
+    return json.dumps(d, sort_keys=True, default=list)
+
+
+def _meta(cfg: TrainConfig, norm: Normalization, pairs: Sequence[tuple[str, str]], epochs: int) -> CheckpointMeta:
+    """Build the checkpoint metadata of a trained source model."""
+    model_args = dict(cfg.arch_args)
+    return CheckpointMeta(
+        format_version=FORMAT_VERSION,
+        arch=cfg.arch,
+        arch_args={"num_classes": len(CLASS_NAMES), **model_args},
+        class_names=list(CLASS_NAMES),
+        input_size=tuple(cfg.input_size),
+        spacing=tuple(cfg.spacing),
+        normalization=norm.to_dict(),
+        provenance={
+            "trained_by": "napari-apl train-source",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "source_volumes": len(pairs),
+            "source_files": [Path(p[0]).name for p in pairs][:50],
+            "epochs": epochs,
+            "seed": cfg.seed,
+            "augmentation": "intensity remap, GIN, gamma, noise, blur, bias field; rotate/scale/shift, no flips"
+            if cfg.augment
+            else "none",
+        },
+    )
+
+
+def train_source_cli(args: Any) -> int:
+    """Run ``napari-apl train-source`` with a progress bar."""
+    from tqdm import tqdm
+
+    pairs = pair_files(args.images, args.labels)
+    cfg = TrainConfig(
+        arch=args.arch,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        spacing=tuple(args.spacing),
+        input_size=tuple(args.input_size),
+        normalization=args.normalize,
+        seed=args.seed,
+        device=args.device,
+    )
+    gen = train_source(pairs, args.out, cfg, overwrite=args.overwrite)
+    bar = None
+    try:
+        while True:
+            ev = next(gen)
+            if bar is None:
+                bar = tqdm(total=ev.steps * cfg.epochs, initial=(ev.epoch - 1) * ev.steps, desc="train-source",
+                           disable=args.quiet, file=sys.stderr)
+            bar.update(1)
+            bar.set_postfix(epoch=ev.epoch, loss=f"{ev.loss:.3f}")
+    except StopIteration:
+        pass
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,68 @@
+"""Small shared helpers: device selection, seeding and driving generators."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Generator
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from .errors import APLError
+
+R = TypeVar("R")
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Turn ``auto|cpu|cuda|mps`` (or ``cuda:N``) into a usable ``torch.device``."""
+    name = str(device).lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise APLError(f"device '{device}' asked for but CUDA is not available: use --device auto or cpu")
+        return torch.device(name)
+    if name == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise APLError("device 'mps' asked for but Apple MPS is not available: use --device auto or cpu")
+        return torch.device("mps")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise APLError(f"unknown device '{device}': choose one of {', '.join(DEVICES)}")
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    """Seed python, numpy and torch for a reproducible run and return a numpy generator."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    return np.random.default_rng(seed)
+
+
+def run_generator(gen: Generator[Any, Any, R]) -> R:
+    """Drive a progress generator to its end and return its return value."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def release_device_memory(device: torch.device) -> None:
+    """Give cached accelerator memory back to the driver after long work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    elif device.type == "mps" and hasattr(torch, "mps"):
+        torch.mps.empty_cache()

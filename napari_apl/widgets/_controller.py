@@ -1,0 +1,711 @@
+"""State and actions of the APL widget, with no Qt widgets: tests drive it without clicking.
+
+The controller owns the model, the last prediction and the user's corrections, and runs the core's
+generators (``core.infer.iter_predict``, ``core.refine.refine``) either synchronously (``sync=True``,
+for tests and scripts) or in a napari thread worker. Layers are only touched in the ``yielded`` /
+``returned`` handlers, which run on the main thread in both modes. Every failure becomes a one-line
+napari notification (``_layers.notify_error``), never an exception dialog.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from psygnal import Signal
+
+from .._layers import (
+    ScanGeometry,
+    geometry_from_layer,
+    label_colormap,
+    label_features,
+    make_metadata,
+    notify_error,
+    to_canonical_order,
+    to_layer_order,
+    transform_kwargs,
+    volume_from_layer,
+    voxel_volume_ml,
+)
+from .._sample_data import demo_checkpoint_path
+from ..core.checkpoint import CheckpointMeta, describe, load_checkpoint, save_checkpoint
+from ..core.errors import APLError, CheckpointError, OutputError, OutputExistsError
+from ..core.infer import Prediction, iter_predict
+from ..core.io_utils import atomic_write
+from ..core.labels import CLASS_NAMES, ORGANS
+from ..core.metrics import evaluate
+from ..core.preprocess import PRESETS, Normalization
+from ..core.refine import RefineConfig, RefineControl, RefineEvent, RefineResult, refine
+from ..core.utils import resolve_device
+
+log = logging.getLogger(__name__)
+
+# Names of the layers the widget creates (and updates in place on re-predict).
+LAYER_MAIN = "main"
+LAYER_AUX = "auxiliary"
+LAYER_PSEUDO = "pseudo-label"
+LAYER_CONFIDENCE = "confidence ω"
+LAYER_CONSISTENCY = "consistency"
+PREDICTION_LAYERS = (LAYER_MAIN, LAYER_AUX, LAYER_PSEUDO, LAYER_CONFIDENCE, LAYER_CONSISTENCY)
+CHECKPOINT_PRESET = "from checkpoint"
+LIVE_UPDATE_SECONDS = 0.5  # at most ~2 pseudo-label updates per second while refining
+
+
+@contextmanager
+def _leave_a_core_for_the_gui() -> Iterator[None]:
+    """Use one torch thread fewer than the CPU count while a task runs, so the viewer stays responsive."""
+    import torch
+
+    before = torch.get_num_threads()
+    wanted = max(1, min(before, (os.cpu_count() or 2) - 1))
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _finite_or_none(v: float) -> float | str | None:
+    """JSON-safe number: NaN (organ absent everywhere) -> None, inf (organ missed) -> "inf"."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return float(v)
+
+
+class APLController:
+    """Model, prediction, corrections and the long-running tasks of the APL widget."""
+
+    status = Signal(str)
+    busy_changed = Signal(bool)
+    model_changed = Signal(str)
+    predicted = Signal()
+    refine_event = Signal(object)
+    refine_finished = Signal(object)
+
+    def __init__(self, viewer: Any) -> None:
+        self.viewer = viewer
+        self.model: Any = None
+        self.meta: CheckpointMeta | None = None
+        self.checkpoint_path: Path | None = None
+        self.summary = ""
+        self.refined = False
+        self.device = "auto"
+        self.preset = CHECKPOINT_PRESET
+        self.image_layer: Any = None
+        self.geometry: ScanGeometry | None = None
+        self.prediction: Prediction | None = None
+        self.last_pseudo: np.ndarray | None = None
+        self.corrections: np.ndarray | None = None
+        self.last_corrections: np.ndarray | None = None
+        self.history: list[dict[str, Any]] = []
+        self.last_result: RefineResult | None = None
+        self.last_config: RefineConfig | None = None
+        self.control: RefineControl | None = None
+        self.worker: Any = None
+        self.live_updates = 0
+        self._busy = False
+        self._task = ""
+        self._pbar: Any = None
+        self._last_live = 0.0
+
+    # -- state ---------------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """Whether a prediction or refinement is running."""
+        return self._busy
+
+    @property
+    def task(self) -> str:
+        """Name of the running task (``""`` when idle)."""
+        return self._task if self._busy else ""
+
+    def _set_busy(self, busy: bool, task: str = "") -> None:
+        self._busy = busy
+        self._task = task if busy else ""
+        self.busy_changed.emit(busy)
+
+    def error(self, exc: BaseException | str) -> str:
+        """Report a failure as a one-line notification and in the status line; return the message."""
+        if isinstance(exc, BaseException) and not isinstance(exc, APLError):
+            log.error("napari-apl task failed", exc_info=exc)
+        msg = notify_error(exc)
+        self.status.emit(msg)
+        return msg
+
+    def _guard(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn``; a failure becomes a notification and ``None`` is returned."""
+        try:
+            return fn()
+        except Exception as exc:
+            self.error(exc)
+            return None
+
+    # -- model ---------------------------------------------------------------------------------------------
+    def load_checkpoint(self, path: str | os.PathLike | None = None) -> str | None:
+        """Load a checkpoint (``None`` = the bundled demo model); return its summary, or ``None`` on error."""
+        return self._guard(lambda: self._load(path))
+
+    def _load(self, path: str | os.PathLike | None) -> str:
+        if self.busy:
+            raise APLError(f"{self._task} is running: stop it before loading another model")
+        if path is None or str(path) == "":
+            path = demo_checkpoint_path()
+            if path is None:
+                raise CheckpointError(
+                    "the bundled demo checkpoint resources/demo_unet_dual.pt is missing: choose a checkpoint file"
+                )
+        p = Path(path).expanduser()
+        model, meta = load_checkpoint(p)
+        self.model, self.meta, self.checkpoint_path = model, meta, p
+        self.refined = False
+        self.last_result = None
+        self.history = []
+        lines = describe((model, meta)).splitlines()
+        lines = [ln for ln in lines if not ln.startswith("file:")] + [f"file: {p}"]
+        self.summary = "\n".join(lines)
+        self.model_changed.emit(self.summary)
+        self.status.emit(f"loaded {p.name}")
+        return self.summary
+
+    def revert(self, sync: bool = False) -> bool:
+        """Go back to the loaded checkpoint's weights (and re-predict if there is a prediction)."""
+        if self.checkpoint_path is None:
+            self.error("no checkpoint loaded: choose a checkpoint or the demo model first")
+            return False
+        if self.load_checkpoint(self.checkpoint_path) is None:
+            return False
+        if self.prediction is not None and self._layer_alive(self.image_layer):
+            self.predict(self.image_layer, sync=sync)
+        return True
+
+    def normalization(self) -> Normalization | None:
+        """The intensity normalisation chosen (``None`` = the checkpoint's own)."""
+        if self.preset in (None, "", CHECKPOINT_PRESET):
+            return None
+        if self.preset not in PRESETS:
+            raise APLError(f"unknown intensity preset '{self.preset}': choose one of {', '.join(PRESETS)}")
+        return PRESETS[self.preset]
+
+    def _layer_alive(self, layer: Any) -> bool:
+        return layer is not None and layer in self.viewer.layers
+
+    def _check_ready(self, image_layer: Any) -> None:
+        if self.busy:
+            raise APLError(f"{self._task} is running: wait for it or stop it")
+        if self.model is None or self.meta is None:
+            raise APLError("no model loaded: choose a checkpoint file or the demo model and load it")
+        if image_layer is None:
+            raise APLError("no image layer chosen: open a CT scan (File > Open) and choose it")
+        resolve_device(self.device)
+
+    # -- running tasks -----------------------------------------------------------------------------------------
+    def _run(
+        self,
+        task: str,
+        job: Callable[[], Generator[Any, None, Any]],
+        on_yield: Callable[[Any], None],
+        on_return: Callable[[Any], None],
+        total: int,
+        sync: bool,
+    ) -> None:
+        """Run a generator job in a napari thread worker (or here when ``sync``), with napari progress."""
+        from napari.utils import progress
+
+        self._set_busy(True, task)
+        self._pbar = progress(total=max(1, total), desc=f"napari-apl: {task}")
+        self.status.emit(f"{task}…")
+
+        def body() -> Generator[Any, None, Any]:
+            with _leave_a_core_for_the_gui():
+                return (yield from job())
+
+        if sync:
+            try:
+                gen = body()
+                while True:
+                    try:
+                        item = next(gen)
+                    except StopIteration as stop:
+                        on_return(stop.value)
+                        break
+                    on_yield(item)
+            except Exception as exc:
+                self.error(exc)
+            finally:
+                self._finish()
+            return
+
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(body, _start_thread=False, _ignore_errors=True)
+        worker.yielded.connect(lambda item: self._guard(lambda: on_yield(item)))
+        worker.returned.connect(lambda value: self._guard(lambda: on_return(value)))
+        worker.errored.connect(self.error)
+        worker.finished.connect(self._finish)
+        self.worker = worker
+        worker.start()
+
+    def _finish(self) -> None:
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self.worker = None
+        self.control = None
+        self._set_pseudo_editable(True)
+        self._set_busy(False)
+
+    def _progress(self, n: int, total: int | None = None) -> None:
+        if self._pbar is not None:
+            if total is not None and self._pbar.total != total:
+                self._pbar.total = max(1, total)
+            self._pbar.n = n
+            self._pbar.refresh()
+
+    def wait(self, timeout: float = 60.0) -> bool:
+        """Block (processing Qt events) until the running task ends; return whether it ended."""
+        from qtpy.QtWidgets import QApplication
+
+        end = time.monotonic() + timeout
+        while self.busy and time.monotonic() < end:
+            QApplication.processEvents()
+            time.sleep(0.01)
+        return not self.busy
+
+    # -- predict ---------------------------------------------------------------------------------------------------
+    def predict(self, image_layer: Any = None, sync: bool = False) -> bool:
+        """Predict the image layer with both heads; adds/updates the five prediction layers."""
+        image_layer = image_layer if image_layer is not None else self.image_layer
+        try:
+            self._check_ready(image_layer)
+            volume = volume_from_layer(image_layer)
+            geometry = geometry_from_layer(image_layer)
+            norm = self.normalization()
+        except Exception as exc:
+            self.error(exc)
+            return False
+        model, meta, device = self.model, self.meta, self.device
+
+        def job() -> Generator[Any, None, Prediction]:
+            return (yield from iter_predict(model, meta, volume, normalization=norm, device=device))
+
+        def on_yield(item: tuple[int, int]) -> None:
+            self._progress(*item)
+
+        def on_return(pred: Prediction) -> None:
+            self._show_prediction(image_layer, geometry, pred)
+            self.status.emit(f"predicted {image_layer.name}")
+
+        self._run("predict", job, on_yield, on_return, int(volume.shape[2]), sync)
+        return True
+
+    def _show_prediction(self, image_layer: Any, geometry: ScanGeometry, pred: Prediction) -> None:
+        """Put a prediction into the viewer (new layers, or the existing ones updated in place)."""
+        if self.image_layer is not image_layer or (
+            self.corrections is not None and self.corrections.shape != pred.pseudo.shape
+        ):
+            self.corrections = None
+        self.image_layer, self.geometry, self.prediction = image_layer, geometry, pred
+        base = {"image": image_layer.name}
+        self._put_labels(LAYER_MAIN, pred.main, "main", visible=False, **base)
+        self._put_labels(LAYER_AUX, pred.aux, "auxiliary", visible=False, **base)
+        self._put_image(LAYER_CONFIDENCE, pred.confidence, "confidence", colormap="viridis", visible=False, **base)
+        self._put_image(LAYER_CONSISTENCY, pred.consistency, "consistency", colormap="inferno", visible=False, **base)
+        self._write_pseudo(pred.pseudo, role_extra=base)
+        self.predicted.emit()
+
+    def _layer_kwargs(self, role: str, extra: dict[str, Any]) -> dict[str, Any]:
+        kw = transform_kwargs(self.image_layer)
+        kw["metadata"] = make_metadata(self.geometry, role, **extra)
+        return kw
+
+    def _existing(self, name: str, kind: str) -> Any:
+        if name in self.viewer.layers:
+            layer = self.viewer.layers[name]
+            if layer._type_string == kind:
+                return layer
+            self.viewer.layers.remove(layer)
+        return None
+
+    def _update_in_place(self, layer: Any, data: np.ndarray, role: str, extra: dict[str, Any]) -> None:
+        kw = self._layer_kwargs(role, extra)
+        layer.metadata = kw.pop("metadata")
+        layer.data = data
+        for key in ("scale", "translate", "rotate", "shear", "affine"):
+            setattr(layer, key, kw[key])
+
+    def _put_labels(self, name: str, canonical: np.ndarray, role: str, visible: bool = True, **extra: Any) -> Any:
+        data = np.ascontiguousarray(to_layer_order(canonical))
+        layer = self._existing(name, "labels")
+        if layer is not None:
+            self._update_in_place(layer, data, role, extra)
+            return layer
+        return self.viewer.add_labels(
+            data,
+            name=name,
+            colormap=label_colormap(self.meta.class_names if self.meta else CLASS_NAMES),
+            features=label_features(self.meta.class_names if self.meta else CLASS_NAMES),
+            opacity=0.5,
+            visible=visible,
+            **self._layer_kwargs(role, extra),
+        )
+
+    def _put_image(self, name: str, canonical: np.ndarray, role: str, colormap: str, visible: bool, **extra: Any) -> Any:
+        data = np.ascontiguousarray(to_layer_order(canonical), dtype=np.float32)
+        layer = self._existing(name, "image")
+        if layer is not None:
+            self._update_in_place(layer, data, role, extra)
+            layer.contrast_limits = (0.0, 1.0)
+            return layer
+        return self.viewer.add_image(
+            data,
+            name=name,
+            colormap=colormap,
+            contrast_limits=(0.0, 1.0),
+            blending="additive",
+            opacity=0.6,
+            visible=visible,
+            **self._layer_kwargs(role, extra),
+        )
+
+    # -- pseudo labels and corrections --------------------------------------------------------------------------
+    def pseudo_layer(self) -> Any:
+        """The widget's pseudo-label layer, if it is in the viewer."""
+        if LAYER_PSEUDO in self.viewer.layers:
+            layer = self.viewer.layers[LAYER_PSEUDO]
+            if layer._type_string == "labels":
+                return layer
+        return None
+
+    def _with_corrections(self, pseudo: np.ndarray) -> np.ndarray:
+        if self.corrections is None or self.corrections.shape != pseudo.shape:
+            return pseudo
+        return np.where(self.corrections >= 0, self.corrections, pseudo).astype(np.uint8)
+
+    def _write_pseudo(self, pseudo: np.ndarray, role_extra: dict[str, Any] | None = None) -> None:
+        """Show pseudo labels (the user's corrections kept on top) and remember what was written."""
+        shown = self._with_corrections(pseudo)
+        layer = self.pseudo_layer()
+        if layer is not None and role_extra is None and layer.data.shape == shown.shape[::-1]:
+            layer.data = np.ascontiguousarray(to_layer_order(shown))  # live update: data only
+        else:
+            self._put_labels(LAYER_PSEUDO, shown, "pseudo-label", **(role_extra or {}))
+        self.last_pseudo = shown.copy()
+
+    def collect_corrections(self) -> np.ndarray | None:
+        """Fold the voxels painted or erased in the pseudo-label layer since the last write into ``corrections``."""
+        layer = self.pseudo_layer()
+        if layer is None or self.last_pseudo is None:
+            return self.corrections
+        current = np.asarray(to_canonical_order(layer.data))
+        if current.shape != self.last_pseudo.shape:
+            return self.corrections
+        changed = current != self.last_pseudo
+        if changed.any():
+            if self.corrections is None or self.corrections.shape != current.shape:
+                self.corrections = np.full(current.shape, -1, dtype=np.int16)
+            self.corrections[changed] = current[changed].astype(np.int16)
+            self.last_pseudo = current.astype(np.uint8, copy=True)
+        return self.corrections
+
+    @property
+    def n_corrected(self) -> int:
+        """Number of voxels the user corrected so far."""
+        return 0 if self.corrections is None else int((self.corrections >= 0).sum())
+
+    def clear_corrections(self) -> None:
+        """Forget the user's corrections (the pseudo-label layer keeps what it shows)."""
+        self.corrections = None
+        layer = self.pseudo_layer()
+        if layer is not None:
+            self.last_pseudo = np.array(to_canonical_order(layer.data), dtype=np.uint8)
+        self.status.emit("corrections cleared")
+
+    def _set_pseudo_editable(self, editable: bool) -> None:
+        layer = self.pseudo_layer()
+        if layer is not None:
+            layer.editable = editable
+
+    # -- refine ---------------------------------------------------------------------------------------------
+    def refine(self, config: RefineConfig | None = None, image_layer: Any = None, sync: bool = False) -> bool:
+        """Refine the model on the image without labels; live pseudo-label updates, then re-predict."""
+        image_layer = image_layer if image_layer is not None else self.image_layer
+        cfg = config or RefineConfig()
+        try:
+            self._check_ready(image_layer)
+            if image_layer is not self.image_layer:
+                self.corrections = None
+            volume = volume_from_layer(image_layer)
+            geometry = geometry_from_layer(image_layer)
+            norm = self.normalization()
+            corrections = self.collect_corrections() if image_layer is self.image_layer else None
+            cfg = dataclasses.replace(
+                cfg,
+                device=self.device,
+                normalization=norm.to_dict() if norm is not None else cfg.normalization,
+                emit_every=cfg.emit_every or max(1, cfg.iterations // 50),
+            ).validate()
+        except Exception as exc:
+            self.error(exc)
+            return False
+        self.last_corrections = None if corrections is None else corrections.copy()
+        self.last_config = cfg
+        self.history = []
+        self.live_updates = 0
+        self._last_live = 0.0
+        control = self.control = RefineControl()
+        model, meta = self.model, self.meta
+        self._set_pseudo_editable(False)
+
+        def job() -> Generator[Any, None, tuple[RefineResult, Prediction]]:
+            result = yield from refine(model, meta, volume, cfg, control=control, corrections=self.last_corrections)
+            pred = yield from iter_predict(result.model, meta, volume, normalization=norm, device=cfg.device)
+            return result, pred
+
+        def on_yield(item: Any) -> None:
+            if isinstance(item, RefineEvent):
+                self._on_refine_event(item)
+            else:  # (done, total) of the final re-prediction
+                self.status.emit(f"re-predicting with the refined model: {item[0]}/{item[1]} slices")
+
+        def on_return(value: tuple[RefineResult, Prediction]) -> None:
+            result, pred = value
+            self.model = result.model
+            self.refined = True
+            self.last_result = result
+            self._show_prediction(image_layer, geometry, pred)
+            for note in result.notes:
+                from napari.utils.notifications import show_warning
+
+                show_warning(f"napari-apl: {note}")
+            how = "stopped" if result.stopped else "finished"
+            self.status.emit(f"refinement {how} after {result.iterations_done} iterations")
+            self.refine_finished.emit(result)
+
+        self._run("refine", job, on_yield, on_return, cfg.iterations, sync)
+        return True
+
+    def _on_refine_event(self, ev: RefineEvent) -> None:
+        """Main-thread handler of one refinement step: progress, history, throttled live overlay."""
+        self._progress(ev.iteration, ev.total)
+        self.history.append(
+            {"iteration": ev.iteration, **ev.losses, "mean_confidence": ev.mean_confidence,
+             "mean_disagreement": ev.mean_disagreement, "changed_fraction": ev.changed_fraction}
+        )
+        if ev.note:
+            from napari.utils.notifications import show_warning
+
+            show_warning(f"napari-apl: {ev.note}")
+        now = time.monotonic()
+        if ev.pseudo is not None and now - self._last_live >= LIVE_UPDATE_SECONDS and self.pseudo_layer() is not None:
+            self._write_pseudo(ev.pseudo)
+            self._last_live = now
+            self.live_updates += 1
+        self.status.emit(
+            f"refine {ev.iteration}/{ev.total}: mean ω {ev.mean_confidence:.3f}, "
+            + ", ".join(f"{k} {v:.4g}" for k, v in ev.losses.items())
+        )
+        self.refine_event.emit(ev)
+
+    def pause(self) -> None:
+        """Hold the running refinement after its current step."""
+        if self.control is not None:
+            self.control.pause()
+            self.status.emit("refinement paused")
+
+    def resume(self) -> None:
+        """Let a paused refinement go on."""
+        if self.control is not None:
+            self.control.resume()
+            self.status.emit("refinement resumed")
+
+    def stop(self) -> None:
+        """Stop the running refinement after its current step (the model stays usable)."""
+        if self.control is not None:
+            self.control.stop()
+            self.status.emit("stopping after the current step…")
+        elif self.worker is not None:
+            self.worker.quit()
+
+    @property
+    def paused(self) -> bool:
+        """Whether a refinement is paused."""
+        return self.control is not None and self.control.paused
+
+    # -- export ----------------------------------------------------------------------------------------------------
+    def export_paths(self, folder: str | os.PathLike) -> dict[str, Path]:
+        """The files an export writes into ``folder``, by kind."""
+        stem = _safe_stem(self.image_layer.name if self.image_layer is not None else "napari_apl")
+        folder = Path(folder).expanduser()
+        paths = {
+            "main": folder / f"{stem}_main.nii.gz",
+            "auxiliary": folder / f"{stem}_auxiliary.nii.gz",
+            "pseudo-label": folder / f"{stem}_pseudo_label.nii.gz",
+            "confidence": folder / f"{stem}_confidence.nii.gz",
+            "consistency": folder / f"{stem}_consistency.nii.gz",
+            "report_json": folder / f"{stem}_report.json",
+            "report_csv": folder / f"{stem}_report.csv",
+        }
+        if self.refined:
+            paths["checkpoint"] = folder / f"{stem}_refined.pt"
+        return paths
+
+    def export(self, folder: str | os.PathLike, overwrite: bool = False, gt_layer: Any = None) -> list[Path]:
+        """Write masks, maps, report (and the refined checkpoint) on the scan's original grid; [] on error."""
+        result = self._guard(lambda: self._export(folder, overwrite, gt_layer))
+        return result or []
+
+    def _export(self, folder: str | os.PathLike, overwrite: bool, gt_layer: Any) -> list[Path]:
+        if self.busy:
+            raise APLError(f"{self._task} is running: wait for it to end before exporting")
+        if self.prediction is None or self.geometry is None:
+            raise APLError("nothing to export yet: run Predict first")
+        if str(folder).strip() == "":
+            raise OutputError("no export folder chosen: choose a folder")
+        out_dir = Path(folder).expanduser()
+        if out_dir.exists() and not out_dir.is_dir():
+            raise OutputError(f"{out_dir} is a file, not a folder: choose a folder")
+        paths = self.export_paths(out_dir)
+        existing = [p for p in paths.values() if p.exists()]
+        if existing and not overwrite:
+            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+            raise OutputExistsError(
+                f"{existing[0]} exists already{more}: tick 'overwrite' or choose another folder; nothing was written"
+            )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        masks = self._current_masks()
+        report = self.report(masks["pseudo-label"], gt_layer)
+        written: list[Path] = []
+        geom = self.geometry
+        for kind, arr in masks.items():
+            vol = geom.with_data(arr)
+            written.append(_save(vol, arr, paths[kind], np.uint8, overwrite))
+        for kind, arr in (("confidence", self.prediction.confidence), ("consistency", self.prediction.consistency)):
+            vol = geom.with_data(arr)
+            written.append(_save(vol, arr, paths[kind], np.float32, overwrite))
+        if self.refined:
+            written.append(save_checkpoint(paths["checkpoint"], self.model, self._refined_meta(), overwrite=overwrite))
+        text = json.dumps(report, indent=2)
+        written.append(atomic_write(paths["report_json"], lambda tmp: tmp.write_text(text), overwrite=overwrite))
+        csv_text = _report_csv(report)
+        written.append(atomic_write(paths["report_csv"], lambda tmp: tmp.write_text(csv_text), overwrite=overwrite))
+        self.status.emit(f"exported {len(written)} files to {out_dir}")
+        return written
+
+    def _current_masks(self) -> dict[str, np.ndarray]:
+        """Label volumes to export (canonical): the layers as they are now (user edits included)."""
+        assert self.prediction is not None
+        out = {"main": self.prediction.main, "auxiliary": self.prediction.aux, "pseudo-label": self.prediction.pseudo}
+        for kind, name in (("main", LAYER_MAIN), ("auxiliary", LAYER_AUX), ("pseudo-label", LAYER_PSEUDO)):
+            if name in self.viewer.layers:
+                data = np.asarray(to_canonical_order(self.viewer.layers[name].data))
+                if data.shape == out[kind].shape:
+                    out[kind] = data
+        return out
+
+    def _refined_meta(self) -> CheckpointMeta:
+        assert self.meta is not None
+        prov = dict(self.meta.provenance)
+        prov["refined"] = {
+            "from_checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
+            "target": self.geometry.name if self.geometry else None,
+            "config": self.last_config.to_dict() if self.last_config else None,
+            "iterations_done": self.last_result.iterations_done if self.last_result else None,
+            "stopped": self.last_result.stopped if self.last_result else None,
+            "corrected_voxels": self.n_corrected,
+        }
+        return dataclasses.replace(self.meta, provenance=prov)
+
+    def report(self, labels: np.ndarray | None = None, gt_layer: Any = None) -> dict[str, Any]:
+        """Per-organ volume (mL), mean ω, and Dice/ASSD against a ground-truth labels layer when given."""
+        if self.prediction is None or self.geometry is None:
+            raise APLError("nothing to report yet: run Predict first")
+        labels = self.prediction.pseudo if labels is None else labels
+        spacing = self.geometry.spacing
+        ml = voxel_volume_ml(spacing)
+        omega = self.prediction.confidence
+        counts = np.bincount(labels.reshape(-1), minlength=max(ORGANS) + 1)
+        names = self.meta.class_names if self.meta else list(CLASS_NAMES)
+        scores = None
+        if gt_layer is not None:
+            gt = np.asarray(to_canonical_order(gt_layer.data))
+            if gt.shape != labels.shape:
+                raise APLError(
+                    f"ground-truth layer '{gt_layer.name}' has shape {gt_layer.data.shape}, "
+                    f"the prediction {labels.shape[::-1]}: choose labels of the same scan"
+                )
+            scores = evaluate(labels, gt, spacing)
+        organs = []
+        for lab in ORGANS:
+            mask = labels == lab
+            name = names[lab] if lab < len(names) else f"label {lab}"
+            row: dict[str, Any] = {
+                "label": lab,
+                "organ": name,
+                "voxels": int(counts[lab]),
+                "volume_ml": float(counts[lab] * ml),
+                "mean_confidence": _finite_or_none(float(omega[mask].astype(np.float32).mean())) if mask.any() else None,
+            }
+            if scores is not None:
+                row["dice"] = _finite_or_none(scores["dice"].get(name, math.nan))
+                row["assd_mm"] = _finite_or_none(scores["assd"].get(name, math.nan))
+            organs.append(row)
+        rep: dict[str, Any] = {
+            "image": self.image_layer.name if self.image_layer is not None else None,
+            "source_path": str(self.geometry.path) if self.geometry.path else None,
+            "shape_canonical": list(self.geometry.shape),
+            "spacing_mm": list(spacing),
+            "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
+            "refined": self.refined,
+            "refinement": None,
+            "corrected_voxels": self.n_corrected,
+            "mean_confidence": float(omega.astype(np.float32).mean()),
+            "organs": organs,
+        }
+        if self.refined and self.last_result is not None:
+            rep["refinement"] = {
+                "config": self.last_config.to_dict() if self.last_config else None,
+                "iterations_done": self.last_result.iterations_done,
+                "stopped": self.last_result.stopped,
+                "notes": list(self.last_result.notes),
+            }
+        if scores is not None:
+            rep["ground_truth"] = gt_layer.name
+            rep["mean_dice"] = _finite_or_none(scores["mean_dice"])
+            rep["mean_assd_mm"] = _finite_or_none(scores["mean_assd"])
+        return rep
+
+
+def _safe_stem(name: str) -> str:
+    """A file-name-safe version of a layer name."""
+    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in name.strip())
+    return keep.strip("._") or "napari_apl"
+
+
+def _save(volume: Any, canonical: np.ndarray, path: Path, dtype: Any, overwrite: bool) -> Path:
+    from ..core.volume import save_canonical
+
+    return save_canonical(np.asarray(canonical), path, volume, dtype=dtype, overwrite=overwrite)
+
+
+def _report_csv(report: dict[str, Any]) -> str:
+    """The per-organ rows of a report as CSV text."""
+    fields = ["label", "organ", "voxels", "volume_ml", "mean_confidence", "dice", "assd_mm"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in report["organs"]:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
+    return buf.getvalue()

@@ -1,0 +1,217 @@
+"""Two tiny QPainter plots (no matplotlib): a clickable multi-line plot and a histogram."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from qtpy.QtCore import QPointF, QRectF, Qt, Signal
+from qtpy.QtGui import QColor, QMouseEvent, QPainter, QPainterPath, QPaintEvent, QPen
+from qtpy.QtWidgets import QSizePolicy, QWidget
+
+_MARGIN_LEFT = 44
+_MARGIN_RIGHT = 8
+_MARGIN_TOP = 8
+_MARGIN_BOTTOM = 18
+_TEXT = QColor(200, 200, 200)
+_GRID = QColor(110, 110, 110)
+_MARKER = QColor(255, 255, 255, 160)
+
+
+def _fmt(v: float) -> str:
+    """Compact axis label for a value."""
+    if not math.isfinite(v):
+        return ""
+    if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e4):
+        return f"{v:.1e}"
+    return f"{v:.3g}"
+
+
+def qcolor(rgba: Sequence[float]) -> QColor:
+    """Turn an RGB(A) tuple in 0..1 into a ``QColor``."""
+    r, g, b = (int(round(255 * float(c))) for c in rgba[:3])
+    a = int(round(255 * float(rgba[3]))) if len(rgba) > 3 else 255
+    return QColor(r, g, b, a)
+
+
+class _PlotBase(QWidget):
+    """Shared frame: a plot rectangle with y-axis labels and a title."""
+
+    def __init__(self, title: str = "", parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.title = title
+        self.setMinimumHeight(110)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+
+    def plot_rect(self) -> QRectF:
+        """Return the rectangle where data are drawn."""
+        return QRectF(
+            _MARGIN_LEFT,
+            _MARGIN_TOP,
+            max(1, self.width() - _MARGIN_LEFT - _MARGIN_RIGHT),
+            max(1, self.height() - _MARGIN_TOP - _MARGIN_BOTTOM),
+        )
+
+    def _frame(self, p: QPainter, y0: float, y1: float, x_label: str) -> QRectF:
+        """Draw the frame, y-range labels, the title and the x-axis label."""
+        rect = self.plot_rect()
+        p.setPen(QPen(_GRID, 1))
+        p.drawRect(rect)
+        p.setPen(_TEXT)
+        font = p.font()
+        font.setPointSizeF(max(6.0, font.pointSizeF() * 0.8))
+        p.setFont(font)
+        p.drawText(QRectF(0, rect.top() - 2, _MARGIN_LEFT - 4, 14), Qt.AlignmentFlag.AlignRight, _fmt(y1))
+        p.drawText(
+            QRectF(0, rect.bottom() - 12, _MARGIN_LEFT - 4, 14), Qt.AlignmentFlag.AlignRight, _fmt(y0)
+        )
+        if self.title:
+            p.drawText(QRectF(rect.left() + 4, rect.top(), rect.width() - 8, 14), Qt.AlignmentFlag.AlignRight, self.title)
+        if x_label:
+            p.drawText(QRectF(rect.left(), rect.bottom() + 2, rect.width(), 14), Qt.AlignmentFlag.AlignHCenter, x_label)
+        return rect
+
+
+class LinePlot(_PlotBase):
+    """Several named series against a shared index; a click emits the nearest index."""
+
+    clicked = Signal(int)
+
+    def __init__(self, title: str = "", x_label: str = "", parent: QWidget | None = None) -> None:
+        super().__init__(title, parent)
+        self.x_label = x_label
+        self._series: dict[str, tuple[np.ndarray, QColor]] = {}
+        self._marker: int | None = None
+        self._fixed_range: tuple[float, float] | None = None
+
+    def set_series(
+        self, series: Mapping[str, tuple[Sequence[float], Sequence[float] | QColor]], y_range: tuple[float, float] | None = None
+    ) -> None:
+        """Replace the plotted series: ``{name: (values, colour)}``; ``y_range`` fixes the y axis."""
+        self._series = {
+            name: (np.asarray(vals, dtype=np.float64), col if isinstance(col, QColor) else qcolor(col))
+            for name, (vals, col) in series.items()
+        }
+        self._fixed_range = y_range
+        self.update()
+
+    def series(self, name: str) -> np.ndarray:
+        """Return the values of a plotted series."""
+        return self._series[name][0]
+
+    @property
+    def length(self) -> int:
+        """Number of points of the longest series."""
+        return max((len(v) for v, _ in self._series.values()), default=0)
+
+    def set_marker(self, index: int | None) -> None:
+        """Draw a vertical marker at ``index`` (``None`` removes it)."""
+        if index != self._marker:
+            self._marker = index
+            self.update()
+
+    def y_range(self) -> tuple[float, float]:
+        """The y range shown: fixed, or the finite data range (padded when flat)."""
+        if self._fixed_range is not None:
+            return self._fixed_range
+        vals = [v[np.isfinite(v)] for v, _ in self._series.values()]
+        vals = [v for v in vals if v.size]
+        if not vals:
+            return (0.0, 1.0)
+        lo = float(min(v.min() for v in vals))
+        hi = float(max(v.max() for v in vals))
+        if hi - lo < 1e-12:
+            pad = abs(hi) * 0.05 or 0.5
+            return (lo - pad, hi + pad)
+        return (lo, hi)
+
+    def index_at(self, x: float) -> int | None:
+        """Return the series index under a widget x coordinate (``None`` when empty)."""
+        n = self.length
+        if n == 0:
+            return None
+        rect = self.plot_rect()
+        if n == 1:
+            return 0
+        frac = (x - rect.left()) / rect.width()
+        return int(min(n - 1, max(0, round(frac * (n - 1)))))
+
+    def _x(self, i: int, n: int, rect: QRectF) -> float:
+        return rect.left() + (rect.width() * i / (n - 1) if n > 1 else rect.width() / 2)
+
+    def paintEvent(self, event: QPaintEvent) -> None:  # noqa: N802 (Qt API)
+        """Draw frame, series, legend and marker."""
+        p = QPainter(self)
+        p.setRenderHint(QPainter.RenderHint.Antialiasing)
+        y0, y1 = self.y_range()
+        rect = self._frame(p, y0, y1, self.x_label)
+        n = self.length
+        span = (y1 - y0) or 1.0
+        for vals, col in self._series.values():
+            path = QPainterPath()
+            pen_down = False
+            for i, v in enumerate(vals):
+                if not math.isfinite(v):
+                    pen_down = False
+                    continue
+                pt = QPointF(self._x(i, n, rect), rect.bottom() - (min(max(v, y0), y1) - y0) / span * rect.height())
+                if pen_down:
+                    path.lineTo(pt)
+                else:
+                    path.moveTo(pt)
+                    pen_down = True
+            p.setPen(QPen(col, 1.6))
+            p.drawPath(path)
+        if self._marker is not None and 0 <= self._marker < max(n, 1):
+            x = self._x(self._marker, n, rect)
+            p.setPen(QPen(_MARKER, 1, Qt.PenStyle.DashLine))
+            p.drawLine(QPointF(x, rect.top()), QPointF(x, rect.bottom()))
+        x_text = rect.left() + 4
+        for name, (_, col) in self._series.items():
+            p.setPen(col)
+            p.drawText(QPointF(x_text, rect.top() + 12), name)
+            x_text += p.fontMetrics().horizontalAdvance(name) + 10
+        p.end()
+
+    def mousePressEvent(self, event: QMouseEvent) -> None:  # noqa: N802 (Qt API)
+        """Emit ``clicked`` with the index under the mouse."""
+        idx = self.index_at(event.pos().x())
+        if idx is not None:
+            self.clicked.emit(idx)
+
+
+class HistogramPlot(_PlotBase):
+    """Bar histogram of values in a fixed range."""
+
+    def __init__(self, title: str = "", x_label: str = "", parent: QWidget | None = None) -> None:
+        super().__init__(title, parent)
+        self.x_label = x_label
+        self.counts = np.zeros(0)
+        self.edges = np.zeros(0)
+        self.color = QColor(80, 160, 220)
+
+    def set_histogram(self, counts: Sequence[float], edges: Sequence[float]) -> None:
+        """Show ``counts`` for bins ``edges`` (as from ``numpy.histogram``)."""
+        self.counts = np.asarray(counts, dtype=np.float64)
+        self.edges = np.asarray(edges, dtype=np.float64)
+        self.update()
+
+    def paintEvent(self, event: QPaintEvent) -> None:  # noqa: N802 (Qt API)
+        """Draw the bars."""
+        p = QPainter(self)
+        top = float(self.counts.max()) if self.counts.size else 1.0
+        rect = self._frame(p, 0.0, top, self.x_label)
+        n = self.counts.size
+        if n:
+            w = rect.width() / n
+            p.setPen(Qt.PenStyle.NoPen)
+            p.setBrush(self.color)
+            for i, c in enumerate(self.counts):
+                h = rect.height() * (c / top if top > 0 else 0.0)
+                p.drawRect(QRectF(rect.left() + i * w + 0.5, rect.bottom() - h, max(1.0, w - 1.0), h))
+            p.setPen(_TEXT)
+            p.drawText(QPointF(rect.left(), rect.bottom() + 14), _fmt(float(self.edges[0])))
+            last = _fmt(float(self.edges[-1]))
+            p.drawText(QPointF(rect.right() - p.fontMetrics().horizontalAdvance(last), rect.bottom() + 14), last)
+        p.end()

@@ -1,0 +1,139 @@
+"""The ``napari-apl`` command line: the phantom -> predict -> refine -> evaluate chain and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from napari_apl.cli import main
+from napari_apl.core.checkpoint import FORMAT_VERSION, CheckpointMeta, save_checkpoint
+from napari_apl.core.labels import CLASS_NAMES
+from napari_apl.core.models import build_model
+
+MAPS = ("main", "aux", "pseudo_label", "confidence", "consistency")
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A small untrained unet-dual checkpoint on a coarse grid (fast on CPU)."""
+    torch.manual_seed(0)
+    model = build_model("unet-dual", num_classes=5, base=8)
+    meta = CheckpointMeta(
+        format_version=FORMAT_VERSION,
+        arch="unet-dual",
+        arch_args={"num_classes": 5, "base": 8},
+        class_names=list(CLASS_NAMES),
+        input_size=(64, 64),
+        spacing=(5.0, 5.0),
+        normalization={"kind": "percentile", "lower": 0.5, "upper": 99.5},
+        provenance={"note": "test"},
+    )
+    path = tmp_path_factory.mktemp("ck") / "tiny.pt"
+    save_checkpoint(path, model, meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def phantom_dir(tmp_path_factory):
+    """A small LPS CT phantom written by the CLI itself."""
+    out = tmp_path_factory.mktemp("ph") / "ct"
+    rc = main(["phantom", "--modality", "ct", "--seed", "1", "--out-dir", str(out), "--orientation", "LPS",
+               "--shape", "56", "48", "8", "--spacing", "4", "4", "8"])  # fmt: skip
+    assert rc == 0
+    return out
+
+
+def test_chain_phantom_predict_refine_evaluate(tmp_path, tiny_ckpt, phantom_dir, capsys):
+    image = phantom_dir / "image.nii.gz"
+    ref = nib.load(image)
+    pred_dir = tmp_path / "pred"
+    assert main(["predict", str(image), "-c", str(tiny_ckpt), "-o", str(pred_dir), "-q"]) == 0
+    for name in MAPS:
+        img = nib.load(pred_dir / f"{name}.nii.gz")
+        assert img.shape == ref.shape, name
+        assert np.allclose(img.affine, ref.affine), name
+        assert img.header["sform_code"] == ref.header["sform_code"]
+    conf = np.asarray(nib.load(pred_dir / "confidence.nii.gz").dataobj)
+    assert 0 <= conf.min() and conf.max() <= 1
+    ref_dir = tmp_path / "ref"
+    args = ["refine", str(image), "-c", str(tiny_ckpt), "-o", str(ref_dir), "-n", "3", "--batch-size", "2", "-q"]
+    assert main(args) == 0
+    for name in (*MAPS, "refined"):
+        suffix = ".pt" if name == "refined" else ".nii.gz"
+        assert (ref_dir / f"{name}{suffix}").exists(), name
+    log = json.loads((ref_dir / "log.json").read_text())
+    assert len(log["history"]) == 3 and log["config"]["method"] == "apl"
+    assert nib.load(ref_dir / "pseudo_label.nii.gz").shape == ref.shape
+    # the refined checkpoint is accepted by info and predict
+    capsys.readouterr()
+    assert main(["info", str(ref_dir / "refined.pt")]) == 0
+    assert "unet-dual" in capsys.readouterr().out
+    assert main(["predict", str(image), "-c", str(ref_dir / "refined.pt"), "-o", str(tmp_path / "p2"), "-q"]) == 0
+    out_json = tmp_path / "scores.json"
+    rc = main(["evaluate", "--pred", str(ref_dir / "pseudo_label.nii.gz"), "--gt", str(phantom_dir / "labels.nii.gz"),
+               "--json", str(out_json)])  # fmt: skip
+    assert rc == 0
+    scores = json.loads(out_json.read_text())
+    assert set(scores["dice"]) == set(CLASS_NAMES[1:])
+    # a perfect prediction scores 100 % Dice and 0 mm ASSD
+    capsys.readouterr()
+    lab = str(phantom_dir / "labels.nii.gz")
+    assert main(["evaluate", "--pred", lab, "--gt", lab]) == 0
+    text = capsys.readouterr().out
+    assert "100.00" in text and "0.00" in text
+
+
+def test_outputs_are_not_overwritten_without_flag(tmp_path, tiny_ckpt, phantom_dir, capsys):
+    image = phantom_dir / "image.nii.gz"
+    out = tmp_path / "o"
+    assert main(["predict", str(image), "-c", str(tiny_ckpt), "-o", str(out), "-q"]) == 0
+    before = (out / "main.nii.gz").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["predict", str(image), "-c", str(tiny_ckpt), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "exists" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert (out / "main.nii.gz").stat().st_mtime_ns == before
+    assert main(["predict", str(image), "-c", str(tiny_ckpt), "-o", str(out), "-q", "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing_image", "not_nifti", "bad_ckpt", "missing_parent", "bad_method"],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, tiny_ckpt, phantom_dir, capsys, case):
+    image = str(phantom_dir / "image.nii.gz")
+    ck = str(tiny_ckpt)
+    out = tmp_path / "out"
+    if case == "missing_image":
+        image = str(tmp_path / "nope.nii.gz")
+    elif case == "not_nifti":
+        p = tmp_path / "fake.nii"
+        p.write_text("hello")
+        image = str(p)
+    elif case == "bad_ckpt":
+        p = tmp_path / "bad.pt"
+        p.write_bytes(b"\x00" * 100)
+        ck = str(p)
+    elif case == "missing_parent":
+        out = tmp_path / "no" / "such" / "dir"
+    cmd = "refine" if case == "bad_method" else "predict"
+    args = [cmd, image, "-c", ck, "-o", str(out), "-q"]
+    if case == "bad_method":
+        args += ["--method", "magic", "-n", "1"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    if case != "missing_parent":
+        assert not any(out.glob("*.nii.gz")) if out.exists() else True
+
+
+def test_console_script_help_runs():
+    res = subprocess.run([sys.executable, "-m", "napari_apl.cli", "refine", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "--method" in res.stdout

@@ -1,0 +1,124 @@
+"""Pin the formulas of the paper (Eq. 1-4) and the baselines to hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from napari_apl.core import pseudo
+
+
+def px(*vals: float) -> torch.Tensor:
+    """One pixel's probability vector as a (1, C, 1, 1) tensor."""
+    return torch.tensor(vals, dtype=torch.float64).reshape(1, -1, 1, 1)
+
+
+# The paper's examples: A/B consistent but not confident, C/D confident but inconsistent.
+A, B = px(0.34, 0.33, 0.33), px(0.35, 0.32, 0.33)
+C, D = px(0.80, 0.15, 0.05), px(0.70, 0.15, 0.15)
+
+
+def test_merge_and_pseudo_label_examples():
+    assert torch.allclose(pseudo.merge(A, B).flatten(), torch.tensor([0.345, 0.325, 0.33], dtype=torch.float64))
+    assert int(pseudo.pseudo_label(A, B)) == 0
+    assert int(pseudo.pseudo_label(C, D)) == 0
+    # a case where the heads' argmax differ and the sum decides
+    assert int(pseudo.pseudo_label(px(0.5, 0.4, 0.1), px(0.1, 0.6, 0.3))) == 1
+
+
+def test_confidence_examples():
+    # ω = top-1 − top-2 of the merged prediction
+    assert float(pseudo.confidence(pseudo.merge(A, B))) == pytest.approx(0.345 - 0.33)
+    assert float(pseudo.confidence(pseudo.merge(C, D))) == pytest.approx(0.75 - 0.15)
+    assert float(pseudo.confidence(px(1.0, 0.0, 0.0))) == pytest.approx(1.0)
+    assert float(pseudo.confidence(px(0.5, 0.5, 0.0))) == pytest.approx(0.0)
+
+
+def test_consistency_and_uniform_relevance_equal_bcdm():
+    # 1 − <p_m, p_a>: A/B 1 − (0.119 + 0.1056 + 0.1089) = 0.6665; C/D 1 − 0.59 = 0.41
+    assert float(pseudo.consistency_map(A, B)) == pytest.approx(0.6665)
+    assert float(pseudo.consistency_map(C, D)) == pytest.approx(0.41)
+    for p, q, want in ((A, B, 0.6665), (C, D, 0.41)):
+        r = pseudo.relevance(p, q, "uniform")[0, :, :, 0, 0]
+        assert r.shape == (3, 3)
+        assert float(r.sum() - torch.trace(r)) == pytest.approx(want)
+        assert float(pseudo.disagreement(p, q, "uniform")) == pytest.approx(want)
+        assert float(pseudo.loss_con(p, q, "uniform")) == pytest.approx(want)
+
+
+def test_relevance_outer_product_entries():
+    r = pseudo.relevance(C, D, "uniform")[0, :, :, 0, 0]
+    assert float(r[0, 0]) == pytest.approx(0.8 * 0.7)
+    assert float(r[0, 2]) == pytest.approx(0.8 * 0.15)
+    assert float(r[2, 0]) == pytest.approx(0.05 * 0.7)
+
+
+def test_confusion_weight_counts_and_normalisation():
+    # 4 pixels: main argmax [0, 0, 1, 2], aux argmax [0, 1, 1, 2] -> counts n00=1 n01=1 n11=1 n22=1
+    pm = torch.tensor([[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
+    pa = torch.tensor([[0.8, 0.1, 0.1], [0.3, 0.6, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7]])
+    pm = pm.T.reshape(1, 3, 2, 2)
+    pa = pa.T.reshape(1, 3, 2, 2)
+    w = pseudo.confusion_weight(pm, pa)
+    expected = torch.zeros(3, 3)
+    for i, j in ((0, 0), (0, 1), (1, 1), (2, 2)):
+        expected[i, j] = 1
+    expected *= 9 / 4  # entries average 1
+    assert torch.allclose(w, expected)
+    # weighted off-diagonal mass for pixel 2 (main .6 .3 .1 / aux .3 .6 .1): only W[0,1] is non-zero off-diagonal
+    dis = pseudo.disagreement(pm, pa, "confusion")
+    assert float(dis[0, 0, 1]) == pytest.approx(9 / 4 * 0.6 * 0.6)
+    assert float(pseudo.loss_con(pm, pa, "confusion")) == pytest.approx(float(dis.mean()))
+
+
+def test_explicit_weight_matrix_and_bad_mode():
+    w = torch.eye(3) * 0 + 2.0
+    assert float(pseudo.disagreement(C, D, w)) == pytest.approx(2 * 0.41)
+    with pytest.raises(ValueError):
+        pseudo.weight_matrix(C, D, "nonsense")
+
+
+def test_loss_ssl_weighted_ce():
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3]])).T.reshape(1, 3, 1, 2)
+    target = torch.tensor([[[0, 2]]])
+    omega = torch.tensor([[[0.5, 0.2]]])
+    want = (0.5 * -math.log(0.7) + 0.2 * -math.log(0.3)) / 2
+    assert float(pseudo.loss_ssl(logits, target, omega)) == pytest.approx(want, rel=1e-5)
+    # ignored pixels neither count nor average
+    target_ign = torch.tensor([[[0, pseudo.IGNORE]]])
+    assert float(pseudo.loss_ssl(logits, target_ign, omega)) == pytest.approx(0.5 * -math.log(0.7), rel=1e-5)
+
+
+def test_threshold_and_cbst_labels():
+    prob = torch.tensor([[0.95, 0.03, 0.02], [0.6, 0.3, 0.1], [0.05, 0.05, 0.9], [0.1, 0.7, 0.2]]).T.reshape(1, 3, 1, 4)
+    lab = pseudo.threshold_labels(prob, 0.9).flatten().tolist()
+    assert lab == [0, pseudo.IGNORE, pseudo.IGNORE, pseudo.IGNORE]
+    # class 0 predicted at .95 and .6: top-50% threshold -> k0 = .6; class 2 only .9 -> k2 = .9; class 1 .7
+    k = pseudo.cbst_thresholds(prob, 0.5)
+    assert torch.allclose(k, torch.tensor([0.6, 0.7, 0.9]))
+    assert pseudo.cbst_labels(prob, k).flatten().tolist() == [0, 0, 2, 1]
+    k_strict = torch.tensor([0.96, 0.7, 0.95])
+    assert pseudo.cbst_labels(prob, k_strict).flatten().tolist() == [pseudo.IGNORE, pseudo.IGNORE, pseudo.IGNORE, 1]
+
+
+def test_mrnet_loss_matches_formula():
+    torch.manual_seed(0)
+    m = torch.randn(1, 3, 2, 2)
+    a = torch.randn(1, 3, 2, 2)
+    y = torch.tensor([[[0, 1], [2, 1]]])
+    loss, parts = pseudo.mrnet_loss(m, a, y, memory=None)
+    pm, pa = torch.softmax(m, 1), torch.softmax(a, 1)
+    var = (pa * (pa.log() - pm.log())).sum(1)
+    ce = torch.nn.functional.cross_entropy(m, y, reduction="none")
+    want = (ce * torch.exp(-var)).mean() + var.mean()
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)
+    assert parts["memory"] == 0.0
+
+
+def test_class_balance_weights():
+    lab = torch.tensor([0] * 16 + [1] * 4)
+    w = pseudo.class_balance_weights(lab, 3)
+    # 1/sqrt(16) = .25, 1/sqrt(4) = .5, mean of present = .375
+    assert torch.allclose(w, torch.tensor([0.25 / 0.375, 0.5 / 0.375, 0.0]))
