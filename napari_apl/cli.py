@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -11,7 +13,13 @@ from pathlib import Path
 
 from .core.errors import APLError, OutputError
 
-MAP_DTYPES = {"main": "uint8", "aux": "uint8", "pseudo_label": "uint8", "confidence": "float32", "consistency": "float32"}
+MAP_DTYPES = {
+    "main": "uint8",
+    "aux": "uint8",
+    "pseudo_label": "uint8",
+    "confidence": "float32",
+    "consistency": "float32",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,7 +60,11 @@ def _normalization(name: str, meta, volume):
     if name == "checkpoint":
         return Normalization.from_dict(meta.normalization)
     if name == "auto":
-        return get_preset("ct-abdomen") if _looks_like_ct(volume) else Normalization.from_dict(meta.normalization)
+        return (
+            get_preset("ct-abdomen")
+            if _looks_like_ct(volume)
+            else Normalization.from_dict(meta.normalization)
+        )
     return get_preset(name)
 
 
@@ -83,9 +95,30 @@ def _write_maps(pred_maps: dict, out: Path, volume, overwrite: bool) -> list[Pat
     for name, arr in pred_maps.items():
         dtype = np.dtype(MAP_DTYPES[name])
         written.append(
-            save_canonical(arr.astype(dtype, copy=False), out / f"{name}.nii.gz", volume, dtype=dtype, overwrite=overwrite)
+            save_canonical(
+                arr.astype(dtype, copy=False),
+                out / f"{name}.nii.gz",
+                volume,
+                dtype=dtype,
+                overwrite=overwrite,
+            )
         )
     return written
+
+
+def _stop_on_sigint(control, bar):
+    """Make a first Ctrl-C stop the refinement cleanly (outputs still written); a second one aborts."""
+
+    def handler(signum, frame):
+        if control.stopped:
+            raise KeyboardInterrupt
+        control.stop()
+        bar.write("stopping after this step (press Ctrl-C again to abort without writing)")
+
+    try:
+        return signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        return signal.getsignal(signal.SIGINT)
 
 
 # --- sub-commands -------------------------------------------------------------------------------------
@@ -132,7 +165,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = _out_dir(args.out_dir)
     _check_outputs([out / f"{n}.nii.gz" for n in MAP_DTYPES], args.overwrite, [args.image, args.checkpoint])
     model, meta, volume, norm = _load_inputs(args)
-    gen = iter_predict(model, meta, volume, normalization=norm, batch_size=args.batch_size, device=args.device)
+    gen = iter_predict(
+        model, meta, volume, normalization=norm, batch_size=args.batch_size, device=args.device
+    )
     bar = _progress(int(volume.data.shape[2]), "predict", args.quiet)
     t0 = time.perf_counter()
     try:
@@ -156,7 +191,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
 
     from .core.checkpoint import save_checkpoint
     from .core.infer import predict_volume
-    from .core.refine import RefineConfig, refine
+    from .core.refine import RefineConfig, RefineControl, refine
     from .core.volume import load_volume
 
     out = _out_dir(args.out_dir)
@@ -167,7 +202,9 @@ def cmd_refine(args: argparse.Namespace) -> int:
     if args.corrections:
         corr_vol = load_volume(args.corrections)
         if tuple(corr_vol.data.shape) != tuple(volume.data.shape):
-            raise APLError(f"--corrections {args.corrections} does not have the image's shape: use a mask on its grid")
+            raise APLError(
+                f"--corrections {args.corrections} does not have the image's shape: use a mask on its grid"
+            )
         corr = np.asarray(corr_vol.data)
         corrections = np.where(corr == args.corrections_unset, -1, corr).astype(np.int16)
     cfg = RefineConfig(method=args.method, iterations=args.iterations, seed=args.seed, device=args.device)
@@ -176,22 +213,26 @@ def cmd_refine(args: argparse.Namespace) -> int:
         if val is not None:
             setattr(cfg, key, val)
     cfg.normalization = norm.to_dict()
-    gen = refine(model, meta, volume, cfg, corrections=corrections)
+    control = RefineControl()
+    gen = refine(model, meta, volume, cfg, corrections=corrections, control=control)
     bar = _progress(cfg.iterations, f"refine ({cfg.method})", args.quiet)
     t0 = time.perf_counter()
+    previous = _stop_on_sigint(control, bar)
     try:
         while True:
             ev = next(gen)
             bar.update(1)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in ev.losses.items()} | {"ω": f"{ev.mean_confidence:.3f}"})
+            bar.set_postfix(
+                {k: f"{v:.3g}" for k, v in ev.losses.items()} | {"ω": f"{ev.mean_confidence:.3f}"}
+            )
             if ev.note:
                 bar.write(ev.note)
     except StopIteration as stop:
         result = stop.value
-    except KeyboardInterrupt:
-        raise
     finally:
         bar.close()
+        with contextlib.suppress(ValueError, TypeError):
+            signal.signal(signal.SIGINT, previous)
     elapsed = time.perf_counter() - t0
     new_meta = meta.__class__.from_dict(meta.to_dict())
     new_meta.provenance = dict(meta.provenance) | {
@@ -201,7 +242,9 @@ def cmd_refine(args: argparse.Namespace) -> int:
         "target": str(Path(args.image).name),
         "refined_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    pred = predict_volume(result.model, meta, volume, normalization=norm, batch_size=args.batch_size or 8, device=args.device)
+    pred = predict_volume(
+        result.model, meta, volume, normalization=norm, batch_size=args.batch_size or 8, device=args.device
+    )
     maps = pred.as_dict()
     maps["pseudo_label"] = result.pseudo
     written = _write_maps(maps, out, volume, args.overwrite)
@@ -217,7 +260,9 @@ def cmd_refine(args: argparse.Namespace) -> int:
     from .core.io_utils import atomic_write
 
     written.append(
-        atomic_write(out / "log.json", lambda p: p.write_text(json.dumps(log, indent=1)), overwrite=args.overwrite)
+        atomic_write(
+            out / "log.json", lambda p: p.write_text(json.dumps(log, indent=1)), overwrite=args.overwrite
+        )
     )
     for p in written:
         print(f"wrote {p}")
@@ -240,10 +285,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     pred = load_volume(args.pred)
     gt = load_volume(args.gt)
     if tuple(pred.data.shape) != tuple(gt.data.shape):
-        raise APLError(f"--pred has shape {tuple(pred.data.shape)} but --gt has {tuple(gt.data.shape)}: use masks on one grid")
+        raise APLError(
+            f"--pred has shape {tuple(pred.data.shape)} but --gt has {tuple(gt.data.shape)}: "
+            "use masks on one grid"
+        )
     if not np.allclose(pred.affine, gt.affine, atol=1e-3):
-        raise APLError("--pred and --gt have different affines: resample the prediction onto the reference grid")
-    res = evaluate(np.asarray(pred.data).round().astype(np.int16), np.asarray(gt.data).round().astype(np.int16), gt.spacing)
+        raise APLError(
+            "--pred and --gt have different affines: resample the prediction onto the reference grid"
+        )
+    res = evaluate(
+        np.asarray(pred.data).round().astype(np.int16),
+        np.asarray(gt.data).round().astype(np.int16),
+        gt.spacing,
+    )
     print(f"{'organ':<14}{'Dice %':>9}{'ASSD mm':>10}")
     for name in CLASS_NAMES[1:]:
         d = res["dice"].get(name, float("nan"))
@@ -321,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     """Build the ``napari-apl`` argument parser."""
     from . import __version__
 
-    parser = _Parser(prog="napari-apl", description="Adaptive pseudo labelling for source-free MRI to CT segmentation.")
+    parser = _Parser(
+        prog="napari-apl", description="Adaptive pseudo labelling for source-free MRI to CT segmentation."
+    )
     parser.add_argument("--version", action="version", version=f"napari-apl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -329,7 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", choices=("ct", "mri"), required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", "-o", required=True)
-    p.add_argument("--orientation", default="RAS", help="3-letter orientation code of the written file (RAS, LAS, LPS...)")
+    p.add_argument(
+        "--orientation",
+        default="RAS",
+        help="3-letter orientation code of the written file (RAS, LAS, LPS...)",
+    )
     p.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"))
     p.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"))
     p.add_argument("--overwrite", action="store_true")
@@ -355,8 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-decay", type=float, help="EMA teacher decay (0 = no teacher)")
     p.add_argument("--tau", type=float, help="threshold of the 'threshold' baseline (default 0.9)")
     p.add_argument("--bn", choices=("frozen", "train"), help="batch-norm statistics: frozen or train")
-    p.add_argument("--corrections", help="label volume of hand corrections on the image grid (kept as hard labels)")
-    p.add_argument("--corrections-unset", type=int, default=255, help="value meaning 'not corrected' (default 255)")
+    p.add_argument(
+        "--corrections", help="label volume of hand corrections on the image grid (kept as hard labels)"
+    )
+    p.add_argument(
+        "--corrections-unset", type=int, default=255, help="value meaning 'not corrected' (default 255)"
+    )
     p.set_defaults(func=cmd_refine)
 
     p = sub.add_parser("evaluate", help="Dice and ASSD per organ of a mask against reference labels")

@@ -62,7 +62,19 @@ def test_chain_phantom_predict_refine_evaluate(tmp_path, tiny_ckpt, phantom_dir,
     conf = np.asarray(nib.load(pred_dir / "confidence.nii.gz").dataobj)
     assert 0 <= conf.min() and conf.max() <= 1
     ref_dir = tmp_path / "ref"
-    args = ["refine", str(image), "-c", str(tiny_ckpt), "-o", str(ref_dir), "-n", "3", "--batch-size", "2", "-q"]
+    args = [
+        "refine",
+        str(image),
+        "-c",
+        str(tiny_ckpt),
+        "-o",
+        str(ref_dir),
+        "-n",
+        "3",
+        "--batch-size",
+        "2",
+        "-q",
+    ]
     assert main(args) == 0
     for name in (*MAPS, "refined"):
         suffix = ".pt" if name == "refined" else ".nii.gz"
@@ -74,10 +86,15 @@ def test_chain_phantom_predict_refine_evaluate(tmp_path, tiny_ckpt, phantom_dir,
     capsys.readouterr()
     assert main(["info", str(ref_dir / "refined.pt")]) == 0
     assert "unet-dual" in capsys.readouterr().out
-    assert main(["predict", str(image), "-c", str(ref_dir / "refined.pt"), "-o", str(tmp_path / "p2"), "-q"]) == 0
+    assert (
+        main(["predict", str(image), "-c", str(ref_dir / "refined.pt"), "-o", str(tmp_path / "p2"), "-q"])
+        == 0
+    )
     out_json = tmp_path / "scores.json"
-    rc = main(["evaluate", "--pred", str(ref_dir / "pseudo_label.nii.gz"), "--gt", str(phantom_dir / "labels.nii.gz"),
-               "--json", str(out_json)])  # fmt: skip
+    gt = str(phantom_dir / "labels.nii.gz")
+    rc = main(
+        ["evaluate", "--pred", str(ref_dir / "pseudo_label.nii.gz"), "--gt", gt, "--json", str(out_json)]
+    )
     assert rc == 0
     scores = json.loads(out_json.read_text())
     assert set(scores["dice"]) == set(CLASS_NAMES[1:])
@@ -135,5 +152,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, tiny_ckpt, phantom_dir, capsy
 
 
 def test_console_script_help_runs():
-    res = subprocess.run([sys.executable, "-m", "napari_apl.cli", "refine", "--help"], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "napari_apl.cli", "refine", "--help"], capture_output=True, text=True
+    )
     assert res.returncode == 0 and "--method" in res.stdout

@@ -21,7 +21,9 @@ C, D = px(0.80, 0.15, 0.05), px(0.70, 0.15, 0.15)
 
 
 def test_merge_and_pseudo_label_examples():
-    assert torch.allclose(pseudo.merge(A, B).flatten(), torch.tensor([0.345, 0.325, 0.33], dtype=torch.float64))
+    assert torch.allclose(
+        pseudo.merge(A, B).flatten(), torch.tensor([0.345, 0.325, 0.33], dtype=torch.float64)
+    )
     assert int(pseudo.pseudo_label(A, B)) == 0
     assert int(pseudo.pseudo_label(C, D)) == 0
     # a case where the heads' argmax differ and the sum decides
@@ -67,7 +69,7 @@ def test_confusion_weight_counts_and_normalisation():
         expected[i, j] = 1
     expected *= 9 / 4  # entries average 1
     assert torch.allclose(w, expected)
-    # weighted off-diagonal mass for pixel 2 (main .6 .3 .1 / aux .3 .6 .1): only W[0,1] is non-zero off-diagonal
+    # pixel 2 (main .6 .3 .1 / aux .3 .6 .1): W[0,1] is the only non-zero off-diagonal weight
     dis = pseudo.disagreement(pm, pa, "confusion")
     assert float(dis[0, 0, 1]) == pytest.approx(9 / 4 * 0.6 * 0.6)
     assert float(pseudo.loss_con(pm, pa, "confusion")) == pytest.approx(float(dis.mean()))
@@ -92,7 +94,9 @@ def test_loss_ssl_weighted_ce():
 
 
 def test_threshold_and_cbst_labels():
-    prob = torch.tensor([[0.95, 0.03, 0.02], [0.6, 0.3, 0.1], [0.05, 0.05, 0.9], [0.1, 0.7, 0.2]]).T.reshape(1, 3, 1, 4)
+    prob = torch.tensor([[0.95, 0.03, 0.02], [0.6, 0.3, 0.1], [0.05, 0.05, 0.9], [0.1, 0.7, 0.2]]).T.reshape(
+        1, 3, 1, 4
+    )
     lab = pseudo.threshold_labels(prob, 0.9).flatten().tolist()
     assert lab == [0, pseudo.IGNORE, pseudo.IGNORE, pseudo.IGNORE]
     # class 0 predicted at .95 and .6: top-50% threshold -> k0 = .6; class 2 only .9 -> k2 = .9; class 1 .7
@@ -100,7 +104,12 @@ def test_threshold_and_cbst_labels():
     assert torch.allclose(k, torch.tensor([0.6, 0.7, 0.9]))
     assert pseudo.cbst_labels(prob, k).flatten().tolist() == [0, 0, 2, 1]
     k_strict = torch.tensor([0.96, 0.7, 0.95])
-    assert pseudo.cbst_labels(prob, k_strict).flatten().tolist() == [pseudo.IGNORE, pseudo.IGNORE, pseudo.IGNORE, 1]
+    assert pseudo.cbst_labels(prob, k_strict).flatten().tolist() == [
+        pseudo.IGNORE,
+        pseudo.IGNORE,
+        pseudo.IGNORE,
+        1,
+    ]
 
 
 def test_mrnet_loss_matches_formula():

@@ -20,7 +20,7 @@ from napari_apl.core.volume import volume_from_array
 @pytest.fixture(scope="module")
 def setup():
     """A tiny CT phantom and an untrained (but seeded) unet-dual with its metadata."""
-    image, labels, affine = make_phantom("ct", seed=3, shape=(48, 48, 8), spacing=(5.0, 5.0, 8.0))
+    image, _labels, affine = make_phantom("ct", seed=3, shape=(48, 48, 8), spacing=(5.0, 5.0, 8.0))
     vol = volume_from_array(image, affine)
     torch.manual_seed(0)
     model = build_model("unet-dual", num_classes=5, base=8)

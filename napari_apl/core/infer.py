@@ -70,7 +70,9 @@ def prepare(
     """Fit the intensity normalisation and the in-plane geometry of ``volume`` for ``model``."""
     norm = normalization if normalization is not None else Normalization.from_dict(meta.normalization)
     fitted = norm.fit(volume.data)
-    grid = SliceGrid.for_volume(volume, spacing=tuple(meta.spacing), size=tuple(meta.input_size), stride=model.stride)
+    grid = SliceGrid.for_volume(
+        volume, spacing=tuple(meta.spacing), size=tuple(meta.input_size), stride=model.stride
+    )
     return PreparedVolume(volume=volume, grid=grid, fitted=fitted)
 
 

@@ -145,7 +145,7 @@ def cbst_thresholds(prob: torch.Tensor, portion: float) -> torch.Tensor:
         if vals.numel() == 0:
             continue
         vals, _ = torch.sort(vals, descending=True)
-        idx = min(int(round(portion * vals.numel())), vals.numel() - 1)
+        idx = min(round(portion * vals.numel()), vals.numel() - 1)
         k[cls] = vals[idx]
     return k
 
@@ -186,7 +186,7 @@ def mrnet_loss(
 
 
 def class_balance_weights(labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE) -> torch.Tensor:
-    """Return class weights ∝ 1/√(frequency) of the given labels, normalised to mean 1 over present classes."""
+    """Return class weights ∝ 1/√(frequency) of ``labels``, normalised to mean 1 over present classes."""
     lab = labels[labels != ignore_index].reshape(-1)
     counts = torch.bincount(lab, minlength=num_classes).to(torch.float32)
     w = torch.where(counts > 0, 1.0 / counts.clamp_min(1).sqrt(), torch.zeros_like(counts))

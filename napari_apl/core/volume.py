@@ -14,11 +14,14 @@ then). The size limit for eager loading is ``NAPARI_APL_MAX_VOXEL_BYTES`` (bytes
 
 from __future__ import annotations
 
-import gzip
+import bisect
+import io
 import math
 import os
 import struct
 import sys
+import threading
+import weakref
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +29,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from nibabel.spatialimages import HeaderDataError
@@ -330,6 +334,133 @@ def _has_scaling(header: Any) -> bool:
     return slope is not None and (slope != 1 or (inter is not None and inter != 0))
 
 
+
+class _CheckpointedGzipReader(io.IOBase):
+    """Read-only, seekable view of a ``.gz`` file for lazy slice reads in any order.
+
+    Python's gzip seeks backwards by decompressing again from the start of the file, which makes
+    out-of-order slice reads quadratic. This reader saves the decompressor state every ``spacing``
+    uncompressed bytes as it goes (about 12 MB of memory per GB of image at 4 MB spacing) and keeps
+    the last ``cache`` bytes of output, so any read costs at most ``spacing`` bytes of decompression
+    once the region was passed. Multi-member gzip files are supported; a truncated file raises
+    ``EOFError`` when the missing part is read.
+    """
+
+    _IN_CHUNK = 1 << 15
+    _OUT_CHUNK = 1 << 20
+
+    def __init__(self, path: str | os.PathLike, spacing: int = 4 << 20, cache: int = 32 << 20) -> None:
+        super().__init__()
+        self.name = str(path)
+        self._fh = open(path, "rb")  # noqa: SIM115 - closed by close() / the finalizer
+        self._finalizer = weakref.finalize(self, self._fh.close)
+        self._spacing = max(int(spacing), self._OUT_CHUNK)
+        self._cache_limit = max(int(cache), 2 * self._OUT_CHUNK)
+        self._lock = threading.RLock()
+        self._pos = 0
+        self._dec = zlib.decompressobj(31)
+        self._tail = b""  # compressed bytes read from the file but not fed to the decompressor yet
+        self._started = False  # whether the current gzip member received any input
+        self._done = False
+        # Recent output: contiguous blocks covering [_cache_start, _end).
+        self._blocks: list[bytes] = []
+        self._starts: list[int] = []
+        self._cache_start = 0
+        self._end = 0
+        # Saved states (uncompressed position, file position, decompressor, tail, started), sorted.
+        self._mark_pos: list[int] = [0]
+        self._marks: list[tuple[int, Any, bytes, bool]] = [(0, self._dec.copy(), b"", False)]
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            pos = offset
+        elif whence == io.SEEK_CUR:
+            pos = self._pos + offset
+        else:
+            raise io.UnsupportedOperation("seek from the end of a gzip stream is not supported")
+        if pos < 0:
+            raise ValueError(f"negative seek position {pos}")
+        self._pos = int(pos)
+        return self._pos
+
+    def close(self) -> None:
+        self._finalizer()
+        super().close()
+
+    def _decompress_next(self) -> bool:
+        """Append the next block of output to the cache; False at the clean end of the file."""
+        if self._end - self._mark_pos[-1] >= self._spacing:
+            self._mark_pos.append(self._end)
+            self._marks.append((self._fh.tell(), self._dec.copy(), self._tail, self._started))
+        while True:
+            if self._dec.eof:  # end of a gzip member: maybe another one follows
+                self._tail = self._dec.unused_data + self._tail
+                self._dec = zlib.decompressobj(31)
+                self._started = False
+            data = self._tail or self._fh.read(self._IN_CHUNK)
+            if not data:
+                if self._started:
+                    raise EOFError("compressed file ended before the end-of-stream marker was reached")
+                self._done = True
+                return False
+            if not self._started and not data.strip(b"\x00"):  # zero padding after the last member
+                self._tail = b""
+                continue
+            self._started = True
+            out = self._dec.decompress(data, self._OUT_CHUNK)
+            self._tail = self._dec.unconsumed_tail
+            if out:
+                self._blocks.append(out)
+                self._starts.append(self._end)
+                self._end += len(out)
+                while self._end - self._starts[0] > self._cache_limit and len(self._blocks) > 1:
+                    self._blocks.pop(0)
+                    self._starts.pop(0)
+                self._cache_start = self._starts[0]
+                return True
+
+    def _restart(self, index: int) -> None:
+        """Continue decompressing from saved state ``index`` (the cache is emptied)."""
+        fpos, dec, tail, started = self._marks[index]
+        self._fh.seek(fpos)
+        self._dec, self._tail, self._started, self._done = dec.copy(), tail, started, False
+        self._blocks, self._starts = [], []
+        self._cache_start = self._end = self._mark_pos[index]
+
+    def read(self, size: int | None = -1) -> bytes:
+        with self._lock:
+            if self.closed:
+                raise ValueError("read from a closed file")
+            want = math.inf if size is None or size < 0 else int(size)
+            parts: list[bytes] = []
+            got = 0
+            while got < want:
+                pos = self._pos
+                if self._cache_start <= pos < self._end:
+                    i = bisect.bisect_right(self._starts, pos) - 1
+                    block, offset = self._blocks[i], pos - self._starts[i]
+                    piece = block[offset : offset + int(min(want - got, len(block) - offset))]
+                    parts.append(piece)
+                    got += len(piece)
+                    self._pos += len(piece)
+                    continue
+                best = bisect.bisect_right(self._mark_pos, pos) - 1
+                if pos < self._cache_start or self._mark_pos[best] > self._end:
+                    self._restart(best)
+                elif self._done or not self._decompress_next():
+                    break
+            return b"".join(parts)
+
+
 class _CanonicalSliceReader:
     """Array-like view of a NIfTI proxy in canonical order, read with dataobj slicing (for dask)."""
 
@@ -404,7 +535,13 @@ def load_volume(path: str | os.PathLike, *, lazy: bool = False) -> Volume:
             raise VolumeError(
                 f"{label} cannot be read ({_one_line(exc)}): check it is a complete, uncorrupted file"
             ) from exc
-        reader = _CanonicalSliceReader(img.dataobj, ornt, shape, extra, probe.dtype, label)
+        dataobj = img.dataobj
+        if path.name.lower().endswith(".gz"):  # seekable gzip: slices may be read in any order
+            dataobj = ArrayProxy(
+                _CheckpointedGzipReader(path),
+                (file_shape, disk_dtype, int(dataobj.offset), float(dataobj.slope), float(dataobj.inter)),
+            )
+        reader = _CanonicalSliceReader(dataobj, ornt, shape, extra, probe.dtype, label)
         stat = path.stat()
         name = "apl-volume-" + tokenize(str(path.absolute()), stat.st_mtime_ns, stat.st_size)
         data = da.from_array(

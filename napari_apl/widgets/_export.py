@@ -1,0 +1,53 @@
+"""Export panel: masks, maps, report and refined checkpoint into a folder, never overwriting by default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from magicgui.widgets import FileEdit
+from napari.layers import Labels
+from qtpy.QtWidgets import QCheckBox, QFormLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+
+from ._common import LayerCombo
+
+if TYPE_CHECKING:
+    from ._controller import APLController
+
+
+class ExportPanel(QWidget):
+    """Choose a folder, an optional ground-truth layer, and export everything on the original grid."""
+
+    def __init__(self, controller: APLController, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        from ._controller import PREDICTION_LAYERS
+
+        self.controller = controller
+        self.folder = FileEdit(mode="d", value="")
+        self.gt_combo = LayerCombo(controller.viewer, Labels, allow_none=True, exclude=PREDICTION_LAYERS)
+        self.gt_combo.setToolTip("a labels layer of the same scan: adds Dice and ASSD to the report")
+        self.overwrite = QCheckBox("overwrite existing files")
+        self.overwrite.setChecked(False)
+        self.export_button = QPushButton("Export")
+        self.result = QLabel("")
+        self.result.setWordWrap(True)
+        form = QFormLayout()
+        form.addRow("folder", self.folder.native)
+        form.addRow("ground truth", self.gt_combo)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(form)
+        layout.addWidget(self.overwrite)
+        layout.addWidget(self.export_button)
+        layout.addWidget(self.result)
+        layout.addStretch(1)
+        self.export_button.clicked.connect(self.export)
+        controller.busy_changed.connect(lambda busy: self.export_button.setEnabled(not busy))
+
+    def export(self) -> list[Path]:
+        """Export into the chosen folder; return the files written (empty on refusal or error)."""
+        folder = str(self.folder.value) if str(self.folder.value) not in ("", ".") else ""
+        written = self.controller.export(folder, overwrite=self.overwrite.isChecked(), gt_layer=self.gt_combo.layer())
+        if written:
+            self.result.setText(f"wrote {len(written)} files to {Path(written[0]).parent}")
+        return written

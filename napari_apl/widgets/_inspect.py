@@ -1,0 +1,151 @@
+"""Inspect panel: where the pseudo labels are noisy, slice by slice, and a histogram of ω per slice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+
+from .._layers import layer_world_matrix
+from ..core.labels import CLASS_NAMES, LABEL_COLORS, ORGANS
+from ._plots import HistogramPlot, LinePlot
+
+if TYPE_CHECKING:
+    from ..core.infer import Prediction
+    from ._controller import APLController
+
+HIST_BINS = 20
+OMEGA_COLOR = (0.35, 0.80, 0.45, 1.0)
+DISAGREEMENT_COLOR = (0.95, 0.45, 0.25, 1.0)
+
+
+@dataclass
+class SliceProfile:
+    """Per axial slice summaries of a prediction (index = canonical axis 2 = napari axis 0)."""
+
+    mean_confidence: np.ndarray
+    mean_disagreement: np.ndarray
+    organ_area_cm2: dict[int, np.ndarray]
+
+    @property
+    def n_slices(self) -> int:
+        """Number of axial slices."""
+        return int(self.mean_confidence.size)
+
+    def least_confident_order(self) -> np.ndarray:
+        """Slice indices from the least to the most confident (mean ω over the slice)."""
+        return np.argsort(self.mean_confidence, kind="stable")
+
+
+def slice_profile(pred: Prediction, spacing: tuple[float, float, float]) -> SliceProfile:
+    """Summarise a canonical prediction per axial slice: mean ω, mean disagreement, organ areas."""
+    conf = pred.confidence.astype(np.float32).mean(axis=(0, 1))
+    dis = pred.consistency.astype(np.float32).mean(axis=(0, 1))
+    pixel_cm2 = spacing[0] * spacing[1] / 100.0
+    areas = {lab: (pred.pseudo == lab).sum(axis=(0, 1)) * pixel_cm2 for lab in ORGANS}
+    return SliceProfile(conf, dis, areas)
+
+
+def omega_histogram(pred: Prediction, k: int, bins: int = HIST_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram of ω over axial slice ``k`` in [0, 1]."""
+    return np.histogram(pred.confidence[:, :, k].astype(np.float32), bins=bins, range=(0.0, 1.0))
+
+
+class InspectPanel(QWidget):
+    """Per-slice noise plots; a click or 'next least confident slice' moves napari's slider."""
+
+    def __init__(self, controller: APLController, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.controller = controller
+        self.profile: SliceProfile | None = None
+        self._rank = -1
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.noise_plot = LinePlot("per slice", "axial slice (click to go)")
+        self.noise_plot.setToolTip("mean confidence ω and mean head disagreement per axial slice; click to go there")
+        self.area_plot = LinePlot("organ area (cm²)", "axial slice (click to go)")
+        self.hist_plot = HistogramPlot("ω in this slice", "ω")
+        self.info = QLabel("run Predict to inspect the pseudo labels")
+        self.info.setWordWrap(True)
+        self.next_button = QPushButton("Next least confident slice")
+        self.next_button.setToolTip("jump to the slices in order of increasing mean ω")
+        self.next_button.setEnabled(False)
+        row = QHBoxLayout()
+        row.addWidget(self.next_button)
+        layout.addWidget(self.noise_plot)
+        layout.addWidget(self.area_plot)
+        layout.addWidget(self.hist_plot)
+        layout.addLayout(row)
+        layout.addWidget(self.info)
+        self.noise_plot.clicked.connect(self.go_to_slice)
+        self.area_plot.clicked.connect(self.go_to_slice)
+        self.next_button.clicked.connect(self.next_least_confident)
+        controller.predicted.connect(self.refresh)
+        controller.viewer.dims.events.point.connect(self._on_dims)
+
+    # -- data -----------------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Recompute the slice profile from the controller's prediction and redraw."""
+        ctl = self.controller
+        if ctl.prediction is None or ctl.geometry is None:
+            return
+        self.profile = prof = slice_profile(ctl.prediction, ctl.geometry.spacing)
+        self._rank = -1
+        self.noise_plot.set_series(
+            {"mean ω": (prof.mean_confidence, OMEGA_COLOR), "disagreement": (prof.mean_disagreement, DISAGREEMENT_COLOR)}
+        )
+        self.area_plot.set_series(
+            {CLASS_NAMES[lab]: (prof.organ_area_cm2[lab], LABEL_COLORS[lab]) for lab in ORGANS}
+        )
+        self.next_button.setEnabled(prof.n_slices > 0)
+        self._on_dims()
+
+    def current_slice(self) -> int | None:
+        """The axial slice of the predicted image under napari's slider (``None`` if none)."""
+        layer = self.controller.image_layer
+        if layer is None or layer not in self.controller.viewer.layers or self.profile is None:
+            return None
+        point = np.asarray(self.controller.viewer.dims.point, dtype=np.float64)[-3:]
+        data = np.linalg.solve(layer_world_matrix(layer), np.append(point, 1.0))
+        return int(np.clip(round(float(data[0])), 0, self.profile.n_slices - 1))
+
+    def go_to_slice(self, k: int) -> None:
+        """Move napari's slider to axial slice ``k`` of the predicted image."""
+        layer = self.controller.image_layer
+        if layer is None or layer not in self.controller.viewer.layers:
+            return
+        shape = layer.data.shape
+        world = layer_world_matrix(layer) @ np.array([k, (shape[1] - 1) / 2, (shape[2] - 1) / 2, 1.0])
+        dims = self.controller.viewer.dims
+        dims.set_point(dims.ndim - 3, float(world[0]))
+
+    def next_least_confident(self) -> int | None:
+        """Go to the next slice in order of increasing mean ω; return its index."""
+        if self.profile is None or self.profile.n_slices == 0:
+            return None
+        order = self.profile.least_confident_order()
+        self._rank = (self._rank + 1) % len(order)
+        k = int(order[self._rank])
+        self.go_to_slice(k)
+        return k
+
+    def _on_dims(self, event: Any = None) -> None:
+        k = self.current_slice()
+        self.noise_plot.set_marker(k)
+        self.area_plot.set_marker(k)
+        pred = self.controller.prediction
+        if k is None or pred is None or self.profile is None:
+            return
+        counts, edges = omega_histogram(pred, k)
+        self.hist_plot.set_histogram(counts, edges)
+        areas = ", ".join(
+            f"{CLASS_NAMES[lab]} {self.profile.organ_area_cm2[lab][k]:.1f}"
+            for lab in ORGANS
+            if self.profile.organ_area_cm2[lab][k] > 0
+        )
+        self.info.setText(
+            f"slice {k}: mean ω {self.profile.mean_confidence[k]:.3f}, "
+            f"disagreement {self.profile.mean_disagreement[k]:.3f}" + (f"; cm²: {areas}" if areas else "")
+        )

@@ -1,0 +1,177 @@
+"""The APL dock widget: model and image choice, Predict, and the Inspect / Refine / Export tabs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from magicgui.widgets import FileEdit
+from napari.layers import Image
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPlainTextEdit,
+    QPushButton,
+    QRadioButton,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..core.preprocess import PRESETS
+from ..core.utils import DEVICES
+from ._common import LayerCombo
+from ._controller import CHECKPOINT_PRESET, PREDICTION_LAYERS, APLController
+from ._export import ExportPanel
+from ._inspect import InspectPanel
+from ._refine import RefinePanel
+
+WIDGET_NAME = "Adaptive pseudo labelling"
+
+
+class APLWidget(QWidget):
+    """Dock widget for source-free adaptation: predict, inspect, refine and export (all maths in the core)."""
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setObjectName("napari_apl_widget")
+        self.viewer = napari_viewer
+        self.controller = ctl = APLController(napari_viewer)
+
+        # -- model and image ------------------------------------------------------------------------------------
+        self.image_combo = LayerCombo(napari_viewer, Image, exclude=PREDICTION_LAYERS)
+        self.demo_radio = QRadioButton("bundled demo model")
+        self.file_radio = QRadioButton("checkpoint file")
+        self.demo_radio.setChecked(True)
+        self.checkpoint_file = FileEdit(mode="r", filter="*.pt *.pth", value="")
+        self.load_button = QPushButton("Load model")
+        self.summary = QPlainTextEdit()
+        self.summary.setReadOnly(True)
+        self.summary.setMaximumHeight(110)
+        self.summary.setPlaceholderText("no model loaded")
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(list(DEVICES))
+        self.preset_combo = QComboBox()
+        self.preset_combo.addItems([CHECKPOINT_PRESET, *PRESETS])
+        self.preset_combo.setToolTip("intensity normalisation of the image (default: the checkpoint's own)")
+        self.predict_button = QPushButton("Predict")
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        source = QHBoxLayout()
+        source.addWidget(self.demo_radio)
+        source.addWidget(self.file_radio)
+        form = QFormLayout()
+        form.addRow("image", self.image_combo)
+        form.addRow("model", source)
+        form.addRow("", self.checkpoint_file.native)
+        form.addRow("", self.load_button)
+        form.addRow("device", self.device_combo)
+        form.addRow("intensity", self.preset_combo)
+
+        self.inspect = InspectPanel(ctl)
+        self.refine_panel = RefinePanel(ctl)
+        self.export_panel = ExportPanel(ctl)
+        self.tabs = QTabWidget()
+        self.tabs.addTab(self.inspect, "Inspect")
+        self.tabs.addTab(self.refine_panel, "Refine")
+        self.tabs.addTab(self.export_panel, "Export")
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.summary)
+        layout.addWidget(self.predict_button)
+        layout.addWidget(self.tabs, 1)
+        layout.addWidget(self.status)
+
+        # -- wiring ------------------------------------------------------------------------------------------------
+        self.load_button.clicked.connect(self.load_model)
+        self.predict_button.clicked.connect(lambda: self.predict())
+        self.checkpoint_file.changed.connect(lambda *_: self.file_radio.setChecked(True))
+        self.device_combo.currentTextChanged.connect(self._set_device)
+        self.preset_combo.currentTextChanged.connect(self._set_preset)
+        ctl.status.connect(self.status.setText)
+        ctl.model_changed.connect(self.summary.setPlainText)
+        ctl.busy_changed.connect(self._on_busy)
+        self._layer_events = (
+            napari_viewer.layers.events.inserted,
+            napari_viewer.layers.events.removed,
+        )
+        for emitter in self._layer_events:
+            emitter.connect(self._refresh_layers)
+        self.destroyed.connect(_disconnecter(self._layer_events, self._refresh_layers, napari_viewer, self.inspect))
+        if ctl.model is None and self.demo_available():
+            self.use_demo_checkpoint()
+
+    # -- actions -------------------------------------------------------------------------------------------
+    @staticmethod
+    def demo_available() -> bool:
+        """Whether the bundled demo checkpoint is installed."""
+        from .._sample_data import demo_checkpoint_path
+
+        return demo_checkpoint_path() is not None
+
+    def use_demo_checkpoint(self) -> str | None:
+        """Select and load the bundled demo model."""
+        self.demo_radio.setChecked(True)
+        return self.controller.load_checkpoint(None)
+
+    def load_model(self) -> str | None:
+        """Load the model chosen in the widget (demo or file)."""
+        if self.demo_radio.isChecked():
+            return self.controller.load_checkpoint(None)
+        path = str(self.checkpoint_file.value)
+        if path in ("", "."):
+            self.controller.error("no checkpoint file chosen: choose a .pt file or the demo model")
+            return None
+        return self.controller.load_checkpoint(Path(path))
+
+    def predict(self, sync: bool = False) -> bool:
+        """Predict the chosen image layer with the loaded model."""
+        return self.controller.predict(self.image_combo.layer(), sync=sync)
+
+    def _set_device(self, name: str) -> None:
+        self.controller.device = name
+
+    def _set_preset(self, name: str) -> None:
+        self.controller.preset = name
+
+    def _refresh_layers(self, event: Any = None) -> None:
+        self.image_combo.refresh()
+        self.export_panel.gt_combo.refresh()
+
+    def _on_busy(self, busy: bool) -> None:
+        for w in (self.predict_button, self.load_button, self.image_combo, self.device_combo, self.preset_combo):
+            w.setEnabled(not busy)
+
+
+def _disconnecter(emitters: tuple, callback: Any, viewer: Any, inspect: InspectPanel) -> Any:
+    """Return a function that disconnects the widget's viewer callbacks when the widget goes away."""
+    on_dims = inspect._on_dims
+
+    def disconnect(*_: Any) -> None:
+        for emitter in emitters:
+            try:
+                emitter.disconnect(callback)
+            except Exception:  # already gone with the viewer
+                pass
+        try:
+            viewer.dims.events.point.disconnect(on_dims)
+        except Exception:
+            pass
+
+    return disconnect
+
+
+def find_apl_widget(viewer: Any) -> APLWidget | None:
+    """Return the APL widget docked in ``viewer``, if any."""
+    window = getattr(viewer, "window", None)
+    docks = getattr(window, "_dock_widgets", {}) if window is not None else {}
+    for dock in list(docks.values()):
+        inner = dock.widget()
+        found = inner if isinstance(inner, APLWidget) else inner.findChild(APLWidget) if inner else None
+        if found is not None:
+            return found
+    return None

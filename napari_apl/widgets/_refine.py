@@ -1,0 +1,145 @@
+"""Refine panel: method, iterations, learning rate; run, pause, resume, stop, revert; live loss plot."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..core.refine import METHODS, RefineConfig, RefineEvent
+from ._plots import LinePlot
+
+if TYPE_CHECKING:
+    from ._controller import APLController
+
+_SERIES_COLORS = [
+    (0.40, 0.70, 1.00, 1.0),
+    (1.00, 0.60, 0.20, 1.0),
+    (0.80, 0.50, 0.90, 1.0),
+    (0.90, 0.90, 0.40, 1.0),
+]
+_OMEGA_COLOR = (0.35, 0.80, 0.45, 1.0)
+METHOD_HELP = {
+    "apl": "APL: L_Con on the classifiers + ω-weighted self-training of the encoder",
+    "apl-con": "APL with the consistency loss L_Con only",
+    "threshold": "baseline: fixed confidence threshold pseudo labels",
+    "cbst": "baseline: class-balanced self-training",
+    "mrnet": "baseline: memory regularisation + uncertainty rectification",
+}
+
+
+class RefinePanel(QWidget):
+    """Controls and live plots of a refinement run."""
+
+    def __init__(self, controller: APLController, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.controller = controller
+        defaults = RefineConfig()
+        self.method = QComboBox()
+        for m in METHODS:
+            self.method.addItem(m)
+            self.method.setItemData(self.method.count() - 1, METHOD_HELP.get(m, m), 3)  # 3 = ToolTipRole
+        self.iterations = QSpinBox()
+        self.iterations.setRange(1, 100_000)
+        self.iterations.setValue(defaults.iterations)
+        self.lr = QDoubleSpinBox()
+        self.lr.setDecimals(7)
+        self.lr.setRange(1e-7, 1.0)
+        self.lr.setSingleStep(1e-5)
+        self.lr.setValue(defaults.lr)
+        self.start_button = QPushButton("Refine")
+        self.pause_button = QPushButton("Pause")
+        self.stop_button = QPushButton("Stop")
+        self.revert_button = QPushButton("Revert")
+        self.revert_button.setToolTip("go back to the loaded checkpoint's weights")
+        self.clear_button = QPushButton("Clear corrections")
+        self.corrections_label = QLabel("corrections: none (paint in 'pseudo-label' to add)")
+        self.corrections_label.setWordWrap(True)
+        self.loss_plot = LinePlot("losses", "iteration")
+        self.omega_plot = LinePlot("mean ω", "iteration")
+
+        form = QFormLayout()
+        form.addRow("method", self.method)
+        form.addRow("iterations", self.iterations)
+        form.addRow("learning rate", self.lr)
+        buttons = QHBoxLayout()
+        for b in (self.start_button, self.pause_button, self.stop_button, self.revert_button):
+            buttons.addWidget(b)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        row = QHBoxLayout()
+        row.addWidget(self.corrections_label, 1)
+        row.addWidget(self.clear_button)
+        layout.addLayout(row)
+        layout.addWidget(self.loss_plot)
+        layout.addWidget(self.omega_plot)
+
+        self.start_button.clicked.connect(self.start)
+        self.pause_button.clicked.connect(self.toggle_pause)
+        self.stop_button.clicked.connect(controller.stop)
+        self.revert_button.clicked.connect(lambda: controller.revert())
+        self.clear_button.clicked.connect(self._clear)
+        controller.refine_event.connect(self._on_event)
+        controller.busy_changed.connect(self._on_busy)
+        controller.predicted.connect(self._update_corrections)
+        self._on_busy(False)
+
+    def config(self) -> RefineConfig:
+        """The refinement settings shown in the panel."""
+        return RefineConfig(method=self.method.currentText(), iterations=self.iterations.value(), lr=self.lr.value())
+
+    def start(self) -> bool:
+        """Start a refinement with the panel's settings."""
+        self.loss_plot.set_series({})
+        self.omega_plot.set_series({})
+        ok = self.controller.refine(self.config())
+        self._update_corrections()
+        return ok
+
+    def toggle_pause(self) -> None:
+        """Pause a running refinement, or resume a paused one."""
+        if self.controller.paused:
+            self.controller.resume()
+        else:
+            self.controller.pause()
+        self.pause_button.setText("Resume" if self.controller.paused else "Pause")
+
+    def _clear(self) -> None:
+        self.controller.clear_corrections()
+        self._update_corrections()
+
+    def _update_corrections(self) -> None:
+        n = self.controller.n_corrected
+        self.corrections_label.setText(
+            f"corrections: {n} voxels kept as hard labels" if n else "corrections: none (paint in 'pseudo-label' to add)"
+        )
+
+    def _on_busy(self, busy: bool) -> None:
+        refining = busy and self.controller.task == "refine"
+        self.start_button.setEnabled(not busy)
+        self.revert_button.setEnabled(not busy)
+        self.clear_button.setEnabled(not busy)
+        self.pause_button.setEnabled(refining)
+        self.stop_button.setEnabled(refining)
+        if not busy:
+            self.pause_button.setText("Pause")
+
+    def _on_event(self, ev: RefineEvent) -> None:
+        history = self.controller.history
+        keys = [k for k in ev.losses if k != "portion"]
+        self.loss_plot.set_series(
+            {k: ([h.get(k, float("nan")) for h in history], _SERIES_COLORS[i % len(_SERIES_COLORS)]) for i, k in enumerate(keys)}
+        )
+        self.omega_plot.set_series({"mean ω": ([h["mean_confidence"] for h in history], _OMEGA_COLOR)})

@@ -1,0 +1,71 @@
+"""Shared test fixtures: the real-data folder, small phantoms on disk and a tiny checkpoint."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_ENV = "NAPARI_APL_DATA"
+# Small phantoms keep the suite fast on two CPU cores (model grid 32 x 32 at 10 mm).
+TINY_SHAPE = (64, 64, 12)
+TINY_SPACING = (5.0, 5.0, 12.0)
+
+
+def shared_data_dir() -> Path:
+    """The real-data folder: ``$NAPARI_APL_DATA`` or ``<repo>/../shared/data``."""
+    return Path(os.environ.get(DATA_ENV, REPO.parent / "shared" / "data")).expanduser()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real-data folder; skips the test when it is absent."""
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"real data folder {path} not found (set {DATA_ENV})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def phantom_files(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Path, Path]]:
+    """Factory writing a small CT phantom (image, labels) in a given orientation; cached per arguments."""
+    from napari_apl.core.phantom import write_phantom
+
+    cache: dict[tuple, tuple[Path, Path]] = {}
+
+    def make(orientation: str = "RAS", modality: str = "ct", seed: int = 0) -> tuple[Path, Path]:
+        key = (orientation, modality, seed)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"phantom_{modality}_{orientation}_{seed}")
+            cache[key] = write_phantom(
+                folder, modality, seed, shape=TINY_SHAPE, spacing=TINY_SPACING, orientation=orientation
+            )
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained, small dual-head U-Net checkpoint (fast on CPU) for plugin tests."""
+    import torch
+
+    from napari_apl.core.checkpoint import CheckpointMeta, save_checkpoint
+    from napari_apl.core.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("unet-dual", base=8)
+    meta = CheckpointMeta(
+        arch="unet-dual",
+        arch_args=dict(model.arch_args),
+        input_size=(32, 32),
+        spacing=(10.0, 10.0),
+        normalization={"kind": "ct_window", "level": 40.0, "width": 400.0},
+        provenance={"note": "untrained test model"},
+    )
+    path = tmp_path_factory.mktemp("checkpoints") / "tiny_unet_dual.pt"
+    save_checkpoint(path, model, meta)
+    return path
