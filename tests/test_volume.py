@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -123,7 +122,11 @@ def test_canonical_round_trip(tmp_path: Path, name: str, suffix: str) -> None:
     # Same voxel -> same world coordinate, checked on several voxels through the voxel values.
     inv = np.linalg.inv(affine)
     rng = np.random.default_rng(0)
-    for c in [(0, 0, 0), tuple(s - 1 for s in vol.shape), *(tuple(rng.integers(0, vol.shape)) for _ in range(8))]:
+    for c in [
+        (0, 0, 0),
+        tuple(s - 1 for s in vol.shape),
+        *(tuple(rng.integers(0, vol.shape)) for _ in range(8)),
+    ]:
         world = vol.affine @ np.array([*c, 1.0])
         o = inv @ world
         oi = np.round(o[:3]).astype(int)
@@ -199,6 +202,9 @@ def test_save_refuses_existing_and_input(tmp_path: Path) -> None:
     for overwrite in (False, True):
         with pytest.raises(OutputError) as exc:
             save_nifti(arr, src, vol, overwrite=overwrite)
+        _assert_one_line(exc, "same file as an input")
+        with pytest.raises(OutputError) as exc:
+            save_nifti(arr, tmp_path / ".." / tmp_path.name / "img.nii.gz", vol, overwrite=overwrite)
         _assert_one_line(exc, "same file as an input")
     assert src.read_bytes() == src_bytes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img.nii.gz", "out.nii.gz"]  # no temporaries
@@ -502,15 +508,13 @@ def test_slicegrid_for_volume_uses_canonical_spacing(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- real data
 
 
-def _data_dir() -> Path:
-    env = os.environ.get("NAPARI_APL_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
 @pytest.mark.realdata
-@pytest.mark.parametrize(("name", "codes"), [("mr_sm_labels", ("L", "P", "S")), ("ct_sm_labels", ("R", "A", "S"))])
-def test_realdata_labels_round_trip(name: str, codes: tuple[str, str, str]) -> None:
-    path = _data_dir() / "totalseg" / f"{name}.nii.gz"
+@pytest.mark.parametrize(
+    ("name", "codes"), [("mr_sm_labels", ("L", "P", "S")), ("ct_sm_labels", ("R", "A", "S"))]
+)
+def test_realdata_labels_round_trip(data_dir: Path, name: str, codes: tuple[str, str, str]) -> None:
+    # data_dir (conftest): $NAPARI_APL_DATA or <repo>/../shared/data, skipped when absent.
+    path = data_dir / "totalseg" / f"{name}.nii.gz"
     if not path.is_file():
         pytest.skip(f"real data not found at {path} (set NAPARI_APL_DATA)")
     raw = _raw(path)
@@ -527,3 +531,80 @@ def test_realdata_labels_round_trip(name: str, codes: tuple[str, str, str]) -> N
     assert set(np.unique(raw)) <= {0, 1, 2, 3, 4} and len(np.unique(raw)) == 5
     lazy = load_volume(path, lazy=True)
     assert np.array_equal(lazy.data.compute(), vol.data)
+
+
+# ---------------------------------------------------------------- seekable gzip reader (lazy .nii.gz)
+
+
+def _small_reader(path: Path, spacing: int, cache: int):
+    """A gzip reader with tiny blocks so that its checkpoints and cache are exercised on small data."""
+    from napari_apl.core import volume as volume_mod
+
+    class Small(volume_mod._CheckpointedGzipReader):
+        _IN_CHUNK = 37
+        _OUT_CHUNK = 64
+
+    return Small(path, spacing=spacing, cache=cache)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    members=st.lists(st.binary(min_size=0, max_size=3000), min_size=1, max_size=3),
+    ops=st.lists(st.tuples(st.integers(0, 9500), st.integers(0, 700)), min_size=1, max_size=25),
+    spacing=st.sampled_from([64, 200, 1000]),
+    cache=st.sampled_from([128, 500, 5000]),
+    padding=st.booleans(),
+)
+def test_gzip_reader_random_access(tmp_path_factory, members, ops, spacing, cache, padding) -> None:
+    tmp = tmp_path_factory.mktemp("gz")
+    # Compressible content: repeat each member's bytes so offsets go past several checkpoints.
+    members = [m * 3 for m in members]
+    blob = b"".join(gzip.compress(m, mtime=0) for m in members) + (b"\x00" * 16 if padding else b"")
+    path = tmp / "x.gz"
+    path.write_bytes(blob)
+    raw = b"".join(members)
+    reader = _small_reader(path, spacing, cache)
+    try:
+        for pos, n in ops:
+            reader.seek(pos)
+            got = reader.read(n)
+            assert got == raw[pos : pos + n]
+            assert reader.tell() == pos + len(got)
+        reader.seek(0)
+        assert reader.read() == raw
+    finally:
+        reader.close()
+    assert reader.closed
+
+
+def test_gzip_reader_truncated(tmp_path: Path) -> None:
+    raw = np.random.default_rng(0).integers(0, 4, 50_000, dtype=np.uint8).tobytes()
+    blob = gzip.compress(raw, mtime=0)
+    (tmp_path / "t.gz").write_bytes(blob[: len(blob) // 2])
+    reader = _small_reader(tmp_path / "t.gz", 1000, 5000)
+    assert reader.read(100) == raw[:100]
+    with pytest.raises(EOFError):
+        reader.read()
+    reader.close()
+
+
+def test_lazy_gz_any_order(tmp_path: Path) -> None:
+    data = np.random.default_rng(3).standard_normal((20, 16, 40)).astype(np.float32)
+    p = _write(tmp_path / "img.nii.gz", data, ORIENTATIONS["LPS"])
+    lazy = load_volume(p, lazy=True)
+    eager = load_volume(p)
+    for k in [39, 0, 20, 19, 38, 1, 5, 5]:
+        assert np.array_equal(lazy.data[:, :, k].compute(), eager.data[:, :, k])
+    assert np.array_equal(lazy.data[:, :, ::-1].compute(), eager.data[:, :, ::-1])
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_lazy_volume_pickles(tmp_path: Path, suffix: str) -> None:
+    import pickle
+
+    data = _distinct(dtype=np.float32)
+    p = _write(tmp_path / f"img{suffix}", data, ORIENTATIONS["LAS"])
+    lazy = load_volume(p, lazy=True)
+    clone = pickle.loads(pickle.dumps(lazy))
+    assert np.array_equal(clone.to_original(clone.data).compute(), data)
+    assert np.allclose(clone.affine, lazy.affine)

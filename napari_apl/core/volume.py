@@ -72,7 +72,7 @@ _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def max_voxel_bytes() -> int:
-    """Return the largest voxel array (bytes) an eager load may allocate (env ``NAPARI_APL_MAX_VOXEL_BYTES``)."""
+    """Largest voxel array in bytes an eager load may allocate (env ``NAPARI_APL_MAX_VOXEL_BYTES``)."""
     raw = os.environ.get(MAX_VOXEL_BYTES_ENV, "").strip()
     if not raw:
         return DEFAULT_MAX_VOXEL_BYTES
@@ -237,6 +237,15 @@ class Volume:
         self.ornt = np.asarray(self.ornt, dtype=np.float64)
         self._inverse_ornt = _invert_ornt(self.ornt)
 
+    def __repr__(self) -> str:
+        kind = "dask" if self.lazy else type(self.data).__name__
+        codes = "".join(nib.aff2axcodes(self.original_affine))
+        spacing = ", ".join(f"{s:g}" for s in self.spacing)
+        return (
+            f"Volume(path={str(self.path) if self.path else None!r}, shape={self.shape}, "
+            f"dtype={np.dtype(self.data.dtype)}, {kind}, spacing=({spacing}) mm, file orientation={codes})"
+        )
+
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Canonical voxel sizes in mm (column norms of the canonical affine)."""
@@ -290,13 +299,9 @@ class Volume:
         return np.asarray(self.data)
 
 
-def _label(path: Path) -> str:
-    return str(path)
-
-
 def _read_image(path: Path, *, keep_file_open: bool) -> Any:
     """Open ``path`` with nibabel and return a NIfTI image, turning every failure into ``VolumeError``."""
-    label = _label(path)
+    label = str(path)
     if not path.exists():
         raise VolumeError(f"{label} does not exist: check the path")
     if not path.is_file():
@@ -334,7 +339,6 @@ def _has_scaling(header: Any) -> bool:
     return slope is not None and (slope != 1 or (inter is not None and inter != 0))
 
 
-
 class _CheckpointedGzipReader(io.IOBase):
     """Read-only, seekable view of a ``.gz`` file for lazy slice reads in any order.
 
@@ -352,7 +356,7 @@ class _CheckpointedGzipReader(io.IOBase):
     def __init__(self, path: str | os.PathLike, spacing: int = 4 << 20, cache: int = 32 << 20) -> None:
         super().__init__()
         self.name = str(path)
-        self._fh = open(path, "rb")  # noqa: SIM115 - closed by close() / the finalizer
+        self._fh = open(path, "rb")  # closed by close() or the finalizer
         self._finalizer = weakref.finalize(self, self._fh.close)
         self._spacing = max(int(spacing), self._OUT_CHUNK)
         self._cache_limit = max(int(cache), 2 * self._OUT_CHUNK)
@@ -395,6 +399,10 @@ class _CheckpointedGzipReader(io.IOBase):
     def close(self) -> None:
         self._finalizer()
         super().close()
+
+    def __reduce__(self) -> tuple:
+        # Pickled (e.g. for dask.distributed) as a fresh reader of the same file.
+        return (type(self), (self.name, self._spacing, self._cache_limit))
 
     def _decompress_next(self) -> bool:
         """Append the next block of output to the cache; False at the clean end of the file."""
@@ -464,8 +472,15 @@ class _CheckpointedGzipReader(io.IOBase):
 class _CanonicalSliceReader:
     """Array-like view of a NIfTI proxy in canonical order, read with dataobj slicing (for dask)."""
 
-    def __init__(self, dataobj: Any, ornt: np.ndarray, original_shape: tuple[int, int, int], extra: int,
-                 dtype: np.dtype, label: str) -> None:
+    def __init__(
+        self,
+        dataobj: Any,
+        ornt: np.ndarray,
+        original_shape: tuple[int, int, int],
+        extra: int,
+        dtype: np.dtype,
+        label: str,
+    ) -> None:
         self._dataobj = dataobj
         self._ornt = ornt
         self._original_shape = original_shape
@@ -502,9 +517,19 @@ class _CanonicalSliceReader:
 
 
 def load_volume(path: str | os.PathLike, *, lazy: bool = False) -> Volume:
-    """Read and validate a 3-D NIfTI file and return it as a canonical (RAS+) ``Volume``."""
+    """Read and validate a 3-D NIfTI file and return it as a canonical (RAS+) ``Volume``.
+
+    Every problem raises a one-line ``VolumeError`` naming the file: missing or not NIfTI, corrupt or
+    truncated gzip, not 3-D (a trailing singleton 4th axis is squeezed), an empty axis, a voxel
+    spacing that is zero, non-finite or outside 0.01..100 mm, a singular affine, NaN/Inf voxels, or
+    more than ``NAPARI_APL_MAX_VOXEL_BYTES`` (default 4 GiB, eager only; checked from the header
+    before anything is allocated). Eager loading reads the file in chunks of slices straight into a
+    C-ordered canonical array and checks NaN/Inf chunk by chunk. ``lazy=True`` reads only the header
+    and returns a dask array with one chunk per axial slice; the NaN/Inf check then happens when
+    chunks are computed. ``.nii.gz`` slices can be read in any order (see ``_CheckpointedGzipReader``).
+    """
     path = Path(path).expanduser()
-    label = _label(path)
+    label = str(path)
     img = _read_image(path, keep_file_open=True)  # one handle: sequential gzip reads stay linear
     header = img.header
     try:
@@ -535,12 +560,12 @@ def load_volume(path: str | os.PathLike, *, lazy: bool = False) -> Volume:
             raise VolumeError(
                 f"{label} cannot be read ({_one_line(exc)}): check it is a complete, uncorrupted file"
             ) from exc
-        dataobj = img.dataobj
+        proxy = img.dataobj
+        spec = (file_shape, disk_dtype, int(proxy.offset), float(proxy.slope), float(proxy.inter))
         if path.name.lower().endswith(".gz"):  # seekable gzip: slices may be read in any order
-            dataobj = ArrayProxy(
-                _CheckpointedGzipReader(path),
-                (file_shape, disk_dtype, int(dataobj.offset), float(dataobj.slope), float(dataobj.inter)),
-            )
+            dataobj = ArrayProxy(_CheckpointedGzipReader(path.absolute()), spec)
+        else:  # opening an uncompressed file per read is cheap and keeps the graph picklable
+            dataobj = ArrayProxy(str(path.absolute()), spec, keep_file_open=False)
         reader = _CanonicalSliceReader(dataobj, ornt, shape, extra, probe.dtype, label)
         stat = path.stat()
         name = "apl-volume-" + tokenize(str(path.absolute()), stat.st_mtime_ns, stat.st_size)
@@ -597,7 +622,6 @@ def _read_eager(
             canon_shape = tuple(shape[int(i)] for i in np.argsort(ornt[:, 0]))
             out = np.empty(canon_shape, dtype=block.dtype)
             target = apply_orientation(out, inverse)  # a view of ``out`` in file order
-            assert np.shares_memory(target, out)
         target[:, :, z0:z1] = block  # type: ignore[index]
     assert out is not None
     return out
@@ -727,6 +751,9 @@ def save_nifti(
         img.header.set_qform(reference.header.get_qform(), code=ref_codes[0])
         img.header.set_sform(reference.header.get_sform(), code=ref_codes[1])
     inputs = (reference.path,) if reference.path is not None else ()
+    if reference.path is not None and out.exists() and reference.path.exists():
+        if os.path.samefile(out, reference.path):  # also catches symlinks and "..": never write the input
+            raise OutputError(f"output {out} is the same file as an input: choose another output path")
 
     def _write(tmp: Path) -> None:
         nib.save(img, str(tmp))
@@ -800,7 +827,8 @@ class SliceGrid:
             max(1, round(n * s / m)) for n, s, m in zip(self.in_shape, self.in_spacing, self.spacing)
         )
         self.padded_shape: tuple[int, int] = tuple(  # type: ignore[assignment]
-            max(sz, math.ceil(n / self.stride) * self.stride) for n, sz in zip(self.resampled_shape, self.size)
+            max(sz, math.ceil(n / self.stride) * self.stride)
+            for n, sz in zip(self.resampled_shape, self.size)
         )
         self.pad_before: tuple[int, int] = tuple(  # type: ignore[assignment]
             (p - n) // 2 for p, n in zip(self.padded_shape, self.resampled_shape)
@@ -833,7 +861,9 @@ class SliceGrid:
             return t
         if mode == "bilinear":
             if not t.is_floating_point():
-                raise VolumeError(f"bilinear resampling needs a float tensor, got {t.dtype}: use mode='nearest'")
+                raise VolumeError(
+                    f"bilinear resampling needs a float tensor, got {t.dtype}: use mode='nearest'"
+                )
             return F.interpolate(t, size=out_shape, mode="bilinear", align_corners=False)
         if t.is_floating_point():
             return F.interpolate(t, size=out_shape, mode="nearest-exact")
@@ -856,7 +886,7 @@ class SliceGrid:
             )
 
     def forward(self, t: Any, mode: str = "bilinear", pad_value: float = 0.0) -> Any:
-        """Map slices ``(N, C, X, Y)`` to the padded model grid ``(N, C, H', W')``; pads with ``pad_value``."""
+        """Map slices ``(N, C, X, Y)`` to the padded model grid ``(N, C, H', W')`` (pads with pad_value)."""
         import torch.nn.functional as F
 
         self._check(t, self.in_shape, "SliceGrid.forward", mode)

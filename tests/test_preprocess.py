@@ -1,0 +1,159 @@
+"""Tests for core.preprocess: normalisation recipes, fitting (numpy and dask), presets, errors."""
+
+from __future__ import annotations
+
+import json
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+
+from napari_apl.core.errors import APLError, VolumeError
+from napari_apl.core.preprocess import (
+    PRESETS,
+    FittedNormalization,
+    Normalization,
+    NormalizationError,
+    get_preset,
+)
+
+
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert msg and "\n" not in msg
+    return msg
+
+
+def test_ct_window_hand_values() -> None:
+    norm = Normalization("ct_window", level=40, width=400)
+    fitted = norm.fit(np.zeros((2, 2, 2)))  # a constant CT is fine: the window does not look at it
+    hu = np.array([-1000, -160, -60, 40, 140, 240, 3000], dtype=np.int16)
+    out = fitted(hu)
+    assert out.dtype == np.float32
+    assert out.tolist() == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    soft = get_preset("ct-soft").fit(None)
+    assert soft(np.array([50 - 175, 50, 50 + 175])).tolist() == [0.0, 0.5, 1.0]
+    assert get_preset("ct-abdomen") == norm
+
+
+def test_percentile_hand_values() -> None:
+    data = np.arange(101, dtype=np.float64).reshape(101, 1, 1)  # 0..100: percentile p is value p
+    fitted = Normalization("percentile", lower=10, upper=90).fit(data)
+    assert fitted.shift == pytest.approx(10.0) and fitted.scale == pytest.approx(80.0)
+    out = fitted(np.array([0.0, 10.0, 50.0, 90.0, 100.0]))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, [0.0, 0.0, 0.5, 1.0, 1.0], atol=1e-6)
+    # Mostly-constant volume: the percentiles coincide, the full range is used instead.
+    sparse = np.zeros((10, 10, 10), np.int16)
+    sparse[0, 0, 0] = 100
+    fitted = get_preset("mri").fit(sparse)
+    assert (fitted.shift, fitted.scale) == (0.0, 100.0)
+
+
+def test_zscore_hand_values() -> None:
+    data = np.array([1.0, 2.0, 3.0, 4.0]).reshape(2, 2, 1)  # mean 2.5, population sd sqrt(1.25)
+    fitted = Normalization("zscore").fit(data)
+    assert fitted.shift == pytest.approx(2.5)
+    assert fitted.scale == pytest.approx(np.sqrt(1.25))
+    out = fitted(data)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out.ravel(), (np.array([1, 2, 3, 4]) - 2.5) / np.sqrt(1.25), rtol=1e-6)
+    assert float(out.mean()) == pytest.approx(0.0, abs=1e-6)
+    assert float(out.std()) == pytest.approx(1.0, rel=1e-5)
+    assert not fitted.clip and fitted(np.array([100.0]))[0] > 1.0
+
+
+@pytest.mark.parametrize("preset", ["mri", "zscore"])
+def test_constant_volume_is_an_error(preset: str) -> None:
+    with pytest.raises(VolumeError) as exc:
+        get_preset(preset).fit(np.full((4, 4, 4), 7, np.int16))
+    assert "constant" in _one_line(exc)
+    with pytest.raises(VolumeError):
+        get_preset(preset).fit(da.full((4, 4, 4), 7.0, chunks=(4, 4, 1)))
+
+
+def test_nan_is_an_error() -> None:
+    data = np.ones((3, 3, 3), np.float32)
+    data[0, 0, 0] = 2
+    data[1, 1, 1] = np.nan
+    with pytest.raises(VolumeError) as exc:
+        get_preset("mri").fit(data)
+    assert "NaN" in _one_line(exc)
+
+
+def test_dask_fit_matches_numpy_and_subsamples() -> None:
+    rng = np.random.default_rng(0)
+    data = rng.normal(100, 20, size=(30, 20, 16)).astype(np.float32)
+    lazy = da.from_array(data, chunks=(30, 20, 1))
+    for name in ("mri", "zscore"):
+        a, b = get_preset(name).fit(data), get_preset(name).fit(lazy)
+        assert a.shift == pytest.approx(b.shift) and a.scale == pytest.approx(b.scale)
+    # With a voxel budget, only every k-th axial slice is used and the statistics stay close.
+    sub = Normalization("zscore").fit(lazy, max_voxels=2000)
+    full = Normalization("zscore").fit(data)
+    assert sub.shift == pytest.approx(full.shift, rel=0.05)
+    assert sub.scale == pytest.approx(full.scale, rel=0.1)
+    # A slice-dependent volume shows which slices were used: every 5th, starting at 2.
+    ramp = np.broadcast_to(np.arange(16, dtype=np.float32), (30, 20, 16))
+    used = Normalization("zscore").fit(da.from_array(ramp, chunks=(30, 20, 1)), max_voxels=2000)
+    assert used.shift == pytest.approx(np.mean(np.arange(16)[2::5]))
+    out = full(lazy)
+    assert isinstance(out, da.Array)
+    np.testing.assert_allclose(out.compute(), full(data))
+
+
+def test_callable_on_torch() -> None:
+    fitted = get_preset("ct-abdomen").fit(None)
+    out = fitted(torch.tensor([-160, 40, 240], dtype=torch.int16))
+    assert out.dtype == torch.float32 and out.tolist() == [0.0, 0.5, 1.0]
+
+
+def test_to_dict_round_trip() -> None:
+    for name, norm in PRESETS.items():
+        d = norm.to_dict()
+        assert json.loads(json.dumps(d)) == d
+        back = Normalization.from_dict(json.loads(json.dumps(d)))
+        assert back == norm, name
+    custom = Normalization("percentile", lower=1, upper=99)
+    assert Normalization.from_dict({"kind": "percentile", "lower": 1, "upper": 99}) == custom
+    assert isinstance(custom.lower, float)
+    fitted = custom.fit(np.arange(1000.0).reshape(10, 10, 10))
+    assert FittedNormalization(**fitted.to_dict()) == fitted
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"kind": "minmax"},
+        {"level": 40},
+        {"kind": "ct_window", "width": 0},
+        {"kind": "ct_window", "width": -5},
+        {"kind": "percentile", "lower": 90, "upper": 10},
+        {"kind": "percentile", "upper": 101},
+        {"kind": "zscore", "level": "forty"},
+        {"kind": "zscore", "level": float("nan")},
+        {"kind": "zscore", "level": True},
+        {"kind": "zscore", "gamma": 2},
+        ["ct_window"],
+    ],
+)
+def test_from_dict_rejects_bad_input(bad) -> None:
+    with pytest.raises(NormalizationError) as exc:
+        Normalization.from_dict(bad)
+    assert isinstance(exc.value, APLError)
+    _one_line(exc)
+
+
+def test_presets_and_get_preset() -> None:
+    assert set(PRESETS) == {"ct-abdomen", "ct-soft", "mri", "zscore"}
+    assert PRESETS["ct-abdomen"] == Normalization("ct_window", level=40, width=400)
+    assert PRESETS["ct-soft"] == Normalization("ct_window", level=50, width=350)
+    assert PRESETS["mri"] == Normalization("percentile", lower=0.5, upper=99.5)
+    assert PRESETS["zscore"].kind == "zscore"
+    with pytest.raises(NormalizationError) as exc:
+        get_preset("ct")
+    msg = _one_line(exc)
+    assert all(name in msg for name in PRESETS)
+    with pytest.raises(AttributeError):
+        PRESETS["mri"].kind = "zscore"  # type: ignore[misc]  # frozen
