@@ -17,13 +17,13 @@ widget all go through these helpers):
   on the file's ORIGINAL voxel grid with its original affine (``core.volume.save_nifti``).
 
 Display note: with RAS+ voxel order, napari draws the patient's right on the right and anterior at
-the bottom of the canvas (neurological-style, upside down for radiologists). Use
-``viewer.camera.orientation2d = ("up", "left")`` for the radiological view; the data and world
-coordinates do not change.
+the bottom of the canvas (upside down for radiologists). The widget's "radiological view" box sets
+``viewer.scene.camera.orientation2d = ("up", "left")``; data and world coordinates do not change.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,30 +45,34 @@ _DEFAULT_LABEL_COLOR = (0.7, 0.7, 0.7, 1.0)
 
 @dataclass(frozen=True, eq=False)
 class ScanGeometry:
-    """Everything about a scan but its voxels: enough to rebuild a ``Volume`` for any canonical array."""
+    """Everything about a scan but its voxels (small, picklable): rebuilds a ``Volume`` for any array."""
 
     shape: tuple[int, int, int]
-    affine: np.ndarray
-    original_affine: np.ndarray
-    original_shape: tuple[int, int, int]
-    original_dtype: np.dtype
-    header: Any
-    ornt: np.ndarray
-    path: Path | None = None
+    """Canonical ``(X, Y, Z)`` shape."""
+    reference: Volume
+    """The scan's ``Volume`` (affines, header, orientation transform, path) whose data is a zero-byte
+    placeholder of the right shape and dtype."""
 
     @classmethod
     def from_volume(cls, volume: Volume) -> ScanGeometry:
         """Record the geometry of ``volume`` (its voxels are not kept)."""
-        return cls(
-            shape=tuple(int(s) for s in volume.shape),
-            affine=np.array(volume.affine, dtype=np.float64),
-            original_affine=np.array(volume.original_affine, dtype=np.float64),
-            original_shape=tuple(int(s) for s in volume.original_shape),
-            original_dtype=np.dtype(volume.original_dtype),
-            header=volume.header.copy() if volume.header is not None else None,
-            ornt=np.array(volume.ornt, dtype=np.float64),
-            path=volume.path,
-        )
+        shape = tuple(int(s) for s in volume.shape)
+        return cls(shape, dataclasses.replace(volume, data=_placeholder(shape, volume.data.dtype)))
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the placeholder (it would be materialised)."""
+        ref = self.reference
+        return {
+            "shape": self.shape,
+            "dtype": ref.data.dtype,
+            "reference": dataclasses.replace(ref, data=None),
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore the placeholder after unpickling."""
+        ref = dataclasses.replace(state["reference"], data=_placeholder(state["shape"], state["dtype"]))
+        object.__setattr__(self, "shape", state["shape"])
+        object.__setattr__(self, "reference", ref)
 
     def with_data(self, canonical: Any) -> Volume:
         """Return a ``Volume`` with this geometry holding ``canonical`` (canonical ``(X, Y, Z)`` order)."""
@@ -78,62 +82,66 @@ class ScanGeometry:
                 f"a layer of canonical shape {shape} does not match the scan {self.name} {self.shape}: "
                 "use a layer made from this image"
             )
-        return Volume(
-            data=canonical,
-            affine=self.affine.copy(),
-            original_affine=self.original_affine.copy(),
-            original_shape=self.original_shape,
-            original_dtype=self.original_dtype,
-            header=self.header.copy() if self.header is not None else None,
-            ornt=self.ornt.copy(),
-            path=self.path,
-        )
+        return dataclasses.replace(self.reference, data=canonical)
+
+    @property
+    def affine(self) -> np.ndarray:
+        """Canonical voxel -> world (RAS mm) affine."""
+        return np.asarray(self.reference.affine, dtype=np.float64)
+
+    @property
+    def original_affine(self) -> np.ndarray:
+        """The file's own affine."""
+        return np.asarray(self.reference.original_affine, dtype=np.float64)
+
+    @property
+    def path(self) -> Path | None:
+        """The scan's file, if it has one."""
+        return self.reference.path
 
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Canonical voxel sizes in mm."""
-        zooms = np.linalg.norm(self.affine[:3, :3], axis=0)
-        return (float(zooms[0]), float(zooms[1]), float(zooms[2]))
+        return self.reference.spacing
 
     @property
     def name(self) -> str:
         """File name without its NIfTI suffix (``"volume"`` when the scan has no file)."""
-        return _stem(self.path) if self.path is not None else "volume"
+        return self.reference.name
 
 
-def _stem(path: str | Path) -> str:
-    """Return a file name without ``.nii``/``.nii.gz``."""
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+def _placeholder(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A read-only array of ``shape`` that takes no memory (all strides 0)."""
+    return np.broadcast_to(np.zeros((), dtype=dtype), shape)
 
 
-# -- array order -------------------------------------------------------------------------------------
+# -- array order ---------
 def to_layer_order(canonical: Any) -> Any:
     """Canonical ``(X, Y, Z)`` array -> napari layer order ``(Z, Y, X)`` (a view; dask stays lazy)."""
     return canonical.transpose(2, 1, 0)
 
 
 def to_canonical_order(layer_data: Any) -> Any:
-    """Napari layer order ``(Z, Y, X)`` -> canonical ``(X, Y, Z)`` (a view; the inverse of ``to_layer_order``)."""
+    """Napari layer order ``(Z, Y, X)`` -> canonical ``(X, Y, Z)`` (a view; inverse of ``to_layer_order``)."""
     return layer_data.transpose(2, 1, 0)
 
 
 def swap_affine(matrix: np.ndarray) -> np.ndarray:
-    """Convert a 4x4 affine between canonical ``(X, Y, Z)`` and napari ``(Z, Y, X)`` axis order (an involution)."""
+    """Convert a 4x4 affine between canonical ``(X, Y, Z)`` and napari ``(Z, Y, X)`` order (an involution)."""
     return _SWAP @ np.asarray(matrix, dtype=np.float64) @ _SWAP
 
 
 def layer_transform(canonical_affine: np.ndarray) -> dict[str, Any]:
-    """Layer kwargs placing a canonical volume in world mm: ``scale``/``translate``, or ``affine`` if oblique."""
+    """Kwargs placing a canonical volume in world mm: ``scale``+``translate``, or ``affine`` if oblique."""
     napari_affine = swap_affine(canonical_affine)
     lin = napari_affine[:3, :3]
     diag = np.diag(lin)
     off = lin - np.diag(diag)
     if np.all(diag > 0) and np.abs(off).max() <= 1e-6 * np.abs(diag).max():
-        return {"scale": tuple(float(v) for v in diag), "translate": tuple(float(v) for v in napari_affine[:3, 3])}
+        return {
+            "scale": tuple(float(v) for v in diag),
+            "translate": tuple(float(v) for v in napari_affine[:3, 3]),
+        }
     return {"affine": napari_affine}
 
 
@@ -157,8 +165,9 @@ def world_matrix_from_attributes(attributes: Mapping[str, Any], ndim: int = 3) -
 
 
 def layer_world_matrix(layer: Any) -> np.ndarray:
-    """Return the 4x4 data->world matrix (napari order) of a napari layer."""
-    return np.asarray(layer._data_to_world.affine_matrix, dtype=np.float64)
+    """Return the 4x4 data->world matrix (napari order) of a 3-D napari layer (public attributes only)."""
+    attrs = {key: getattr(layer, key) for key in ("scale", "translate", "rotate", "shear", "affine")}
+    return world_matrix_from_attributes(attrs, ndim=layer.ndim)
 
 
 def transform_kwargs(layer: Any) -> dict[str, Any]:
@@ -173,7 +182,7 @@ def transform_kwargs(layer: Any) -> dict[str, Any]:
     }
 
 
-# -- metadata ------------------------------------------------------------------------------------------
+# -- metadata ---------
 def make_metadata(geometry: ScanGeometry, role: str, **extra: Any) -> dict[str, Any]:
     """Return ``layer.metadata`` content recording the scan geometry and the layer's role."""
     return {
@@ -202,21 +211,14 @@ def volume_from_layer(layer: Any) -> Volume:
     if getattr(layer, "multiscale", False):
         raise APLError(f"layer '{layer.name}' is multiscale: open the scan as a single-resolution image")
     if getattr(layer, "rgb", False) or data.ndim != 3:
-        raise APLError(f"layer '{layer.name}' is not a 3-D grey volume (shape {tuple(data.shape)}): choose a 3-D scan")
+        raise APLError(
+            f"layer '{layer.name}' is not a 3-D grey volume (shape {tuple(data.shape)}): choose a 3-D scan"
+        )
     canonical = to_canonical_order(data)
     geom = geometry_of(layer.metadata)
     if geom is not None and geom.shape == tuple(canonical.shape):
         return geom.with_data(canonical)
     return volume_from_array(canonical, swap_affine(layer_world_matrix(layer)))
-
-
-def geometry_from_layer(layer: Any) -> ScanGeometry:
-    """Return the scan geometry of a layer (recorded by the reader, else derived from its transform)."""
-    canonical_shape = tuple(int(s) for s in layer.data.shape[::-1])
-    geom = geometry_of(layer.metadata)
-    if geom is not None and geom.shape == canonical_shape:
-        return geom
-    return ScanGeometry.from_volume(volume_from_layer(layer))
 
 
 def volume_for_writing(data: Any, attributes: Mapping[str, Any]) -> Volume:
@@ -231,7 +233,7 @@ def volume_for_writing(data: Any, attributes: Mapping[str, Any]) -> Volume:
     return volume_from_array(canonical, swap_affine(world_matrix_from_attributes(attributes)))
 
 
-# -- layer data tuples -----------------------------------------------------------------------------------
+# -- layer data tuples ---------
 def label_colormap(class_names: tuple[str, ...] | list[str] = CLASS_NAMES) -> dict[Any, tuple]:
     """Return a napari label colormap dict: organ colours from ``core.labels``, grey for other values."""
     colors: dict[Any, tuple] = {None: _DEFAULT_LABEL_COLOR}
@@ -302,12 +304,20 @@ def labels_layer_data(volume: Volume, name: str | None = None, **extra: Any) -> 
     return data, labels_kwargs(geom, name or volume.name, **extra), "labels"
 
 
+def ct_display_window() -> tuple[float, float]:
+    """Contrast limits of the abdominal CT window (``core.preprocess.PRESETS["ct-abdomen"]``), in HU."""
+    from .core.preprocess import PRESETS
+
+    preset = PRESETS["ct-abdomen"]
+    return (preset.level - preset.width / 2, preset.level + preset.width / 2)
+
+
 def voxel_volume_ml(spacing: tuple[float, float, float]) -> float:
     """Volume of one voxel in millilitres."""
     return math.prod(spacing) / 1000.0
 
 
-# -- notifications -------------------------------------------------------------------------------------------
+# -- notifications ---------
 def one_line(exc: BaseException | str) -> str:
     """Return a one-line message for an exception (APLError messages as they are)."""
     if isinstance(exc, str):

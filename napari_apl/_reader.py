@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ._layers import image_layer_data, labels_layer_data, notify_error
+from ._layers import ct_display_window, image_layer_data, labels_layer_data, notify_error
 from .core.errors import APLError
 from .core.volume import Volume, load_volume
 
@@ -104,12 +104,9 @@ def looks_like_labels(volume: Volume, name: str = "") -> bool:
 
 def _ct_window(volume: Volume) -> tuple[float, float] | None:
     """Abdominal CT display window when the voxels look like Hounsfield units, else ``None``."""
-    from .core.preprocess import PRESETS
-
     if volume.lazy:
         return None
     data = np.asarray(volume.data)
     if data.size == 0 or float(data.min()) > -500 or float(data.max()) < 200:
         return None
-    preset = PRESETS["ct-abdomen"]
-    return (preset.level - preset.width / 2, preset.level + preset.width / 2)
+    return ct_display_window()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from ._layers import image_layer_data, labels_layer_data
+from ._layers import ct_display_window, image_layer_data, labels_layer_data
 from .core.volume import volume_from_array
 
 DEMO_CHECKPOINT_NAME = "demo_unet_dual.pt"
@@ -43,7 +43,7 @@ def phantom_layers(seed: int = SAMPLE_SEED, **phantom_kwargs: object) -> list[tu
     label_vol = volume_from_array(labels, affine)
     checkpoint = demo_checkpoint_path()
     info = {"checkpoint": str(checkpoint) if checkpoint else None, "phantom_seed": seed}
-    img = image_layer_data(image_vol, SAMPLE_IMAGE_NAME, contrast_limits=(-160.0, 240.0))
+    img = image_layer_data(image_vol, SAMPLE_IMAGE_NAME, contrast_limits=ct_display_window())
     img[1]["metadata"]["napari_apl"].update(info)
     lab = labels_layer_data(label_vol, SAMPLE_LABELS_NAME, opacity=0.5)
     lab[1]["metadata"]["napari_apl"].update(info)

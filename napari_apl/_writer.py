@@ -4,7 +4,9 @@ A layer read by this plugin (or made by its widget) carries a ``ScanGeometry`` i
 array is put back in the file's voxel order with the original affine and header
 (``core.volume.save_nifti``). Any other 3-D layer is written in canonical order with the affine its
 napari transform describes. An existing file is never replaced: npe2 writers cannot ask, so they
-refuse with a one-line ``OutputExistsError`` (the widget's export has an explicit overwrite switch).
+refuse with a one-line ``OutputExistsError``, shown as a notification too because napari turns a
+writer's ``ValueError`` into a generic "nothing written" warning (the widget's export has an explicit
+overwrite switch).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ._layers import smallest_label_dtype, volume_for_writing
+from ._layers import notify_error, smallest_label_dtype, volume_for_writing
+from .core.errors import APLError
 from .core.volume import save_nifti
 
 DEFAULT_SUFFIX = ".nii.gz"
@@ -44,11 +47,20 @@ def write_layer_nifti(
     return save_nifti(volume.to_original(canonical), out, volume, dtype=dtype, overwrite=overwrite)
 
 
+def _write_notifying(path: str, data: Any, attributes: dict[str, Any], labels: bool) -> list[str]:
+    """Write for napari; a refusal is also shown as a one-line notification, since napari swallows it."""
+    try:
+        return [str(write_layer_nifti(path, data, attributes, labels=labels))]
+    except APLError as exc:
+        notify_error(exc)
+        raise
+
+
 def write_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
     """npe2 single-layer writer for Labels layers (never overwrites an existing file)."""
-    return [str(write_layer_nifti(path, data, attributes, labels=True))]
+    return _write_notifying(path, data, attributes, labels=True)
 
 
 def write_image(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
     """npe2 single-layer writer for Image layers (never overwrites an existing file)."""
-    return [str(write_layer_nifti(path, data, attributes, labels=False))]
+    return _write_notifying(path, data, attributes, labels=False)

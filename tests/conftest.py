@@ -69,3 +69,13 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("checkpoints") / "tiny_unet_dual.pt"
     save_checkpoint(path, model, meta)
     return path
+
+
+@pytest.fixture
+def notifications(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Messages passed to napari's ``show_error`` during the test (recorded, not shown)."""
+    import napari.utils.notifications as nn
+
+    seen: list[str] = []
+    monkeypatch.setattr(nn, "show_error", lambda message: seen.append(str(message)))
+    return seen

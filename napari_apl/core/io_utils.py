@@ -16,6 +16,13 @@ def _suffix(path: Path) -> str:
     return "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
 
 
+def _umask() -> int:
+    """Return the process umask without changing it for long."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def check_output_path(path: str | os.PathLike, *, overwrite: bool = False, inputs: tuple = ()) -> Path:
     """Validate an output path before any work starts; return it as an absolute ``Path``."""
     out = Path(path).expanduser().absolute()
@@ -54,6 +61,9 @@ def atomic_write(
         write_fn(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        # mkstemp makes owner-only files: give the result the usual permissions (or the replaced file's)
+        mode = out.stat().st_mode & 0o777 if out.exists() else 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         if out.exists() and not overwrite:  # appeared while we were writing
             raise OutputExistsError(f"{out} appeared while writing: pass overwrite to replace it")
         os.replace(tmp, out)

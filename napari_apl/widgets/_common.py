@@ -1,10 +1,11 @@
-"""Small shared Qt pieces: a layer chooser that follows the viewer's layer list."""
+"""Small shared Qt pieces: a layer chooser that follows the viewer's layer list, a learning-rate box."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from qtpy.QtWidgets import QComboBox, QWidget
+from qtpy.QtGui import QValidator
+from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QWidget
 
 NONE_TEXT = "(none)"
 
@@ -50,7 +51,7 @@ class LayerCombo(QComboBox):
         if self.currentText() != current:
             self.currentIndexChanged.emit(self.currentIndex())
 
-    def showPopup(self) -> None:  # noqa: N802 (Qt API)
+    def showPopup(self) -> None:
         """Re-list the layers (names may have changed) before showing the choices."""
         self.refresh()
         super().showPopup()
@@ -69,3 +70,41 @@ class LayerCombo(QComboBox):
         idx = self.findText(layer.name)
         if idx >= 0:
             self.setCurrentIndex(idx)
+
+
+class ScientificSpinBox(QDoubleSpinBox):
+    """A spin box for small positive numbers such as learning rates: shows ``2e-05``, steps ×/÷ 2."""
+
+    def __init__(self, minimum: float = 1e-8, maximum: float = 1.0, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setDecimals(12)
+        self.setRange(minimum, maximum)
+
+    def textFromValue(self, value: float) -> str:
+        """Show the value in short scientific notation."""
+        return f"{value:.3g}"
+
+    def valueFromText(self, text: str) -> float:
+        """Parse a typed number (``1e-4``, ``0.0001``)."""
+        try:
+            return float(text)
+        except ValueError:
+            return self.value()
+
+    def validate(self, text: str, pos: int) -> tuple:
+        """Accept anything that is, or could become, a positive number."""
+        try:
+            value = float(text)
+        except ValueError:
+            ok = text.strip() == "" or all(c in "0123456789.eE-+" for c in text)
+            return (QValidator.State.Intermediate if ok else QValidator.State.Invalid, text, pos)
+        state = (
+            QValidator.State.Acceptable
+            if self.minimum() <= value <= self.maximum()
+            else QValidator.State.Intermediate
+        )
+        return (state, text, pos)
+
+    def stepBy(self, steps: int) -> None:
+        """Halve or double the value per step."""
+        self.setValue(self.value() * (2.0**steps))

@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from napari.layers import Image, Labels
+from napari.utils.notifications import show_warning
 from psygnal import Signal
 
 from .._layers import (
     ScanGeometry,
-    geometry_from_layer,
     label_colormap,
     label_features,
     make_metadata,
@@ -44,10 +45,11 @@ from ..core.errors import APLError, CheckpointError, OutputError, OutputExistsEr
 from ..core.infer import Prediction, iter_predict
 from ..core.io_utils import atomic_write
 from ..core.labels import CLASS_NAMES, ORGANS
-from ..core.metrics import evaluate
+from ..core.metrics import evaluate, label_name
 from ..core.preprocess import PRESETS, Normalization
 from ..core.refine import RefineConfig, RefineControl, RefineEvent, RefineResult, refine
-from ..core.utils import resolve_device
+from ..core.utils import release_device_memory, resolve_device
+from ..core.volume import save_canonical
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +122,9 @@ class APLController:
         self._task = ""
         self._pbar: Any = None
         self._last_live = 0.0
+        self._notes_shown: set[str] = set()
 
-    # -- state ---------------------------------------------------------------------------------------
+    # -- state ---------
     @property
     def busy(self) -> bool:
         """Whether a prediction or refinement is running."""
@@ -153,7 +156,7 @@ class APLController:
             self.error(exc)
             return None
 
-    # -- model ---------------------------------------------------------------------------------------------
+    # -- model ---------
     def load_checkpoint(self, path: str | os.PathLike | None = None) -> str | None:
         """Load a checkpoint (``None`` = the bundled demo model); return its summary, or ``None`` on error."""
         return self._guard(lambda: self._load(path))
@@ -165,7 +168,8 @@ class APLController:
             path = demo_checkpoint_path()
             if path is None:
                 raise CheckpointError(
-                    "the bundled demo checkpoint resources/demo_unet_dual.pt is missing: choose a checkpoint file"
+                    "the bundled demo checkpoint resources/demo_unet_dual.pt is missing: "
+                    "choose a checkpoint file"
                 )
         p = Path(path).expanduser()
         model, meta = load_checkpoint(p)
@@ -211,7 +215,7 @@ class APLController:
             raise APLError("no image layer chosen: open a CT scan (File > Open) and choose it")
         resolve_device(self.device)
 
-    # -- running tasks -----------------------------------------------------------------------------------------
+    # -- running tasks ---------
     def _run(
         self,
         task: str,
@@ -228,9 +232,14 @@ class APLController:
         self._pbar = progress(total=max(1, total), desc=f"napari-apl: {task}")
         self.status.emit(f"{task}…")
 
+        device = self.device
+
         def body() -> Generator[Any, None, Any]:
             with _leave_a_core_for_the_gui():
-                return (yield from job())
+                try:
+                    return (yield from job())
+                finally:  # give cached GPU memory back, also after a stop or an error
+                    release_device_memory(resolve_device(device))
 
         if sync:
             try:
@@ -274,24 +283,14 @@ class APLController:
             self._pbar.n = n
             self._pbar.refresh()
 
-    def wait(self, timeout: float = 60.0) -> bool:
-        """Block (processing Qt events) until the running task ends; return whether it ended."""
-        from qtpy.QtWidgets import QApplication
-
-        end = time.monotonic() + timeout
-        while self.busy and time.monotonic() < end:
-            QApplication.processEvents()
-            time.sleep(0.01)
-        return not self.busy
-
-    # -- predict ---------------------------------------------------------------------------------------------------
+    # -- predict ---------
     def predict(self, image_layer: Any = None, sync: bool = False) -> bool:
         """Predict the image layer with both heads; adds/updates the five prediction layers."""
         image_layer = image_layer if image_layer is not None else self.image_layer
         try:
             self._check_ready(image_layer)
             volume = volume_from_layer(image_layer)
-            geometry = geometry_from_layer(image_layer)
+            geometry = ScanGeometry.from_volume(volume)
             norm = self.normalization()
         except Exception as exc:
             self.error(exc)
@@ -313,7 +312,9 @@ class APLController:
 
     def _show_prediction(self, image_layer: Any, geometry: ScanGeometry, pred: Prediction) -> None:
         """Put a prediction into the viewer (new layers, or the existing ones updated in place)."""
-        if self.image_layer is not image_layer or (
+        if _same(self.image_layer, image_layer):
+            self.collect_corrections()  # keep what was painted since the last write
+        if not _same(self.image_layer, image_layer) or (
             self.corrections is not None and self.corrections.shape != pred.pseudo.shape
         ):
             self.corrections = None
@@ -321,8 +322,12 @@ class APLController:
         base = {"image": image_layer.name}
         self._put_labels(LAYER_MAIN, pred.main, "main", visible=False, **base)
         self._put_labels(LAYER_AUX, pred.aux, "auxiliary", visible=False, **base)
-        self._put_image(LAYER_CONFIDENCE, pred.confidence, "confidence", colormap="viridis", visible=False, **base)
-        self._put_image(LAYER_CONSISTENCY, pred.consistency, "consistency", colormap="inferno", visible=False, **base)
+        self._put_image(
+            LAYER_CONFIDENCE, pred.confidence, "confidence", colormap="viridis", visible=False, **base
+        )
+        self._put_image(
+            LAYER_CONSISTENCY, pred.consistency, "consistency", colormap="inferno", visible=False, **base
+        )
         self._write_pseudo(pred.pseudo, role_extra=base)
         self.predicted.emit()
 
@@ -331,10 +336,10 @@ class APLController:
         kw["metadata"] = make_metadata(self.geometry, role, **extra)
         return kw
 
-    def _existing(self, name: str, kind: str) -> Any:
+    def _existing(self, name: str, kind: type) -> Any:
         if name in self.viewer.layers:
             layer = self.viewer.layers[name]
-            if layer._type_string == kind:
+            if isinstance(layer, kind):
                 return layer
             self.viewer.layers.remove(layer)
         return None
@@ -346,9 +351,11 @@ class APLController:
         for key in ("scale", "translate", "rotate", "shear", "affine"):
             setattr(layer, key, kw[key])
 
-    def _put_labels(self, name: str, canonical: np.ndarray, role: str, visible: bool = True, **extra: Any) -> Any:
+    def _put_labels(
+        self, name: str, canonical: np.ndarray, role: str, visible: bool = True, **extra: Any
+    ) -> Any:
         data = np.ascontiguousarray(to_layer_order(canonical))
-        layer = self._existing(name, "labels")
+        layer = self._existing(name, Labels)
         if layer is not None:
             self._update_in_place(layer, data, role, extra)
             return layer
@@ -362,9 +369,11 @@ class APLController:
             **self._layer_kwargs(role, extra),
         )
 
-    def _put_image(self, name: str, canonical: np.ndarray, role: str, colormap: str, visible: bool, **extra: Any) -> Any:
+    def _put_image(
+        self, name: str, canonical: np.ndarray, role: str, colormap: str, visible: bool, **extra: Any
+    ) -> Any:
         data = np.ascontiguousarray(to_layer_order(canonical), dtype=np.float32)
-        layer = self._existing(name, "image")
+        layer = self._existing(name, Image)
         if layer is not None:
             self._update_in_place(layer, data, role, extra)
             layer.contrast_limits = (0.0, 1.0)
@@ -380,12 +389,12 @@ class APLController:
             **self._layer_kwargs(role, extra),
         )
 
-    # -- pseudo labels and corrections --------------------------------------------------------------------------
+    # -- pseudo labels and corrections ---------
     def pseudo_layer(self) -> Any:
         """The widget's pseudo-label layer, if it is in the viewer."""
         if LAYER_PSEUDO in self.viewer.layers:
             layer = self.viewer.layers[LAYER_PSEUDO]
-            if layer._type_string == "labels":
+            if isinstance(layer, Labels):
                 return layer
         return None
 
@@ -405,7 +414,7 @@ class APLController:
         self.last_pseudo = shown.copy()
 
     def collect_corrections(self) -> np.ndarray | None:
-        """Fold the voxels painted or erased in the pseudo-label layer since the last write into ``corrections``."""
+        """Fold voxels painted or erased in the pseudo-label layer since the last write into corrections."""
         layer = self.pseudo_layer()
         if layer is None or self.last_pseudo is None:
             return self.corrections
@@ -438,19 +447,19 @@ class APLController:
         if layer is not None:
             layer.editable = editable
 
-    # -- refine ---------------------------------------------------------------------------------------------
+    # -- refine ---------
     def refine(self, config: RefineConfig | None = None, image_layer: Any = None, sync: bool = False) -> bool:
         """Refine the model on the image without labels; live pseudo-label updates, then re-predict."""
         image_layer = image_layer if image_layer is not None else self.image_layer
         cfg = config or RefineConfig()
         try:
             self._check_ready(image_layer)
-            if image_layer is not self.image_layer:
+            if not _same(image_layer, self.image_layer):
                 self.corrections = None
             volume = volume_from_layer(image_layer)
-            geometry = geometry_from_layer(image_layer)
+            geometry = ScanGeometry.from_volume(volume)
             norm = self.normalization()
-            corrections = self.collect_corrections() if image_layer is self.image_layer else None
+            corrections = self.collect_corrections() if _same(image_layer, self.image_layer) else None
             cfg = dataclasses.replace(
                 cfg,
                 device=self.device,
@@ -465,12 +474,15 @@ class APLController:
         self.history = []
         self.live_updates = 0
         self._last_live = 0.0
+        self._notes_shown: set[str] = set()
         control = self.control = RefineControl()
         model, meta = self.model, self.meta
         self._set_pseudo_editable(False)
 
         def job() -> Generator[Any, None, tuple[RefineResult, Prediction]]:
-            result = yield from refine(model, meta, volume, cfg, control=control, corrections=self.last_corrections)
+            result = yield from refine(
+                model, meta, volume, cfg, control=control, corrections=self.last_corrections
+            )
             pred = yield from iter_predict(result.model, meta, volume, normalization=norm, device=cfg.device)
             return result, pred
 
@@ -487,9 +499,8 @@ class APLController:
             self.last_result = result
             self._show_prediction(image_layer, geometry, pred)
             for note in result.notes:
-                from napari.utils.notifications import show_warning
-
-                show_warning(f"napari-apl: {note}")
+                if note not in self._notes_shown:
+                    show_warning(f"napari-apl: {note}")
             how = "stopped" if result.stopped else "finished"
             self.status.emit(f"refinement {how} after {result.iterations_done} iterations")
             self.refine_finished.emit(result)
@@ -501,15 +512,23 @@ class APLController:
         """Main-thread handler of one refinement step: progress, history, throttled live overlay."""
         self._progress(ev.iteration, ev.total)
         self.history.append(
-            {"iteration": ev.iteration, **ev.losses, "mean_confidence": ev.mean_confidence,
-             "mean_disagreement": ev.mean_disagreement, "changed_fraction": ev.changed_fraction}
+            {
+                "iteration": ev.iteration,
+                **ev.losses,
+                "mean_confidence": ev.mean_confidence,
+                "mean_disagreement": ev.mean_disagreement,
+                "changed_fraction": ev.changed_fraction,
+            }
         )
-        if ev.note:
-            from napari.utils.notifications import show_warning
-
+        if ev.note and ev.note not in self._notes_shown:
+            self._notes_shown.add(ev.note)
             show_warning(f"napari-apl: {ev.note}")
         now = time.monotonic()
-        if ev.pseudo is not None and now - self._last_live >= LIVE_UPDATE_SECONDS and self.pseudo_layer() is not None:
+        if (
+            ev.pseudo is not None
+            and now - self._last_live >= LIVE_UPDATE_SECONDS
+            and self.pseudo_layer() is not None
+        ):
             self._write_pseudo(ev.pseudo)
             self._last_live = now
             self.live_updates += 1
@@ -544,7 +563,7 @@ class APLController:
         """Whether a refinement is paused."""
         return self.control is not None and self.control.paused
 
-    # -- export ----------------------------------------------------------------------------------------------------
+    # -- export ---------
     def export_paths(self, folder: str | os.PathLike) -> dict[str, Path]:
         """The files an export writes into ``folder``, by kind."""
         stem = _safe_stem(self.image_layer.name if self.image_layer is not None else "napari_apl")
@@ -582,32 +601,42 @@ class APLController:
         if existing and not overwrite:
             more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
             raise OutputExistsError(
-                f"{existing[0]} exists already{more}: tick 'overwrite' or choose another folder; nothing was written"
+                f"{existing[0]} exists already{more}: tick 'overwrite' or choose another folder; "
+                "nothing was written"
             )
         out_dir.mkdir(parents=True, exist_ok=True)
         masks = self._current_masks()
         report = self.report(masks["pseudo-label"], gt_layer)
         written: list[Path] = []
         geom = self.geometry
-        for kind, arr in masks.items():
-            vol = geom.with_data(arr)
-            written.append(_save(vol, arr, paths[kind], np.uint8, overwrite))
-        for kind, arr in (("confidence", self.prediction.confidence), ("consistency", self.prediction.consistency)):
-            vol = geom.with_data(arr)
-            written.append(_save(vol, arr, paths[kind], np.float32, overwrite))
+        maps = {"confidence": self.prediction.confidence, "consistency": self.prediction.consistency}
+        for kind, arr in [*masks.items(), *maps.items()]:
+            dtype = np.uint8 if kind in masks else np.float32
+            ref = geom.with_data(arr)
+            written.append(save_canonical(arr, paths[kind], ref, dtype=dtype, overwrite=overwrite))
         if self.refined:
-            written.append(save_checkpoint(paths["checkpoint"], self.model, self._refined_meta(), overwrite=overwrite))
+            written.append(
+                save_checkpoint(paths["checkpoint"], self.model, self._refined_meta(), overwrite=overwrite)
+            )
         text = json.dumps(report, indent=2)
-        written.append(atomic_write(paths["report_json"], lambda tmp: tmp.write_text(text), overwrite=overwrite))
+        written.append(
+            atomic_write(paths["report_json"], lambda tmp: tmp.write_text(text), overwrite=overwrite)
+        )
         csv_text = _report_csv(report)
-        written.append(atomic_write(paths["report_csv"], lambda tmp: tmp.write_text(csv_text), overwrite=overwrite))
+        written.append(
+            atomic_write(paths["report_csv"], lambda tmp: tmp.write_text(csv_text), overwrite=overwrite)
+        )
         self.status.emit(f"exported {len(written)} files to {out_dir}")
         return written
 
     def _current_masks(self) -> dict[str, np.ndarray]:
         """Label volumes to export (canonical): the layers as they are now (user edits included)."""
         assert self.prediction is not None
-        out = {"main": self.prediction.main, "auxiliary": self.prediction.aux, "pseudo-label": self.prediction.pseudo}
+        out = {
+            "main": self.prediction.main,
+            "auxiliary": self.prediction.aux,
+            "pseudo-label": self.prediction.pseudo,
+        }
         for kind, name in (("main", LAYER_MAIN), ("auxiliary", LAYER_AUX), ("pseudo-label", LAYER_PSEUDO)):
             if name in self.viewer.layers:
                 data = np.asarray(to_canonical_order(self.viewer.layers[name].data))
@@ -656,11 +685,13 @@ class APLController:
                 "organ": name,
                 "voxels": int(counts[lab]),
                 "volume_ml": float(counts[lab] * ml),
-                "mean_confidence": _finite_or_none(float(omega[mask].astype(np.float32).mean())) if mask.any() else None,
+                "mean_confidence": _finite_or_none(float(omega[mask].astype(np.float32).mean()))
+                if mask.any()
+                else None,
             }
             if scores is not None:
-                row["dice"] = _finite_or_none(scores["dice"].get(name, math.nan))
-                row["assd_mm"] = _finite_or_none(scores["assd"].get(name, math.nan))
+                row["dice"] = _finite_or_none(scores["dice"].get(label_name(lab), math.nan))
+                row["assd_mm"] = _finite_or_none(scores["assd"].get(label_name(lab), math.nan))
             organs.append(row)
         rep: dict[str, Any] = {
             "image": self.image_layer.name if self.image_layer is not None else None,
@@ -694,12 +725,6 @@ def _safe_stem(name: str) -> str:
     return keep.strip("._") or "napari_apl"
 
 
-def _save(volume: Any, canonical: np.ndarray, path: Path, dtype: Any, overwrite: bool) -> Path:
-    from ..core.volume import save_canonical
-
-    return save_canonical(np.asarray(canonical), path, volume, dtype=dtype, overwrite=overwrite)
-
-
 def _report_csv(report: dict[str, Any]) -> str:
     """The per-organ rows of a report as CSV text."""
     fields = ["label", "organ", "voxels", "volume_ml", "mean_confidence", "dice", "assd_mm"]
@@ -709,3 +734,8 @@ def _report_csv(report: dict[str, Any]) -> str:
     for row in report["organs"]:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
     return buf.getvalue()
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two layers are the same object (napari may hand plugins proxies of its layers)."""
+    return getattr(a, "__wrapped__", a) is getattr(b, "__wrapped__", b)

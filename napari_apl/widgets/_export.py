@@ -47,7 +47,9 @@ class ExportPanel(QWidget):
     def export(self) -> list[Path]:
         """Export into the chosen folder; return the files written (empty on refusal or error)."""
         folder = str(self.folder.value) if str(self.folder.value) not in ("", ".") else ""
-        written = self.controller.export(folder, overwrite=self.overwrite.isChecked(), gt_layer=self.gt_combo.layer())
+        written = self.controller.export(
+            folder, overwrite=self.overwrite.isChecked(), gt_layer=self.gt_combo.layer()
+        )
         if written:
             self.result.setText(f"wrote {len(written)} files to {Path(written[0]).parent}")
         return written

@@ -64,7 +64,9 @@ class InspectPanel(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         self.noise_plot = LinePlot("per slice", "axial slice (click to go)")
-        self.noise_plot.setToolTip("mean confidence ω and mean head disagreement per axial slice; click to go there")
+        self.noise_plot.setToolTip(
+            "mean confidence ω and mean head disagreement per axial slice; click to go there"
+        )
         self.area_plot = LinePlot("organ area (cm²)", "axial slice (click to go)")
         self.hist_plot = HistogramPlot("ω in this slice", "ω")
         self.info = QLabel("run Predict to inspect the pseudo labels")
@@ -94,7 +96,10 @@ class InspectPanel(QWidget):
         self.profile = prof = slice_profile(ctl.prediction, ctl.geometry.spacing)
         self._rank = -1
         self.noise_plot.set_series(
-            {"mean ω": (prof.mean_confidence, OMEGA_COLOR), "disagreement": (prof.mean_disagreement, DISAGREEMENT_COLOR)}
+            {
+                "mean ω": (prof.mean_confidence, OMEGA_COLOR),
+                "disagreement": (prof.mean_disagreement, DISAGREEMENT_COLOR),
+            }
         )
         self.area_plot.set_series(
             {CLASS_NAMES[lab]: (prof.organ_area_cm2[lab], LABEL_COLORS[lab]) for lab in ORGANS}

@@ -8,6 +8,7 @@ from typing import Any
 from magicgui.widgets import FileEdit
 from napari.layers import Image
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFormLayout,
     QHBoxLayout,
@@ -29,6 +30,7 @@ from ._inspect import InspectPanel
 from ._refine import RefinePanel
 
 WIDGET_NAME = "Adaptive pseudo labelling"
+RADIOLOGICAL = ("up", "left")  # napari 2-D camera: row index grows upward, column index leftward
 
 
 class APLWidget(QWidget):
@@ -39,8 +41,9 @@ class APLWidget(QWidget):
         self.setObjectName("napari_apl_widget")
         self.viewer = napari_viewer
         self.controller = ctl = APLController(napari_viewer)
+        self._orientation_before = tuple(_camera(napari_viewer).orientation2d)
 
-        # -- model and image ------------------------------------------------------------------------------------
+        # -- model and image ---------
         self.image_combo = LayerCombo(napari_viewer, Image, exclude=PREDICTION_LAYERS)
         self.demo_radio = QRadioButton("bundled demo model")
         self.file_radio = QRadioButton("checkpoint file")
@@ -56,6 +59,10 @@ class APLWidget(QWidget):
         self.preset_combo = QComboBox()
         self.preset_combo.addItems([CHECKPOINT_PRESET, *PRESETS])
         self.preset_combo.setToolTip("intensity normalisation of the image (default: the checkpoint's own)")
+        self.radiological = QCheckBox("radiological view")
+        self.radiological.setToolTip(
+            "anterior up and the patient's right on the left of the screen (2-D view)"
+        )
         self.predict_button = QPushButton("Predict")
         self.status = QLabel("")
         self.status.setWordWrap(True)
@@ -70,9 +77,10 @@ class APLWidget(QWidget):
         form.addRow("", self.load_button)
         form.addRow("device", self.device_combo)
         form.addRow("intensity", self.preset_combo)
+        form.addRow("display", self.radiological)
 
         self.inspect = InspectPanel(ctl)
-        self.refine_panel = RefinePanel(ctl)
+        self.refine_panel = RefinePanel(ctl, image_getter=self.image_combo.layer)
         self.export_panel = ExportPanel(ctl)
         self.tabs = QTabWidget()
         self.tabs.addTab(self.inspect, "Inspect")
@@ -86,14 +94,15 @@ class APLWidget(QWidget):
         layout.addWidget(self.tabs, 1)
         layout.addWidget(self.status)
 
-        # -- wiring ------------------------------------------------------------------------------------------------
+        # -- wiring ---------
         self.load_button.clicked.connect(self.load_model)
         self.predict_button.clicked.connect(lambda: self.predict())
         self.checkpoint_file.changed.connect(lambda *_: self.file_radio.setChecked(True))
         self.device_combo.currentTextChanged.connect(self._set_device)
         self.preset_combo.currentTextChanged.connect(self._set_preset)
-        ctl.status.connect(self.status.setText)
-        ctl.model_changed.connect(self.summary.setPlainText)
+        ctl.status.connect(self.status.setText, check_nargs=False)
+        ctl.model_changed.connect(self._on_model_changed)
+        self.radiological.toggled.connect(self.set_radiological)
         ctl.busy_changed.connect(self._on_busy)
         self._layer_events = (
             napari_viewer.layers.events.inserted,
@@ -101,11 +110,13 @@ class APLWidget(QWidget):
         )
         for emitter in self._layer_events:
             emitter.connect(self._refresh_layers)
-        self.destroyed.connect(_disconnecter(self._layer_events, self._refresh_layers, napari_viewer, self.inspect))
+        self.destroyed.connect(
+            _disconnecter(self._layer_events, self._refresh_layers, napari_viewer, self.inspect, ctl)
+        )
         if ctl.model is None and self.demo_available():
             self.use_demo_checkpoint()
 
-    # -- actions -------------------------------------------------------------------------------------------
+    # -- actions ---------
     @staticmethod
     def demo_available() -> bool:
         """Whether the bundled demo checkpoint is installed."""
@@ -132,6 +143,28 @@ class APLWidget(QWidget):
         """Predict the chosen image layer with the loaded model."""
         return self.controller.predict(self.image_combo.layer(), sync=sync)
 
+    def set_radiological(self, on: bool) -> None:
+        """Show axial slices the radiological way (anterior up, patient's right on the left) or back."""
+        camera = _camera(self.viewer)
+        if on and tuple(camera.orientation2d) != RADIOLOGICAL:
+            self._orientation_before = tuple(camera.orientation2d)
+        camera.orientation2d = RADIOLOGICAL if on else self._orientation_before
+        self.viewer.reset_view()
+        if self.radiological.isChecked() != on:
+            self.radiological.setChecked(on)
+
+    def _on_model_changed(self, summary: str) -> None:
+        from .._sample_data import demo_checkpoint_path
+
+        self.summary.setPlainText(summary)
+        path = self.controller.checkpoint_path
+        demo = demo_checkpoint_path()
+        is_demo = path is not None and demo is not None and Path(path).resolve() == demo.resolve()
+        (self.demo_radio if is_demo else self.file_radio).setChecked(True)
+        if not is_demo and path is not None and Path(str(self.checkpoint_file.value)) != Path(path):
+            with self.checkpoint_file.changed.blocked():
+                self.checkpoint_file.value = path
+
     def _set_device(self, name: str) -> None:
         self.controller.device = name
 
@@ -143,15 +176,39 @@ class APLWidget(QWidget):
         self.export_panel.gt_combo.refresh()
 
     def _on_busy(self, busy: bool) -> None:
-        for w in (self.predict_button, self.load_button, self.image_combo, self.device_combo, self.preset_combo):
+        for w in (
+            self.predict_button,
+            self.load_button,
+            self.image_combo,
+            self.device_combo,
+            self.preset_combo,
+        ):
             w.setEnabled(not busy)
 
 
-def _disconnecter(emitters: tuple, callback: Any, viewer: Any, inspect: InspectPanel) -> Any:
-    """Return a function that disconnects the widget's viewer callbacks when the widget goes away."""
+def _camera(viewer: Any) -> Any:
+    """The viewer's camera (``viewer.scene.camera`` since napari 0.9, ``viewer.camera`` before)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None else viewer.camera
+
+
+def _disconnecter(
+    emitters: tuple, callback: Any, viewer: Any, inspect: InspectPanel, controller: APLController
+) -> Any:
+    """Return a function that stops a running task and drops the viewer callbacks when the widget goes."""
     on_dims = inspect._on_dims
 
     def disconnect(*_: Any) -> None:
+        for signal in (
+            controller.status,
+            controller.busy_changed,
+            controller.model_changed,
+            controller.predicted,
+            controller.refine_event,
+            controller.refine_finished,
+        ):
+            signal.disconnect()  # the Qt side is gone: nothing may be called on it any more
+        controller.stop()
         for emitter in emitters:
             try:
                 emitter.disconnect(callback)
@@ -168,10 +225,12 @@ def _disconnecter(emitters: tuple, callback: Any, viewer: Any, inspect: InspectP
 def find_apl_widget(viewer: Any) -> APLWidget | None:
     """Return the APL widget docked in ``viewer``, if any."""
     window = getattr(viewer, "window", None)
-    docks = getattr(window, "_dock_widgets", {}) if window is not None else {}
-    for dock in list(docks.values()):
-        inner = dock.widget()
-        found = inner if isinstance(inner, APLWidget) else inner.findChild(APLWidget) if inner else None
+    docked = getattr(window, "dock_widgets", None)
+    for inner in list(docked.values()) if docked is not None else []:
+        native = getattr(inner, "native", inner)
+        if isinstance(native, APLWidget):
+            return native
+        found = native.findChild(APLWidget) if hasattr(native, "findChild") else None
         if found is not None:
             return found
     return None

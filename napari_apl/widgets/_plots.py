@@ -10,7 +10,7 @@ from qtpy.QtCore import QPointF, QRectF, Qt, Signal
 from qtpy.QtGui import QColor, QMouseEvent, QPainter, QPainterPath, QPaintEvent, QPen
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
-_MARGIN_LEFT = 44
+_MARGIN_LEFT = 48
 _MARGIN_RIGHT = 8
 _MARGIN_TOP = 8
 _MARGIN_BOTTOM = 18
@@ -23,15 +23,17 @@ def _fmt(v: float) -> str:
     """Compact axis label for a value."""
     if not math.isfinite(v):
         return ""
-    if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e4):
-        return f"{v:.1e}"
-    return f"{v:.3g}"
+    if abs(v) >= 1e4:
+        return f"{v / 1000:.0f}k"
+    if v != 0 and abs(v) < 1e-2:
+        return f"{v:.0e}"
+    return f"{v:.4g}" if abs(v) >= 1 else f"{v:.3g}"
 
 
 def qcolor(rgba: Sequence[float]) -> QColor:
     """Turn an RGB(A) tuple in 0..1 into a ``QColor``."""
-    r, g, b = (int(round(255 * float(c))) for c in rgba[:3])
-    a = int(round(255 * float(rgba[3]))) if len(rgba) > 3 else 255
+    r, g, b = (round(255 * float(c)) for c in rgba[:3])
+    a = round(255 * float(rgba[3])) if len(rgba) > 3 else 255
     return QColor(r, g, b, a)
 
 
@@ -41,6 +43,7 @@ class _PlotBase(QWidget):
     def __init__(self, title: str = "", parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.title = title
+        self.setToolTip(title)
         self.setMinimumHeight(110)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
 
@@ -54,7 +57,7 @@ class _PlotBase(QWidget):
         )
 
     def _frame(self, p: QPainter, y0: float, y1: float, x_label: str) -> QRectF:
-        """Draw the frame, y-range labels, the title and the x-axis label."""
+        """Draw the frame, the y-range labels and the x-axis label; return the data rectangle."""
         rect = self.plot_rect()
         p.setPen(QPen(_GRID, 1))
         p.drawRect(rect)
@@ -63,14 +66,21 @@ class _PlotBase(QWidget):
         font.setPointSizeF(max(6.0, font.pointSizeF() * 0.8))
         p.setFont(font)
         p.drawText(QRectF(0, rect.top() - 2, _MARGIN_LEFT - 4, 14), Qt.AlignmentFlag.AlignRight, _fmt(y1))
-        p.drawText(
-            QRectF(0, rect.bottom() - 12, _MARGIN_LEFT - 4, 14), Qt.AlignmentFlag.AlignRight, _fmt(y0)
-        )
-        if self.title:
-            p.drawText(QRectF(rect.left() + 4, rect.top(), rect.width() - 8, 14), Qt.AlignmentFlag.AlignRight, self.title)
+        p.drawText(QRectF(0, rect.bottom() - 12, _MARGIN_LEFT - 4, 14), Qt.AlignmentFlag.AlignRight, _fmt(y0))
         if x_label:
-            p.drawText(QRectF(rect.left(), rect.bottom() + 2, rect.width(), 14), Qt.AlignmentFlag.AlignHCenter, x_label)
+            p.drawText(
+                QRectF(rect.left(), rect.bottom() + 2, rect.width(), 14),
+                Qt.AlignmentFlag.AlignHCenter,
+                x_label,
+            )
         return rect
+
+    def _title(self, p: QPainter, rect: QRectF, free_from: float) -> None:
+        """Draw the title top-right when it fits right of ``free_from`` (it is the tooltip anyway)."""
+        width = p.fontMetrics().horizontalAdvance(self.title)
+        if self.title and rect.right() - 4 - width > free_from:
+            p.setPen(_TEXT)
+            p.drawText(QPointF(rect.right() - 4 - width, rect.top() + 12), self.title)
 
 
 class LinePlot(_PlotBase):
@@ -86,7 +96,9 @@ class LinePlot(_PlotBase):
         self._fixed_range: tuple[float, float] | None = None
 
     def set_series(
-        self, series: Mapping[str, tuple[Sequence[float], Sequence[float] | QColor]], y_range: tuple[float, float] | None = None
+        self,
+        series: Mapping[str, tuple[Sequence[float], Sequence[float] | QColor]],
+        y_range: tuple[float, float] | None = None,
     ) -> None:
         """Replace the plotted series: ``{name: (values, colour)}``; ``y_range`` fixes the y axis."""
         self._series = {
@@ -140,7 +152,7 @@ class LinePlot(_PlotBase):
     def _x(self, i: int, n: int, rect: QRectF) -> float:
         return rect.left() + (rect.width() * i / (n - 1) if n > 1 else rect.width() / 2)
 
-    def paintEvent(self, event: QPaintEvent) -> None:  # noqa: N802 (Qt API)
+    def paintEvent(self, event: QPaintEvent) -> None:
         """Draw frame, series, legend and marker."""
         p = QPainter(self)
         p.setRenderHint(QPainter.RenderHint.Antialiasing)
@@ -155,7 +167,9 @@ class LinePlot(_PlotBase):
                 if not math.isfinite(v):
                     pen_down = False
                     continue
-                pt = QPointF(self._x(i, n, rect), rect.bottom() - (min(max(v, y0), y1) - y0) / span * rect.height())
+                pt = QPointF(
+                    self._x(i, n, rect), rect.bottom() - (min(max(v, y0), y1) - y0) / span * rect.height()
+                )
                 if pen_down:
                     path.lineTo(pt)
                 else:
@@ -172,9 +186,10 @@ class LinePlot(_PlotBase):
             p.setPen(col)
             p.drawText(QPointF(x_text, rect.top() + 12), name)
             x_text += p.fontMetrics().horizontalAdvance(name) + 10
+        self._title(p, rect, x_text)
         p.end()
 
-    def mousePressEvent(self, event: QMouseEvent) -> None:  # noqa: N802 (Qt API)
+    def mousePressEvent(self, event: QMouseEvent) -> None:
         """Emit ``clicked`` with the index under the mouse."""
         idx = self.index_at(event.pos().x())
         if idx is not None:
@@ -197,7 +212,7 @@ class HistogramPlot(_PlotBase):
         self.edges = np.asarray(edges, dtype=np.float64)
         self.update()
 
-    def paintEvent(self, event: QPaintEvent) -> None:  # noqa: N802 (Qt API)
+    def paintEvent(self, event: QPaintEvent) -> None:
         """Draw the bars."""
         p = QPainter(self)
         top = float(self.counts.max()) if self.counts.size else 1.0
@@ -213,5 +228,8 @@ class HistogramPlot(_PlotBase):
             p.setPen(_TEXT)
             p.drawText(QPointF(rect.left(), rect.bottom() + 14), _fmt(float(self.edges[0])))
             last = _fmt(float(self.edges[-1]))
-            p.drawText(QPointF(rect.right() - p.fontMetrics().horizontalAdvance(last), rect.bottom() + 14), last)
+            p.drawText(
+                QPointF(rect.right() - p.fontMetrics().horizontalAdvance(last), rect.bottom() + 14), last
+            )
+        self._title(p, rect, rect.left())
         p.end()

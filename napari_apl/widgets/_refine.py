@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from qtpy.QtWidgets import (
     QComboBox,
-    QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -17,6 +17,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.refine import METHODS, RefineConfig, RefineEvent
+from ._common import ScientificSpinBox
 from ._plots import LinePlot
 
 if TYPE_CHECKING:
@@ -41,9 +42,15 @@ METHOD_HELP = {
 class RefinePanel(QWidget):
     """Controls and live plots of a refinement run."""
 
-    def __init__(self, controller: APLController, parent: QWidget | None = None) -> None:
+    def __init__(
+        self,
+        controller: APLController,
+        image_getter: Callable[[], Any] | None = None,
+        parent: QWidget | None = None,
+    ) -> None:
         super().__init__(parent)
         self.controller = controller
+        self.image_getter = image_getter
         defaults = RefineConfig()
         self.method = QComboBox()
         for m in METHODS:
@@ -52,10 +59,7 @@ class RefinePanel(QWidget):
         self.iterations = QSpinBox()
         self.iterations.setRange(1, 100_000)
         self.iterations.setValue(defaults.iterations)
-        self.lr = QDoubleSpinBox()
-        self.lr.setDecimals(7)
-        self.lr.setRange(1e-7, 1.0)
-        self.lr.setSingleStep(1e-5)
+        self.lr = ScientificSpinBox(1e-8, 1.0)
         self.lr.setValue(defaults.lr)
         self.start_button = QPushButton("Refine")
         self.pause_button = QPushButton("Pause")
@@ -98,13 +102,16 @@ class RefinePanel(QWidget):
 
     def config(self) -> RefineConfig:
         """The refinement settings shown in the panel."""
-        return RefineConfig(method=self.method.currentText(), iterations=self.iterations.value(), lr=self.lr.value())
+        return RefineConfig(
+            method=self.method.currentText(), iterations=self.iterations.value(), lr=self.lr.value()
+        )
 
     def start(self) -> bool:
         """Start a refinement with the panel's settings."""
         self.loss_plot.set_series({})
         self.omega_plot.set_series({})
-        ok = self.controller.refine(self.config())
+        image = self.image_getter() if self.image_getter is not None else None
+        ok = self.controller.refine(self.config(), image_layer=image)
         self._update_corrections()
         return ok
 
@@ -123,7 +130,9 @@ class RefinePanel(QWidget):
     def _update_corrections(self) -> None:
         n = self.controller.n_corrected
         self.corrections_label.setText(
-            f"corrections: {n} voxels kept as hard labels" if n else "corrections: none (paint in 'pseudo-label' to add)"
+            f"corrections: {n} voxels kept as hard labels"
+            if n
+            else "corrections: none (paint in 'pseudo-label' to add)"
         )
 
     def _on_busy(self, busy: bool) -> None:
@@ -140,6 +149,9 @@ class RefinePanel(QWidget):
         history = self.controller.history
         keys = [k for k in ev.losses if k != "portion"]
         self.loss_plot.set_series(
-            {k: ([h.get(k, float("nan")) for h in history], _SERIES_COLORS[i % len(_SERIES_COLORS)]) for i, k in enumerate(keys)}
+            {
+                k: ([h.get(k, float("nan")) for h in history], _SERIES_COLORS[i % len(_SERIES_COLORS)])
+                for i, k in enumerate(keys)
+            }
         )
         self.omega_plot.set_series({"mean ω": ([h["mean_confidence"] for h in history], _OMEGA_COLOR)})

@@ -1,0 +1,300 @@
+"""Reader and writer contributions: geometry kept, labels back on the original grid, bad files handled."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from napari.layers import Layer
+
+from napari_apl._layers import (
+    META_KEY,
+    ScanGeometry,
+    geometry_of,
+    layer_world_matrix,
+    swap_affine,
+    to_canonical_order,
+)
+from napari_apl._reader import NULL_LAYER, get_reader, read_layer_data, read_nifti
+from napari_apl._sample_data import SAMPLE_IMAGE_NAME, SAMPLE_LABELS_NAME, phantom_layers
+from napari_apl._writer import nifti_path, write_image, write_labels
+from napari_apl.core.errors import OutputError, OutputExistsError
+from napari_apl.core.labels import LABEL_COLORS
+
+ORIENTATIONS = ["RAS", "LAS", "LPS"]
+
+
+def as_layer(layer_data: tuple) -> Layer:
+    """Build a napari layer (no viewer) from a reader's layer data tuple."""
+    data, kwargs, kind = layer_data
+    return Layer.create(data, kwargs, kind)
+
+
+def world_centroid_napari(layer: Layer, label: int) -> np.ndarray:
+    """World position (x_R, y_A, z_S mm) of a label's centroid according to napari's transform."""
+    idx = np.argwhere(np.asarray(layer.data) == label).mean(axis=0)
+    world = np.asarray(layer.data_to_world(idx), dtype=np.float64)
+    return world[::-1]
+
+
+def world_centroid_nibabel(path: Path, label: int) -> np.ndarray:
+    """World position (x_R, y_A, z_S mm) of a label's centroid according to nibabel's affine."""
+    img = nib.load(str(path))
+    idx = np.argwhere(np.asarray(img.dataobj) == label).mean(axis=0)
+    return (img.affine @ np.append(idx, 1.0))[:3]
+
+
+def state(layer: Layer) -> dict:
+    """The attributes dict napari passes to a writer."""
+    return layer._get_state()
+
+
+def test_get_reader_only_takes_nifti(tmp_path: Path) -> None:
+    assert get_reader(str(tmp_path / "scan.tif")) is None
+    assert get_reader(str(tmp_path / "scan.nii.zip")) is None
+    assert get_reader([str(tmp_path / "a.nii"), str(tmp_path / "b.png")]) is None
+    assert callable(get_reader(str(tmp_path / "scan.nii.gz")))
+    assert callable(get_reader(str(tmp_path / "SCAN.NII")))
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_reader_geometry_matches_nibabel(phantom_files, orientation: str) -> None:
+    image_path, labels_path = phantom_files(orientation)
+    image = read_layer_data(image_path)
+    labels = read_layer_data(labels_path)
+    assert image[2] == "image" and labels[2] == "labels"
+    assert labels[0].dtype == np.uint8
+    img_nii = nib.load(str(image_path))
+    # (Z, Y, X) = (S, A, R) data, scale = canonical spacing reversed, translate = canonical origin reversed
+    canonical = nib.as_closest_canonical(img_nii)
+    assert image[0].shape == canonical.shape[::-1]
+    np.testing.assert_allclose(image[1]["scale"], np.asarray(canonical.header.get_zooms()[:3])[::-1])
+    np.testing.assert_allclose(image[1]["translate"], canonical.affine[:3, 3][::-1])
+    assert labels[1]["scale"] == image[1]["scale"] and labels[1]["translate"] == image[1]["translate"]
+    np.testing.assert_array_equal(image[0], np.asarray(canonical.dataobj).transpose(2, 1, 0))
+    # every organ's centroid sits at the same world position in napari and in nibabel
+    lab_layer = as_layer(labels)
+    for organ in (1, 2, 3, 4):
+        np.testing.assert_allclose(
+            world_centroid_napari(lab_layer, organ), world_centroid_nibabel(labels_path, organ), atol=1e-6
+        )
+    geom = geometry_of(image[1]["metadata"])
+    assert isinstance(geom, ScanGeometry)
+    np.testing.assert_array_equal(geom.original_affine, img_nii.affine)
+    copy = pickle.loads(pickle.dumps(geom))  # small: the voxels are not in it
+    assert len(pickle.dumps(geom)) < 20_000 and copy.shape == geom.shape
+    np.testing.assert_array_equal(
+        copy.with_data(labels[0].T).to_original(labels[0].T), np.asarray(nib.load(str(labels_path)).dataobj)
+    )
+    assert image[1]["metadata"][META_KEY]["source_path"] == str(Path(image_path).absolute())
+    # organ colours and names come from core.labels
+    assert labels[1]["colormap"][1] == LABEL_COLORS[1]
+    assert labels[1]["features"]["name"][1] == "liver"
+
+
+def test_public_world_matrix_matches_napari(phantom_files) -> None:
+    layer = as_layer(read_layer_data(phantom_files("LPS")[1]))
+    np.testing.assert_allclose(layer_world_matrix(layer), layer._data_to_world.affine_matrix)
+
+
+def test_oblique_scan_gets_full_affine(tmp_path: Path, phantom_files) -> None:
+    _, labels_path = phantom_files("RAS")
+    src = nib.load(str(labels_path))
+    angle = np.deg2rad(12.0)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = src.affine.copy()
+    affine[:3, :3] = rot @ src.affine[:3, :3]
+    path = tmp_path / "oblique_labels.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(src.dataobj), affine), str(path))
+    data, kwargs, kind = read_layer_data(path)
+    assert "affine" in kwargs and "scale" not in kwargs
+    layer = as_layer((data, kwargs, kind))
+    for organ in (1, 4):
+        np.testing.assert_allclose(
+            world_centroid_napari(layer, organ), world_centroid_nibabel(path, organ), atol=1e-6
+        )
+    out = tmp_path / "oblique_out.nii.gz"
+    write_labels(str(out), layer.data, state(layer))
+    back = nib.load(str(out))
+    np.testing.assert_allclose(back.affine, affine, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), np.asarray(src.dataobj))
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_painted_labels_go_back_to_the_original_grid(tmp_path: Path, phantom_files, orientation: str) -> None:
+    image_path, labels_path = phantom_files(orientation)
+    layer = as_layer(read_layer_data(labels_path))
+    layer.data[5, 10:14, 20:26] = 3  # paint in napari's (Z, Y, X) order
+    out = tmp_path / "painted.nii.gz"
+    written = write_labels(str(out), layer.data, state(layer))
+    assert written == [str(out)]
+    back = nib.load(str(out))
+    src = nib.load(str(labels_path))
+    img = nib.load(str(image_path))
+    assert back.shape == src.shape
+    np.testing.assert_array_equal(back.affine, src.affine)
+    np.testing.assert_array_equal(back.affine, img.affine)
+    assert back.header.get_data_dtype() == np.uint8
+    assert nib.aff2axcodes(back.affine) == tuple(orientation)
+    assert (int(back.header["qform_code"]), int(back.header["sform_code"])) == (
+        int(src.header["qform_code"]),
+        int(src.header["sform_code"]),
+    )
+    # the painted voxels sit at the same world positions in the file as in napari
+    np.testing.assert_allclose(world_centroid_nibabel(out, 3), world_centroid_napari(layer, 3), atol=1e-6)
+    # outside the painted box nothing moved
+    expected = np.asarray(src.dataobj).copy()
+    canonical = nib.as_closest_canonical(src)
+    painted_can = np.asarray(canonical.dataobj).copy()
+    painted_can[20:26, 10:14, 5] = 3
+    ornt = nib.orientations.ornt_transform(
+        nib.io_orientation(canonical.affine), nib.io_orientation(src.affine)
+    )
+    expected = nib.orientations.apply_orientation(painted_can, ornt)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), expected)
+
+
+def test_writer_never_overwrites(tmp_path: Path, phantom_files) -> None:
+    layer = as_layer(read_layer_data(phantom_files("LAS")[1]))
+    out = tmp_path / "labels_out.nii.gz"
+    write_labels(str(out), layer.data, state(layer))
+    before = out.read_bytes()
+    layer.data[:] = 0
+    with pytest.raises(OutputExistsError, match="exists already"):
+        write_labels(str(out), layer.data, state(layer))
+    assert out.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_writer_refuses_the_source_file_and_non_3d(tmp_path: Path, phantom_files) -> None:
+    _, labels_path = phantom_files("RAS")
+    layer = as_layer(read_layer_data(labels_path))
+    with pytest.raises(OutputError):
+        write_labels(str(labels_path), layer.data, state(layer))
+    with pytest.raises(OutputError, match="3-D"):
+        write_labels(str(tmp_path / "flat.nii.gz"), np.zeros((4, 4), np.uint8), {"metadata": {}})
+
+
+def test_writer_adds_suffix_and_writes_images(tmp_path: Path, phantom_files) -> None:
+    image_path, _ = phantom_files("LPS")
+    layer = as_layer(read_layer_data(image_path))
+    assert nifti_path(tmp_path / "ct") == tmp_path / "ct.nii.gz"
+    written = write_image(str(tmp_path / "ct"), layer.data, state(layer))
+    back = nib.load(written[0])
+    src = nib.load(str(image_path))
+    np.testing.assert_array_equal(np.asarray(back.dataobj), np.asarray(src.dataobj))
+    np.testing.assert_array_equal(back.affine, src.affine)
+    assert back.header.get_data_dtype() == src.header.get_data_dtype()
+
+
+def test_layer_without_metadata_is_written_with_its_transform(tmp_path: Path, phantom_files) -> None:
+    image_path, _ = phantom_files("LPS")
+    image = as_layer(read_layer_data(image_path))
+    # a labels layer a user makes by hand over the CT: same transform, no napari-apl metadata
+    painted = Layer.create(
+        np.zeros(image.data.shape, np.uint8), {"scale": image.scale, "translate": image.translate}, "labels"
+    )
+    painted.data[3:6, 30:40, 12:20] = 2
+    out = tmp_path / "hand_made.nii.gz"
+    write_labels(str(out), painted.data, state(painted))
+    np.testing.assert_allclose(world_centroid_nibabel(out, 2), world_centroid_napari(painted, 2), atol=1e-6)
+    # ... and it lines up with the CT voxel for voxel once both are in canonical order
+    ct = nib.as_closest_canonical(nib.load(str(image_path)))
+    back = nib.as_closest_canonical(nib.load(str(out)))
+    np.testing.assert_allclose(back.affine, ct.affine, atol=1e-6)
+
+
+def test_broken_files_notify_and_open_nothing(tmp_path: Path, notifications: list[str]) -> None:
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"this is not a nifti file")
+    truncated = tmp_path / "truncated.nii"
+    truncated.write_bytes(b"\x5c\x01\x00\x00" + b"\x00" * 100)
+    assert read_nifti(str(bad)) == NULL_LAYER
+    assert read_nifti(str(truncated)) == NULL_LAYER
+    assert len(notifications) == 2
+    assert all("\n" not in m and "broken" in notifications[0] for m in notifications)
+    assert "truncated" in notifications[1]
+
+
+def test_float_label_files_open_as_labels(tmp_path: Path, phantom_files) -> None:
+    _, labels_path = phantom_files("LAS")
+    src = nib.load(str(labels_path))
+    path = tmp_path / "label_7.nii.gz"  # CHAOS-style: float64 labels named label_N
+    nib.save(nib.Nifti1Image(np.asarray(src.dataobj).astype(np.float64), src.affine), str(path))
+    data, _, kind = read_layer_data(path)
+    assert kind == "labels" and data.dtype == np.uint8
+    # a float image with many values stays an image even with a mask-like name
+    noisy = tmp_path / "mask_noise.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 4)), np.eye(4)), str(noisy))
+    assert read_layer_data(noisy)[2] == "image"
+
+
+def test_sample_data_layers(tmp_path: Path) -> None:
+    image, labels = phantom_layers(shape=(48, 48, 8), spacing=(5.0, 5.0, 12.0))
+    assert image[1]["name"] == SAMPLE_IMAGE_NAME and labels[1]["name"] == SAMPLE_LABELS_NAME
+    assert image[0].dtype == np.int16 and labels[2] == "labels"
+    assert image[0].shape == (8, 48, 48)
+    assert image[1]["scale"] == labels[1]["scale"] == (12.0, 5.0, 5.0)
+    layer = as_layer(labels)
+    out = tmp_path / "sample_labels.nii.gz"
+    write_labels(str(out), layer.data, state(layer))
+    back = nib.load(str(out))
+    np.testing.assert_array_equal(
+        np.asarray(nib.as_closest_canonical(back).dataobj), to_canonical_order(labels[0])
+    )
+    geom = geometry_of(image[1]["metadata"])
+    np.testing.assert_allclose(swap_affine(swap_affine(geom.affine)), geom.affine)
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("stem", ["ct_sm", "mr_sm"])
+def test_totalseg_round_trip(data_dir: Path, tmp_path: Path, stem: str) -> None:
+    folder = data_dir / "totalseg"
+    image_path, labels_path = folder / f"{stem}.nii.gz", folder / f"{stem}_labels.nii.gz"
+    if not labels_path.exists():
+        pytest.skip(f"{labels_path} not found")
+    image = as_layer(read_layer_data(image_path))
+    labels = as_layer(read_layer_data(labels_path))
+    assert isinstance(labels.data, np.ndarray) and labels.data.dtype == np.uint8
+    np.testing.assert_allclose(layer_world_matrix(image), layer_world_matrix(labels))
+    for organ in (1, 2, 3, 4):
+        np.testing.assert_allclose(
+            world_centroid_napari(labels, organ), world_centroid_nibabel(labels_path, organ), atol=1e-4
+        )
+    out = tmp_path / f"{stem}_labels_copy.nii.gz"
+    write_labels(str(out), labels.data, state(labels))
+    back, src = nib.load(str(out)), nib.load(str(labels_path))
+    np.testing.assert_array_equal(back.affine, src.affine)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), np.asarray(src.dataobj).astype(np.uint8))
+
+
+@pytest.mark.viewer
+def test_open_and_save_through_napari(
+    make_napari_viewer, phantom_files, tmp_path: Path, notifications
+) -> None:
+    """The viewer's File > Open / Save Selected Layers go through this plugin, with no dialog."""
+    viewer = make_napari_viewer()
+    image_path, labels_path = phantom_files("LPS")
+    [image] = viewer.open(str(image_path), plugin="napari-apl")
+    [labels] = viewer.open(str(labels_path), plugin="napari-apl")
+    assert type(image).__name__ == "Image" and type(labels).__name__ == "Labels"
+    assert image.units == labels.units and str(image.units[0]) == "millimeter"
+    labels.data[4, 30:34, 30:34] = 4
+    viewer.layers.selection = {labels}
+    out = tmp_path / "edited_labels.nii.gz"
+    written = viewer.layers.save(str(out), selected=True, plugin="napari-apl")
+    assert written == [str(out)]
+    back, src = nib.load(str(out)), nib.load(str(labels_path))
+    np.testing.assert_array_equal(back.affine, src.affine)
+    np.testing.assert_allclose(world_centroid_nibabel(out, 4), world_centroid_napari(labels, 4), atol=1e-6)
+    before = out.read_bytes()
+    with pytest.warns(UserWarning, match="napari-apl"):  # napari swallows the error, warns vaguely
+        assert viewer.layers.save(str(out), selected=True, plugin="napari-apl") == []
+    assert "exists already" in notifications[-1] and out.read_bytes() == before
+    bad = tmp_path / "not_a_scan.nii.gz"
+    bad.write_bytes(b"\x1f\x8b garbage")
+    assert viewer.open(str(bad), plugin="napari-apl") == []
+    assert len(viewer.layers) == 2 and "not_a_scan" in notifications[-1]

@@ -1,0 +1,418 @@
+"""The APL dock widget in a real napari viewer (headless under Xvfb): predict, refine, correct, export."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_apl._layers import layer_world_matrix, to_canonical_order
+from napari_apl.core.refine import RefineConfig
+from napari_apl.widgets import WIDGET_NAME, APLWidget
+from napari_apl.widgets._controller import (
+    LAYER_AUX,
+    LAYER_CONFIDENCE,
+    LAYER_CONSISTENCY,
+    LAYER_MAIN,
+    LAYER_PSEUDO,
+    PREDICTION_LAYERS,
+)
+
+pytestmark = pytest.mark.viewer
+
+
+def ctl_path(widget) -> Path:
+    """The checkpoint the widget's controller loaded."""
+    return Path(widget.controller.checkpoint_path)
+
+
+def tiny_refine(iterations: int = 4, **kw) -> RefineConfig:
+    """Refinement settings small enough for two CPU cores."""
+    return RefineConfig(iterations=iterations, batch_size=2, guard_every=1000, **kw)
+
+
+@pytest.fixture
+def setup(make_napari_viewer, phantom_files, tiny_checkpoint):
+    """Factory: a viewer with a phantom CT (and its labels) opened by the plugin and the widget docked."""
+
+    def make(orientation: str = "LPS", load: bool = True):
+        viewer = make_napari_viewer()
+        image_path, labels_path = phantom_files(orientation)
+        [image] = viewer.open(str(image_path), plugin="napari-apl")
+        [labels] = viewer.open(str(labels_path), plugin="napari-apl")
+        _, widget = viewer.window.add_plugin_dock_widget("napari-apl", WIDGET_NAME)
+        if load:
+            assert widget.controller.load_checkpoint(tiny_checkpoint) is not None
+        widget.image_combo.set_layer(image)
+        return viewer, widget, image, labels
+
+    return make
+
+
+def test_widget_opens_from_the_manifest(make_napari_viewer) -> None:
+    viewer = make_napari_viewer()
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-apl", WIDGET_NAME)
+    assert isinstance(widget, APLWidget)
+    assert widget.viewer == viewer  # napari hands plugins a public-only proxy of the viewer
+    assert [widget.tabs.tabText(i) for i in range(widget.tabs.count())] == ["Inspect", "Refine", "Export"]
+
+
+def assert_aligned(viewer, image, widget) -> None:
+    """The five prediction layers have the image's shape, dtypes and exact transform."""
+    for name in PREDICTION_LAYERS:
+        layer = viewer.layers[name]
+        assert layer.data.shape == image.data.shape
+        np.testing.assert_allclose(layer.scale, image.scale)
+        np.testing.assert_allclose(layer.translate, image.translate)
+        np.testing.assert_allclose(layer.affine.affine_matrix, image.affine.affine_matrix)
+        np.testing.assert_allclose(layer_world_matrix(layer), layer_world_matrix(image))
+    for name in (LAYER_MAIN, LAYER_AUX, LAYER_PSEUDO):
+        assert viewer.layers[name].data.dtype == np.uint8
+        assert viewer.layers[name].data.max() <= 4
+    for name in (LAYER_CONFIDENCE, LAYER_CONSISTENCY):
+        data = viewer.layers[name].data
+        assert data.dtype == np.float32 and 0.0 <= data.min() and data.max() <= 1.0
+    # layer data are the core's canonical prediction, transposed to (Z, Y, X)
+    pred = widget.controller.prediction
+    np.testing.assert_array_equal(to_canonical_order(viewer.layers[LAYER_MAIN].data), pred.main)
+    np.testing.assert_array_equal(to_canonical_order(viewer.layers[LAYER_PSEUDO].data), pred.pseudo)
+
+
+def test_predict_adds_aligned_layers_and_updates_them_in_place(setup, phantom_files, qtbot) -> None:
+    viewer, widget, ras_image, _ = setup("RAS")
+    assert widget.predict(sync=True)
+    assert_aligned(viewer, ras_image, widget)
+    first = {name: viewer.layers[name] for name in PREDICTION_LAYERS}
+    n_layers = len(viewer.layers)
+    for orientation in ("LAS", "LPS"):  # other scans: the same layers follow the new geometry
+        [image] = viewer.open(
+            str(phantom_files(orientation)[0]), plugin="napari-apl", name=f"ct {orientation}"
+        )
+        widget.image_combo.set_layer(image)
+        assert widget.predict(sync=True)
+        assert_aligned(viewer, image, widget)
+        assert widget.controller.geometry.original_affine[0, 0] < 0  # L: the file's x axis runs right-to-left
+        assert all(viewer.layers[name] is layer for name, layer in first.items())
+    assert len(viewer.layers) == n_layers + 2
+    # in a thread worker, with napari progress; the layers are still updated in place
+    widget.image_combo.set_layer(ras_image)
+    assert widget.predict()
+    assert widget.controller.busy and not widget.predict_button.isEnabled()
+    qtbot.waitUntil(lambda: not widget.controller.busy, timeout=30000)
+    assert_aligned(viewer, ras_image, widget)
+    assert all(viewer.layers[name] is layer for name, layer in first.items())
+    assert widget.predict_button.isEnabled()
+    viewer.dims.ndisplay = 3  # also fine in 3-D
+    assert_aligned(viewer, ras_image, widget)
+    viewer.dims.ndisplay = 2
+
+
+def test_refine_finishes_with_consistent_layers(setup, qtbot) -> None:
+    viewer, widget, _image, _ = setup("LAS")
+    ctl = widget.controller
+    widget.predict(sync=True)
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    data_events: list[int] = []
+    pseudo.events.data.connect(lambda e: data_events.append(1))
+    finished: list = []
+    ctl.refine_finished.connect(finished.append)
+    assert ctl.refine(tiny_refine(4, emit_every=1))
+    assert not pseudo.editable  # no painting while the labels are being rewritten
+    qtbot.waitUntil(lambda: not ctl.busy, timeout=60000)
+    assert finished and finished[0].iterations_done == 4 and not finished[0].stopped
+    assert ctl.live_updates >= 1 and len(ctl.history) == 4
+    assert len(data_events) >= 2  # live overlay, then the final re-prediction
+    assert ctl.refined and ctl.model is finished[0].model
+    # every layer comes from the refined model's final prediction
+    np.testing.assert_array_equal(to_canonical_order(pseudo.data), ctl.prediction.pseudo)
+    assert pseudo.editable
+    assert widget.refine_panel.omega_plot.length == 4  # the live plot got the history
+
+
+def test_live_updates_rewrite_the_pseudo_labels(setup, qtbot, monkeypatch) -> None:
+    """Each pseudo-label volume the refinement emits reaches the layer (throttling off)."""
+    import napari_apl.widgets._controller as controller_module
+    from napari_apl.core.refine import RefineEvent, RefineResult
+
+    viewer, widget, _image, _ = setup("LPS")
+    ctl = widget.controller
+    widget.predict(sync=True)
+    shape = ctl.prediction.pseudo.shape
+    emitted = [np.full(shape, k, np.uint8) for k in (1, 2, 3)]
+
+    def fake_refine(model, meta, volume, config, *, control=None, corrections=None):
+        for i, labels in enumerate(emitted, start=1):
+            yield RefineEvent(i, 3, {"con": 1.0 / i}, 0.5 + 0.1 * i, 0.1, 0.0, pseudo=labels)
+        return RefineResult(model=model, pseudo=emitted[-1], iterations_done=3)
+
+    monkeypatch.setattr(controller_module, "refine", fake_refine)
+    monkeypatch.setattr(controller_module, "LIVE_UPDATE_SECONDS", 0.0)
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    seen: list[np.ndarray] = []
+    pseudo.events.data.connect(lambda e: seen.append(np.asarray(pseudo.data).copy()))
+    assert ctl.refine(tiny_refine(3))
+    qtbot.waitUntil(lambda: not ctl.busy, timeout=30000)
+    assert ctl.live_updates == 3
+    for labels, shown in zip(emitted, seen[:3]):
+        np.testing.assert_array_equal(to_canonical_order(shown), labels)
+    assert widget.refine_panel.loss_plot.series("con").tolist() == [1.0, 0.5, 1.0 / 3]
+
+    # with the real throttle, 20 quick events give at most ~2 layer updates per second
+    def fast_refine(model, meta, volume, config, *, control=None, corrections=None):
+        for i in range(1, 21):
+            yield RefineEvent(i, 20, {"con": 1.0}, 0.5, 0.1, 0.0, pseudo=np.full(shape, i % 5, np.uint8))
+        return RefineResult(model=model, pseudo=np.zeros(shape, np.uint8), iterations_done=20)
+
+    monkeypatch.setattr(controller_module, "refine", fast_refine)
+    monkeypatch.setattr(controller_module, "LIVE_UPDATE_SECONDS", 0.5)
+    started = time.monotonic()
+    assert ctl.refine(tiny_refine(20), sync=True)
+    assert len(ctl.history) == 20
+    assert 1 <= ctl.live_updates <= 1 + 2 * (time.monotonic() - started)
+
+
+def test_refine_pause_resume_stop(setup, qtbot) -> None:
+    viewer, widget, _image, _ = setup("RAS")
+    ctl = widget.controller
+    widget.predict(sync=True)
+    panel = widget.refine_panel
+    panel.iterations.setValue(500)
+    panel.start()
+    qtbot.waitUntil(lambda: len(ctl.history) >= 1, timeout=60000)
+    assert panel.stop_button.isEnabled() and not panel.start_button.isEnabled()
+    panel.toggle_pause()
+    assert ctl.paused and panel.pause_button.text() == "Resume"
+    qtbot.wait(300)  # let a step in flight finish
+    held = len(ctl.history)
+    qtbot.wait(700)
+    assert len(ctl.history) == held
+    panel.toggle_pause()
+    assert not ctl.paused
+    qtbot.waitUntil(lambda: len(ctl.history) > held, timeout=60000)
+    panel.stop_button.click()
+    qtbot.waitUntil(lambda: not ctl.busy, timeout=60000)
+    result = ctl.last_result
+    assert result.stopped and 1 <= result.iterations_done < 500
+    np.testing.assert_array_equal(to_canonical_order(viewer.layers[LAYER_PSEUDO].data), ctl.prediction.pseudo)
+    assert panel.start_button.isEnabled() and not panel.stop_button.isEnabled()
+    # the stopped model is usable, and Revert goes back to the checkpoint
+    assert ctl.predict(sync=True)
+    refined_pseudo = ctl.prediction.pseudo.copy()
+    assert ctl.revert(sync=True)
+    assert not ctl.refined
+    assert ctl.prediction.pseudo.shape == refined_pseudo.shape
+
+
+def test_closing_the_widget_stops_a_refinement(setup, qtbot) -> None:
+    from qtpy.QtCore import QEvent
+    from qtpy.QtWidgets import QApplication
+
+    viewer, widget, _image, _ = setup("RAS")
+    ctl = widget.controller
+    widget.predict(sync=True)
+    assert ctl.refine(tiny_refine(500))
+    qtbot.waitUntil(lambda: len(ctl.history) >= 1, timeout=60000)
+    viewer.window.remove_dock_widget("all")
+    widget.deleteLater()  # what happens when the removed widget is garbage-collected
+    QApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    qtbot.waitUntil(lambda: not ctl.busy, timeout=60000)
+    assert ctl.last_result is not None and ctl.last_result.stopped
+
+
+def test_corrections_reach_the_next_refinement(setup, monkeypatch) -> None:
+    viewer, widget, _image, _ = setup("LPS")
+    ctl = widget.controller
+    widget.predict(sync=True)
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    painted = pseudo.data.copy()
+    painted[6, 20:30, 10:18] = 2  # the user paints right kidney ...
+    painted[2, :5, :5] = 0  # ... and erases a corner
+    pseudo.data = painted
+    import napari_apl.widgets._controller as controller_module
+
+    seen = {}
+    real_refine = controller_module.refine
+
+    def spy(*args, **kwargs):
+        seen["corrections"] = kwargs.get("corrections")
+        return real_refine(*args, **kwargs)
+
+    monkeypatch.setattr(controller_module, "refine", spy)
+    assert ctl.refine(tiny_refine(1), sync=True)
+    corr = seen["corrections"]
+    assert corr is not None and corr.dtype == np.int16 and corr.shape == ctl.prediction.pseudo.shape
+    corr_layer = corr.transpose(2, 1, 0)
+    assert (corr_layer[6, 20:30, 10:18] == 2).all()
+    assert (corr_layer[2, :5, :5] == 0).all()
+    touched = corr_layer >= 0
+    assert touched.sum() == ((painted != ctl.last_pseudo.transpose(2, 1, 0)) | touched).sum()
+    np.testing.assert_array_equal(corr, ctl.last_corrections)
+    # the refinement kept them as hard labels (exactly where its 10 mm grid can hold them: the
+    # box is aligned with it) and the overlay shows every corrected voxel
+    res = ctl.last_result.pseudo.transpose(2, 1, 0)
+    assert (res[6, 20:30, 10:18] == 2).all()
+    assert (pseudo.data[corr_layer >= 0] == corr_layer[corr_layer >= 0]).all()
+    assert (pseudo.data[6, 20:30, 10:18] == 2).all()
+    assert ctl.n_corrected == int(touched.sum())
+    # a second refinement without new painting passes the same corrections again
+    assert ctl.refine(tiny_refine(1), sync=True)
+    np.testing.assert_array_equal(seen["corrections"], corr)
+    ctl.clear_corrections()
+    assert ctl.refine(tiny_refine(1), sync=True)
+    assert seen["corrections"] is None
+    # painting then predicting again keeps the painted voxels as corrections
+    pseudo.data[8, 40:44, 40:44] = 4
+    assert ctl.predict(sync=True)
+    assert ctl.n_corrected == 16 and (pseudo.data[8, 40:44, 40:44] == 4).all()
+
+
+def test_export_round_trip(setup, tmp_path: Path, notifications: list[str]) -> None:
+    viewer, widget, _image, labels = setup("LAS")
+    ctl = widget.controller
+    widget.predict(sync=True)
+    assert ctl.refine(tiny_refine(1), sync=True)
+    panel = widget.export_panel
+    panel.folder.value = str(tmp_path / "out")
+    panel.gt_combo.set_layer(labels)
+    written = panel.export()
+    names = sorted(p.name for p in written)
+    assert names == sorted(
+        f"image_{kind}"
+        for kind in (
+            "main.nii.gz",
+            "auxiliary.nii.gz",
+            "pseudo_label.nii.gz",
+            "confidence.nii.gz",
+            "consistency.nii.gz",
+            "refined.pt",
+            "report.json",
+            "report.csv",
+        )
+    )
+    src = nib.load(str(labels.metadata["napari_apl"]["source_path"]))
+    out = tmp_path / "out"
+    back = nib.load(str(out / "image_pseudo_label.nii.gz"))
+    assert back.shape == src.shape and nib.aff2axcodes(back.affine) == ("L", "A", "S")
+    np.testing.assert_array_equal(back.affine, src.affine)
+    shown = viewer.layers[LAYER_PSEUDO].data
+    np.testing.assert_array_equal(
+        np.asarray(nib.as_closest_canonical(back).dataobj), to_canonical_order(shown)
+    )
+    conf = nib.load(str(out / "image_confidence.nii.gz"))
+    assert conf.header.get_data_dtype() == np.float32
+    report = json.loads((out / "image_report.json").read_text())
+    assert report["ground_truth"] == labels.name and report["refined"]
+    liver = report["organs"][0]
+    assert liver["organ"] == "liver" and {"volume_ml", "mean_confidence", "dice", "assd_mm"} <= set(liver)
+    voxel_ml = float(np.prod(ctl.geometry.spacing)) / 1000
+    assert liver["volume_ml"] == pytest.approx(float((shown == 1).sum()) * voxel_ml)
+    csv_lines = (out / "image_report.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("label,organ,voxels,volume_ml,mean_confidence,dice,assd_mm")
+    assert len(csv_lines) == 5
+    from napari_apl.core.checkpoint import load_checkpoint
+
+    _, meta = load_checkpoint(out / "image_refined.pt")
+    assert meta.provenance["refined"]["iterations_done"] == 1
+    # a second export refuses to overwrite anything by default ...
+    stamp = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert panel.export() == []
+    assert (
+        notifications and "exists already" in notifications[-1] and "nothing was written" in notifications[-1]
+    )
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == stamp
+    # ... and replaces the files when asked
+    panel.overwrite.setChecked(True)
+    assert len(panel.export()) == 8
+
+
+def test_errors_become_notifications(setup, tmp_path: Path, notifications: list[str], monkeypatch) -> None:
+    import napari_apl._sample_data as sample_module
+
+    monkeypatch.setattr(sample_module, "demo_checkpoint_path", lambda: None)  # no demo model loaded at start
+    viewer, widget, image, _ = setup("RAS", load=False)
+    ctl = widget.controller
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert ctl.load_checkpoint(bad) is None
+    assert ctl.load_checkpoint(tmp_path / "missing.pt") is None
+    assert ctl.predict(image, sync=True) is False  # no model loaded
+    assert ctl.export(tmp_path) == []  # nothing predicted
+    assert len(notifications) == 4
+    assert all("\n" not in m for m in notifications)
+    assert "bad.pt" in notifications[0] and "does not exist" in notifications[1]
+    assert "no model loaded" in notifications[2] and "Predict first" in notifications[3]
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"garbage")
+    n_layers = len(viewer.layers)
+    assert viewer.open(str(broken), plugin="napari-apl") == []
+    assert len(viewer.layers) == n_layers and "broken.nii.gz" in notifications[-1]
+
+
+def test_worker_errors_are_notified(setup, qtbot, notifications: list[str], monkeypatch) -> None:
+    viewer, widget, _image, _ = setup("RAS")
+    import napari_apl.widgets._controller as controller_module
+    from napari_apl.core.errors import APLError
+
+    def failing(*args, **kwargs):
+        yield 0, 1
+        raise APLError("slices 0..3 contain NaN or Inf voxels: clean the volume first")
+
+    monkeypatch.setattr(controller_module, "iter_predict", failing)
+    assert widget.predict()
+    qtbot.waitUntil(lambda: not widget.controller.busy, timeout=30000)
+    assert notifications == ["slices 0..3 contain NaN or Inf voxels: clean the volume first"]
+    assert LAYER_MAIN not in viewer.layers
+
+
+def test_inspect_moves_the_slider(setup) -> None:
+    viewer, widget, image, _ = setup("LPS")
+    widget.predict(sync=True)
+    panel = widget.inspect
+    prof = panel.profile
+    assert prof is not None and prof.n_slices == image.data.shape[0]
+    assert panel.noise_plot.length == prof.n_slices
+    panel.go_to_slice(7)
+    assert panel.current_slice() == 7
+    assert viewer.dims.current_step[0] == 7
+    assert panel.hist_plot.counts.sum() == image.data.shape[1] * image.data.shape[2]
+    k = panel.next_least_confident()
+    assert k == int(np.argmin(prof.mean_confidence)) and panel.current_slice() == k
+    k2 = panel.next_least_confident()
+    assert k2 != k and prof.mean_confidence[k2] >= prof.mean_confidence[k]
+    # a click on the plot goes to the slice under the mouse
+    x = panel.noise_plot.plot_rect().left() + panel.noise_plot.plot_rect().width() * 3 / (prof.n_slices - 1)
+    assert panel.noise_plot.index_at(x) == 3
+    panel.noise_plot.clicked.emit(3)
+    assert panel.current_slice() == 3
+    # radiological view: anterior up, patient's right on the left; and back
+    camera = viewer.scene.camera
+    before = tuple(camera.orientation2d)
+    widget.radiological.setChecked(True)
+    assert tuple(camera.orientation2d) == ("up", "left")
+    widget.radiological.setChecked(False)
+    assert tuple(camera.orientation2d) == before
+    # the model chooser shows where the loaded model came from
+    assert widget.file_radio.isChecked() and Path(str(widget.checkpoint_file.value)) == ctl_path(widget)
+
+
+def test_sample_data_and_demo_checkpoint(make_napari_viewer, tiny_checkpoint, monkeypatch) -> None:
+    import napari_apl._sample_data as sample_module
+    import napari_apl.widgets._controller as controller_module
+
+    monkeypatch.setattr(sample_module, "demo_checkpoint_path", lambda: tiny_checkpoint)
+    monkeypatch.setattr(controller_module, "demo_checkpoint_path", lambda: tiny_checkpoint)
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-apl", WIDGET_NAME)
+    assert widget.controller.checkpoint_path == tiny_checkpoint  # the demo model is the default
+    layers = viewer.open_sample("napari-apl", "ct_phantom")
+    assert [layer.name for layer in layers] == ["phantom CT", "phantom CT ground truth"]
+    assert layers[0].metadata["napari_apl"]["checkpoint"] == str(tiny_checkpoint)
+    assert widget.image_combo.layer() == layers[0]
+    assert widget.demo_radio.isChecked()
+    from napari_apl.widgets import find_apl_widget
+
+    assert find_apl_widget(viewer) == widget
