@@ -55,27 +55,9 @@ def _check_outputs(paths: Sequence[Path], overwrite: bool, inputs: Sequence[str 
 
 def _normalization(name: str, meta, volume):
     """Resolve ``--normalize`` (a preset name, ``checkpoint`` or ``auto``) to a Normalization."""
-    from .core.preprocess import Normalization, get_preset
+    from .core.preprocess import choose_normalization
 
-    if name == "checkpoint":
-        return Normalization.from_dict(meta.normalization)
-    if name == "auto":
-        return (
-            get_preset("ct-abdomen")
-            if _looks_like_ct(volume)
-            else Normalization.from_dict(meta.normalization)
-        )
-    return get_preset(name)
-
-
-def _looks_like_ct(volume) -> bool:
-    """Guess whether a volume holds Hounsfield units (air near -1000 present)."""
-    import numpy as np
-
-    data = volume.data
-    step = max(1, int(data.shape[2]) // 8)
-    sample = np.asarray(data[::4, ::4, ::step])
-    return bool(sample.size and np.nanmin(sample) < -500 and np.nanpercentile(sample, 99) < 4000)
+    return choose_normalization(name, meta.normalization, volume.data)
 
 
 def _progress(total: int, desc: str, quiet: bool):
@@ -159,7 +141,20 @@ def _load_inputs(args: argparse.Namespace):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Predict both heads, pseudo labels, confidence and consistency maps for a volume."""
+    """Predict both heads, pseudo labels, confidence and consistency maps for a volume (or many)."""
+    from .core import batch
+
+    if batch.is_many(args.image):
+        return batch.run_command_many(
+            cmd_predict,
+            args,
+            outputs=[f"{n}.nii.gz" for n in MAP_DTYPES],
+            check=lambda paths, inputs: _check_outputs(paths, args.overwrite, inputs),
+        )
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
     from .core.infer import iter_predict
 
     out = _out_dir(args.out_dir)
@@ -179,14 +174,43 @@ def cmd_predict(args: argparse.Namespace) -> int:
         pred = stop.value
     finally:
         bar.close()
-    for p in _write_maps(pred.as_dict(), out, volume, args.overwrite):
-        print(f"wrote {p}")
-    print(f"predicted {volume.data.shape[2]} slices in {time.perf_counter() - t0:.1f} s ({norm.kind})")
+    n_slices = int(volume.data.shape[2])
+    # The voxels are not needed to write: free them (the maps keep the volume's geometry and header).
+    volume.data = np.broadcast_to(np.zeros((), volume.data.dtype), volume.data.shape)
+    maps = pred.as_dict()
+    del pred
+    # Label maps are written beside the float maps (zlib releases the GIL); float maps one at a time,
+    # so that at most one float32 copy of a map exists while writing.
+    lanes = [["confidence", "consistency"], ["main", "aux", "pseudo_label"]]
+
+    def write_lane(names: list[str]) -> list[Path]:
+        written = []
+        for n in names:
+            written += _write_maps({n: maps[n]}, out, volume, args.overwrite)
+            maps[n] = None
+        return written
+
+    with ThreadPoolExecutor(max_workers=len(lanes)) as pool:
+        written = {p.name: p for lane in pool.map(write_lane, lanes) for p in lane}
+    for n in MAP_DTYPES:
+        print(f"wrote {written[f'{n}.nii.gz']}")
+    print(f"predicted {n_slices} slices in {time.perf_counter() - t0:.1f} s ({norm.kind})")
     return 0
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
-    """Refine a checkpoint on an unlabelled target volume and write the refined model and maps."""
+    """Refine a checkpoint on an unlabelled target volume (or each of many) and write the model and maps."""
+    from .core import batch
+
+    if batch.is_many(args.image):
+        if args.corrections:
+            raise APLError("--corrections belong to one image: refine that image on its own to use them")
+        return batch.run_command_many(
+            cmd_refine,
+            args,
+            outputs=["refined.pt", "log.json"] + [f"{n}.nii.gz" for n in MAP_DTYPES],
+            check=lambda paths, inputs: _check_outputs(paths, args.overwrite, inputs),
+        )
     import numpy as np
 
     from .core.checkpoint import save_checkpoint
@@ -356,7 +380,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _common_model_args(p: argparse.ArgumentParser) -> None:
     """Add the options shared by predict and refine."""
-    p.add_argument("image", help="input volume (.nii / .nii.gz)")
+    p.add_argument(
+        "image",
+        help="input volume (.nii / .nii.gz), or a folder or quoted glob of volumes: each is then "
+        "processed on dask.distributed and written to OUT_DIR/<volume name>/",
+    )
     p.add_argument("--checkpoint", "-c", required=True, help="napari-apl checkpoint (.pt)")
     p.add_argument("--out-dir", "-o", required=True, help="output folder (created if its parent exists)")
     p.add_argument(
@@ -369,6 +397,18 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument("--lazy", action="store_true", help="read the volume lazily (dask) slice by slice")
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="with many volumes: address of a running dask scheduler (e.g. tcp://host:8786); "
+        "default: a local cluster",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="with many volumes and no --scheduler: worker processes of the local cluster (default 2)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

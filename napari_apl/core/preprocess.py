@@ -203,3 +203,23 @@ def get_preset(name: str) -> Normalization:
         raise NormalizationError(
             f"unknown normalization preset {name!r}: use one of {', '.join(PRESETS)}"
         ) from None
+
+
+def looks_like_ct(data: Any) -> bool:
+    """Guess whether a volume holds Hounsfield units (air near -1000, nothing far above bone)."""
+    step = max(1, int(data.shape[2]) // 8)
+    sample = data[::4, ::4, ::step]
+    sample = np.asarray(sample.compute() if _is_dask(sample) else sample, dtype=np.float32)
+    sample = sample[np.isfinite(sample)]
+    return bool(sample.size and sample.min() < -500 and np.percentile(sample, 99) < 4000)
+
+
+def choose_normalization(name: str, checkpoint_normalization: Mapping[str, Any], data: Any) -> Normalization:
+    """Resolve a preset name, ``checkpoint`` (the source's) or ``auto`` (CT window for HU volumes)."""
+    if name in ("checkpoint", "from checkpoint"):
+        return Normalization.from_dict(checkpoint_normalization)
+    if name == "auto":
+        if looks_like_ct(data):
+            return PRESETS["ct-abdomen"]
+        return Normalization.from_dict(checkpoint_normalization)
+    return get_preset(name)

@@ -46,7 +46,7 @@ from ..core.infer import Prediction, iter_predict
 from ..core.io_utils import atomic_write
 from ..core.labels import CLASS_NAMES, ORGANS
 from ..core.metrics import evaluate, label_name
-from ..core.preprocess import PRESETS, Normalization
+from ..core.preprocess import PRESETS, Normalization, choose_normalization
 from ..core.refine import RefineConfig, RefineControl, RefineEvent, RefineResult, refine
 from ..core.utils import release_device_memory, resolve_device
 from ..core.volume import save_canonical
@@ -61,6 +61,7 @@ LAYER_CONFIDENCE = "confidence ω"
 LAYER_CONSISTENCY = "consistency"
 PREDICTION_LAYERS = (LAYER_MAIN, LAYER_AUX, LAYER_PSEUDO, LAYER_CONFIDENCE, LAYER_CONSISTENCY)
 CHECKPOINT_PRESET = "from checkpoint"
+AUTO_PRESET = "auto"
 LIVE_UPDATE_SECONDS = 0.5  # at most ~2 pseudo-label updates per second while refining
 
 
@@ -105,7 +106,7 @@ class APLController:
         self.summary = ""
         self.refined = False
         self.device = "auto"
-        self.preset = CHECKPOINT_PRESET
+        self.preset = AUTO_PRESET
         self.image_layer: Any = None
         self.geometry: ScanGeometry | None = None
         self.prediction: Prediction | None = None
@@ -195,10 +196,14 @@ class APLController:
             self.predict(self.image_layer, sync=sync)
         return True
 
-    def normalization(self) -> Normalization | None:
-        """The intensity normalisation chosen (``None`` = the checkpoint's own)."""
+    def normalization(self, data: Any = None) -> Normalization | None:
+        """The intensity normalisation chosen (``None`` = the checkpoint's; ``auto`` looks at ``data``)."""
         if self.preset in (None, "", CHECKPOINT_PRESET):
             return None
+        if self.preset == AUTO_PRESET:
+            if data is None or self.meta is None:
+                return None
+            return choose_normalization(AUTO_PRESET, self.meta.normalization, data)
         if self.preset not in PRESETS:
             raise APLError(f"unknown intensity preset '{self.preset}': choose one of {', '.join(PRESETS)}")
         return PRESETS[self.preset]
@@ -291,7 +296,7 @@ class APLController:
             self._check_ready(image_layer)
             volume = volume_from_layer(image_layer)
             geometry = ScanGeometry.from_volume(volume)
-            norm = self.normalization()
+            norm = self.normalization(volume.data)
         except Exception as exc:
             self.error(exc)
             return False
@@ -458,7 +463,7 @@ class APLController:
                 self.corrections = None
             volume = volume_from_layer(image_layer)
             geometry = ScanGeometry.from_volume(volume)
-            norm = self.normalization()
+            norm = self.normalization(volume.data)
             corrections = self.collect_corrections() if _same(image_layer, self.image_layer) else None
             cfg = dataclasses.replace(
                 cfg,

@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (
 from ..core.preprocess import PRESETS
 from ..core.utils import DEVICES
 from ._common import LayerCombo
-from ._controller import CHECKPOINT_PRESET, PREDICTION_LAYERS, APLController
+from ._controller import AUTO_PRESET, CHECKPOINT_PRESET, PREDICTION_LAYERS, APLController
 from ._export import ExportPanel
 from ._inspect import InspectPanel
 from ._refine import RefinePanel
@@ -57,8 +57,11 @@ class APLWidget(QWidget):
         self.device_combo = QComboBox()
         self.device_combo.addItems(list(DEVICES))
         self.preset_combo = QComboBox()
-        self.preset_combo.addItems([CHECKPOINT_PRESET, *PRESETS])
-        self.preset_combo.setToolTip("intensity normalisation of the image (default: the checkpoint's own)")
+        self.preset_combo.addItems([AUTO_PRESET, CHECKPOINT_PRESET, *PRESETS])
+        self.preset_combo.setToolTip(
+            "intensity normalisation: auto = CT window L40/W400 for Hounsfield units, "
+            "else the checkpoint's own"
+        )
         self.radiological = QCheckBox("radiological view")
         self.radiological.setToolTip(
             "anterior up and the patient's right on the left of the screen (2-D view)"
