@@ -157,3 +157,17 @@ def test_presets_and_get_preset() -> None:
     assert all(name in msg for name in PRESETS)
     with pytest.raises(AttributeError):
         PRESETS["mri"].kind = "zscore"  # type: ignore[misc]  # frozen
+
+
+def test_auto_preset_picks_the_ct_window_only_for_hounsfield_units() -> None:
+    from napari_apl.core.phantom import make_phantom
+    from napari_apl.core.preprocess import choose_normalization, looks_like_ct
+
+    ct, _, _ = make_phantom("ct", 0, shape=(32, 32, 8))
+    mri, _, _ = make_phantom("mri", 0, shape=(32, 32, 8))
+    source = {"kind": "percentile", "lower": 0.5, "upper": 99.5}
+    assert looks_like_ct(ct) and not looks_like_ct(mri)
+    assert choose_normalization("auto", source, ct) == PRESETS["ct-abdomen"]
+    assert choose_normalization("auto", source, mri) == Normalization.from_dict(source)
+    assert choose_normalization("checkpoint", source, ct) == Normalization.from_dict(source)
+    assert choose_normalization("zscore", source, ct) == PRESETS["zscore"]
