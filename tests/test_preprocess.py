@@ -27,7 +27,7 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
 
 def test_ct_window_hand_values() -> None:
     norm = Normalization("ct_window", level=40, width=400)
-    fitted = norm.fit(np.zeros((2, 2, 2)))  # a constant CT is fine: the window does not look at it
+    fitted = norm.fit(np.arange(8).reshape(2, 2, 2))  # the window's values do not depend on the data
     hu = np.array([-1000, -160, -60, 40, 140, 240, 3000], dtype=np.int16)
     out = fitted(hu)
     assert out.dtype == np.float32
@@ -64,7 +64,7 @@ def test_zscore_hand_values() -> None:
     assert not fitted.clip and fitted(np.array([100.0]))[0] > 1.0
 
 
-@pytest.mark.parametrize("preset", ["mri", "zscore"])
+@pytest.mark.parametrize("preset", ["mri", "zscore", "ct-abdomen"])
 def test_constant_volume_is_an_error(preset: str) -> None:
     with pytest.raises(VolumeError) as exc:
         get_preset(preset).fit(np.full((4, 4, 4), 7, np.int16))

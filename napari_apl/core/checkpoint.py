@@ -304,13 +304,65 @@ def _check_arch(path: Path, meta: CheckpointMeta) -> None:
         )
 
 
-def _build(path: Path, meta: CheckpointMeta) -> DualHeadNet:
-    """Build the model for ``meta``, naming ``path`` in any error."""
+def _build(
+    path: Path, meta: CheckpointMeta, state: Mapping[str, torch.Tensor] | None = None, *, strict: bool = True
+) -> DualHeadNet:
+    """Build the model for ``meta``, naming ``path`` in any error.
+
+    With ``state`` the network is first built on the meta device (no memory) and checked against the
+    file's tensors, so absurd architecture arguments in untrusted metadata never allocate anything.
+    """
     _check_arch(path, meta)
     try:
+        if state is not None:
+            with torch.device("meta"):
+                probe = build_model(meta.arch, **_model_args(meta))
+            probe_params = sum(t.numel() for t in probe.state_dict().values())
+            file_params = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
+            if strict or probe_params > 4 * max(file_params, 1):
+                _check_fits(path, probe, state, strict=strict)
+            if probe_params > 4 * max(file_params, 1):
+                raise CheckpointError(
+                    f"{path}: its metadata asks for a {meta.arch} with {probe_params:,} weights but the file "
+                    f"holds {file_params:,}: the metadata does not describe these weights"
+                )
         return build_model(meta.arch, **_model_args(meta))
     except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
+        msg = str(exc)
+        raise CheckpointError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    except (RuntimeError, MemoryError, ValueError, TypeError, OverflowError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot build {meta.arch} from its metadata ({first})") from None
+
+
+def _check_fits(path: Path, probe: DualHeadNet, state: Mapping[str, torch.Tensor], *, strict: bool) -> None:
+    """Raise a one-line error when ``state`` does not fit the (meta-device) ``probe`` network."""
+    own = probe.state_dict()
+    given = {k: v for k, v in state.items() if k in own or not k.endswith(_BN_COUNTER)}
+    if not strict:
+        if not any(k in own and tuple(v.shape) == tuple(own[k].shape) for k, v in given.items()):
+            raise CheckpointError(f"{path}: no weight in the file matches architecture {probe.arch}")
+        return
+    missing = [k for k in own if not k.endswith(_BN_COUNTER) and k not in given]
+    unexpected = [k for k in given if k not in own]
+    mismatched = [k for k in given if k in own and tuple(given[k].shape) != tuple(own[k].shape)]
+    if missing:
+        raise CheckpointError(
+            f"{path}: {len(missing)} weights of {probe.arch} are missing: {_names(missing)}: "
+            "the file does not fit this architecture"
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"{path}: {len(unexpected)} unexpected weights for {probe.arch}: {_names(unexpected)}: "
+            "the file does not fit this architecture"
+        )
+    if mismatched:
+        k = mismatched[0]
+        raise CheckpointError(
+            f"{path}: tensor shape mismatch for {k}: file has {tuple(given[k].shape)}, "
+            f"{probe.arch} needs {tuple(own[k].shape)}"
+            + (f" ({len(mismatched) - 1} more)" if len(mismatched) > 1 else "")
+        )
 
 
 def _names(keys: list[str]) -> str:
@@ -420,7 +472,7 @@ def load_checkpoint(
     meta, state = _parse(p, _safe_load(p, "cpu"))
     _check_arch(p, meta)
     _check_classes(p, meta, state, num_classes)
-    model = _build(p, meta)
+    model = _build(p, meta, state)
     _load_weights(p, model, state, strict=True)
     return _place(model, map_location), meta
 
@@ -524,7 +576,7 @@ def import_state_dict(
     state = _unwrap_raw(p, _safe_load(p, "cpu"))
     _check_arch(p, meta)
     _check_classes(p, meta, state if strict else None, None)
-    model = _build(p, meta)
+    model = _build(p, meta, state, strict=strict)
     skipped = _load_weights(p, model, state, strict=strict)
     if skipped:
         warnings.warn(

@@ -16,18 +16,27 @@ def _suffix(path: Path) -> str:
     return "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
 
 
-def _umask() -> int:
-    """Return the process umask without changing it for long."""
+def _read_umask() -> int:
+    """Return the process umask (read once at import: changing it later is not thread-safe)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def check_output_path(path: str | os.PathLike, *, overwrite: bool = False, inputs: tuple = ()) -> Path:
     """Validate an output path before any work starts; return it as an absolute ``Path``."""
     out = Path(path).expanduser().absolute()
     for src in inputs:
-        if src is not None and Path(src).expanduser().absolute() == out:
+        if src is None:
+            continue
+        src_path = Path(src).expanduser()
+        same = src_path.absolute() == out or src_path.resolve() == out.resolve()
+        if not same and src_path.exists() and out.exists():
+            same = os.path.samefile(src_path, out)
+        if same:
             raise OutputError(f"output {out} is the same file as an input: choose another output path")
     if out.is_dir():
         raise OutputError(f"output {out} is a folder: give a file name")
@@ -62,7 +71,7 @@ def atomic_write(
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         # mkstemp makes owner-only files: give the result the usual permissions (or the replaced file's)
-        mode = out.stat().st_mode & 0o777 if out.exists() else 0o666 & ~_umask()
+        mode = out.stat().st_mode & 0o777 if out.exists() else 0o666 & ~_UMASK
         os.chmod(tmp, mode)
         if out.exists() and not overwrite:  # appeared while we were writing
             raise OutputExistsError(f"{out} appeared while writing: pass overwrite to replace it")

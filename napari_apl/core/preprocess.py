@@ -160,8 +160,9 @@ class Normalization:
 
     def fit(self, data: Any, *, max_voxels: int = MAX_FIT_VOXELS) -> FittedNormalization:
         """Compute the statistics of a whole volume (numpy/dask/torch; subsampled when large)."""
-        if self.kind == "ct_window":
-            return FittedNormalization(self.kind, self.level - self.width / 2.0, self.width, True)
+        window = FittedNormalization("ct_window", self.level - self.width / 2.0, self.width, True)
+        if self.kind == "ct_window" and data is None:  # the window needs no statistics
+            return window
         sample = _sample(data, max_voxels)
         if sample.dtype.kind not in "biuf":
             raise VolumeError(f"cannot normalise voxels of type {sample.dtype}: give a numeric image")
@@ -175,6 +176,8 @@ class Normalization:
                 f"the volume is constant (every voxel is {vmin:g}): there is nothing to normalise with "
                 f"{self.kind}, check that the right image was loaded"
             )
+        if self.kind == "ct_window":
+            return window
         if self.kind == "percentile":
             lo, hi = (float(v) for v in np.percentile(sample, [self.lower, self.upper]))
             if hi <= lo:  # almost constant: fall back to the full range

@@ -67,6 +67,7 @@ _READ_ERRORS = (
     ValueError,
     TypeError,
     MemoryError,
+    ArithmeticError,  # e.g. an infinite vox_offset turned into an int
 )
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -320,9 +321,19 @@ def _read_image(path: Path, *, keep_file_open: bool) -> Any:
     return img
 
 
+# deflate cannot compress better than about 1032:1, so a .nii.gz declaring more is lying
+_MAX_GZIP_RATIO = 1100
+
+
 def _check_size_on_disk(path: Path, img: Any, nbytes: int) -> None:
-    """For an uncompressed file, refuse it early when it is shorter than the header says."""
+    """Refuse a file early when it is shorter than the header says (or, gzipped, could not hold it)."""
     if path.name.lower().endswith(".nii.gz"):
+        actual = path.stat().st_size
+        if nbytes > _MAX_GZIP_RATIO * max(actual, 1) + 65536:
+            raise VolumeError(
+                f"{path} declares {nbytes} bytes of voxels but is only {actual} bytes compressed: "
+                "the header is corrupt or the file truncated; copy or export it again"
+            )
         return
     offset = int(getattr(img.dataobj, "offset", img.header.get_data_offset()))
     actual = path.stat().st_size

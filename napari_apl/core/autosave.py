@@ -1,0 +1,537 @@
+"""Crash recovery: periodic, atomic autosave of painted corrections and of the latest refined model.
+
+Each image gets one folder under the autosave root (default: the user cache dir
+``napari-apl/autosave``; override with the environment variable ``NAPARI_APL_AUTOSAVE_DIR``), named
+``<image stem>-<key>`` where the key hashes the image path, its canonical shape and affine::
+
+    <root>/<stem>-<key>/manifest.json        what is saved, when, for which image and checkpoint
+                        corrections-<n>.npz  int16 canonical volume, -1 where nothing was painted
+                        model-<n>.pt         the latest refined model (a normal napari-apl checkpoint)
+
+Every file goes through ``io_utils.atomic_write``. The data files of a snapshot get a new sequence
+number ``<n>`` and are written first; the manifest is replaced last and is the commit point, so a
+crash at any moment leaves the previous complete snapshot or the new one, never a mix. Files of older
+snapshots are removed only after the new manifest is in place. Only files this module created inside
+the autosave root are ever deleted; the user's images and checkpoints are only read.
+
+Reading an autosave treats it as untrusted input like any other file: the manifest size is limited,
+the corrections' array header (shape, dtype) is checked before anything is allocated, pickles are never
+loaded (``allow_pickle=False``) and the model goes through ``checkpoint.load_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import threading
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import APLError
+from .io_utils import atomic_write
+
+__all__ = [
+    "AUTOSAVE_DIR_ENV",
+    "AutosaveEntry",
+    "AutosaveError",
+    "Autosaver",
+    "default_root",
+    "discard",
+    "find_autosaves",
+    "restore",
+    "session_key",
+]
+
+AUTOSAVE_DIR_ENV = "NAPARI_APL_AUTOSAVE_DIR"
+MANIFEST = "manifest.json"
+FORMAT_KEY = "napari_apl_autosave"
+FORMAT_VERSION = 1
+DEFAULT_INTERVAL_S = 120.0
+_MAX_MANIFEST_BYTES = 1024 * 1024
+_CORR_KEY = "corrections"
+_DATA_FILE = re.compile(r"^(corrections-\d+\.npz|model-\d+\.pt)$")
+_STALE_TEMP_S = 600.0
+_TEMP_FILE = re.compile(r"^\.(corrections-\d+\.npz|model-\d+\.pt|manifest\.json)\..*\.tmp")
+
+
+class AutosaveError(APLError):
+    """An autosave cannot be written, read or removed."""
+
+
+def default_root() -> Path:
+    """Return the autosave root: ``$NAPARI_APL_AUTOSAVE_DIR`` or the user cache ``napari-apl/autosave``."""
+    env = os.environ.get(AUTOSAVE_DIR_ENV, "").strip()
+    if env:
+        return Path(env).expanduser().absolute()
+    try:
+        from platformdirs import user_cache_dir
+
+        base = Path(user_cache_dir("napari-apl", appauthor=False))
+    except ImportError:  # pragma: no cover - platformdirs comes with napari
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "napari-apl"
+    return (base / "autosave").absolute()
+
+
+def _root(root: str | os.PathLike | None) -> Path:
+    """Return ``root`` as an absolute path (the default root when ``None``)."""
+    return default_root() if root is None else Path(root).expanduser().absolute()
+
+
+# -- identity of an image -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Identity:
+    """What an autosave is keyed on: the image's path (or name), canonical shape and affine."""
+
+    path: str | None
+    name: str
+    shape: tuple[int, int, int]
+    affine: tuple[tuple[float, ...], ...]
+
+    @property
+    def key(self) -> str:
+        """A short stable hash of path/name, shape and affine."""
+        ident = self.path if self.path is not None else f"<memory>:{self.name}"
+        text = json.dumps([ident, list(self.shape), [list(r) for r in self.affine]], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    @property
+    def folder_name(self) -> str:
+        """The session folder name ``<safe stem>-<key>``."""
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name)[:40].strip("._") or "image"
+        return f"{stem}-{self.key}"
+
+
+def _identity(image: Any) -> _Identity:
+    """Describe a ``Volume`` or an image path (read lazily, header only) as an ``_Identity``."""
+    from .volume import Volume, load_volume
+
+    if isinstance(image, (str, os.PathLike)):
+        image = load_volume(image, lazy=True)
+    if not isinstance(image, Volume):
+        raise AutosaveError(f"autosave needs a Volume or an image path, got {type(image).__name__}")
+    path = str(Path(image.path).expanduser().resolve()) if image.path is not None else None
+    affine = np.asarray(image.affine, dtype=np.float64)
+    rounded = tuple(tuple(round(float(v), 4) + 0.0 for v in row) for row in affine)
+    return _Identity(path=path, name=image.name, shape=tuple(image.shape), affine=rounded)
+
+
+def session_key(image: Any) -> str:
+    """Return the autosave key of an image (a ``Volume`` or a path): a hash of path, shape and affine."""
+    return _identity(image).key
+
+
+# -- entries --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AutosaveEntry:
+    """One recoverable session found under the autosave root."""
+
+    folder: Path
+    root: Path
+    key: str
+    saved_at: float
+    image_path: str | None
+    image_name: str
+    shape: tuple[int, int, int]
+    checkpoint: str | None
+    iteration: int | None
+    corrections_file: str | None
+    model_file: str | None
+    painted_voxels: int
+    manifest: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def has_corrections(self) -> bool:
+        """Whether painted corrections were saved."""
+        return self.corrections_file is not None
+
+    @property
+    def has_model(self) -> bool:
+        """Whether a refined model was saved."""
+        return self.model_file is not None
+
+    def summary(self) -> str:
+        """Return a one-line description for a recovery dialog."""
+        parts = [self.image_name]
+        if self.has_corrections:
+            parts.append(f"{self.painted_voxels} corrected voxels")
+        if self.has_model:
+            parts.append(
+                "refined model" + (f" at iteration {self.iteration}" if self.iteration is not None else "")
+            )
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.saved_at))
+        return ", ".join(parts) + f" (saved {when})"
+
+
+def _bad(folder: Path, what: str) -> AutosaveError:
+    """The error for a damaged autosave folder."""
+    return AutosaveError(f"autosave {folder} is damaged ({what}): discard it")
+
+
+def _int_or_none(value: Any) -> int | None:
+    """Return ``value`` if it is a plain int, else ``None``."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    """Read and validate ``folder/manifest.json`` (size-limited, plain JSON)."""
+    path = folder / MANIFEST
+    try:
+        if path.is_symlink() or not path.is_file():
+            raise _bad(folder, "no manifest")
+        if path.stat().st_size > _MAX_MANIFEST_BYTES:
+            raise _bad(folder, "manifest too large")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except AutosaveError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise _bad(folder, f"unreadable manifest: {type(exc).__name__}") from None
+    if not isinstance(data, dict) or data.get(FORMAT_KEY) != FORMAT_VERSION:
+        raise _bad(folder, "not a napari-apl autosave manifest")
+    shape = data.get("shape")
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 3
+        and all(_int_or_none(s) is not None and s > 0 for s in shape)
+    ):
+        raise _bad(folder, "bad shape in manifest")
+    saved_at = data.get("saved_at")
+    if isinstance(saved_at, bool) or not isinstance(saved_at, (int, float)) or not math.isfinite(saved_at):
+        raise _bad(folder, "bad time in manifest")
+    if not isinstance(data.get("key"), str):
+        raise _bad(folder, "no key in manifest")
+    for name in ("corrections", "model"):
+        value = data.get(name)
+        if value is not None and (not isinstance(value, str) or not _DATA_FILE.match(value)):
+            raise _bad(folder, f"bad {name} file name in manifest")
+    for name in ("image_path", "image_name", "checkpoint"):
+        if data.get(name) is not None and not isinstance(data.get(name), str):
+            raise _bad(folder, f"bad {name} in manifest")
+    return data
+
+
+def _entry(folder: Path, root: Path, data: dict[str, Any]) -> AutosaveEntry:
+    """Build an ``AutosaveEntry`` from a validated manifest."""
+    return AutosaveEntry(
+        folder=folder,
+        root=root,
+        key=data["key"],
+        saved_at=float(data["saved_at"]),
+        image_path=data.get("image_path"),
+        image_name=data.get("image_name") or "image",
+        shape=tuple(int(s) for s in data["shape"]),  # type: ignore[arg-type]
+        checkpoint=data.get("checkpoint"),
+        iteration=_int_or_none(data.get("iteration")),
+        corrections_file=data.get("corrections"),
+        model_file=data.get("model"),
+        painted_voxels=_int_or_none(data.get("painted_voxels")) or 0,
+        manifest=data,
+    )
+
+
+def find_autosaves(image: Any = None, *, root: str | os.PathLike | None = None) -> list[AutosaveEntry]:
+    """List recoverable sessions, newest first: all of them, or those of ``image`` (a Volume or path).
+
+    Damaged or foreign folders under the root are skipped.
+    """
+    base = _root(root)
+    key = session_key(image) if image is not None else None
+    if not base.is_dir():
+        return []
+    entries = []
+    for folder in sorted(base.iterdir()):
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        try:
+            data = _read_manifest(folder)
+        except AutosaveError:
+            continue
+        if key is not None and data["key"] != key:
+            continue
+        entries.append(_entry(folder, base, data))
+    entries.sort(key=lambda e: e.saved_at, reverse=True)
+    return entries
+
+
+def _load_corrections(folder: Path, name: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """Load a corrections ``.npz``, checking its array header (shape, dtype) before reading the data."""
+    path = folder / name
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = zf.namelist()
+            if members != [f"{_CORR_KEY}.npy"]:
+                raise _bad(folder, f"unexpected members in {name}")
+            with zf.open(members[0]) as fh:
+                version = np.lib.format.read_magic(fh)
+                if version == (1, 0):
+                    hshape, _fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+                elif version == (2, 0):
+                    hshape, _fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+                else:
+                    raise _bad(folder, f"unsupported array format in {name}")
+                if tuple(hshape) != tuple(shape) or np.dtype(dtype) != np.dtype("<i2") or dtype.hasobject:
+                    raise _bad(folder, f"{name} holds {dtype} {tuple(hshape)}, expected int16 {tuple(shape)}")
+        with np.load(path, allow_pickle=False) as npz:
+            arr = np.array(npz[_CORR_KEY], dtype=np.int16, copy=True)
+    except AutosaveError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, RuntimeError) as exc:
+        raise _bad(folder, f"unreadable {name}: {type(exc).__name__}") from None
+    if arr.shape != tuple(shape) or arr.min(initial=-1) < -1:
+        raise _bad(folder, f"bad values in {name}")
+    return arr
+
+
+def restore(entry: AutosaveEntry, *, map_location: str = "cpu") -> tuple[np.ndarray | None, Any, Any]:
+    """Reopen a session: return ``(corrections, model, meta)``; missing parts are ``None``.
+
+    ``corrections`` is the int16 canonical volume (-1 = not painted), ``model``/``meta`` the refined
+    ``DualHeadNet`` and its ``CheckpointMeta``. The latest manifest of the folder is read again.
+    """
+    from .checkpoint import load_checkpoint
+    from .errors import CheckpointError
+
+    folder = Path(entry.folder)
+    data = _read_manifest(folder)
+    shape = tuple(int(s) for s in data["shape"])
+    corrections = None
+    if data.get("corrections"):
+        corrections = _load_corrections(folder, data["corrections"], shape)  # type: ignore[arg-type]
+    model = meta = None
+    if data.get("model"):
+        try:
+            model, meta = load_checkpoint(folder / data["model"], map_location=map_location)
+        except CheckpointError as exc:
+            raise _bad(folder, f"model: {exc}") from None
+    return corrections, model, meta
+
+
+def _inside(folder: Path, root: Path) -> bool:
+    """Whether ``folder`` is a direct, real (not symlinked) child of ``root``."""
+    try:
+        return folder.parent.resolve() == root.resolve() and not folder.is_symlink()
+    except OSError:
+        return False
+
+
+def _remove_own_files(folder: Path, keep: set[str], *, temp_age_s: float | None = None) -> None:
+    """Delete our data files in ``folder`` except ``keep``, and our temp files older than ``temp_age_s``."""
+    age = _STALE_TEMP_S if temp_age_s is None else temp_age_s
+    now = time.time()
+    for child in folder.iterdir():
+        if child.name in keep or child.is_symlink() or not child.is_file():
+            continue
+        try:
+            if _DATA_FILE.match(child.name) or (
+                _TEMP_FILE.match(child.name) and now - child.stat().st_mtime >= age
+            ):
+                child.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def discard(entry: AutosaveEntry) -> None:
+    """Delete an autosave (only files this module wrote; the folder goes when it is then empty)."""
+    folder, root = Path(entry.folder), Path(entry.root)
+    if not _inside(folder, root) or not (folder / MANIFEST).is_file():
+        raise AutosaveError(f"{folder} is not an autosave folder under {root}: nothing was deleted")
+    try:
+        _remove_own_files(folder, keep=set(), temp_age_s=0.0)
+        (folder / MANIFEST).unlink(missing_ok=True)
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    except OSError as exc:
+        raise AutosaveError(f"cannot remove autosave {folder}: {exc.strerror or exc}") from None
+
+
+# -- writing --------------------------------------------------------------------------------------------
+
+
+def _digest_array(arr: np.ndarray) -> str:
+    """A content hash of an array (shape, dtype and bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((arr.shape, arr.dtype.str)).encode())
+    h.update(np.ascontiguousarray(arr).data)
+    return h.hexdigest()
+
+
+def _digest_model(model: Any) -> str:
+    """A content hash of a model's state dict."""
+    import torch
+
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(repr((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class Autosaver:
+    """Autosave of one image's session: ``maybe_save`` at most every ``interval`` seconds, ``save`` now.
+
+    Arguments left out of a save (``None``) keep what this saver's previous snapshot holds; pass an all
+    ``-1`` corrections array to clear them. Offer recovery (``find_autosaves``/``restore``) before
+    creating a saver: its first save replaces an older snapshot of the same image. Thread-safe: the
+    refinement worker and the viewer may both call it.
+    """
+
+    def __init__(
+        self,
+        image: Any,
+        *,
+        checkpoint: str | os.PathLike | None = None,
+        root: str | os.PathLike | None = None,
+        interval: float = DEFAULT_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not (isinstance(interval, (int, float)) and math.isfinite(interval) and interval >= 0):
+            raise AutosaveError(f"autosave interval must be a number of seconds >= 0, got {interval!r}")
+        self._id = _identity(image)
+        self.root = _root(root)
+        self.folder = self.root / self._id.folder_name
+        self.checkpoint = str(Path(checkpoint).expanduser().resolve()) if checkpoint is not None else None
+        self.interval = float(interval)
+        self._clock = clock
+        self._last = clock()
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._state: dict[str, Any] = {}
+        self._created = time.time()
+        if (self.folder / MANIFEST).is_file():  # an older snapshot stays until our first save commits
+            try:
+                self._seq = _int_or_none(_read_manifest(self.folder).get("seq")) or 0
+            except AutosaveError:
+                self._seq = 0
+
+    @property
+    def key(self) -> str:
+        """The session key (hash of image path, shape and affine)."""
+        return self._id.key
+
+    def due(self) -> bool:
+        """Whether ``interval`` seconds passed since the last save (or since creation)."""
+        return self._clock() - self._last >= self.interval
+
+    def maybe_save(
+        self,
+        corrections: Any = None,
+        model: Any = None,
+        meta: Any = None,
+        *,
+        iteration: int | None = None,
+        force: bool = False,
+    ) -> AutosaveEntry | None:
+        """Save when the interval has passed (or ``force``); return the entry, or ``None`` when not due."""
+        if not force and not self.due():
+            return None
+        return self.save(corrections, model, meta, iteration=iteration)
+
+    def _check_corrections(self, corrections: Any) -> np.ndarray:
+        """Return corrections as a C-contiguous int16 copy on this image's canonical grid."""
+        arr = np.asarray(corrections)
+        if arr.shape != self._id.shape:
+            raise AutosaveError(
+                f"corrections have shape {arr.shape} but the image has {self._id.shape}: "
+                "autosave the corrections layer of this image"
+            )
+        if arr.dtype.kind not in "iu":
+            raise AutosaveError(f"corrections must be integer labels, got {arr.dtype}")
+        if arr.size and (int(arr.min()) < -1 or int(arr.max()) > np.iinfo(np.int16).max):
+            raise AutosaveError("corrections must be -1 (not painted) or a label in 0..32767")
+        return np.array(arr, dtype=np.int16, order="C", copy=True)
+
+    def save(
+        self, corrections: Any = None, model: Any = None, meta: Any = None, *, iteration: int | None = None
+    ) -> AutosaveEntry:
+        """Write a snapshot now (data files first, the manifest last) and return its entry."""
+        from .checkpoint import save_checkpoint
+
+        if (model is None) != (meta is None):
+            raise AutosaveError("autosave needs both the model and its CheckpointMeta (or neither)")
+        corr = self._check_corrections(corrections) if corrections is not None else None
+        with self._lock:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True, mode=0o700)  # private: may hold patient data
+                self.folder.mkdir(exist_ok=True, mode=0o700)
+            except OSError as exc:
+                raise AutosaveError(
+                    f"cannot create the autosave folder {self.folder}: {exc.strerror or exc}; "
+                    f"set {AUTOSAVE_DIR_ENV} to a writable folder"
+                ) from None
+            seq = self._seq + 1
+            state = dict(self._state)
+            if corr is not None:
+                digest = _digest_array(corr)
+                if digest != state.get("corrections_digest") or not state.get("corrections"):
+                    name = f"corrections-{seq}.npz"
+
+                    def write_npz(tmp: Path, arr: np.ndarray = corr) -> None:
+                        with open(tmp, "wb") as fh:
+                            np.savez_compressed(fh, **{_CORR_KEY: arr})
+
+                    atomic_write(self.folder / name, write_npz, overwrite=True)
+                    state.update(corrections=name, corrections_digest=digest)
+                state["painted_voxels"] = int(np.count_nonzero(corr >= 0))
+            if model is not None:
+                digest = _digest_model(model)
+                if digest != state.get("model_digest") or not state.get("model"):
+                    name = f"model-{seq}.pt"
+                    save_checkpoint(self.folder / name, model, meta, overwrite=True)
+                    state.update(model=name, model_digest=digest)
+            if iteration is not None:
+                state["iteration"] = int(iteration)
+            now = time.time()
+            manifest = {
+                FORMAT_KEY: FORMAT_VERSION,
+                "key": self._id.key,
+                "seq": seq,
+                "saved_at": now,
+                "saved_at_iso": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)),
+                "created_at": self._created,
+                "image_path": self._id.path,
+                "image_name": self._id.name,
+                "shape": list(self._id.shape),
+                "affine": [list(r) for r in self._id.affine],
+                "checkpoint": self.checkpoint,
+                "iteration": state.get("iteration"),
+                "corrections": state.get("corrections"),
+                "corrections_digest": state.get("corrections_digest"),
+                "painted_voxels": state.get("painted_voxels", 0),
+                "model": state.get("model"),
+                "model_digest": state.get("model_digest"),
+                "pid": os.getpid(),
+            }
+            text = json.dumps(manifest, indent=1)
+            atomic_write(
+                self.folder / MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=True
+            )
+            self._seq, self._state, self._last = seq, state, self._clock()
+            keep = {n for n in (state.get("corrections"), state.get("model")) if n}
+            try:
+                _remove_own_files(self.folder, keep)
+            except OSError:  # old snapshots are only clutter: the new one is committed
+                pass
+            return _entry(self.folder, self.root, manifest)
+
+    def discard(self) -> None:
+        """Delete this session's autosave (after a clean export or when the user declines recovery)."""
+        with self._lock:
+            if (self.folder / MANIFEST).is_file():
+                discard(_entry(self.folder, self.root, _read_manifest(self.folder)))
+            elif self.folder.is_dir():
+                _remove_own_files(self.folder, keep=set(), temp_age_s=0.0)
+            self._seq, self._state = 0, {}

@@ -1,0 +1,259 @@
+"""Atomic, non-destructive output (issue #6, item 3): kill -9 during exports, no overwrite without a flag.
+
+The kill tests fork a child that exports over an existing file in a loop through the project's
+writers (``volume.save_nifti`` for a ~3 MB .nii.gz, ``checkpoint.save_checkpoint`` for a ~7 MB
+checkpoint; both go through ``io_utils.atomic_write``), alternating between two versions A and B.
+The parent sends SIGKILL at a random moment and then checks that the target is exactly version A or
+version B (byte-identical for NIfTI; for checkpoints every zip record is identical except torch's
+random ``serialization_id`` and the archive's folder name, which torch derives from the temporary
+file name), that it loads with the project's loader, that no other visible file appeared, and that
+anything left over is a hidden ``.<name>.*.tmp*`` file.
+
+``NAPARI_APL_KILL_TRIALS`` sets the kills per writer (default 10, so 20 in all; e.g. 200 for a long
+run) and ``NAPARI_APL_KILL_SEED`` the random kill times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import multiprocessing as mp
+import os
+import random
+import re
+import signal
+import stat
+import sys
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_apl.core.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from napari_apl.core.errors import OutputError, OutputExistsError
+from napari_apl.core.io_utils import atomic_write
+from napari_apl.core.models import build_model
+from napari_apl.core.volume import load_volume, save_nifti, volume_from_array
+
+TRIALS = int(os.environ.get("NAPARI_APL_KILL_TRIALS", "10"))
+SEED = int(os.environ.get("NAPARI_APL_KILL_SEED", "0"))
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs fork and SIGKILL")
+
+
+def _visible_and_hidden(folder: Path, name: str) -> tuple[set[str], list[str]]:
+    """Names of the visible files in ``folder`` and of the hidden temporary files of ``name``."""
+    visible = {p.name for p in folder.iterdir() if not p.name.startswith(".")}
+    pattern = re.compile(rf"^\.{re.escape(name)}\.[^/]+\.tmp")
+    hidden = [p.name for p in folder.iterdir() if p.name.startswith(".")]
+    assert all(pattern.match(h) for h in hidden), f"unexpected hidden files {hidden}"
+    return visible, hidden
+
+
+def _ckpt_records(data: bytes) -> dict[str, str]:
+    """The records of a torch zip checkpoint (folder name stripped, serialization id left out) -> md5."""
+    out = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        for info in zf.infolist():
+            rel = info.filename.split("/", 1)[1]
+            if rel.endswith("serialization_id"):
+                continue
+            out[rel] = hashlib.md5(zf.read(info)).hexdigest()
+    return out
+
+
+def _writer_loop(write: Callable[[int], None], ready) -> None:
+    """Child process: export version A, B, A, B... over the target until killed."""
+    torch.set_num_threads(1)
+    ready.set()
+    i = 1  # the target holds version A (0) already: start with B
+    while True:
+        write(i % 2)
+        i += 1
+
+
+def _kill_trials(
+    name: str,
+    folder: Path,
+    target: Path,
+    write: Callable[[int], None],
+    verify: Callable[[Path], int],
+    write_seconds: float,
+) -> dict[str, int]:
+    """Kill a looping writer ``TRIALS`` times at random moments; verify the target after each kill."""
+    ctx = mp.get_context("fork")
+    rng = random.Random(f"{name}-{SEED}")
+    versions = {0: 0, 1: 0}
+    mid_write = 0
+    for _ in range(TRIALS):
+        _, hidden_before = _visible_and_hidden(folder, target.name)
+        ready = ctx.Event()
+        proc = ctx.Process(target=_writer_loop, args=(write, ready), daemon=True)
+        proc.start()
+        try:
+            assert ready.wait(30), "the writer did not start"
+            time.sleep(rng.uniform(0.0, 3.0 * write_seconds))
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(10)
+        assert proc.exitcode == -signal.SIGKILL
+        visible, hidden = _visible_and_hidden(folder, target.name)
+        assert visible == {target.name}, f"stray files {visible}"
+        versions[verify(target)] += 1
+        mid_write += len(hidden) > len(hidden_before)
+    print(
+        f"\nkill -9 {name}: {TRIALS} kills, target was version A {versions[0]}x / B {versions[1]}x, "
+        f"{mid_write} kills landed inside a write (left a hidden temp file), "
+        f"{len(hidden)} hidden temp files left in all"
+    )
+    return {"mid_write": mid_write, "temps": len(hidden)}
+
+
+def test_kill_during_nifti_export(tmp_path):
+    rng = np.random.default_rng(0)
+    data = np.cumsum(rng.integers(-3, 4, (256, 256, 48)), axis=0).astype(np.int16)  # ~3 MB as .nii.gz
+    versions = [data, data + 1]
+    ref = volume_from_array(data, np.diag([1.0, 1.0, 2.0, 1.0]))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    expected = []
+    t0 = time.perf_counter()
+    for i, arr in enumerate(versions):
+        expected.append(save_nifti(arr, scratch / f"v{i}.nii.gz", ref).read_bytes())
+    write_seconds = (time.perf_counter() - t0) / 2
+    folder = tmp_path / "export"
+    folder.mkdir()
+    target = folder / "labels.nii.gz"
+    save_nifti(versions[0], target, ref)
+    assert target.read_bytes() == expected[0]  # the writer is deterministic: bytes identify a version
+
+    def write(v: int) -> None:
+        save_nifti(versions[v], target, ref, overwrite=True)
+
+    def verify(path: Path) -> int:
+        data_now = path.read_bytes()
+        assert data_now in expected, "the target is neither the old nor the new version"
+        v = expected.index(data_now)
+        assert np.array_equal(load_volume(path).to_original(load_volume(path).data), versions[v])
+        return v
+
+    _kill_trials("nifti", folder, target, write, verify, write_seconds)
+
+
+def test_kill_during_checkpoint_export(tmp_path):
+    torch.manual_seed(0)
+    model_a = build_model("unet-dual", base=16)  # ~7 MB
+    model_b = build_model("unet-dual", base=16)
+    meta = CheckpointMeta(
+        arch="unet-dual", arch_args=dict(model_a.arch_args), input_size=(64, 64), spacing=(2, 2)
+    )
+    models = [model_a, model_b]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    expected = []
+    t0 = time.perf_counter()
+    for i, model in enumerate(models):
+        expected.append(_ckpt_records(save_checkpoint(scratch / f"v{i}.pt", model, meta).read_bytes()))
+    write_seconds = (time.perf_counter() - t0) / 2
+    assert expected[0] != expected[1]
+    folder = tmp_path / "export"
+    folder.mkdir()
+    target = folder / "refined.pt"
+    save_checkpoint(target, models[0], meta)
+
+    def write(v: int) -> None:
+        save_checkpoint(target, models[v], meta, overwrite=True)
+
+    def verify(path: Path) -> int:
+        records = _ckpt_records(path.read_bytes())
+        assert records in expected, "the target is neither the old nor the new version"
+        v = expected.index(records)
+        loaded, _ = load_checkpoint(path)
+        for k, t in models[v].state_dict().items():
+            assert torch.equal(loaded.state_dict()[k], t), k
+        return v
+
+    _kill_trials("checkpoint", folder, target, write, verify, max(write_seconds, 0.05))
+
+
+# -- nothing is overwritten without an explicit flag ------------------------------------------------------
+
+
+def _state(path: Path) -> tuple[bytes, int]:
+    return path.read_bytes(), path.stat().st_mtime_ns
+
+
+def test_no_overwrite_without_flag(tmp_path):
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    ref = volume_from_array(data, np.eye(4))
+    model = build_model("unet-dual", base=2)
+    meta = CheckpointMeta(
+        arch="unet-dual", arch_args=dict(model.arch_args), input_size=(16, 16), spacing=(2, 2)
+    )
+    nii, pt, txt = tmp_path / "a.nii.gz", tmp_path / "m.pt", tmp_path / "log.json"
+    save_nifti(data, nii, ref)
+    save_checkpoint(pt, model, meta)
+    atomic_write(txt, lambda p: p.write_text("{}"))
+    before = {p: _state(p) for p in (nii, pt, txt)}
+    writers = [
+        lambda: save_nifti(data + 1, nii, ref),
+        lambda: save_checkpoint(pt, build_model("unet-dual", base=2), meta),
+        lambda: atomic_write(txt, lambda p: p.write_text("[]")),
+    ]
+    for writer in writers:
+        with pytest.raises(OutputExistsError) as exc:
+            writer()
+        assert "overwrite" in str(exc.value)
+    assert {p: _state(p) for p in (nii, pt, txt)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nii.gz", "log.json", "m.pt"]
+    save_nifti(data + 1, nii, ref, overwrite=True)  # with the flag it is replaced
+    assert np.array_equal(load_volume(nii).to_original(load_volume(nii).data), data + 1)
+
+
+def test_file_appearing_during_write_is_kept(tmp_path):
+    target = tmp_path / "out.json"
+
+    def writer(tmp: Path) -> None:
+        tmp.write_text("new")
+        target.write_text("someone else's")  # created by another program meanwhile
+
+    with pytest.raises(OutputExistsError):
+        atomic_write(target, writer)
+    assert target.read_text() == "someone else's"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+@pytest.mark.parametrize(
+    "error", [OSError(28, "No space left on device"), RuntimeError("boom"), KeyboardInterrupt()]
+)
+def test_failed_write_keeps_old_file_and_no_temp(tmp_path, error):
+    target = tmp_path / "out.nii.gz"
+    target.write_bytes(b"old version")
+    before = _state(target)
+
+    def writer(tmp: Path) -> None:
+        tmp.write_bytes(b"half of the new")
+        raise error
+
+    with pytest.raises(type(error) if not isinstance(error, OSError) else OutputError):
+        atomic_write(target, writer, overwrite=True)
+    assert _state(target) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    """Exports get the umask's permissions (not mkstemp's 0600); a replaced file keeps its mode."""
+    umask = os.umask(0o022)
+    try:
+        target = tmp_path / "shared.json"
+        atomic_write(target, lambda p: p.write_text("{}"))
+        assert stat.S_IMODE(target.stat().st_mode) == 0o644
+        target.chmod(0o640)
+        atomic_write(target, lambda p: p.write_text("[]"), overwrite=True)
+        assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    finally:
+        os.umask(umask)
