@@ -79,3 +79,17 @@ def notifications(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     monkeypatch.setattr(nn, "show_error", lambda message: seen.append(str(message)))
     return seen
+
+
+@pytest.fixture(autouse=True)
+def _private_autosave_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Autosaves of every test go to a fresh temporary folder, never to the user's cache."""
+    folder = tmp_path_factory.mktemp("autosave")
+    monkeypatch.setenv("NAPARI_APL_AUTOSAVE_DIR", str(folder))
+    return folder
+
+
+@pytest.fixture
+def autosave_dir(_private_autosave_dir: Path) -> Path:
+    """The (temporary) autosave root of this test (``$NAPARI_APL_AUTOSAVE_DIR``)."""
+    return _private_autosave_dir

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -40,10 +41,13 @@ from .._layers import (
     voxel_volume_ml,
 )
 from .._sample_data import demo_checkpoint_path
+from ..core.autosave import AutosaveEntry, Autosaver, find_autosaves, session_key
+from ..core.autosave import discard as discard_autosave
+from ..core.autosave import restore as restore_autosave
 from ..core.checkpoint import CheckpointMeta, describe, load_checkpoint, save_checkpoint
 from ..core.errors import APLError, CheckpointError, OutputError, OutputExistsError
 from ..core.infer import Prediction, iter_predict
-from ..core.io_utils import atomic_write
+from ..core.io_utils import atomic_write, check_output_path
 from ..core.labels import CLASS_NAMES, ORGANS
 from ..core.metrics import evaluate, label_name
 from ..core.preprocess import PRESETS, Normalization, choose_normalization
@@ -63,6 +67,9 @@ PREDICTION_LAYERS = (LAYER_MAIN, LAYER_AUX, LAYER_PSEUDO, LAYER_CONFIDENCE, LAYE
 CHECKPOINT_PRESET = "from checkpoint"
 AUTO_PRESET = "auto"
 LIVE_UPDATE_SECONDS = 0.5  # at most ~2 pseudo-label updates per second while refining
+AUTOSAVE_INTERVAL_ENV = "NAPARI_APL_AUTOSAVE_INTERVAL"
+AUTOSAVE_INTERVAL_S = 30.0  # crash-recovery snapshots at most this often (painting, refining)
+CLOSE_WAIT_S = 10.0  # how long closing waits for a stopped refinement to end
 
 
 @contextmanager
@@ -77,6 +84,38 @@ def _leave_a_core_for_the_gui() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _autosave_interval_from_env() -> float:
+    """The autosave interval: ``$NAPARI_APL_AUTOSAVE_INTERVAL`` seconds, else ``AUTOSAVE_INTERVAL_S``."""
+    text = os.environ.get(AUTOSAVE_INTERVAL_ENV, "").strip()
+    try:
+        value = float(text) if text else AUTOSAVE_INTERVAL_S
+    except ValueError:
+        value = AUTOSAVE_INTERVAL_S
+    return value if math.isfinite(value) and value >= 0 else AUTOSAVE_INTERVAL_S
+
+
+def _process_qt_events() -> None:
+    """Deliver pending Qt events (worker signals) when a Qt application runs; else do nothing."""
+    try:
+        from qtpy.QtCore import QCoreApplication
+    except Exception:  # no Qt binding: nothing to deliver
+        return
+    app = QCoreApplication.instance()
+    if app is not None:
+        app.processEvents()
+
+
+def _merge_corrections(older: np.ndarray | None, newer: np.ndarray | None) -> np.ndarray | None:
+    """Corrections of ``older`` with the painted voxels of ``newer`` on top (shapes must match)."""
+    if older is None:
+        return None if newer is None else newer.copy()
+    out = np.array(older, dtype=np.int16, copy=True)
+    if newer is not None and newer.shape == out.shape:
+        painted = newer >= 0
+        out[painted] = newer[painted]
+    return out
 
 
 def _finite_or_none(v: float) -> float | str | None:
@@ -97,6 +136,9 @@ class APLController:
     predicted = Signal()
     refine_event = Signal(object)
     refine_finished = Signal(object)
+    recovery_changed = Signal(object)  # the AutosaveEntry offered for recovery, or None
+    autosaved = Signal(object)  # the AutosaveEntry just written
+    corrections_changed = Signal()
 
     def __init__(self, viewer: Any) -> None:
         self.viewer = viewer
@@ -124,6 +166,24 @@ class APLController:
         self._pbar: Any = None
         self._last_live = 0.0
         self._notes_shown: set[str] = set()
+        # -- crash recovery ---------
+        self.autosave_enabled = True
+        self.autosave_interval = _autosave_interval_from_env()
+        self.autosaver: Autosaver | None = None
+        self.recoverable: AutosaveEntry | None = None
+        self.autosaves_written = 0
+        self.confirm_close: Callable[[], bool] = lambda: True
+        """Asked when the viewer closes during a refinement; ``False`` keeps the window open."""
+        self._recovery_layer: Any = None
+        self._pending_recovery: np.ndarray | None = None
+        self._own_keys: set[str] = set()
+        self._offered_keys: set[str] = set()  # offered for recovery, not yet recovered or discarded
+        self._model_version = 0
+        self._autosaved_state: tuple[str | None, int | None] = (None, None)
+        self._last_autosave_check = -math.inf
+        self._autosave_warned = False
+        self._closing = False
+        self._shutting_down = False
 
     # -- state ---------
     @property
@@ -176,6 +236,7 @@ class APLController:
         model, meta = load_checkpoint(p)
         self.model, self.meta, self.checkpoint_path = model, meta, p
         self.refined = False
+        self._model_version += 1
         self.last_result = None
         self.history = []
         lines = describe((model, meta)).splitlines()
@@ -278,6 +339,7 @@ class APLController:
             self._pbar = None
         self.worker = None
         self.control = None
+        self._pending_recovery = None
         self._set_pseudo_editable(True)
         self._set_busy(False)
 
@@ -301,6 +363,7 @@ class APLController:
             self.error(exc)
             return False
         model, meta, device = self.model, self.meta, self.device
+        self._closing = False
 
         def job() -> Generator[Any, None, Prediction]:
             return (yield from iter_predict(model, meta, volume, normalization=norm, device=device))
@@ -323,7 +386,11 @@ class APLController:
             self.corrections is not None and self.corrections.shape != pred.pseudo.shape
         ):
             self.corrections = None
+        pending, self._pending_recovery = self._pending_recovery, None
+        if pending is not None and pending.shape == pred.pseudo.shape:
+            self.corrections = _merge_corrections(pending, self.corrections)
         self.image_layer, self.geometry, self.prediction = image_layer, geometry, pred
+        self._attach_autosaver(image_layer)
         base = {"image": image_layer.name}
         self._put_labels(LAYER_MAIN, pred.main, "main", visible=False, **base)
         self._put_labels(LAYER_AUX, pred.aux, "auxiliary", visible=False, **base)
@@ -446,6 +513,7 @@ class APLController:
         if layer is not None:
             self.last_pseudo = np.array(to_canonical_order(layer.data), dtype=np.uint8)
         self.status.emit("corrections cleared")
+        self.corrections_changed.emit()
 
     def _set_pseudo_editable(self, editable: bool) -> None:
         layer = self.pseudo_layer()
@@ -479,17 +547,29 @@ class APLController:
         self.history = []
         self.live_updates = 0
         self._last_live = 0.0
-        self._notes_shown: set[str] = set()
+        self._notes_shown = set()
+        self._closing = False
+        self.maybe_autosave(force=True)  # a crash during the run must not lose what was painted
         control = self.control = RefineControl()
         model, meta = self.model, self.meta
         self._set_pseudo_editable(False)
 
-        def job() -> Generator[Any, None, tuple[RefineResult, Prediction]]:
+        def job() -> Generator[Any, None, tuple[RefineResult, Prediction | None]]:
             result = yield from refine(
                 model, meta, volume, cfg, control=control, corrections=self.last_corrections
             )
-            pred = yield from iter_predict(result.model, meta, volume, normalization=norm, device=cfg.device)
-            return result, pred
+            if self._closing:  # the viewer or the widget is closing: skip the final re-prediction
+                return result, None
+            predicting = iter_predict(result.model, meta, volume, normalization=norm, device=cfg.device)
+            while True:
+                try:
+                    item = next(predicting)
+                except StopIteration as done:
+                    return result, done.value
+                if self._closing:
+                    predicting.close()
+                    return result, None
+                yield item
 
         def on_yield(item: Any) -> None:
             if isinstance(item, RefineEvent):
@@ -497,12 +577,21 @@ class APLController:
             else:  # (done, total) of the final re-prediction
                 self.status.emit(f"re-predicting with the refined model: {item[0]}/{item[1]} slices")
 
-        def on_return(value: tuple[RefineResult, Prediction]) -> None:
+        def on_return(value: tuple[RefineResult, Prediction | None]) -> None:
             result, pred = value
             self.model = result.model
             self.refined = True
+            self._model_version += 1
             self.last_result = result
+            if pred is None:  # closing: keep the layers consistent with the last full prediction
+                if self.prediction is not None and self.pseudo_layer() is not None:
+                    self._write_pseudo(self.prediction.pseudo)
+                self.maybe_autosave(force=True)  # the refined model can be recovered next time
+                self.status.emit(f"refinement stopped after {result.iterations_done} iterations")
+                self.refine_finished.emit(result)
+                return
             self._show_prediction(image_layer, geometry, pred)
+            self.maybe_autosave(force=True)
             for note in result.notes:
                 if note not in self._notes_shown:
                     show_warning(f"napari-apl: {note}")
@@ -542,6 +631,7 @@ class APLController:
             + ", ".join(f"{k} {v:.4g}" for k, v in ev.losses.items())
         )
         self.refine_event.emit(ev)
+        self.maybe_autosave()  # throttled: does nothing until the interval has passed
 
     def pause(self) -> None:
         """Hold the running refinement after its current step."""
@@ -567,6 +657,242 @@ class APLController:
     def paused(self) -> bool:
         """Whether a refinement is paused."""
         return self.control is not None and self.control.paused
+
+    # -- crash recovery ---------
+    def _attach_autosaver(self, image_layer: Any) -> None:
+        """Give the predicted image an autosaver (and offer an older session of it for recovery)."""
+        if self.geometry is None:
+            return
+        reference = self.geometry.reference
+        try:
+            key = session_key(reference)
+            if self.autosaver is not None and self.autosaver.key == key:
+                return
+            self.check_recovery(image_layer, volume=reference)
+            self.autosaver = Autosaver(
+                reference, checkpoint=self.checkpoint_path, interval=self.autosave_interval
+            )
+        except Exception as exc:  # autosave is a safety net: never block predicting
+            self.autosaver = None
+            self._warn_autosave(exc)
+            return
+        # a new image: only what is done on it from now on (painting, refining) is worth saving
+        self._autosaved_state = (None, self._model_version if self.refined else None)
+        self._last_autosave_check = -math.inf
+
+    def check_recovery(self, image_layer: Any = None, volume: Any = None) -> AutosaveEntry | None:
+        """Look for an autosaved session of the image (not one this controller wrote); offer the newest."""
+        layer = image_layer if image_layer is not None else self.image_layer
+        entry = None
+        try:
+            if volume is None and layer is not None:
+                volume = volume_from_layer(layer)
+            if volume is not None:
+                found = [e for e in find_autosaves(volume) if e.key not in self._own_keys]
+                entry = found[0] if found else None
+                if entry is not None:
+                    self._offered_keys.add(entry.key)
+                else:  # gone meanwhile (discarded elsewhere): this image may be autosaved again
+                    self._offered_keys.discard(session_key(volume))
+        except Exception as exc:  # an unreadable autosave root must not break opening an image
+            log.warning("napari-apl: looking for autosaves failed: %s", exc)
+        self.recoverable = entry
+        self._recovery_layer = layer if entry is not None else None
+        self.recovery_changed.emit(entry)
+        return entry
+
+    def recover(
+        self, entry: AutosaveEntry | None = None, image_layer: Any = None, sync: bool = False
+    ) -> bool:
+        """Restore an autosaved session: its corrections (and refined model), re-predicting if needed."""
+        return bool(self._guard(lambda: self._recover(entry, image_layer, sync)))
+
+    def _recover(self, entry: AutosaveEntry | None, image_layer: Any, sync: bool) -> bool:
+        entry = entry if entry is not None else self.recoverable
+        if entry is None:
+            raise APLError("no autosaved session to recover for this image")
+        if self.busy:
+            raise APLError(f"{self._task} is running: wait for it or stop it before recovering")
+        layer = image_layer if image_layer is not None else (self._recovery_layer or self.image_layer)
+        if layer is None or not self._layer_alive(layer):
+            raise APLError(f"open the image of the autosaved session ({entry.image_name}) first")
+        volume = volume_from_layer(layer)
+        if session_key(volume) != entry.key:
+            raise APLError(
+                f"the autosave is of {entry.image_name}, not of layer '{layer.name}': choose that image"
+            )
+        corrections, model, meta = restore_autosave(entry)
+        if model is None and self.model is None and entry.checkpoint and Path(entry.checkpoint).is_file():
+            self._load(entry.checkpoint)
+        if model is not None:
+            self.model, self.meta = model, meta
+            self.refined = True
+            self._model_version += 1
+            self.last_result = None
+            self.history = []
+            lines = [ln for ln in describe((model, meta)).splitlines() if not ln.startswith("file:")]
+            self.summary = "\n".join([*lines, f"recovered from autosave {entry.folder}"])
+            self.model_changed.emit(self.summary)
+        self._own_keys.add(entry.key)  # from now on this session's saves replace the recovered one
+        self._offered_keys.discard(entry.key)
+        self.recoverable, self._recovery_layer = None, None
+        self.recovery_changed.emit(None)
+        what = entry.summary()
+        if model is None and self.prediction is not None and _same(layer, self.image_layer):
+            self.corrections = _merge_corrections(corrections, self.collect_corrections())
+            self._write_pseudo(self.prediction.pseudo)
+            self.corrections_changed.emit()
+            self.status.emit(f"recovered {what}")
+            return True
+        self._pending_recovery = corrections
+        if not self.predict(layer, sync=sync):
+            self._pending_recovery = None
+            return False
+        self.status.emit(f"recovering {what}")
+        return True
+
+    def discard_recovery(self, entry: AutosaveEntry | None = None) -> bool:
+        """Delete the autosaved session offered for recovery (the user does not want it)."""
+
+        def run() -> bool:
+            target = entry if entry is not None else self.recoverable
+            if target is None:
+                return False
+            discard_autosave(target)
+            self._offered_keys.discard(target.key)
+            if self.recoverable is not None and self.recoverable.key == target.key:
+                self.recoverable, self._recovery_layer = None, None
+                self.recovery_changed.emit(None)
+            self.status.emit("autosaved session discarded")
+            return True
+
+        return bool(self._guard(run))
+
+    def _autosave_blocked(self) -> bool:
+        """Whether an unanswered recovery offer for this image forbids overwriting its autosave."""
+        return self.autosaver is not None and self.autosaver.key in self._offered_keys
+
+    def _autosave_state(self) -> tuple[str | None, int | None]:
+        """What an autosave would hold: a digest of the corrections and the refined model's version."""
+        corr = self.corrections
+        digest = None
+        if corr is not None and bool((corr >= 0).any()):
+            digest = hashlib.blake2b(np.ascontiguousarray(corr).data, digest_size=16).hexdigest()
+        return digest, (self._model_version if self.refined else None)
+
+    def autosave_wait(self) -> float:
+        """Seconds until the next autosave may be written (0 = now)."""
+        return max(0.0, self.autosave_interval - (time.monotonic() - self._last_autosave_check))
+
+    def maybe_autosave(self, force: bool = False) -> AutosaveEntry | None:
+        """Autosave corrections and refined model if changed and the interval passed (or ``force``)."""
+        saver = self.autosaver
+        if not self.autosave_enabled or saver is None or self.geometry is None or self._autosave_blocked():
+            return None
+        if not force and self.autosave_wait() > 0:
+            return None
+        self._last_autosave_check = time.monotonic()
+        try:
+            if not self.busy:
+                self.collect_corrections()  # fold in what was painted since the last write
+            state = self._autosave_state()
+            before = self._autosaved_state
+            if state == before:
+                return None
+            corrections = self.corrections
+            if state[0] is None:
+                corrections = np.full(self.geometry.shape, -1, dtype=np.int16) if before[0] else None
+            elif corrections is not None and corrections.shape != self.geometry.shape:
+                corrections = None
+            model = meta = None
+            if state[1] is not None and state[1] != before[1]:
+                model, meta = self.model, self._refined_meta()
+            elif state[1] is None and before[1] is not None:
+                saver.discard()  # reverted: the saved refined model must not come back
+            entry = None
+            if corrections is not None or model is not None:
+                done = self.last_result.iterations_done if self.last_result is not None else None
+                iteration = done if model is not None else None
+                entry = saver.save(corrections, model, meta, iteration=iteration)
+                self._own_keys.add(saver.key)
+                self.autosaves_written += 1
+            self._autosaved_state = state
+        except Exception as exc:
+            self._warn_autosave(exc)
+            return None
+        if entry is not None:
+            self.autosaved.emit(entry)
+        return entry
+
+    def discard_autosave(self) -> None:
+        """Delete this image's autosave (after a clean export; an offered older session is kept)."""
+        if self.autosaver is None or self._autosave_blocked():
+            return
+        try:
+            self.autosaver.discard()
+        except Exception as exc:
+            self._warn_autosave(exc)
+        self._autosaved_state = self._autosave_state()
+
+    def _warn_autosave(self, exc: BaseException) -> None:
+        """Tell the user once that autosave does not work (it is a safety net, not an error)."""
+        log.warning("napari-apl autosave failed: %s", exc)
+        if not self._autosave_warned:
+            self._autosave_warned = True
+            show_warning(f"napari-apl: autosave failed, crash recovery is off: {' '.join(str(exc).split())}")
+
+    # -- closing ---------
+    def wait_idle(
+        self, timeout: float = CLOSE_WAIT_S, process_events: Callable[[], None] | None = None
+    ) -> bool:
+        """Wait (delivering Qt events) until no worker runs, at most ``timeout`` s; return whether idle."""
+        pump = process_events or _process_qt_events
+        deadline = time.monotonic() + timeout
+        while self.worker is not None:
+            if time.monotonic() >= deadline:
+                return False
+            pump()
+            time.sleep(0.005)
+        return True
+
+    def shutdown(self, timeout: float = CLOSE_WAIT_S) -> bool:
+        """Stop any task, wait for its worker (bounded), release device memory and autosave; True if idle."""
+        if self._shutting_down:
+            return self.worker is None
+        self._shutting_down = True
+        try:
+            self._closing = True
+            if self.control is not None:
+                self.control.stop()
+            elif self.worker is not None:
+                self.worker.quit()
+            idle = self.wait_idle(timeout)
+            if not idle:
+                log.warning("napari-apl: the task did not end within %.0f s of the stop request", timeout)
+            try:
+                release_device_memory(resolve_device(self.device))
+            except Exception:  # no usable device any more: nothing was cached on it
+                pass
+            self.maybe_autosave(force=True)  # closing without export keeps the work recoverable
+            return idle
+        finally:
+            self._shutting_down = False
+
+    def request_close(self, timeout: float = CLOSE_WAIT_S) -> bool:
+        """Viewer closing: ask ``confirm_close`` if refining, then shut down; return whether to close."""
+        if self._shutting_down:
+            return False  # a close while we wait for the worker: the first one decides
+        if self.busy and self.task == "refine":
+            try:
+                ok = bool(self.confirm_close())
+            except Exception as exc:  # a broken question must not trap the user in the window
+                log.warning("napari-apl: close confirmation failed: %s", exc)
+                ok = True
+            if not ok:
+                self.status.emit("the refinement goes on: window kept open")
+                return False
+        self.shutdown(timeout)
+        return True
 
     # -- export ---------
     def export_paths(self, folder: str | os.PathLike) -> dict[str, Path]:
@@ -598,9 +924,11 @@ class APLController:
             raise APLError("nothing to export yet: run Predict first")
         if str(folder).strip() == "":
             raise OutputError("no export folder chosen: choose a folder")
-        out_dir = Path(folder).expanduser()
+        out_dir = Path(folder).expanduser().absolute()
         if out_dir.exists() and not out_dir.is_dir():
             raise OutputError(f"{out_dir} is a file, not a folder: choose a folder")
+        if not out_dir.exists() and not out_dir.parent.is_dir():
+            raise OutputError(f"export folder {out_dir.parent} does not exist: create it first")
         paths = self.export_paths(out_dir)
         existing = [p for p in paths.values() if p.exists()]
         if existing and not overwrite:
@@ -609,10 +937,40 @@ class APLController:
                 f"{existing[0]} exists already{more}: tick 'overwrite' or choose another folder; "
                 "nothing was written"
             )
-        out_dir.mkdir(parents=True, exist_ok=True)
+        created = not out_dir.exists()
+        if created:
+            if not os.access(out_dir.parent, os.W_OK | os.X_OK):
+                raise OutputError(f"export folder {out_dir.parent} is not writable: choose another folder")
+            try:
+                out_dir.mkdir()
+            except OSError as exc:
+                raise OutputError(f"cannot create export folder {out_dir}: {exc.strerror or exc}") from None
+        written: list[Path] = []
+        try:
+            for p in paths.values():  # every file is checked before the first one is written
+                check_output_path(p, overwrite=overwrite)
+            self._write_export(out_dir, paths, overwrite, gt_layer, written)
+        except BaseException:
+            for p in written:  # new files of a failed export go again (replaced ones cannot come back)
+                if p not in existing:
+                    p.unlink(missing_ok=True)
+            if created:
+                try:
+                    out_dir.rmdir()
+                except OSError:
+                    pass
+            raise
+        self.status.emit(f"exported {len(written)} files to {out_dir}")
+        self.discard_autosave()  # a clean export: nothing left to recover
+        return written
+
+    def _write_export(
+        self, out_dir: Path, paths: dict[str, Path], overwrite: bool, gt_layer: Any, written: list[Path]
+    ) -> None:
+        """Write the export files, appending each one to ``written`` as soon as it exists."""
+        assert self.prediction is not None and self.geometry is not None
         masks = self._current_masks()
         report = self.report(masks["pseudo-label"], gt_layer)
-        written: list[Path] = []
         geom = self.geometry
         maps = {"confidence": self.prediction.confidence, "consistency": self.prediction.consistency}
         for kind, arr in [*masks.items(), *maps.items()]:
@@ -631,8 +989,6 @@ class APLController:
         written.append(
             atomic_write(paths["report_csv"], lambda tmp: tmp.write_text(csv_text), overwrite=overwrite)
         )
-        self.status.emit(f"exported {len(written)} files to {out_dir}")
-        return written
 
     def _current_masks(self) -> dict[str, np.ndarray]:
         """Label volumes to export (canonical): the layers as they are now (user edits included)."""

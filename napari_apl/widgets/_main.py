@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import weakref
 from pathlib import Path
 from typing import Any
 
 from magicgui.widgets import FileEdit
 from napari.layers import Image
+from qtpy.QtCore import QEvent, QObject, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QFormLayout,
+    QFrame,
     QHBoxLayout,
     QLabel,
+    QMainWindow,
+    QMessageBox,
     QPlainTextEdit,
     QPushButton,
     QRadioButton,
@@ -29,8 +35,70 @@ from ._export import ExportPanel
 from ._inspect import InspectPanel
 from ._refine import RefinePanel
 
+log = logging.getLogger(__name__)
+
 WIDGET_NAME = "Adaptive pseudo labelling"
 RADIOLOGICAL = ("up", "left")  # napari 2-D camera: row index grows upward, column index leftward
+AUTOSAVE_DEBOUNCE_MS = 2000  # an autosave waits this long after the first brush stroke (and the interval)
+CLOSE_QUESTION = "A refinement is running: stop it and close?"
+
+
+class _CloseGuard(QObject):
+    """Event filter on napari's main window: asks before closing during a refinement, then shuts down."""
+
+    def __init__(self, controller: APLController, parent: QObject) -> None:
+        super().__init__(parent)
+        self.controller = controller
+
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:
+        """Let the controller decide whether a close of the main window goes ahead."""
+        if event.type() != QEvent.Type.Close:
+            return False
+        try:
+            go_on = self.controller.request_close()
+        except Exception:  # never trap the user in the window because of a bug here
+            log.exception("napari-apl: preparing the close failed")
+            return False
+        if go_on:
+            return False  # napari's own closeEvent runs next
+        event.ignore()
+        return True
+
+
+class _PaintWatcher:
+    """Starts the autosave timer when the user paints in the pseudo-label layer (no Qt parent)."""
+
+    def __init__(self, timer: QTimer, controller: APLController) -> None:
+        self.timer = timer
+        self.controller = controller
+        self.layer: Any = None
+
+    def watch(self, layer: Any) -> None:
+        """Follow ``layer``'s paint events (and stop following the previous layer's)."""
+        if layer is self.layer:
+            return
+        self.disconnect()
+        self.layer = layer
+        if layer is not None:
+            layer.events.paint.connect(self.on_paint)
+
+    def disconnect(self) -> None:
+        """Stop following paint events."""
+        if self.layer is not None:
+            try:
+                self.layer.events.paint.disconnect(self.on_paint)
+            except Exception:  # the layer is gone already
+                pass
+        self.layer = None
+
+    def on_paint(self, event: Any = None) -> None:
+        """Schedule an autosave (debounced; at most one per interval), unless one is scheduled already."""
+        try:
+            if not self.timer.isActive():
+                wait_ms = int(1000 * self.controller.autosave_wait())
+                self.timer.start(max(AUTOSAVE_DEBOUNCE_MS, wait_ms))
+        except RuntimeError:  # the widget (and its timer) was deleted
+            self.disconnect()
 
 
 class APLWidget(QWidget):
@@ -69,6 +137,27 @@ class APLWidget(QWidget):
         self.predict_button = QPushButton("Predict")
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        # -- crash recovery: shown when an autosaved session of the chosen image exists ---------
+        self.recovery_bar = QFrame()
+        self.recovery_bar.setFrameShape(QFrame.Shape.StyledPanel)
+        self.recovery_label = QLabel("")
+        self.recovery_label.setWordWrap(True)
+        self.recover_button = QPushButton("Recover session")
+        self.recover_button.setToolTip("restore the autosaved corrections (and refined model) of this image")
+        self.discard_button = QPushButton("Discard")
+        self.discard_button.setToolTip("delete the autosaved session")
+        bar = QVBoxLayout(self.recovery_bar)
+        bar.setContentsMargins(4, 4, 4, 4)
+        bar.addWidget(self.recovery_label)
+        bar_buttons = QHBoxLayout()
+        bar_buttons.addWidget(self.recover_button)
+        bar_buttons.addWidget(self.discard_button)
+        bar.addLayout(bar_buttons)
+        self.recovery_bar.setVisible(False)
+        self._autosave_timer = QTimer(self)
+        self._autosave_timer.setSingleShot(True)
+        self._autosave_timer.timeout.connect(self._autosave_tick)
+        self._paint_watcher = _PaintWatcher(self._autosave_timer, ctl)
 
         source = QHBoxLayout()
         source.addWidget(self.demo_radio)
@@ -91,6 +180,7 @@ class APLWidget(QWidget):
         self.tabs.addTab(self.export_panel, "Export")
 
         layout = QVBoxLayout(self)
+        layout.addWidget(self.recovery_bar)
         layout.addLayout(form)
         layout.addWidget(self.summary)
         layout.addWidget(self.predict_button)
@@ -107,17 +197,34 @@ class APLWidget(QWidget):
         ctl.model_changed.connect(self._on_model_changed)
         self.radiological.toggled.connect(self.set_radiological)
         ctl.busy_changed.connect(self._on_busy)
+        ctl.recovery_changed.connect(self._on_recovery_changed)
+        ctl.predicted.connect(self._watch_pseudo_layer)
+        self.recover_button.clicked.connect(lambda: self.recover())
+        self.discard_button.clicked.connect(self.discard_recovery)
+        self.image_combo.currentIndexChanged.connect(lambda *_: self._check_recovery())
+        ctl.confirm_close = _weak_question(self)  # no reference cycle controller -> widget
         self._layer_events = (
             napari_viewer.layers.events.inserted,
             napari_viewer.layers.events.removed,
         )
         for emitter in self._layer_events:
             emitter.connect(self._refresh_layers)
+        self._close_guard = _CloseGuard(ctl, self)
+        self._guarded_window: QMainWindow | None = None
+        self.install_close_guard(_main_window(napari_viewer))
         self.destroyed.connect(
-            _disconnecter(self._layer_events, self._refresh_layers, napari_viewer, self.inspect, ctl)
+            _disconnecter(
+                self._layer_events,
+                self._refresh_layers,
+                napari_viewer,
+                self.inspect,
+                ctl,
+                self._paint_watcher,
+            )
         )
         if ctl.model is None and self.demo_available():
             self.use_demo_checkpoint()
+        self._check_recovery()
 
     # -- actions ---------
     @staticmethod
@@ -156,6 +263,72 @@ class APLWidget(QWidget):
         if self.radiological.isChecked() != on:
             self.radiological.setChecked(on)
 
+    # -- crash recovery and closing ---------
+    def recover(self, sync: bool = False) -> bool:
+        """Restore the autosaved session offered in the recovery bar."""
+        return self.controller.recover(sync=sync)
+
+    def discard_recovery(self) -> bool:
+        """Delete the autosaved session offered in the recovery bar."""
+        return self.controller.discard_recovery()
+
+    def _check_recovery(self) -> None:
+        """Offer recovery when the chosen image has an autosaved session (not while a task runs)."""
+        if not self.controller.busy:
+            self.controller.check_recovery(self.image_combo.layer())
+
+    def _on_recovery_changed(self, entry: Any) -> None:
+        if entry is None:
+            self.recovery_bar.setVisible(False)
+            self.recovery_label.setText("")
+            return
+        self.recovery_label.setText(f"An autosaved session was found: {entry.summary()}")
+        self.recovery_bar.setVisible(True)
+
+    def _watch_pseudo_layer(self) -> None:
+        self._paint_watcher.watch(self.controller.pseudo_layer())
+
+    def _autosave_tick(self) -> None:
+        """Autosave after painting, or wait for the rest of the autosave interval first."""
+        wait = self.controller.autosave_wait()
+        if wait > 0:
+            self._autosave_timer.start(int(1000 * wait) + 1)
+        else:
+            self.controller.maybe_autosave()
+
+    def ask_close_during_refinement(self) -> bool:
+        """Ask whether to stop the running refinement and close (a modal question)."""
+        answer = QMessageBox.question(
+            self.window(),
+            "napari-apl",
+            CLOSE_QUESTION,
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+            QMessageBox.StandardButton.No,
+        )
+        return answer == QMessageBox.StandardButton.Yes
+
+    def install_close_guard(self, window: Any) -> bool:
+        """Watch ``window`` (napari's main window) for closes; return whether it is watched."""
+        if not isinstance(window, QMainWindow) or window is self._guarded_window:
+            return window is self._guarded_window and window is not None
+        if self._guarded_window is not None:
+            self._guarded_window.removeEventFilter(self._close_guard)
+        window.installEventFilter(self._close_guard)
+        self._guarded_window = window
+        return True
+
+    def showEvent(self, event: Any) -> None:
+        """Watch the main window we are docked in (a viewer without one gave none at creation)."""
+        if self._guarded_window is None:
+            self.install_close_guard(self.window())
+        super().showEvent(event)
+
+    def closeEvent(self, event: Any) -> None:
+        """Closing the widget stops a running task and waits for its worker."""
+        self._autosave_timer.stop()
+        self.controller.shutdown()
+        super().closeEvent(event)
+
     def _on_model_changed(self, summary: str) -> None:
         from .._sample_data import demo_checkpoint_path
 
@@ -189,6 +362,29 @@ class APLWidget(QWidget):
             w.setEnabled(not busy)
 
 
+def _weak_question(widget: APLWidget) -> Any:
+    """``widget.ask_close_during_refinement`` without keeping the widget alive (yes once it is gone)."""
+    ref = weakref.ref(widget)
+
+    def ask() -> bool:
+        target = ref()
+        if target is None:
+            return True
+        try:
+            return target.ask_close_during_refinement()
+        except RuntimeError:  # the Qt widget was deleted
+            return True
+
+    return ask
+
+
+def _main_window(viewer: Any) -> QMainWindow | None:
+    """Napari's Qt main window of ``viewer`` (through napari's plugin proxy), or ``None``."""
+    real = getattr(viewer, "__wrapped__", viewer)
+    window = getattr(getattr(real, "window", None), "_qt_window", None)
+    return window if isinstance(window, QMainWindow) else None
+
+
 def _camera(viewer: Any) -> Any:
     """The viewer's camera (``viewer.scene.camera`` since napari 0.9, ``viewer.camera`` before)."""
     scene = getattr(viewer, "scene", None)
@@ -196,7 +392,12 @@ def _camera(viewer: Any) -> Any:
 
 
 def _disconnecter(
-    emitters: tuple, callback: Any, viewer: Any, inspect: InspectPanel, controller: APLController
+    emitters: tuple,
+    callback: Any,
+    viewer: Any,
+    inspect: InspectPanel,
+    controller: APLController,
+    paint_watcher: _PaintWatcher | None = None,
 ) -> Any:
     """Return a function that stops a running task and drops the viewer callbacks when the widget goes."""
     on_dims = inspect._on_dims
@@ -209,9 +410,15 @@ def _disconnecter(
             controller.predicted,
             controller.refine_event,
             controller.refine_finished,
+            controller.recovery_changed,
+            controller.autosaved,
+            controller.corrections_changed,
         ):
             signal.disconnect()  # the Qt side is gone: nothing may be called on it any more
-        controller.stop()
+        controller.confirm_close = lambda: True
+        if paint_watcher is not None:
+            paint_watcher.disconnect()
+        controller.shutdown()  # stop a running task and wait for its worker (bounded)
         for emitter in emitters:
             try:
                 emitter.disconnect(callback)

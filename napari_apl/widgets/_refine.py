@@ -98,6 +98,7 @@ class RefinePanel(QWidget):
         controller.refine_event.connect(self._on_event)
         controller.busy_changed.connect(self._on_busy)
         controller.predicted.connect(self._update_corrections)
+        controller.corrections_changed.connect(self._update_corrections)
         self._on_busy(False)
 
     def config(self) -> RefineConfig:

@@ -1,0 +1,563 @@
+"""Reliability of the napari side (issue #6): bad inputs, cancellation, closing, crash recovery.
+
+Real napari viewers under Xvfb (``make_napari_viewer``), a 48 x 48 x 8 CT phantom and an untrained
+tiny dual-head U-Net, so that the whole file runs in well under a minute on two CPU cores:
+
+* (a) the bad-input matrix through the plugin reader, the widget's checkpoint loader and its export:
+  one one-line notification each, no layer added, the previous model kept, nothing written;
+* (b) 20 refinements in the thread worker, each stopped at a random (seeded) moment: the worker ends,
+  the weights are finite, every layer equals a fresh prediction by the returned model and the painted
+  corrections are intact;
+* (c) closing the viewer during a refinement asks ``confirm_close``: no keeps window and refinement,
+  yes stops it, waits for the worker and closes;
+* (d) autosave while painting and after refining, a "crash", and recovery in a new viewer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from napari_apl._layers import to_canonical_order, volume_from_layer
+from napari_apl.core.autosave import find_autosaves
+from napari_apl.core.infer import predict_volume
+from napari_apl.core.phantom import write_phantom
+from napari_apl.core.refine import RefineConfig
+from napari_apl.widgets import WIDGET_NAME
+from napari_apl.widgets._controller import (
+    LAYER_AUX,
+    LAYER_CONFIDENCE,
+    LAYER_CONSISTENCY,
+    LAYER_MAIN,
+    LAYER_PSEUDO,
+    _leave_a_core_for_the_gui,
+)
+
+pytestmark = pytest.mark.viewer
+
+SHAPE = (48, 48, 8)
+SPACING = (5.0, 5.0, 12.0)
+TRIALS = 20
+TRIAL_ITERATIONS = 30
+
+
+class Evil:
+    """A pickle payload that creates a file when unpickled (proof that code ran)."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (str(self.target), "w"))
+
+
+def tiny_refine(iterations: int, **kw) -> RefineConfig:
+    """Refinement settings small enough for two busy CPU cores (no AdaBN pass, one slice per step)."""
+    return RefineConfig(iterations=iterations, batch_size=1, guard_every=1000, bn="frozen", **kw)
+
+
+def _nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    """Write a NIfTI with nibabel directly (sform only, so even a degenerate affine is kept)."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(data.dtype)
+    hdr.set_sform(affine, code=2)
+    nib.save(nib.Nifti1Image(data, None, header=hdr), str(path))
+    return path
+
+
+def _listing(folder: Path) -> dict[str, tuple]:
+    """Every entry under ``folder`` with size and mtime (``<absent>`` when it does not exist)."""
+    if not folder.exists():
+        return {"<absent>": ()}
+    return {str(p.relative_to(folder)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def _finite(model) -> bool:
+    """Whether every floating-point tensor of the model's state is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+
+
+def _threads_idle() -> bool:
+    """Whether no napari/superqt worker runs in Qt's global thread pool."""
+    from qtpy.QtCore import QThreadPool
+
+    return QThreadPool.globalInstance().activeThreadCount() == 0
+
+
+@pytest.fixture(scope="module")
+def small_image(tmp_path_factory) -> Path:
+    """A 48 x 48 x 8 CT phantom on disk (LPS, so the canonical reorientation is exercised)."""
+    folder = tmp_path_factory.mktemp("reliability_phantom")
+    image, _labels = write_phantom(folder, "ct", 3, shape=SHAPE, spacing=SPACING, orientation="LPS")
+    return image
+
+
+@pytest.fixture
+def setup(make_napari_viewer, small_image, tiny_checkpoint, monkeypatch):
+    """Factory: a viewer with the phantom opened by the plugin and the widget docked (tiny model loaded)."""
+    import napari_apl._sample_data as sample_module
+    import napari_apl.widgets._controller as controller_module
+
+    monkeypatch.setattr(sample_module, "demo_checkpoint_path", lambda: tiny_checkpoint)
+    monkeypatch.setattr(controller_module, "demo_checkpoint_path", lambda: tiny_checkpoint)
+
+    def make(image_path: Path = small_image):
+        viewer = make_napari_viewer()
+        [image] = viewer.open(str(image_path), plugin="napari-apl")
+        _, widget = viewer.window.add_plugin_dock_widget("napari-apl", WIDGET_NAME)
+        assert widget.controller.checkpoint_path == tiny_checkpoint
+        widget.image_combo.set_layer(image)
+        return viewer, widget, image
+
+    return make
+
+
+# -- (a) bad inputs ---------------------------------------------------------------------------------------
+
+
+def _bad_files_through_the_plugin_reader(viewer, small_image: Path, tmp_path: Path, notifications) -> None:
+    """Broken NIfTI files opened with the plugin: one one-line notification each, no layer."""
+    good = np.asarray(nib.load(str(small_image)).dataobj).astype(np.float32)
+    aff = np.diag([*SPACING, 1.0])
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(small_image.read_bytes()[: small_image.stat().st_size // 2])
+    text = tmp_path / "notes.nii"
+    text.write_text("patient notes, not an image\n" * 40)
+    nan = good.copy()
+    nan[20, 20, 3] = np.nan
+    singular = np.array([[5.0, 5.0, 0, 0], [0, 0, 0, 0], [0, 0, 12.0, 0], [0, 0, 0, 1]])
+    cases = {
+        truncated: "cannot be read",
+        text: "cannot be read as NIfTI",
+        _nifti(tmp_path / "flat.nii.gz", good[:, :, 0], aff): "2-D",
+        _nifti(tmp_path / "series.nii.gz", np.stack([good] * 2, -1), aff): "4-D",
+        _nifti(tmp_path / "nan.nii.gz", nan, aff): "NaN",
+        _nifti(tmp_path / "zero_vox.nii.gz", good, np.diag([5.0, 0.0, 12.0, 1])): "zero voxel spacing",
+        _nifti(tmp_path / "singular.nii.gz", good, singular): "singular",
+    }
+    names = [layer.name for layer in viewer.layers]
+    for path, expected in cases.items():
+        before = len(notifications)
+        assert viewer.open(str(path), plugin="napari-apl") == []  # handled: no layer, no exception
+        assert [layer.name for layer in viewer.layers] == names
+        assert len(notifications) == before + 1, path.name
+        msg = notifications[-1]
+        assert "\n" not in msg and path.name in msg and expected in msg, msg
+
+
+def _bad_checkpoints_keep_the_loaded_model(
+    viewer, widget, image, tiny_checkpoint: Path, tmp_path: Path, notifications
+) -> None:
+    """Broken or hostile checkpoints: a notification each, the loaded model stays."""
+    ctl = widget.controller
+    model, meta, summary = ctl.model, ctl.meta, ctl.summary
+
+    def rewrite(name: str, edit) -> Path:
+        payload = torch.load(tiny_checkpoint, weights_only=True)
+        edit(payload)
+        torch.save(payload, tmp_path / name)
+        return tmp_path / name
+
+    def fewer_classes(payload: dict) -> None:
+        data = json.loads(payload["meta_json"])
+        data["class_names"] = ["background", "liver", "spleen"]
+        payload["meta_json"] = json.dumps(data)
+
+    not_ckpt = tmp_path / "notes.pt"
+    not_ckpt.write_text("not a checkpoint\n" * 100)
+    pwned = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"napari_apl_format": 1, "w": Evil(pwned)}, protocol=2))
+    evil_zip = rewrite("evil_zip.pt", lambda p: p["state_dict"].__setitem__("extra", Evil(pwned)))
+    cases = {
+        not_ckpt: "not a PyTorch checkpoint",
+        evil: "unsafe",
+        evil_zip: "unsafe",
+        rewrite("classes.pt", fewer_classes): "class count",
+        rewrite("newer.pt", lambda p: p.update(napari_apl_format=99)): "newer napari-apl",
+    }
+    for path, expected in cases.items():
+        before = len(notifications)
+        widget.checkpoint_file.value = str(path)
+        assert widget.file_radio.isChecked()
+        assert widget.load_model() is None
+        assert len(notifications) == before + 1
+        assert "\n" not in notifications[-1] and expected in notifications[-1], notifications[-1]
+        assert not pwned.exists()  # the payload never ran
+        assert ctl.model is model and ctl.meta is meta and ctl.checkpoint_path == tiny_checkpoint
+        assert ctl.summary == summary and widget.summary.toPlainText() == summary
+    assert widget.predict(sync=True)  # the previous model is still there and works
+    assert viewer.layers[LAYER_PSEUDO].data.shape == image.data.shape
+
+
+def test_bad_files_and_checkpoints_in_the_viewer(
+    setup, small_image, tiny_checkpoint, tmp_path, notifications
+) -> None:
+    viewer, widget, image = setup()
+    _bad_files_through_the_plugin_reader(viewer, small_image, tmp_path, notifications)
+    _bad_checkpoints_keep_the_loaded_model(viewer, widget, image, tiny_checkpoint, tmp_path, notifications)
+
+
+def _read_only_folder(path: Path) -> str | None:
+    """Make ``path`` a folder nobody may write to; return how (``None`` when impossible here)."""
+    if os.geteuid() == 0 and shutil.which("mount"):
+        path.mkdir()
+        res = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True
+        )
+        if res.returncode == 0:
+            return "tmpfs"
+        path.rmdir()
+    if os.geteuid() != 0:
+        path.mkdir()
+        path.chmod(0o500)
+        return "chmod"
+    return None
+
+
+def test_export_refuses_missing_and_unwritable_folders(setup, tmp_path, notifications, monkeypatch) -> None:
+    _viewer, widget, _image = setup()
+    ctl = widget.controller
+    assert widget.predict(sync=True)
+    panel = widget.export_panel
+    # a folder whose parent does not exist: nothing is created
+    missing = tmp_path / "no" / "such" / "folder"
+    panel.folder.value = str(missing)
+    assert panel.export() == []
+    assert "does not exist" in notifications[-1] and "\n" not in notifications[-1]
+    assert not (tmp_path / "no").exists()
+    _a_failed_export_removes_its_new_files(ctl, tmp_path, notifications, monkeypatch)
+    # a read-only folder: refused before anything is written
+    ro = tmp_path / "readonly"
+    how = _read_only_folder(ro)
+    if how is None:
+        pytest.skip("cannot make a read-only folder here (root without mount)")
+    try:
+        before = _listing(ro)
+        for target in (ro, ro / "new_subfolder"):
+            n = len(notifications)
+            panel.folder.value = str(target)
+            assert panel.export() == []
+            assert len(notifications) == n + 1 and "not writable" in notifications[-1], notifications[-1]
+            assert "\n" not in notifications[-1]
+            assert _listing(ro) == before
+    finally:
+        if how == "tmpfs":
+            subprocess.run(["umount", str(ro)], capture_output=True)
+        else:
+            ro.chmod(0o700)
+    # a writable folder still works afterwards
+    assert len(ctl.export(tmp_path / "out")) == 7
+
+
+def _a_failed_export_removes_its_new_files(ctl, tmp_path: Path, notifications, monkeypatch) -> None:
+    """A write failing midway (disk full) removes the files and the folder this export created."""
+    import napari_apl.widgets._controller as controller_module
+
+    real = controller_module.atomic_write
+    made: list[Path] = []
+
+    def disk_full(path, *args, **kwargs):
+        if str(path).endswith(".csv"):  # the last file: the five volumes and the JSON exist by now
+            made.extend(Path(path).parent.iterdir())
+            raise controller_module.OutputError(f"disk full while writing {path}: free space")
+        return real(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(controller_module, "atomic_write", disk_full)
+        out = tmp_path / "failed"
+        assert ctl.export(out) == []
+    assert "disk full" in notifications[-1]
+    assert len(made) == 6 and not any(p.exists() for p in made)
+    assert not out.exists()  # the files and the folder it created went again
+
+
+# -- (b) cancellation ----------------------------------------------------------------------------------
+
+
+def _assert_consistent(viewer, ctl, image, corrections: np.ndarray, painted: list) -> None:
+    """Layers = a fresh prediction by the controller's model, with the user's corrections on top."""
+    volume = volume_from_layer(image)
+    with _leave_a_core_for_the_gui():  # the worker's thread count: bit-identical results
+        fresh = predict_volume(
+            ctl.model, ctl.meta, volume, normalization=ctl.normalization(volume.data), device=ctl.device
+        )
+
+    def canon(name: str) -> np.ndarray:
+        return np.asarray(to_canonical_order(viewer.layers[name].data))
+
+    np.testing.assert_array_equal(canon(LAYER_MAIN), fresh.main)
+    np.testing.assert_array_equal(canon(LAYER_AUX), fresh.aux)
+    np.testing.assert_array_equal(canon(LAYER_CONFIDENCE), fresh.confidence.astype(np.float32))
+    np.testing.assert_array_equal(canon(LAYER_CONSISTENCY), fresh.consistency.astype(np.float32))
+    np.testing.assert_array_equal(ctl.prediction.pseudo, fresh.pseudo)
+    expected = np.where(corrections >= 0, corrections, fresh.pseudo).astype(np.uint8)
+    np.testing.assert_array_equal(canon(LAYER_PSEUDO), expected)
+    np.testing.assert_array_equal(ctl.corrections, corrections)
+    layer = viewer.layers[LAYER_PSEUDO].data
+    for index, label in painted:
+        assert (layer[index] == label).all()
+    assert viewer.layers[LAYER_PSEUDO].editable
+
+
+def test_stopping_refinements_at_random_points(setup, qtbot, notifications) -> None:
+    viewer, widget, image = setup()
+    ctl = widget.controller
+    assert widget.predict(sync=True)
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    painted = [((3, slice(10, 20), slice(12, 22)), 2), ((5, slice(30, 36), slice(5, 11)), 0)]
+    data = pseudo.data.copy()
+    for index, label in painted:
+        data[index] = label
+    pseudo.data = data
+    corrections = ctl.collect_corrections().copy()
+    assert ctl.n_corrected > 0
+    panel = widget.refine_panel
+    rng = np.random.default_rng(20240611)
+    # one uninterrupted run gives the time scale of the optimisation loop for the random stop times
+    event_times: list[float] = []
+    ctl.refine_event.connect(lambda ev: event_times.append(time.monotonic()))
+    assert ctl.refine(tiny_refine(TRIAL_ITERATIONS))
+    qtbot.waitUntil(lambda: not ctl.busy, timeout=60000)
+    full = 0.3 + (event_times[-1] - event_times[0]) * TRIAL_ITERATIONS / (TRIAL_ITERATIONS - 1)
+    assert ctl.last_result.iterations_done == TRIAL_ITERATIONS and not ctl.last_result.stopped
+    _assert_consistent(viewer, ctl, image, corrections, painted)
+    done, stopped, waits = [], 0, []
+    for trial in range(TRIALS):
+        delay_ms = int(rng.uniform(0.0, full) * 1000) if trial else 0  # trial 0: at once
+        assert ctl.refine(tiny_refine(TRIAL_ITERATIONS, seed=trial))
+        if delay_ms:
+            qtbot.wait(delay_ms)
+        if panel.stop_button.isEnabled():
+            panel.stop_button.click()
+        t0 = time.monotonic()
+        qtbot.waitUntil(lambda: not ctl.busy and ctl.worker is None and _threads_idle(), timeout=60000)
+        waits.append(time.monotonic() - t0)
+        result = ctl.last_result
+        assert result is not None and result.model is ctl.model and ctl.refined
+        assert 0 <= result.iterations_done <= TRIAL_ITERATIONS
+        assert result.stopped or result.iterations_done == TRIAL_ITERATIONS
+        assert _finite(ctl.model)
+        _assert_consistent(viewer, ctl, image, corrections, painted)
+        assert panel.start_button.isEnabled() and not panel.stop_button.isEnabled()
+        done.append(result.iterations_done)
+        stopped += int(result.stopped)
+    assert notifications == []
+    assert stopped >= TRIALS // 3 and min(done) < TRIAL_ITERATIONS // 2  # the stops hit all phases
+    print(
+        f"\noptimisation loop ~{full:.2f} s; {stopped}/{TRIALS} stopped; iterations done {sorted(done)}; "
+        f"stop-to-idle max {max(waits):.2f} s"
+    )
+
+
+# -- (c) closing -------------------------------------------------------------------------------------
+
+
+def test_closing_the_viewer_during_a_refinement(setup, qtbot, notifications, monkeypatch) -> None:
+    from qtpy.QtWidgets import QMessageBox
+
+    viewer, widget, _image = setup()
+    ctl = widget.controller
+    # the default question is the widget's message box (answered here without showing it)
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.No)
+    assert ctl.confirm_close() is False
+    assert widget.predict(sync=True)
+    assert ctl.refine(tiny_refine(5000))
+    qtbot.waitUntil(lambda: len(ctl.history) >= 1, timeout=60000)
+    asked: list[bool] = []
+
+    def answer(value: bool):
+        def confirm() -> bool:
+            asked.append(value)
+            return value
+
+        return confirm
+
+    window = viewer.window._qt_window
+    ctl.confirm_close = answer(False)
+    assert window.close() is False  # "no": the window stays, the refinement goes on
+    assert asked == [False] and ctl.busy and ctl.task == "refine"
+    held = len(ctl.history)
+    qtbot.waitUntil(lambda: len(ctl.history) > held, timeout=60000)
+    ctl.confirm_close = answer(True)
+    t0 = time.monotonic()
+    assert window.close() is True  # "yes": stopped, worker joined, then closed
+    took = time.monotonic() - t0
+    assert asked == [False, True]
+    assert ctl.worker is None and not ctl.busy and ctl.control is None
+    result = ctl.last_result
+    assert result is not None and result.stopped and 1 <= result.iterations_done < 5000
+    assert _finite(ctl.model)
+    qtbot.waitUntil(_threads_idle, timeout=10000)
+    assert took < 10.0
+    assert notifications == []
+    # the refined model of the stopped run was autosaved on the way out
+    [entry] = find_autosaves(volume_from_layer(widget.image_combo.layer()))
+    assert entry.has_model
+
+
+def test_closing_the_widget_joins_the_worker(setup, qtbot) -> None:
+    from qtpy.QtCore import QEvent
+    from qtpy.QtWidgets import QApplication
+
+    viewer, widget, _image = setup()
+    ctl = widget.controller
+    assert widget.predict(sync=True)
+    assert ctl.refine(tiny_refine(5000))
+    qtbot.waitUntil(lambda: len(ctl.history) >= 1, timeout=60000)
+    viewer.window.remove_dock_widget("all")
+    widget.deleteLater()
+    QApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    assert ctl.worker is None and not ctl.busy  # joined inside the close, no waiting needed here
+    assert ctl.last_result.stopped and _finite(ctl.model)
+    qtbot.waitUntil(_threads_idle, timeout=10000)
+
+
+# -- (d) autosave and recovery ---------------------------------------------------------------------
+
+
+def test_autosave_and_recover_after_a_crash(
+    setup, small_image, qtbot, autosave_dir, tmp_path, monkeypatch
+) -> None:
+    import napari_apl.widgets._main as main_module
+
+    monkeypatch.setattr(main_module, "AUTOSAVE_DEBOUNCE_MS", 20)
+    viewer, widget, image = setup()
+    ctl = widget.controller
+    ctl.autosave_interval = 0.0
+    assert widget.predict(sync=True)
+    assert widget.recovery_bar.isHidden()
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    pseudo.brush_size = 5
+    pseudo.paint((4, 20, 20), 2)  # a brush stroke: the paint event schedules an autosave
+    qtbot.waitUntil(lambda: ctl.autosaves_written == 1, timeout=5000)
+    [entry] = find_autosaves(small_image)
+    assert entry.folder.parent == autosave_dir  # $NAPARI_APL_AUTOSAVE_DIR, not the user's cache
+    assert entry.has_corrections and not entry.has_model and entry.painted_voxels == ctl.n_corrected > 0
+    # a refinement saves the refined model at its end (and nothing on unchanged events)
+    assert ctl.refine(tiny_refine(3), sync=True)
+    assert ctl.autosaves_written == 2
+    pseudo.paint((6, 30, 30), 4)
+    qtbot.waitUntil(lambda: ctl.autosaves_written == 3, timeout=5000)
+    corrections = ctl.corrections.copy()
+    weights = {k: v.clone() for k, v in ctl.model.state_dict().items()}
+    shown = pseudo.data.copy()
+    [entry] = find_autosaves(small_image)
+    assert entry.has_model and entry.iteration == 3 and entry.painted_voxels == int((corrections >= 0).sum())
+    # the "crash": the session just stops, nothing is shut down or exported
+    widget._autosave_timer.stop()
+    ctl.autosave_enabled = False
+
+    viewer2, widget2, image2 = setup()
+    ctl2 = widget2.controller
+    assert not widget2.recovery_bar.isHidden() and "refined model" in widget2.recovery_label.text()
+    assert ctl2.recoverable is not None and ctl2.recoverable.key == entry.key
+    widget2.recover_button.click()
+    qtbot.waitUntil(lambda: not ctl2.busy, timeout=30000)
+    assert widget2.recovery_bar.isHidden() and ctl2.recoverable is None
+    np.testing.assert_array_equal(ctl2.corrections, corrections)
+    assert ctl2.refined
+    for key, value in ctl2.model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    np.testing.assert_array_equal(viewer2.layers[LAYER_PSEUDO].data, shown)
+    canonical = np.asarray(to_canonical_order(viewer2.layers[LAYER_PSEUDO].data))
+    assert (canonical[corrections >= 0] == corrections[corrections >= 0]).all()
+    # a clean export ends the session: its autosave goes
+    assert len(ctl2.export(tmp_path / "export")) == 8
+    assert find_autosaves(small_image) == []
+    assert image2 is not image
+
+
+def test_recovery_offer_blocks_autosave_and_can_be_discarded(setup, small_image, qtbot) -> None:
+    viewer, widget, image = setup()
+    ctl = widget.controller
+    ctl.autosave_interval = 0.0
+    assert widget.predict(sync=True)
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    data = pseudo.data.copy()
+    data[2, 5:9, 5:9] = np.where(data[2, 5:9, 5:9] == 1, 2, 1)  # surely different from the prediction
+    pseudo.data = data
+    assert ctl.maybe_autosave(force=True) is not None and ctl.n_corrected == 16
+    [entry] = find_autosaves(small_image)
+    ctl.autosave_enabled = False  # "crash"
+
+    viewer2, widget2, image2 = setup()
+    ctl2 = widget2.controller
+    ctl2.autosave_interval = 0.0
+    assert widget2.predict(sync=True)  # predicting the same image keeps the offer
+    assert ctl2.recoverable is not None and not widget2.recovery_bar.isHidden()
+    layer2 = viewer2.layers[LAYER_PSEUDO]
+    data2 = layer2.data.copy()
+    data2[1, 0:4, 0:4] = np.where(data2[1, 0:4, 0:4] == 1, 2, 1)
+    layer2.data = data2
+    assert ctl2.maybe_autosave(force=True) is None  # the unanswered offer is never overwritten
+    other = viewer2.add_image(np.zeros((8, 48, 48), np.float32), name="another scan")
+    widget2.image_combo.set_layer(other)  # looking at another image hides the offer ...
+    assert widget2.recovery_bar.isHidden() and ctl2.recoverable is None
+    assert ctl2.maybe_autosave(force=True) is None  # ... but does not answer it
+    widget2.image_combo.set_layer(image2)
+    assert not widget2.recovery_bar.isHidden()
+    [still] = find_autosaves(small_image)
+    assert still.saved_at == entry.saved_at
+    widget2.discard_button.click()
+    assert find_autosaves(small_image) == [] and widget2.recovery_bar.isHidden()
+    assert ctl2.maybe_autosave(force=True) is not None  # now this session autosaves
+    [mine] = find_autosaves(small_image)
+    assert mine.painted_voxels == ctl2.n_corrected
+    assert ctl2.check_recovery() is None  # its own autosave is not offered back to it
+    ctl2.autosave_enabled = False  # "crash" of the second session
+
+    # a new widget in the first viewer recovers the corrections in place (no re-prediction)
+    saved = ctl2.corrections.copy()
+    viewer.window.remove_dock_widget("all")
+    _, widget3 = viewer.window.add_plugin_dock_widget("napari-apl", WIDGET_NAME)
+    ctl3 = widget3.controller
+    widget3.image_combo.set_layer(image)
+    assert widget3.predict(sync=True) and not widget3.recovery_bar.isHidden()
+    data3 = pseudo.data.copy()
+    data3[7, 40:44, 40:44] = np.where(data3[7, 40:44, 40:44] == 4, 3, 4)
+    pseudo.data = data3  # painted in the new session before recovering: wins over the autosave
+    newer = ctl3.collect_corrections().copy()
+    widget3.recover_button.click()
+    assert not ctl3.busy and widget3.recovery_bar.isHidden()
+    merged = np.where(newer >= 0, newer, saved)
+    np.testing.assert_array_equal(ctl3.corrections, merged)
+    shown = np.asarray(to_canonical_order(pseudo.data))
+    assert (shown[merged >= 0] == merged[merged >= 0]).all()
+    assert f"{int((merged >= 0).sum())} voxels" in widget3.refine_panel.corrections_label.text()
+
+
+def test_autosave_failure_is_one_warning(setup, tmp_path, monkeypatch, qtbot) -> None:
+    import napari.utils.notifications as nn
+
+    import napari_apl.widgets._controller as controller_module
+
+    warnings: list[str] = []
+    monkeypatch.setattr(controller_module, "show_warning", lambda m: warnings.append(str(m)))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("NAPARI_APL_AUTOSAVE_DIR", str(blocker / "autosave"))
+    monkeypatch.setattr(nn, "show_error", lambda m: warnings.append(f"error: {m}"))
+    viewer, widget, _image = setup()
+    ctl = widget.controller
+    ctl.autosave_interval = 0.0
+    assert widget.predict(sync=True)
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    for k in range(3):
+        data = pseudo.data.copy()
+        data[k, :3, :3] = 4
+        pseudo.data = data
+        assert ctl.maybe_autosave() is None
+    assert len(warnings) == 1 and "autosave failed" in warnings[0] and "\n" not in warnings[0]
+    assert ctl.refine(tiny_refine(1), sync=True)  # refining still works
+    assert len(warnings) == 1
