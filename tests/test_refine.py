@@ -149,3 +149,52 @@ def test_bad_config_is_one_line_error(setup):
         with pytest.raises(ValueError) as err:
             run_generator(refine(model, meta, vol, _cfg(**bad)))
         assert "\n" not in str(err.value)
+
+
+def _organ_voxels(model, meta, vol) -> int:
+    return int((predict_volume(model, meta, vol, device="cpu").pseudo > 0).sum())
+
+
+def test_unguarded_run_does_collapse(setup):
+    """The run the guard test relies on really collapses to background when unguarded (the test has teeth)."""
+    model, meta, vol = setup
+    assert _organ_voxels(model, meta, vol) > 0  # the start model finds organs
+    corr = np.zeros(vol.data.shape, np.int16)  # everything "corrected" to background
+    cfg = _cfg(method="threshold", iterations=15, lr=1e-2, teacher_decay=0.0, collapse_guard=0.0)
+    free = run_generator(refine(model, meta, vol, cfg, corrections=corr))
+    assert _organ_voxels(free.model, meta, vol) == 0
+
+
+@pytest.mark.parametrize("guard_every", [5, 1000])
+def test_refine_never_returns_a_background_only_model(setup, guard_every):
+    """Drive the model to background on purpose: the guard (during the loop or at its end) refuses it."""
+    model, meta, vol = setup
+    corr = np.zeros(vol.data.shape, np.int16)
+    cfg = _cfg(method="threshold", iterations=15, lr=1e-2, teacher_decay=0.0, guard_every=guard_every)
+    res = run_generator(refine(model, meta, vol, cfg, corrections=corr))
+    assert _organ_voxels(res.model, meta, vol) > 0
+    assert res.notes and any("organ" in n or "collapsing" in n for n in res.notes)
+    assert all(torch.isfinite(t).all() for t in res.model.state_dict().values() if t.is_floating_point())
+
+
+def test_for_method_and_bn_adapt(setup):
+    """Per-method defaults build valid configs; AdaBN re-estimates the statistics and the run still works."""
+    from napari_apl.core.refine import METHOD_DEFAULTS, _adapt_bn
+
+    for m in METHODS:
+        cfg = RefineConfig.for_method(m, seed=4)
+        assert cfg.method == m and cfg.seed == 4 and cfg.validate() is cfg
+        for k, v in METHOD_DEFAULTS[m].items():
+            assert getattr(cfg, k) == v
+    with pytest.raises(ValueError, match="unknown method"):
+        RefineConfig.for_method("nope")
+    model, meta, vol = setup
+    net = build_model("unet-dual", num_classes=5, base=8)
+    net.load_state_dict(model.state_dict())
+    before = net.inc[1].running_mean.clone()
+    _adapt_bn(net, torch.rand(6, 1, 48, 48) * 3 + 2, torch.device("cpu"))
+    assert not torch.allclose(before, net.inc[1].running_mean) and not net.training
+    res = run_generator(
+        refine(model, meta, vol, _cfg(bn="adapt", iterations=2, class_balance_power=1.0, class_norm=0.5))
+    )
+    assert res.iterations_done == 2

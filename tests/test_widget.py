@@ -32,6 +32,7 @@ def ctl_path(widget) -> Path:
 
 def tiny_refine(iterations: int = 4, **kw) -> RefineConfig:
     """Refinement settings small enough for two CPU cores."""
+    kw.setdefault("bn", "frozen")  # keep the tiny untrained model's batch-norm statistics: fast and stable
     return RefineConfig(iterations=iterations, batch_size=2, guard_every=1000, **kw)
 
 

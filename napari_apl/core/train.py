@@ -88,7 +88,12 @@ class SliceSet:
 
 
 def volume_slices(
-    image: Volume, labels: Volume | None, norm: Normalization, spacing: Sequence[float], size: Sequence[int], stride: int
+    image: Volume,
+    labels: Volume | None,
+    norm: Normalization,
+    spacing: Sequence[float],
+    size: Sequence[int],
+    stride: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Normalise and resample all axial slices of a volume (and its labels) onto the model grid."""
     data = np.asarray(image.data)
@@ -104,7 +109,11 @@ def volume_slices(
 
 
 def load_slice_set(
-    pairs: Sequence[tuple[str, str]], norm: Normalization, spacing: Sequence[float], size: Sequence[int], stride: int
+    pairs: Sequence[tuple[str, str]],
+    norm: Normalization,
+    spacing: Sequence[float],
+    size: Sequence[int],
+    stride: int,
 ) -> SliceSet:
     """Load paired volumes (checking shapes and affines) into one set of model-grid slices."""
     xs, ys, vi = [], [], []
@@ -112,7 +121,9 @@ def load_slice_set(
     for k, (ip, lp) in enumerate(pairs):
         img, lab = load_volume(ip), load_volume(lp)
         if tuple(img.original_shape) != tuple(lab.original_shape):
-            raise APLError(f"{Path(ip).name} and {Path(lp).name} differ in shape: pair each image with its labels")
+            raise APLError(
+                f"{Path(ip).name} and {Path(lp).name} differ in shape: pair each image with its labels"
+            )
         if not np.allclose(img.original_affine, lab.original_affine, atol=1e-3):
             raise APLError(f"{Path(ip).name} and {Path(lp).name} differ in affine: they are not on one grid")
         x, y = volume_slices(img, lab, norm, spacing, size, stride)
@@ -192,7 +203,9 @@ def augment_batch(
     scale = 0.85 + torch.rand(n, generator=gen, device=dev) * 0.35
     shift = (torch.rand((n, 2), generator=gen, device=dev) * 2 - 1) * 0.08
     cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    )
     grid = F.affine_grid(theta, (n, 1, h, w), align_corners=False)
     bg = x.amin(dim=(1, 2, 3), keepdim=True)
     x = F.grid_sample(x - bg, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + bg
@@ -277,7 +290,9 @@ def train_source(
     n = data.images.shape[0]
     steps = cfg.iters_per_epoch or max(1, math.ceil(n / cfg.batch_size))
     total_steps = steps * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
+    )
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     start_epoch = 0
     state_file = _state_path(out)
@@ -286,7 +301,8 @@ def train_source(
             st = torch.load(state_file, map_location="cpu", weights_only=True)
             if st.get("config") != _cfg_key(cfg):
                 raise CheckpointError(
-                    f"{state_file} was written by a run with other settings: delete it or use the same settings"
+                    f"{state_file} was written by a run with other settings: "
+                    "delete it or use the same settings"
                 )
             model.load_state_dict(st["model"])
             opt.load_state_dict(st["optimizer"])
@@ -296,7 +312,9 @@ def train_source(
         except CheckpointError:
             raise
         except Exception as exc:
-            raise CheckpointError(f"cannot resume from {state_file} ({exc}): delete it to start afresh") from exc
+            raise CheckpointError(
+                f"cannot resume from {state_file} ({exc}): delete it to start afresh"
+            ) from exc
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         perm = torch.randperm(n, generator=gen)
@@ -344,7 +362,9 @@ def _cfg_key(cfg: TrainConfig) -> str:
     return json.dumps(d, sort_keys=True, default=list)
 
 
-def _meta(cfg: TrainConfig, norm: Normalization, pairs: Sequence[tuple[str, str]], epochs: int) -> CheckpointMeta:
+def _meta(
+    cfg: TrainConfig, norm: Normalization, pairs: Sequence[tuple[str, str]], epochs: int
+) -> CheckpointMeta:
     """Build the checkpoint metadata of a trained source model."""
     model_args = dict(cfg.arch_args)
     return CheckpointMeta(
@@ -362,9 +382,11 @@ def _meta(cfg: TrainConfig, norm: Normalization, pairs: Sequence[tuple[str, str]
             "source_files": [Path(p[0]).name for p in pairs][:50],
             "epochs": epochs,
             "seed": cfg.seed,
-            "augmentation": "intensity remap, GIN, gamma, noise, blur, bias field; rotate/scale/shift, no flips"
-            if cfg.augment
-            else "none",
+            "augmentation": (
+                "intensity remap, GIN, gamma, noise, blur, bias field; rotate/scale/shift, no flips"
+                if cfg.augment
+                else "none"
+            ),
         },
     )
 
@@ -391,8 +413,13 @@ def train_source_cli(args: Any) -> int:
         while True:
             ev = next(gen)
             if bar is None:
-                bar = tqdm(total=ev.steps * cfg.epochs, initial=(ev.epoch - 1) * ev.steps, desc="train-source",
-                           disable=args.quiet, file=sys.stderr)
+                bar = tqdm(
+                    total=ev.steps * cfg.epochs,
+                    initial=(ev.epoch - 1) * ev.steps,
+                    desc="train-source",
+                    disable=args.quiet,
+                    file=sys.stderr,
+                )
             bar.update(1)
             bar.set_postfix(epoch=ev.epoch, loss=f"{ev.loss:.3f}")
     except StopIteration:

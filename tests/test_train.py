@@ -1,0 +1,165 @@
+"""Source training: pairing checks, augmentation that never flips left-right, resumption, the CLI."""
+
+from __future__ import annotations
+
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from napari_apl.cli import main
+from napari_apl.core.checkpoint import load_checkpoint
+from napari_apl.core.errors import APLError
+from napari_apl.core.phantom import write_phantom
+from napari_apl.core.train import TrainConfig, augment_batch, gin, pair_files, random_remap, train_source
+from napari_apl.core.utils import run_generator
+
+SHAPE, SPACING = (48, 48, 8), (6.0, 6.0, 10.0)
+
+
+@pytest.fixture(scope="module")
+def mri_pairs(tmp_path_factory):
+    """Two tiny MRI phantoms on disk as (image, labels) pairs."""
+    root = tmp_path_factory.mktemp("src")
+    pairs = [write_phantom(root / f"case{s}", "mri", s, shape=SHAPE, spacing=SPACING) for s in (0, 1)]
+    return [(str(a), str(b)) for a, b in pairs]
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(arch_args={"base": 4}, epochs=2, batch_size=4, input_size=(32, 32), spacing=(9.0, 9.0),
+                device="cpu", iters_per_epoch=2)  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_pair_files_sorts_naturally_and_checks_counts(tmp_path):
+    for n in (10, 2, 1):
+        (tmp_path / f"image_{n}.nii.gz").touch()
+        (tmp_path / f"label_{n}.nii.gz").touch()
+    pairs = pair_files(str(tmp_path / "image_*.nii.gz"), str(tmp_path / "label_*.nii.gz"))
+    assert [p[0].rsplit("_", 1)[1] for p in pairs] == ["1.nii.gz", "2.nii.gz", "10.nii.gz"]
+    (tmp_path / "label_11.nii.gz").touch()
+    with pytest.raises(APLError, match="pair"):
+        pair_files(str(tmp_path / "image_*.nii.gz"), str(tmp_path / "label_*.nii.gz"))
+    with pytest.raises(APLError, match="no image"):
+        pair_files(str(tmp_path / "nothing_*.nii.gz"), str(tmp_path / "label_*.nii.gz"))
+
+
+def test_mismatched_pairs_are_refused(tmp_path, mri_pairs):
+    img, lab = mri_pairs[0]
+    ref = nib.load(lab)
+    small = tmp_path / "small.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(ref.dataobj)[:-2], ref.affine), small)
+    moved = tmp_path / "moved.nii.gz"
+    aff = ref.affine.copy()
+    aff[0, 3] += 30.0
+    nib.save(nib.Nifti1Image(np.asarray(ref.dataobj), aff), moved)
+    for bad, what in ((small, "shape"), (moved, "affine")):
+        gen = train_source([(img, str(bad))], tmp_path / f"{what}.pt", _cfg())
+        with pytest.raises(APLError, match=what):
+            next(gen)
+
+
+def test_augmentation_never_flips_left_and_right():
+    gen = torch.Generator().manual_seed(0)
+    n, h, w = 32, 64, 64
+    x = torch.zeros(n, 1, h, w)
+    y = torch.zeros(n, h, w, dtype=torch.long)
+    y[:, 8:24, 20:44] = 2  # "right kidney" in the low rows (canonical axis 0 = towards Right)
+    y[:, 40:56, 20:44] = 3
+    x[:, 0][y > 0] = 1.0
+    xa, ya = augment_batch(x, y, gen, TrainConfig())
+    assert xa.shape == x.shape and ya.shape == y.shape and torch.isfinite(xa).all()
+    rows = torch.arange(h).reshape(1, h, 1).float()
+    for k in range(n):
+        r2 = rows.expand(n, h, w)[k][ya[k] == 2].mean()
+        r3 = rows.expand(n, h, w)[k][ya[k] == 3].mean()
+        assert r2 < h / 2 < r3, k  # every sample keeps its sides
+    assert set(ya.unique().tolist()) <= {0, 2, 3}
+
+
+def test_intensity_transforms_are_random_and_bounded():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.linspace(0, 1, 32 * 32).reshape(1, 1, 32, 32).repeat(4, 1, 1, 1)
+    r = random_remap(x, gen)
+    assert r.min() >= 0 and r.max() <= 1
+    assert not torch.allclose(r[0], r[1])
+    d = torch.diff(r[0].flatten())
+    assert (d > 1e-6).any() and (d < -1e-6).any()  # non-monotonic somewhere (with this seed)
+    g = gin(x, gen)
+    assert g.shape == x.shape and g.min() >= 0 and g.max() <= 1 + 1e-6
+    assert not torch.allclose(g[0], g[1])
+
+
+def test_train_source_resumes_from_its_last_epoch(tmp_path, mri_pairs):
+    cfg = _cfg()
+    full = tmp_path / "full.pt"
+    run_generator(train_source(mri_pairs, full, cfg))
+    ref_model, meta = load_checkpoint(full)
+    assert meta.provenance["epochs"] == 2 and meta.arch == "unet-dual"
+    assert not (tmp_path / "full.pt.train-state").exists()
+
+    out = tmp_path / "resumed.pt"
+    seen = []
+    gen = train_source(mri_pairs, out, cfg, stop=lambda: len(seen) >= 3)  # stop inside epoch 2
+    with pytest.raises(StopIteration):
+        while True:
+            seen.append(next(gen))
+    assert not out.exists() and (tmp_path / "resumed.pt.train-state").exists()
+    events = []
+    gen = train_source(mri_pairs, out, cfg)  # picks up after epoch 1
+    try:
+        while True:
+            events.append(next(gen))
+    except StopIteration:
+        pass
+    assert {e.epoch for e in events} == {2}
+    model, _ = load_checkpoint(out)
+    for (k, v), w in zip(model.state_dict().items(), ref_model.state_dict().values()):
+        assert torch.allclose(v.float(), w.float(), atol=1e-6), k
+    assert not (tmp_path / "resumed.pt.train-state").exists()
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, mri_pairs):
+    out = tmp_path / "m.pt"
+    gen = train_source(mri_pairs, out, _cfg(), stop=lambda: True)
+    with pytest.raises(StopIteration):
+        while True:
+            next(gen)
+    # no epoch finished yet: nothing to resume, so a different run starts afresh
+    assert not (tmp_path / "m.pt.train-state").exists()
+    seen = []
+    gen = train_source(mri_pairs, out, _cfg(), stop=lambda: len(seen) >= 3)
+    with pytest.raises(StopIteration):
+        while True:
+            seen.append(next(gen))
+    with pytest.raises(APLError, match="other settings"):
+        next(train_source(mri_pairs, out, _cfg(lr=5e-4)))
+
+
+def test_train_source_cli(tmp_path, mri_pairs, capsys):
+    folder = tmp_path
+    imgs = folder / "img"
+    labs = folder / "lab"
+    imgs.mkdir()
+    labs.mkdir()
+    for k, (a, b) in enumerate(mri_pairs):
+        (imgs / f"image_{k}.nii.gz").symlink_to(a)
+        (labs / f"label_{k}.nii.gz").symlink_to(b)
+    out = folder / "src.pt"
+    argv = ["train-source", "--images", str(imgs / "*.nii.gz"), "--labels", str(labs / "*.nii.gz"),
+            "--epochs", "1", "--input-size", "32", "32", "--spacing", "9", "9", "--batch-size", "8",
+            "--seed", "3", "--out", str(out), "-q"]  # fmt: skip
+    assert main(argv) == 0
+    model, meta = load_checkpoint(out)
+    assert meta.normalization["kind"] == "percentile" and meta.provenance["seed"] == 3
+    x = torch.rand(2, 1, 32, 32)
+    m, a = model(x)
+    assert m.shape == a.shape == (2, 5, 32, 32)
+    assert all(
+        math.isfinite(float(t.abs().sum())) for t in model.state_dict().values() if t.is_floating_point()
+    )
+    assert main(argv) == 2  # exists: refused without --overwrite
+    assert "exists" in capsys.readouterr().err
