@@ -1,0 +1,72 @@
+"""Make the README screenshots from the real plugin (run: ``xvfb-run -a python scripts/screenshots.py``).
+
+1. ``docs/images/demo_predict.png``: the demo viewer after Predict (the CT, the pseudo-label overlay and
+   the docked widget's Inspect tab).
+2. ``docs/images/demo_refine.png``: the same viewer while a refinement is running (Refine tab, live
+   loss and ω plot, the overlay updated in place).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Open the demo, predict, screenshot; start a refinement, screenshot it mid-way; close."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default=str(ROOT / "docs" / "images"))
+    parser.add_argument("--iterations", type=int, default=60)
+    parser.add_argument("--shoot-after", type=int, default=3, help="live updates before the refine shot")
+    args = parser.parse_args(argv)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    import napari
+    from qtpy.QtCore import QTimer
+
+    from napari_apl._demo import launch_demo
+
+    viewer = launch_demo(run=False)
+    viewer.window.resize(1500, 950)
+    widget = next(w for w in viewer.window.dock_widgets.values() if hasattr(w, "controller"))
+    ctl = widget.controller
+    if not widget.predict(sync=True):
+        print("predict failed", file=sys.stderr)
+        return 1
+    viewer.dims.set_current_step(0, viewer.layers["pseudo-label"].data.shape[0] // 2)
+    napari.qt.get_qapp().processEvents()
+    viewer.screenshot(str(out / "demo_predict.png"), canvas_only=False)
+    print(f"wrote {out / 'demo_predict.png'}")
+
+    widget.tabs.setCurrentWidget(widget.refine_panel)
+    widget.refine_panel.iterations.setValue(args.iterations)
+    seen = {"updates": 0, "shot": False}
+
+    def on_event(_ev) -> None:
+        seen["updates"] += 1
+        if seen["updates"] >= args.shoot_after * 5 and not seen["shot"]:
+            seen["shot"] = True
+            QTimer.singleShot(300, shoot)
+
+    def shoot() -> None:
+        viewer.screenshot(str(out / "demo_refine.png"), canvas_only=False)
+        print(f"wrote {out / 'demo_refine.png'}")
+        ctl.stop()
+
+    def on_busy(busy: bool) -> None:
+        if not busy and seen["shot"]:
+            QTimer.singleShot(200, viewer.close)
+
+    ctl.refine_event.connect(on_event)
+    ctl.busy_changed.connect(on_busy)
+    widget.refine_panel.start()
+    napari.run()
+    return 0 if seen["shot"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
