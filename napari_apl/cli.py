@@ -231,7 +231,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
             )
         corr = np.asarray(corr_vol.data)
         corrections = np.where(corr == args.corrections_unset, -1, corr).astype(np.int16)
-    cfg = RefineConfig(method=args.method, iterations=args.iterations, seed=args.seed, device=args.device)
+    cfg = RefineConfig.for_method(args.method, iterations=args.iterations, seed=args.seed, device=args.device)
     for key in ("lr", "batch_size", "weight", "teacher_decay", "tau", "bn"):
         val = getattr(args, key)
         if val is not None:
@@ -454,7 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight", choices=("uniform", "confusion"), help="W of the relevance matrix (Eq. 1)")
     p.add_argument("--teacher-decay", type=float, help="EMA teacher decay (0 = no teacher)")
     p.add_argument("--tau", type=float, help="threshold of the 'threshold' baseline (default 0.9)")
-    p.add_argument("--bn", choices=("frozen", "train"), help="batch-norm statistics: frozen or train")
+    p.add_argument(
+        "--bn",
+        choices=("adapt", "frozen", "train"),
+        help="batch-norm statistics: adapt (re-estimated once on the target, default), frozen or train",
+    )
     p.add_argument(
         "--corrections", help="label volume of hand corrections on the image grid (kept as hard labels)"
     )

@@ -1,19 +1,71 @@
-"""Streaming prediction of a whole volume with a dual-head model, slice batch by slice batch."""
+"""Streaming prediction of a whole volume with a dual-head model, slice batch by slice batch.
+
+Everything the maps need is computed on the model grid (``SliceGrid``: a few hundred pixels a side),
+where it is cheap, and only then taken to the voxel grid:
+
+* ``main``, ``aux`` and ``pseudo_label`` are the argmax of the bilinearly resampled class probabilities
+  of the main head, the auxiliary head and their mean (the merged prediction). Where the four model-grid
+  pixels around a voxel agree on the label, the argmax of any convex combination of them is that label,
+  so it is copied; only voxels near a label boundary are interpolated class by class.
+* ``confidence`` (ω, Eq. 3: top-1 minus top-2 of the merged prediction) and ``consistency`` (the heads'
+  disagreement ``1 - <p_m, p_a>``) are computed on the model grid and resampled bilinearly.
+
+Labels are uint8 and the maps float16, and the arrays are Fortran-ordered ``(X, Y, Z)`` (each axial
+slice contiguous, which is also napari's ``(Z, Y, X)`` layer order and NIfTI's on-disk order), so a
+512 x 512 x 300 CT never holds a float probability volume. ``SlicePredictor`` predicts single slices
+on demand into the same store (for a viewer that shows the current slice at once) and can fill the rest
+in the background; ``iter_predict`` is that fill driven slice batch by slice batch.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+import io
+import threading
+import uuid
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from . import pseudo
 from .checkpoint import CheckpointMeta
 from .models import DualHeadNet
 from .preprocess import FittedNormalization, Normalization
 from .utils import resolve_device, run_generator
 from .volume import SliceGrid, Volume
+
+__all__ = [
+    "MAP_DTYPES",
+    "MAP_NAMES",
+    "Prediction",
+    "PredictionWriter",
+    "PreparedVolume",
+    "SlicePredictor",
+    "heads_probabilities",
+    "iter_predict",
+    "predict_volume",
+    "prepare",
+]
+
+MAP_NAMES = ("main", "aux", "pseudo_label", "confidence", "consistency")
+MAP_DTYPES = {
+    "main": np.dtype(np.uint8),
+    "aux": np.dtype(np.uint8),
+    "pseudo_label": np.dtype(np.uint8),
+    "confidence": np.dtype(np.float16),
+    "consistency": np.dtype(np.float16),
+}
+_FIELDS = {
+    "main": "main",
+    "aux": "aux",
+    "pseudo_label": "pseudo",
+    "confidence": "confidence",
+    "consistency": "consistency",
+}
+# Above this fraction of boundary voxels a batch is resampled densely (same arithmetic, same result).
+_DENSE_FRACTION = 0.25
 
 
 @dataclass
@@ -36,6 +88,12 @@ class Prediction:
             "consistency": self.consistency,
         }
 
+    @classmethod
+    def empty(cls, shape: tuple[int, int, int]) -> Prediction:
+        """Zero-filled maps of canonical ``shape`` (Fortran order: each axial slice contiguous)."""
+        arrays = {_FIELDS[n]: np.zeros(shape, MAP_DTYPES[n], order="F") for n in MAP_NAMES}
+        return cls(**arrays)
+
 
 @dataclass
 class PreparedVolume:
@@ -45,19 +103,40 @@ class PreparedVolume:
     grid: SliceGrid
     fitted: FittedNormalization
 
+    def raw(self, indices: Sequence[int]) -> np.ndarray:
+        """Return the voxels of slices ``indices`` as an ``(n, X, Y)`` array (dask slices computed)."""
+        idx = [int(i) for i in indices]
+        data = self.volume.data
+        if idx and idx == list(range(idx[0], idx[-1] + 1)):
+            raw = data[:, :, idx[0] : idx[-1] + 1]
+        else:
+            raw = data[:, :, idx]
+        if not isinstance(raw, np.ndarray):  # dask: compute just these slices
+            raw = raw.compute() if hasattr(raw, "compute") else np.asarray(raw)
+        return np.ascontiguousarray(np.moveaxis(np.asarray(raw), 2, 0))
+
+    def _normalise(self, arr: np.ndarray) -> np.ndarray:
+        """Normalised float32 voxels; 8/16-bit integers through a lookup table of the same function."""
+        if arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2 and arr.size > 1 << 16:
+            lut = self.__dict__.get("_lut")
+            if lut is None or lut[0] != arr.dtype:
+                info = np.iinfo(arr.dtype)
+                values = np.arange(info.min, info.max + 1, dtype=np.int64).astype(arr.dtype)
+                lut = (arr.dtype, np.asarray(self.fitted(values), dtype=np.float32), int(info.min))
+                self.__dict__["_lut"] = lut
+            index = arr.astype(np.int32) - lut[2] if lut[2] else arr
+            return np.take(lut[1], index)
+        return self.fitted(arr).astype(np.float32, copy=False)
+
     def batch(self, indices: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
         """Return slices ``indices`` as a float32 tensor ``(n, 1, H, W)`` on the model grid."""
         idx = list(indices)
-        data = self.volume.data
-        raw = data[:, :, idx]
-        if not isinstance(raw, np.ndarray):  # dask: compute just these slices
-            raw = raw.compute()
-        arr = np.ascontiguousarray(np.moveaxis(np.asarray(raw), 2, 0))
-        if not np.all(np.isfinite(arr)):
+        arr = self.raw(idx)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             from .errors import VolumeError
 
             raise VolumeError(f"slices {idx[0]}..{idx[-1]} contain NaN or Inf voxels: clean the volume first")
-        norm = self.fitted(arr).astype(np.float32, copy=False)
+        norm = self._normalise(arr)
         t = torch.from_numpy(norm).unsqueeze(1)
         pad = float(norm.min()) if norm.size else 0.0
         out = self.grid.forward(t, mode="bilinear", pad_value=pad)
@@ -76,17 +155,439 @@ def prepare(
     return PreparedVolume(volume=volume, grid=grid, fitted=fitted)
 
 
+def _amp_dtype(amp: bool | str | None, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` (None/False: off; True/"bf16": bfloat16; "fp16": float16)."""
+    if amp is None:
+        amp = device.type == "cuda"
+    if amp is False or amp == "off":
+        return None
+    if amp is True or amp in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if amp in ("fp16", "float16", "half"):
+        return torch.float16
+    from .errors import APLError
+
+    raise APLError(f"unknown mixed-precision mode {amp!r}: use off, bf16 or fp16")
+
+
+def _forward(model: DualHeadNet, x: torch.Tensor, amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
+    """Both heads' logits as float32 (autocast when ``amp_dtype``; channels-last input on CUDA)."""
+    if x.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(
+        device_type=x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None
+    ):
+        main, aux = model(x)
+    return main.float(), aux.float()
+
+
 def heads_probabilities(
-    model: DualHeadNet, x: torch.Tensor, grid: SliceGrid | None = None, amp: bool = False
+    model: DualHeadNet, x: torch.Tensor, grid: SliceGrid | None = None, amp: bool | str = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run both heads on a model-grid batch; return their softmax probabilities (mapped back by ``grid``)."""
-    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
-        main, aux = model(x)
-    main, aux = main.float(), aux.float()
+    main, aux = _forward(model, x, _amp_dtype(amp, x.device))
     if grid is not None:
         main = grid.inverse(main, mode="bilinear")
         aux = grid.inverse(aux, mode="bilinear")
     return torch.softmax(main, dim=1), torch.softmax(aux, dim=1)
+
+
+# --- model grid -> voxel grid ---------------------------------------------------------------------
+# Done in numpy on the CPU: a few dozen single-threaded passes over model-grid arrays cost far less
+# than as many small multi-threaded torch operations on a busy two-core machine.
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over axis 1 of a float32 array (a new C-contiguous array)."""
+    out = logits - logits.max(axis=1, keepdims=True)
+    np.exp(out, out=out)
+    out /= out.sum(axis=1, keepdims=True)
+    return out
+
+
+def _first_argmax(prob: np.ndarray, top: np.ndarray | None = None) -> np.ndarray:
+    """Index of the first maximum over axis 1 as uint8 (``np.argmax`` semantics, one pass per class)."""
+    top = prob.max(axis=1) if top is None else top
+    label = np.zeros(top.shape, dtype=np.uint8)
+    for c in range(prob.shape[1] - 1, 0, -1):
+        label[prob[:, c] == top] = c
+    label[prob[:, 0] == top] = 0
+    return label
+
+
+def _confidence(prob: np.ndarray, label: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """ω = top-1 minus top-2 probability over axis 1 (Eq. 3)."""
+    classes = np.arange(prob.shape[1], dtype=np.uint8).reshape(1, -1, *([1] * (prob.ndim - 2)))
+    second = np.where(classes == label[:, None], -np.inf, prob).max(axis=1)
+    return np.abs(top - second).astype(np.float32, copy=False)
+
+
+def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of bilinear resampling ``n_in -> n_out`` (``align_corners=False``)."""
+    scale = np.float32(n_in / n_out)
+    src = (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    src = np.maximum(src, np.float32(0.0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = (src - i0.astype(np.float32)).astype(np.float32)
+    w1[i0 == i1] = 0.0
+    w0 = (np.float32(1.0) - w1).astype(np.float32)
+    return i0, i1, w0, w1
+
+
+class _ToVoxels:
+    """Maps model-grid outputs of one ``SliceGrid`` to voxel-grid slices stored as ``(n, Y, X)``."""
+
+    def __init__(self, grid: SliceGrid) -> None:
+        (self.bx, self.by), (self.rx, self.ry) = grid.pad_before, grid.resampled_shape
+        self.X, self.Y = grid.in_shape
+        self.xi0, self.xi1, self.xw0, self.xw1 = _axis_weights(self.rx, self.X)
+        self.yi0, self.yi1, self.yw0, self.yw1 = _axis_weights(self.ry, self.Y)
+        # model-grid cell (flat index into (rx, ry)) of each output voxel, in output order (y, x)
+        self.cell = (self.xi0[None, :] * self.ry + self.yi0[:, None]).reshape(-1)
+
+    def crop(self, t: np.ndarray) -> np.ndarray:
+        """Drop the padding of model-grid arrays ``(n, C, H', W')`` -> ``(n, C, rx, ry)`` (a view)."""
+        return t[..., self.bx : self.bx + self.rx, self.by : self.by + self.ry]
+
+    def maps(self, low: np.ndarray) -> np.ndarray:
+        """Bilinearly resample float maps ``(n, k, rx, ry)`` to float16 ``(n, k, Y, X)``."""
+        t = torch.from_numpy(np.ascontiguousarray(low.transpose(0, 1, 3, 2)))
+        if (self.ry, self.rx) != (self.Y, self.X):
+            t = F.interpolate(t, size=(self.Y, self.X), mode="bilinear", align_corners=False)
+        return t.to(torch.float16).numpy()
+
+    def labels(self, probs: Sequence[np.ndarray], lows: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Argmax of the bilinearly resampled probabilities ``(n, C, rx, ry)`` as uint8 ``(n, Y, X)``.
+
+        ``lows`` are their model-grid labels. A voxel whose four model-grid neighbours share every
+        label takes it; the others are interpolated class by class (sparsely, or densely when many).
+        """
+        n = probs[0].shape[0]
+        code = np.zeros(lows[0].shape, dtype=np.int32)
+        for k, low in enumerate(lows):
+            code |= low.astype(np.int32) << (8 * k)
+        pad = np.pad(code, ((0, 0), (0, 1), (0, 1)), mode="edge")
+        corner = pad[:, :-1, :-1]
+        mixed = (corner != pad[:, 1:, :-1]) | (corner != pad[:, :-1, 1:]) | (corner != pad[:, 1:, 1:])
+        code |= mixed.astype(np.int32) << 24
+        hit = np.take(code.reshape(n, -1), self.cell, axis=1)  # (n, Y*X)
+        parts = hit.astype("<i4", copy=False).view(np.uint8).reshape(n, -1, 4)  # byte k = code k
+        out = [np.ascontiguousarray(parts[..., k]) for k in range(len(lows))]
+        edge = parts[..., 3].view(bool)
+        boundary = np.flatnonzero(edge)
+        if boundary.size > _DENSE_FRACTION * hit.size:
+            for k, p in enumerate(probs):
+                out[k] = np.where(edge, self._dense(p).reshape(n, -1), out[k])
+        elif boundary.size:
+            plane = self.Y * self.X
+            img, pix = np.divmod(boundary, plane)
+            y, x = np.divmod(pix, self.X)
+            i0, i1, j0, j1 = self.xi0[x], self.xi1[x], self.yi0[y], self.yi1[y]
+            xw0, xw1 = self.xw0[x, None], self.xw1[x, None]
+            yw0, yw1 = self.yw0[y, None], self.yw1[y, None]
+            base = img * (self.rx * self.ry)
+            r0, r1 = base + i0 * self.ry, base + i1 * self.ry
+            for k, p in enumerate(probs):
+                flat = np.ascontiguousarray(p.transpose(0, 2, 3, 1)).reshape(-1, p.shape[1])
+                a0 = yw0 * flat[r0 + j0] + yw1 * flat[r0 + j1]  # along Y on row i0, then row i1
+                a1 = yw0 * flat[r1 + j0] + yw1 * flat[r1 + j1]
+                val = xw0 * a0 + xw1 * a1  # (K, C)
+                out[k].reshape(-1)[boundary] = np.argmax(val, axis=1).astype(np.uint8)
+        return [o.reshape(n, self.Y, self.X) for o in out]
+
+    def _dense(self, p: np.ndarray) -> np.ndarray:
+        """Separable bilinear resampling of every class then argmax, as ``(n, Y, X)`` (same arithmetic)."""
+        rows = self.yw0 * p[..., self.yi0] + self.yw1 * p[..., self.yi1]  # (n, C, rx, Y)
+        full = self.xw0[:, None] * rows[:, :, self.xi0] + self.xw1[:, None] * rows[:, :, self.xi1]
+        return np.ascontiguousarray(_first_argmax(full).transpose(0, 2, 1))
+
+
+def _postprocess(tv: _ToVoxels, main: np.ndarray, aux: np.ndarray) -> dict[str, np.ndarray]:
+    """The five voxel-grid maps ``(n, Y, X)`` of a batch from both heads' model-grid logits."""
+    p_m = _softmax(tv.crop(main))
+    p_a = _softmax(tv.crop(aux))
+    merged = p_m + p_a
+    merged *= np.float32(0.5)
+    top_m, top_a, top_p = p_m.max(axis=1), p_a.max(axis=1), merged.max(axis=1)
+    lows = [_first_argmax(p_m, top_m), _first_argmax(p_a, top_a), _first_argmax(merged, top_p)]
+    omega = _confidence(merged, lows[2], top_p)
+    disagree = np.clip(np.float32(1.0) - np.einsum("nc...,nc...->n...", p_m, p_a), 0.0, 1.0)
+    maps = tv.maps(np.stack([omega, disagree.astype(np.float32, copy=False)], axis=1))
+    lab_m, lab_a, lab_p = tv.labels([p_m, p_a, merged], lows)
+    return {
+        "main": lab_m,
+        "aux": lab_a,
+        "pseudo_label": lab_p,
+        "confidence": maps[:, 0],
+        "consistency": maps[:, 1],
+    }
+
+
+# --- on-demand and streaming prediction ---------------------------------------------------------------
+
+
+class SlicePredictor:
+    """Predicts axial slices of one volume on demand into a shared ``Prediction`` store (thread-safe).
+
+    ``predict_slice(k)`` returns the five 2-D maps of slice ``k`` (computed once, then read from the
+    store); ``run()`` fills every slice not computed yet, batch by batch, yielding progress, and returns
+    the complete ``Prediction``. Both may run at the same time in different threads (e.g. a viewer
+    asking for the visible slice while the whole volume completes in a worker). ``as_dask()`` gives
+    dask arrays whose chunks (one per slice) call ``predict_slice``, for layers that show at once.
+    """
+
+    def __init__(
+        self,
+        model: DualHeadNet,
+        meta: CheckpointMeta,
+        volume: Volume,
+        *,
+        normalization: Normalization | None = None,
+        device: str | torch.device = "auto",
+        amp: bool | str | None = None,
+        prepared: PreparedVolume | None = None,
+        batch_size: int = 8,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.amp_dtype = _amp_dtype(amp, self.device)
+        self.model = model
+        self.meta = meta
+        self.volume = volume
+        self.batch_size = max(1, int(batch_size))
+        self.prepared = prepared if prepared is not None else prepare(volume, meta, model, normalization)
+        self.shape = tuple(int(s) for s in volume.data.shape[:3])
+        self.prediction = Prediction.empty(self.shape)  # type: ignore[arg-type]
+        self._done = np.zeros(self.shape[2], dtype=bool)
+        self._busy: set[int] = set()
+        self._cond = threading.Condition()
+        self._to_voxels: _ToVoxels | None = None
+        self._uid = uuid.uuid4().hex[:12]
+        model.eval()
+        model.to(self.device)
+        if self.device.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+
+    @property
+    def total(self) -> int:
+        """Number of axial slices."""
+        return self.shape[2]
+
+    @property
+    def done(self) -> np.ndarray:
+        """Which slices are predicted (a copy)."""
+        with self._cond:
+            return self._done.copy()
+
+    def _logits(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Both heads' model-grid logits of a prepared batch, as float32 numpy arrays."""
+        with torch.inference_mode():
+            main, aux = _forward(self.model, x.to(self.device), self.amp_dtype)
+        return main.cpu().numpy(), aux.cpu().numpy()
+
+    def _store(self, idx: list[int], main: np.ndarray, aux: np.ndarray) -> None:
+        """Map a batch's logits to the voxel grid and write its five maps into the store."""
+        if self._to_voxels is None:
+            self._to_voxels = _ToVoxels(self.prepared.grid)
+        arrays = _postprocess(self._to_voxels, main, aux)
+        pos = np.asarray(idx)
+        contiguous = len(idx) > 1 and idx == list(range(idx[0], idx[-1] + 1))
+        for name, arr in arrays.items():
+            store = getattr(self.prediction, _FIELDS[name]).T  # (Z, Y, X) C-contiguous view
+            if contiguous:
+                store[idx[0] : idx[-1] + 1] = arr
+            else:
+                store[pos] = arr
+
+    def _compute(self, idx: list[int]) -> None:
+        """Predict slices ``idx`` (one batch) and store them."""
+        self._store(idx, *self._logits(self.prepared.batch(idx)))
+
+    def _claim(self, candidates: Sequence[int]) -> list[int]:
+        """Mark the candidates that are neither done nor being computed as busy; return them."""
+        with self._cond:
+            mine = [int(k) for k in candidates if not self._done[k] and int(k) not in self._busy]
+            self._busy.update(mine)
+        return mine
+
+    def _release(self, idx: Sequence[int], done: bool) -> None:
+        """Un-mark slices as busy (and mark them done); wake waiting threads."""
+        with self._cond:
+            if done:
+                self._done[list(idx)] = True
+            self._busy.difference_update(idx)
+            self._cond.notify_all()
+
+    def predict_slices(self, indices: Sequence[int]) -> None:
+        """Make sure slices ``indices`` are predicted (missing ones in batches; waits for busy ones)."""
+        wanted = list(dict.fromkeys(int(k) for k in indices))
+        for k in wanted:
+            if not 0 <= k < self.total:
+                raise IndexError(f"slice {k} is outside 0..{self.total - 1}")
+        while True:
+            with self._cond:
+                missing = [k for k in wanted if not self._done[k]]
+                if not missing:
+                    return
+                todo = [k for k in missing if k not in self._busy]
+                if not todo:  # another thread is computing them
+                    self._cond.wait(0.05)
+                    continue
+                self._busy.update(todo)
+            try:
+                for s in range(0, len(todo), self.batch_size):
+                    chunk = todo[s : s + self.batch_size]
+                    self._compute(chunk)
+                    with self._cond:
+                        self._done[chunk] = True
+                        self._busy.difference_update(chunk)
+                        self._cond.notify_all()
+            finally:
+                with self._cond:
+                    self._busy.difference_update(todo)
+                    self._cond.notify_all()
+
+    def predict_slice(self, k: int) -> dict[str, np.ndarray]:
+        """Return the five ``(X, Y)`` maps of slice ``k`` (views of the store), predicting it if needed."""
+        self.predict_slices([k])
+        pred = self.prediction
+        return {name: getattr(pred, _FIELDS[name])[:, :, k] for name in MAP_NAMES}
+
+    def run(
+        self,
+        batch_size: int | None = None,
+        order: Sequence[int] | None = None,
+        on_slices: Callable[[list[int]], None] | None = None,
+    ) -> Generator[tuple[int, int], None, Prediction]:
+        """Predict the slices (all, or ``order``) not done yet, yielding ``(done, total)``; return them.
+
+        A helper thread reads and prepares the next batch and maps the previous one to the voxel grid
+        while the model runs on the current one (numpy and zlib release the GIL), so that on a CPU
+        the forward is nearly all the work left on the critical path. ``on_slices`` (called in the
+        helper thread) receives, in ``order``, each run of slices as soon as all before it are done.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        bs = max(1, int(batch_size or self.batch_size))
+        wanted = [int(k) for k in (range(self.total) if order is None else order)]
+        total = len(wanted)
+        index = np.asarray(wanted, dtype=np.int64)
+        yield int(self._done[index].sum()) if total else 0, total
+        todo = [k for k in wanted if not self._done[k]]
+        plan = [todo[s : s + bs] for s in range(0, len(todo), bs)]
+        claimed: list[list[int]] = []
+        pending = None  # the previous batch's mapping to the voxel grid
+        emitted = [0]  # how many slices of ``wanted`` went to ``on_slices``
+
+        def emit() -> None:
+            if on_slices is None:
+                return
+            start = stop = emitted[0]
+            with self._cond:
+                while stop < total and self._done[wanted[stop]]:
+                    stop += 1
+            if stop > start:
+                emitted[0] = stop
+                on_slices(wanted[start:stop])
+
+        helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-apl-predict")
+
+        def claim_next() -> tuple[list[int], Any] | None:
+            while plan:
+                chunk = self._claim(plan.pop(0))
+                if chunk:
+                    claimed.append(chunk)
+                    return chunk, helper.submit(self.prepared.batch, chunk)
+            return None
+
+        def store(chunk: list[int], main: np.ndarray, aux: np.ndarray) -> None:
+            self._store(chunk, main, aux)
+            self._release(chunk, done=True)
+            claimed.remove(chunk)
+            emit()
+
+        try:
+            current = claim_next()
+            while current is not None:
+                chunk, prepared = current
+                x = prepared.result()
+                current = claim_next()  # read the next batch during this forward
+                logits = self._logits(x)
+                if pending is not None:
+                    pending.result()
+                    yield int(self._done[index].sum()), total
+                pending = helper.submit(store, chunk, *logits)
+            if pending is not None:
+                pending.result()
+                pending = None
+            self.predict_slices([k for k in wanted if not self._done[k]])  # any left to other threads
+            emit()
+            yield int(self._done[index].sum()), total
+        finally:
+            helper.shutdown(wait=True, cancel_futures=True)
+            for chunk in claimed:
+                self._release(chunk, done=False)
+        return self.prediction
+
+    def as_layer_arrays(self) -> dict[str, Any]:
+        """Lazy array-likes of the five maps in napari's layer order ``(Z, Y, X)`` (no dask involved).
+
+        Indexing one computes only the slices it covers, so layers made from them show the visible
+        slice at once; ``np.asarray`` of a whole one predicts every slice.
+        """
+        return {name: _LazyMap(self, name, "zyx") for name in MAP_NAMES}
+
+    def as_dask(self) -> dict[str, Any]:
+        """Dask arrays ``(X, Y, Z)`` of the five maps; computing a chunk (one slice) predicts it on demand."""
+        import dask.array as da
+
+        out = {}
+        for name in MAP_NAMES:
+            view = _LazyMap(self, name)
+            out[name] = da.from_array(
+                view,
+                chunks=(self.shape[0], self.shape[1], 1),
+                name=f"apl-{name}-{self._uid}",
+                meta=np.empty((0, 0, 0), dtype=MAP_DTYPES[name]),
+                asarray=False,
+                fancy=False,
+                lock=False,
+            )
+        return out
+
+
+class _LazyMap:
+    """Array-like view of one map of a ``SlicePredictor``; reading predicts the slices it covers.
+
+    ``order="xyz"``: canonical ``(X, Y, Z)``; ``order="zyx"``: napari's layer order ``(Z, Y, X)``.
+    """
+
+    def __init__(self, predictor: SlicePredictor, name: str, order: str = "xyz") -> None:
+        self.predictor = predictor
+        self.name = name
+        self.order = order
+        x, y, z = predictor.shape
+        self.shape = (x, y, z) if order == "xyz" else (z, y, x)
+        self.dtype = MAP_DTYPES[name]
+        self.ndim = 3
+        self.size = x * y * z
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not isinstance(key, tuple):
+            key = (key,)
+        key = key + (slice(None),) * (3 - len(key))
+        zkey = key[2] if self.order == "xyz" else key[0]
+        zs = np.arange(self.predictor.total)[zkey]
+        self.predictor.predict_slices(np.atleast_1d(zs).tolist())
+        store = getattr(self.predictor.prediction, _FIELDS[self.name])
+        return np.array((store if self.order == "xyz" else store.T)[key])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:, :, :]
+        return out if dtype is None else out.astype(dtype)
 
 
 def iter_predict(
@@ -98,55 +599,202 @@ def iter_predict(
     batch_size: int = 8,
     device: str | torch.device = "auto",
     slices: Sequence[int] | None = None,
-    amp: bool | None = None,
+    amp: bool | str | None = None,
     prepared: PreparedVolume | None = None,
+    predictor: SlicePredictor | None = None,
+    on_slices: Callable[[list[int]], None] | None = None,
 ) -> Generator[tuple[int, int], None, Prediction]:
     """Predict every axial slice (or only ``slices``) of ``volume``, yielding ``(done, total)`` as it goes.
 
     Labels come back as uint8 and the maps as float16, on the canonical voxel grid, so a
-    512 x 512 x 300 CT never holds a float probability volume for either head.
+    512 x 512 x 300 CT never holds a float probability volume for either head. ``amp`` is the
+    mixed precision (``None``: bf16 on CUDA, off elsewhere; ``"fp16"``/``"bf16"``/``True``/``False``).
+    Pass a ``predictor`` to complete one that already answered on-demand slice requests, and
+    ``on_slices`` to hear of finished slices in order (e.g. ``PredictionWriter.feed``).
     """
-    dev = resolve_device(device)
-    use_amp = (dev.type == "cuda") if amp is None else bool(amp)
-    prep = prepared if prepared is not None else prepare(volume, meta, model, normalization)
-    shape = tuple(volume.data.shape)
-    out = Prediction(
-        main=np.zeros(shape, np.uint8),
-        aux=np.zeros(shape, np.uint8),
-        pseudo=np.zeros(shape, np.uint8),
-        confidence=np.zeros(shape, np.float16),
-        consistency=np.zeros(shape, np.float16),
-    )
-    order = list(range(shape[2])) if slices is None else [int(k) for k in slices]
-    total = len(order)
     was_training = model.training
     model.eval()
-    model.to(dev)
     try:
-        yield 0, total
-        done = 0
-        with torch.inference_mode():
-            for start in range(0, total, batch_size):
-                idx = order[start : start + batch_size]
-                x = prep.batch(idx, dev)
-                p_m, p_a = heads_probabilities(model, x, prep.grid, use_amp)
-                merged = pseudo.merge(p_m, p_a)
-                maps = {
-                    "main": p_m.argmax(1).to(torch.uint8),
-                    "aux": p_a.argmax(1).to(torch.uint8),
-                    "pseudo": merged.argmax(1).to(torch.uint8),
-                    "confidence": pseudo.confidence(merged).to(torch.float16),
-                    "consistency": pseudo.consistency_map(p_m, p_a).to(torch.float16),
-                }
-                for name, t in maps.items():
-                    getattr(out, name)[:, :, idx] = np.moveaxis(t.cpu().numpy(), 0, 2)
-                done += len(idx)
-                yield done, total
+        sp = predictor or SlicePredictor(
+            model,
+            meta,
+            volume,
+            normalization=normalization,
+            device=device,
+            amp=amp,
+            prepared=prepared,
+            batch_size=batch_size,
+        )
+        return (yield from sp.run(batch_size, slices, on_slices))
     finally:
         model.train(was_training)
-    return out
 
 
-def predict_volume(model: DualHeadNet, meta: CheckpointMeta, volume: Volume, **kwargs) -> Prediction:
+def predict_volume(model: DualHeadNet, meta: CheckpointMeta, volume: Volume, **kwargs: Any) -> Prediction:
     """Predict a whole volume at once (``iter_predict`` driven to its end)."""
     return run_generator(iter_predict(model, meta, volume, **kwargs))
+
+
+# --- streaming NIfTI output -------------------------------------------------------------------------------
+
+
+class _HeaderCapture(io.BytesIO):
+    """File object that keeps what nibabel writes before the voxel data, then stops it."""
+
+    class Done(Exception):
+        """Raised at the first write of voxel data."""
+
+    def __init__(self, header: Any) -> None:
+        super().__init__()
+        self.header = header  # nibabel sets its data offset when it writes it
+
+    @property
+    def offset(self) -> int:
+        """Where the voxel data starts (0 until nibabel has written the header)."""
+        return int(self.header.get_data_offset())
+
+    def write(self, data: Any) -> int:
+        if 0 < self.offset <= self.tell():
+            raise self.Done
+        return super().write(data)
+
+
+def _nifti_header_bytes(reference: Volume, dtype: np.dtype) -> bytes:
+    """The header (and padding) ``save_nifti`` writes for a map of ``dtype`` on ``reference``'s grid."""
+    import nibabel as nib
+    from nibabel.fileholders import FileHolder
+
+    hdr = reference.header.copy()
+    hdr.set_data_dtype(dtype)
+    hdr["cal_min"] = 0.0
+    hdr["cal_max"] = 0.0
+    image_class = nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
+    fake = np.broadcast_to(np.zeros((), dtype), tuple(reference.original_shape))
+    img = image_class(fake, reference.original_affine, header=hdr)
+    img.set_data_dtype(dtype)
+    ref_codes = (int(reference.header["qform_code"]), int(reference.header["sform_code"]))
+    if (int(img.header["qform_code"]), int(img.header["sform_code"])) != ref_codes and np.allclose(
+        reference.header.get_best_affine(), reference.original_affine
+    ):
+        img.header.set_qform(reference.header.get_qform(), code=ref_codes[0])
+        img.header.set_sform(reference.header.get_sform(), code=ref_codes[1])
+    img.update_header()
+    capture = _HeaderCapture(img.header)
+    try:
+        img.to_file_map({"image": FileHolder(fileobj=capture)})
+    except _HeaderCapture.Done:
+        pass
+    offset = capture.offset
+    if offset <= 0:  # pragma: no cover - nibabel always writes a single-file header first
+        raise RuntimeError("could not build the NIfTI header")
+    return capture.getvalue()[:offset].ljust(offset, b"\0")
+
+
+class PredictionWriter:
+    """Writes prediction maps as ``.nii.gz`` on the input's original grid while the slices are predicted.
+
+    The files are what ``volume.save_canonical`` writes (same header, affine and voxels), compressed
+    slice by slice in background threads as ``SlicePredictor.run(..., on_slices=writer.feed)`` finishes
+    them, each through ``atomic_write``. Streaming needs the file's third axis to be the axial one
+    (``streamable``); ``order`` is the prediction order that matches the file's slice order.
+    """
+
+    def __init__(
+        self,
+        reference: Volume,
+        prediction: Prediction,
+        paths: dict[str, Any],
+        dtypes: dict[str, Any],
+        *,
+        overwrite: bool = False,
+    ) -> None:
+        import queue
+
+        from .io_utils import atomic_write
+
+        if not self.streamable(reference):
+            raise ValueError("the file's third axis is not the axial one: write the maps at the end")
+        self.reference = reference
+        self.prediction = prediction
+        z = int(reference.shape[2])
+        flip_z = int(np.asarray(reference.ornt)[2, 1]) == -1
+        self.order = list(range(z - 1, -1, -1)) if flip_z else list(range(z))
+        # canonical -> file orientation of the in-plane axes (the slice order is handled by ``order``)
+        inverse = np.empty((3, 2))
+        for ax, (dest, flip) in enumerate(np.asarray(reference.ornt, dtype=float)):
+            inverse[int(dest)] = (ax, flip)
+        inverse[2] = (2, 1)
+        self._inverse = inverse
+        self._identity = bool(np.array_equal(inverse, [[0, 1], [1, 1], [2, 1]]))
+        self._queues: dict[str, Any] = {}
+        self._threads: list[threading.Thread] = []
+        self._errors: list[BaseException] = []
+        self.written: dict[str, Any] = {}
+        inputs = (reference.path,) if reference.path is not None else ()
+        for name, path in paths.items():
+            dtype = np.dtype(dtypes[name])
+            header = _nifti_header_bytes(reference, dtype)
+            q: Any = queue.Queue(maxsize=64)
+            self._queues[name] = q
+
+            def write(tmp: Any, q: Any = q, header: bytes = header) -> None:
+                import gzip
+
+                with (
+                    open(tmp, "wb") as raw,
+                    gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz,
+                ):
+                    gz.write(header)
+                    while True:
+                        item = q.get()
+                        if item is None:
+                            return
+                        if isinstance(item, BaseException):
+                            raise item
+                        gz.write(item)
+
+            def run(name: str = name, path: Any = path, write: Any = write) -> None:
+                try:
+                    self.written[name] = atomic_write(path, write, overwrite=overwrite, inputs=inputs)
+                except BaseException as exc:  # reported by close()
+                    self._errors.append(exc)
+
+            t = threading.Thread(target=run, name=f"napari-apl-write-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._dtypes = {name: np.dtype(dtypes[name]) for name in paths}
+
+    @staticmethod
+    def streamable(reference: Volume) -> bool:
+        """Whether the file's third (slowest) axis is the canonical axial axis."""
+        return int(np.asarray(reference.ornt)[2, 0]) == 2
+
+    def feed(self, slices: list[int]) -> None:
+        """Queue the finished canonical slices ``slices`` (consecutive in ``order``) for writing."""
+        from nibabel.orientations import apply_orientation
+
+        for name, q in self._queues.items():
+            store = getattr(self.prediction, _FIELDS[name])
+            dtype = self._dtypes[name]
+            for k in slices:
+                plane = store[:, :, k]  # (X, Y), Fortran-contiguous
+                if not self._identity:
+                    plane = apply_orientation(plane[:, :, None], self._inverse)[:, :, 0]
+                q.put(np.asarray(plane, dtype=dtype).tobytes(order="F"))
+
+    def close(self) -> dict[str, Any]:
+        """Finish every file; return their paths by map name (raises the first writing error)."""
+        for q in self._queues.values():
+            q.put(None)
+        for t in self._threads:
+            t.join()
+        if self._errors:
+            raise self._errors[0]
+        return self.written
+
+    def abort(self, exc: BaseException | None = None) -> None:
+        """Stop writing: every temporary file is removed and nothing is replaced."""
+        for q in self._queues.values():
+            q.put(exc or RuntimeError("prediction stopped"))
+        for t in self._threads:
+            t.join()

@@ -1,0 +1,131 @@
+"""Many volumes on dask.distributed: input expansion, output folders, and results identical to one volume."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from napari_apl import cli
+from napari_apl.core.batch import expand_inputs, is_many, output_dirs, run_many, volume_name
+from napari_apl.core.errors import APLError, OutputError
+
+TINY_SHAPE = (64, 64, 12)  # as conftest.TINY_SHAPE / TINY_SPACING
+TINY_SPACING = (5.0, 5.0, 12.0)
+MAPS = ("main", "aux", "pseudo_label", "confidence", "consistency")
+
+
+@pytest.fixture(scope="module")
+def phantom_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three small CT phantoms (different seeds) in one folder."""
+    from napari_apl.core.phantom import write_phantom
+
+    folder = tmp_path_factory.mktemp("many")
+    for seed in range(3):
+        work = tmp_path_factory.mktemp(f"seed{seed}")
+        image, _ = write_phantom(work, "ct", seed, shape=TINY_SHAPE, spacing=TINY_SPACING)
+        shutil.move(str(image), folder / f"case{seed}.nii.gz")
+    (folder / "notes.txt").write_text("not a volume")
+    return folder
+
+
+def _one_volume(argv: list[str]) -> None:
+    """Run the one-volume command in this process with one torch thread (as each worker uses)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(argv) == 0
+    finally:
+        torch.set_num_threads(before)
+
+
+def _same_nifti(a: Path, b: Path) -> None:
+    ia, ib = nib.load(str(a)), nib.load(str(b))
+    assert np.array_equal(np.asanyarray(ia.dataobj), np.asanyarray(ib.dataobj)), a.name
+    assert np.allclose(ia.affine, ib.affine) and ia.get_data_dtype() == ib.get_data_dtype()
+
+
+def test_expand_inputs_folder_glob_and_file(phantom_folder: Path) -> None:
+    names = [p.name for p in expand_inputs(phantom_folder)]
+    assert names == ["case0.nii.gz", "case1.nii.gz", "case2.nii.gz"]
+    assert [p.name for p in expand_inputs(str(phantom_folder / "case[12]*"))] == [
+        "case1.nii.gz",
+        "case2.nii.gz",
+    ]
+    assert is_many(phantom_folder) and is_many(str(phantom_folder / "*.nii.gz"))
+    assert not is_many(phantom_folder / "case0.nii.gz")
+    assert volume_name("a/b/scan.nii.gz") == "scan" and volume_name("scan.nii") == "scan"
+    with pytest.raises(APLError, match="matches no"):
+        expand_inputs(str(phantom_folder / "nothing*.nii.gz"))
+
+
+def test_output_dirs_refuse_two_volumes_with_one_name(tmp_path: Path) -> None:
+    dirs = output_dirs([Path("x/a.nii.gz"), Path("y/b.nii")], tmp_path)
+    assert list(dirs.values()) == [tmp_path / "a", tmp_path / "b"]
+    with pytest.raises(OutputError, match="both write"):
+        output_dirs([Path("x/a.nii.gz"), Path("y/a.nii")], tmp_path)
+
+
+def test_predict_and_refine_many_on_a_local_cluster_match_one_volume(
+    phantom_folder: Path, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Goal 7: 3 phantoms on a 2-process local cluster give exactly the one-volume command's files."""
+    ckpt = str(tiny_checkpoint)
+    many = tmp_path / "many"
+    rc = cli.main(["predict", str(phantom_folder), "-c", ckpt, "-o", str(many), "-q", "--workers", "2"])
+    assert rc == 0, capsys.readouterr()
+    assert "3 of 3 volumes done" in capsys.readouterr().out
+    for seed in range(3):
+        one = tmp_path / f"one{seed}"
+        _one_volume(["predict", str(phantom_folder / f"case{seed}.nii.gz"), "-c", ckpt, "-o", str(one), "-q"])
+        for name in MAPS:
+            _same_nifti(many / f"case{seed}" / f"{name}.nii.gz", one / f"{name}.nii.gz")
+
+    refined = tmp_path / "refined"
+    args = ["-c", ckpt, "-q", "-n", "2", "--batch-size", "2"]
+    rc = cli.main(
+        ["refine", str(phantom_folder / "case*.nii.gz"), "-o", str(refined), "--workers", "2", *args]
+    )
+    assert rc == 0, capsys.readouterr()
+    one = tmp_path / "refined_one"
+    _one_volume(["refine", str(phantom_folder / "case1.nii.gz"), "-o", str(one), *args])
+    for name in MAPS:
+        _same_nifti(refined / "case1" / f"{name}.nii.gz", one / f"{name}.nii.gz")
+    a = torch.load(refined / "case1" / "refined.pt", weights_only=True)["state_dict"]
+    b = torch.load(one / "refined.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in refined.iterdir()) == ["case0", "case1", "case2"]
+
+
+def test_many_checks_every_output_before_work(
+    phantom_folder: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    (out / "case2").mkdir(parents=True)
+    (out / "case2" / "main.nii.gz").write_bytes(b"old")
+    rc = cli.main(["predict", str(phantom_folder), "-c", str(tiny_checkpoint), "-o", str(out), "-q"])
+    assert rc == 2
+    assert not any((out / "case0").iterdir())  # nothing was computed
+    rc = cli.main(
+        ["refine", str(phantom_folder), "-c", str(tiny_checkpoint), "-o", str(out), "--corrections", "x.nii"]
+    )
+    assert rc == 2
+
+
+def _square(x: int) -> int:
+    if x < 0:
+        raise APLError("negative")
+    print(f"squared {x}")
+    return x * x
+
+
+def test_run_many_reports_failures_per_item() -> None:
+    seen = []
+    results = run_many(_square, [2, -1, 3], workers=1, on_result=seen.append)
+    assert [r.value for r in results] == [4, None, 9]
+    assert results[1].error == "negative" and not results[1].ok
+    assert results[0].output.strip() == "squared 2" and len(seen) == 3

@@ -1,0 +1,253 @@
+"""Streaming and on-demand prediction: the voxel-grid maps, their layout, and every path agreeing."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from napari_apl.core import infer
+from napari_apl.core.checkpoint import CheckpointMeta
+from napari_apl.core.errors import APLError
+from napari_apl.core.infer import Prediction, SlicePredictor, iter_predict, predict_volume
+from napari_apl.core.models import DualHeadNet, build_model
+from napari_apl.core.phantom import make_phantom
+from napari_apl.core.utils import run_generator
+from napari_apl.core.volume import volume_from_array
+
+FIELDS = ("main", "aux", "pseudo", "confidence", "consistency")
+
+
+class BandNet(DualHeadNet):
+    """A tiny dual-head net whose classes are intensity bands: many label boundaries, known probabilities."""
+
+    arch = "band"
+    stride = 16
+    classifier_modules = ("head_main", "head_aux")
+
+    def __init__(self) -> None:
+        super().__init__(num_classes=5, in_channels=1)
+        self.head_main = nn.Conv2d(2, 5, 1)
+        self.head_aux = nn.Conv2d(2, 5, 1)
+        centres = torch.tensor([0.0, 0.3, 0.45, 0.6, 0.8])
+        with torch.no_grad():
+            for head, shift in ((self.head_main, 0.0), (self.head_aux, 0.04)):
+                c = centres + shift  # logit_c = -40 (x - c)^2 = -40 x^2 + 80 c x - 40 c^2
+                head.weight.copy_(torch.stack([80 * c, torch.full_like(c, -40.0)], 1).view(5, 2, 1, 1))
+                head.bias.copy_(-40 * c**2)
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Intensity and its square."""
+        return (torch.cat([x, x * x], 1),)
+
+    def heads(self, feats: tuple[torch.Tensor, ...], out_hw) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both bands' logits."""
+        return self.head_main(feats[0]), self.head_aux(feats[0])
+
+
+def _meta(size: int = 48, spacing: float = 4.0) -> CheckpointMeta:
+    return CheckpointMeta(
+        arch="unet-dual",
+        arch_args={"num_classes": 5, "base": 8},
+        input_size=(size, size),
+        spacing=(spacing, spacing),
+        normalization={"kind": "ct_window", "level": 40.0, "width": 400.0},
+    )
+
+
+@pytest.fixture(scope="module")
+def case():
+    """A CT phantom (non-square in-plane) and the band model: the maps have many boundaries."""
+    image, _labels, affine = make_phantom("ct", 1, shape=(72, 60, 10), spacing=(2.5, 3.0, 8.0))
+    return BandNet().eval(), _meta(), volume_from_array(image, affine)
+
+
+def _reference(model, meta, vol) -> dict[str, np.ndarray]:
+    """The definition: bilinear resampling (torch) of model-grid probabilities / maps, then argmax."""
+    prep = infer.prepare(vol, meta, model)
+    g = prep.grid
+    (bx, by), (rx, ry) = g.pad_before, g.resampled_shape
+    with torch.no_grad():
+        m, a = model(prep.batch(range(vol.data.shape[2])))
+    crop = lambda t: t[..., bx : bx + rx, by : by + ry]  # noqa: E731
+    up = lambda t: F.interpolate(t, size=g.in_shape, mode="bilinear", align_corners=False)  # noqa: E731
+    pm, pa = torch.softmax(crop(m), 1), torch.softmax(crop(a), 1)
+    merged = 0.5 * (pm + pa)
+    top2 = merged.topk(2, 1).values
+    omega = (top2[:, 0] - top2[:, 1])[:, None]
+    dis = (1 - (pm * pa).sum(1)).clamp(0, 1)[:, None]
+    to_xyz = lambda t: np.moveaxis(t.numpy(), 0, 2)  # noqa: E731
+    return {
+        "main": to_xyz(up(pm).argmax(1)),
+        "aux": to_xyz(up(pa).argmax(1)),
+        "pseudo": to_xyz(up(merged).argmax(1)),
+        "confidence": to_xyz(up(omega)[:, 0]),
+        "consistency": to_xyz(up(dis)[:, 0]),
+    }
+
+
+def test_maps_follow_their_definition(case) -> None:
+    model, meta, vol = case
+    pred = predict_volume(model, meta, vol, device="cpu", batch_size=4)
+    ref = _reference(model, meta, vol)
+    for name in ("main", "aux", "pseudo"):
+        got = getattr(pred, name)
+        assert got.dtype == np.uint8 and got.shape == vol.data.shape
+        assert len(np.unique(got)) >= 3, "the test model should give several labels"
+        assert np.mean(got != ref[name]) < 1e-3, name  # float rounding at exact ties only
+    for name in ("confidence", "consistency"):
+        got = getattr(pred, name)
+        assert got.dtype == np.float16 and 0 <= got.min() and got.max() <= 1
+        assert np.abs(got.astype(np.float32) - ref[name]).max() < 2e-3, name
+    # Fortran order: each axial slice contiguous, napari's (Z, Y, X) order is a free view
+    assert pred.main.flags.f_contiguous and pred.main.T.flags.c_contiguous
+
+
+def test_dense_and_sparse_boundary_paths_agree(case, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, meta, vol = case
+    sparse = predict_volume(model, meta, vol, device="cpu")
+    monkeypatch.setattr(infer, "_DENSE_FRACTION", -1.0)
+    dense = predict_volume(model, meta, vol, device="cpu")
+    for name in FIELDS:
+        assert np.array_equal(getattr(sparse, name), getattr(dense, name)), name
+
+
+def _agree(a: Prediction, b: Prediction, exact: bool) -> None:
+    """Labels equal; float maps equal, or within float16 rounding (the forward may round differently
+    for another batch size)."""
+    for name in FIELDS:
+        x, y = getattr(a, name), getattr(b, name)
+        if exact or x.dtype == np.uint8:
+            assert np.array_equal(x, y), name
+        else:
+            assert np.allclose(x.astype(np.float32), y.astype(np.float32), atol=2e-3), name
+
+
+def test_batch_size_subset_and_lazy_volume_agree(case) -> None:
+    model, meta, vol = case
+    full = predict_volume(model, meta, vol, device="cpu", batch_size=4)
+    one = predict_volume(model, meta, vol, device="cpu", batch_size=1)
+    part = predict_volume(model, meta, vol, device="cpu", slices=[7, 2])
+    import dask.array as da
+
+    lazy_vol = volume_from_array(
+        da.from_array(vol.to_original(vol.data), chunks=(-1, -1, 1)), vol.original_affine
+    )
+    _agree(full, predict_volume(model, meta, lazy_vol, device="cpu", batch_size=4), exact=True)
+    _agree(full, one, exact=False)
+    for name in FIELDS:
+        a, p = getattr(full, name), getattr(part, name)
+        assert np.allclose(p[:, :, [2, 7]].astype(np.float32), a[:, :, [2, 7]].astype(np.float32), atol=2e-3)
+        assert not p[:, :, [0, 1, 3, 4, 5, 6, 8, 9]].any()
+
+
+def test_slice_predictor_on_demand_then_background(case) -> None:
+    model, meta, vol = case
+    full = predict_volume(model, meta, vol, device="cpu")
+    sp = SlicePredictor(model, meta, vol, device="cpu", batch_size=4)
+    maps = sp.predict_slice(5)
+    assert set(maps) == set(infer.MAP_NAMES) and sp.done.sum() == 1
+    assert np.array_equal(maps["pseudo_label"], full.pseudo[:, :, 5])  # labels: any batch size
+    lazy = sp.as_dask()
+    assert lazy["confidence"].shape == vol.data.shape and lazy["confidence"].dtype == np.float16
+    assert np.array_equal(lazy["main"][:, :, 8].compute(), full.main[:, :, 8])
+    # a viewer thread asking for slices while the rest completes in another thread
+    asked = []
+    t = threading.Thread(target=lambda: asked.extend(sp.predict_slice(k)["aux"] for k in (9, 0, 3)))
+    t.start()
+    progress = []
+    gen = sp.run()
+    try:
+        while True:
+            progress.append(next(gen))
+    except StopIteration as stop:
+        result = stop.value
+    t.join()
+    assert progress[-1] == (10, 10) and sp.done.all()
+    _agree(result, full, exact=False)
+    assert all(np.array_equal(a, full.aux[:, :, k]) for a, k in zip(asked, (9, 0, 3)))
+    with pytest.raises(IndexError):
+        sp.predict_slice(10)
+
+
+def test_iter_predict_progress_restores_training_mode_and_checks_amp(case) -> None:
+    _, meta, vol = case
+    torch.manual_seed(0)
+    net = build_model("unet-dual", base=4).train()
+    gen = iter_predict(net, meta, vol, device="cpu", batch_size=4)
+    steps = []
+    pred = None
+    while pred is None:
+        try:
+            steps.append(next(gen))
+        except StopIteration as stop:
+            pred = stop.value
+    assert steps == [(0, 10), (4, 10), (8, 10), (10, 10)]
+    assert isinstance(pred, Prediction) and net.training
+    with pytest.raises(APLError, match="mixed-precision"):
+        run_generator(iter_predict(net, meta, vol, device="cpu", amp="fp8"))
+    empty = Prediction.empty((4, 5, 6))
+    assert empty.pseudo.shape == (4, 5, 6) and empty.confidence.dtype == np.float16
+
+
+def test_gpu_check_runs_without_cuda_and_exits_0() -> None:
+    """benchmarks/gpu_check.py --tiny: CPU part runs, GPU part skipped with a clear message, exit 0."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--tiny", "--no-write", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA: skipped GPU part" in proc.stdout
+    assert "CPU: predict" in proc.stdout
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "LAI", "PSR"])
+def test_cli_predict_streams_files_identical_to_save_canonical(
+    orientation: str, phantom_files, tiny_checkpoint, tmp_path
+) -> None:
+    """Streamed .nii.gz maps (axial files) and end-written ones (others) equal save_canonical's bytes."""
+    import nibabel as nib
+
+    from napari_apl import cli
+    from napari_apl.core.checkpoint import load_checkpoint
+    from napari_apl.core.infer import PredictionWriter
+    from napari_apl.core.preprocess import choose_normalization
+    from napari_apl.core.volume import load_volume, save_canonical
+
+    image, _ = phantom_files(orientation)
+    assert cli.main(["predict", str(image), "-c", str(tiny_checkpoint), "-o", str(tmp_path / "o"), "-q"]) == 0
+    vol = load_volume(image)
+    assert PredictionWriter.streamable(vol) == (orientation != "PSR")
+    model, meta = load_checkpoint(tiny_checkpoint)
+    norm = choose_normalization("auto", meta.normalization, vol.data)
+    pred = predict_volume(model, meta, vol, normalization=norm)
+    for name, arr in pred.as_dict().items():
+        ref = save_canonical(
+            arr.astype(np.float32) if arr.dtype == np.float16 else arr, tmp_path / f"{name}.nii.gz", vol
+        )
+        got, want = nib.load(str(tmp_path / "o" / f"{name}.nii.gz")), nib.load(str(ref))
+        assert got.header.binaryblock == want.header.binaryblock, name
+        assert np.array_equal(np.asanyarray(got.dataobj), np.asanyarray(want.dataobj)), name
+
+
+def test_prediction_writer_abort_leaves_nothing(phantom_files, tmp_path) -> None:
+    from napari_apl.core.infer import PredictionWriter
+    from napari_apl.core.volume import load_volume
+
+    vol = load_volume(phantom_files("RAS")[0])
+    pred = Prediction.empty(vol.shape)
+    writer = PredictionWriter(vol, pred, {"main": tmp_path / "main.nii.gz"}, {"main": np.uint8})
+    writer.feed([0, 1])
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
