@@ -30,8 +30,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+_CREATED_DIRS: list[Path] = []
+
+
 def _out_dir(path: str) -> Path:
-    """Return the output folder, creating it when its parent exists; refuse a missing parent."""
+    """Return the output folder, creating it when its parent exists; refuse a missing parent.
+
+    A folder created here is removed again by ``main`` when the command fails and leaves it empty.
+    """
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out-dir {out} is a file, not a folder: choose a folder")
@@ -42,7 +48,16 @@ def _out_dir(path: str) -> Path:
             out.mkdir()
         except OSError as exc:
             raise OutputError(f"cannot create output folder {out}: {exc.strerror}") from exc
+        _CREATED_DIRS.append(out)
     return out
+
+
+def _remove_created_empty_dirs() -> None:
+    """Remove output folders this command created and left empty (a failed run writes nothing)."""
+    while _CREATED_DIRS:
+        folder = _CREATED_DIRS.pop()
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only succeeds when empty
 
 
 def _check_outputs(paths: Sequence[Path], overwrite: bool, inputs: Sequence[str | None]) -> None:
@@ -156,6 +171,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .core.infer import iter_predict
+    from .core.io_utils import staged_outputs
 
     out = _out_dir(args.out_dir)
     _check_outputs([out / f"{n}.nii.gz" for n in MAP_DTYPES], args.overwrite, [args.image, args.checkpoint])
@@ -190,8 +206,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             maps[n] = None
         return written
 
-    with ThreadPoolExecutor(max_workers=len(lanes)) as pool:
-        written = {p.name: p for lane in pool.map(write_lane, lanes) for p in lane}
+    # all five maps appear together or not at all (e.g. when the disk fills half-way)
+    with staged_outputs() as bind, ThreadPoolExecutor(max_workers=len(lanes)) as pool:
+        written = {p.name: p for lane in pool.map(bind(write_lane), lanes) for p in lane}
     for n in MAP_DTYPES:
         print(f"wrote {written[f'{n}.nii.gz']}")
     print(f"predicted {n_slices} slices in {time.perf_counter() - t0:.1f} s ({norm.kind})")
@@ -271,8 +288,6 @@ def cmd_refine(args: argparse.Namespace) -> int:
     )
     maps = pred.as_dict()
     maps["pseudo_label"] = result.pseudo
-    written = _write_maps(maps, out, volume, args.overwrite)
-    written.append(save_checkpoint(out / "refined.pt", result.model, new_meta, overwrite=args.overwrite))
     log = {
         "config": cfg.to_dict(),
         "iterations_done": result.iterations_done,
@@ -281,13 +296,16 @@ def cmd_refine(args: argparse.Namespace) -> int:
         "seconds": elapsed,
         "history": result.history,
     }
-    from .core.io_utils import atomic_write
+    from .core.io_utils import atomic_write, staged_outputs
 
-    written.append(
-        atomic_write(
-            out / "log.json", lambda p: p.write_text(json.dumps(log, indent=1)), overwrite=args.overwrite
+    with staged_outputs():  # the model, the maps and the log appear together or not at all
+        written = _write_maps(maps, out, volume, args.overwrite)
+        written.append(save_checkpoint(out / "refined.pt", result.model, new_meta, overwrite=args.overwrite))
+        written.append(
+            atomic_write(
+                out / "log.json", lambda p: p.write_text(json.dumps(log, indent=1)), overwrite=args.overwrite
+            )
         )
-    )
     for p in written:
         print(f"wrote {p}")
     for n in result.notes:
@@ -514,14 +532,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``napari-apl`` command line; exit 2 with one line on bad input."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    _CREATED_DIRS.clear()
     try:
         return int(args.func(args) or 0)
     except APLError as exc:
+        _remove_created_empty_dirs()
         print(f"napari-apl {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _remove_created_empty_dirs()
         print(f"napari-apl {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BaseException:
+        _remove_created_empty_dirs()
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -554,11 +554,7 @@ _SAME_FILE = (
     "reached through '..' or a symlink is only caught when its map is written, after other maps"
 )
 # Confirmed bugs (see the report of issue #6): strict, so fixing them turns these into failures to remove.
-XFAIL = {
-    "disk_full_midway": "cli writes outputs one by one (atomic per file, not per run): maps written before "
-    "the disk filled stay behind",
-    "bad_input_new_out_dir": "cli._out_dir creates --out-dir before the inputs are validated",
-}
+XFAIL: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import errno
 import os
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .errors import OutputError, OutputExistsError
+
+T = TypeVar("T")
 
 
 def _suffix(path: Path) -> str:
@@ -50,6 +57,72 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False, input
     return out
 
 
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename a finished temporary file onto ``out`` and sync the folder."""
+    if out.exists() and not overwrite:  # appeared while we were writing
+        raise OutputExistsError(f"{out} appeared while writing: pass overwrite to replace it")
+    os.replace(tmp, out)
+    try:
+        dfd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+@dataclass
+class _Stage:
+    """Finished temporary files waiting to be renamed together."""
+
+    pending: list[tuple[Path, Path, bool]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_STAGE: contextvars.ContextVar[_Stage | None] = contextvars.ContextVar("napari_apl_stage", default=None)
+
+
+@contextlib.contextmanager
+def staged_outputs() -> Iterator[Callable[[Callable[..., T]], Callable[..., T]]]:
+    """Make every ``atomic_write`` in the block all-or-nothing: files appear only if the whole block succeeds.
+
+    Inside the block each file is written and fsynced under a temporary name; at the end all are
+    renamed in place; on any error every temporary file is removed and no output appears. Yields a
+    ``bind(fn)`` helper that carries the staging into worker threads.
+    """
+    stage = _Stage()
+    token = _STAGE.set(stage)
+
+    def bind(fn: Callable[..., T]) -> Callable[..., T]:
+        def run(*args: Any, **kwargs: Any) -> T:
+            inner = _STAGE.set(stage)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _STAGE.reset(inner)
+
+        return run
+
+    try:
+        yield bind
+    except BaseException:
+        for tmp, _, _ in stage.pending:
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        _STAGE.reset(token)
+    done = 0
+    try:
+        for tmp, out, overwrite in stage.pending:
+            _publish(tmp, out, overwrite)
+            done += 1
+    except OSError as exc:
+        for tmp, _, _ in stage.pending[done:]:
+            tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot finish writing the outputs: {exc.strerror or exc}") from exc
+
+
 def atomic_write(
     path: str | os.PathLike,
     write_fn: Callable[[Path], None],
@@ -73,17 +146,12 @@ def atomic_write(
         # mkstemp makes owner-only files: give the result the usual permissions (or the replaced file's)
         mode = out.stat().st_mode & 0o777 if out.exists() else 0o666 & ~_UMASK
         os.chmod(tmp, mode)
-        if out.exists() and not overwrite:  # appeared while we were writing
-            raise OutputExistsError(f"{out} appeared while writing: pass overwrite to replace it")
-        os.replace(tmp, out)
-        try:
-            dfd = os.open(out.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+        stage = _STAGE.get()
+        if stage is not None:  # inside staged_outputs(): renamed together when the block succeeds
+            with stage.lock:
+                stage.pending.append((tmp, out, overwrite))
+            return out
+        _publish(tmp, out, overwrite)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
