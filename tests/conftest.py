@@ -93,3 +93,14 @@ def _private_autosave_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch:
 def autosave_dir(_private_autosave_dir: Path) -> Path:
     """The (temporary) autosave root of this test (``$NAPARI_APL_AUTOSAVE_DIR``)."""
     return _private_autosave_dir
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread: on 2 shared cores, spinning OpenMP threads make tiny models 5x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -32,12 +32,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from _tiny import write_ct_phantom, write_tiny_checkpoint
 
 from napari_apl.cli import main
-from napari_apl.core.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from napari_apl.core.checkpoint import load_checkpoint, save_checkpoint
 from napari_apl.core.infer import predict_volume
-from napari_apl.core.models import build_model
-from napari_apl.core.phantom import make_phantom
 from napari_apl.core.refine import RefineConfig, RefineControl, RefineResult, refine
 from napari_apl.core.volume import load_volume
 
@@ -50,32 +49,16 @@ ENDLESS = 1_000_000  # iterations: only a stop ends these refinements
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on 2 shared cores, spinning OpenMP threads make tiny models 5x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_torch_thread(one_torch_thread):
+    """Every test here runs with one torch thread (see conftest)."""
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny CT phantom on disk, a tiny checkpoint (16 x 16 model grid) and a corrections volume."""
     folder = tmp_path_factory.mktemp("cancel")
-    image, _, affine = make_phantom("ct", 4, shape=SHAPE, spacing=SPACING)
-    img_path = folder / "ct.nii.gz"
-    nib.save(nib.Nifti1Image(image, affine), str(img_path))
-    torch.manual_seed(0)
-    model = build_model("unet-dual", base=4)
-    meta = CheckpointMeta(
-        arch="unet-dual",
-        arch_args=dict(model.arch_args),
-        input_size=(16, 16),
-        spacing=(15.0, 15.0),
-        normalization={"kind": "ct_window", "level": 40.0, "width": 400.0},
-    )
-    ck = folder / "source.pt"
-    save_checkpoint(ck, model, meta)
+    img_path = write_ct_phantom(folder / "ct.nii.gz", 4, SHAPE, SPACING)
+    ck = write_tiny_checkpoint(folder / "source.pt", seed=0)
     model, meta = load_checkpoint(ck)
     volume = load_volume(img_path)
     corrections = np.full(volume.shape, -1, np.int16)

@@ -15,16 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from _tiny import write_ct_phantom, write_tiny_checkpoint
 
 from napari_apl.cli import MAP_DTYPES, main
-from napari_apl.core.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from napari_apl.core.checkpoint import load_checkpoint
 from napari_apl.core.infer import predict_volume
-from napari_apl.core.models import build_model
-from napari_apl.core.phantom import make_phantom
 from napari_apl.core.refine import RefineConfig, refine
 from napari_apl.core.utils import run_generator
 from napari_apl.core.volume import load_volume
@@ -37,20 +35,8 @@ SPACING = (5.0, 5.0, 8.0)
 def setup(tmp_path_factory):
     """A tiny CT phantom on disk and a tiny checkpoint (16 x 16 model grid)."""
     folder = tmp_path_factory.mktemp("det")
-    image, _, affine = make_phantom("ct", 11, shape=SHAPE, spacing=SPACING)
-    img_path = folder / "ct.nii.gz"
-    nib.save(nib.Nifti1Image(image, affine), str(img_path))
-    torch.manual_seed(1)
-    model = build_model("unet-dual", base=4)
-    meta = CheckpointMeta(
-        arch="unet-dual",
-        arch_args=dict(model.arch_args),
-        input_size=(16, 16),
-        spacing=(15.0, 15.0),
-        normalization={"kind": "ct_window", "level": 40.0, "width": 400.0},
-    )
-    ck = folder / "source.pt"
-    save_checkpoint(ck, model, meta)
+    img_path = write_ct_phantom(folder / "ct.nii.gz", 11, SHAPE, SPACING)
+    ck = write_tiny_checkpoint(folder / "source.pt", seed=1)
     model, meta = load_checkpoint(ck)
     return img_path, ck, model, meta, load_volume(img_path)
 

@@ -1,0 +1,34 @@
+"""Tiny volumes and checkpoints shared by the reliability tests (small enough for 2 CPU cores)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import torch
+
+from napari_apl.core.checkpoint import CheckpointMeta, save_checkpoint
+from napari_apl.core.models import build_model
+from napari_apl.core.phantom import make_phantom
+
+
+def write_ct_phantom(path: Path, seed: int, shape: tuple[int, int, int], spacing: tuple[float, ...]) -> Path:
+    """Write a CT phantom as NIfTI and return its path."""
+    image, _, affine = make_phantom("ct", seed, shape=shape, spacing=spacing)
+    nib.save(nib.Nifti1Image(image, affine), str(path))
+    return path
+
+
+def write_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """Write an untrained base-4 unet-dual checkpoint on a 16 x 16 model grid at 15 mm."""
+    torch.manual_seed(seed)
+    model = build_model("unet-dual", base=4)
+    meta = CheckpointMeta(
+        arch="unet-dual",
+        arch_args=dict(model.arch_args),
+        input_size=(16, 16),
+        spacing=(15.0, 15.0),
+        normalization={"kind": "ct_window", "level": 40.0, "width": 400.0},
+    )
+    save_checkpoint(path, model, meta)
+    return path
