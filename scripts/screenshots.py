@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # a private autosave folder: the shots never offer (or leave) a recovered session
+    os.environ["NAPARI_APL_AUTOSAVE_DIR"] = tempfile.mkdtemp(prefix="napari-apl-shots-")
 
     import napari
     from qtpy.QtCore import QTimer
