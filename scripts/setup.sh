@@ -10,7 +10,7 @@ want_tests=0
 # Qt + OpenGL runtime libraries (and Xvfb for headless tests/screenshots). Needs root or sudo.
 debs=(xvfb xauth libgl1-mesa-dri libegl1 libxkbcommon-x11-0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1
       libxcb-randr0 libxcb-render-util0 libxcb-xinerama0 libxcb-xfixes0 libxcb-shape0 libxcb-cursor0
-      libdbus-1-3 libfontconfig1 x11-utils)
+      libdbus-1-3 libfontconfig1 x11-utils libgl1 libopengl0 libxkbcommon0 libglib2.0-0)
 if command -v apt-get >/dev/null 2>&1; then
   missing=()
   for d in "${debs[@]}"; do dpkg -s "$d" >/dev/null 2>&1 || missing+=("$d"); done
