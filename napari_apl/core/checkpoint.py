@@ -386,24 +386,7 @@ def _load_weights(
     unexpected = [k for k in given if k not in own]
     mismatched = [k for k in given if k in own and tuple(given[k].shape) != tuple(own[k].shape)]
     if strict:
-        arch = model.arch
-        if missing:
-            raise CheckpointError(
-                f"{path}: {len(missing)} weights of {arch} are missing: {_names(missing)}: "
-                "the file does not fit this architecture"
-            )
-        if unexpected:
-            raise CheckpointError(
-                f"{path}: {len(unexpected)} unexpected weights for {arch}: {_names(unexpected)}: "
-                "the file does not fit this architecture"
-            )
-        if mismatched:
-            k = mismatched[0]
-            raise CheckpointError(
-                f"{path}: tensor shape mismatch for {k}: file has {tuple(given[k].shape)}, "
-                f"{arch} needs {tuple(own[k].shape)}"
-                + (f" ({len(mismatched) - 1} more)" if len(mismatched) > 1 else "")
-            )
+        _check_fits(path, model, state, strict=True)
     usable = {k: v for k, v in given.items() if k in own and k not in mismatched}
     if not any(not k.endswith(_BN_COUNTER) for k in usable):
         raise CheckpointError(f"{path}: no weight in the file matches architecture {model.arch}")
