@@ -129,7 +129,11 @@ def _run_task(fn: Callable[[Any], Any], item: Any, threads: int | None) -> TaskR
     t0 = time.perf_counter()
     result = TaskResult(item=item, worker=f"pid {os.getpid()}")
     try:
-        with contextlib.redirect_stdout(buf):
+        import dask
+
+        # dask arrays inside the task (lazily read volumes) are computed in this worker, not sent
+        # back to the cluster (whose threads are busy running tasks like this one)
+        with contextlib.redirect_stdout(buf), dask.config.set(scheduler="synchronous"):
             result.value = fn(item)
     except APLError as exc:
         result.error = str(exc)

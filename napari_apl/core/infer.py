@@ -111,8 +111,8 @@ class PreparedVolume:
             raw = data[:, :, idx[0] : idx[-1] + 1]
         else:
             raw = data[:, :, idx]
-        if not isinstance(raw, np.ndarray):  # dask: compute just these slices
-            raw = raw.compute() if hasattr(raw, "compute") else np.asarray(raw)
+        if not isinstance(raw, np.ndarray):  # dask: compute just these slices, here (never on a cluster)
+            raw = raw.compute(scheduler="synchronous") if hasattr(raw, "compute") else np.asarray(raw)
         return np.ascontiguousarray(np.moveaxis(np.asarray(raw), 2, 0))
 
     def _normalise(self, arr: np.ndarray) -> np.ndarray:
