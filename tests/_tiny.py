@@ -19,16 +19,28 @@ def write_ct_phantom(path: Path, seed: int, shape: tuple[int, int, int], spacing
     return path
 
 
-def write_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
-    """Write an untrained base-4 unet-dual checkpoint on a 16 x 16 model grid at 15 mm."""
+CT_WINDOW = {"kind": "ct_window", "level": 40.0, "width": 400.0}
+
+
+def write_tiny_checkpoint(
+    path: Path,
+    seed: int = 0,
+    *,
+    base: int = 4,
+    input_size: tuple[int, int] = (16, 16),
+    spacing: tuple[float, float] = (15.0, 15.0),
+    normalization: dict | None = None,
+) -> Path:
+    """Write an untrained unet-dual checkpoint (default: base 4 on a 16 x 16 model grid at 15 mm)."""
     torch.manual_seed(seed)
-    model = build_model("unet-dual", base=4)
+    model = build_model("unet-dual", base=base)
     meta = CheckpointMeta(
         arch="unet-dual",
         arch_args=dict(model.arch_args),
-        input_size=(16, 16),
-        spacing=(15.0, 15.0),
-        normalization={"kind": "ct_window", "level": 40.0, "width": 400.0},
+        input_size=input_size,
+        spacing=spacing,
+        normalization=dict(normalization or CT_WINDOW),
+        provenance={"note": "untrained test model"},
     )
     save_checkpoint(path, model, meta)
     return path

@@ -51,24 +51,10 @@ def phantom_files(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tup
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained, small dual-head U-Net checkpoint (fast on CPU) for plugin tests."""
-    import torch
+    from _tiny import write_tiny_checkpoint
 
-    from napari_apl.core.checkpoint import CheckpointMeta, save_checkpoint
-    from napari_apl.core.models import build_model
-
-    torch.manual_seed(0)
-    model = build_model("unet-dual", base=8)
-    meta = CheckpointMeta(
-        arch="unet-dual",
-        arch_args=dict(model.arch_args),
-        input_size=(32, 32),
-        spacing=(10.0, 10.0),
-        normalization={"kind": "ct_window", "level": 40.0, "width": 400.0},
-        provenance={"note": "untrained test model"},
-    )
     path = tmp_path_factory.mktemp("checkpoints") / "tiny_unet_dual.pt"
-    save_checkpoint(path, model, meta)
-    return path
+    return write_tiny_checkpoint(path, 0, base=8, input_size=(32, 32), spacing=(10.0, 10.0))
 
 
 @pytest.fixture

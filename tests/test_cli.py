@@ -9,12 +9,10 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
+from _tiny import write_tiny_checkpoint
 
 from napari_apl.cli import main
-from napari_apl.core.checkpoint import FORMAT_VERSION, CheckpointMeta, save_checkpoint
 from napari_apl.core.labels import CLASS_NAMES
-from napari_apl.core.models import build_model
 
 MAPS = ("main", "aux", "pseudo_label", "confidence", "consistency")
 
@@ -22,21 +20,15 @@ MAPS = ("main", "aux", "pseudo_label", "confidence", "consistency")
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A small untrained unet-dual checkpoint on a coarse grid (fast on CPU)."""
-    torch.manual_seed(0)
-    model = build_model("unet-dual", num_classes=5, base=8)
-    meta = CheckpointMeta(
-        format_version=FORMAT_VERSION,
-        arch="unet-dual",
-        arch_args={"num_classes": 5, "base": 8},
-        class_names=list(CLASS_NAMES),
+    path = tmp_path_factory.mktemp("ck") / "tiny.pt"
+    return write_tiny_checkpoint(
+        path,
+        0,
+        base=8,
         input_size=(64, 64),
         spacing=(5.0, 5.0),
         normalization={"kind": "percentile", "lower": 0.5, "upper": 99.5},
-        provenance={"note": "test"},
     )
-    path = tmp_path_factory.mktemp("ck") / "tiny.pt"
-    save_checkpoint(path, model, meta)
-    return path
 
 
 @pytest.fixture(scope="module")
