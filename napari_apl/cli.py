@@ -13,12 +13,14 @@ from pathlib import Path
 
 from .core.errors import APLError, OutputError
 
+# What each output map is stored as (see core.infer.encode_map): labels as uint8, ω and the heads'
+# disagreement as uint8 with scl_slope 1/255 (readers see floats in [0, 1]).
 MAP_DTYPES = {
     "main": "uint8",
     "aux": "uint8",
     "pseudo_label": "uint8",
-    "confidence": "float32",
-    "consistency": "float32",
+    "confidence": "uint8 x 1/255",
+    "consistency": "uint8 x 1/255",
 }
 
 
@@ -84,23 +86,10 @@ def _progress(total: int, desc: str, quiet: bool):
 
 def _write_maps(pred_maps: dict, out: Path, volume, overwrite: bool) -> list[Path]:
     """Write the prediction maps as NIfTI on the input's voxel grid and affine."""
-    import numpy as np
+    from .core.infer import write_maps
 
-    from .core.volume import save_canonical
-
-    written = []
-    for name, arr in pred_maps.items():
-        dtype = np.dtype(MAP_DTYPES[name])
-        written.append(
-            save_canonical(
-                arr.astype(dtype, copy=False),
-                out / f"{name}.nii.gz",
-                volume,
-                dtype=dtype,
-                overwrite=overwrite,
-            )
-        )
-    return written
+    paths = {name: out / f"{name}.nii.gz" for name in pred_maps}
+    return list(write_maps(pred_maps, paths, volume, overwrite=overwrite).values())
 
 
 def _stop_on_sigint(control, bar):
@@ -166,51 +155,60 @@ def cmd_predict(args: argparse.Namespace) -> int:
             outputs=[f"{n}.nii.gz" for n in MAP_DTYPES],
             check=lambda paths, inputs: _check_outputs(paths, args.overwrite, inputs),
         )
-    from concurrent.futures import ThreadPoolExecutor
-
-    import numpy as np
-
-    from .core.infer import iter_predict
+    from .core.checkpoint import load_checkpoint
+    from .core.infer import PredictionWriter, SlicePredictor, iter_predict
     from .core.io_utils import staged_outputs
+    from .core.volume import file_looks_whole, load_volume
 
     out = _out_dir(args.out_dir)
-    _check_outputs([out / f"{n}.nii.gz" for n in MAP_DTYPES], args.overwrite, [args.image, args.checkpoint])
-    model, meta, volume, norm = _load_inputs(args)
-    gen = iter_predict(
+    paths = {n: out / f"{n}.nii.gz" for n in MAP_DTYPES}
+    _check_outputs(list(paths.values()), args.overwrite, [args.image, args.checkpoint])
+    model, meta = load_checkpoint(args.checkpoint)
+    # A whole file stored axial slice by axial slice is read, predicted and written as a stream: each
+    # map is compressed while later slices are predicted. Other layouts, and files whose gzip trailer
+    # does not show them whole, are read up front (damage is reported before any work) and written at
+    # the end.
+    volume = load_volume(args.image, lazy=True)
+    stream = PredictionWriter.streamable(volume) and file_looks_whole(volume)
+    if not stream and not args.lazy:
+        volume = load_volume(args.image)
+    norm = _normalization(args.normalize, meta, volume)
+    sp = SlicePredictor(
         model, meta, volume, normalization=norm, batch_size=args.batch_size, device=args.device
     )
-    bar = _progress(int(volume.data.shape[2]), "predict", args.quiet)
+    n_slices = sp.total
+    bar = _progress(n_slices, "predict", args.quiet)
     t0 = time.perf_counter()
-    try:
-        while True:
-            done, _ = next(gen)
-            bar.n = done
-            bar.refresh()
-    except StopIteration as stop:
-        pred = stop.value
-    finally:
-        bar.close()
-    n_slices = int(volume.data.shape[2])
-    # The voxels are not needed to write: free them (the maps keep the volume's geometry and header).
-    volume.data = np.broadcast_to(np.zeros((), volume.data.dtype), volume.data.shape)
-    maps = pred.as_dict()
-    del pred
-    # Label maps are written beside the float maps (zlib releases the GIL); float maps one at a time,
-    # so that at most one float32 copy of a map exists while writing.
-    lanes = [["confidence", "consistency"], ["main", "aux", "pseudo_label"]]
-
-    def write_lane(names: list[str]) -> list[Path]:
-        written = []
-        for n in names:
-            written += _write_maps({n: maps[n]}, out, volume, args.overwrite)
-            maps[n] = None
-        return written
-
-    # all five maps appear together or not at all (e.g. when the disk fills half-way)
-    with staged_outputs() as bind, ThreadPoolExecutor(max_workers=len(lanes)) as pool:
-        written = {p.name: p for lane in pool.map(bind(write_lane), lanes) for p in lane}
+    with staged_outputs():  # all five maps appear together or not at all (e.g. when the disk fills)
+        writer = PredictionWriter(volume, sp.prediction, paths, overwrite=args.overwrite) if stream else None
+        gen = iter_predict(
+            model,
+            meta,
+            volume,
+            batch_size=args.batch_size,
+            predictor=sp,
+            slices=writer.order if writer else None,
+            on_slices=writer.feed if writer else None,
+        )
+        try:
+            while True:
+                done, _ = next(gen)
+                bar.n = done
+                bar.refresh()
+        except StopIteration as stop:
+            pred = stop.value
+        except BaseException as exc:
+            if writer is not None:
+                writer.abort(exc)
+            raise
+        finally:
+            bar.close()
+        if writer is not None:
+            written = writer.close()
+        else:
+            written = dict(zip(paths, _write_maps(pred.as_dict(), out, volume, args.overwrite), strict=True))
     for n in MAP_DTYPES:
-        print(f"wrote {written[f'{n}.nii.gz']}")
+        print(f"wrote {written[n]}")
     print(f"predicted {n_slices} slices in {time.perf_counter() - t0:.1f} s ({norm.kind})")
     return 0
 

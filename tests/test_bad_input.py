@@ -307,8 +307,18 @@ def case_constant_volume(c: Ctx):
 
 
 def case_constant_ct_volume(c: Ctx):
-    # all air (-1000 HU): --normalize auto picks the fixed CT window, which fits any volume
+    # all air (-1000 HU): --normalize auto picks the fixed CT window, which fits any volume; a streamed
+    # file is known to be constant only once its last slice was read: the temporary files go again
+    c.check_dir_mtime = False
     return _predict(c, _img(c, "air.nii.gz", np.full(SHAPE, -1000, np.int16))), "constant"
+
+
+def case_inf_in_last_slice(c: Ctx):
+    # found while streaming, after the first slices' maps were compressed: nothing may appear
+    c.check_dir_mtime = False
+    data = _phantom(shape=(48, 48, 20))  # slice 19 is in the third batch of 8
+    data[3, 4, -1] = -np.inf
+    return _predict(c, _img(c, "inf_last.nii.gz", data)), "Inf"
 
 
 def case_absurd_spacing(c: Ctx):

@@ -213,15 +213,15 @@ def test_gpu_check_runs_without_cuda_and_exits_0() -> None:
 
 
 @pytest.mark.parametrize("orientation", ["RAS", "LAI", "PSR"])
-def test_cli_predict_streams_files_identical_to_save_canonical(
+def test_cli_predict_streams_files_identical_to_end_written_maps(
     orientation: str, phantom_files, tiny_checkpoint, tmp_path
 ) -> None:
-    """Streamed .nii.gz maps (axial files) and end-written ones (others) equal save_canonical's bytes."""
+    """Streamed maps (axial files) equal write_map's bytes; labels equal save_canonical's; ω is a float."""
     import nibabel as nib
 
     from napari_apl import cli
     from napari_apl.core.checkpoint import load_checkpoint
-    from napari_apl.core.infer import PredictionWriter
+    from napari_apl.core.infer import FRACTION_MAPS, PredictionWriter, write_map
     from napari_apl.core.preprocess import choose_normalization
     from napari_apl.core.volume import load_volume, save_canonical
 
@@ -232,13 +232,24 @@ def test_cli_predict_streams_files_identical_to_save_canonical(
     model, meta = load_checkpoint(tiny_checkpoint)
     norm = choose_normalization("auto", meta.normalization, vol.data)
     pred = predict_volume(model, meta, vol, normalization=norm)
+    src = nib.load(str(image))
     for name, arr in pred.as_dict().items():
-        ref = save_canonical(
-            arr.astype(np.float32) if arr.dtype == np.float16 else arr, tmp_path / f"{name}.nii.gz", vol
-        )
-        got, want = nib.load(str(tmp_path / "o" / f"{name}.nii.gz")), nib.load(str(ref))
-        assert got.header.binaryblock == want.header.binaryblock, name
-        assert np.array_equal(np.asanyarray(got.dataobj), np.asanyarray(want.dataobj)), name
+        got_path = tmp_path / "o" / f"{name}.nii.gz"
+        ref = write_map(name, arr, tmp_path / f"{name}.nii.gz", vol)
+        assert got_path.read_bytes() == ref.read_bytes(), name
+        got = nib.load(str(got_path))
+        assert np.array_equal(got.affine, src.affine), name
+        assert got.shape == src.shape and got.get_data_dtype() == np.uint8, name
+        values = got.get_fdata()  # the file's voxel order, scaling applied
+        canonical = vol.from_original(values)
+        if name in FRACTION_MAPS:
+            assert (got.dataobj.slope, got.dataobj.inter) == pytest.approx((1 / 255, 0.0)), name
+            assert float(values.min()) >= 0.0 and float(values.max()) <= 1.0, name
+            assert np.abs(canonical - arr.astype(np.float64)).max() <= 1 / 510 + 1e-3, name
+        else:
+            assert np.array_equal(canonical, arr), name
+            labels = save_canonical(arr, tmp_path / f"sc_{name}.nii.gz", vol)
+            assert got.header.binaryblock == nib.load(str(labels)).header.binaryblock, name
 
 
 def test_prediction_writer_abort_leaves_nothing(phantom_files, tmp_path) -> None:
@@ -247,7 +258,7 @@ def test_prediction_writer_abort_leaves_nothing(phantom_files, tmp_path) -> None
 
     vol = load_volume(phantom_files("RAS")[0])
     pred = Prediction.empty(vol.shape)
-    writer = PredictionWriter(vol, pred, {"main": tmp_path / "main.nii.gz"}, {"main": np.uint8})
+    writer = PredictionWriter(vol, pred, {"main": tmp_path / "main.nii.gz"})
     writer.feed([0, 1])
     writer.abort()
     assert list(tmp_path.iterdir()) == []

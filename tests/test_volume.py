@@ -608,3 +608,28 @@ def test_lazy_volume_pickles(tmp_path: Path, suffix: str) -> None:
     clone = pickle.loads(pickle.dumps(lazy))
     assert np.array_equal(clone.to_original(clone.data).compute(), data)
     assert np.allclose(clone.affine, lazy.affine)
+
+
+def test_file_looks_whole_reads_the_gzip_trailer(tmp_path: Path) -> None:
+    """A whole .nii.gz is known whole from its trailer; truncated or multi-member ones are not."""
+    import gzip
+
+    from napari_apl.core.volume import file_looks_whole
+
+    data = np.arange(24 * 20 * 6, dtype=np.int16).reshape(24, 20, 6)
+    gz = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(gz))
+    plain = tmp_path / "v.nii"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(plain))
+    assert file_looks_whole(load_volume(gz, lazy=True))
+    assert file_looks_whole(load_volume(plain, lazy=True))
+    raw = gzip.decompress(gz.read_bytes())
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(gz.read_bytes()[: int(gz.stat().st_size * 0.8)])
+    vol = load_volume(gz, lazy=True)
+    vol.path = cut  # the header is intact; only the file's end is missing
+    assert not file_looks_whole(vol)
+    multi = tmp_path / "multi.nii.gz"  # two members (as bgzip writes): the trailer counts only the last
+    multi.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    assert not file_looks_whole(load_volume(multi, lazy=True))
+    assert np.array_equal(np.asarray(load_volume(multi).data), np.asarray(load_volume(gz).data))

@@ -76,7 +76,7 @@ def assert_aligned(viewer, image, widget) -> None:
         assert viewer.layers[name].data.max() <= 4
     for name in (LAYER_CONFIDENCE, LAYER_CONSISTENCY):
         data = viewer.layers[name].data
-        assert data.dtype == np.float32 and 0.0 <= data.min() and data.max() <= 1.0
+        assert data.dtype == np.float16 and 0.0 <= data.min() and data.max() <= 1.0
     # layer data are the core's canonical prediction, transposed to (Z, Y, X)
     pred = widget.controller.prediction
     np.testing.assert_array_equal(to_canonical_order(viewer.layers[LAYER_MAIN].data), pred.main)
@@ -110,6 +110,45 @@ def test_predict_adds_aligned_layers_and_updates_them_in_place(setup, phantom_fi
     viewer.dims.ndisplay = 3  # also fine in 3-D
     assert_aligned(viewer, ras_image, widget)
     viewer.dims.ndisplay = 2
+
+
+def test_background_predict_shows_the_visible_slice_at_once(setup, qtbot, monkeypatch) -> None:
+    """Predict in the worker: five lazy layers at once, the drawn slice predicted first, then the maps."""
+    import threading
+
+    import napari_apl.widgets._controller as controller_module
+    from napari_apl.core.infer import SlicePredictor
+
+    viewer, widget, image, _ = setup("LPS")
+    reference = widget.controller  # the finished maps of a synchronous run, to compare with
+    assert reference.predict(image, sync=True)
+    want = {name: np.array(viewer.layers[name].data) for name in PREDICTION_LAYERS}
+    for name in PREDICTION_LAYERS:
+        viewer.layers.remove(name)
+    gate = threading.Event()  # holds the worker: what shows meanwhile comes from napari's drawing
+    real_run = SlicePredictor.run
+
+    def held_run(self, *args, **kwargs):
+        assert gate.wait(60)
+        return (yield from real_run(self, *args, **kwargs))
+
+    monkeypatch.setattr(controller_module.SlicePredictor, "run", held_run)
+    viewer.dims.set_current_step(0, 5)
+    assert widget.predict()
+    try:
+        assert all(name in viewer.layers for name in PREDICTION_LAYERS)
+        pseudo = viewer.layers[LAYER_PSEUDO]
+        assert not isinstance(pseudo.data, np.ndarray) and not pseudo.editable
+        qtbot.waitUntil(lambda: np.asarray(pseudo._slice.image.raw).any(), timeout=20000)
+        np.testing.assert_array_equal(np.asarray(pseudo._slice.image.raw), want[LAYER_PSEUDO][5])
+    finally:
+        gate.set()
+    qtbot.waitUntil(lambda: not widget.controller.busy, timeout=30000)
+    for name in PREDICTION_LAYERS:
+        data = viewer.layers[name].data
+        assert isinstance(data, np.ndarray), name
+        np.testing.assert_array_equal(data, want[name], err_msg=name)
+    assert viewer.layers[LAYER_PSEUDO].editable
 
 
 def test_refine_finishes_with_consistent_layers(setup, qtbot) -> None:
@@ -303,8 +342,13 @@ def test_export_round_trip(setup, tmp_path: Path, notifications: list[str]) -> N
     np.testing.assert_array_equal(
         np.asarray(nib.as_closest_canonical(back).dataobj), to_canonical_order(shown)
     )
-    conf = nib.load(str(out / "image_confidence.nii.gz"))
-    assert conf.header.get_data_dtype() == np.float32
+    conf = nib.load(str(out / "image_confidence.nii.gz"))  # uint8 x 1/255, as the CLI writes it
+    assert conf.header.get_data_dtype() == np.uint8 and conf.dataobj.slope == pytest.approx(1 / 255)
+    np.testing.assert_allclose(
+        np.asarray(nib.as_closest_canonical(conf).get_fdata()),
+        ctl.prediction.confidence.astype(np.float64),
+        atol=1 / 510 + 1e-3,
+    )
     report = json.loads((out / "image_report.json").read_text())
     assert report["ground_truth"] == labels.name and report["refined"]
     liver = report["organs"][0]

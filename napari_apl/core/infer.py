@@ -19,10 +19,11 @@ in the background; ``iter_predict`` is that fill driven slice batch by slice bat
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 import uuid
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,16 +38,21 @@ from .utils import resolve_device, run_generator
 from .volume import SliceGrid, Volume
 
 __all__ = [
+    "FRACTION_MAPS",
+    "FRACTION_SLOPE",
     "MAP_DTYPES",
     "MAP_NAMES",
     "Prediction",
     "PredictionWriter",
     "PreparedVolume",
     "SlicePredictor",
+    "encode_map",
     "heads_probabilities",
     "iter_predict",
     "predict_volume",
     "prepare",
+    "write_map",
+    "write_maps",
 ]
 
 MAP_NAMES = ("main", "aux", "pseudo_label", "confidence", "consistency")
@@ -97,11 +103,37 @@ class Prediction:
 
 @dataclass
 class PreparedVolume:
-    """A volume's axial slices normalised and resampled onto the model grid, ready for the network."""
+    """A volume's axial slices normalised and resampled onto the model grid, ready for the network.
+
+    ``check_range``: the normalisation was fitted without reading the volume (a lazy volume under a
+    fixed CT window), so the voxel range is gathered from the slices as they are prepared and
+    ``check_not_constant`` refuses a constant volume once all of them were seen.
+    """
 
     volume: Volume
     grid: SliceGrid
     fitted: FittedNormalization
+    check_range: bool = False
+
+    def _see(self, arr: np.ndarray) -> None:
+        """Widen the running voxel range with the raw slices ``arr``."""
+        if not arr.size:
+            return
+        lo, hi = float(arr.min()), float(arr.max())
+        with self.__dict__.setdefault("_range_lock", threading.Lock()):
+            old = self.__dict__.get("_range")
+            self.__dict__["_range"] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+
+    def check_not_constant(self) -> None:
+        """Raise ``VolumeError`` when every voxel seen so far has the same value (deferred fit check)."""
+        seen = self.__dict__.get("_range")
+        if self.check_range and seen is not None and seen[1] <= seen[0]:
+            from .errors import VolumeError
+
+            raise VolumeError(
+                f"the volume is constant (every voxel is {seen[0]:g}): there is nothing to normalise "
+                f"with {self.fitted.kind}, check that the right image was loaded"
+            )
 
     def raw(self, indices: Sequence[int]) -> np.ndarray:
         """Return the voxels of slices ``indices`` as an ``(n, X, Y)`` array (dask slices computed)."""
@@ -136,6 +168,8 @@ class PreparedVolume:
             from .errors import VolumeError
 
             raise VolumeError(f"slices {idx[0]}..{idx[-1]} contain NaN or Inf voxels: clean the volume first")
+        if self.check_range:
+            self._see(arr)
         norm = self._normalise(arr)
         t = torch.from_numpy(norm).unsqueeze(1)
         pad = float(norm.min()) if norm.size else 0.0
@@ -146,13 +180,18 @@ class PreparedVolume:
 def prepare(
     volume: Volume, meta: CheckpointMeta, model: DualHeadNet, normalization: Normalization | None = None
 ) -> PreparedVolume:
-    """Fit the intensity normalisation and the in-plane geometry of ``volume`` for ``model``."""
+    """Fit the intensity normalisation and the in-plane geometry of ``volume`` for ``model``.
+
+    A lazy (dask) volume under a fixed CT window is not read here: the window needs no statistics,
+    and its constant-volume check happens as the slices stream through (``PreparedVolume.check_range``).
+    """
     norm = normalization if normalization is not None else Normalization.from_dict(meta.normalization)
-    fitted = norm.fit(volume.data)
+    defer = norm.kind == "ct_window" and not isinstance(volume.data, np.ndarray)
+    fitted = norm.fit(None if defer else volume.data)
     grid = SliceGrid.for_volume(
         volume, spacing=tuple(meta.spacing), size=tuple(meta.input_size), stride=model.stride
     )
-    return PreparedVolume(volume=volume, grid=grid, fitted=fitted)
+    return PreparedVolume(volume=volume, grid=grid, fitted=fitted, check_range=defer)
 
 
 def _amp_dtype(amp: bool | str | None, device: torch.device) -> torch.dtype | None:
@@ -521,6 +560,8 @@ class SlicePredictor:
                 pending.result()
                 pending = None
             self.predict_slices([k for k in wanted if not self._done[k]])  # any left to other threads
+            if self._done.all():
+                self.prepared.check_not_constant()
             emit()
             yield int(self._done[index].sum()), total
         finally:
@@ -635,7 +676,24 @@ def predict_volume(model: DualHeadNet, meta: CheckpointMeta, volume: Volume, **k
     return run_generator(iter_predict(model, meta, volume, **kwargs))
 
 
-# --- streaming NIfTI output -------------------------------------------------------------------------------
+# --- NIfTI output -----------------------------------------------------------------------------------------
+
+# On disk every map is uint8: the labels as they are, and the two maps in [0, 1] (ω and the heads'
+# disagreement) quantised to 1/255 steps with the NIfTI scaling ``scl_slope = 1/255`` (readers such as
+# nibabel, ITK-SNAP and 3D Slicer apply it and see floats; the quantisation error is at most 1/510).
+# A quarter of the bytes of float32 and cheap to compress, so writing keeps pace with prediction.
+FRACTION_MAPS = ("confidence", "consistency")
+FRACTION_SLOPE = 1.0 / 255.0
+_FILE_CHUNK_BYTES = 16 << 20  # end-of-run writing converts this much of a map at a time
+
+
+def encode_map(name: str, arr: Any) -> np.ndarray:
+    """The uint8 voxels a map is stored as on disk (fractions quantised to 1/255 steps)."""
+    if name in FRACTION_MAPS:
+        scaled = np.clip(np.asarray(arr, dtype=np.float32), 0.0, 1.0)
+        scaled *= np.float32(255.0)
+        return np.rint(scaled, out=scaled).astype(np.uint8)
+    return np.asarray(arr, dtype=np.uint8)
 
 
 class _HeaderCapture(io.BytesIO):
@@ -659,11 +717,12 @@ class _HeaderCapture(io.BytesIO):
         return super().write(data)
 
 
-def _nifti_header_bytes(reference: Volume, dtype: np.dtype) -> bytes:
-    """The header (and padding) ``save_nifti`` writes for a map of ``dtype`` on ``reference``'s grid."""
+def _nifti_header_bytes(reference: Volume, name: str) -> bytes:
+    """The header (and padding up to the voxels) of map ``name`` on ``reference``'s original grid."""
     import nibabel as nib
     from nibabel.fileholders import FileHolder
 
+    dtype = np.dtype(np.uint8)
     hdr = reference.header.copy()
     hdr.set_data_dtype(dtype)
     hdr["cal_min"] = 0.0
@@ -687,16 +746,84 @@ def _nifti_header_bytes(reference: Volume, dtype: np.dtype) -> bytes:
     offset = capture.offset
     if offset <= 0:  # pragma: no cover - nibabel always writes a single-file header first
         raise RuntimeError("could not build the NIfTI header")
-    return capture.getvalue()[:offset].ljust(offset, b"\0")
+    raw = capture.getvalue()[:offset].ljust(offset, b"\0")
+    # the header as written (nibabel resets the scaling of integer data), with the map's own scaling
+    written = type(img.header).from_fileobj(io.BytesIO(raw))
+    if name in FRACTION_MAPS:
+        written.set_slope_inter(FRACTION_SLOPE, 0.0)
+        written["cal_min"], written["cal_max"] = 0.0, 1.0
+    else:
+        written.set_slope_inter(1.0, 0.0)
+    block = written.binaryblock
+    return block + raw[len(block) :]
+
+
+@contextlib.contextmanager
+def _map_file(tmp: Any, path: Any) -> Iterator[Any]:
+    """A binary writer for ``tmp``: gzip level 1 (as nibabel writes) for ``.gz`` names, else plain."""
+    import gzip
+
+    with open(tmp, "wb") as raw:
+        if str(path).lower().endswith(".gz"):
+            with gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz:
+                yield gz
+        else:
+            yield raw
+
+
+def write_map(name: str, arr_canonical: Any, path: Any, reference: Volume, *, overwrite: bool = False) -> Any:
+    """Atomically write one map (canonical ``(X, Y, Z)``) as NIfTI on ``reference``'s original grid.
+
+    The bytes equal what ``PredictionWriter`` streams for the same map (``encode_map``'s voxels, the
+    reference's affine and header codes).
+    """
+    from .io_utils import atomic_write
+
+    original = reference.to_original(arr_canonical)
+    header = _nifti_header_bytes(reference, name)
+    z = int(original.shape[2])
+    per_slice = max(1, int(original.shape[0]) * int(original.shape[1]) * 4)
+    step = max(1, _FILE_CHUNK_BYTES // per_slice)
+    inputs = (reference.path,) if reference.path is not None else ()
+
+    def write(tmp: Any) -> None:
+        with _map_file(tmp, path) as fh:
+            fh.write(header)
+            for s in range(0, z, step):
+                fh.write(encode_map(name, original[:, :, s : s + step]).tobytes(order="F"))
+
+    return atomic_write(path, write, overwrite=overwrite, inputs=inputs)
+
+
+def write_maps(
+    maps: dict[str, Any], paths: dict[str, Any], reference: Volume, *, overwrite: bool = False
+) -> dict[str, Any]:
+    """Write several maps (``write_map`` each, two at a time: compression releases the GIL)."""
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [n for n in MAP_NAMES if n in paths] + [n for n in paths if n not in MAP_NAMES]
+
+    def one(n: str) -> Any:
+        return write_map(n, maps[n], paths[n], reference, overwrite=overwrite)
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="napari-apl-write") as pool:
+        futures = {n: pool.submit(contextvars.copy_context().run, one, n) for n in names}
+        return {n: f.result() for n, f in futures.items()}
+
+
+class _Aborted(Exception):
+    """A streamed map file was abandoned by ``PredictionWriter.abort``."""
 
 
 class PredictionWriter:
-    """Writes prediction maps as ``.nii.gz`` on the input's original grid while the slices are predicted.
+    """Writes the prediction maps as NIfTI on the input's original grid while the slices are predicted.
 
-    The files are what ``volume.save_canonical`` writes (same header, affine and voxels), compressed
-    slice by slice in background threads as ``SlicePredictor.run(..., on_slices=writer.feed)`` finishes
-    them, each through ``atomic_write``. Streaming needs the file's third axis to be the axial one
-    (``streamable``); ``order`` is the prediction order that matches the file's slice order.
+    Each file (the bytes ``write_map`` writes) is compressed slice by slice in its own background
+    thread as ``SlicePredictor.run(..., on_slices=writer.feed)`` finishes slices, through
+    ``atomic_write`` (inside ``staged_outputs`` when the caller is in one). Streaming needs the file's
+    third axis to be the axial one (``streamable``); ``order`` is the prediction order that matches the
+    file's slice order.
     """
 
     def __init__(
@@ -704,16 +831,16 @@ class PredictionWriter:
         reference: Volume,
         prediction: Prediction,
         paths: dict[str, Any],
-        dtypes: dict[str, Any],
         *,
         overwrite: bool = False,
     ) -> None:
-        import queue
-
-        from .io_utils import atomic_write
+        import contextvars
 
         if not self.streamable(reference):
             raise ValueError("the file's third axis is not the axial one: write the maps at the end")
+        unknown = sorted(set(paths) - set(MAP_NAMES))
+        if unknown:
+            raise ValueError(f"unknown map names {unknown}: use {', '.join(MAP_NAMES)}")
         self.reference = reference
         self.prediction = prediction
         z = int(reference.shape[2])
@@ -730,39 +857,56 @@ class PredictionWriter:
         self._threads: list[threading.Thread] = []
         self._errors: list[BaseException] = []
         self.written: dict[str, Any] = {}
+        self._paths = dict(paths)
+        self._overwrite = overwrite
+        self._headers = {name: _nifti_header_bytes(reference, name) for name in paths}
+        # the files join the caller's staged_outputs(), whichever thread feeds the first slices
+        self._context = contextvars.copy_context()
+
+    def _start(self) -> None:
+        """Open the temporary files and start one compressing thread per map (at the first slices)."""
+        import contextvars
+        import queue
+
+        from .io_utils import atomic_write
+
+        reference, overwrite = self.reference, self._overwrite
         inputs = (reference.path,) if reference.path is not None else ()
-        for name, path in paths.items():
-            dtype = np.dtype(dtypes[name])
-            header = _nifti_header_bytes(reference, dtype)
+        for name, path in self._paths.items():
+            header = self._headers[name]
             q: Any = queue.Queue(maxsize=64)
+            q.ended = False  # set once close()'s or abort()'s item was taken
             self._queues[name] = q
 
-            def write(tmp: Any, q: Any = q, header: bytes = header) -> None:
-                import gzip
-
-                with (
-                    open(tmp, "wb") as raw,
-                    gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz,
-                ):
-                    gz.write(header)
+            def write(tmp: Any, q: Any = q, header: bytes = header, path: Any = path) -> None:
+                with _map_file(tmp, path) as fh:
+                    fh.write(header)
                     while True:
                         item = q.get()
                         if item is None:
+                            q.ended = True
                             return
-                        if isinstance(item, BaseException):
-                            raise item
-                        gz.write(item)
+                        if isinstance(item, BaseException):  # abort(): the temporary file goes
+                            q.ended = True
+                            raise _Aborted from item
+                        fh.write(item)
 
-            def run(name: str = name, path: Any = path, write: Any = write) -> None:
+            def run(name: str = name, path: Any = path, write: Any = write, q: Any = q) -> None:
                 try:
                     self.written[name] = atomic_write(path, write, overwrite=overwrite, inputs=inputs)
-                except BaseException as exc:  # reported by close()
+                except _Aborted:
+                    pass
+                except BaseException as exc:  # a writing error, reported by close()
                     self._errors.append(exc)
+                    # keep feed() from blocking on a full queue until close() or abort()
+                    while not q.ended:
+                        item = q.get()
+                        q.ended = item is None or isinstance(item, BaseException)
 
-            t = threading.Thread(target=run, name=f"napari-apl-write-{name}", daemon=True)
+            ctx = self._context.run(contextvars.copy_context)  # one copy of the caller's per thread
+            t = threading.Thread(target=ctx.run, args=(run,), name=f"napari-apl-write-{name}", daemon=True)
             t.start()
             self._threads.append(t)
-        self._dtypes = {name: np.dtype(dtypes[name]) for name in paths}
 
     @staticmethod
     def streamable(reference: Volume) -> bool:
@@ -773,17 +917,20 @@ class PredictionWriter:
         """Queue the finished canonical slices ``slices`` (consecutive in ``order``) for writing."""
         from nibabel.orientations import apply_orientation
 
+        if not self._threads:
+            self._start()
         for name, q in self._queues.items():
             store = getattr(self.prediction, _FIELDS[name])
-            dtype = self._dtypes[name]
             for k in slices:
                 plane = store[:, :, k]  # (X, Y), Fortran-contiguous
                 if not self._identity:
                     plane = apply_orientation(plane[:, :, None], self._inverse)[:, :, 0]
-                q.put(np.asarray(plane, dtype=dtype).tobytes(order="F"))
+                q.put(encode_map(name, plane).tobytes(order="F"))
 
     def close(self) -> dict[str, Any]:
         """Finish every file; return their paths by map name (raises the first writing error)."""
+        if not self._threads:
+            self._start()
         for q in self._queues.values():
             q.put(None)
         for t in self._threads:

@@ -44,6 +44,7 @@ __all__ = [
     "MIN_SPACING_MM",
     "SliceGrid",
     "Volume",
+    "file_looks_whole",
     "load_volume",
     "max_voxel_bytes",
     "save_canonical",
@@ -525,6 +526,31 @@ class _CanonicalSliceReader:
             ) from exc
         block = _check_finite(block, self._label, " (found while reading it lazily)")
         return np.ascontiguousarray(apply_orientation(block, self._ornt))
+
+
+def file_looks_whole(volume: Volume) -> bool:
+    """Whether the volume's file shows, without decompressing it, that it holds every voxel.
+
+    An uncompressed file was already checked against the header's size when it was opened. A
+    ``.nii.gz`` is taken as whole when its gzip trailer records the uncompressed size the header
+    implies (a truncated file ends in arbitrary bytes); a multi-member gzip may not, and is then
+    reported as not known to be whole. Used to decide whether a file may be streamed slice by slice:
+    a file that is not known to be whole is read up front, so damage is reported before any work.
+    """
+    path = volume.path
+    if path is None or not path.exists():
+        return False
+    if not path.name.lower().endswith(".gz"):
+        return True
+    try:
+        proxy = nib.load(str(path)).dataobj  # the header only: where the voxels start, their type
+        expected = int(proxy.offset) + math.prod(proxy.shape) * np.dtype(proxy.dtype).itemsize
+        with open(path, "rb") as fh:
+            fh.seek(-4, os.SEEK_END)
+            recorded = int.from_bytes(fh.read(4), "little")
+    except (OSError, ValueError, AttributeError, nib.filebasedimages.ImageFileError):
+        return False
+    return recorded == expected % (1 << 32)
 
 
 def load_volume(path: str | os.PathLike, *, lazy: bool = False) -> Volume:

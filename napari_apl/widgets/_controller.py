@@ -46,7 +46,7 @@ from ..core.autosave import discard as discard_autosave
 from ..core.autosave import restore as restore_autosave
 from ..core.checkpoint import CheckpointMeta, describe, load_checkpoint, save_checkpoint
 from ..core.errors import APLError, CheckpointError, OutputError, OutputExistsError
-from ..core.infer import Prediction, iter_predict
+from ..core.infer import Prediction, SlicePredictor, iter_predict, write_map
 from ..core.io_utils import atomic_write, check_output_path
 from ..core.labels import CLASS_NAMES, ORGANS
 from ..core.metrics import evaluate, label_name
@@ -64,6 +64,14 @@ LAYER_PSEUDO = "pseudo-label"
 LAYER_CONFIDENCE = "confidence ω"
 LAYER_CONSISTENCY = "consistency"
 PREDICTION_LAYERS = (LAYER_MAIN, LAYER_AUX, LAYER_PSEUDO, LAYER_CONFIDENCE, LAYER_CONSISTENCY)
+# (layer name, map name, metadata role, colormap, layer type) of the five prediction layers
+_LAYERS = (
+    (LAYER_MAIN, "main", "main", None, Labels),
+    (LAYER_AUX, "aux", "auxiliary", None, Labels),
+    (LAYER_CONFIDENCE, "confidence", "confidence", "viridis", Image),
+    (LAYER_CONSISTENCY, "consistency", "consistency", "inferno", Image),
+    (LAYER_PSEUDO, "pseudo_label", "pseudo-label", None, Labels),
+)
 CHECKPOINT_PRESET = "from checkpoint"
 AUTO_PRESET = "auto"
 LIVE_UPDATE_SECONDS = 0.5  # at most ~2 pseudo-label updates per second while refining
@@ -334,6 +342,7 @@ class APLController:
         worker.start()
 
     def _finish(self) -> None:
+        self._guard(self._drop_lazy_layers)
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
@@ -352,21 +361,29 @@ class APLController:
 
     # -- predict ---------
     def predict(self, image_layer: Any = None, sync: bool = False) -> bool:
-        """Predict the image layer with both heads; adds/updates the five prediction layers."""
+        """Predict the image layer with both heads; adds/updates the five prediction layers.
+
+        In the background (``sync=False``) the five layers appear at once, holding lazy arrays whose
+        visible slice is predicted when napari draws it, while the worker fills the whole volume; the
+        layers then get the finished maps (and the pseudo-label layer becomes paintable again).
+        """
         image_layer = image_layer if image_layer is not None else self.image_layer
         try:
             self._check_ready(image_layer)
             volume = volume_from_layer(image_layer)
             geometry = ScanGeometry.from_volume(volume)
             norm = self.normalization(volume.data)
+            predictor = SlicePredictor(self.model, self.meta, volume, normalization=norm, device=self.device)
         except Exception as exc:
             self.error(exc)
             return False
-        model, meta, device = self.model, self.meta, self.device
+        model, meta = self.model, self.meta
         self._closing = False
+        # in 3-D napari would ask a lazy layer for the whole volume on the main thread: not there
+        show_at_once = not sync and int(self.viewer.dims.ndisplay) == 2
 
         def job() -> Generator[Any, None, Prediction]:
-            return (yield from iter_predict(model, meta, volume, normalization=norm, device=device))
+            return (yield from iter_predict(model, meta, volume, predictor=predictor))
 
         def on_yield(item: tuple[int, int]) -> None:
             self._progress(*item)
@@ -375,8 +392,50 @@ class APLController:
             self._show_prediction(image_layer, geometry, pred)
             self.status.emit(f"predicted {image_layer.name}")
 
+        if show_at_once:
+            try:
+                self._show_lazy(image_layer, geometry, predictor)
+            except Exception as exc:  # the layers can wait for the finished maps
+                log.warning("napari-apl: showing the prediction slice by slice failed: %s", exc)
         self._run("predict", job, on_yield, on_return, int(volume.shape[2]), sync)
         return True
+
+    def _show_lazy(self, image_layer: Any, geometry: ScanGeometry, predictor: SlicePredictor) -> None:
+        """Show the five prediction layers backed by ``predictor`` (slices computed when drawn)."""
+        if _same(self.image_layer, image_layer):
+            self.collect_corrections()  # keep what was painted before the layers change
+        previous = self.image_layer, self.geometry
+        self.image_layer, self.geometry = image_layer, geometry  # the layers' transforms come from these
+        try:
+            arrays = predictor.as_layer_arrays()
+            base = {"image": image_layer.name}
+            for name, key, role, cmap, kind in _LAYERS:
+                layer = self._existing(name, kind)
+                if layer is not None:
+                    self._update_in_place(layer, arrays[key], role, base)
+                elif kind is Labels:
+                    self._add_labels(name, arrays[key], role, visible=key == "pseudo_label", **base)
+                else:
+                    self._add_image(name, arrays[key], role, colormap=cmap, visible=False, **base)
+            self._set_pseudo_editable(False)  # a lazy layer cannot be painted: until the maps are done
+        finally:  # _show_prediction makes the new image and its maps current, once they are done
+            self.image_layer, self.geometry = previous
+
+    def _drop_lazy_layers(self) -> None:
+        """After a failed or stopped prediction: lazy layers go, or get the last finished maps back."""
+        lazy = [
+            name
+            for name, *_ in _LAYERS
+            if name in self.viewer.layers and not isinstance(self.viewer.layers[name].data, np.ndarray)
+        ]
+        if not lazy:
+            return
+        pred, image = self.prediction, self.image_layer
+        if pred is not None and self._layer_alive(image) and self.geometry is not None:
+            self._show_prediction(image, self.geometry, pred)  # corrections were collected before
+        else:
+            for name in lazy:
+                self.viewer.layers.remove(name)
 
     def _show_prediction(self, image_layer: Any, geometry: ScanGeometry, pred: Prediction) -> None:
         """Put a prediction into the viewer (new layers, or the existing ones updated in place)."""
@@ -426,11 +485,15 @@ class APLController:
     def _put_labels(
         self, name: str, canonical: np.ndarray, role: str, visible: bool = True, **extra: Any
     ) -> Any:
+        # the maps are Fortran-ordered (X, Y, Z): napari's (Z, Y, X) order is a contiguous view
         data = np.ascontiguousarray(to_layer_order(canonical))
         layer = self._existing(name, Labels)
         if layer is not None:
             self._update_in_place(layer, data, role, extra)
             return layer
+        return self._add_labels(name, data, role, visible=visible, **extra)
+
+    def _add_labels(self, name: str, data: Any, role: str, visible: bool = True, **extra: Any) -> Any:
         return self.viewer.add_labels(
             data,
             name=name,
@@ -444,12 +507,16 @@ class APLController:
     def _put_image(
         self, name: str, canonical: np.ndarray, role: str, colormap: str, visible: bool, **extra: Any
     ) -> Any:
-        data = np.ascontiguousarray(to_layer_order(canonical), dtype=np.float32)
+        # float16 as predicted (napari shows it): no float32 copy of a whole volume on the main thread
+        data = np.ascontiguousarray(to_layer_order(canonical))
         layer = self._existing(name, Image)
         if layer is not None:
             self._update_in_place(layer, data, role, extra)
             layer.contrast_limits = (0.0, 1.0)
             return layer
+        return self._add_image(name, data, role, colormap=colormap, visible=visible, **extra)
+
+    def _add_image(self, name: str, data: Any, role: str, colormap: str, visible: bool, **extra: Any) -> Any:
         return self.viewer.add_image(
             data,
             name=name,
@@ -478,18 +545,21 @@ class APLController:
     def _write_pseudo(self, pseudo: np.ndarray, role_extra: dict[str, Any] | None = None) -> None:
         """Show pseudo labels (the user's corrections kept on top) and remember what was written."""
         shown = self._with_corrections(pseudo)
+        # the layer owns its voxels (painting must not change the prediction); for Fortran-ordered
+        # maps the copy in napari's (Z, Y, X) order is a plain memory copy
+        data = np.array(to_layer_order(shown), order="C", copy=True)
         layer = self.pseudo_layer()
-        if layer is not None and role_extra is None and layer.data.shape == shown.shape[::-1]:
-            layer.data = np.ascontiguousarray(to_layer_order(shown))  # live update: data only
+        if layer is not None and role_extra is None and layer.data.shape == data.shape:
+            layer.data = data  # live update: data only
         else:
-            self._put_labels(LAYER_PSEUDO, shown, "pseudo-label", **(role_extra or {}))
-        self.last_pseudo = shown.copy()
+            self._put_labels(LAYER_PSEUDO, to_canonical_order(data), "pseudo-label", **(role_extra or {}))
+        self.last_pseudo = shown.copy(order="F")
 
     def collect_corrections(self) -> np.ndarray | None:
         """Fold voxels painted or erased in the pseudo-label layer since the last write into corrections."""
         layer = self.pseudo_layer()
-        if layer is None or self.last_pseudo is None:
-            return self.corrections
+        if layer is None or self.last_pseudo is None or not isinstance(layer.data, np.ndarray):
+            return self.corrections  # nothing written yet, or a prediction still being shown lazily
         current = np.asarray(to_canonical_order(layer.data))
         if current.shape != self.last_pseudo.shape:
             return self.corrections
@@ -510,7 +580,7 @@ class APLController:
         """Forget the user's corrections (the pseudo-label layer keeps what it shows)."""
         self.corrections = None
         layer = self.pseudo_layer()
-        if layer is not None:
+        if layer is not None and isinstance(layer.data, np.ndarray):
             self.last_pseudo = np.array(to_canonical_order(layer.data), dtype=np.uint8)
         self.status.emit("corrections cleared")
         self.corrections_changed.emit()
@@ -973,10 +1043,11 @@ class APLController:
         report = self.report(masks["pseudo-label"], gt_layer)
         geom = self.geometry
         maps = {"confidence": self.prediction.confidence, "consistency": self.prediction.consistency}
-        for kind, arr in [*masks.items(), *maps.items()]:
-            dtype = np.uint8 if kind in masks else np.float32
+        for kind, arr in masks.items():
             ref = geom.with_data(arr)
-            written.append(save_canonical(arr, paths[kind], ref, dtype=dtype, overwrite=overwrite))
+            written.append(save_canonical(arr, paths[kind], ref, dtype=np.uint8, overwrite=overwrite))
+        for kind, arr in maps.items():  # uint8 with scl_slope 1/255, as napari-apl predict writes them
+            written.append(write_map(kind, arr, paths[kind], geom.with_data(arr), overwrite=overwrite))
         if self.refined:
             written.append(
                 save_checkpoint(paths["checkpoint"], self.model, self._refined_meta(), overwrite=overwrite)
