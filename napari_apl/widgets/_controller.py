@@ -479,8 +479,11 @@ class APLController:
         kw = self._layer_kwargs(role, extra)
         layer.metadata = kw.pop("metadata")
         layer.data = data
+        current = transform_kwargs(layer)
         for key in ("scale", "translate", "rotate", "shear", "affine"):
-            setattr(layer, key, kw[key])
+            # each assignment re-lays out the viewer: only where the scan's geometry changed
+            if np.shape(current[key]) != np.shape(kw[key]) or not np.array_equal(current[key], kw[key]):
+                setattr(layer, key, kw[key])
 
     def _put_labels(
         self, name: str, canonical: np.ndarray, role: str, visible: bool = True, **extra: Any
@@ -625,9 +628,8 @@ class APLController:
         self._set_pseudo_editable(False)
 
         def job() -> Generator[Any, None, tuple[RefineResult, Prediction | None]]:
-            result = yield from refine(
-                model, meta, volume, cfg, control=control, corrections=self.last_corrections
-            )
+            events = refine(model, meta, volume, cfg, control=control, corrections=self.last_corrections)
+            result = yield from _live_overlays(events, self.last_corrections)
             if self._closing:  # the viewer or the widget is closing: skip the final re-prediction
                 return result, None
             predicting = iter_predict(result.model, meta, volume, normalization=norm, device=cfg.device)
@@ -644,6 +646,8 @@ class APLController:
         def on_yield(item: Any) -> None:
             if isinstance(item, RefineEvent):
                 self._on_refine_event(item)
+            elif isinstance(item, _LiveOverlay):
+                self._on_refine_event(item.event, item)
             else:  # (done, total) of the final re-prediction
                 self.status.emit(f"re-predicting with the refined model: {item[0]}/{item[1]} slices")
 
@@ -672,8 +676,8 @@ class APLController:
         self._run("refine", job, on_yield, on_return, cfg.iterations, sync)
         return True
 
-    def _on_refine_event(self, ev: RefineEvent) -> None:
-        """Main-thread handler of one refinement step: progress, history, throttled live overlay."""
+    def _on_refine_event(self, ev: RefineEvent, overlay: _LiveOverlay | None = None) -> None:
+        """Main-thread handler of one refinement step: progress, history, the live overlay from the worker."""
         self._progress(ev.iteration, ev.total)
         self.history.append(
             {
@@ -687,14 +691,11 @@ class APLController:
         if ev.note and ev.note not in self._notes_shown:
             self._notes_shown.add(ev.note)
             show_warning(f"napari-apl: {ev.note}")
-        now = time.monotonic()
-        if (
-            ev.pseudo is not None
-            and now - self._last_live >= LIVE_UPDATE_SECONDS
-            and self.pseudo_layer() is not None
-        ):
-            self._write_pseudo(ev.pseudo)
-            self._last_live = now
+        layer = self.pseudo_layer()
+        if overlay is not None and layer is not None and layer.data.shape == overlay.data.shape:
+            layer.data = overlay.data  # the only main-thread work: napari redraws the visible slice
+            self.last_pseudo = to_canonical_order(overlay.written)
+            self._last_live = time.monotonic()
             self.live_updates += 1
         self.status.emit(
             f"refine {ev.iteration}/{ev.total}: mean ω {ev.mean_confidence:.3f}, "
@@ -1149,6 +1150,44 @@ class APLController:
             rep["mean_dice"] = _finite_or_none(scores["mean_dice"])
             rep["mean_assd_mm"] = _finite_or_none(scores["mean_assd"])
         return rep
+
+
+@dataclasses.dataclass
+class _LiveOverlay:
+    """A refinement event with its pseudo labels ready for the layer (made in the worker thread)."""
+
+    event: RefineEvent
+    data: np.ndarray  # napari's (Z, Y, X) order, the user's corrections on top: the layer's new data
+    written: np.ndarray  # a copy of ``data``: what the layer held when it was written
+
+
+def _live_overlays(
+    events: Generator[Any, None, Any], corrections: np.ndarray | None, every_s: float | None = None
+) -> Generator[Any, None, Any]:
+    """Pass refinement events on, at most every ``every_s`` one with pseudo labels as a ``_LiveOverlay``.
+
+    Runs in the worker: the corrections overlay and the reordering (whole-volume copies) stay off
+    the Qt event loop, which then only swaps the layer's data.
+    """
+    every_s = LIVE_UPDATE_SECONDS if every_s is None else every_s
+    last = -math.inf
+    try:
+        while True:
+            try:
+                ev = next(events)
+            except StopIteration as stop:
+                return stop.value
+            now = time.monotonic()
+            if isinstance(ev, RefineEvent) and ev.pseudo is not None and now - last >= every_s:
+                shown = ev.pseudo
+                if corrections is not None and corrections.shape == shown.shape:
+                    shown = np.where(corrections >= 0, corrections, shown).astype(np.uint8)
+                data = np.array(to_layer_order(shown), dtype=np.uint8, order="C")
+                ev = _LiveOverlay(ev, data, data.copy())
+                last = now
+            yield ev
+    finally:
+        events.close()
 
 
 def _safe_stem(name: str) -> str:
