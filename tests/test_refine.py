@@ -198,3 +198,57 @@ def test_for_method_and_bn_adapt(setup):
         refine(model, meta, vol, _cfg(bn="adapt", iterations=2, class_balance_power=1.0, class_norm=0.5))
     )
     assert res.iterations_done == 2
+
+
+def test_ensemble_tracks_labels_and_foreground_slices_of_a_full_argmax():
+    """The labels and per-slice organ flags the ensemble updates batch by batch equal a full-volume argmax."""
+    from napari_apl.core.refine import _Ensemble
+
+    gen = torch.Generator().manual_seed(0)
+    ens = _Ensemble(6, 4, (8, 8), decay=0.7)
+    for step in range(12):
+        idx = torch.randint(0, 6, (3,), generator=gen).tolist()  # repeats included
+        logits = torch.randn(3, 4, 8, 8, generator=gen) * 3
+        if step % 3 == 2:  # background-only batches turn foreground slices back to background
+            logits[:, 0] += 20
+        merged = (torch.softmax(logits, 1) * 8).round() / 8  # ties between classes
+        changed = ens.update(idx, merged)
+        full = ens.prob.argmax(1)
+        assert torch.equal(ens.labels(), full.to(torch.uint8))
+        assert ens.foreground_slices() == torch.nonzero((full > 0).flatten(1).any(1)).flatten().tolist()
+        assert 0.0 <= float(changed) <= 1.0
+    assert ens.foreground_slices() and len(ens.foreground_slices()) < 6
+    for portion in (0.0, 0.2, 0.5, 1.0):
+        assert torch.equal(ens.class_thresholds(portion), pseudo.cbst_thresholds(ens.prob.float(), portion))
+
+
+def test_fast_class_maths_equal_their_definitions():
+    """class_argmax, confidence and cbst_thresholds equal argmax, top-1 − top-2 and the sorted quantile."""
+    gen = torch.Generator().manual_seed(1)
+    prob = (torch.rand(3, 5, 16, 16, generator=gen) * 6).round() / 6  # many ties
+    prob[0, 2, 3, 3] = float("nan")
+    for x in (prob, prob.half(), torch.rand(2, 3, 7, generator=gen)):
+        assert torch.equal(pseudo.class_argmax(x), torch.argmax(x, dim=1))
+        top2 = torch.topk(x, k=2, dim=1).values
+        want = (top2[:, 0] - top2[:, 1]).abs()
+        torch.testing.assert_close(pseudo.confidence(x), want, rtol=0, atol=0, equal_nan=True)
+    prob = torch.softmax(torch.randn(4, 5, 20, 20, generator=gen) * 2, 1)
+    top, lab = prob.max(dim=1)
+    for portion in (0.0, 0.3, 0.5, 0.99):
+        k = pseudo.cbst_thresholds(prob, portion)
+        for c in range(5):
+            vals = torch.sort(top[lab == c], descending=True).values
+            want = vals[min(round(portion * len(vals)), len(vals) - 1)] if len(vals) else torch.tensor(1.0)
+            assert k[c] == want
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_frozen_batch_norm_stays_frozen_without_a_teacher(setup, method):
+    """bn="frozen": the source's running statistics survive, also when the student predicts its own labels."""
+    model, meta, vol = setup
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    assert stats
+    result = run_generator(refine(model, meta, vol, _cfg(method=method, bn="frozen", teacher_decay=0.0)))
+    after = result.model.state_dict()
+    for key, value in stats.items():
+        assert torch.equal(after[key], value), key

@@ -244,10 +244,12 @@ def _train_mode(model: DualHeadNet, bn: str) -> None:
 @torch.no_grad()
 def _ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
     """Move the teacher's weights toward the student's (buffers are copied)."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(decay).add_(s.detach(), alpha=1 - decay)
-    for t, s in zip(teacher.buffers(), student.buffers()):
-        t.copy_(s)
+    t_params = list(teacher.parameters())
+    torch._foreach_mul_(t_params, decay)
+    torch._foreach_add_(t_params, [s.detach() for s in student.parameters()], alpha=1 - decay)
+    t_buffers = list(teacher.buffers())
+    if t_buffers:  # the foreach ops refuse empty lists
+        torch._foreach_copy_(t_buffers, list(student.buffers()))
 
 
 @torch.no_grad()
@@ -282,10 +284,16 @@ def _finite(model: torch.nn.Module) -> bool:
 
 
 class _Ensemble:
-    """The ensemble of target pseudo labels: an EMA of merged probabilities per slice on the model grid."""
+    """The ensemble of target pseudo labels: an EMA of merged probabilities per slice on the model grid.
+
+    Besides the probabilities it keeps their argmax per pixel and a per-slice "holds an organ" flag,
+    both updated for the slices of each batch, so that nothing per iteration scans the whole volume.
+    """
 
     def __init__(self, n_slices: int, num_classes: int, hw: tuple[int, int], decay: float) -> None:
         self.prob = torch.zeros((n_slices, num_classes, *hw), dtype=torch.float16)
+        self.label = torch.zeros((n_slices, *hw), dtype=torch.uint8)  # argmax of prob (0 while unseen)
+        self.foreground = torch.zeros(n_slices, dtype=torch.bool)  # whether label > 0 anywhere in a slice
         self.seen = torch.zeros(n_slices, dtype=torch.bool)
         self.decay = decay
 
@@ -295,8 +303,11 @@ class _Ensemble:
         old = self.prob[idx].float()
         seen = self.seen[idx].reshape(-1, 1, 1, 1)
         blended = torch.where(seen, self.decay * old + (1 - self.decay) * new, new)
-        changed = (old.argmax(1) != blended.argmax(1)) & seen.reshape(-1, 1, 1)
+        changed = (self.label[idx] != pseudo.class_argmax(blended)) & seen.reshape(-1, 1, 1)
         self.prob[idx] = blended.to(torch.float16)
+        label = pseudo.class_argmax(self.prob[idx]).to(torch.uint8)  # read back: a repeated slice wrote once
+        self.label[idx] = label
+        self.foreground[idx] = (label > 0).flatten(1).any(1)
         self.seen[idx] = True
         return changed.float().mean()
 
@@ -306,7 +317,17 @@ class _Ensemble:
 
     def labels(self) -> torch.Tensor:
         """Return the ensemble's pseudo labels for all slices ``(Z, H, W)`` uint8."""
-        return self.prob.argmax(1).to(torch.uint8)
+        return self.label.clone()
+
+    def foreground_slices(self) -> list[int]:
+        """Return the indices of the slices whose pseudo labels hold an organ."""
+        return torch.nonzero(self.foreground).flatten().tolist()
+
+    def class_thresholds(self, portion: float) -> torch.Tensor:
+        """Return CBST's k_c over the whole ensemble (``pseudo.cbst_thresholds`` of its float32 prob)."""
+        lab = self.label.long()
+        top = self.prob.gather(1, lab.unsqueeze(1)).squeeze(1).float()
+        return pseudo.class_quantiles(top, lab, self.prob.shape[1], portion)
 
 
 def _grid_corrections(prep: PreparedVolume, corrections: np.ndarray | None) -> torch.Tensor | None:
@@ -383,27 +404,29 @@ def refine(
 
     ensemble = _Ensemble(n_slices, num_classes, hw, cfg.ensemble_decay)
 
-    def predict_probs(net: DualHeadNet, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return both heads' probabilities for slices ``idx`` on the model grid (no gradient)."""
+    def predict_probs(net: DualHeadNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return both heads' probabilities for the slices ``x`` on the model grid (inference mode)."""
         was = net.training
         net.eval()
-        with torch.no_grad(), torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
-            m, a = net(xs[idx].to(dev))
-        net.train(was)
+        with (
+            torch.inference_mode(),
+            torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp),
+        ):
+            m, a = net(x.to(dev))
+        if was:  # back to training with the configured batch-norm handling (train() alone would undo it)
+            _train_mode(net, cfg.bn)
         return torch.softmax(m.float(), 1), torch.softmax(a.float(), 1)
 
     # Initial ensemble over the whole volume: the start model's pseudo labels.
     source = teacher if teacher is not None else student
     for s in range(0, n_slices, 16):
         idx = list(range(s, min(s + 16, n_slices)))
-        pm, pa = predict_probs(source, idx)
+        pm, pa = predict_probs(source, xs[idx])
         ensemble.update(idx, pseudo.merge(pm, pa))
     start_labels = ensemble.labels()
     # The collapse guard watches the returned model's own prediction on up to 64 slices (those where
     # the start model finds an organ, spread evenly), not the lagging ensemble.
-    fg_slices = torch.nonzero((start_labels > 0).flatten(1).any(1)).flatten().tolist() or list(
-        range(n_slices)
-    )
+    fg_slices = ensemble.foreground_slices() or list(range(n_slices))
     guard_idx = [fg_slices[int(i)] for i in np.linspace(0, len(fg_slices) - 1, min(64, len(fg_slices)))]
     guard_idx = sorted(set(guard_idx))
 
@@ -411,8 +434,8 @@ def refine(
         """Voxel count per class of ``net``'s merged prediction on the guard slices."""
         counts = torch.zeros(num_classes, dtype=torch.long)
         for s in range(0, len(guard_idx), 16):
-            pm, pa = predict_probs(net, guard_idx[s : s + 16])
-            counts += _organ_counts(pseudo.merge(pm, pa).argmax(1).cpu(), num_classes)
+            pm, pa = predict_probs(net, xs[guard_idx[s : s + 16]])
+            counts += _organ_counts(pseudo.class_argmax(pseudo.merge(pm, pa)).cpu(), num_classes)
         return counts
 
     start_counts = _organ_counts(start_labels[guard_idx], num_classes)
@@ -466,8 +489,7 @@ def refine(
 
     def sample_batch() -> list[int]:
         """Draw a batch of slice indices, part of it from slices whose pseudo labels hold an organ."""
-        labels = ensemble.prob.argmax(1)
-        fg = torch.nonzero((labels > 0).flatten(1).any(1)).flatten().tolist()
+        fg = ensemble.foreground_slices()
         n_fg = round(cfg.batch_size * cfg.foreground_sampling) if fg else 0
         pick = list(rng.choice(fg, size=n_fg, replace=len(fg) < n_fg)) if n_fg else []
         pick += list(rng.integers(0, n_slices, size=cfg.batch_size - n_fg))
@@ -497,12 +519,12 @@ def refine(
         losses: dict[str, float] = {}
 
         # 1-3: predict, merge, confidence (pseudo labels come from the teacher when there is one)
-        pm_t, pa_t = predict_probs(teacher if teacher is not None else student, idx)
+        pm_t, pa_t = predict_probs(teacher if teacher is not None else student, x)
         merged_now = pseudo.merge(pm_t, pa_t)
         mean_dis = float(pseudo.consistency_map(pm_t, pa_t).mean())
 
         if cfg.method in ("apl", "apl-con"):
-            # 4: classifier step on L_Con with the encoder's features detached (E untouched)
+            # 4: classifier step on L_Con with the encoder's features detached (E untouched).
             # The encoder's features are computed once: detached for this step, and reused with their
             # graph for the encoder step (E is not changed by the classifier step, so they are the same).
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -522,13 +544,14 @@ def refine(
             omega = pseudo.confidence(ens)
             if cfg.class_norm > 0:
                 if class_k is None or it % cfg.guard_every == 1:
-                    class_k = pseudo.cbst_thresholds(ensemble.prob.float(), cfg.class_norm).to(dev)
-                target = (ens / class_k.reshape(1, -1, 1, 1).clamp_min(1e-3)).argmax(1)
+                    class_k = ensemble.class_thresholds(cfg.class_norm).to(dev)
+                target = pseudo.class_argmax(ens / class_k.reshape(1, -1, 1, 1).clamp_min(1e-3))
             else:
-                target = ens.argmax(1)
+                target = pseudo.class_argmax(ens)
             mean_conf = float(omega.mean())
             if cfg.method == "apl":
-                # 6: encoder step on L_SSL; only the encoder's optimiser steps
+                # 6: encoder step on L_SSL; only the encoder's optimiser steps, and the backward pass
+                # computes only the encoder's gradients (none for the classifiers' weights)
                 apply_corrections(idx, target, omega)
                 cw = None
                 if cfg.class_balance:
@@ -541,9 +564,8 @@ def refine(
                     l_ssl = 0.5 * (l_ssl + pseudo.loss_ssl(a_log.float(), target, omega, cw))
                 opt_enc.zero_grad(set_to_none=True)
                 opt_cls.zero_grad(set_to_none=True)
-                l_ssl.backward()
+                l_ssl.backward(inputs=enc_params)
                 opt_enc.step()
-                opt_cls.zero_grad(set_to_none=True)
                 losses["ssl"] = float(l_ssl.detach())
         else:
             changed = float(ensemble.update(idx, merged_now))
@@ -563,8 +585,7 @@ def refine(
                     portion = min(cfg.cbst_portion + cfg.cbst_step * rnd, cfg.cbst_max)
                     probs_all = []
                     for s in range(0, n_slices, 16):
-                        sl = list(range(s, min(s + 16, n_slices)))
-                        a, b = predict_probs(teacher if teacher is not None else student, sl)
+                        a, b = predict_probs(teacher if teacher is not None else student, xs[s : s + 16])
                         probs_all.append(pseudo.merge(a, b).cpu())
                     cbst_k = pseudo.cbst_thresholds(torch.cat(probs_all), portion).to(dev)
                     losses["portion"] = portion
@@ -574,7 +595,7 @@ def refine(
             else:  # mrnet: label from softmax(0.5 f_aux + f_main) of the teacher
                 with torch.no_grad():
                     tm, ta = (teacher if teacher is not None else student)(x)
-                    target = torch.softmax(0.5 * ta.float() + tm.float(), 1).argmax(1)
+                    target = pseudo.class_argmax(torch.softmax(0.5 * ta.float() + tm.float(), 1))
                 apply_corrections(idx, target, ones)
                 memory = pseudo.merge(torch.softmax(m_log, 1), torch.softmax(a_log, 1)).detach()
                 loss, parts = pseudo.mrnet_loss(m_log, a_log, target, memory, cfg.mrnet_memory)
@@ -646,7 +667,7 @@ def refine(
         ensemble = _Ensemble(n_slices, num_classes, hw, cfg.ensemble_decay)
         for s in range(0, n_slices, 16):
             idx = list(range(s, min(s + 16, n_slices)))
-            pm, pa = predict_probs(final, idx)
+            pm, pa = predict_probs(final, xs[idx])
             ensemble.update(idx, pseudo.merge(pm, pa))
     final = final.to("cpu").eval()
     for p in final.parameters():
