@@ -46,7 +46,7 @@ import copy
 import math
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -210,6 +210,9 @@ class RefineEvent:
     changed_fraction: float
     pseudo: np.ndarray | None = None
     note: str = ""
+    labels: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
+    """The ensemble's current pseudo labels on the voxel grid, computed when called (for live views:
+    call it before the generator resumes; ``pseudo`` is the same volume, attached every ``emit_every``)."""
 
 
 @dataclass
@@ -348,13 +351,17 @@ def _grid_corrections(prep: PreparedVolume, corrections: np.ndarray | None) -> t
 
 
 def _to_volume(prep: PreparedVolume, labels_zhw: torch.Tensor) -> np.ndarray:
-    """Map model-grid labels ``(Z, H, W)`` back onto the canonical voxel grid ``(X, Y, Z)`` uint8."""
-    out = np.zeros(tuple(prep.volume.data.shape), np.uint8)
+    """Map model-grid labels ``(Z, H, W)`` back onto the canonical voxel grid ``(X, Y, Z)`` uint8.
+
+    The result is Fortran-ordered (each axial slice contiguous), so napari's ``(Z, Y, X)`` layer order
+    is a view of it and a copy in that order is a plain memory copy.
+    """
+    out = np.zeros(tuple(prep.volume.data.shape), np.uint8, order="F")
     z = labels_zhw.shape[0]
     for start in range(0, z, 32):
         chunk = labels_zhw[start : start + 32].unsqueeze(1).float()
-        back = prep.grid.inverse(chunk, mode="nearest")[:, 0].round().to(torch.uint8).numpy()
-        out[:, :, start : start + 32] = np.moveaxis(back, 0, 2)
+        back = prep.grid.inverse(chunk, mode="nearest")[:, 0].round().to(torch.uint8)  # (n, X, Y)
+        out.T[start : start + 32] = back.transpose(1, 2).contiguous().numpy()  # (n, Y, X) slices
     return out
 
 
@@ -646,6 +653,7 @@ def refine(
             changed_fraction=changed,
             pseudo=_to_volume(prep, ensemble.labels()) if emit else None,
             note=note,
+            labels=lambda: _to_volume(prep, ensemble.labels()),
         )
         if stopped:
             break

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gc
 import hashlib
 import io
 import json
@@ -303,6 +304,10 @@ class APLController:
         from napari.utils import progress
 
         self._set_busy(True, task)
+        # A full garbage collection walks every object of the napari process while holding the GIL
+        # (hundreds of ms); one triggered by the worker's allocations would stall the event loop. Objects
+        # alive now are set aside from collection until the task ends.
+        gc.freeze()
         self._pbar = progress(total=max(1, total), desc=f"napari-apl: {task}")
         self.status.emit(f"{task}…")
 
@@ -342,6 +347,7 @@ class APLController:
         worker.start()
 
     def _finish(self) -> None:
+        gc.unfreeze()
         self._guard(self._drop_lazy_layers)
         if self._pbar is not None:
             self._pbar.close()
@@ -610,7 +616,7 @@ class APLController:
                 cfg,
                 device=self.device,
                 normalization=norm.to_dict() if norm is not None else cfg.normalization,
-                emit_every=cfg.emit_every or max(1, cfg.iterations // 50),
+                emit_every=cfg.emit_every,  # live overlays call each event's labels() when due
             ).validate()
         except Exception as exc:
             self.error(exc)
@@ -1178,8 +1184,9 @@ def _live_overlays(
             except StopIteration as stop:
                 return stop.value
             now = time.monotonic()
-            if isinstance(ev, RefineEvent) and ev.pseudo is not None and now - last >= every_s:
-                shown = ev.pseudo
+            has_labels = isinstance(ev, RefineEvent) and (ev.pseudo is not None or ev.labels is not None)
+            if has_labels and now - last >= every_s:
+                shown = ev.pseudo if ev.pseudo is not None else ev.labels()  # before the loop resumes
                 if corrections is not None and corrections.shape == shown.shape:
                     shown = np.where(corrections >= 0, corrections, shown).astype(np.uint8)
                 data = np.array(to_layer_order(shown), dtype=np.uint8, order="C")
