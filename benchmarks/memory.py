@@ -1,10 +1,9 @@
 """Goal 5: peak resident memory of predicting a 512 x 512 x 300 int16 CT, on the command line and in a viewer.
 
 Each measurement runs in a fresh Python process and reports its peak RSS (``ru_maxrss``):
-``cli``: ``napari-apl predict`` (the volume streamed, the default); ``cli-eager``: with ``--eager``
-(the whole volume read first); ``viewer``: a
-real napari viewer (Xvfb) holding the CT, the APL widget's controller predicting it, and its five
-layers (peak over the whole run, and resident at the end).
+``cli``: ``napari-apl predict`` (the .nii.gz streamed slice by slice, the maps compressed as they are
+predicted); ``viewer``: a real napari viewer (Xvfb) holding the CT, the APL widget's controller
+predicting it, and its five layers (peak over the whole run, and resident at the end).
 
     python benchmarks/memory.py [--slices 300]
 """
@@ -33,7 +32,7 @@ def _child(kind: str, image: Path, ckpt: Path, out: Path) -> dict:
     import io
 
     result: dict = {"kind": kind}
-    if kind in ("cli", "cli-eager"):
+    if kind == "cli":
         from napari_apl import cli
 
         argv = [
@@ -48,8 +47,6 @@ def _child(kind: str, image: Path, ckpt: Path, out: Path) -> dict:
             "--device",
             "cpu",
         ]
-        if kind == "cli-eager":
-            argv.append("--eager")
         with contextlib.redirect_stdout(io.StringIO()):
             assert cli.main(argv) == 0
     else:
@@ -72,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or, with ``--child``, one measurement) and write its results."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, default=300)
-    ap.add_argument("--child", choices=("cli", "cli-eager", "viewer"))
+    ap.add_argument("--child", choices=("cli", "viewer"))
     ap.add_argument("--image")
     ap.add_argument("--checkpoint")
     ap.add_argument("--out")
@@ -93,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="apl_mem_"))
     ckpt = save_checkpoint(tmp / "model.pt", model, meta)
     runs = {}
-    for kind in ("cli", "cli-eager", "viewer"):
+    for kind in ("cli", "viewer"):
         cmd = [sys.executable, __file__, "--child", kind, "--image", str(image), "--checkpoint", str(ckpt)]
         cmd += ["--out", str(tmp / kind)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -106,8 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         print(kind, runs[kind], flush=True)
     if "cli" in runs:
         rep.add("napari-apl predict peak RSS", runs["cli"]["peak_gb"], "GB", goal=GOAL_CLI_GB)
-    if "cli-eager" in runs:
-        rep.add("napari-apl predict --eager peak RSS", runs["cli-eager"]["peak_gb"], "GB", goal=GOAL_CLI_GB)
     if "viewer" in runs:
         v = runs["viewer"]
         rep.add("viewer: CT + five layers, peak RSS during predict", v["peak_gb"], "GB", goal=GOAL_VIEWER_GB)
