@@ -350,6 +350,9 @@ def _grid_corrections(prep: PreparedVolume, corrections: np.ndarray | None) -> t
     return g[:, 0].round().long()
 
 
+_REUSE_OWN_FORWARD = True  # switch for the test that proves the shortcut changes nothing
+
+
 def _to_volume(prep: PreparedVolume, labels_zhw: torch.Tensor) -> np.ndarray:
     """Map model-grid labels ``(Z, H, W)`` back onto the canonical voxel grid ``(X, Y, Z)`` uint8.
 
@@ -424,6 +427,15 @@ def refine(
             _train_mode(net, cfg.bn)
         return torch.softmax(m.float(), 1), torch.softmax(a.float(), 1)
 
+    # Without a teacher the student labels its own batch. With batch-norm statistics fixed and no
+    # active dropout its training forward computes exactly its inference forward, so the pseudo labels
+    # are read from the forward the classifier step makes anyway (bit-identical, one forward saved).
+    reuse_own_forward = (
+        _REUSE_OWN_FORWARD
+        and teacher is None
+        and cfg.bn in ("adapt", "frozen")
+        and not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in student.modules())
+    )
     # Initial ensemble over the whole volume: the start model's pseudo labels.
     source = teacher if teacher is not None else student
     for s in range(0, n_slices, 16):
@@ -526,9 +538,9 @@ def refine(
         losses: dict[str, float] = {}
 
         # 1-3: predict, merge, confidence (pseudo labels come from the teacher when there is one)
-        pm_t, pa_t = predict_probs(teacher if teacher is not None else student, x)
-        merged_now = pseudo.merge(pm_t, pa_t)
-        mean_dis = float(pseudo.consistency_map(pm_t, pa_t).mean())
+        own_labels = reuse_own_forward and cfg.method in ("apl", "apl-con")
+        if not own_labels:
+            pm_t, pa_t = predict_probs(teacher if teacher is not None else student, x)
 
         if cfg.method in ("apl", "apl-con"):
             # 4: classifier step on L_Con with the encoder's features detached (E untouched).
@@ -538,9 +550,12 @@ def refine(
                 with torch.set_grad_enabled(cfg.method == "apl"):
                     feats = student.features(x)
                 m_log, a_log = student.heads(tuple(f.detach() for f in feats), hw)
-            l_con = pseudo.loss_con(
-                torch.softmax(m_log.float(), 1), torch.softmax(a_log.float(), 1), cfg.weight
-            )
+            p_m, p_a = torch.softmax(m_log.float(), 1), torch.softmax(a_log.float(), 1)
+            if own_labels:  # the student's training forward is its inference forward: no second pass
+                pm_t, pa_t = p_m.detach(), p_a.detach()
+            merged_now = pseudo.merge(pm_t, pa_t)
+            mean_dis = float(pseudo.consistency_map(pm_t, pa_t).mean())
+            l_con = pseudo.loss_con(p_m, p_a, cfg.weight)
             opt_cls.zero_grad(set_to_none=True)
             l_con.backward()
             opt_cls.step()
@@ -575,6 +590,8 @@ def refine(
                 opt_enc.step()
                 losses["ssl"] = float(l_ssl.detach())
         else:
+            merged_now = pseudo.merge(pm_t, pa_t)
+            mean_dis = float(pseudo.consistency_map(pm_t, pa_t).mean())
             changed = float(ensemble.update(idx, merged_now))
             omega_all = pseudo.confidence(merged_now)
             mean_conf = float(omega_all.mean())
