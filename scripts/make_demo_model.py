@@ -11,9 +11,9 @@ Usage::
     python scripts/make_demo_model.py                  # train, evaluate, write model + card
     python scripts/make_demo_model.py --check          # retrain into a temporary file and compare
 
-Reproduction: training is seeded and runs on the CPU, so a rerun on the same machine and library
-versions gives the same weights; across machines/thread counts float rounding may differ, and the
-check passes when every reported Dice is within ``TOLERANCE`` points of the shipped model's.
+Reproduction: training is seeded, yet a rerun gave different weights on the same machine (most likely
+multi-threaded CPU kernels summing in no fixed order); the check passes when every reported Dice is
+within ``TOLERANCE`` points of the shipped model's (measured 2026-11-26: it is not, see the card).
 """
 
 from __future__ import annotations
@@ -156,9 +156,9 @@ def write_card(rows: dict, seconds: float) -> None:
         "## Reproduction",
         "`python scripts/make_demo_model.py` retrains the model and rewrites this card; "
         "`python scripts/make_demo_model.py --check` retrains into a temporary file and compares. "
-        "On the same machine and library versions the weights are identical (seeded, CPU); elsewhere "
-        f"floating-point rounding can differ and every Dice figure above should be reproduced within "
-        f"±{TOLERANCE:g} points.",
+        "Training is seeded, yet a retrain gave different weights on the same machine (most likely "
+        "multi-threaded CPU kernels summing in no fixed order); the check passes when every Dice "
+        f"figure above is reproduced within ±{TOLERANCE:g} points.",
         "",
         f"Written {time.strftime('%Y-%m-%d')} on {platform.machine()} / Python {platform.python_version()} / "
         f"torch {torch.__version__}, in {seconds / 60:.1f} min.",
@@ -198,7 +198,20 @@ def main(argv=None) -> int:
                 for st in ("before", "after")
                 for o in rows[n][st]
             )
-            print(json.dumps({"max_weight_difference": diff, "max_dice_difference": worst}, indent=1))
+            avg_diff = max(
+                abs(rows[n][st]["avg"] - ref[n][st]["avg"]) for n in rows for st in ("before", "after")
+            )
+            means = {
+                st: (np.mean([rows[n][st]["avg"] for n in rows]), np.mean([ref[n][st]["avg"] for n in rows]))
+                for st in ("before", "after")
+            }
+            report = {
+                "max_weight_difference": diff,
+                "max_dice_difference": worst,
+                "max_phantom_average_difference": avg_diff,
+                "mean_over_phantoms_rerun_vs_shipped": means,
+            }
+            print(json.dumps(report, indent=1, default=float))
             ok = worst <= TOLERANCE
             print(
                 "reproduced within tolerance" if ok else f"NOT reproduced: differs by {worst:.2f} Dice points"
