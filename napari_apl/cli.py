@@ -412,7 +412,11 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    p.add_argument("--lazy", action="store_true", help="read the volume lazily (dask) slice by slice")
+    p.add_argument(
+        "--lazy",
+        action="store_true",
+        help="read the volume lazily (dask) slice by slice (predict streams whole axial files anyway)",
+    )
     p.add_argument(
         "--scheduler",
         metavar="ADDRESS",
