@@ -156,7 +156,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             check=lambda paths, inputs: _check_outputs(paths, args.overwrite, inputs),
         )
     from .core.checkpoint import load_checkpoint
-    from .core.infer import PredictionWriter, SlicePredictor, iter_predict
+    from .core.infer import PredictionWriter, SlicePredictor, iter_predict, write_maps
     from .core.io_utils import staged_outputs
     from .core.volume import file_looks_whole, load_volume
 
@@ -206,7 +206,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if writer is not None:
             written = writer.close()
         else:
-            written = dict(zip(paths, _write_maps(pred.as_dict(), out, volume, args.overwrite), strict=True))
+            written = write_maps(pred.as_dict(), paths, volume, overwrite=args.overwrite)
     for n in MAP_DTYPES:
         print(f"wrote {written[n]}")
     print(f"predicted {n_slices} slices in {time.perf_counter() - t0:.1f} s ({norm.kind})")
