@@ -461,3 +461,48 @@ def test_sample_data_and_demo_checkpoint(make_napari_viewer, tiny_checkpoint, mo
     from napari_apl.widgets import find_apl_widget
 
     assert find_apl_widget(viewer) == widget
+
+
+def test_live_overlays_are_made_in_the_worker_with_corrections_on_top() -> None:
+    """_live_overlays: throttled, labels() only called when due, corrections on top, layer order, close()."""
+    from napari_apl.core.refine import RefineEvent, RefineResult
+    from napari_apl.widgets._controller import _live_overlays, _LiveOverlay
+
+    shape = (6, 5, 4)  # canonical (X, Y, Z)
+    calls: list[int] = []
+    closed: list[bool] = []
+
+    def labels_of(i: int):
+        def make() -> np.ndarray:
+            calls.append(i)
+            return np.full(shape, i % 5, np.uint8, order="F")
+
+        return make
+
+    def events():
+        try:
+            for i in range(1, 5):
+                yield RefineEvent(i, 4, {"con": 1.0}, 0.5, 0.1, 0.0, labels=labels_of(i))
+            return RefineResult(model=None, pseudo=np.zeros(shape, np.uint8), iterations_done=4)
+        finally:
+            closed.append(True)
+
+    corrections = np.full(shape, -1, np.int16)
+    corrections[1, 2, 3] = 4
+    out = list(_live_overlays(events(), corrections, every_s=0.0))
+    assert all(isinstance(o, _LiveOverlay) for o in out) and calls == [1, 2, 3, 4]
+    last = out[-1]
+    assert last.data.shape == shape[::-1] and last.data.flags.c_contiguous
+    assert last.data[3, 2, 1] == 4 and last.data[0, 0, 0] == 4 % 5
+    np.testing.assert_array_equal(last.written, last.data)
+    assert last.written is not last.data
+    # throttled: only the first event within the interval gets an overlay; labels() is not called for the rest
+    calls.clear()
+    throttled = list(_live_overlays(events(), None, every_s=3600.0))
+    assert [isinstance(o, _LiveOverlay) for o in throttled] == [True, False, False, False] and calls == [1]
+    # closing the wrapper closes the refinement generator (its finally blocks run)
+    closed.clear()
+    gen = _live_overlays(events(), None, every_s=0.0)
+    next(gen)
+    gen.close()
+    assert closed == [True]
