@@ -344,44 +344,24 @@ def main(argv=None) -> int:
     results["targets"] = {}
     ts = data / "totalseg"
     for t in targets:
-        if t == "ct":
-            vol = load_volume(ts / "ct_sm.nii.gz")
-            gt = np.asarray(load_volume(ts / "ct_sm_labels.nii.gz").data).round().astype(np.int16)
-            results["targets"]["ct"] = run_target(
-                "ct_sm",
-                full_ck,
-                vol,
-                gt,
-                get_preset("ct-abdomen"),
-                methods,
-                seeds,
-                iterations,
-                args.cached_only,
-            )
-        elif t == "mr":
-            vol = load_volume(ts / "mr_sm.nii.gz")
-            gt = np.asarray(load_volume(ts / "mr_sm_labels.nii.gz").data).round().astype(np.int16)
-            results["targets"]["mr"] = run_target(
-                "mr_sm", full_ck, vol, gt, None, methods, seeds, iterations, args.cached_only
-            )
-        elif t == "phantom":
+        if t in ("ct", "mr"):  # real scans, the CHAOS source model
+            name = f"{t}_sm"
+            vol = load_volume(ts / f"{name}.nii.gz")
+            gt = np.asarray(load_volume(ts / f"{name}_labels.nii.gz").data).round().astype(np.int16)
+            model_path, norm = full_ck, (get_preset("ct-abdomen") if t == "ct" else None)
+        elif t == "phantom":  # the synthetic pair, the demo model
             from napari_apl.core.phantom import make_phantom
 
-            demo = REPO / "resources" / "demo_unet_dual.pt"
+            name, model_path = f"ct_phantom{PHANTOM_SEED}", REPO / "resources" / "demo_unet_dual.pt"
             image, labels, affine = make_phantom("ct", PHANTOM_SEED)
             vol = volume_from_array(image, affine)
             gt = volume_from_array(labels, affine).data.astype(np.int16)
-            results["targets"]["phantom"] = run_target(
-                f"ct_phantom{PHANTOM_SEED}",
-                demo,
-                vol,
-                gt,
-                get_preset("ct-abdomen"),
-                methods,
-                seeds,
-                iterations,
-                args.cached_only,
-            )
+            norm = get_preset("ct-abdomen")
+        else:
+            continue
+        results["targets"][t] = run_target(
+            name, model_path, vol, gt, norm, methods, seeds, iterations, args.cached_only
+        )
         finish(results, full_ck, t_start, args.quick)  # partial results survive an interrupted run
     return 0
 

@@ -24,7 +24,7 @@ import io
 import threading
 import uuid
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .checkpoint import CheckpointMeta
 from .models import DualHeadNet
-from .preprocess import FittedNormalization, Normalization
+from .preprocess import FittedNormalization, Normalization, constant_volume_error
 from .utils import resolve_device, run_generator
 from .volume import SliceGrid, Volume
 
@@ -114,26 +114,24 @@ class PreparedVolume:
     grid: SliceGrid
     fitted: FittedNormalization
     check_range: bool = False
+    _range: tuple[float, float] | None = field(default=None, init=False, repr=False)
+    _range_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _lut: tuple[np.dtype, np.ndarray, int] | None = field(default=None, init=False, repr=False)
 
     def _see(self, arr: np.ndarray) -> None:
-        """Widen the running voxel range with the raw slices ``arr``."""
+        """Widen the running voxel range with the raw slices ``arr`` (batches may come from two threads)."""
         if not arr.size:
             return
         lo, hi = float(arr.min()), float(arr.max())
-        with self.__dict__.setdefault("_range_lock", threading.Lock()):
-            old = self.__dict__.get("_range")
-            self.__dict__["_range"] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+        with self._range_lock:
+            old = self._range
+            self._range = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
 
     def check_not_constant(self) -> None:
         """Raise ``VolumeError`` when every voxel seen so far has the same value (deferred fit check)."""
-        seen = self.__dict__.get("_range")
+        seen = self._range
         if self.check_range and seen is not None and seen[1] <= seen[0]:
-            from .errors import VolumeError
-
-            raise VolumeError(
-                f"the volume is constant (every voxel is {seen[0]:g}): there is nothing to normalise "
-                f"with {self.fitted.kind}, check that the right image was loaded"
-            )
+            raise constant_volume_error(seen[0], self.fitted.kind)
 
     def raw(self, indices: Sequence[int]) -> np.ndarray:
         """Return the voxels of slices ``indices`` as an ``(n, X, Y)`` array (dask slices computed)."""
@@ -150,12 +148,12 @@ class PreparedVolume:
     def _normalise(self, arr: np.ndarray) -> np.ndarray:
         """Normalised float32 voxels; 8/16-bit integers through a lookup table of the same function."""
         if arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2 and arr.size > 1 << 16:
-            lut = self.__dict__.get("_lut")
+            lut = self._lut
             if lut is None or lut[0] != arr.dtype:
                 info = np.iinfo(arr.dtype)
                 values = np.arange(info.min, info.max + 1, dtype=np.int64).astype(arr.dtype)
                 lut = (arr.dtype, np.asarray(self.fitted(values), dtype=np.float32), int(info.min))
-                self.__dict__["_lut"] = lut
+                self._lut = lut
             index = arr.astype(np.int32) - lut[2] if lut[2] else arr
             return np.take(lut[1], index)
         return self.fitted(arr).astype(np.float32, copy=False)

@@ -76,6 +76,14 @@ def _sample(data: Any, max_voxels: int) -> np.ndarray:
     return np.asarray(data)
 
 
+def constant_volume_error(value: float, kind: str) -> VolumeError:
+    """The one-line error for a volume whose voxels all equal ``value`` (nothing to normalise)."""
+    return VolumeError(
+        f"the volume is constant (every voxel is {value:g}): there is nothing to normalise with "
+        f"{kind}, check that the right image was loaded"
+    )
+
+
 @dataclass(frozen=True)
 class FittedNormalization:
     """A normalisation fitted to one volume: ``(x - shift) / scale``, clipped to [0, 1] when ``clip``."""
@@ -172,10 +180,7 @@ class Normalization:
             sample = sample.astype(np.uint8)
         vmin, vmax = float(sample.min()), float(sample.max())
         if vmax <= vmin:
-            raise VolumeError(
-                f"the volume is constant (every voxel is {vmin:g}): there is nothing to normalise with "
-                f"{self.kind}, check that the right image was loaded"
-            )
+            raise constant_volume_error(vmin, self.kind)
         if self.kind == "ct_window":
             return window
         if self.kind == "percentile":

@@ -457,15 +457,14 @@ class APLController:
         self.image_layer, self.geometry, self.prediction = image_layer, geometry, pred
         self._attach_autosaver(image_layer)
         base = {"image": image_layer.name}
-        self._put_labels(LAYER_MAIN, pred.main, "main", visible=False, **base)
-        self._put_labels(LAYER_AUX, pred.aux, "auxiliary", visible=False, **base)
-        self._put_image(
-            LAYER_CONFIDENCE, pred.confidence, "confidence", colormap="viridis", visible=False, **base
-        )
-        self._put_image(
-            LAYER_CONSISTENCY, pred.consistency, "consistency", colormap="inferno", visible=False, **base
-        )
-        self._write_pseudo(pred.pseudo, role_extra=base)
+        maps = pred.as_dict()
+        for name, key, role, cmap, kind in _LAYERS:
+            if key == "pseudo_label":  # the user's corrections go on top of it
+                self._write_pseudo(pred.pseudo, role_extra=base)
+            elif kind is Labels:
+                self._put_labels(name, maps[key], role, visible=False, **base)
+            else:
+                self._put_image(name, maps[key], role, colormap=cmap, visible=False, **base)
         self.predicted.emit()
 
     def _layer_kwargs(self, role: str, extra: dict[str, Any]) -> dict[str, Any]:
