@@ -269,3 +269,63 @@ def test_labels_from_the_students_own_forward_change_nothing(setup, monkeypatch,
         assert torch.equal(fast.model.state_dict()[key], value), key
     assert np.array_equal(fast.pseudo, slow.pseudo)
     assert [h.get("con") for h in fast.history] == [h.get("con") for h in slow.history]
+
+
+@pytest.mark.parametrize("collapse", [False, True])
+def test_spread_guard_returns_the_same_model(setup, collapse):
+    """Spreading the guard's prediction over iterations changes when its verdict comes, not the model."""
+    model, meta, vol = setup
+    corr = np.zeros(vol.data.shape, np.int16) if collapse else None  # all "corrected" to background
+    kw = dict(method="threshold", lr=1e-2, teacher_decay=0.0) if collapse else dict(lr=1e-3)
+    runs = {}
+    for spread in (False, True):
+        cfg = _cfg(iterations=15, guard_every=4, guard_spread=spread, **kw)
+        runs[spread] = run_generator(refine(model, meta, vol, cfg, corrections=corr))
+    a, b = runs[False], runs[True]
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    assert np.array_equal(a.pseudo, b.pseudo)
+    if collapse:  # both stopped on a collapse and went back to the same checked state
+        assert a.stopped and b.stopped and _organ_voxels(b.model, meta, vol) > 0
+        assert b.iterations_done >= a.iterations_done
+        assert a.notes[0].split(":")[1] == b.notes[0].split(":")[1]  # "restored iteration N and stopped"
+    else:
+        assert not a.stopped and not b.stopped and a.iterations_done == b.iterations_done == 15
+
+
+@pytest.mark.parametrize(("teacher_bf16", "decay"), [(True, 0.99), (False, 0.99), (True, 0.0)])
+def test_teacher_bf16_runs_only_the_teachers_forwards_in_bf16(setup, teacher_bf16, decay):
+    """teacher_bf16 puts the no-grad teacher forwards under bf16 autocast; the student stays float32."""
+    model, meta, vol = setup
+    net = build_model("unet-dual", num_classes=5, base=8)
+    net.load_state_dict(model.state_dict())
+    seen: list[tuple[bool, torch.dtype]] = []
+    conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    # deepcopy carries the hook to the student, the teacher and the guard's frozen copy
+    conv.register_forward_hook(
+        lambda _m, _i, out: seen.append((torch.is_inference_mode_enabled(), out.dtype))
+    )
+    cfg = _cfg(iterations=4, guard_every=2, teacher_bf16=teacher_bf16, teacher_decay=decay, bn="adapt")
+    res = run_generator(refine(net, meta, vol, cfg))
+    assert res.iterations_done >= 2  # at least one guard check ran (the untrained student may collapse)
+    inference = {d for inf, d in seen if inf}
+    training = {d for inf, d in seen if not inf}
+    assert inference and training == {torch.float32}
+    assert inference == ({torch.bfloat16} if teacher_bf16 and decay > 0 else {torch.float32})
+
+
+def test_to_volume_gathers_the_float_nearest_resampling(setup):
+    """The uint8 gather of the live overlay equals resampling the labels as floats (ties included)."""
+    from napari_apl.core.infer import prepare
+    from napari_apl.core.refine import _to_volume
+
+    model, meta, _ = setup
+    # 97 voxels from 128 model-grid pixels puts an output pixel centre exactly on a tie (48.5 * 128 / 97)
+    image, _labels, affine = make_phantom("ct", seed=1, shape=(97, 300, 8), spacing=(3.3, 0.8, 2.0))
+    meta160 = CheckpointMeta(**{**meta.__dict__, "input_size": (160, 160), "spacing": (2.5, 2.5)})
+    prep = prepare(volume_from_array(image, affine), meta160, model)
+    low = torch.randint(0, 5, (8, *prep.grid.padded_shape), generator=torch.Generator().manual_seed(0))
+    want = prep.grid.inverse(low.unsqueeze(1).float(), mode="nearest")[:, 0].round().to(torch.uint8)
+    got = _to_volume(prep, low.to(torch.uint8))
+    assert got.shape == image.shape and got.flags.f_contiguous
+    assert np.array_equal(got, want.permute(1, 2, 0).numpy())

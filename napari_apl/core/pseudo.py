@@ -104,10 +104,14 @@ def disagreement(
     p_main: torch.Tensor, p_aux: torch.Tensor, weight: WeightMode | torch.Tensor = "uniform"
 ) -> torch.Tensor:
     """Return the per-pixel off-diagonal mass of R: how much the two heads disagree."""
-    w = weight_matrix(p_main, p_aux, weight)
-    total = torch.einsum("nc...,cd,nd...->n...", p_main, w, p_aux)
-    diag = torch.einsum("nc...,c,nc...->n...", p_main, torch.diagonal(w), p_aux)
-    return total - diag
+    if isinstance(weight, str) and weight == "uniform":  # W = 1: Σ_{d≠c} p_a[d] is the sum minus p_a[c]
+        mixed = p_aux.sum(dim=1, keepdim=True) - p_aux
+    else:
+        w = weight_matrix(p_main, p_aux, weight)
+        off = w - torch.diag_embed(torch.diagonal(w))  # W without its diagonal
+        # Σ_d W'[c, d] p_a[d] for every c: one (pixels x C) @ (C x C) product
+        mixed = torch.matmul(p_aux.movedim(1, -1), off.t()).movedim(-1, 1)
+    return (p_main * mixed).sum(dim=1)
 
 
 def consistency_map(p_main: torch.Tensor, p_aux: torch.Tensor) -> torch.Tensor:

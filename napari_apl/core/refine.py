@@ -43,15 +43,18 @@ note and ``benchmarks/results/mri_to_ct.md``):
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import threading
 import time
 from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import pseudo
 from .checkpoint import CheckpointMeta
@@ -88,6 +91,14 @@ class RefineConfig:
     ``adapt`` (statistics re-estimated once on the whole target volume, AdaBN, then frozen)."""
     teacher_decay: float = 0.99
     """EMA decay of a teacher copy that makes the pseudo labels; 0 disables the teacher."""
+    channels_last: bool = True
+    """Keep the student's and the teacher's weights channels-last: oneDNN (CPU) and cuDNN run this
+    model's convolutions faster so (measured: a training step 557 -> 427 ms, a forward 215 -> 152 ms,
+    unet-dual base 16, 8 slices of 160 px, 2 CPU threads). The returned model is contiguous again."""
+    teacher_bf16: bool | None = None
+    """Run the teacher's no-grad forwards (pseudo labels, guard checks) under bf16 autocast; the
+    student trains in float32 unless ``amp``. ``None`` = where bf16 is native: CUDA with ``amp``, or
+    a CPU whose oneDNN has bf16 kernels (AVX512-BF16 / AMX), where it is ~1.6x faster."""
     ensemble_decay: float = 0.7
     """Weight of the past in the per-slice ensemble of merged predictions (step 5 of Algorithm 1)."""
     class_balance: bool = True
@@ -113,6 +124,11 @@ class RefineConfig:
     collapse_guard: float = 0.3
     """An organ whose pseudo-label volume falls below this fraction of its start is a collapse."""
     guard_every: int = 20
+    guard_spread: bool = False
+    """Check the weights of every ``guard_every``-th iteration a few guard slices per iteration over
+    the following iterations (on a frozen copy) instead of all at once: the verdict comes a few
+    iterations later and the returned model is the same, but no single iteration carries the guard's
+    whole prediction (the viewer turns this on so its live overlay keeps refreshing)."""
     guard_min_pixels: int = 100
     """Organs the start model predicts on fewer model-grid pixels than this are not guarded one by one."""
     emit_every: int = 0
@@ -272,6 +288,29 @@ def _adapt_bn(model: torch.nn.Module, xs: torch.Tensor, dev: torch.device, batch
     model.eval()
 
 
+def _teacher_bf16(setting: bool | None, dev: torch.device) -> bool:
+    """Whether the teacher's forwards run under bf16 autocast (``None``: where bf16 is native)."""
+    if setting is not None:
+        return bool(setting)
+    if dev.type == "cpu":
+        return _cpu_has_native_bf16()
+    return False  # CUDA: the teacher follows ``amp`` like everything else
+
+
+@functools.cache
+def _cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX) and oneDNN uses it.
+
+    oneDNN also runs bf16 on plain AVX-512 by emulation, slower than float32: that does not count.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: keep float32
+        return False
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    return native and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def _organ_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Return voxel counts per class of a label tensor."""
     return torch.bincount(labels.reshape(-1).long(), minlength=num_classes)[:num_classes]
@@ -279,11 +318,21 @@ def _organ_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def _finite(model: torch.nn.Module) -> bool:
     """Whether every parameter and buffer of ``model`` is finite."""
-    return all(
-        torch.isfinite(t).all()
-        for t in list(model.parameters()) + list(model.buffers())
-        if t.is_floating_point()
-    )
+    tensors = [t.detach() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if not tensors:
+        return True
+    # the largest |value| of each tensor in one fused pass: inf where any is inf, nan where any is nan
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, ord=math.inf))).all())
+
+
+@dataclass
+class _GuardCheck:
+    """A collapse check under way: the weights of one iteration and the guard slices' counts so far."""
+
+    iteration: int
+    state: dict[str, Any]
+    counts: torch.Tensor
+    done: int = 0
 
 
 class _Ensemble:
@@ -359,13 +408,24 @@ def _to_volume(prep: PreparedVolume, labels_zhw: torch.Tensor) -> np.ndarray:
     The result is Fortran-ordered (each axial slice contiguous), so napari's ``(Z, Y, X)`` layer order
     is a view of it and a copy in that order is a plain memory copy.
     """
-    out = np.zeros(tuple(prep.volume.data.shape), np.uint8, order="F")
-    z = labels_zhw.shape[0]
-    for start in range(0, z, 32):
-        chunk = labels_zhw[start : start + 32].unsqueeze(1).float()
-        back = prep.grid.inverse(chunk, mode="nearest")[:, 0].round().to(torch.uint8)  # (n, X, Y)
-        out.T[start : start + 32] = back.transpose(1, 2).contiguous().numpy()  # (n, Y, X) slices
+    out = np.empty(tuple(prep.volume.data.shape), np.uint8, order="F")
+    grid = prep.grid
+    (bx, by), (rx, ry), (nx, ny) = grid.pad_before, grid.resampled_shape, grid.in_shape
+    xi, yi = _nearest_index(rx, nx) + bx, _nearest_index(ry, ny) + by
+    low = labels_zhw.to(torch.uint8).transpose(1, 2)  # (Z, W, H): gathered straight into (n, Y, X)
+    for start in range(0, low.shape[0], 32):  # a uint8 gather: out[x, y, z] = labels[z, xi[x], yi[y]]
+        out.T[start : start + 32] = low[start : start + 32].index_select(1, yi).index_select(2, xi).numpy()
     return out
+
+
+def _nearest_index(n_in: int, n_out: int) -> torch.Tensor:
+    """Source index of each output pixel of nearest-neighbour resampling ``n_in -> n_out``.
+
+    Computed by the same float32 kernel (``nearest-exact`` on a 2-D image) that resampling float label
+    maps uses, so that ties at pixel centres fall the same way.
+    """
+    src = torch.arange(n_in, dtype=torch.float32).view(1, 1, n_in, 1)
+    return F.interpolate(src, size=(n_out, 1), mode="nearest-exact").view(n_out).long()
 
 
 # --- the loop -----------------------------------------------------------------------------------------
@@ -394,6 +454,8 @@ def refine(
 
     start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     student = copy.deepcopy(model).to(dev)
+    if cfg.channels_last:
+        student.to(memory_format=torch.channels_last)
     prep = prepare(volume, meta, student, norm)
     n_slices = int(volume.data.shape[2])
     num_classes = len(meta.class_names)
@@ -414,13 +476,16 @@ def refine(
 
     ensemble = _Ensemble(n_slices, num_classes, hw, cfg.ensemble_decay)
 
+    # With a teacher, every no-grad prediction here is the teacher's (or a frozen copy of it).
+    low = use_amp or (teacher is not None and _teacher_bf16(cfg.teacher_bf16, dev))
+
     def predict_probs(net: DualHeadNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return both heads' probabilities for the slices ``x`` on the model grid (inference mode)."""
         was = net.training
         net.eval()
         with (
             torch.inference_mode(),
-            torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp),
+            torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=low),
         ):
             m, a = net(x.to(dev))
         if was:  # back to training with the configured batch-norm handling (train() alone would undo it)
@@ -449,11 +514,12 @@ def refine(
     guard_idx = [fg_slices[int(i)] for i in np.linspace(0, len(fg_slices) - 1, min(64, len(fg_slices)))]
     guard_idx = sorted(set(guard_idx))
 
-    def guard_counts(net: DualHeadNet) -> torch.Tensor:
-        """Voxel count per class of ``net``'s merged prediction on the guard slices."""
+    def guard_counts(net: DualHeadNet, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """Voxel count per class of ``net``'s merged prediction on the guard slices ``lo:hi``."""
+        part = guard_idx[lo:hi]
         counts = torch.zeros(num_classes, dtype=torch.long)
-        for s in range(0, len(guard_idx), 16):
-            pm, pa = predict_probs(net, xs[guard_idx[s : s + 16]])
+        for s in range(0, len(part), 16):
+            pm, pa = predict_probs(net, xs[part[s : s + 16]])
             counts += _organ_counts(pseudo.class_argmax(pseudo.merge(pm, pa)).cpu(), num_classes)
         return counts
 
@@ -461,17 +527,46 @@ def refine(
     start_organs = [c for c in range(1, num_classes) if start_counts[c] >= cfg.guard_min_pixels]
     start_fg = int(start_counts[1:].sum())
 
-    def collapsed_organs(net: DualHeadNet) -> list[int]:
+    def collapsed_in(counts: torch.Tensor) -> list[int]:
         """Organs whose predicted area fell below ``collapse_guard`` of the start's (0 = all foreground).
 
         Organs the start model barely finds (fewer than ``guard_min_pixels``) are too noisy to guard one
         by one; the foreground as a whole always is, so an all-background model is always caught.
         """
-        counts = guard_counts(net)
         out = [c for c in start_organs if counts[c] < cfg.collapse_guard * start_counts[c]]
         if start_fg > 0 and int(counts[1:].sum()) < cfg.collapse_guard * start_fg:
             out.append(0)
         return out
+
+    def collapsed_organs(net: DualHeadNet) -> list[int]:
+        """``collapsed_in`` of ``net``'s prediction on all guard slices."""
+        return collapsed_in(guard_counts(net))
+
+    # A check under way (``guard_spread``): the weights of one iteration in a frozen copy, and the
+    # counts of the guard slices predicted so far. Without spreading it is done in its own iteration.
+    guard_key = "teacher" if teacher is not None else "student"
+    guard_net: DualHeadNet | None = None
+    check: _GuardCheck | None = None
+    per_iteration = (
+        max(1, math.ceil(len(guard_idx) / cfg.guard_every)) if cfg.guard_spread else len(guard_idx)
+    )
+
+    def begin_check(at: int) -> _GuardCheck:
+        """Freeze the weights of iteration ``at`` for a collapse check and predict its first slices."""
+        nonlocal guard_net
+        state = snapshot()
+        if guard_net is None:
+            guard_net = copy.deepcopy(teacher if teacher is not None else student).eval()
+        guard_net.load_state_dict(state[guard_key])
+        chk = _GuardCheck(at, state, torch.zeros(num_classes, dtype=torch.long))
+        advance(chk, per_iteration)
+        return chk
+
+    def advance(chk: _GuardCheck, n: int) -> None:
+        """Predict the next ``n`` guard slices of a check with its frozen weights."""
+        hi = min(len(guard_idx), chk.done + n)
+        chk.counts += guard_counts(guard_net, chk.done, hi)
+        chk.done = hi
 
     enc_params = list(student.encoder_parameters())
     cls_params = list(student.classifier_parameters())
@@ -632,24 +727,36 @@ def refine(
         if teacher is not None:
             _ema_update(teacher, student, cfg.teacher_decay)
 
-        # guard: finite weights, and no organ collapsing to background in the returned model
+        # guard: finite weights, and no organ collapsing to background in the returned model (the
+        # weights of every guard_every-th iteration are checked, in that iteration or spread over the
+        # next ones; the last iteration's are checked once after the loop)
         note = ""
         if not all(math.isfinite(v) for v in losses.values()) or not _finite(student):
             restore(good_state)
             note = f"non-finite loss at iteration {it}: restored iteration {good_iter} and stopped"
             notes.append(note)
             stopped = True
-        elif it % cfg.guard_every == 0 or it == cfg.iterations:
-            collapsed = collapsed_organs(teacher if teacher is not None else student)
-            if collapsed:
-                restore(good_state)
-                names = ", ".join(meta.class_names[c] if c else "all organs" for c in collapsed)
-                note = f"{names} collapsing at iteration {it}: restored iteration {good_iter} and stopped"
-                notes.append(note)
-                stopped = True
-            else:
-                good_state = snapshot()
-                good_iter = it
+        else:
+            due = it % cfg.guard_every == 0 and it < cfg.iterations
+            if check is not None:  # a check started earlier: go on (finish it when a new one is due)
+                advance(check, len(guard_idx) if due else per_iteration)
+            elif due:
+                check, due = begin_check(it), False
+            while check is not None and check.done == len(guard_idx):
+                collapsed = collapsed_in(check.counts)
+                if collapsed:
+                    restore(good_state)
+                    names = ", ".join(meta.class_names[c] if c else "all organs" for c in collapsed)
+                    note = (
+                        f"{names} collapsing at iteration {check.iteration}: "
+                        f"restored iteration {good_iter} and stopped"
+                    )
+                    notes.append(note)
+                    stopped = True
+                    check = None
+                else:
+                    good_state, good_iter = check.state, check.iteration
+                    check, due = (begin_check(it), False) if due else (None, False)
 
         record = {
             "iteration": it,
@@ -679,6 +786,10 @@ def refine(
     # Final check on the model actually returned: never hand back a broken or collapsed model.
     rebuilt = False
     if not _finite(final) or collapsed_organs(final):
+        if check is not None:  # a check still under way may vouch for later weights than good_state
+            advance(check, len(guard_idx))
+            if not collapsed_in(check.counts):
+                good_state, good_iter = check.state, check.iteration
         restore(good_state)
         rebuilt = True
         if not _finite(final) or collapsed_organs(final):
@@ -694,7 +805,7 @@ def refine(
             idx = list(range(s, min(s + 16, n_slices)))
             pm, pa = predict_probs(final, xs[idx])
             ensemble.update(idx, pseudo.merge(pm, pa))
-    final = final.to("cpu").eval()
+    final = final.to("cpu", memory_format=torch.contiguous_format).eval()
     for p in final.parameters():
         p.requires_grad_(True)
     labels = ensemble.labels()
