@@ -20,6 +20,7 @@ from napari_apl.widgets._controller import (
     LAYER_MAIN,
     LAYER_PSEUDO,
     PREDICTION_LAYERS,
+    _slices_differ,
 )
 
 pytestmark = pytest.mark.viewer
@@ -506,3 +507,14 @@ def test_live_overlays_are_made_in_the_worker_with_corrections_on_top() -> None:
     next(gen)
     gen.close()
     assert closed == [True]
+
+
+@pytest.mark.parametrize("where", [None, (0, 0, 0), (3, 4, 7), (9, 1, 10)])
+def test_slices_differ_finds_any_changed_voxel(where):
+    """The chunked comparison the Refine click runs sees a change in any slice, the last partial chunk too."""
+    a = np.asfortranarray(np.random.default_rng(0).integers(0, 5, (10, 6, 11), dtype=np.uint8))
+    b = a.copy(order="F")
+    if where is not None:
+        b[where] = (b[where] + 1) % 5
+    layer_view = np.ascontiguousarray(b.transpose(2, 1, 0)).transpose(2, 1, 0)  # as the layer holds it
+    assert _slices_differ(layer_view, a, chunk=4) is (where is not None)
