@@ -2,7 +2,8 @@
 
 APL iteration = one step of ``core.refine.refine`` (the real loop, default APL recipe), timed between
 its yields. Plain step = forward + cross-entropy on both heads + backward + one Adam step over every
-parameter, same model, same batch size, same batch-norm handling (frozen, as the recipe). Rounds
+parameter, same model, same batch size, same batch-norm handling (frozen, as the recipe), same memory
+format (channels-last, as the refinement keeps its weights). Rounds
 alternate the two (and the EMA teacher's no-grad forward alone, the part of an APL iteration that sets
 the floor of the ratio for the default recipe); the figure is the median of the per-round ratios. A
 component breakdown (teacher forward, student forward + backward, one pass of the two heads) is
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from napari_apl.core.infer import prepare
     from napari_apl.core.phantom import make_phantom
-    from napari_apl.core.refine import RefineConfig, refine
+    from napari_apl.core.refine import RefineConfig, _teacher_bf16, refine
     from napari_apl.core.volume import volume_from_array
 
     rep = c.Report("refine_overhead", "Goal 2: APL iteration vs plain supervised training step")
@@ -63,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     next(gen)  # setup + first iteration
     setup_s = time.perf_counter() - t0
+    teacher_low = _teacher_bf16(cfg.teacher_bf16, torch.device("cpu"))
+    # the same recipe with the teacher's forward in float32 (what the default is where bf16 is not native)
+    gen_fp32 = refine(model, meta, volume, replace(cfg, teacher_bf16=False))
+    next(gen_fp32)
     # the paper's Algorithm 1 as written: no EMA teacher, the student labels its own batch (this
     # untrained model collapses without a teacher, so its guard is off: the loop must keep stepping)
     gen_own = refine(model, meta, volume, replace(cfg, teacher_decay=0.0, guard_every=10**9))
@@ -71,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     prep = prepare(volume, meta, model)
     xs = torch.cat([prep.batch(range(s, min(s + 16, args.slices))) for s in range(0, args.slices, 16)])
     hw = tuple(xs.shape[-2:])
-    plain_model = copy.deepcopy(model)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format  # as the refinement runs
+    plain_model = copy.deepcopy(model).to(memory_format=fmt)
     _frozen_train(plain_model)
     opt = torch.optim.Adam(plain_model.parameters(), lr=cfg.lr)
     g = torch.Generator().manual_seed(0)
@@ -95,23 +101,28 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.steps):
             next(gen)
 
+    def apl_fp32_steps() -> None:
+        for _ in range(args.steps):
+            next(gen_fp32)
+
     def apl_own_steps() -> None:
         for _ in range(args.steps):
             next(gen_own)
 
-    teacher = copy.deepcopy(model).eval()
+    teacher = copy.deepcopy(model).to(memory_format=fmt).eval()
 
     def teacher_forwards() -> None:
         """The EMA teacher's part of an APL iteration alone: one forward in inference mode."""
         for _ in range(args.steps):
             x, _ = batch()
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=teacher_low):
                 teacher(x)
 
     times = c.interleaved(
         {
             "plain": plain_steps,
             "apl": apl_steps,
+            "apl_fp32_teacher": apl_fp32_steps,
             "apl_own": apl_own_steps,
             "teacher_forward": teacher_forwards,
         },
@@ -134,6 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         else "no guard or k_c iteration in the timed ones",
     )
     rep.add(
+        "APL iteration with the teacher's forward in float32 / plain step",
+        c.paired_ratio(per["apl_fp32_teacher"], per["plain"]),
+        "x",
+        goal=GOAL,
+        note="teacher_bf16=False: the default where the CPU has no native bf16"
+        + ("" if teacher_low else " (this machine)"),
+    )
+    rep.add(
         "APL iteration without the EMA teacher (teacher_decay=0) / plain step",
         c.paired_ratio(per["apl_own"], per["plain"]),
         "x",
@@ -142,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "(collapse guard off)",
     )
     rep.add(
-        "EMA teacher's no-grad forward / plain step (paired)",
+        f"EMA teacher's no-grad forward ({'bf16' if teacher_low else 'float32'}) / plain step (paired)",
         c.paired_ratio(per["teacher_forward"], per["plain"]),
         "x",
         note="part of every iteration of the default recipe (teacher_decay=0.99): the floor is 1 + this",
@@ -150,12 +169,16 @@ def main(argv: list[str] | None = None) -> int:
 
     # component costs on one batch, for the breakdown
     x, _ = batch()
-    student = copy.deepcopy(model)
+    student = copy.deepcopy(model).to(memory_format=fmt)
     _frozen_train(student)
     feats = tuple(f.detach() for f in student.features(x))
 
     def teacher_forward() -> None:
         with torch.inference_mode():
+            teacher(x)
+
+    def teacher_forward_bf16() -> None:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             teacher(x)
 
     def student_forward_backward() -> None:
@@ -169,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = c.interleaved(
         {
             "teacher_forward_no_grad": teacher_forward,
+            "teacher_forward_no_grad_bf16_autocast": teacher_forward_bf16,
             "student_forward_backward": student_forward_backward,
             "heads_forward": heads_forward,
         },
@@ -182,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             k: v for k, v in cfg.to_dict().items() if k in ("method", "batch_size", "bn", "teacher_decay")
         },
         "torch_threads": torch.get_num_threads(),
+        "memory_format": "channels_last" if cfg.channels_last else "contiguous",
+        "teacher_precision": "bf16 autocast (native bf16 on this CPU)" if teacher_low else "float32",
         "refine_setup_plus_first_iteration_s": round(setup_s, 2),
         "per_step_s": per,
         "components_ms": components,
@@ -189,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     rep.note(
         "one APL iteration (core.refine.refine) runs: sample the batch from the ensemble's per-slice "
         "organ flags (kept up to date for each batch's slices, no scan of the volume); the EMA "
-        "teacher's forward in inference mode (pseudo labels); the student's encoder forward once, with "
+        "teacher's forward in inference mode (pseudo labels; under bf16 autocast where the CPU computes bf16 "
+        "natively, RefineConfig.teacher_bf16); the student's encoder forward once, with "
         "gradient; both heads on the detached features -> L_Con -> classifier step; the ensemble update "
         "of the batch's slices (labels and flags of those slices only); ω and the class-normalised "
         "target; both heads again on the attached features (the classifiers have changed, the encoder "

@@ -36,6 +36,11 @@ note and ``benchmarks/results/mri_to_ct.md``):
   grew; normalising each class by its median confidence (CBST's rule, which is what makes the CBST
   row strong) gave CT 36.0 -> 48.2 with every organ up (one run), and left the phantoms unchanged
   (there the demo model is confident in every class, so k_c ~ 1).
+* the EMA teacher (``teacher_decay=0.99``): without it (the paper's Algorithm 1, the student labels
+  its own batch) APL gave phantom 30.7 and mr_sm 30.6 against 57.5 and 44.5 with it, and on the CT
+  49.9 but with the liver down 6.4 points (one run each).
+* ``teacher_bf16`` (auto): the teacher's forwards in bf16 on a CPU with native bf16 gave the same
+  Dice within 0.2 on all three targets and cut its cost from 0.30 to 0.17 of a training step.
 * the collapse guard checks the returned model's own prediction every ``guard_every`` iterations
   and once more at the end; it restores the last checked state, or the start model.
 """
