@@ -130,7 +130,16 @@ def run_refine(model, meta, volume, device, amp, iterations: int, batch: int):
     """Per-iteration seconds, final pseudo labels and history of an APL refinement on ``device``."""
     from napari_apl.core.refine import RefineConfig, refine
 
-    cfg = RefineConfig(iterations=iterations, batch_size=batch, device=str(device), amp=amp, seed=0)
+    on = amp not in (False, None, "off")  # RefineConfig.amp is a bool: bf16 autocast or float32
+    # the CPU run is the float32 reference (no bf16 teacher); on the GPU the teacher follows amp
+    cfg = RefineConfig(
+        iterations=iterations,
+        batch_size=batch,
+        device=str(device),
+        amp=on,
+        teacher_bf16=None if torch.device(device).type == "cuda" else False,
+        seed=0,
+    )
     gen = refine(model, meta, volume, cfg)
     stamps = []
     try:

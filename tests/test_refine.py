@@ -145,7 +145,14 @@ def test_corrections_become_hard_targets(setup):
 
 def test_bad_config_is_one_line_error(setup):
     model, meta, vol = setup
-    for bad in (dict(method="nope"), dict(lr=-1.0), dict(batch_size=0), dict(weight="x")):
+    for bad in (
+        dict(method="nope"),
+        dict(lr=-1.0),
+        dict(batch_size=0),
+        dict(weight="x"),
+        dict(amp="off"),
+        dict(teacher_bf16="auto"),
+    ):
         with pytest.raises(ValueError) as err:
             run_generator(refine(model, meta, vol, _cfg(**bad)))
         assert "\n" not in str(err.value)

@@ -155,6 +155,10 @@ class RefineConfig:
             raise APLError(f"unknown weight '{self.weight}': choose uniform or confusion")
         if self.bn not in BN_MODES:
             raise APLError(f"unknown batch-norm mode '{self.bn}': choose one of {', '.join(BN_MODES)}")
+        for name in ("amp", "teacher_bf16"):  # a string such as "off" would read as true
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise APLError(f"{name} must be true, false or unset (auto), got {value!r}")
         if not 0 <= self.teacher_decay < 1 or not 0 <= self.ensemble_decay < 1:
             raise APLError("teacher and ensemble decays must be in [0, 1)")
         return self
