@@ -2,8 +2,10 @@
 
 Pipeline = ``napari-apl predict`` run in this process on a synthetic int16 CT (.nii.gz): load,
 normalise, resample, both heads, ω and consistency maps, inverse resample, write the five NIfTI maps.
-Bare = ``model(x)`` over the same slices, already on the model grid, at the same batch size, with the
-same threads. Rounds alternate pipeline and bare; the figure is the median of the per-round ratios.
+Bare = ``model(x)`` over the same slices, already on the model grid, at the same batch size. Both run
+with cores - 1 and with all torch threads, rounds alternating; the goal's figure is predict as a user
+runs it (all cores, torch's default) against the bare forward at its fastest thread count, and each
+thread count's paired ratio is reported beside it.
 
     python benchmarks/inference_overhead.py [--slices 300] [--repeats 3] [--batch-size 8] [--threads N]
 """
@@ -111,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         cpu = {k: v[-args.repeats :] for k, v in cpu.items()}
         ratio = c.paired_ratio(times["pipeline"], times["bare"])
-        label = f"{threads} torch thread(s)" + (" (cores - 1: the design point)" if threads < cores else "")
-        rep.add(f"pipeline / bare forward, {label}", ratio, "x", goal=GOAL)
+        label = f"{threads} torch thread(s)" + (" (cores - 1)" if threads < cores else " (all cores)")
+        rep.add(f"pipeline / bare forward, same threads, {label}", ratio, "x")
         rep.add(f"  CPU-time ratio, {label}", c.paired_ratio(cpu["pipeline"], cpu["bare"]), "x")
         rep.add(f"  pipeline wall, {label} (median)", c.median(times["pipeline"]), "s")
         rep.add(f"  bare forward wall, {label} (median)", c.median(times["bare"]), "s")
@@ -122,6 +124,18 @@ def main(argv: list[str] | None = None) -> int:
             "x",
         )
         runs[threads] = {"wall_s": times, "cpu_s": cpu}
+    # The goal's figure: predict as a user runs it (torch's default threads, all cores) against the
+    # bare forward at its fastest thread count.
+    default = cores if cores in runs else max(runs)
+    best = min(runs, key=lambda t: c.median(runs[t]["wall_s"]["bare"]))
+    rep.add(
+        f"predict as run by default ({default} threads) / fastest bare forward ({best} threads)",
+        c.median(runs[default]["wall_s"]["pipeline"]) / c.median(runs[best]["wall_s"]["bare"]),
+        "x",
+        goal=GOAL,
+        note="medians; the per-thread rows below pair each round's pipeline with its own bare forward",
+    )
+    rep.figures.insert(0, rep.figures.pop())  # the goal's row first
     if len(runs) > 1:
         bare_by = {t: c.median(r["wall_s"]["bare"]) for t, r in runs.items()}
         fewest, most = min(bare_by), max(bare_by)
@@ -149,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.note(
         "the pipeline reads/prepares the next batch and maps the previous one to the voxel grid in a helper "
         "thread while the model runs, so it uses one core more than the forward's torch threads; with "
-        "cores - 1 torch threads that core is the spare one"
+        "cores - 1 torch threads that core is the spare one, but the forward itself is then slower"
     )
     rep.note(
         "pipeline = napari-apl predict in-process (load .nii.gz, normalise, resample, both heads, ω and "
