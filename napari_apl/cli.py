@@ -251,6 +251,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
         val = getattr(args, key)
         if val is not None:
             setattr(cfg, key, val)
+    cfg.teacher_bf16 = {"auto": None, "bf16": True, "fp32": False}[args.teacher_precision]
     cfg.normalization = norm.to_dict()
     control = RefineControl()
     gen = refine(model, meta, volume, cfg, corrections=corrections, control=control)
@@ -473,6 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="slices per iteration (default 8)")
     p.add_argument("--weight", choices=("uniform", "confusion"), help="W of the relevance matrix (Eq. 1)")
     p.add_argument("--teacher-decay", type=float, help="EMA teacher decay (0 = no teacher)")
+    p.add_argument(
+        "--teacher-precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="the teacher's forwards: bf16 autocast where bf16 is native (auto, default), always, or fp32",
+    )
     p.add_argument("--tau", type=float, help="threshold of the 'threshold' baseline (default 0.9)")
     p.add_argument(
         "--bn",

@@ -65,6 +65,8 @@ def test_chain_phantom_predict_refine_evaluate(tmp_path, tiny_ckpt, phantom_dir,
         "3",
         "--batch-size",
         "2",
+        "--teacher-precision",
+        "fp32",
         "-q",
     ]
     assert main(args) == 0
@@ -73,6 +75,7 @@ def test_chain_phantom_predict_refine_evaluate(tmp_path, tiny_ckpt, phantom_dir,
         assert (ref_dir / f"{name}{suffix}").exists(), name
     log = json.loads((ref_dir / "log.json").read_text())
     assert len(log["history"]) == 3 and log["config"]["method"] == "apl"
+    assert log["config"]["teacher_bf16"] is False and log["config"]["channels_last"] is True
     assert nib.load(ref_dir / "pseudo_label.nii.gz").shape == ref.shape
     # the refined checkpoint is accepted by info and predict
     capsys.readouterr()
