@@ -101,8 +101,19 @@ def evaluate_model(path: Path, iterations: int | None = None) -> dict:
     return rows
 
 
-def write_card(rows: dict, seconds: float) -> None:
-    """Write ``resources/MODEL_CARD.md`` from the measured figures."""
+def write_card(rows: dict, seconds: float, card_only: bool = False) -> None:
+    """Write ``resources/MODEL_CARD.md`` from the measured figures.
+
+    ``card_only``: the weights were not retrained, so the existing card's record of the last training
+    (its "Written ..." line) and of the last ``--check`` (a paragraph starting "Measured on") are kept.
+    """
+    kept: list[str] = []
+    if card_only and CARD.exists():
+        kept = [
+            para
+            for para in CARD.read_text().split("\n\n")
+            if para.startswith("Measured on ") or para.startswith("Written ")
+        ]
     organs = CLASS_NAMES[1:]
     size = OUT.stat().st_size / 1024**2
     model, _ = load_checkpoint(OUT)
@@ -160,10 +171,18 @@ def write_card(rows: dict, seconds: float) -> None:
         "multi-threaded CPU kernels summing in no fixed order); the check passes when every Dice "
         f"figure above is reproduced within ±{TOLERANCE:g} points.",
         "",
-        f"Written {time.strftime('%Y-%m-%d')} on {platform.machine()} / Python {platform.python_version()} / "
-        f"torch {torch.__version__}, in {seconds / 60:.1f} min.",
-        "",
     ]
+    stamp = (
+        f"on {platform.machine()} / Python {platform.python_version()} / torch {torch.__version__}, "
+        f"in {seconds / 60:.1f} min."
+    )
+    if card_only:
+        lines += [*(para.strip() + "\n" for para in kept)]
+        day = time.strftime("%Y-%m-%d")
+        lines.append(f"Dice table re-measured {day} (`--card-only`, same weights) {stamp}")
+        lines.append("")
+    else:
+        lines += [f"Written {time.strftime('%Y-%m-%d')} {stamp}", ""]
     CARD.write_text("\n".join(lines))
 
 
@@ -180,7 +199,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     if args.card_only:
-        write_card(evaluate_model(OUT), time.perf_counter() - t0)
+        write_card(evaluate_model(OUT), time.perf_counter() - t0, card_only=True)
         print(f"wrote {CARD}")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
