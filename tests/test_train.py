@@ -163,3 +163,29 @@ def test_train_source_cli(tmp_path, mri_pairs, capsys):
     )
     assert main(argv) == 2  # exists: refused without --overwrite
     assert "exists" in capsys.readouterr().err
+
+
+def test_training_is_bit_identical_across_processes(tmp_path, mri_pairs):
+    """Same pairs, same seed, two fresh processes (different hash seeds): the same weights, bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from napari_apl.core.train import TrainConfig, train_source\n"
+        "from napari_apl.core.utils import run_generator\n"
+        "pairs = [(sys.argv[1], sys.argv[2]), (sys.argv[3], sys.argv[4])]\n"
+        "cfg = TrainConfig(arch_args={'base': 4}, epochs=2, batch_size=4, input_size=(32, 32),\n"
+        "                  spacing=(9.0, 9.0), device='cpu', iters_per_epoch=2)\n"
+        "run_generator(train_source(pairs, sys.argv[5], cfg))\n"
+    )
+    outs = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"run{hash_seed}.pt"
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        args = [a for pair in mri_pairs for a in pair]
+        subprocess.run([sys.executable, "-c", code, *args, str(out)], check=True, env=env, timeout=300)
+        outs.append(load_checkpoint(out)[0].state_dict())
+    for k, v in outs[0].items():
+        assert torch.equal(v, outs[1][k]), k
