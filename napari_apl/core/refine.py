@@ -571,6 +571,25 @@ def refine(
         advance(chk, per_iteration)
         return chk
 
+    def settle(chk: _GuardCheck) -> tuple[_GuardCheck | None, str]:
+        """Apply a finished check's verdict (keep its state, or restore the last good one and stop).
+
+        Returns the check while it is still under way, else ``None``, and the note of a collapse.
+        """
+        nonlocal good_state, good_iter, stopped
+        if chk.done < len(guard_idx):
+            return chk, ""
+        collapsed = collapsed_in(chk.counts)
+        if not collapsed:
+            good_state, good_iter = chk.state, chk.iteration
+            return None, ""
+        restore(good_state)
+        names = ", ".join(meta.class_names[c] if c else "all organs" for c in collapsed)
+        msg = f"{names} collapsing at iteration {chk.iteration}: restored iteration {good_iter} and stopped"
+        notes.append(msg)
+        stopped = True
+        return None, msg
+
     def advance(chk: _GuardCheck, n: int) -> None:
         """Predict the next ``n`` guard slices of a check with its frozen weights."""
         hi = min(len(guard_idx), chk.done + n)
@@ -749,23 +768,9 @@ def refine(
             due = it % cfg.guard_every == 0 and it < cfg.iterations
             if check is not None:  # a check started earlier: go on (finish it when a new one is due)
                 advance(check, len(guard_idx) if due else per_iteration)
-            elif due:
-                check, due = begin_check(it), False
-            while check is not None and check.done == len(guard_idx):
-                collapsed = collapsed_in(check.counts)
-                if collapsed:
-                    restore(good_state)
-                    names = ", ".join(meta.class_names[c] if c else "all organs" for c in collapsed)
-                    note = (
-                        f"{names} collapsing at iteration {check.iteration}: "
-                        f"restored iteration {good_iter} and stopped"
-                    )
-                    notes.append(note)
-                    stopped = True
-                    check = None
-                else:
-                    good_state, good_iter = check.state, check.iteration
-                    check, due = (begin_check(it), False) if due else (None, False)
+                check, note = settle(check)
+            if due and not stopped:  # (a finished check has made room for this iteration's)
+                check, note = settle(begin_check(it))
 
         record = {
             "iteration": it,
