@@ -97,17 +97,14 @@ def main(argv: list[str] | None = None) -> int:
             loss.backward()
             opt.step()
 
-    def apl_steps() -> None:
-        for _ in range(args.steps):
-            next(gen)
+    def steps_of(refinement):
+        """A timed side that advances one refinement generator by ``--steps`` iterations."""
 
-    def apl_fp32_steps() -> None:
-        for _ in range(args.steps):
-            next(gen_fp32)
+        def run() -> None:
+            for _ in range(args.steps):
+                next(refinement)
 
-    def apl_own_steps() -> None:
-        for _ in range(args.steps):
-            next(gen_own)
+        return run
 
     teacher = copy.deepcopy(model).to(memory_format=fmt).eval()
 
@@ -121,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     times = c.interleaved(
         {
             "plain": plain_steps,
-            "apl": apl_steps,
-            "apl_fp32_teacher": apl_fp32_steps,
-            "apl_own": apl_own_steps,
+            "apl": steps_of(gen),
+            "apl_fp32_teacher": steps_of(gen_fp32),
+            "apl_own": steps_of(gen_own),
             "teacher_forward": teacher_forwards,
         },
         args.rounds,
