@@ -577,6 +577,21 @@ def test_gzip_reader_random_access(tmp_path_factory, members, ops, spacing, cach
     assert reader.closed
 
 
+def test_gzip_reader_member_ending_in_a_capped_call(tmp_path: Path) -> None:
+    """A member whose end is reached by a call capped at the output block size; another member follows.
+
+    zlib then reports the bytes after the member both as unused data and as unconsumed input: reading
+    them twice corrupted the next member (found by the property test above).
+    """
+    raw = [b"\x00" * 66, b"", b"abc" * 40]
+    (tmp_path / "m.gz").write_bytes(b"".join(gzip.compress(m, mtime=0) for m in raw))
+    reader = _small_reader(tmp_path / "m.gz", 64, 128)
+    assert reader.read() == b"".join(raw)
+    reader.seek(60)
+    assert reader.read(20) == b"".join(raw)[60:80]
+    reader.close()
+
+
 def test_gzip_reader_truncated(tmp_path: Path) -> None:
     raw = np.random.default_rng(0).integers(0, 4, 50_000, dtype=np.uint8).tobytes()
     blob = gzip.compress(raw, mtime=0)

@@ -423,7 +423,9 @@ class _CheckpointedGzipReader(io.IOBase):
             self._marks.append((self._fh.tell(), self._dec.copy(), self._tail, self._started))
         while True:
             if self._dec.eof:  # end of a gzip member: maybe another one follows
-                self._tail = self._dec.unused_data + self._tail
+                # unused_data holds every input byte after the member's end; when the member ended in
+                # a call capped by max_length, unconsumed_tail still repeats those bytes: not added
+                self._tail = self._dec.unused_data
                 self._dec = zlib.decompressobj(31)
                 self._started = False
             data = self._tail or self._fh.read(self._IN_CHUNK)
