@@ -525,6 +525,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--channels-last", action="store_true", help="channels-last weights and batches (faster convolutions)"
+    )
+    p.add_argument(
+        "--amp", action="store_true", help="bf16 mixed precision (faster where bf16 is native: CUDA, AMX)"
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", "-q", action="store_true")

@@ -122,6 +122,33 @@ def test_train_source_resumes_from_its_last_epoch(tmp_path, mri_pairs):
     assert not (tmp_path / "resumed.pt.train-state").exists()
 
 
+def test_channels_last_bf16_training_resumes_and_saves_contiguous(tmp_path, mri_pairs):
+    """The fast recipe (channels-last, bf16 autocast) resumes exactly and writes plain contiguous weights."""
+    cfg = _cfg(channels_last=True, amp=True)
+    full = tmp_path / "fast.pt"
+    run_generator(train_source(mri_pairs, full, cfg))
+    fast, _ = load_checkpoint(full)
+    out = tmp_path / "resumed.pt"
+    seen = []
+    gen = train_source(mri_pairs, out, cfg, stop=lambda: len(seen) >= 3)
+    with pytest.raises(StopIteration):
+        while True:
+            seen.append(next(gen))
+    run_generator(train_source(mri_pairs, out, cfg))
+    resumed, _ = load_checkpoint(out)
+    plain_path = tmp_path / "plain.pt"
+    run_generator(train_source(mri_pairs, plain_path, _cfg()))
+    plain, _ = load_checkpoint(plain_path)
+    differs = False
+    for k, v in fast.state_dict().items():
+        assert v.is_contiguous() and torch.isfinite(v.float()).all(), k
+        assert torch.equal(v, resumed.state_dict()[k]), k
+        differs |= not torch.allclose(v.float(), plain.state_dict()[k].float(), atol=1e-4)
+    assert differs  # bf16 autocast really ran: float32 training gives other weights
+    m, a = fast(torch.rand(2, 1, 32, 32))
+    assert m.shape == a.shape == (2, 5, 32, 32) and m.dtype == torch.float32
+
+
 def test_resume_with_other_settings_is_refused(tmp_path, mri_pairs):
     out = tmp_path / "m.pt"
     gen = train_source(mri_pairs, out, _cfg(), stop=lambda: True)
@@ -153,6 +180,8 @@ def test_train_source_cli(tmp_path, mri_pairs, capsys):
             "--epochs", "1", "--input-size", "32", "32", "--spacing", "9", "9", "--batch-size", "8",
             "--seed", "3", "--out", str(out), "-q"]  # fmt: skip
     assert main(argv) == 0
+    assert main([*argv[:-1], "--channels-last", "--amp", "--out", str(folder / "fast.pt"), "-q"]) == 0
+    assert load_checkpoint(folder / "fast.pt")[1].provenance["seed"] == 3
     model, meta = load_checkpoint(out)
     assert meta.normalization["kind"] == "percentile" and meta.provenance["seed"] == 3
     x = torch.rand(2, 1, 32, 32)

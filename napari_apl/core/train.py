@@ -51,6 +51,12 @@ class TrainConfig:
     remap_prob: float = 0.4
     iters_per_epoch: int | None = None
     """Batches per epoch; ``None`` = one pass over the slices."""
+    channels_last: bool = False
+    """Train with channels-last weights and batches: faster convolutions with oneDNN / cuDNN, but the
+    float sums run in another order, so the weights differ from a contiguous run's."""
+    amp: bool = False
+    """Forward and backward under bf16 autocast (weights, optimiser and losses stay float32): ~1.5-2x
+    faster where bf16 is native (CUDA, CPUs with AVX512-BF16 / AMX), slower where it is emulated."""
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -286,6 +292,8 @@ def train_source(
     model = build_model(cfg.arch, num_classes=len(CLASS_NAMES), **cfg.arch_args)
     data = load_slice_set(pairs, norm, cfg.spacing, cfg.input_size, model.stride)
     model.to(dev)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     n = data.images.shape[0]
     steps = cfg.iters_per_epoch or max(1, math.ceil(n / cfg.batch_size))
@@ -325,8 +333,10 @@ def train_source(
             x, y = data.images[idx], data.labels[idx]
             if cfg.augment:
                 x, y = augment_batch(x, y, gen, cfg)
-            x, y = x.to(dev), y.to(dev)
-            main, aux = model(x)
+            x, y = x.to(dev).contiguous(memory_format=fmt), y.to(dev)
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                main, aux = model(x)
+            main, aux = main.float(), aux.float()
             loss = seg_loss(main, y) + cfg.aux_weight * seg_loss(aux, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -335,7 +345,7 @@ def train_source(
             sched.step()
             yield TrainEvent(epoch=epoch + 1, step=step + 1, steps=steps, loss=float(loss.detach()))
             if stop is not None and stop():
-                return model.eval(), _meta(cfg, norm, pairs, epoch)
+                return model.to(memory_format=torch.contiguous_format).eval(), _meta(cfg, norm, pairs, epoch)
         state = {
             "config": _cfg_key(cfg),
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -345,7 +355,7 @@ def train_source(
             "epoch": epoch + 1,
         }
         atomic_write(state_file, lambda p, s=state: torch.save(s, p), overwrite=True)
-    model = model.cpu().eval()
+    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     meta = _meta(cfg, norm, pairs, cfg.epochs)
     save_checkpoint(out, model, meta, overwrite=overwrite)
     state_file.unlink(missing_ok=True)
@@ -406,6 +416,8 @@ def train_source_cli(args: Any) -> int:
         normalization=args.normalize,
         seed=args.seed,
         device=args.device,
+        channels_last=args.channels_last,
+        amp=args.amp,
     )
     gen = train_source(pairs, args.out, cfg, overwrite=args.overwrite)
     bar = None
