@@ -247,7 +247,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
         corr = np.asarray(corr_vol.data)
         corrections = np.where(corr == args.corrections_unset, -1, corr).astype(np.int16)
     cfg = RefineConfig.for_method(args.method, iterations=args.iterations, seed=args.seed, device=args.device)
-    for key in ("lr", "batch_size", "weight", "teacher_decay", "tau", "bn"):
+    for key in ("lr", "batch_size", "weight", "teacher_decay", "tau", "bn", "bn_mix"):
         val = getattr(args, key)
         if val is not None:
             setattr(cfg, key, val)
@@ -485,6 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--bn",
         choices=("adapt", "frozen", "train"),
         help="batch-norm statistics: adapt (re-estimated once on the target, default), frozen or train",
+    )
+    p.add_argument(
+        "--bn-mix",
+        type=float,
+        help="with --bn adapt: the target's share of the batch-norm statistics, 0..1 (default 1)",
     )
     p.add_argument(
         "--corrections", help="label volume of hand corrections on the image grid (kept as hard labels)"

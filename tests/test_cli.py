@@ -67,6 +67,8 @@ def test_chain_phantom_predict_refine_evaluate(tmp_path, tiny_ckpt, phantom_dir,
         "2",
         "--teacher-precision",
         "fp32",
+        "--bn-mix",
+        "0.5",
         "-q",
     ]
     assert main(args) == 0
@@ -76,6 +78,7 @@ def test_chain_phantom_predict_refine_evaluate(tmp_path, tiny_ckpt, phantom_dir,
     log = json.loads((ref_dir / "log.json").read_text())
     assert len(log["history"]) == 3 and log["config"]["method"] == "apl"
     assert log["config"]["teacher_bf16"] is False and log["config"]["channels_last"] is True
+    assert log["config"]["bn_mix"] == 0.5
     assert nib.load(ref_dir / "pseudo_label.nii.gz").shape == ref.shape
     # the refined checkpoint is accepted by info and predict
     capsys.readouterr()

@@ -8,6 +8,7 @@ import torch
 
 from napari_apl.core import pseudo
 from napari_apl.core.checkpoint import FORMAT_VERSION, CheckpointMeta
+from napari_apl.core.errors import APLError
 from napari_apl.core.infer import predict_volume
 from napari_apl.core.labels import CLASS_NAMES
 from napari_apl.core.models import build_model
@@ -205,6 +206,55 @@ def test_for_method_and_bn_adapt(setup):
         refine(model, meta, vol, _cfg(bn="adapt", iterations=2, class_balance_power=1.0, class_norm=0.5))
     )
     assert res.iterations_done == 2
+
+
+def test_bn_mix_blends_source_and_target_statistics(setup):
+    """bn_mix = 1 is plain AdaBN, 0 keeps the source statistics, 0.5 is their average, layer by layer."""
+    from napari_apl.core.refine import _adapt_bn
+
+    model, meta, vol = setup
+    xs = torch.rand(6, 1, 48, 48) * 3 + 2
+    nets = {}
+    for mix in (0.0, 0.5, 1.0):
+        net = build_model("unet-dual", num_classes=5, base=8)
+        net.load_state_dict(model.state_dict())
+        _adapt_bn(net, xs, torch.device("cpu"), mix)
+        nets[mix] = {k: v for k, v in net.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+    src = {k: v for k, v in model.state_dict().items() if k in nets[0.0]}
+    assert len(src) > 5
+    for k, v in src.items():
+        assert torch.equal(nets[0.0][k], v), k
+        assert not torch.allclose(nets[1.0][k], v), k
+        torch.testing.assert_close(nets[0.5][k], 0.5 * (nets[1.0][k] + v), rtol=1e-5, atol=1e-6)
+    res = run_generator(refine(model, meta, vol, _cfg(bn="adapt", bn_mix=0.5, iterations=2)))
+    assert res.iterations_done == 2
+    with pytest.raises(APLError, match="bn_mix"):
+        _cfg(bn_mix=1.5).validate()
+
+
+def test_volume_class_balance_weighs_classes_by_the_whole_ensemble(setup, monkeypatch):
+    """class_balance_volume: L_SSL's class weights follow the ensemble's label counts, not the batch's."""
+    import torch.nn.functional as F
+
+    model, meta, vol = setup
+    seen = []
+    real_ce = F.cross_entropy
+
+    def spy(logits, target, weight=None, **kw):
+        if weight is not None:
+            seen.append(weight.detach().clone())
+        return real_ce(logits, target, weight=weight, **kw)
+
+    monkeypatch.setattr(pseudo.F, "cross_entropy", spy)
+    run_generator(refine(model, meta, vol, _cfg(iterations=2, class_balance_volume=True)))
+    vol_w = list(seen)
+    seen.clear()
+    run_generator(refine(model, meta, vol, _cfg(iterations=2)))
+    assert vol_w and seen and len(vol_w) == len(seen)
+    # the same first batch, other weights: whole-volume counts differ from one batch's
+    assert not torch.allclose(vol_w[0], seen[0])
+    for w in vol_w:
+        assert torch.isclose(w[w > 0].mean(), torch.tensor(1.0)) and (w >= 0).all()
 
 
 def test_ensemble_tracks_labels_and_foreground_slices_of_a_full_argmax():

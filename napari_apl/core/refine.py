@@ -94,6 +94,10 @@ class RefineConfig:
     bn: str = "adapt"
     """Batch-norm handling: ``frozen`` (source statistics kept), ``train`` (target batch statistics) or
     ``adapt`` (statistics re-estimated once on the whole target volume, AdaBN, then frozen)."""
+    bn_mix: float = 1.0
+    """With ``bn="adapt"``, the target's share of the re-estimated statistics: mean and variance become
+    ``bn_mix · target + (1 − bn_mix) · source`` (1 = plain AdaBN; a prior on the source statistics as in
+    Schneider et al. 2020)."""
     teacher_decay: float = 0.99
     """EMA decay of a teacher copy that makes the pseudo labels; 0 disables the teacher."""
     channels_last: bool = True
@@ -109,6 +113,9 @@ class RefineConfig:
     class_balance: bool = True
     """Weight L_SSL's classes ∝ 1/frequency^``class_balance_power`` of the pseudo labels."""
     class_balance_power: float = 0.5
+    class_balance_volume: bool = False
+    """Read the class frequencies of the class balance from the ensemble's labels over the whole volume
+    (refreshed every ``guard_every`` iterations) instead of from each batch's pseudo labels."""
     class_norm: float = 0.5
     """When > 0, APL's pseudo label is ``argmax_c p_c / k_c`` with k_c the ``class_norm``-quantile
     confidence of the pixels the ensemble assigns to c (CBST's class-wise normalisation, no pixel
@@ -159,6 +166,8 @@ class RefineConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise APLError(f"{name} must be true, false or unset (auto), got {value!r}")
+        if not 0 <= self.bn_mix <= 1:
+            raise APLError(f"bn_mix must be in [0, 1], got {self.bn_mix}")
         if not 0 <= self.teacher_decay < 1 or not 0 <= self.ensemble_decay < 1:
             raise APLError("teacher and ensemble decays must be in [0, 1)")
         return self
@@ -281,19 +290,28 @@ def _ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float
 
 
 @torch.no_grad()
-def _adapt_bn(model: torch.nn.Module, xs: torch.Tensor, dev: torch.device, batch: int = 16) -> None:
-    """Re-estimate every batch-norm layer's running statistics on the target slices (AdaBN)."""
+def _adapt_bn(
+    model: torch.nn.Module, xs: torch.Tensor, dev: torch.device, mix: float = 1.0, batch: int = 16
+) -> None:
+    """Re-estimate every batch-norm layer's running statistics on the target slices (AdaBN).
+
+    ``mix`` < 1 keeps part of the source statistics: ``mix · target + (1 − mix) · source``.
+    """
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
+    source = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over all target batches
     model.train()
     for s in range(0, xs.shape[0], batch):
         model(xs[s : s + batch].to(dev))
-    for m in bns:
+    for m, (mean, var) in zip(bns, source):
         m.momentum = 0.1
+        if mix < 1:
+            m.running_mean.mul_(mix).add_(mean, alpha=1 - mix)
+            m.running_var.mul_(mix).add_(var, alpha=1 - mix)
     model.eval()
 
 
@@ -475,7 +493,7 @@ def refine(
     corr = _grid_corrections(prep, corrections)
 
     if cfg.bn == "adapt":
-        _adapt_bn(student, xs, dev)
+        _adapt_bn(student, xs, dev, cfg.bn_mix)
 
     teacher: DualHeadNet | None = None
     if cfg.teacher_decay > 0:
@@ -627,6 +645,7 @@ def refine(
     good_iter = 0
     cbst_k: torch.Tensor | None = None
     class_k: torch.Tensor | None = None
+    volume_cw: torch.Tensor | None = None
     round_len = max(1, cfg.iterations // max(1, cfg.rounds))
 
     def sample_batch() -> list[int]:
@@ -699,7 +718,16 @@ def refine(
                 # computes only the encoder's gradients (none for the classifiers' weights)
                 apply_corrections(idx, target, omega)
                 cw = None
-                if cfg.class_balance:
+                if cfg.class_balance and cfg.class_balance_volume:
+                    if volume_cw is None or it % cfg.guard_every == 1:
+                        counts = _organ_counts(ensemble.label, num_classes).float()
+                        w = torch.where(counts > 0, counts.clamp_min(1) ** -cfg.class_balance_power, 0.0)
+                        volume_cw = (w / w[w > 0].mean()).to(dev)
+                    present = torch.zeros(num_classes, dtype=torch.bool, device=dev)
+                    present[target.unique()] = True
+                    cw = torch.where(present, volume_cw, 0.0)
+                    cw = cw / cw[cw > 0].mean()
+                elif cfg.class_balance:
                     cw = pseudo.class_balance_weights(target, num_classes) ** (2 * cfg.class_balance_power)
                     cw = (cw / cw[cw > 0].mean()).to(dev)
                 with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
