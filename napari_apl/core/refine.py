@@ -306,18 +306,18 @@ def _adapt_bn(
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
-    source = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
+    source = [(m.running_mean.clone(), m.running_var.clone()) if mix < 1 else None for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over all target batches
     model.train()
     for s in range(0, xs.shape[0], batch):
         model(xs[s : s + batch].to(dev))
-    for m, (mean, var) in zip(bns, source):
+    for m, kept in zip(bns, source):
         m.momentum = 0.1
-        if mix < 1:
-            m.running_mean.mul_(mix).add_(mean, alpha=1 - mix)
-            m.running_var.mul_(mix).add_(var, alpha=1 - mix)
+        if kept is not None:
+            m.running_mean.mul_(mix).add_(kept[0], alpha=1 - mix)
+            m.running_var.mul_(mix).add_(kept[1], alpha=1 - mix)
     model.eval()
 
 
@@ -724,17 +724,15 @@ def refine(
                 # computes only the encoder's gradients (none for the classifiers' weights)
                 apply_corrections(idx, target, omega)
                 cw = None
-                if cfg.class_balance and cfg.class_balance_volume:
-                    if volume_cw is None or it % cfg.guard_every == 1:
-                        counts = _organ_counts(ensemble.label, num_classes).float()
-                        w = torch.where(counts > 0, counts.clamp_min(1) ** -cfg.class_balance_power, 0.0)
-                        volume_cw = (w / w[w > 0].mean()).to(dev)
-                    present = torch.zeros(num_classes, dtype=torch.bool, device=dev)
-                    present[target.unique()] = True
-                    cw = torch.where(present, volume_cw, 0.0)
-                    cw = cw / cw[cw > 0].mean()
-                elif cfg.class_balance:
-                    cw = pseudo.class_balance_weights(target, num_classes) ** (2 * cfg.class_balance_power)
+                if cfg.class_balance:
+                    if cfg.class_balance_volume:  # the whole ensemble's frequencies, for the batch's classes
+                        if volume_cw is None or it % cfg.guard_every == 1:
+                            volume_cw = pseudo.class_balance_weights(ensemble.label, num_classes).to(dev)
+                        present = _organ_counts(target, num_classes) > 0
+                        cw = torch.where(present, volume_cw, 0.0)
+                    else:
+                        cw = pseudo.class_balance_weights(target, num_classes)
+                    cw = cw ** (2 * cfg.class_balance_power)
                     cw = (cw / cw[cw > 0].mean()).to(dev)
                 with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
                     m_log, a_log = student.heads(feats, hw)
