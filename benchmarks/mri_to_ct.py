@@ -39,6 +39,7 @@ from napari_apl.core.checkpoint import load_checkpoint
 from napari_apl.core.infer import predict_volume
 from napari_apl.core.labels import CLASS_NAMES
 from napari_apl.core.metrics import evaluate
+from napari_apl.core.postprocess import largest_components
 from napari_apl.core.preprocess import get_preset
 from napari_apl.core.refine import METHODS, RefineConfig, refine
 from napari_apl.core.train import TrainConfig, pair_files, train_source
@@ -119,14 +120,21 @@ def folds_of(pairs, k: int) -> list[list[int]]:
     return [list(range(j, len(pairs), k)) for j in range(k)]
 
 
-def score(labels: np.ndarray, gt: np.ndarray, spacing) -> dict:
-    """Dice (%) per organ, average Dice (%) and average ASSD (mm) of one label volume."""
+def score(labels: np.ndarray, gt: np.ndarray, spacing, largest: bool = True) -> dict:
+    """Dice (%) per organ, average Dice (%) and average ASSD (mm) of one label volume.
+
+    With ``largest`` the same figures of the labels after keeping each organ's largest connected
+    piece (``napari-apl predict --largest-component``) go under ``"largest"``.
+    """
     r = evaluate(labels, gt, spacing)
-    return {
+    out = {
         "dice": {n: 100 * r["dice"][n] for n in ORGANS},
         "avg": 100 * r["mean_dice"],
         "assd": r["mean_assd"],
     }
+    if largest:
+        out["largest"] = score(largest_components(labels), gt, spacing, largest=False)
+    return out
 
 
 def source_cv(pairs, folds: int, cfg: TrainConfig, only_train: bool = False) -> list[dict]:
@@ -151,6 +159,11 @@ def source_cv(pairs, folds: int, cfg: TrainConfig, only_train: bool = False) -> 
             "dice": {n: float(np.mean([c["dice"][n] for c in per_case])) for n in ORGANS},
             "avg": float(np.mean([c["avg"] for c in per_case])),
             "assd": float(np.mean([c["assd"] for c in per_case])),
+            "largest": {
+                "dice": {n: float(np.mean([c["largest"]["dice"][n] for c in per_case])) for n in ORGANS},
+                "avg": float(np.mean([c["largest"]["avg"] for c in per_case])),
+                "assd": float(np.mean([c["largest"]["assd"] for c in per_case])),
+            },
         }
         log(f"fold {j}: held-out avg Dice {row['avg']:.1f}")
         rows.append(row)
@@ -221,12 +234,19 @@ def run_target(
             if path.exists():
                 row = json.loads(path.read_text())
                 row["cached"] = True
+                labels_file = path.with_suffix(".npz")
+                if "largest" not in row and labels_file.exists():  # a run cached before this figure
+                    with np.load(labels_file) as z:
+                        row["largest"] = score(largest_components(z["labels"]), gt, vol.spacing, False)
             elif cached_only:
                 continue
             else:
                 t1 = time.perf_counter()
                 res = run_generator(refine(model, meta, vol, cfg))
-                row = score(predict_labels(res.model, meta, vol, norm), gt, vol.spacing)
+                pred = predict_labels(res.model, meta, vol, norm)
+                row = score(pred, gt, vol.spacing)
+                # the labels too, so that later scoring (e.g. post-processing) needs no rerun
+                np.savez_compressed(path.with_suffix(".npz"), labels=pred.astype(np.uint8))
                 row |= {
                     "seconds": time.perf_counter() - t1,
                     "iterations_done": res.iterations_done,
@@ -252,12 +272,16 @@ def summarise(runs: list[dict]) -> dict:
         v = np.asarray(vals, dtype=float)
         return [float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0]
 
-    return {
+    out = {
         "dice": {n: ms([r["dice"][n] for r in runs]) for n in ORGANS},
         "avg": ms([r["avg"] for r in runs]),
         "assd": ms([r["assd"] for r in runs]),
         "n": len(runs),
     }
+    if all("largest" in r for r in runs):
+        out["largest_avg"] = ms([r["largest"]["avg"] for r in runs])
+        out["largest_assd"] = ms([r["largest"]["assd"] for r in runs])
+    return out
 
 
 def acceptance(table: dict) -> dict:
@@ -290,15 +314,16 @@ def fmt(ms, digits=1) -> str:
 def table_md(table: dict) -> list[str]:
     """Markdown rows of one target's table."""
     lines = [
-        "| method | " + " | ".join(ORGANS) + " | avg Dice | avg ASSD (mm) |",
-        "|---" * (len(ORGANS) + 3) + "|",
+        "| method | " + " | ".join(ORGANS) + " | avg Dice | avg ASSD (mm) | largest piece: avg Dice | ASSD |",
+        "|---" * (len(ORGANS) + 5) + "|",
     ]
     for name, runs in table["runs"].items():
         s = summarise(runs)
+        post = f"{fmt(s['largest_avg'])} | {fmt(s['largest_assd'], 2)}" if "largest_avg" in s else "- | -"
         lines.append(
             f"| {name} | "
             + " | ".join(fmt(s["dice"][n]) for n in ORGANS)
-            + f" | **{fmt(s['avg'])}** | {fmt(s['assd'], 2)} |"
+            + f" | **{fmt(s['avg'])}** | {fmt(s['assd'], 2)} | {post} |"
         )
     return lines
 
@@ -450,7 +475,9 @@ def write_results(results: dict, stem: str) -> None:
         f"deviation over {len(st['seeds'])} refinement seed(s) from the same start model, each method "
         f"with the same "
         "iteration budget; the no-adaptation row is deterministic. Predictions are the merged heads' labels "
-        "(`argmax(p_main + p_aux)`) of the returned model, scored on the target's voxel grid.",
+        "(`argmax(p_main + p_aux)`) of the returned model, scored on the target's voxel grid; the "
+        "'largest piece' columns score the same labels after keeping each organ's largest connected "
+        "piece (`--largest-component`, not the default output).",
         "",
         *completeness(results),
         "## Source model: CHAOS T2-SPIR (16 volumes), in-domain cross-validation",
@@ -468,16 +495,21 @@ def write_results(results: dict, stem: str) -> None:
     ]
     if results.get("cv"):
         L += [
-            "| fold | held-out cases | " + " | ".join(ORGANS) + " | avg Dice | avg ASSD |",
-            "|---" * (len(ORGANS) + 4) + "|",
-        ]
+            "| fold | held-out cases | " + " | ".join(ORGANS)
+            + " | avg Dice | avg ASSD | largest piece: avg Dice | ASSD |",
+            "|---" * (len(ORGANS) + 6) + "|",
+        ]  # fmt: skip
         for r in results["cv"]:
             cases = ", ".join(c.replace("image_", "").replace(".nii.gz", "") for c in r["held_out"])
             L.append(f"| {r['fold']} | {cases} | " + " | ".join(f"{r['dice'][n]:.1f}" for n in ORGANS)
-                     + f" | **{r['avg']:.1f}** | {r['assd']:.2f} |")  # fmt: skip
+                     + f" | **{r['avg']:.1f}** | {r['assd']:.2f} | {r['largest']['avg']:.1f}"
+                     f" | {r['largest']['assd']:.2f} |")  # fmt: skip
         mean_cv = float(np.mean([r["avg"] for r in results["cv"]]))
+        mean_post = float(np.mean([r["largest"]["avg"] for r in results["cv"]]))
         L += ["", f"Mean held-out average Dice over folds: **{mean_cv:.1f}** "
-              f"({'meets' if mean_cv >= 80 else 'does NOT meet'} the >= 80 target).", ""]  # fmt: skip
+              f"({'meets' if mean_cv >= 80 else 'does NOT meet'} the >= 80 target); keeping each "
+              f"organ's largest piece (`--largest-component`): {mean_post:.1f} "
+              f"({'meets' if mean_post >= 80 else 'does NOT meet'} it either).", ""]  # fmt: skip
     titles = {
         "ct": "Real CT (`totalseg/ct_sm`, abdomen window L40/W400), source model trained on CHAOS MRI",
         "phantom": f"Synthetic pair: demo model (MRI phantoms only) -> CT phantom seed {PHANTOM_SEED}",
@@ -514,8 +546,9 @@ def write_results(results: dict, stem: str) -> None:
         L += ["## Refinement settings (the engine's per-method defaults, `RefineConfig.for_method`)", ""]
         for meth, cfg in any_t["config"].items():
             keys = (
-                "iterations batch_size lr lr_classifier bn teacher_decay ensemble_decay class_balance "
-                "both_heads_ssl foreground_sampling weight tau cbst_portion cbst_step cbst_max rounds "
+                "iterations batch_size lr lr_classifier bn bn_mix teacher_decay ensemble_decay class_norm "
+                "class_balance class_balance_power class_balance_volume both_heads_ssl foreground_sampling "
+                "weight tau cbst_portion cbst_step cbst_max rounds "
                 "mrnet_memory collapse_guard guard_every guard_min_pixels"
             ).split()
             L.append(f"- **{meth}**: " + ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg))

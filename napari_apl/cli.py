@@ -92,6 +92,20 @@ def _write_maps(pred_maps: dict, out: Path, volume, overwrite: bool) -> list[Pat
     return list(write_maps(pred_maps, paths, volume, overwrite=overwrite).values())
 
 
+def _largest_components(maps: dict) -> dict:
+    """Keep each organ's largest connected piece in the label maps; print what was removed."""
+    from .core.labels import CLASS_NAMES
+    from .core.postprocess import largest_components, removed_fraction
+
+    out = dict(maps)
+    for name in ("main", "aux", "pseudo_label"):
+        out[name] = largest_components(maps[name])
+        gone = removed_fraction(maps[name], out[name])
+        text = ", ".join(f"{CLASS_NAMES[c]} {100 * f:.1f}%" for c, f in gone.items() if f > 0)
+        print(f"largest component: {name}: removed {text or 'nothing'}")
+    return out
+
+
 def _stop_on_sigint(control, bar):
     """Make a first Ctrl-C stop the refinement cleanly (outputs still written); a second one aborts."""
 
@@ -169,7 +183,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # does not show them whole, are read up front (damage is reported before any work) and written at
     # the end.
     volume = load_volume(args.image, lazy=True)
-    stream = PredictionWriter.streamable(volume) and file_looks_whole(volume)
+    stream = (
+        PredictionWriter.streamable(volume) and file_looks_whole(volume) and not args.largest_component
+    )  # the clean-up needs each whole mask before it is written
     if not stream and not args.lazy:
         volume = load_volume(args.image)
     norm = _normalization(args.normalize, meta, volume)
@@ -206,7 +222,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if writer is not None:
             written = writer.close()
         else:
-            written = write_maps(pred.as_dict(), paths, volume, overwrite=args.overwrite)
+            maps = _largest_components(pred.as_dict()) if args.largest_component else pred.as_dict()
+            written = write_maps(maps, paths, volume, overwrite=args.overwrite)
     for n in MAP_DTYPES:
         print(f"wrote {written[n]}")
     print(f"predicted {n_slices} slices in {time.perf_counter() - t0:.1f} s ({norm.kind})")
@@ -287,11 +304,14 @@ def cmd_refine(args: argparse.Namespace) -> int:
     )
     maps = pred.as_dict()
     maps["pseudo_label"] = result.pseudo
+    if args.largest_component:
+        maps = _largest_components(maps)
     log = {
         "config": cfg.to_dict(),
         "iterations_done": result.iterations_done,
         "stopped": result.stopped,
         "notes": result.notes,
+        "largest_component": args.largest_component,
         "seconds": elapsed,
         "history": result.history,
     }
@@ -413,6 +433,12 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--largest-component",
+        action="store_true",
+        help="keep only each organ's largest connected piece in the main, aux and pseudo_label masks "
+        "(smaller islands become background)",
+    )
     p.add_argument(
         "--lazy",
         action="store_true",

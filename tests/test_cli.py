@@ -69,6 +69,7 @@ def test_chain_phantom_predict_refine_evaluate(tmp_path, tiny_ckpt, phantom_dir,
         "fp32",
         "--bn-mix",
         "0.5",
+        "--largest-component",
         "-q",
     ]
     assert main(args) == 0
@@ -78,7 +79,9 @@ def test_chain_phantom_predict_refine_evaluate(tmp_path, tiny_ckpt, phantom_dir,
     log = json.loads((ref_dir / "log.json").read_text())
     assert len(log["history"]) == 3 and log["config"]["method"] == "apl"
     assert log["config"]["teacher_bf16"] is False and log["config"]["channels_last"] is True
-    assert log["config"]["bn_mix"] == 0.5
+    assert log["config"]["bn_mix"] == 0.5 and log["largest_component"] is True
+    cleaned = np.asarray(nib.load(ref_dir / "pseudo_label.nii.gz").dataobj)
+    assert all(_pieces(cleaned == c) <= 1 for c in range(1, 5))
     assert nib.load(ref_dir / "pseudo_label.nii.gz").shape == ref.shape
     # the refined checkpoint is accepted by info and predict
     capsys.readouterr()
@@ -102,6 +105,40 @@ def test_chain_phantom_predict_refine_evaluate(tmp_path, tiny_ckpt, phantom_dir,
     assert main(["evaluate", "--pred", lab, "--gt", lab]) == 0
     text = capsys.readouterr().out
     assert "100.00" in text and "0.00" in text
+
+
+def _pieces(mask: np.ndarray) -> int:
+    """Number of 26-connected pieces of a boolean mask."""
+    from scipy import ndimage
+
+    return ndimage.label(mask, structure=np.ones((3, 3, 3)))[1]
+
+
+def test_predict_largest_component(tmp_path, phantom_dir, capsys):
+    """--largest-component keeps each organ's largest piece of every mask and leaves the maps alone."""
+    from scipy import ndimage
+
+    from napari_apl._sample_data import demo_checkpoint_path
+
+    image, ck = str(phantom_dir / "image.nii.gz"), str(demo_checkpoint_path())
+    assert main(["predict", image, "-c", ck, "-o", str(tmp_path / "plain"), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["predict", image, "-c", ck, "-o", str(tmp_path / "clean"), "-q", "--largest-component"]) == 0
+    assert "largest component: pseudo_label: removed" in capsys.readouterr().out
+    read = lambda d, n: np.asarray(nib.load(tmp_path / d / f"{n}.nii.gz").dataobj)  # noqa: E731
+    fragmented = 0
+    for name in ("main", "aux", "pseudo_label"):
+        plain, clean = read("plain", name), read("clean", name)
+        kept = clean != 0
+        np.testing.assert_array_equal(clean[kept], plain[kept])  # nothing is relabelled, only removed
+        for c in range(1, 5):
+            pieces, n = ndimage.label(plain == c, structure=np.ones((3, 3, 3)))
+            fragmented += n > 1
+            biggest = np.bincount(pieces.ravel())[1:].max() if n else 0
+            assert _pieces(clean == c) == min(n, 1) and (clean == c).sum() == biggest, (name, c)
+    assert fragmented > 0  # the demo model's kidney masks on this small phantom have islands
+    for name in ("confidence", "consistency"):
+        np.testing.assert_array_equal(read("clean", name), read("plain", name))
 
 
 def test_outputs_are_not_overwritten_without_flag(tmp_path, tiny_ckpt, phantom_dir, capsys):

@@ -375,6 +375,31 @@ def test_export_round_trip(setup, tmp_path: Path, notifications: list[str]) -> N
     assert len(panel.export()) == 8
 
 
+def test_export_keeps_each_organs_largest_piece(setup, tmp_path: Path) -> None:
+    """The export option drops an organ's smaller islands from the files, not from the layer."""
+    viewer, widget, _image, _labels = setup("LAS")
+    widget.predict(sync=True)
+    layer = viewer.layers[LAYER_PSEUDO]
+    data = np.zeros_like(layer.data)
+    data[2:5, 10:13, 10:13] = 1  # a liver of 27 voxels ...
+    data[8:10, 30:32, 30:32] = 1  # ... and an 8-voxel island well away from it
+    data[2:4, 30:32, 10:12] = 4  # a spleen in one piece
+    layer.data = data
+    panel = widget.export_panel
+    panel.folder.value = str(tmp_path / "out")
+    panel.largest.setChecked(True)
+    assert panel.export()
+    out = nib.as_closest_canonical(nib.load(tmp_path / "out" / "image_pseudo_label.nii.gz"))
+    saved = np.asarray(out.dataobj)
+    assert (saved == 1).sum() == 27 and (saved == 4).sum() == 8 and (saved == 0).sum() == saved.size - 35
+    report = json.loads((tmp_path / "out" / "image_report.json").read_text())
+    assert report["largest_component"] is True
+    assert report["removed_fraction"]["pseudo-label"]["liver"] == pytest.approx(8 / 35)
+    assert report["removed_fraction"]["pseudo-label"]["spleen"] == 0
+    assert report["organs"][0]["voxels"] == 27  # the report describes what was written
+    assert (layer.data == 1).sum() == 35  # the layer keeps the island
+
+
 def test_errors_become_notifications(setup, tmp_path: Path, notifications: list[str], monkeypatch) -> None:
     import napari_apl._sample_data as sample_module
 

@@ -86,13 +86,13 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
-    """Bounding box of the true voxels of ``mask`` (which must have some), padded by ``_MARGIN``."""
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
+    """Bounding box of the true voxels of ``mask`` (which must have some), padded by ``margin`` voxels."""
     out = []
     for axis in range(mask.ndim):
         other = tuple(a for a in range(mask.ndim) if a != axis)
         idx = np.flatnonzero(mask.any(axis=other))
-        out.append(slice(max(0, idx[0] - _MARGIN), min(mask.shape[axis], idx[-1] + 1 + _MARGIN)))
+        out.append(slice(max(0, idx[0] - margin), min(mask.shape[axis], idx[-1] + 1 + margin)))
     return tuple(out)
 
 
@@ -106,7 +106,7 @@ def _assd_masks(pm: np.ndarray, gm: np.ndarray, spacing: Sequence[float]) -> flo
     # Cropping is exact: every surface voxel lies in the union's bounding box, the outside of the
     # box holds no mask voxel (so erosion sees the same neighbours, padded or not), and the
     # Euclidean distance transform measures straight-line distances, not paths inside the box.
-    box = _bbox(pm | gm)
+    box = bounding_box(pm | gm, _MARGIN)
     sp_, sg_ = _surface(pm[box]), _surface(gm[box])
     d_to_g = ndimage.distance_transform_edt(~sg_, sampling=spacing)
     d_to_p = ndimage.distance_transform_edt(~sp_, sampling=spacing)

@@ -51,6 +51,7 @@ from ..core.infer import Prediction, SlicePredictor, iter_predict, write_map
 from ..core.io_utils import atomic_write, check_output_path
 from ..core.labels import CLASS_NAMES, ORGANS
 from ..core.metrics import evaluate, label_name
+from ..core.postprocess import largest_components, removed_fraction
 from ..core.preprocess import PRESETS, Normalization, choose_normalization
 from ..core.refine import RefineConfig, RefineControl, RefineEvent, RefineResult, refine
 from ..core.utils import release_device_memory, resolve_device
@@ -989,12 +990,24 @@ class APLController:
             paths["checkpoint"] = folder / f"{stem}_refined.pt"
         return paths
 
-    def export(self, folder: str | os.PathLike, overwrite: bool = False, gt_layer: Any = None) -> list[Path]:
-        """Write masks, maps, report (and the refined checkpoint) on the scan's original grid; [] on error."""
-        result = self._guard(lambda: self._export(folder, overwrite, gt_layer))
+    def export(
+        self,
+        folder: str | os.PathLike,
+        overwrite: bool = False,
+        gt_layer: Any = None,
+        largest_component: bool = False,
+    ) -> list[Path]:
+        """Write masks, maps, report (and the refined checkpoint) on the scan's original grid; [] on error.
+
+        With ``largest_component`` every exported mask keeps only each organ's largest connected piece
+        (the layers in the viewer stay as they are).
+        """
+        result = self._guard(lambda: self._export(folder, overwrite, gt_layer, largest_component))
         return result or []
 
-    def _export(self, folder: str | os.PathLike, overwrite: bool, gt_layer: Any) -> list[Path]:
+    def _export(
+        self, folder: str | os.PathLike, overwrite: bool, gt_layer: Any, largest_component: bool = False
+    ) -> list[Path]:
         if self.busy:
             raise APLError(f"{self._task} is running: wait for it to end before exporting")
         if self.prediction is None or self.geometry is None:
@@ -1026,7 +1039,7 @@ class APLController:
         try:
             for p in paths.values():  # every file is checked before the first one is written
                 check_output_path(p, overwrite=overwrite)
-            self._write_export(out_dir, paths, overwrite, gt_layer, written)
+            self._write_export(out_dir, paths, overwrite, gt_layer, written, largest_component)
         except BaseException:
             for p in written:  # new files of a failed export go again (replaced ones cannot come back)
                 if p not in existing:
@@ -1042,12 +1055,28 @@ class APLController:
         return written
 
     def _write_export(
-        self, out_dir: Path, paths: dict[str, Path], overwrite: bool, gt_layer: Any, written: list[Path]
+        self,
+        out_dir: Path,
+        paths: dict[str, Path],
+        overwrite: bool,
+        gt_layer: Any,
+        written: list[Path],
+        largest_component: bool = False,
     ) -> None:
         """Write the export files, appending each one to ``written`` as soon as it exists."""
         assert self.prediction is not None and self.geometry is not None
         masks = self._current_masks()
+        removed = None
+        if largest_component:
+            cleaned = {kind: largest_components(arr) for kind, arr in masks.items()}
+            removed = {
+                kind: {label_name(c): f for c, f in removed_fraction(masks[kind], cleaned[kind]).items()}
+                for kind in masks
+            }
+            masks = cleaned
         report = self.report(masks["pseudo-label"], gt_layer)
+        report["largest_component"] = largest_component
+        report["removed_fraction"] = removed
         geom = self.geometry
         maps = {"confidence": self.prediction.confidence, "consistency": self.prediction.consistency}
         for kind, arr in masks.items():

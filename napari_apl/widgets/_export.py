@@ -26,6 +26,12 @@ class ExportPanel(QWidget):
         self.folder = FileEdit(mode="d", value="")
         self.gt_combo = LayerCombo(controller.viewer, Labels, allow_none=True, exclude=PREDICTION_LAYERS)
         self.gt_combo.setToolTip("a labels layer of the same scan: adds Dice and ASSD to the report")
+        self.largest = QCheckBox("keep each organ's largest piece")
+        self.largest.setToolTip(
+            "exported masks keep only each organ's largest connected piece: smaller islands become "
+            "background (the layers in the viewer are not changed)"
+        )
+        self.largest.setChecked(False)
         self.overwrite = QCheckBox("overwrite existing files")
         self.overwrite.setChecked(False)
         self.export_button = QPushButton("Export")
@@ -37,6 +43,7 @@ class ExportPanel(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addLayout(form)
+        layout.addWidget(self.largest)
         layout.addWidget(self.overwrite)
         layout.addWidget(self.export_button)
         layout.addWidget(self.result)
@@ -48,7 +55,10 @@ class ExportPanel(QWidget):
         """Export into the chosen folder; return the files written (empty on refusal or error)."""
         folder = str(self.folder.value) if str(self.folder.value) not in ("", ".") else ""
         written = self.controller.export(
-            folder, overwrite=self.overwrite.isChecked(), gt_layer=self.gt_combo.layer()
+            folder,
+            overwrite=self.overwrite.isChecked(),
+            gt_layer=self.gt_combo.layer(),
+            largest_component=self.largest.isChecked(),
         )
         if written:
             self.result.setText(f"wrote {len(written)} files to {Path(written[0]).parent}")
