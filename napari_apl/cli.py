@@ -515,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--bn-mix",
         type=float,
-        help="with --bn adapt: the target's share of the batch-norm statistics, 0..1 (default 1)",
+        help="with --bn adapt: the target's share of the batch-norm statistics, 0..1 (default 0.25)",
     )
     p.add_argument(
         "--corrections", help="label volume of hand corrections on the image grid (kept as hard labels)"

@@ -246,10 +246,11 @@ def test_volume_class_balance_weighs_classes_by_the_whole_ensemble(setup, monkey
         return real_ce(logits, target, weight=weight, **kw)
 
     monkeypatch.setattr(pseudo.F, "cross_entropy", spy)
-    run_generator(refine(model, meta, vol, _cfg(iterations=2, class_balance_volume=True)))
+    # plain AdaBN: with the untrained model's source statistics every pixel falls in one class
+    run_generator(refine(model, meta, vol, _cfg(iterations=2, class_balance_volume=True, bn_mix=1.0)))
     vol_w = list(seen)
     seen.clear()
-    run_generator(refine(model, meta, vol, _cfg(iterations=2)))
+    run_generator(refine(model, meta, vol, _cfg(iterations=2, bn_mix=1.0)))
     assert vol_w and seen and len(vol_w) == len(seen)
     # the same first batch, other weights: whole-volume counts differ from one batch's
     assert not torch.allclose(vol_w[0], seen[0])

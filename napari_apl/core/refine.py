@@ -100,10 +100,10 @@ class RefineConfig:
     bn: str = "adapt"
     """Batch-norm handling: ``frozen`` (source statistics kept), ``train`` (target batch statistics) or
     ``adapt`` (statistics re-estimated once on the whole target volume, AdaBN, then frozen)."""
-    bn_mix: float = 1.0
+    bn_mix: float = 0.25
     """With ``bn="adapt"``, the target's share of the re-estimated statistics: mean and variance become
-    ``bn_mix · target + (1 − bn_mix) · source`` (1 = plain AdaBN; a prior on the source statistics as in
-    Schneider et al. 2020)."""
+    ``bn_mix · target + (1 − bn_mix) · source`` (1 = plain AdaBN, 0 = the source's; a prior on the
+    source statistics as in Schneider et al. 2020)."""
     teacher_decay: float = 0.99
     """EMA decay of a teacher copy that makes the pseudo labels; 0 disables the teacher."""
     channels_last: bool = True
