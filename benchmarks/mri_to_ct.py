@@ -329,13 +329,16 @@ def table_md(table: dict) -> list[str]:
 
 
 def git_commit() -> str:
-    """The checked-out commit (and whether the tree has local changes)."""
+    """The checked-out commit (and whether the tree has local changes besides the results files)."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True
+        dirty = subprocess.run(  # the results this script rewrites do not count as changes
+            ["git", "status", "--porcelain", "--", ".", ":(exclude)benchmarks/results"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         return sha + (" (with uncommitted changes)" if dirty else "")
     except OSError:
