@@ -95,7 +95,7 @@ def _write_maps(pred_maps: dict, out: Path, volume, overwrite: bool) -> list[Pat
 def _largest_components(maps: dict) -> dict:
     """Keep each organ's largest connected piece in the label maps; print what was removed."""
     from .core.labels import CLASS_NAMES
-    from .core.postprocess import largest_components, removed_fraction
+    from .core.postprocess import largest_components, removal_warnings, removed_fraction
 
     out = dict(maps)
     for name in ("main", "aux", "pseudo_label"):
@@ -103,6 +103,8 @@ def _largest_components(maps: dict) -> dict:
         gone = removed_fraction(maps[name], out[name])
         text = ", ".join(f"{CLASS_NAMES[c]} {100 * f:.1f}%" for c, f in gone.items() if f > 0)
         print(f"largest component: {name}: removed {text or 'nothing'}")
+        for line in removal_warnings(gone, CLASS_NAMES):
+            print(f"warning: {name}: {line}")
     return out
 
 
@@ -437,7 +439,7 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
         "--largest-component",
         action="store_true",
         help="keep only each organ's largest connected piece in the main, aux and pseudo_label masks "
-        "(smaller islands become background)",
+        "(smaller islands become background; a warning names any organ that loses over a quarter)",
     )
     p.add_argument(
         "--lazy",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_apl.core.postprocess import largest_components, removed_fraction
+from napari_apl.core.labels import CLASS_NAMES
+from napari_apl.core.postprocess import largest_components, removal_warnings, removed_fraction
 
 
 def test_islands_become_background_and_the_largest_piece_stays() -> None:
@@ -24,6 +25,9 @@ def test_islands_become_background_and_the_largest_piece_stays() -> None:
     gone = removed_fraction(lab, out)
     assert gone[1] == pytest.approx(4 / 112) and gone[4] == pytest.approx(18 / 50)
     assert gone[2] == 0.0 and gone[3] == 0.0
+    # 36 % of the spleen was outside its largest piece: flagged; 4 % of the liver: not
+    (warning,) = removal_warnings(gone, CLASS_NAMES)
+    assert warning.startswith("spleen: 36% of its voxels")
 
 
 def test_pieces_touching_at_a_corner_are_one_piece() -> None:

@@ -375,15 +375,20 @@ def test_export_round_trip(setup, tmp_path: Path, notifications: list[str]) -> N
     assert len(panel.export()) == 8
 
 
-def test_export_keeps_each_organs_largest_piece(setup, tmp_path: Path) -> None:
+def test_export_keeps_each_organs_largest_piece(setup, tmp_path: Path, monkeypatch) -> None:
     """The export option drops an organ's smaller islands from the files, not from the layer."""
+    import napari_apl.widgets._controller as controller_module
+
+    warned: list[str] = []
+    monkeypatch.setattr(controller_module, "show_warning", lambda message: warned.append(str(message)))
     viewer, widget, _image, _labels = setup("LAS")
     widget.predict(sync=True)
     layer = viewer.layers[LAYER_PSEUDO]
     data = np.zeros_like(layer.data)
     data[2:5, 10:13, 10:13] = 1  # a liver of 27 voxels ...
     data[8:10, 30:32, 30:32] = 1  # ... and an 8-voxel island well away from it
-    data[2:4, 30:32, 10:12] = 4  # a spleen in one piece
+    data[2:4, 30:32, 10:12] = 4  # a spleen of 8 voxels ...
+    data[9, 5:8, 40:42] = 4  # ... and a 6-voxel island: 43 % of the spleen goes, which is flagged
     layer.data = data
     panel = widget.export_panel
     panel.folder.value = str(tmp_path / "out")
@@ -395,7 +400,10 @@ def test_export_keeps_each_organs_largest_piece(setup, tmp_path: Path) -> None:
     report = json.loads((tmp_path / "out" / "image_report.json").read_text())
     assert report["largest_component"] is True
     assert report["removed_fraction"]["pseudo-label"]["liver"] == pytest.approx(8 / 35)
-    assert report["removed_fraction"]["pseudo-label"]["spleen"] == 0
+    assert report["removed_fraction"]["pseudo-label"]["spleen"] == pytest.approx(6 / 14)
+    assert report["removed_fraction"]["pseudo-label"]["left kidney"] == 0
+    # 23 % of the liver went (not flagged), 43 % of the spleen (flagged)
+    assert len(warned) == 1 and "spleen: 43%" in warned[0] and "false positive" in warned[0]
     assert report["organs"][0]["voxels"] == 27  # the report describes what was written
     assert (layer.data == 1).sum() == 35  # the layer keeps the island
 
