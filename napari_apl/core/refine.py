@@ -31,7 +31,7 @@ note and ``benchmarks/results/mri_to_ct.md``):
   100 iterations raised it to 39.2. With the current source model (30 epochs at 2.5 mm, CT start
   64.9) full re-estimation (``bn_mix=1``) alone lowers the CT to 62.2 (spleen 64.7 -> 38.0) and mr_sm
   from 56.7 to 52.7, and APL ended at 66.8 with the spleen -15.0. Mixing a quarter target into the
-  source statistics keeps what the weaker model needed and spares the stronger one: single APL runs
+  source statistics (Schneider et al.'s prior; not measured with the earlier model): single APL runs
   with mix 0.5 / 0.25 / frozen gave CT 67.8 / 68.1 / 68.1, mr_sm 55.3 / 55.9 / 56.2, phantom
   58.2 / 58.5 / 58.5; in the benchmark (3 seeds, every method re-run with it) APL gives CT 68.1
   (spleen +1.2, left kidney -2.2) and is the best row by 4 points.
