@@ -221,7 +221,9 @@ def test_refine_pause_resume_stop(setup, qtbot) -> None:
     ctl = widget.controller
     widget.predict(sync=True)
     panel = widget.refine_panel
+    assert panel.bn_mix.value() == RefineConfig().bn_mix
     panel.iterations.setValue(500)
+    panel.bn_mix.setValue(0.6)
     panel.start()
     qtbot.waitUntil(lambda: len(ctl.history) >= 1, timeout=60000)
     assert panel.stop_button.isEnabled() and not panel.start_button.isEnabled()
@@ -238,6 +240,7 @@ def test_refine_pause_resume_stop(setup, qtbot) -> None:
     qtbot.waitUntil(lambda: not ctl.busy, timeout=60000)
     result = ctl.last_result
     assert result.stopped and 1 <= result.iterations_done < 500
+    assert ctl.last_config.bn_mix == pytest.approx(0.6)  # the panel's setting reached the run
     np.testing.assert_array_equal(to_canonical_order(viewer.layers[LAYER_PSEUDO].data), ctl.prediction.pseudo)
     assert panel.start_button.isEnabled() and not panel.stop_button.isEnabled()
     # the stopped model is usable, and Revert goes back to the checkpoint

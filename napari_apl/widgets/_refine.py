@@ -1,4 +1,4 @@
-"""Refine panel: method, iterations, learning rate; run, pause, resume, stop, revert; live loss plot."""
+"""Refine panel: method, iterations, learning rate, BN target share; run, pause, stop, revert; live plots."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from qtpy.QtWidgets import (
     QComboBox,
+    QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -61,6 +62,15 @@ class RefinePanel(QWidget):
         self.iterations.setValue(defaults.iterations)
         self.lr = ScientificSpinBox(1e-8, 1.0)
         self.lr.setValue(defaults.lr)
+        self.bn_mix = QDoubleSpinBox()
+        self.bn_mix.setRange(0.0, 1.0)
+        self.bn_mix.setSingleStep(0.05)
+        self.bn_mix.setDecimals(2)
+        self.bn_mix.setValue(defaults.bn_mix)
+        self.bn_mix.setToolTip(
+            "share of the target scan in the re-estimated batch-norm statistics: 0 keeps the source "
+            "model's, 1 is plain AdaBN; lower it if an organ fades as soon as refinement starts"
+        )
         self.start_button = QPushButton("Refine")
         self.pause_button = QPushButton("Pause")
         self.stop_button = QPushButton("Stop")
@@ -76,6 +86,7 @@ class RefinePanel(QWidget):
         form.addRow("method", self.method)
         form.addRow("iterations", self.iterations)
         form.addRow("learning rate", self.lr)
+        form.addRow("BN target share", self.bn_mix)
         buttons = QHBoxLayout()
         for b in (self.start_button, self.pause_button, self.stop_button, self.revert_button):
             buttons.addWidget(b)
@@ -104,7 +115,10 @@ class RefinePanel(QWidget):
     def config(self) -> RefineConfig:
         """The refinement settings shown in the panel."""
         return RefineConfig(
-            method=self.method.currentText(), iterations=self.iterations.value(), lr=self.lr.value()
+            method=self.method.currentText(),
+            iterations=self.iterations.value(),
+            lr=self.lr.value(),
+            bn_mix=self.bn_mix.value(),
         )
 
     def start(self) -> bool:
