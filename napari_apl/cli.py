@@ -95,17 +95,15 @@ def _write_maps(pred_maps: dict, out: Path, volume, overwrite: bool) -> list[Pat
 def _largest_components(maps: dict) -> dict:
     """Keep each organ's largest connected piece in the label maps; print what was removed."""
     from .core.labels import CLASS_NAMES
-    from .core.postprocess import largest_components, removal_warnings, removed_fraction
+    from .core.postprocess import clean_masks, removal_warnings
 
-    out = dict(maps)
-    for name in ("main", "aux", "pseudo_label"):
-        out[name] = largest_components(maps[name])
-        gone = removed_fraction(maps[name], out[name])
+    cleaned, removed = clean_masks({name: maps[name] for name in ("main", "aux", "pseudo_label")})
+    for name, gone in removed.items():
         text = ", ".join(f"{CLASS_NAMES[c]} {100 * f:.1f}%" for c, f in gone.items() if f > 0)
         print(f"largest component: {name}: removed {text or 'nothing'}")
         for line in removal_warnings(gone, CLASS_NAMES):
             print(f"warning: {name}: {line}")
-    return out
+    return {**maps, **cleaned}
 
 
 def _stop_on_sigint(control, bar):

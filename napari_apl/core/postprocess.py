@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -54,6 +54,12 @@ def removed_fraction(
         n = int(np.count_nonzero(before == c))
         out[c] = 0.0 if n == 0 else 1.0 - int(np.count_nonzero(after == c)) / n
     return out
+
+
+def clean_masks(masks: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, dict[int, float]]]:
+    """Keep each organ's largest piece in every mask; also return each mask's fraction removed per organ."""
+    cleaned = {name: largest_components(arr) for name, arr in masks.items()}
+    return cleaned, {name: removed_fraction(masks[name], cleaned[name]) for name in masks}
 
 
 def removal_warnings(removed: dict[int, float], names: tuple[str, ...] | list[str]) -> list[str]:

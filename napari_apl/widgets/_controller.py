@@ -51,7 +51,7 @@ from ..core.infer import Prediction, SlicePredictor, iter_predict, write_map
 from ..core.io_utils import atomic_write, check_output_path
 from ..core.labels import CLASS_NAMES, ORGANS
 from ..core.metrics import evaluate, label_name
-from ..core.postprocess import largest_components, removal_warnings, removed_fraction
+from ..core.postprocess import clean_masks, removal_warnings
 from ..core.preprocess import PRESETS, Normalization, choose_normalization
 from ..core.refine import RefineConfig, RefineControl, RefineEvent, RefineResult, refine
 from ..core.utils import release_device_memory, resolve_device
@@ -1068,13 +1068,11 @@ class APLController:
         masks = self._current_masks()
         removed = None
         if largest_component:
-            cleaned = {kind: largest_components(arr) for kind, arr in masks.items()}
-            fractions = {kind: removed_fraction(masks[kind], cleaned[kind]) for kind in masks}
+            masks, fractions = clean_masks(masks)
             removed = {kind: {label_name(c): f for c, f in fr.items()} for kind, fr in fractions.items()}
             names = self.meta.class_names if self.meta else list(CLASS_NAMES)
             for line in removal_warnings(fractions["pseudo-label"], names):
                 show_warning(f"napari-apl: exported pseudo-label, {line}")
-            masks = cleaned
         report = self.report(masks["pseudo-label"], gt_layer)
         report["largest_component"] = largest_component
         report["removed_fraction"] = removed
