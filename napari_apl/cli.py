@@ -548,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="glob of source images")
     p.add_argument("--labels", required=True, help="glob of label volumes (paired after sorting)")
     p.add_argument("--arch", default="unet-dual")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=45)
     p.add_argument("--normalize", default="mri", help="source intensity preset (default mri)")
     p.add_argument("--spacing", type=float, nargs=2, default=(2.5, 2.5), metavar=("MX", "MY"))
     p.add_argument("--input-size", type=int, nargs=2, default=(160, 160), metavar=("H", "W"))

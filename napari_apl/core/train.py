@@ -37,7 +37,7 @@ class TrainConfig:
 
     arch: str = "unet-dual"
     arch_args: dict = field(default_factory=dict)
-    epochs: int = 30
+    epochs: int = 45
     batch_size: int = 16
     lr: float = 1e-3
     spacing: tuple[float, float] = (2.5, 2.5)
