@@ -264,7 +264,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
         corr = np.asarray(corr_vol.data)
         corrections = np.where(corr == args.corrections_unset, -1, corr).astype(np.int16)
     cfg = RefineConfig.for_method(args.method, iterations=args.iterations, seed=args.seed, device=args.device)
-    for key in ("lr", "batch_size", "weight", "teacher_decay", "tau", "bn", "bn_mix"):
+    for key in ("lr", "batch_size", "weight", "teacher_decay", "tau", "bn", "bn_mix", "class_balance_power"):
         val = getattr(args, key)
         if val is not None:
             setattr(cfg, key, val)
@@ -516,6 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--bn-mix",
         type=float,
         help="with --bn adapt: the target's share of the batch-norm statistics, 0..1 (default 0.25)",
+    )
+    p.add_argument(
+        "--class-balance-power",
+        type=float,
+        help="apl: L_SSL class weights ∝ 1/frequency^P (default 0.5; 0 = unweighted; lower it where the "
+        "start model's organs are already too large, as the weighting grows them)",
     )
     p.add_argument(
         "--corrections", help="label volume of hand corrections on the image grid (kept as hard labels)"

@@ -230,6 +230,8 @@ def test_bn_mix_blends_source_and_target_statistics(setup):
     assert res.iterations_done == 2
     with pytest.raises(APLError, match="bn_mix"):
         _cfg(bn_mix=1.5).validate()
+    with pytest.raises(APLError, match="class_balance_power"):
+        _cfg(class_balance_power=-0.5).validate()
 
 
 def test_volume_class_balance_weighs_classes_by_the_whole_ensemble(setup, monkeypatch):
@@ -387,3 +389,31 @@ def test_to_volume_gathers_the_float_nearest_resampling(setup):
     got = _to_volume(prep, low.to(torch.uint8))
     assert got.shape == image.shape and got.flags.f_contiguous
     assert np.array_equal(got, want.permute(1, 2, 0).numpy())
+
+
+def test_class_balance_power_is_the_exponent_of_the_class_weights(setup, monkeypatch):
+    """Class weights ∝ 1/frequency^p: p = 0 is unweighted, p = 1 squares p = 0.5's ratios."""
+    import torch.nn.functional as F
+
+    model, meta, vol = setup
+    seen: list[torch.Tensor] = []
+    real_ce = F.cross_entropy
+
+    def spy(logits, target, weight=None, **kw):
+        if weight is not None:
+            seen.append(weight.detach().clone())
+        return real_ce(logits, target, weight=weight, **kw)
+
+    monkeypatch.setattr(pseudo.F, "cross_entropy", spy)
+    by_power = {}
+    for p in (0.0, 0.5, 1.0):
+        seen.clear()
+        run_generator(refine(model, meta, vol, _cfg(iterations=1, bn_mix=1.0, class_balance_power=p)))
+        by_power[p] = seen[0]
+    present = by_power[0.5] > 0
+    assert present.sum() >= 2, "the first batch must hold at least two classes for this test"
+    torch.testing.assert_close(by_power[0.0][present], torch.ones(int(present.sum())))
+    half, full = by_power[0.5][present], by_power[1.0][present]
+    assert not torch.allclose(half, torch.ones_like(half))
+    ratio_half, ratio_full = half / half[0], full / full[0]
+    torch.testing.assert_close(ratio_full, ratio_half**2, rtol=1e-4, atol=1e-6)
