@@ -222,8 +222,10 @@ def test_refine_pause_resume_stop(setup, qtbot) -> None:
     widget.predict(sync=True)
     panel = widget.refine_panel
     assert panel.bn_mix.value() == RefineConfig().bn_mix
+    assert panel.class_power.value() == RefineConfig().class_balance_power
     panel.iterations.setValue(500)
     panel.bn_mix.setValue(0.6)
+    panel.class_power.setValue(0.25)
     panel.start()
     qtbot.waitUntil(lambda: len(ctl.history) >= 1, timeout=60000)
     assert panel.stop_button.isEnabled() and not panel.start_button.isEnabled()
@@ -240,7 +242,8 @@ def test_refine_pause_resume_stop(setup, qtbot) -> None:
     qtbot.waitUntil(lambda: not ctl.busy, timeout=60000)
     result = ctl.last_result
     assert result.stopped and 1 <= result.iterations_done < 500
-    assert ctl.last_config.bn_mix == pytest.approx(0.6)  # the panel's setting reached the run
+    assert ctl.last_config.bn_mix == pytest.approx(0.6)  # the panel's settings reached the run
+    assert ctl.last_config.class_balance_power == pytest.approx(0.25)
     np.testing.assert_array_equal(to_canonical_order(viewer.layers[LAYER_PSEUDO].data), ctl.prediction.pseudo)
     assert panel.start_button.isEnabled() and not panel.stop_button.isEnabled()
     # the stopped model is usable, and Revert goes back to the checkpoint

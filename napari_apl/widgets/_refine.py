@@ -71,6 +71,15 @@ class RefinePanel(QWidget):
             "share of the target scan in the re-estimated batch-norm statistics: 0 keeps the source "
             "model's, 1 is plain AdaBN; lower it if an organ fades as soon as refinement starts"
         )
+        self.class_power = QDoubleSpinBox()
+        self.class_power.setRange(0.0, 2.0)
+        self.class_power.setSingleStep(0.05)
+        self.class_power.setDecimals(2)
+        self.class_power.setValue(defaults.class_balance_power)
+        self.class_power.setToolTip(
+            "APL's class weights ∝ 1/frequency^p: they make every organ grow; lower p (0 = unweighted) "
+            "if the start model's organs are already too large, raise it if a small organ fades"
+        )
         self.start_button = QPushButton("Refine")
         self.pause_button = QPushButton("Pause")
         self.stop_button = QPushButton("Stop")
@@ -87,6 +96,7 @@ class RefinePanel(QWidget):
         form.addRow("iterations", self.iterations)
         form.addRow("learning rate", self.lr)
         form.addRow("BN target share", self.bn_mix)
+        form.addRow("class weight power", self.class_power)
         buttons = QHBoxLayout()
         for b in (self.start_button, self.pause_button, self.stop_button, self.revert_button):
             buttons.addWidget(b)
@@ -119,6 +129,7 @@ class RefinePanel(QWidget):
             iterations=self.iterations.value(),
             lr=self.lr.value(),
             bn_mix=self.bn_mix.value(),
+            class_balance_power=self.class_power.value(),
         )
 
     def start(self) -> bool:
