@@ -247,7 +247,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
 
     from .core.checkpoint import save_checkpoint
     from .core.infer import predict_volume
-    from .core.refine import RefineConfig, RefineControl, refine
+    from .core.refine import RefineConfig, RefineControl, organ_size_change, refine
     from .core.volume import load_volume
 
     out = _out_dir(args.out_dir)
@@ -313,6 +313,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
         "notes": result.notes,
         "largest_component": args.largest_component,
         "seconds": elapsed,
+        "organ_voxels": result.organ_voxels,
         "history": result.history,
     }
     from .core.io_utils import atomic_write, staged_outputs
@@ -329,6 +330,8 @@ def cmd_refine(args: argparse.Namespace) -> int:
         print(f"wrote {p}")
     for n in result.notes:
         print(f"note: {n}")
+    if size := organ_size_change(result, meta.class_names):
+        print(size)
     print(f"refined for {result.iterations_done} iterations in {elapsed:.1f} s")
     return 0
 

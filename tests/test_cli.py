@@ -194,3 +194,25 @@ def test_console_script_help_runs():
         [sys.executable, "-m", "napari_apl.cli", "refine", "--help"], capture_output=True, text=True
     )
     assert res.returncode == 0 and "--method" in res.stdout
+
+
+def test_refine_reports_organ_size_change(tmp_path, phantom_dir, capsys):
+    """refine prints and logs each organ's size in the refined model against the loaded model's."""
+    from napari_apl._sample_data import demo_checkpoint_path
+
+    image, ck = str(phantom_dir / "image.nii.gz"), str(demo_checkpoint_path())
+    base = ["refine", image, "-c", ck, "--batch-size", "2", "--teacher-precision", "fp32"]
+    # no iterations and the source's batch-norm statistics: the returned model is the loaded one
+    assert main([*base, "-o", str(tmp_path / "same"), "-n", "0", "--bn", "frozen"]) == 0
+    out = capsys.readouterr().out
+    log = json.loads((tmp_path / "same" / "log.json").read_text())
+    start, refined = log["organ_voxels"]["start"], log["organ_voxels"]["refined"]
+    assert start == refined and len(start) == 5 and min(start[1:]) > 0  # the demo model finds every organ
+    assert (
+        "organ size, refined vs loaded model: liver +0%, right kidney +0%, left kidney +0%, spleen +0%" in out
+    )
+    # a real run changes them, and the total stays the number of voxels on the model grid
+    assert main([*base, "-o", str(tmp_path / "moved"), "-n", "4", "--lr", "1e-3", "-q"]) == 0
+    moved = json.loads((tmp_path / "moved" / "log.json").read_text())["organ_voxels"]
+    assert moved["start"] == start and sum(moved["refined"]) == sum(start) and moved["refined"] != start
+    assert "organ size, refined vs loaded model: liver " in capsys.readouterr().out

@@ -417,3 +417,16 @@ def test_class_balance_power_is_the_exponent_of_the_class_weights(setup, monkeyp
     assert not torch.allclose(half, torch.ones_like(half))
     ratio_half, ratio_full = half / half[0], full / full[0]
     torch.testing.assert_close(ratio_full, ratio_half**2, rtol=1e-4, atol=1e-6)
+
+
+def test_organ_size_change_line():
+    """The size line gives a signed percentage per organ, and names organs the loaded model lacked."""
+    from napari_apl.core.refine import RefineResult, organ_size_change
+
+    sizes = {"start": [90, 100, 40, 0, 0], "refined": [60, 117, 30, 5, 0]}
+    res = RefineResult(model=None, pseudo=np.zeros(1), organ_voxels=sizes)
+    names = ["background", "liver", "right kidney", "left kidney", "spleen"]
+    line = organ_size_change(res, names)
+    want = "liver +17%, right kidney -25%, left kidney new (5 voxels), spleen none"
+    assert line == f"organ size, refined vs loaded model: {want}"
+    assert organ_size_change(RefineResult(model=None, pseudo=np.zeros(1)), names) == ""

@@ -161,10 +161,13 @@ def test_refine_finishes_with_consistent_layers(setup, qtbot) -> None:
     pseudo.events.data.connect(lambda e: data_events.append(1))
     finished: list = []
     ctl.refine_finished.connect(finished.append)
+    statuses: list[str] = []
+    ctl.status.connect(statuses.append)
     assert ctl.refine(tiny_refine(4, emit_every=1))
     assert not pseudo.editable  # no painting while the labels are being rewritten
     qtbot.waitUntil(lambda: not ctl.busy, timeout=60000)
     assert finished and finished[0].iterations_done == 4 and not finished[0].stopped
+    assert "organ size, refined vs loaded model: liver " in statuses[-1]  # how the masks moved
     assert ctl.live_updates >= 1 and len(ctl.history) == 4
     assert len(data_events) >= 2  # live overlay, then the final re-prediction
     assert ctl.refined and ctl.model is finished[0].model
@@ -358,6 +361,8 @@ def test_export_round_trip(setup, tmp_path: Path, notifications: list[str]) -> N
     )
     report = json.loads((out / "image_report.json").read_text())
     assert report["ground_truth"] == labels.name and report["refined"]
+    sizes = report["refinement"]["organ_voxels_model_grid"]  # loaded vs refined model, per class
+    assert len(sizes["start"]) == len(sizes["refined"]) == 5 and sum(sizes["start"]) == sum(sizes["refined"])
     liver = report["organs"][0]
     assert liver["organ"] == "liver" and {"volume_ml", "mean_confidence", "dice", "assd_mm"} <= set(liver)
     voxel_ml = float(np.prod(ctl.geometry.spacing)) / 1000

@@ -65,7 +65,7 @@ import functools
 import math
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,6 +275,23 @@ class RefineResult:
     stopped: bool = False
     iterations_done: int = 0
     notes: list[str] = field(default_factory=list)
+    organ_voxels: dict[str, list[int]] = field(default_factory=dict)
+    """Voxels per class (on the model grid, whole target) of the merged prediction of the model as
+    loaded (``"start"``, before any batch-norm re-estimation) and of the returned model (``"refined"``)."""
+
+
+def organ_size_change(result: RefineResult, class_names: Sequence[str]) -> str:
+    """One line: how much each organ's predicted size changed from the loaded model to the refined one."""
+    start, end = result.organ_voxels.get("start"), result.organ_voxels.get("refined")
+    if not start or not end:
+        return ""
+    parts = []
+    for c in range(1, min(len(start), len(end), len(class_names))):
+        if start[c] == 0:
+            parts.append(f"{class_names[c]} {'none' if end[c] == 0 else f'new ({end[c]} voxels)'}")
+        else:
+            parts.append(f"{class_names[c]} {100.0 * (end[c] - start[c]) / start[c]:+.0f}%")
+    return "organ size, refined vs loaded model: " + ", ".join(parts)
 
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -357,6 +374,22 @@ def _cpu_has_native_bf16() -> bool:
 def _organ_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Return voxel counts per class of a label tensor."""
     return torch.bincount(labels.reshape(-1).long(), minlength=num_classes)[:num_classes]
+
+
+def _count_prediction(
+    net: DualHeadNet, xs: torch.Tensor, dev: torch.device, num_classes: int, amp: bool
+) -> torch.Tensor:
+    """Voxels per class of ``net``'s merged prediction over all prepared slices ``xs`` (model grid)."""
+    was = net.training
+    net.eval()
+    counts = torch.zeros(num_classes, dtype=torch.long)
+    with torch.inference_mode(), torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
+        for s in range(0, len(xs), 16):
+            m, a = net(xs[s : s + 16].to(dev))
+            merged = pseudo.merge(torch.softmax(m.float(), 1), torch.softmax(a.float(), 1))
+            counts += _organ_counts(pseudo.class_argmax(merged).cpu(), num_classes)
+    net.train(was)
+    return counts
 
 
 def _finite(model: torch.nn.Module) -> bool:
@@ -508,6 +541,10 @@ def refine(
     hw = (int(xs.shape[-2]), int(xs.shape[-1]))
     corr = _grid_corrections(prep, corrections)
 
+    # With a teacher, every no-grad prediction here runs at the teacher's precision (bf16 where native).
+    low = use_amp or (cfg.teacher_decay > 0 and _teacher_bf16(cfg.teacher_bf16, dev))
+    # the loaded model's organ sizes, to report how refinement changed them (one pass over the target)
+    loaded_counts = _count_prediction(student, xs, dev, num_classes, low)
     if cfg.bn == "adapt":
         _adapt_bn(student, xs, dev, cfg.bn_mix)
 
@@ -520,7 +557,6 @@ def refine(
     ensemble = _Ensemble(n_slices, num_classes, hw, cfg.ensemble_decay)
 
     # With a teacher, every no-grad prediction here is the teacher's (or a frozen copy of it).
-    low = use_amp or (teacher is not None and _teacher_bf16(cfg.teacher_bf16, dev))
 
     def predict_probs(net: DualHeadNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return both heads' probabilities for the slices ``x`` on the model grid (inference mode)."""
@@ -861,6 +897,7 @@ def refine(
             idx = list(range(s, min(s + 16, n_slices)))
             pm, pa = predict_probs(final, xs[idx])
             ensemble.update(idx, pseudo.merge(pm, pa))
+    refined_counts = _count_prediction(final, xs, dev, num_classes, low)
     final = final.to("cpu", memory_format=torch.contiguous_format).eval()
     for p in final.parameters():
         p.requires_grad_(True)
@@ -874,6 +911,7 @@ def refine(
         stopped=stopped,
         iterations_done=it,
         notes=notes,
+        organ_voxels={"start": loaded_counts.tolist(), "refined": refined_counts.tolist()},
     )
     student = teacher = None  # free the copies before the device cache is released
     release_device_memory(dev)

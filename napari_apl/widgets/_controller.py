@@ -53,7 +53,7 @@ from ..core.labels import CLASS_NAMES, ORGANS
 from ..core.metrics import evaluate, label_name
 from ..core.postprocess import clean_masks, removal_warnings
 from ..core.preprocess import PRESETS, Normalization, choose_normalization
-from ..core.refine import RefineConfig, RefineControl, RefineEvent, RefineResult, refine
+from ..core.refine import RefineConfig, RefineControl, RefineEvent, RefineResult, organ_size_change, refine
 from ..core.utils import release_device_memory, resolve_device
 from ..core.volume import save_canonical
 
@@ -677,7 +677,10 @@ class APLController:
                 if note not in self._notes_shown:
                     show_warning(f"napari-apl: {note}")
             how = "stopped" if result.stopped else "finished"
-            self.status.emit(f"refinement {how} after {result.iterations_done} iterations")
+            size = organ_size_change(result, meta.class_names)
+            self.status.emit(
+                f"refinement {how} after {result.iterations_done} iterations" + (f"; {size}" if size else "")
+            )
             self.refine_finished.emit(result)
 
         self._run("refine", job, on_yield, on_return, cfg.iterations, sync)
@@ -1178,6 +1181,7 @@ class APLController:
                 "iterations_done": self.last_result.iterations_done,
                 "stopped": self.last_result.stopped,
                 "notes": list(self.last_result.notes),
+                "organ_voxels_model_grid": dict(self.last_result.organ_voxels),
             }
         if scores is not None:
             rep["ground_truth"] = gt_layer.name
