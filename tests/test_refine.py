@@ -428,5 +428,5 @@ def test_organ_size_change_line():
     names = ["background", "liver", "right kidney", "left kidney", "spleen"]
     line = organ_size_change(res, names)
     want = "liver +17%, right kidney -25%, left kidney new (5 voxels), spleen none"
-    assert line == f"organ size, refined vs loaded model: {want}"
+    assert line == f"organ size vs the starting model: {want}"
     assert organ_size_change(RefineResult(model=None, pseudo=np.zeros(1)), names) == ""

@@ -167,7 +167,7 @@ def test_refine_finishes_with_consistent_layers(setup, qtbot) -> None:
     assert not pseudo.editable  # no painting while the labels are being rewritten
     qtbot.waitUntil(lambda: not ctl.busy, timeout=60000)
     assert finished and finished[0].iterations_done == 4 and not finished[0].stopped
-    assert "organ size, refined vs loaded model: liver " in statuses[-1]  # how the masks moved
+    assert "organ size vs the starting model: liver " in statuses[-1]  # how the masks moved
     assert ctl.live_updates >= 1 and len(ctl.history) == 4
     assert len(data_events) >= 2  # live overlay, then the final re-prediction
     assert ctl.refined and ctl.model is finished[0].model

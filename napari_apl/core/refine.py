@@ -276,12 +276,12 @@ class RefineResult:
     iterations_done: int = 0
     notes: list[str] = field(default_factory=list)
     organ_voxels: dict[str, list[int]] = field(default_factory=dict)
-    """Voxels per class (on the model grid, whole target) of the merged prediction of the model as
-    loaded (``"start"``, before any batch-norm re-estimation) and of the returned model (``"refined"``)."""
+    """Voxels per class (on the model grid, whole target) of the merged prediction of the model passed
+    in (``"start"``, before any batch-norm re-estimation) and of the returned model (``"refined"``)."""
 
 
 def organ_size_change(result: RefineResult, class_names: Sequence[str]) -> str:
-    """One line: how much each organ's predicted size changed from the loaded model to the refined one."""
+    """One line: how much each organ's predicted size changed from the starting model to the refined one."""
     start, end = result.organ_voxels.get("start"), result.organ_voxels.get("refined")
     if not start or not end:
         return ""
@@ -291,7 +291,7 @@ def organ_size_change(result: RefineResult, class_names: Sequence[str]) -> str:
             parts.append(f"{class_names[c]} {'none' if end[c] == 0 else f'new ({end[c]} voxels)'}")
         else:
             parts.append(f"{class_names[c]} {100.0 * (end[c] - start[c]) / start[c]:+.0f}%")
-    return "organ size, refined vs loaded model: " + ", ".join(parts)
+    return "organ size vs the starting model: " + ", ".join(parts)
 
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -541,7 +541,8 @@ def refine(
     hw = (int(xs.shape[-2]), int(xs.shape[-1]))
     corr = _grid_corrections(prep, corrections)
 
-    # With a teacher, every no-grad prediction here runs at the teacher's precision (bf16 where native).
+    # With a teacher, every no-grad prediction here is the teacher's (or a frozen copy of it, or the
+    # loaded model's below) and runs at the teacher's precision (bf16 where native).
     low = use_amp or (cfg.teacher_decay > 0 and _teacher_bf16(cfg.teacher_bf16, dev))
     # the loaded model's organ sizes, to report how refinement changed them (one pass over the target)
     loaded_counts = _count_prediction(student, xs, dev, num_classes, low)
@@ -555,8 +556,6 @@ def refine(
             p.requires_grad_(False)
 
     ensemble = _Ensemble(n_slices, num_classes, hw, cfg.ensemble_decay)
-
-    # With a teacher, every no-grad prediction here is the teacher's (or a frozen copy of it).
 
     def predict_probs(net: DualHeadNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return both heads' probabilities for the slices ``x`` on the model grid (inference mode)."""
