@@ -193,12 +193,19 @@ APL_ONLY = ("class_norm", "class_balance_volume")
 NEUTRAL = {"bn_mix": 1.0}
 
 
+# Settings only APL's L_SSL step reads that were part of every method's key when the baseline runs
+# were cached: other methods' keys hold them at that value whatever the default (they cannot change
+# those runs), so a new APL default does not invalidate the baselines.
+APL_ONLY_PINNED = {"class_balance": True, "class_balance_power": 0.5}
+
+
 def run_key(cfg: RefineConfig) -> dict:
     """The settings that identify a cached refinement run."""
     d = cfg.to_dict()
     if cfg.method != "apl":
         for k in APL_ONLY:
             d.pop(k, None)
+        d.update(APL_ONLY_PINNED)
     for k, v in NEUTRAL.items():
         if d.get(k) == v:
             d.pop(k)

@@ -523,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--class-balance-power",
         type=float,
-        help="apl: L_SSL class weights ∝ 1/frequency^P (default 0.5; 0 = unweighted; lower it where the "
+        help="apl: L_SSL class weights ∝ 1/frequency^P (default 0.25; 0 = unweighted; lower it where the "
         "start model's organs are already too large, as the weighting grows them)",
     )
     p.add_argument(

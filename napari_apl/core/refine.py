@@ -126,7 +126,7 @@ class RefineConfig:
     """Weight of the past in the per-slice ensemble of merged predictions (step 5 of Algorithm 1)."""
     class_balance: bool = True
     """Weight L_SSL's classes ∝ 1/frequency^``class_balance_power`` of the pseudo labels."""
-    class_balance_power: float = 0.5
+    class_balance_power: float = 0.25
     class_balance_volume: bool = False
     """Read the class frequencies of the class balance from the ensemble's labels over the whole volume
     (refreshed every ``guard_every`` iterations) instead of from each batch's pseudo labels."""
