@@ -197,7 +197,7 @@ def test_console_script_help_runs():
 
 
 def test_refine_reports_organ_size_change(tmp_path, phantom_dir, capsys):
-    """refine prints and logs each organ's size in the refined model against the loaded model's."""
+    """refine prints and logs each organ's size in the refined model against the model it started from."""
     from napari_apl._sample_data import demo_checkpoint_path
 
     image, ck = str(phantom_dir / "image.nii.gz"), str(demo_checkpoint_path())
