@@ -234,13 +234,10 @@ def test_bn_mix_blends_source_and_target_statistics(setup):
         _cfg(class_balance_power=-0.5).validate()
 
 
-def test_volume_class_balance_weighs_classes_by_the_whole_ensemble(setup, monkeypatch):
-    """class_balance_volume: L_SSL's class weights follow the ensemble's label counts, not the batch's."""
-    import torch.nn.functional as F
-
-    model, meta, vol = setup
-    seen = []
-    real_ce = F.cross_entropy
+def _spy_class_weights(monkeypatch) -> list[torch.Tensor]:
+    """Record the class weights of every weighted cross-entropy L_SSL computes, in call order."""
+    seen: list[torch.Tensor] = []
+    real_ce = pseudo.F.cross_entropy
 
     def spy(logits, target, weight=None, **kw):
         if weight is not None:
@@ -248,6 +245,13 @@ def test_volume_class_balance_weighs_classes_by_the_whole_ensemble(setup, monkey
         return real_ce(logits, target, weight=weight, **kw)
 
     monkeypatch.setattr(pseudo.F, "cross_entropy", spy)
+    return seen
+
+
+def test_volume_class_balance_weighs_classes_by_the_whole_ensemble(setup, monkeypatch):
+    """class_balance_volume: L_SSL's class weights follow the ensemble's label counts, not the batch's."""
+    model, meta, vol = setup
+    seen = _spy_class_weights(monkeypatch)
     # plain AdaBN: with the untrained model's source statistics every pixel falls in one class
     run_generator(refine(model, meta, vol, _cfg(iterations=2, class_balance_volume=True, bn_mix=1.0)))
     vol_w = list(seen)
@@ -393,18 +397,8 @@ def test_to_volume_gathers_the_float_nearest_resampling(setup):
 
 def test_class_balance_power_is_the_exponent_of_the_class_weights(setup, monkeypatch):
     """Class weights ∝ 1/frequency^p: p = 0 is unweighted, p = 1 squares p = 0.5's ratios."""
-    import torch.nn.functional as F
-
     model, meta, vol = setup
-    seen: list[torch.Tensor] = []
-    real_ce = F.cross_entropy
-
-    def spy(logits, target, weight=None, **kw):
-        if weight is not None:
-            seen.append(weight.detach().clone())
-        return real_ce(logits, target, weight=weight, **kw)
-
-    monkeypatch.setattr(pseudo.F, "cross_entropy", spy)
+    seen = _spy_class_weights(monkeypatch)
     by_power = {}
     for p in (0.0, 0.5, 1.0):
         seen.clear()

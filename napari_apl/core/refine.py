@@ -378,22 +378,6 @@ def _organ_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.bincount(labels.reshape(-1).long(), minlength=num_classes)[:num_classes]
 
 
-def _count_prediction(
-    net: DualHeadNet, xs: torch.Tensor, dev: torch.device, num_classes: int, amp: bool
-) -> torch.Tensor:
-    """Voxels per class of ``net``'s merged prediction over all prepared slices ``xs`` (model grid)."""
-    was = net.training
-    net.eval()
-    counts = torch.zeros(num_classes, dtype=torch.long)
-    with torch.inference_mode(), torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-        for s in range(0, len(xs), 16):
-            m, a = net(xs[s : s + 16].to(dev))
-            merged = pseudo.merge(torch.softmax(m.float(), 1), torch.softmax(a.float(), 1))
-            counts += _organ_counts(pseudo.class_argmax(merged).cpu(), num_classes)
-    net.train(was)
-    return counts
-
-
 def _finite(model: torch.nn.Module) -> bool:
     """Whether every parameter and buffer of ``model`` is finite."""
     tensors = [t.detach() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
@@ -546,18 +530,6 @@ def refine(
     # With a teacher, every no-grad prediction here is the teacher's (or a frozen copy of it, or the
     # loaded model's below) and runs at the teacher's precision (bf16 where native).
     low = use_amp or (cfg.teacher_decay > 0 and _teacher_bf16(cfg.teacher_bf16, dev))
-    # the loaded model's organ sizes, to report how refinement changed them (one pass over the target)
-    loaded_counts = _count_prediction(student, xs, dev, num_classes, low)
-    if cfg.bn == "adapt":
-        _adapt_bn(student, xs, dev, cfg.bn_mix)
-
-    teacher: DualHeadNet | None = None
-    if cfg.teacher_decay > 0:
-        teacher = copy.deepcopy(student).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-
-    ensemble = _Ensemble(n_slices, num_classes, hw, cfg.ensemble_decay)
 
     def predict_probs(net: DualHeadNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return both heads' probabilities for the slices ``x`` on the model grid (inference mode)."""
@@ -571,6 +543,27 @@ def refine(
         if was:  # back to training with the configured batch-norm handling (train() alone would undo it)
             _train_mode(net, cfg.bn)
         return torch.softmax(m.float(), 1), torch.softmax(a.float(), 1)
+
+    def label_counts(net: DualHeadNet, idx: Sequence[int]) -> torch.Tensor:
+        """Voxel count per class of ``net``'s merged prediction on the slices ``idx`` (model grid)."""
+        counts = torch.zeros(num_classes, dtype=torch.long)
+        for s in range(0, len(idx), 16):
+            pm, pa = predict_probs(net, xs[list(idx[s : s + 16])])
+            counts += _organ_counts(pseudo.class_argmax(pseudo.merge(pm, pa)).cpu(), num_classes)
+        return counts
+
+    # the loaded model's organ sizes, to report how refinement changed them (one pass over the target)
+    loaded_counts = label_counts(student, range(n_slices))
+    if cfg.bn == "adapt":
+        _adapt_bn(student, xs, dev, cfg.bn_mix)
+
+    teacher: DualHeadNet | None = None
+    if cfg.teacher_decay > 0:
+        teacher = copy.deepcopy(student).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+    ensemble = _Ensemble(n_slices, num_classes, hw, cfg.ensemble_decay)
 
     # Without a teacher the student labels its own batch. With batch-norm statistics fixed and no
     # active dropout its training forward computes exactly its inference forward, so the pseudo labels
@@ -596,12 +589,7 @@ def refine(
 
     def guard_counts(net: DualHeadNet, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """Voxel count per class of ``net``'s merged prediction on the guard slices ``lo:hi``."""
-        part = guard_idx[lo:hi]
-        counts = torch.zeros(num_classes, dtype=torch.long)
-        for s in range(0, len(part), 16):
-            pm, pa = predict_probs(net, xs[part[s : s + 16]])
-            counts += _organ_counts(pseudo.class_argmax(pseudo.merge(pm, pa)).cpu(), num_classes)
-        return counts
+        return label_counts(net, guard_idx[lo:hi])
 
     start_counts = _organ_counts(start_labels[guard_idx], num_classes)
     start_organs = [c for c in range(1, num_classes) if start_counts[c] >= cfg.guard_min_pixels]
@@ -898,7 +886,7 @@ def refine(
             idx = list(range(s, min(s + 16, n_slices)))
             pm, pa = predict_probs(final, xs[idx])
             ensemble.update(idx, pseudo.merge(pm, pa))
-    refined_counts = _count_prediction(final, xs, dev, num_classes, low)
+    refined_counts = label_counts(final, range(n_slices))
     final = final.to("cpu", memory_format=torch.contiguous_format).eval()
     for p in final.parameters():
         p.requires_grad_(True)

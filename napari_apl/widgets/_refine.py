@@ -40,6 +40,17 @@ METHOD_HELP = {
 }
 
 
+def _step_box(top: float, value: float, tip: str) -> QDoubleSpinBox:
+    """A spin box for a setting in [0, ``top``] with steps of 0.05."""
+    box = QDoubleSpinBox()
+    box.setRange(0.0, top)
+    box.setSingleStep(0.05)
+    box.setDecimals(2)
+    box.setValue(value)
+    box.setToolTip(tip)
+    return box
+
+
 class RefinePanel(QWidget):
     """Controls and live plots of a refinement run."""
 
@@ -62,23 +73,17 @@ class RefinePanel(QWidget):
         self.iterations.setValue(defaults.iterations)
         self.lr = ScientificSpinBox(1e-8, 1.0)
         self.lr.setValue(defaults.lr)
-        self.bn_mix = QDoubleSpinBox()
-        self.bn_mix.setRange(0.0, 1.0)
-        self.bn_mix.setSingleStep(0.05)
-        self.bn_mix.setDecimals(2)
-        self.bn_mix.setValue(defaults.bn_mix)
-        self.bn_mix.setToolTip(
+        self.bn_mix = _step_box(
+            1.0,
+            defaults.bn_mix,
             "share of the target scan in the re-estimated batch-norm statistics: 0 keeps the source "
-            "model's, 1 is plain AdaBN; lower it if an organ fades as soon as refinement starts"
+            "model's, 1 is plain AdaBN; lower it if an organ fades as soon as refinement starts",
         )
-        self.class_power = QDoubleSpinBox()
-        self.class_power.setRange(0.0, 2.0)
-        self.class_power.setSingleStep(0.05)
-        self.class_power.setDecimals(2)
-        self.class_power.setValue(defaults.class_balance_power)
-        self.class_power.setToolTip(
+        self.class_power = _step_box(
+            2.0,
+            defaults.class_balance_power,
             "APL's class weights ∝ 1/frequency^p: they make every organ grow; lower p (0 = unweighted) "
-            "if the start model's organs are already too large, raise it if a small organ fades"
+            "if the start model's organs are already too large, raise it if a small organ fades",
         )
         self.start_button = QPushButton("Refine")
         self.pause_button = QPushButton("Pause")
