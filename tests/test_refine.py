@@ -253,10 +253,11 @@ def test_volume_class_balance_weighs_classes_by_the_whole_ensemble(setup, monkey
     model, meta, vol = setup
     seen = _spy_class_weights(monkeypatch)
     # plain AdaBN: with the untrained model's source statistics every pixel falls in one class
-    run_generator(refine(model, meta, vol, _cfg(iterations=2, class_balance_volume=True, bn_mix=1.0)))
+    cw = {"class_balance_power": 0.5}  # (the default power 0 gives every class weight 1)
+    run_generator(refine(model, meta, vol, _cfg(iterations=2, class_balance_volume=True, bn_mix=1.0, **cw)))
     vol_w = list(seen)
     seen.clear()
-    run_generator(refine(model, meta, vol, _cfg(iterations=2, bn_mix=1.0)))
+    run_generator(refine(model, meta, vol, _cfg(iterations=2, bn_mix=1.0, **cw)))
     assert vol_w and seen and len(vol_w) == len(seen)
     # the same first batch, other weights: whole-volume counts differ from one batch's
     assert not torch.allclose(vol_w[0], seen[0])

@@ -82,11 +82,13 @@ from .errors import APLError
 from .infer import PreparedVolume, prepare
 from .models import DualHeadNet
 from .preprocess import Normalization
+from .train import augment_intensity, random_affine_grid, warp_image, warp_labels
 from .utils import release_device_memory, resolve_device, seed_everything
 from .volume import Volume
 
 METHODS = ("apl", "apl-con", "threshold", "cbst", "mrnet")
 BN_MODES = ("frozen", "train", "adapt")
+AUGMENT_MODES = ("none", "mild", "domain")
 
 
 @dataclass
@@ -128,7 +130,7 @@ class RefineConfig:
     """Weight of the past in the per-slice ensemble of merged predictions (step 5 of Algorithm 1)."""
     class_balance: bool = True
     """Weight L_SSL's classes ∝ 1/frequency^``class_balance_power`` of the pseudo labels."""
-    class_balance_power: float = 0.25
+    class_balance_power: float = 0.0
     class_balance_volume: bool = False
     """Read the class frequencies of the class balance from the ensemble's labels over the whole volume
     (refreshed every ``guard_every`` iterations) instead of from each batch's pseudo labels."""
@@ -139,6 +141,13 @@ class RefineConfig:
     of being eaten by its neighbours; 0 = the paper's plain ``argmax(p_m + p_a)``."""
     both_heads_ssl: bool = True
     """Apply L_SSL to both heads' logits (the encoder gets gradients through both)."""
+    augment: str = "mild"
+    """Intensity augmentation of the student's input (the teacher labels the plain slices): ``none``,
+    ``mild`` (gamma, bias field, blur, noise) or ``domain`` (also train-source's random remapping and
+    GIN), so that the student learns the pseudo labels from views it has not seen."""
+    augment_geometry: bool = False
+    """Also rotate, scale and shift the student's view (train-source's ranges, never a flip); the
+    pseudo labels and their weights are resampled onto it, and pixels from outside the slice weigh 0."""
     foreground_sampling: float = 0.5
     """Fraction of each batch drawn from slices whose pseudo labels contain an organ."""
     tau: float = 0.9
@@ -182,6 +191,8 @@ class RefineConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise APLError(f"{name} must be true, false or unset (auto), got {value!r}")
+        if self.augment not in AUGMENT_MODES:
+            raise APLError(f"unknown augment '{self.augment}': choose one of {', '.join(AUGMENT_MODES)}")
         if not 0 <= self.bn_mix <= 1:
             raise APLError(f"bn_mix must be in [0, 1], got {self.bn_mix}")
         if not (0 <= self.class_balance_power <= 4):
@@ -571,6 +582,7 @@ def refine(
     reuse_own_forward = (
         _REUSE_OWN_FORWARD
         and teacher is None
+        and cfg.augment == "none"
         and cfg.bn in ("adapt", "frozen")
         and not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in student.modules())
     )
@@ -689,6 +701,13 @@ def refine(
     volume_cw: torch.Tensor | None = None
     round_len = max(1, cfg.iterations // max(1, cfg.rounds))
 
+    aug_gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+    aug_probs = (0.4, 0.5) if cfg.augment == "domain" else (0.0, 0.0)  # train-source's remap / GIN
+
+    def _augment(x: torch.Tensor) -> torch.Tensor:
+        """The student's intensity-augmented view of the batch ``x``."""
+        return augment_intensity(x, aug_gen, *aug_probs)
+
     def sample_batch() -> list[int]:
         """Draw a batch of slice indices, part of it from slices whose pseudo labels hold an organ."""
         fg = ensemble.foreground_slices()
@@ -706,6 +725,26 @@ def refine(
         target[mask] = c[mask]
         omega[mask] = 1.0
 
+    def to_view(target: torch.Tensor, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Resample a batch's targets and weights onto the student's geometric view (if any).
+
+        Pixels the view brings in from outside the slice are ignored (``pseudo.IGNORE``, weight 0).
+        """
+        if view_grid is None:
+            return target, omega
+        w = F.grid_sample(
+            omega.unsqueeze(1), view_grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
+        inside = F.grid_sample(
+            torch.ones_like(omega).unsqueeze(1),
+            view_grid,
+            mode="nearest",
+            padding_mode="zeros",
+            align_corners=False,
+        )[:, 0]
+        target = torch.where(inside > 0, warp_labels(target, view_grid), pseudo.IGNORE)
+        return target, w[:, 0] * inside
+
     it = 0
     stopped = False
     t0 = time.perf_counter()
@@ -717,6 +756,10 @@ def refine(
             break
         idx = sample_batch()
         x = xs[idx].to(dev)
+        x_s = x if cfg.augment == "none" else _augment(x)  # the student's view
+        view_grid = random_affine_grid(x, aug_gen) if cfg.augment_geometry else None
+        if view_grid is not None:
+            x_s = warp_image(x_s, view_grid)
         _train_mode(student, cfg.bn)
         losses: dict[str, float] = {}
 
@@ -731,7 +774,7 @@ def refine(
             # graph for the encoder step (E is not changed by the classifier step, so they are the same).
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
                 with torch.set_grad_enabled(cfg.method == "apl"):
-                    feats = student.features(x)
+                    feats = student.features(x_s)
                 m_log, a_log = student.heads(tuple(f.detach() for f in feats), hw)
             p_m, p_a = torch.softmax(m_log.float(), 1), torch.softmax(a_log.float(), 1)
             if own_labels:  # the student's training forward is its inference forward: no second pass
@@ -758,6 +801,7 @@ def refine(
                 # 6: encoder step on L_SSL; only the encoder's optimiser steps, and the backward pass
                 # computes only the encoder's gradients (none for the classifiers' weights)
                 apply_corrections(idx, target, omega)
+                target, omega = to_view(target, omega)
                 cw = None
                 if cfg.class_balance:
                     if cfg.class_balance_volume:  # the whole ensemble's frequencies, for the batch's classes
@@ -786,13 +830,14 @@ def refine(
             omega_all = pseudo.confidence(merged_now)
             mean_conf = float(omega_all.mean())
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                m_log, a_log = student(x)
+                m_log, a_log = student(x_s)
             m_log, a_log = m_log.float(), a_log.float()
             ones = torch.ones_like(omega_all)
             if cfg.method == "threshold":
                 target = pseudo.threshold_labels(merged_now, cfg.tau)
                 apply_corrections(idx, target, ones)
-                loss = 0.5 * (pseudo.loss_ssl(m_log, target, ones) + pseudo.loss_ssl(a_log, target, ones))
+                target, w = to_view(target, ones)
+                loss = 0.5 * (pseudo.loss_ssl(m_log, target, w) + pseudo.loss_ssl(a_log, target, w))
             elif cfg.method == "cbst":
                 if cbst_k is None or (it - 1) % round_len == 0:
                     rnd = (it - 1) // round_len
@@ -805,12 +850,14 @@ def refine(
                     losses["portion"] = portion
                 target = pseudo.cbst_labels(merged_now, cbst_k)
                 apply_corrections(idx, target, ones)
-                loss = 0.5 * (pseudo.loss_ssl(m_log, target, ones) + pseudo.loss_ssl(a_log, target, ones))
+                target, w = to_view(target, ones)
+                loss = 0.5 * (pseudo.loss_ssl(m_log, target, w) + pseudo.loss_ssl(a_log, target, w))
             else:  # mrnet: label from softmax(0.5 f_aux + f_main) of the teacher
                 with torch.no_grad():
                     tm, ta = (teacher if teacher is not None else student)(x)
                     target = pseudo.class_argmax(torch.softmax(0.5 * ta.float() + tm.float(), 1))
                 apply_corrections(idx, target, ones)
+                target, w = to_view(target, ones)
                 memory = pseudo.merge(torch.softmax(m_log, 1), torch.softmax(a_log, 1)).detach()
                 loss, parts = pseudo.mrnet_loss(m_log, a_log, target, memory, cfg.mrnet_memory)
                 losses.update(parts)

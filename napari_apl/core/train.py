@@ -202,9 +202,14 @@ def augment_batch(
     x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, cfg: TrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Domain-randomise a batch: geometry (no left-right flip) then intensity transforms."""
+    grid = random_affine_grid(x, gen)
+    return augment_intensity(warp_image(x, grid), gen, cfg.remap_prob, cfg.gin_prob), warp_labels(y, grid)
+
+
+def random_affine_grid(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Draw a sampling grid per image of ``x``: rotation ±15°, scale 0.85..1.2, shift ±8 %, never a flip."""
     n, _, h, w = x.shape
     dev = x.device
-    # geometry: rotation ±15°, isotropic scale 0.85..1.2, shift ±8 %; never a flip
     ang = (torch.rand(n, generator=gen, device=dev) * 2 - 1) * math.radians(15)
     scale = 0.85 + torch.rand(n, generator=gen, device=dev) * 0.35
     shift = (torch.rand((n, 2), generator=gen, device=dev) * 2 - 1) * 0.08
@@ -212,19 +217,34 @@ def augment_batch(
     theta = torch.stack(
         [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
     )
-    grid = F.affine_grid(theta, (n, 1, h, w), align_corners=False)
+    return F.affine_grid(theta, (n, 1, h, w), align_corners=False)
+
+
+def warp_image(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Resample images ``(N, 1, H, W)`` on ``grid`` (bilinear; outside filled with each image's minimum)."""
     bg = x.amin(dim=(1, 2, 3), keepdim=True)
-    x = F.grid_sample(x - bg, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + bg
+    return F.grid_sample(x - bg, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + bg
+
+
+def warp_labels(y: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Resample label maps ``(N, H, W)`` on ``grid`` (nearest; outside = background)."""
     y = F.grid_sample(y.unsqueeze(1).float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    y = y[:, 0].round().long()
-    # intensities, in [0, 1]
+    return y[:, 0].round().long()
+
+
+def augment_intensity(
+    x: torch.Tensor, gen: torch.Generator, remap_prob: float, gin_prob: float
+) -> torch.Tensor:
+    """Domain-randomise the intensities of a batch: remap, GIN, gamma, bias field, blur, noise."""
+    n, _, h, w = x.shape
+    dev = x.device
     lo = x.amin(dim=(1, 2, 3), keepdim=True)
     hi = x.amax(dim=(1, 2, 3), keepdim=True)
     x = (x - lo) / (hi - lo).clamp_min(1e-6)
     r = torch.rand((n, 1, 1, 1), generator=gen, device=dev)
-    x = torch.where(r < cfg.remap_prob, random_remap(x, gen), x)
+    x = torch.where(r < remap_prob, random_remap(x, gen), x)
     r = torch.rand((n, 1, 1, 1), generator=gen, device=dev)
-    x = torch.where(r < cfg.gin_prob, gin(x, gen), x)
+    x = torch.where(r < gin_prob, gin(x, gen), x)
     gamma = torch.exp((torch.rand((n, 1, 1, 1), generator=gen, device=dev) * 2 - 1) * 0.5)
     x = x.clamp(0, 1) ** gamma
     bias = 1 + 0.3 * _smooth_field(n, (h, w), 4, gen, dev)
@@ -235,8 +255,7 @@ def augment_batch(
         kern = (k[:, None] * k[None, :]).reshape(1, 1, 3, 3)
         x = torch.where(blur.reshape(-1, 1, 1, 1), F.conv2d(x, kern, padding=1), x)
     noise = torch.rand((n, 1, 1, 1), generator=gen, device=dev) * 0.08
-    x = x + noise * torch.randn(x.shape, generator=gen, device=dev)
-    return x, y
+    return x + noise * torch.randn(x.shape, generator=gen, device=dev)
 
 
 # --- training -----------------------------------------------------------------------------------------
