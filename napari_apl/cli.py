@@ -264,10 +264,23 @@ def cmd_refine(args: argparse.Namespace) -> int:
         corr = np.asarray(corr_vol.data)
         corrections = np.where(corr == args.corrections_unset, -1, corr).astype(np.int16)
     cfg = RefineConfig.for_method(args.method, iterations=args.iterations, seed=args.seed, device=args.device)
-    for key in ("lr", "batch_size", "weight", "teacher_decay", "tau", "bn", "bn_mix", "class_balance_power"):
+    keys = (
+        "lr",
+        "batch_size",
+        "weight",
+        "teacher_decay",
+        "tau",
+        "bn",
+        "bn_mix",
+        "class_balance_power",
+        "augment",
+    )
+    for key in keys:
         val = getattr(args, key)
         if val is not None:
             setattr(cfg, key, val)
+    if args.augment_geometry:
+        cfg.augment_geometry = True
     cfg.teacher_bf16 = {"auto": None, "bf16": True, "fp32": False}[args.teacher_precision]
     cfg.normalization = norm.to_dict()
     control = RefineControl()
@@ -523,8 +536,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--class-balance-power",
         type=float,
-        help="apl: L_SSL class weights ∝ 1/frequency^P (default 0.25; 0 = unweighted; lower it where the "
-        "start model's organs are already too large, as the weighting grows them)",
+        help="apl: L_SSL class weights ∝ 1/frequency^P (default 0 = unweighted; a higher P grows the "
+        "rarer organs: try 0.25 where the start model under-segments them)",
+    )
+    p.add_argument(
+        "--augment",
+        choices=("none", "mild", "domain"),
+        help="intensity augmentation of the student's view (the teacher labels the plain slice): mild "
+        "(gamma, bias field, blur, noise; default), domain (also random remapping and GIN) or none",
+    )
+    p.add_argument(
+        "--augment-geometry",
+        action="store_true",
+        help="also rotate / scale / shift the student's view (organs tend to grow more: helps where the "
+        "start model under-segments, hurts where it over-segments)",
     )
     p.add_argument(
         "--corrections", help="label volume of hand corrections on the image grid (kept as hard labels)"

@@ -71,6 +71,9 @@ def test_chain_phantom_predict_refine_evaluate(tmp_path, tiny_ckpt, phantom_dir,
         "0.5",
         "--class-balance-power",
         "0.25",
+        "--augment",
+        "domain",
+        "--augment-geometry",
         "--largest-component",
         "-q",
     ]
@@ -83,6 +86,7 @@ def test_chain_phantom_predict_refine_evaluate(tmp_path, tiny_ckpt, phantom_dir,
     assert log["config"]["teacher_bf16"] is False and log["config"]["channels_last"] is True
     assert log["config"]["bn_mix"] == 0.5 and log["largest_component"] is True
     assert log["config"]["class_balance_power"] == 0.25
+    assert log["config"]["augment"] == "domain" and log["config"]["augment_geometry"] is True
     cleaned = np.asarray(nib.load(ref_dir / "pseudo_label.nii.gz").dataobj)
     assert all(_pieces(cleaned == c) <= 1 for c in range(1, 5))
     assert nib.load(ref_dir / "pseudo_label.nii.gz").shape == ref.shape

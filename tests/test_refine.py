@@ -425,3 +425,94 @@ def test_organ_size_change_line():
     want = "liver +17%, right kidney -25%, left kidney new (5 voxels), spleen none"
     assert line == f"organ size vs the starting model: {want}"
     assert organ_size_change(RefineResult(model=None, pseudo=np.zeros(1)), names) == ""
+
+
+def _spy_features(monkeypatch, model) -> list[tuple[bool, torch.Tensor]]:
+    """Record every encoder input of ``model``'s class as (made without grad tracking, input), in order."""
+    calls: list[tuple[bool, torch.Tensor]] = []
+    cls = type(model)
+    real = cls.features
+
+    def spy(self, x):
+        calls.append((torch.is_inference_mode_enabled() or not torch.is_grad_enabled(), x.detach().clone()))
+        return real(self, x)
+
+    monkeypatch.setattr(cls, "features", spy)
+    return calls
+
+
+@pytest.mark.parametrize("method", ["apl", "threshold"])
+def test_student_learns_from_an_augmented_view_of_the_teachers_slices(setup, monkeypatch, method):
+    """The teacher labels the plain slices; with augmentation the student's input differs from them."""
+    model, meta, vol = setup
+    views = {}
+    for mode in ("none", "mild", "domain"):
+        calls = _spy_features(monkeypatch, model)
+        run_generator(refine(model, meta, vol, _cfg(method=method, iterations=2, augment=mode)))
+        monkeypatch.undo()
+        graded = [i for i, (no_grad, _) in enumerate(calls) if not no_grad]
+        assert len(graded) == 2  # one student forward per iteration
+        teacher_x = calls[graded[0] - 1][1]  # the teacher's forward on the batch, just before
+        views[mode] = (teacher_x, calls[graded[0]][1])
+    plain, student = views["none"]
+    assert torch.equal(plain, student)
+    for mode in ("mild", "domain"):
+        teacher_x, student_x = views[mode]
+        assert torch.equal(
+            teacher_x, plain
+        )  # same batch, same teacher input: only the student's view changes
+        assert student_x.shape == plain.shape and torch.isfinite(student_x).all()
+        assert (student_x - plain).abs().mean() > 0.01
+    with pytest.raises(APLError, match="augment"):
+        _cfg(augment="strong").validate()
+
+
+def test_geometric_view_resamples_the_pseudo_labels_and_ignores_pixels_from_outside(setup, monkeypatch):
+    """With augment_geometry the targets follow the student's warped view; pixels from outside weigh 0."""
+    model, meta, vol = setup
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = pseudo.loss_ssl
+
+    def spy(logits, target, omega, *a, **kw):
+        seen.append((target.clone(), omega.detach().clone()))
+        return real(logits, target, omega, *a, **kw)
+
+    monkeypatch.setattr(pseudo, "loss_ssl", spy)
+    run_generator(refine(model, meta, vol, _cfg(iterations=3, augment_geometry=True)))
+    targets = torch.stack([t for t, _ in seen])
+    weights = torch.stack([w for _, w in seen])
+    outside = targets == pseudo.IGNORE
+    assert outside.any() and (weights[outside] == 0).all()
+    assert (targets[~outside] < len(CLASS_NAMES)).all() and (weights[~outside] > 0).any()
+    seen.clear()
+    run_generator(refine(model, meta, vol, _cfg(iterations=3)))
+    assert not any((t == pseudo.IGNORE).any() for t, _ in seen)
+
+
+def test_warps_move_labels_with_the_image():
+    """warp_image and warp_labels with one random grid keep an object and its label together."""
+    from napari_apl.core.train import random_affine_grid, warp_image, warp_labels
+
+    x = torch.zeros(4, 1, 64, 64)
+    y = torch.zeros(4, 64, 64, dtype=torch.long)
+    x[:, :, 20:40, 24:44] = 1.0
+    y[:, 20:40, 24:44] = 3
+    grid = random_affine_grid(x, torch.Generator().manual_seed(0))
+    wx, wy = warp_image(x, grid), warp_labels(y, grid)
+    assert not torch.equal(wy, y)  # it did move
+    inside_label = wy == 3
+    agree = ((wx[:, 0] > 0.5) == inside_label).float().mean()
+    assert agree > 0.98 and inside_label.sum() > 0.5 * (y == 3).sum()
+
+
+@pytest.mark.parametrize("method", ["threshold", "cbst", "mrnet"])
+def test_baselines_train_on_a_geometric_view(setup, method):
+    """The baselines' targets are resampled onto the student's view too (finite losses, a changed model)."""
+    model, meta, vol = setup
+    res = run_generator(refine(model, meta, vol, _cfg(method=method, iterations=2, augment_geometry=True)))
+    assert res.iterations_done == 2 and not res.notes
+    assert all(np.isfinite(v) for h in res.history for k, v in h.items() if k != "iteration")
+    changed = any(
+        not torch.equal(a, b) for a, b in zip(res.model.state_dict().values(), model.state_dict().values())
+    )
+    assert changed

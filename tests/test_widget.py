@@ -226,9 +226,12 @@ def test_refine_pause_resume_stop(setup, qtbot) -> None:
     panel = widget.refine_panel
     assert panel.bn_mix.value() == RefineConfig().bn_mix
     assert panel.class_power.value() == RefineConfig().class_balance_power
+    assert panel.augment.currentText() == RefineConfig().augment and not panel.augment_geometry.isChecked()
     panel.iterations.setValue(500)
     panel.bn_mix.setValue(0.6)
     panel.class_power.setValue(0.25)
+    panel.augment.setCurrentText("domain")
+    panel.augment_geometry.setChecked(True)
     panel.start()
     qtbot.waitUntil(lambda: len(ctl.history) >= 1, timeout=60000)
     assert panel.stop_button.isEnabled() and not panel.start_button.isEnabled()
@@ -247,6 +250,7 @@ def test_refine_pause_resume_stop(setup, qtbot) -> None:
     assert result.stopped and 1 <= result.iterations_done < 500
     assert ctl.last_config.bn_mix == pytest.approx(0.6)  # the panel's settings reached the run
     assert ctl.last_config.class_balance_power == pytest.approx(0.25)
+    assert ctl.last_config.augment == "domain" and ctl.last_config.augment_geometry
     np.testing.assert_array_equal(to_canonical_order(viewer.layers[LAYER_PSEUDO].data), ctl.prediction.pseudo)
     assert panel.start_button.isEnabled() and not panel.stop_button.isEnabled()
     # the stopped model is usable, and Revert goes back to the checkpoint

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
@@ -17,7 +18,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.refine import METHODS, RefineConfig, RefineEvent
+from ..core.refine import AUGMENT_MODES, METHODS, RefineConfig, RefineEvent
 from ._common import ScientificSpinBox
 from ._plots import LinePlot
 
@@ -82,8 +83,21 @@ class RefinePanel(QWidget):
         self.class_power = _step_box(
             2.0,
             defaults.class_balance_power,
-            "APL's class weights ∝ 1/frequency^p: they make every organ grow; lower p (0 = unweighted) "
-            "if the start model's organs are already too large, raise it if a small organ fades",
+            "APL's class weights ∝ 1/frequency^p (0 = unweighted): they make the rarer organs grow; "
+            "raise p if the start model under-segments a small organ or it fades",
+        )
+        self.augment = QComboBox()
+        self.augment.addItems(AUGMENT_MODES)
+        self.augment.setCurrentText(defaults.augment)
+        self.augment.setToolTip(
+            "the student learns the teacher's pseudo labels from an augmented view of each slice: mild "
+            "(gamma, bias field, blur, noise), domain (also random intensity remapping and GIN) or none"
+        )
+        self.augment_geometry = QCheckBox("also rotate / scale / shift")
+        self.augment_geometry.setChecked(defaults.augment_geometry)
+        self.augment_geometry.setToolTip(
+            "organs tend to grow more with it: it helps where the start model under-segments them and "
+            "hurts where it over-segments them (check the organ sizes reported at the end)"
         )
         self.start_button = QPushButton("Refine")
         self.pause_button = QPushButton("Pause")
@@ -102,6 +116,8 @@ class RefinePanel(QWidget):
         form.addRow("learning rate", self.lr)
         form.addRow("BN target share", self.bn_mix)
         form.addRow("class weight power", self.class_power)
+        form.addRow("student augmentation", self.augment)
+        form.addRow("", self.augment_geometry)
         buttons = QHBoxLayout()
         for b in (self.start_button, self.pause_button, self.stop_button, self.revert_button):
             buttons.addWidget(b)
@@ -135,6 +151,8 @@ class RefinePanel(QWidget):
             lr=self.lr.value(),
             bn_mix=self.bn_mix.value(),
             class_balance_power=self.class_power.value(),
+            augment=self.augment.currentText(),
+            augment_geometry=self.augment_geometry.isChecked(),
         )
 
     def start(self) -> bool:
