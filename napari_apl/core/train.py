@@ -241,10 +241,13 @@ def augment_intensity(
     lo = x.amin(dim=(1, 2, 3), keepdim=True)
     hi = x.amax(dim=(1, 2, 3), keepdim=True)
     x = (x - lo) / (hi - lo).clamp_min(1e-6)
-    r = torch.rand((n, 1, 1, 1), generator=gen, device=dev)
-    x = torch.where(r < remap_prob, random_remap(x, gen), x)
-    r = torch.rand((n, 1, 1, 1), generator=gen, device=dev)
-    x = torch.where(r < gin_prob, gin(x, gen), x)
+    # (both transforms are computed for the whole batch, then picked per image; skipped when never picked)
+    if remap_prob > 0:
+        r = torch.rand((n, 1, 1, 1), generator=gen, device=dev)
+        x = torch.where(r < remap_prob, random_remap(x, gen), x)
+    if gin_prob > 0:
+        r = torch.rand((n, 1, 1, 1), generator=gen, device=dev)
+        x = torch.where(r < gin_prob, gin(x, gen), x)
     gamma = torch.exp((torch.rand((n, 1, 1, 1), generator=gen, device=dev) * 2 - 1) * 0.5)
     x = x.clamp(0, 1) ** gamma
     bias = 1 + 0.3 * _smooth_field(n, (h, w), 4, gen, dev)
