@@ -202,6 +202,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "apl (+ geometry)": ("apl", {"augment_geometry": True}),
     "apl (previous default)": ("apl", {"augment": "none", "class_balance_power": 0.25}),
     **{f"{m} (no aug)": (m, {"augment": "none"}) for m in BASELINES},
+    **{f"{m} (+ geometry)": (m, {"augment_geometry": True}) for m in ("threshold", "cbst")},
 }
 ROWS = (*METHODS, *VARIANTS)
 
