@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     next(gen_fp32)
     # the paper's Algorithm 1 as written: no EMA teacher, the student labels its own batch (this
     # untrained model collapses without a teacher, so its guard is off: the loop must keep stepping)
-    gen_own = refine(model, meta, volume, replace(cfg, teacher_decay=0.0, guard_every=10**9))
+    gen_own = refine(model, meta, volume, replace(cfg, teacher_decay=0.0, augment="none", guard_every=10**9))
     next(gen_own)
 
     prep = prepare(volume, meta, model)
@@ -150,12 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         + ("" if teacher_low else " (this machine)"),
     )
     rep.add(
-        "APL iteration without the EMA teacher (teacher_decay=0) / plain step",
+        "APL iteration without the EMA teacher or student augmentation / plain step",
         c.paired_ratio(per["apl_own"], per["plain"]),
         "x",
         goal=GOAL,
-        note="the paper's Algorithm 1 as written: the pseudo labels come from the student's own forward "
-        "(collapse guard off)",
+        note="the paper's Algorithm 1 as written (teacher_decay=0, augment=none): the pseudo labels come "
+        "from the student's own forward (collapse guard off)",
     )
     rep.add(
         f"EMA teacher's no-grad forward ({'bf16' if teacher_low else 'float32'}) / plain step (paired)",
@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         "one APL iteration (core.refine.refine) runs: sample the batch from the ensemble's per-slice "
         "organ flags (kept up to date for each batch's slices, no scan of the volume); the EMA "
         "teacher's forward in inference mode (pseudo labels; under bf16 autocast where the CPU computes bf16 "
-        "natively, RefineConfig.teacher_bf16); the student's encoder forward once, with "
+        "natively, RefineConfig.teacher_bf16); the student's mild augmentation of the batch (gamma, bias "
+        "field, blur, noise: RefineConfig.augment); the student's encoder forward once, with "
         "gradient; both heads on the detached features -> L_Con -> classifier step; the ensemble update "
         "of the batch's slices (labels and flags of those slices only); ω and the class-normalised "
         "target; both heads again on the attached features (the classifiers have changed, the encoder "
@@ -221,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         "(foreach ops); finiteness check"
     )
     rep.note(
-        "the plain step is one forward + backward + Adam step; beyond it an APL iteration costs the "
-        "teacher's no-grad forward (a full forward of the model), a second pass of the two heads and "
+        "the plain step is one forward + backward + Adam step (no augmentation); beyond it an APL "
+        "iteration costs the teacher's no-grad forward (a full forward of the model), the student's "
+        "augmentation, a second pass of the two heads and "
         "the L_Con backward through them; every guard_every (20) iterations the collapse guard predicts "
         "its guard slices and snapshots the weights, and the iteration after it the class-wise "
         "thresholds k_c are recomputed from the whole ensemble: the one round holding them is the slow "
