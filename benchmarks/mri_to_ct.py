@@ -7,8 +7,10 @@ What it does (every figure it writes is measured by this run):
    whose held-out Dice is reported per fold;
 2. on the real CT (``totalseg/ct_sm``, abdomen window L40/W400) reports the no-adaptation row and one
    row per refinement method (APL with the engine's defaults and the baselines at their settings in
-   ``core.refine.METHOD_DEFAULTS``), per-organ Dice, average Dice and average ASSD, mean ± standard
-   deviation over ``--seeds`` refinement seeds, all from the same start model and iteration budget;
+   ``core.refine.METHOD_DEFAULTS``), plus the ``VARIANTS`` rows (each baseline without the student
+   augmentation, APL's previous default, the geometric student view), per-organ Dice, average Dice
+   and average ASSD, mean ± standard deviation over ``--seeds`` refinement seeds, all from the same
+   start model and iteration budget;
 3. the same table on a synthetic MRI -> CT phantom pair (the shipped demo model, trained on MRI
    phantoms only, refined on a CT phantom) and on ``totalseg/mr_sm`` (a second MRI in LPS
    orientation: in-domain sanity);
