@@ -708,10 +708,6 @@ def refine(
     aug_gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     aug_probs = (0.4, 0.5) if cfg.augment == "domain" else (0.0, 0.0)  # train-source's remap / GIN
 
-    def _augment(x: torch.Tensor) -> torch.Tensor:
-        """The student's intensity-augmented view of the batch ``x``."""
-        return augment_intensity(x, aug_gen, *aug_probs)
-
     def sample_batch() -> list[int]:
         """Draw a batch of slice indices, part of it from slices whose pseudo labels hold an organ."""
         fg = ensemble.foreground_slices()
@@ -736,18 +732,11 @@ def refine(
         """
         if view_grid is None:
             return target, omega
+        shifted = warp_labels(target + 1, view_grid)  # 0 only where the view samples outside the slice
         w = F.grid_sample(
             omega.unsqueeze(1), view_grid, mode="bilinear", padding_mode="zeros", align_corners=False
-        )
-        inside = F.grid_sample(
-            torch.ones_like(omega).unsqueeze(1),
-            view_grid,
-            mode="nearest",
-            padding_mode="zeros",
-            align_corners=False,
         )[:, 0]
-        target = torch.where(inside > 0, warp_labels(target, view_grid), pseudo.IGNORE)
-        return target, w[:, 0] * inside
+        return torch.where(shifted > 0, shifted - 1, pseudo.IGNORE), w * (shifted > 0)
 
     it = 0
     stopped = False
@@ -760,7 +749,7 @@ def refine(
             break
         idx = sample_batch()
         x = xs[idx].to(dev)
-        x_s = x if cfg.augment == "none" else _augment(x)  # the student's view
+        x_s = x if cfg.augment == "none" else augment_intensity(x, aug_gen, *aug_probs)  # the student's view
         view_grid = random_affine_grid(x, aug_gen) if cfg.augment_geometry else None
         if view_grid is not None:
             x_s = warp_image(x_s, view_grid)
