@@ -34,14 +34,14 @@ MODEL_INPUT = (160, 160)
 
 
 def git_commit() -> str:
-    """The checked-out commit (``unknown`` outside a git checkout); read-only."""
+    """The checked-out commit (``$GIT_COMMIT`` or ``unknown`` outside a git checkout); read-only."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
         )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("GIT_COMMIT", "unknown")
 
 
 def cpu_model() -> str:

@@ -5,10 +5,20 @@ Needs only torch, numpy and scipy (no nibabel, napari or dask): the volume is bu
 that ``core.volume`` imports (nibabel is only used there to read and write files, which this script
 never does). Without CUDA the CPU part runs and the GPU part is skipped (exit 0).
 
-Checks, for predict (fp32, bf16 and fp16 autocast, channels-last) and for refine (APL, fp32 and bf16
-autocast with float32 losses): label agreement and map differences GPU vs CPU, and the GPU/CPU speed.
+Checks, each in its own section (a failing one is reported and the others still run):
+- device selection: ``resolve_device("auto")`` picks CUDA when it is there;
+- predict (fp32, bf16 and fp16 autocast, channels-last): label agreement and map differences GPU vs
+  CPU, and the GPU/CPU speed-up;
+- goal 1 on the GPU: the whole predict against the bare forward over the same slices;
+- memory format and precision: forward and training step, contiguous vs channels-last, fp32 vs bf16;
+- refine (APL, fp32 and bf16 autocast with float32 losses; bf16 also contiguous): pseudo-label
+  agreement and L_SSL difference vs the CPU run, and the per-iteration speed-up.
 
     python benchmarks/gpu_check.py [--device cuda] [--slices 64] [--iterations 20] [--tiny] [--no-write]
+                                   [--simulate] [--out DIR]
+
+``--simulate --device cpu`` runs the accelerator sections on the CPU (the test suite does, with
+``--tiny``), so that the script's code paths are checked on machines without a GPU.
 """
 
 from __future__ import annotations
@@ -100,7 +110,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_predict(model, meta, volume, device, amp, repeats: int = 2):
+def timed_predict(model, meta, volume, device, amp, repeats: int = 2, batch: int = 16):
     """Best-of time and the prediction of ``predict_volume`` on ``device``."""
     from napari_apl.core.infer import predict_volume
 
@@ -108,7 +118,7 @@ def timed_predict(model, meta, volume, device, amp, repeats: int = 2):
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
-        pred = predict_volume(model, meta, volume, device=device, amp=amp, batch_size=16)
+        pred = predict_volume(model, meta, volume, device=device, amp=amp, batch_size=batch)
         _sync(device)
         best = min(best, time.perf_counter() - t0)
     return best, pred
@@ -126,18 +136,19 @@ def compare(a, b) -> dict[str, float]:
     return out
 
 
-def run_refine(model, meta, volume, device, amp, iterations: int, batch: int):
-    """Per-iteration seconds, final pseudo labels and history of an APL refinement on ``device``."""
+def run_refine(model, meta, volume, device, amp, iterations: int, batch: int, channels_last: bool = True):
+    """Per-iteration seconds (median) and the result of an APL refinement on ``device``."""
     from napari_apl.core.refine import RefineConfig, refine
 
     on = amp not in (False, None, "off")  # RefineConfig.amp is a bool: bf16 autocast or float32
-    # the CPU run is the float32 reference (no bf16 teacher); on the GPU the teacher follows amp
+    # the CPU reference runs in float32 throughout (no bf16 teacher); on the GPU the teacher follows amp
     cfg = RefineConfig(
         iterations=iterations,
         batch_size=batch,
         device=str(device),
         amp=on,
         teacher_bf16=None if torch.device(device).type == "cuda" else False,
+        channels_last=channels_last,
         seed=0,
     )
     gen = refine(model, meta, volume, cfg)
@@ -145,12 +156,130 @@ def run_refine(model, meta, volume, device, amp, iterations: int, batch: int):
     try:
         while True:
             next(gen)
-            _sync(device)
+            _sync(torch.device(device))
             stamps.append(time.perf_counter())
     except StopIteration as stop:
         result = stop.value
     per_it = float(np.median(np.diff(stamps))) if len(stamps) > 2 else float("nan")
     return per_it, result
+
+
+def _median_ms(fn, device: torch.device, repeats: int, warmup: int = 3) -> float:
+    """Median wall milliseconds of ``fn()`` on ``device`` (synchronised around each call)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1000.0 * float(np.median(times))
+
+
+def _forward_and_step(net, x, y, opt, dtype):
+    """A no-grad forward and a training step (both heads' cross-entropy, Adam) of ``net`` on one batch."""
+    ctx = dict(device_type=x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+    def forward() -> None:
+        net.eval()
+        with torch.inference_mode(), torch.autocast(**ctx):
+            net(x)
+
+    def step() -> None:
+        net.train()
+        with torch.autocast(**ctx):
+            m, a = net(x)
+        ce = torch.nn.functional.cross_entropy
+        loss = ce(m.float(), y) + ce(a.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return forward, step
+
+
+def memory_format_timings(model, device: torch.device, batch: int, hw: tuple[int, int], repeats: int):
+    """Forward and training-step milliseconds, contiguous vs channels-last, float32 vs bf16 autocast."""
+    import copy
+
+    out: dict[str, float] = {}
+    gen = torch.Generator().manual_seed(0)
+    x_cpu = torch.randn(batch, 1, *hw, generator=gen)
+    y_cpu = torch.randint(0, 5, (batch, *hw), generator=gen)
+    for fmt_name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
+        net = copy.deepcopy(model).to(device).to(memory_format=fmt)
+        x = x_cpu.to(device).contiguous(memory_format=fmt)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-5)
+        for amp_name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            forward, step = _forward_and_step(net, x, y_cpu.to(device), opt, dtype)
+            out[f"forward {amp_name} {fmt_name}"] = _median_ms(forward, device, repeats)
+            out[f"train step {amp_name} {fmt_name}"] = _median_ms(step, device, repeats)
+    return out
+
+
+def bare_forward_ms(model, meta, volume, device: torch.device, amp: str, batch: int, repeats: int) -> float:
+    """Milliseconds of the bare forward over all prepared slices of ``volume`` (goal 1's denominator)."""
+    from napari_apl.core.infer import _amp_dtype, _forward, prepare
+
+    prep = prepare(volume, meta, model)
+    n = volume.data.shape[2]
+    xs = [prep.batch(range(s, min(s + batch, n))) for s in range(0, n, batch)]
+    net = model.to(device).eval()
+    if device.type == "cuda":
+        net.to(memory_format=torch.channels_last)
+    dtype = _amp_dtype(amp, device)
+    xs_dev = [x.to(device) for x in xs]
+
+    def run() -> None:
+        with torch.inference_mode():
+            for x in xs_dev:
+                _forward(net, x, dtype)
+
+    return _median_ms(run, device, repeats, warmup=1)
+
+
+class Figures:
+    """Collects (name, value, unit, goal) rows; goal None = reported only, negative = an upper bound."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, float, str, float | None, str]] = []
+        self.failed: list[str] = []
+
+    def add(self, name: str, value: float, unit: str = "", goal: float | None = None, note: str = "") -> None:
+        self.rows.append((name, float(value), unit, goal, note))
+
+    def section(self, title: str, fn) -> None:
+        """Run one part of the check; a failure is printed and recorded, and the other parts still run."""
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except Exception:
+            import traceback
+
+            traceback.print_exc()
+            self.failed.append(title)
+            print(f"[{title}] FAILED (traceback above)", flush=True)
+        print(f"[{title}] {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def load_model(base: int):
+    """The demo checkpoint's weights where they have ``base`` channels, else an untrained model."""
+    from napari_apl.core.models import build_model
+
+    demo = Path(__file__).resolve().parent.parent / "resources" / "demo_unet_dual.pt"
+    torch.manual_seed(0)
+    if demo.is_file():
+        try:
+            from napari_apl.core.checkpoint import load_checkpoint
+
+            model, _meta = load_checkpoint(demo)
+            if model.arch_args.get("base") == base:
+                return model.eval(), f"resources/demo_unet_dual.pt (unet-dual base {base})"
+        except Exception as exc:  # the check must still run without a usable demo file
+            print(f"demo checkpoint not used: {exc}")
+    return build_model("unet-dual", base=base).eval(), f"untrained unet-dual base {base} (seed 0)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,92 +289,173 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slices", type=int, default=64)
     ap.add_argument("--size", type=int, default=384, help="in-plane voxels of the synthetic volume")
     ap.add_argument("--iterations", type=int, default=20)
+    ap.add_argument("--base", type=int, default=12, help="unet-dual width (12 = the demo checkpoint)")
     ap.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (used by the test suite)")
+    ap.add_argument(
+        "--simulate",
+        action="store_true",
+        help="run the accelerator part on --device even when it is the CPU (tests the script's code paths)",
+    )
     ap.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/gpu_check.*")
+    ap.add_argument("--out", type=Path, default=None, help="also copy the results files into this folder")
     args = ap.parse_args(argv)
     placeholder = install_nibabel_placeholder()
+    t_start = time.perf_counter()
 
     from napari_apl.core.checkpoint import CheckpointMeta
-    from napari_apl.core.models import build_model
+    from napari_apl.core.utils import resolve_device
 
     if args.tiny:
-        args.slices, args.size, args.iterations = 6, 48, 3
+        args.slices, args.size, args.iterations, args.base = 6, 48, 3, 4
         torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation
     size = (args.size, args.size, args.slices)
     volume = synthetic_volume(size, spacing=384.0 / args.size * 0.8)
-    torch.manual_seed(0)
-    base = 4 if args.tiny else 12
-    model = build_model("unet-dual", base=base).eval()
+    model, model_source = load_model(args.base)
+    hw = (32, 32) if args.tiny else (160, 160)
     meta = CheckpointMeta(
         arch="unet-dual",
         arch_args=dict(model.arch_args),
-        input_size=(32, 32) if args.tiny else (160, 160),
+        input_size=hw,
         spacing=(8.0, 8.0) if args.tiny else (2.5, 2.5),
         normalization={"kind": "ct_window", "level": 40.0, "width": 400.0},
     )
-    figures: list[tuple] = []
+    figs = Figures()
     cpu = torch.device("cpu")
-    t_cpu, p_cpu = timed_predict(model, meta, volume, cpu, False, repeats=1 if args.tiny else 2)
-    it_cpu, r_cpu = run_refine(model, meta, volume, cpu, False, args.iterations, 4 if args.tiny else 8)
-    print(f"CPU: predict {t_cpu:.2f} s for {args.slices} slices, refine {it_cpu * 1000:.0f} ms/iteration")
-    info = {"volume": size, "model": f"unet-dual base {base}", "nibabel_placeholder": placeholder}
-    if not torch.cuda.is_available() or not str(args.device).startswith("cuda"):
+    ref: dict = {}
+    repeats = 3 if args.tiny else 20
+    info = {
+        "volume": size,
+        "model": model_source,
+        "model_grid": hw,
+        "nibabel_placeholder": placeholder,
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+    def cpu_reference() -> None:
+        ref["t_pred"], ref["pred"] = timed_predict(
+            model, meta, volume, cpu, False, repeats=1 if args.tiny else 2
+        )
+        ref["it"], ref["refine"] = run_refine(model, meta, volume, cpu, False, args.iterations, 8)
+        print(
+            f"CPU ({torch.get_num_threads()} threads): predict {ref['t_pred']:.2f} s for {args.slices} "
+            f"slices, refine {ref['it'] * 1000:.0f} ms/iteration",
+            flush=True,
+        )
+
+    figs.section("CPU reference", cpu_reference)
+    if "pred" not in ref:
+        return 1
+    cuda_ok = torch.cuda.is_available() and str(args.device).startswith("cuda")
+    if not cuda_ok and not args.simulate:
         print("no CUDA: skipped GPU part")
         return 0
     dev = torch.device(args.device)
-    info["gpu"] = torch.cuda.get_device_name(dev)
-    print(f"GPU: {info['gpu']}")
-    for amp in ("off", "bf16", "fp16"):
-        t_gpu, p_gpu = timed_predict(model.to(cpu), meta, volume, dev, amp)
-        cmp = compare(p_cpu, p_gpu)
-        tol = 1e-2 if amp == "off" else MAP_TOL
-        ok = (
-            min(cmp[k] for k in cmp if k.endswith("agree")) >= AGREE_GOAL
-            and max(cmp[k] for k in cmp if k.endswith("maxdiff")) <= tol
-        )
-        figures.append((f"predict {amp}: GPU/CPU speed-up", t_cpu / t_gpu, "x", None))
-        figures.append(
-            (
-                f"predict {amp}: min label agreement",
-                min(v for k, v in cmp.items() if k.endswith("agree")),
-                "",
-                AGREE_GOAL,
+    info["gpu"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"(simulated on {dev.type})"
+    print(f"accelerator: {info['gpu']}", flush=True)
+
+    def device_selection() -> None:
+        auto = resolve_device("auto")
+        named = resolve_device(str(args.device))
+        info["resolve_device"] = {"auto": str(auto), str(args.device): str(named)}
+        print(f"resolve_device: auto -> {auto}, {args.device} -> {named}", flush=True)
+        if dev.type == "cuda":
+            assert auto.type == "cuda", f"auto picked {auto} although CUDA is available"
+
+    def predict_parts() -> None:
+        for amp in ("off", "bf16", "fp16"):
+            t_gpu, p_gpu = timed_predict(model.to(cpu), meta, volume, dev, amp)
+            cmp = compare(ref["pred"], p_gpu)
+            tol = 1e-2 if amp == "off" else MAP_TOL
+            agree = min(v for k, v in cmp.items() if k.endswith("agree"))
+            diff = max(v for k, v in cmp.items() if k.endswith("maxdiff"))
+            figs.add(f"predict {amp}: GPU/CPU speed-up", ref["t_pred"] / t_gpu, "x")
+            figs.add(f"predict {amp}: GPU wall", t_gpu, "s")
+            figs.add(f"predict {amp}: min label agreement", agree, "", AGREE_GOAL)
+            figs.add(f"predict {amp}: max map difference", diff, "", -tol)
+            ok = agree >= AGREE_GOAL and diff <= tol
+            speed = ref["t_pred"] / t_gpu
+            verdict = "PASS" if ok else "MISS"
+            print(f"predict amp={amp}: {t_gpu:.3f} s ({speed:.1f}x), {cmp}, {verdict}", flush=True)
+
+    def predict_overhead() -> None:
+        # goal 1 on the accelerator: the whole predict (resample, both heads, maps, inverse resample)
+        # against the bare forward over the same slices at the same batch size and precision
+        for amp in ("off", "bf16"):
+            bare = bare_forward_ms(model.to(cpu), meta, volume, dev, amp, 16, repeats=3 if args.tiny else 5)
+            t_gpu, _ = timed_predict(model.to(cpu), meta, volume, dev, amp, repeats=3)
+            figs.add(
+                f"predict {amp} / bare forward (GPU)", t_gpu * 1000 / bare, "x", note=f"bare {bare:.1f} ms"
             )
+            print(f"predict {amp}: {t_gpu * 1000:.1f} ms vs bare forward {bare:.1f} ms", flush=True)
+
+    def memory_formats() -> None:
+        ms = memory_format_timings(model.to(cpu), dev, 16, hw, repeats)
+        info["memory_format_ms_batch16"] = ms
+        for what in ("forward", "train step"):
+            for amp in ("fp32", "bf16"):
+                c_, l_ = ms[f"{what} {amp} contiguous"], ms[f"{what} {amp} channels_last"]
+                figs.add(f"{what} {amp}, batch 16: contiguous / channels-last time", c_ / l_, "x")
+                print(f"{what} {amp}: contiguous {c_:.2f} ms, channels-last {l_:.2f} ms", flush=True)
+        figs.add(
+            "train step: fp32 / bf16 autocast time (channels-last)",
+            ms["train step fp32 channels_last"] / ms["train step bf16 channels_last"],
+            "x",
         )
-        figures.append(
-            (
-                f"predict {amp}: max map difference",
-                max(v for k, v in cmp.items() if k.endswith("maxdiff")),
-                "",
-                -tol,
-            )
-        )
-        print(f"predict amp={amp}: {t_gpu:.3f} s ({t_cpu / t_gpu:.1f}x), {cmp}, {'PASS' if ok else 'MISS'}")
-    for amp in ("off", "bf16"):
-        it_gpu, r_gpu = run_refine(model.to(cpu), meta, volume, dev, amp, args.iterations, 8)
-        agree = float(np.mean(r_gpu.pseudo == r_cpu.pseudo))
+
+    def refine_parts() -> None:
+        r_cpu = ref["refine"]
         loss_cpu = np.array([h.get("ssl", np.nan) for h in r_cpu.history])
-        loss_gpu = np.array([h.get("ssl", np.nan) for h in r_gpu.history])
-        rel = float(np.nanmax(np.abs(loss_gpu - loss_cpu) / np.maximum(np.abs(loss_cpu), 1e-6)))
-        figures.append((f"refine {amp}: GPU/CPU speed-up per iteration", it_cpu / it_gpu, "x", None))
-        figures.append((f"refine {amp}: pseudo-label agreement", agree, "", 0.98))
-        figures.append((f"refine {amp}: max relative L_SSL difference", rel, "", -0.05))
-        speed = it_cpu / it_gpu
-        print(f"refine amp={amp}: {it_gpu * 1000:.1f} ms/iteration ({speed:.1f}x), agreement {agree:.4f}")
+        for amp, cl in (("off", True), ("bf16", True), ("bf16", False)):
+            it_gpu, r_gpu = run_refine(
+                model.to(cpu), meta, volume, dev, amp, args.iterations, 8, channels_last=cl
+            )
+            label = f"refine {amp}" + ("" if cl else " contiguous")
+            speed = ref["it"] / it_gpu
+            figs.add(f"{label}: GPU/CPU speed-up per iteration", speed, "x")
+            figs.add(f"{label}: ms per iteration", it_gpu * 1000, "ms")
+            if cl:
+                agree = float(np.mean(r_gpu.pseudo == r_cpu.pseudo))
+                loss_gpu = np.array([h.get("ssl", np.nan) for h in r_gpu.history])
+                rel = float(np.nanmax(np.abs(loss_gpu - loss_cpu) / np.maximum(np.abs(loss_cpu), 1e-6)))
+                figs.add(f"{label}: pseudo-label agreement", agree, "", 0.98)
+                figs.add(f"{label}: max relative L_SSL difference", rel, "", -0.05)
+                print(
+                    f"{label}: {it_gpu * 1000:.1f} ms/iteration ({speed:.1f}x), agreement {agree:.4f}, "
+                    f"L_SSL rel diff {rel:.4f}",
+                    flush=True,
+                )
+            else:
+                print(f"{label}: {it_gpu * 1000:.1f} ms/iteration ({speed:.1f}x)", flush=True)
+
+    figs.section("device selection", device_selection)
+    figs.section("predict: GPU vs CPU", predict_parts)
+    figs.section("predict overhead on the GPU", predict_overhead)
+    figs.section("memory format and precision", memory_formats)
+    figs.section("refine: GPU vs CPU", refine_parts)
+    info["failed_sections"] = figs.failed
+    info["wall_s"] = round(time.perf_counter() - t_start, 1)
+    print(f"done in {info['wall_s']} s; failed sections: {figs.failed or 'none'}", flush=True)
     if not args.no_write:
+        import shutil
+
         import _common as c
 
         rep = c.Report("gpu_check", "Goal 8: GPU results vs CPU and GPU/CPU speed")
-        for name, value, unit, goal in figures:
+        for name, value, unit, goal, note in figs.rows:
             if goal is None:
-                rep.add(name, value, unit)
+                rep.add(name, value, unit, note=note)
             elif goal < 0:
-                rep.add(name, value, unit, goal=-goal, op="<=")
+                rep.add(name, value, unit, goal=-goal, op="<=", note=note)
             else:
-                rep.add(name, value, unit, goal=goal, op=">=")
+                rep.add(name, value, unit, goal=goal, op=">=", note=note)
         rep.details = info
-        rep.write()
-    return 0
+        paths = rep.write()
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            for path in paths:
+                shutil.copy(path, args.out / Path(path).name)
+    return 1 if figs.failed else 0
 
 
 if __name__ == "__main__":

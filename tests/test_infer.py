@@ -209,7 +209,28 @@ def test_gpu_check_runs_without_cuda_and_exits_0() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "no CUDA: skipped GPU part" in proc.stdout
-    assert "CPU: predict" in proc.stdout
+    assert "CPU (1 threads): predict" in proc.stdout
+
+
+def test_gpu_check_accelerator_part_runs_simulated_on_cpu() -> None:
+    """--simulate runs every accelerator section on the CPU: all of them finish and agree with the CPU."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--tiny", "--simulate", "--no-write", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "failed sections: none" in proc.stdout
+    # the same device and precision as the reference: identical labels
+    assert "predict amp=off" in proc.stdout and "'main_agree': 1.0" in proc.stdout
+    for part in ("forward bf16: contiguous", "train step fp32: contiguous", "refine bf16 contiguous"):
+        assert part in proc.stdout
 
 
 @pytest.mark.parametrize("orientation", ["RAS", "LAI", "PSR"])
