@@ -136,30 +136,47 @@ def compare(a, b) -> dict[str, float]:
     return out
 
 
-def run_refine(model, meta, volume, device, amp, iterations: int, batch: int, channels_last: bool = True):
-    """Per-iteration seconds (median) and the result of an APL refinement on ``device``."""
+def run_refine(model, meta, volume, device, iterations: int, batch: int, profile: Path | None = None, **cfg):
+    """Per-iteration seconds (median) and the result of an APL refinement on ``device``.
+
+    ``cfg`` overrides ``RefineConfig`` fields (the rest are the defaults a user gets on that device).
+    With ``profile``, the iterations after the first run under torch.profiler and its tables are
+    appended to that file.
+    """
     from napari_apl.core.refine import RefineConfig, refine
 
-    on = amp not in (False, None, "off")  # RefineConfig.amp is a bool: bf16 autocast or float32
-    # the CPU reference runs in float32 throughout (no bf16 teacher); on the GPU the teacher follows amp
-    cfg = RefineConfig(
-        iterations=iterations,
-        batch_size=batch,
-        device=str(device),
-        amp=on,
-        teacher_bf16=None if torch.device(device).type == "cuda" else False,
-        channels_last=channels_last,
-        seed=0,
-    )
-    gen = refine(model, meta, volume, cfg)
+    config = RefineConfig(iterations=iterations, batch_size=batch, device=str(device), seed=0, **cfg)
+    gen = refine(model, meta, volume, config)
     stamps = []
+    prof = None
     try:
         while True:
             next(gen)
             _sync(torch.device(device))
             stamps.append(time.perf_counter())
+            if profile is not None and prof is None:
+                from torch.profiler import ProfilerActivity
+                from torch.profiler import profile as torch_profile
+
+                acts = [ProfilerActivity.CPU]
+                if torch.device(device).type == "cuda":
+                    acts.append(ProfilerActivity.CUDA)
+                prof = torch_profile(activities=acts)
+                prof.__enter__()
     except StopIteration as stop:
         result = stop.value
+    finally:
+        if prof is not None:
+            prof.__exit__(None, None, None)
+    if prof is not None and profile is not None:
+        averages = prof.key_averages()
+        with open(profile, "a") as fh:
+            fh.write(f"=== refine {cfg}, {len(stamps) - 1} iterations ===\n")
+            for key in ("self_cpu_time_total", "self_cuda_time_total"):
+                try:
+                    fh.write(averages.table(sort_by=key, row_limit=25) + "\n")
+                except Exception as exc:  # a key this torch does not know
+                    fh.write(f"(no table by {key}: {exc})\n")
     per_it = float(np.median(np.diff(stamps))) if len(stamps) > 2 else float("nan")
     return per_it, result
 
@@ -298,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/gpu_check.*")
     ap.add_argument("--out", type=Path, default=None, help="also copy the results files into this folder")
+    ap.add_argument("--profile", type=Path, default=None, help="write torch.profiler tables of refine here")
     args = ap.parse_args(argv)
     placeholder = install_nibabel_placeholder()
     t_start = time.perf_counter()
@@ -336,7 +354,12 @@ def main(argv: list[str] | None = None) -> int:
         ref["t_pred"], ref["pred"] = timed_predict(
             model, meta, volume, cpu, False, repeats=1 if args.tiny else 2
         )
-        ref["it"], ref["refine"] = run_refine(model, meta, volume, cpu, False, args.iterations, 8)
+        # numerics: float32 throughout, no student augmentation (its random draws differ by device)
+        _, ref["refine"] = run_refine(
+            model, meta, volume, cpu, args.iterations, 8, amp=False, teacher_bf16=False, augment="none"
+        )
+        # speed: the recipe a CPU user gets
+        ref["it"], _ = run_refine(model, meta, volume, cpu, args.iterations, 8)
         print(
             f"CPU ({torch.get_num_threads()} threads): predict {ref['t_pred']:.2f} s for {args.slices} "
             f"slices, refine {ref['it'] * 1000:.0f} ms/iteration",
@@ -406,33 +429,41 @@ def main(argv: list[str] | None = None) -> int:
     def refine_parts() -> None:
         r_cpu = ref["refine"]
         loss_cpu = np.array([h.get("ssl", np.nan) for h in r_cpu.history])
-        for amp, cl in (("off", True), ("bf16", True), ("bf16", False)):
-            it_gpu, r_gpu = run_refine(
-                model.to(cpu), meta, volume, dev, amp, args.iterations, 8, channels_last=cl
+        for amp in (False, True):
+            # the same numerics as the CPU reference: no augmentation; the teacher follows amp
+            _, r_gpu = run_refine(
+                model.to(cpu), meta, volume, dev, args.iterations, 8, amp=amp, augment="none"
             )
-            label = f"refine {amp}" + ("" if cl else " contiguous")
+            label = f"refine {'bf16' if amp else 'fp32'}, no augmentation"
+            agree = float(np.mean(r_gpu.pseudo == r_cpu.pseudo))
+            loss_gpu = np.array([h.get("ssl", np.nan) for h in r_gpu.history])
+            rel = float(np.nanmax(np.abs(loss_gpu - loss_cpu) / np.maximum(np.abs(loss_cpu), 1e-6)))
+            figs.add(f"{label}: pseudo-label agreement with the CPU", agree, "", 0.98)
+            figs.add(f"{label}: max relative L_SSL difference", rel, "", -0.05)
+            print(f"{label}: agreement {agree:.4f}, L_SSL rel diff {rel:.4f}", flush=True)
+        # speed: the defaults (bf16 autocast on CUDA, contiguous weights) against channels-last; the
+        # default runs twice, before and after, so that warm-up order cannot decide the comparison
+        runs = (("default", {}), ("channels-last", {"channels_last": True}), ("default, again", {}))
+        for label, over in runs:
+            it_gpu, _ = run_refine(model.to(cpu), meta, volume, dev, args.iterations, 8, **over)
             speed = ref["it"] / it_gpu
-            figs.add(f"{label}: GPU/CPU speed-up per iteration", speed, "x")
-            figs.add(f"{label}: ms per iteration", it_gpu * 1000, "ms")
-            if cl:
-                agree = float(np.mean(r_gpu.pseudo == r_cpu.pseudo))
-                loss_gpu = np.array([h.get("ssl", np.nan) for h in r_gpu.history])
-                rel = float(np.nanmax(np.abs(loss_gpu - loss_cpu) / np.maximum(np.abs(loss_cpu), 1e-6)))
-                figs.add(f"{label}: pseudo-label agreement", agree, "", 0.98)
-                figs.add(f"{label}: max relative L_SSL difference", rel, "", -0.05)
-                print(
-                    f"{label}: {it_gpu * 1000:.1f} ms/iteration ({speed:.1f}x), agreement {agree:.4f}, "
-                    f"L_SSL rel diff {rel:.4f}",
-                    flush=True,
-                )
-            else:
-                print(f"{label}: {it_gpu * 1000:.1f} ms/iteration ({speed:.1f}x)", flush=True)
+            figs.add(f"refine {label}: ms per iteration", it_gpu * 1000, "ms")
+            figs.add(f"refine {label}: GPU/CPU speed-up per iteration (defaults on each)", speed, "x")
+            print(f"refine {label}: {it_gpu * 1000:.1f} ms/iteration ({speed:.1f}x)", flush=True)
+
+    def profile_refine() -> None:
+        args.profile.write_text("")
+        for over in ({}, {"channels_last": True}):
+            run_refine(model.to(cpu), meta, volume, dev, 6, 8, profile=args.profile, **over)
+        print(f"profile tables in {args.profile}", flush=True)
 
     figs.section("device selection", device_selection)
     figs.section("predict: GPU vs CPU", predict_parts)
     figs.section("predict overhead on the GPU", predict_overhead)
     figs.section("memory format and precision", memory_formats)
     figs.section("refine: GPU vs CPU", refine_parts)
+    if args.profile is not None:
+        figs.section("refine profile", profile_refine)
     info["failed_sections"] = figs.failed
     info["wall_s"] = round(time.perf_counter() - t_start, 1)
     print(f"done in {info['wall_s']} s; failed sections: {figs.failed or 'none'}", flush=True)

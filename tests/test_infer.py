@@ -116,6 +116,53 @@ def test_dense_and_sparse_boundary_paths_agree(case, monkeypatch: pytest.MonkeyP
         assert np.array_equal(getattr(sparse, name), getattr(dense, name)), name
 
 
+def test_device_path_makes_the_same_maps(case, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The maps made with torch where the logits are (the CUDA path), run here on the CPU, equal the
+    numpy path's and the definition's up to float rounding."""
+    model, meta, vol = case
+    host = predict_volume(model, meta, vol, device="cpu", batch_size=4)
+    made = []
+
+    def tensors(self, x):
+        with torch.inference_mode():
+            out = infer._forward(self.model, x, self.amp_dtype)
+        made.append(len(x))
+        return out
+
+    monkeypatch.setattr(infer.SlicePredictor, "_logits", tensors)
+    device_path = predict_volume(model, meta, vol, device="cpu", batch_size=4)
+    assert sum(made) == vol.data.shape[2]
+    ref = _reference(model, meta, vol)
+    for name in ("main", "aux", "pseudo"):
+        got = getattr(device_path, name)
+        assert got.dtype == np.uint8 and got.shape == vol.data.shape
+        assert np.mean(got != getattr(host, name)) < 1e-3, name
+        assert np.mean(got != ref[name]) < 1e-3, name
+    for name in ("confidence", "consistency"):
+        got = getattr(device_path, name)
+        assert got.dtype == np.float16
+        assert np.abs(got.astype(np.float32) - ref[name]).max() < 2e-3, name
+        assert np.abs(got.astype(np.float32) - getattr(host, name).astype(np.float32)).max() < 2e-3
+
+
+def test_float16_overflow_falls_back_to_float32(case) -> None:
+    """Logits beyond float16's range (here: the band model scaled up) are recomputed in float32."""
+    _model, meta, vol = case
+    big = BandNet().eval()
+    with torch.no_grad():
+        for head in (big.head_main, big.head_aux):
+            head.weight.mul_(3000.0)
+            head.bias.mul_(3000.0)
+    x = infer.prepare(vol, meta, big).batch([0, 1])
+    with torch.inference_mode():
+        raw, _ = infer._forward(big, x, torch.float16)
+    assert not raw.isfinite().all(), "the scaled model must overflow float16"
+    fp32 = predict_volume(big, meta, vol, device="cpu", amp=False)
+    fp16 = predict_volume(big, meta, vol, device="cpu", amp="fp16")
+    for name in FIELDS:
+        assert np.array_equal(getattr(fp16, name), getattr(fp32, name)), name
+
+
 def _agree(a: Prediction, b: Prediction, exact: bool) -> None:
     """Labels equal; float maps equal, or within float16 rounding (the forward may round differently
     for another batch size)."""

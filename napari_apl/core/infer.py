@@ -193,9 +193,14 @@ def prepare(
 
 
 def _amp_dtype(amp: bool | str | None, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` (None/False: off; True/"bf16": bfloat16; "fp16": float16)."""
+    """The autocast dtype for ``amp`` (False: off; True/"bf16": bfloat16; "fp16": float16).
+
+    ``None`` is float16 on CUDA and off elsewhere: for inference float16's finer mantissa keeps the
+    maps closer to float32 than bfloat16 does, at the same speed (benchmarks/results/gpu_check.md), and
+    a batch whose float16 logits overflow is recomputed in float32 (``SlicePredictor._logits``).
+    """
     if amp is None:
-        amp = device.type == "cuda"
+        return torch.float16 if device.type == "cuda" else None
     if amp is False or amp == "off":
         return None
     if amp is True or amp in ("bf16", "bfloat16"):
@@ -361,6 +366,41 @@ def _postprocess(tv: _ToVoxels, main: np.ndarray, aux: np.ndarray) -> dict[str, 
     }
 
 
+def _postprocess_torch(tv: _ToVoxels, main: torch.Tensor, aux: torch.Tensor) -> dict[str, np.ndarray]:
+    """``_postprocess`` with torch on the logits' device (the CUDA path); the five maps come back to numpy.
+
+    The same quantities: softmax of each head, their mean, ω (top-1 minus top-2 of the mean) and the
+    disagreement on the model grid, bilinearly resampled; the labels are the argmax of the resampled
+    probabilities, computed densely (on a GPU that is cheaper than finding the boundary voxels).
+    """
+    size = (tv.Y, tv.X)
+
+    def crop(t: torch.Tensor) -> torch.Tensor:
+        return t[..., tv.bx : tv.bx + tv.rx, tv.by : tv.by + tv.ry].float()
+
+    def to_voxels(t: torch.Tensor) -> torch.Tensor:  # (n, k, rx, ry) -> (n, k, Y, X)
+        t = t.transpose(2, 3)
+        if tuple(t.shape[-2:]) != size:
+            t = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+        return t
+
+    p_m = torch.softmax(crop(main), dim=1)
+    p_a = torch.softmax(crop(aux), dim=1)
+    merged = (p_m + p_a) * 0.5
+    top2 = merged.topk(2, dim=1).values
+    omega = top2[:, 0] - top2[:, 1]
+    disagree = (1.0 - (p_m * p_a).sum(dim=1)).clamp(0.0, 1.0)
+    maps = to_voxels(torch.stack([omega, disagree], dim=1)).to(torch.float16).cpu().numpy()
+    labels = [to_voxels(p).argmax(dim=1).to(torch.uint8).cpu().numpy() for p in (p_m, p_a, merged)]
+    return {
+        "main": labels[0],
+        "aux": labels[1],
+        "pseudo_label": labels[2],
+        "confidence": maps[:, 0],
+        "consistency": maps[:, 1],
+    }
+
+
 # --- on-demand and streaming prediction ---------------------------------------------------------------
 
 
@@ -416,17 +456,27 @@ class SlicePredictor:
         with self._cond:
             return self._done.copy()
 
-    def _logits(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Both heads' model-grid logits of a prepared batch, as float32 numpy arrays."""
+    def _logits(self, x: torch.Tensor) -> tuple[Any, Any]:
+        """Both heads' model-grid logits of a prepared batch: float32 numpy arrays on the CPU, and
+        tensors left on the device elsewhere (the maps are made there, ``_postprocess_torch``)."""
         with torch.inference_mode():
-            main, aux = _forward(self.model, x.to(self.device), self.amp_dtype)
-        return main.cpu().numpy(), aux.cpu().numpy()
+            x = x.to(self.device)
+            main, aux = _forward(self.model, x, self.amp_dtype)
+            if self.amp_dtype == torch.float16 and not (main.isfinite().all() and aux.isfinite().all()):
+                main, aux = _forward(self.model, x, None)  # float16 overflowed: this batch in float32
+        if self.device.type == "cpu":
+            return main.numpy(), aux.numpy()
+        return main, aux
 
-    def _store(self, idx: list[int], main: np.ndarray, aux: np.ndarray) -> None:
+    def _store(self, idx: list[int], main: Any, aux: Any) -> None:
         """Map a batch's logits to the voxel grid and write its five maps into the store."""
         if self._to_voxels is None:
             self._to_voxels = _ToVoxels(self.prepared.grid)
-        arrays = _postprocess(self._to_voxels, main, aux)
+        if isinstance(main, torch.Tensor):
+            with torch.inference_mode():
+                arrays = _postprocess_torch(self._to_voxels, main, aux)
+        else:
+            arrays = _postprocess(self._to_voxels, main, aux)
         pos = np.asarray(idx)
         contiguous = len(idx) > 1 and idx == list(range(idx[0], idx[-1] + 1))
         for name, arr in arrays.items():
@@ -537,7 +587,7 @@ class SlicePredictor:
                     return chunk, helper.submit(self.prepared.batch, chunk)
             return None
 
-        def store(chunk: list[int], main: np.ndarray, aux: np.ndarray) -> None:
+        def store(chunk: list[int], main: Any, aux: Any) -> None:
             self._store(chunk, main, aux)
             self._release(chunk, done=True)
             claimed.remove(chunk)
@@ -647,7 +697,7 @@ def iter_predict(
 
     Labels come back as uint8 and the maps as float16, on the canonical voxel grid, so a
     512 x 512 x 300 CT never holds a float probability volume for either head. ``amp`` is the
-    mixed precision (``None``: bf16 on CUDA, off elsewhere; ``"fp16"``/``"bf16"``/``True``/``False``).
+    mixed precision (``None``: fp16 on CUDA, off elsewhere; ``"fp16"``/``"bf16"``/``True``/``False``).
     Pass a ``predictor`` to complete one that already answered on-demand slice requests, and
     ``on_slices`` to hear of finished slices in order (e.g. ``PredictionWriter.feed``).
     """
