@@ -34,14 +34,16 @@ MODEL_INPUT = (160, 160)
 
 
 def git_commit() -> str:
-    """The checked-out commit (``$GIT_COMMIT`` or ``unknown`` outside a git checkout); read-only."""
+    """``$GIT_COMMIT`` where set (a copied tree whose .git may be stale), else the checked-out commit."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
         )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("GIT_COMMIT", "unknown")
+        return "unknown"
 
 
 def cpu_model() -> str:

@@ -137,7 +137,7 @@ def compare(a, b) -> dict[str, float]:
 
 
 def run_refine(model, meta, volume, device, iterations: int, batch: int, profile: Path | None = None, **cfg):
-    """Per-iteration seconds (median) and the result of an APL refinement on ``device``.
+    """Per-iteration seconds (median), result and profiled device-busy fraction of an APL refinement.
 
     ``cfg`` overrides ``RefineConfig`` fields (the rest are the defaults a user gets on that device).
     With ``profile``, the iterations after the first run under torch.profiler and its tables are
@@ -168,17 +168,24 @@ def run_refine(model, meta, volume, device, iterations: int, batch: int, profile
     finally:
         if prof is not None:
             prof.__exit__(None, None, None)
+    busy = float("nan")
     if prof is not None and profile is not None:
         averages = prof.key_averages()
+        kernel_us = sum(
+            getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) for e in averages
+        )
+        wall_s = stamps[-1] - stamps[0] if len(stamps) > 1 else float("nan")
+        busy = kernel_us / 1e6 / wall_s
         with open(profile, "a") as fh:
-            fh.write(f"=== refine {cfg}, {len(stamps) - 1} iterations ===\n")
+            fh.write(f"=== refine {cfg}, {len(stamps) - 1} iterations, {wall_s * 1000:.1f} ms, ")
+            fh.write(f"device kernels {kernel_us / 1000:.1f} ms ({busy:.1%} busy) ===\n")
             for key in ("self_cpu_time_total", "self_cuda_time_total"):
                 try:
                     fh.write(averages.table(sort_by=key, row_limit=25) + "\n")
                 except Exception as exc:  # a key this torch does not know
                     fh.write(f"(no table by {key}: {exc})\n")
     per_it = float(np.median(np.diff(stamps))) if len(stamps) > 2 else float("nan")
-    return per_it, result
+    return per_it, result, busy
 
 
 def _median_ms(fn, device: torch.device, repeats: int, warmup: int = 3) -> float:
@@ -318,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", type=Path, default=None, help="write torch.profiler tables of refine here")
     args = ap.parse_args(argv)
     placeholder = install_nibabel_placeholder()
-    t_start = time.perf_counter()
+    t_start, t_wall = time.perf_counter(), time.time()
 
     from napari_apl.core.checkpoint import CheckpointMeta
     from napari_apl.core.utils import resolve_device
@@ -355,11 +362,11 @@ def main(argv: list[str] | None = None) -> int:
             model, meta, volume, cpu, False, repeats=1 if args.tiny else 2
         )
         # numerics: float32 throughout, no student augmentation (its random draws differ by device)
-        _, ref["refine"] = run_refine(
+        _, ref["refine"], _ = run_refine(
             model, meta, volume, cpu, args.iterations, 8, amp=False, teacher_bf16=False, augment="none"
         )
         # speed: the recipe a CPU user gets
-        ref["it"], _ = run_refine(model, meta, volume, cpu, args.iterations, 8)
+        ref["it"], _, _ = run_refine(model, meta, volume, cpu, args.iterations, 8)
         print(
             f"CPU ({torch.get_num_threads()} threads): predict {ref['t_pred']:.2f} s for {args.slices} "
             f"slices, refine {ref['it'] * 1000:.0f} ms/iteration",
@@ -431,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         loss_cpu = np.array([h.get("ssl", np.nan) for h in r_cpu.history])
         for amp in (False, True):
             # the same numerics as the CPU reference: no augmentation; the teacher follows amp
-            _, r_gpu = run_refine(
+            _, r_gpu, _ = run_refine(
                 model.to(cpu), meta, volume, dev, args.iterations, 8, amp=amp, augment="none"
             )
             label = f"refine {'bf16' if amp else 'fp32'}, no augmentation"
@@ -445,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         # default runs twice, before and after, so that warm-up order cannot decide the comparison
         runs = (("default", {}), ("channels-last", {"channels_last": True}), ("default, again", {}))
         for label, over in runs:
-            it_gpu, _ = run_refine(model.to(cpu), meta, volume, dev, args.iterations, 8, **over)
+            it_gpu, _, _ = run_refine(model.to(cpu), meta, volume, dev, args.iterations, 8, **over)
             speed = ref["it"] / it_gpu
             figs.add(f"refine {label}: ms per iteration", it_gpu * 1000, "ms")
             figs.add(f"refine {label}: GPU/CPU speed-up per iteration (defaults on each)", speed, "x")
@@ -454,7 +461,15 @@ def main(argv: list[str] | None = None) -> int:
     def profile_refine() -> None:
         args.profile.write_text("")
         for over in ({}, {"channels_last": True}):
-            run_refine(model.to(cpu), meta, volume, dev, 6, 8, profile=args.profile, **over)
+            *_, busy = run_refine(model.to(cpu), meta, volume, dev, 6, 8, profile=args.profile, **over)
+            label = "default" if not over else "channels-last"
+            figs.add(
+                f"refine {label} under the profiler: device kernel time / wall time",
+                busy,
+                "",
+                note="below 1: the iteration waits on the host (Python, kernel launches, copies)",
+            )
+            print(f"refine {label}: device busy {busy:.1%} of the profiled iterations", flush=True)
         print(f"profile tables in {args.profile}", flush=True)
 
     figs.section("device selection", device_selection)
@@ -472,7 +487,20 @@ def main(argv: list[str] | None = None) -> int:
 
         import _common as c
 
-        rep = c.Report("gpu_check", "Goal 8: GPU results vs CPU and GPU/CPU speed")
+        rep = c.Report("gpu_check", "Goal 8: GPU results vs CPU and GPU/CPU speed", started=t_wall)
+        rep.note(
+            "defaults on CUDA: predict runs fp16 autocast (a batch whose float16 logits overflow is "
+            "recomputed in float32) and makes the five maps on the device; refine runs bf16 autocast with "
+            "float32 losses and contiguous weights (channels-last only on the CPU)"
+        )
+        rep.note(
+            "speed-ups are against the same machine's CPU with all its cores (torch_threads above), each "
+            "side at its own defaults; predict = the in-memory volume to the five voxel-grid maps"
+        )
+        rep.note(
+            "refine numerics are compared without the student augmentation, whose random draws differ "
+            "between devices; the timed runs use the default recipe"
+        )
         for name, value, unit, goal, note in figs.rows:
             if goal is None:
                 rep.add(name, value, unit, note=note)
