@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from napari_apl.core.infer import prepare
     from napari_apl.core.phantom import make_phantom
-    from napari_apl.core.refine import RefineConfig, _teacher_bf16, refine, uses_channels_last
+    from napari_apl.core.refine import RefineConfig, _teacher_bf16, refine
     from napari_apl.core.volume import volume_from_array
 
     rep = c.Report("refine_overhead", "Goal 2: APL iteration vs plain supervised training step")
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     prep = prepare(volume, meta, model)
     xs = torch.cat([prep.batch(range(s, min(s + 16, args.slices))) for s in range(0, args.slices, 16)])
     hw = tuple(xs.shape[-2:])
-    fmt = torch.channels_last if uses_channels_last(cfg, torch.device("cpu")) else torch.contiguous_format
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format  # as the refinement runs
     plain_model = copy.deepcopy(model).to(memory_format=fmt)
     _frozen_train(plain_model)
     opt = torch.optim.Adam(plain_model.parameters(), lr=cfg.lr)
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             k: v for k, v in cfg.to_dict().items() if k in ("method", "batch_size", "bn", "teacher_decay")
         },
         "torch_threads": torch.get_num_threads(),
-        "memory_format": "channels_last" if uses_channels_last(cfg, torch.device("cpu")) else "contiguous",
+        "memory_format": "channels_last" if cfg.channels_last else "contiguous",
         "teacher_precision": "bf16 autocast (native bf16 on this CPU)" if teacher_low else "float32",
         "refine_setup_plus_first_iteration_s": round(setup_s, 2),
         "per_step_s": per,

@@ -84,7 +84,7 @@ def test_chain_phantom_predict_refine_evaluate(tmp_path, tiny_ckpt, phantom_dir,
     log = json.loads((ref_dir / "log.json").read_text())
     assert len(log["history"]) == 3 and log["config"]["method"] == "apl"
     assert log["config"]["teacher_bf16"] is False
-    assert log["config"]["channels_last"] is None  # auto: channels-last on the CPU only
+    assert log["config"]["channels_last"] is True
     assert log["config"]["bn_mix"] == 0.5 and log["largest_component"] is True
     assert log["config"]["class_balance_power"] == 0.25
     assert log["config"]["augment"] == "domain" and log["config"]["augment_geometry"] is True

@@ -276,7 +276,7 @@ def test_gpu_check_accelerator_part_runs_simulated_on_cpu() -> None:
     assert "failed sections: none" in proc.stdout
     # the same device and precision as the reference: identical labels
     assert "predict amp=off" in proc.stdout and "'main_agree': 1.0" in proc.stdout
-    for part in ("forward bf16: contiguous", "train step fp32: contiguous", "refine channels-last:"):
+    for part in ("forward bf16: contiguous", "train step fp32: contiguous", "refine contiguous:"):
         assert part in proc.stdout
 
 

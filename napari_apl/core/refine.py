@@ -122,12 +122,13 @@ class RefineConfig:
     source statistics as in Schneider et al. 2020)."""
     teacher_decay: float = 0.99
     """EMA decay of a teacher copy that makes the pseudo labels; 0 disables the teacher."""
-    channels_last: bool | None = None
-    """Keep the student's and the teacher's weights channels-last. ``None`` = on the CPU only: oneDNN
-    runs this model's convolutions faster so (a training step 557 -> 427 ms, a forward 215 -> 152 ms,
-    unet-dual base 16, 8 slices of 160 px, 2 CPU threads), while on an H100 a refinement iteration
-    took 114 ms channels-last and 50 ms contiguous (benchmarks/results/gpu_check.md). The returned
-    model is contiguous again."""
+    channels_last: bool = True
+    """Keep the student's and the teacher's weights channels-last: oneDNN runs this model's convolutions
+    faster so (a training step 557 -> 427 ms, a forward 215 -> 152 ms, unet-dual base 16, 8 slices of
+    160 px, 2 CPU threads). On an H100 a refinement iteration took the same time either way (29.8 ms
+    channels-last, 29.1 and 29.7 ms contiguous: the iteration waits on the host) while the bare bf16
+    forward was 1.6x faster channels-last (benchmarks/results/gpu_check.md). The returned model is
+    contiguous again."""
     teacher_bf16: bool | None = None
     """Run the teacher's no-grad forwards (pseudo labels, guard checks) under bf16 autocast; the
     student trains in float32 unless ``amp``. ``None`` = where bf16 is native: CUDA with ``amp``, or
@@ -367,11 +368,6 @@ def _adapt_bn(
     model.eval()
 
 
-def uses_channels_last(cfg: RefineConfig, dev: torch.device) -> bool:
-    """Whether a refinement with ``cfg`` on ``dev`` keeps its weights channels-last (``None``: CPU only)."""
-    return dev.type == "cpu" if cfg.channels_last is None else bool(cfg.channels_last)
-
-
 def _teacher_bf16(setting: bool | None, dev: torch.device) -> bool:
     """Whether the teacher's forwards run under bf16 autocast (``None``: where bf16 is native)."""
     if setting is not None:
@@ -538,7 +534,7 @@ def refine(
 
     start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     student = copy.deepcopy(model).to(dev)
-    if uses_channels_last(cfg, dev):
+    if cfg.channels_last:
         student.to(memory_format=torch.channels_last)
     prep = prepare(volume, meta, student, norm)
     n_slices = int(volume.data.shape[2])
