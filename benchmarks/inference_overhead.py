@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     xs = [prep.batch(range(s, min(z, s + args.batch_size))) for s in range(0, z, args.batch_size)]
     del volume, prep
     model.eval()
+    model.to(memory_format=torch.channels_last)  # as predict runs it (SlicePredictor)
 
     def bare() -> None:
         with torch.inference_mode():
