@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     rep.note(
         "the .nii.gz input is streamed (read slice by slice as the batches need it) and each of the five "
-        "maps is compressed in its own thread while later slices are predicted; ω and consistency are "
-        "stored as uint8 x 1/255 (a quarter of float32's bytes: compressing them keeps pace with the forward)"
+        "maps is compressed (ISA-L gzip, level 1) in its own thread while later slices are predicted; ω "
+        "and consistency are stored as uint8 x 1/255 (a quarter of float32's bytes)"
     )
     rep.note(
         "the pipeline reads/prepares the next batch and maps the previous one to the voxel grid in a helper "
@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     rep.note(
         "pipeline = napari-apl predict in-process (load .nii.gz, normalise, resample, both heads, ω and "
         "consistency, inverse resample, write 5 .nii.gz), start-up included (checkpoint, header, the CT "
-        "check on the first slices); bare = model(x) on the prepared slices"
+        "check on the first slices); bare = model(x) on the prepared slices; both with channels-last "
+        "weights, as predict runs the model"
     )
     rep.write()
     return 0
