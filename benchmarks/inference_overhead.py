@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     rep.note(
         "the .nii.gz input is streamed (read slice by slice as the batches need it) and each of the five "
-        "maps is compressed (ISA-L gzip, level 1) in its own thread while later slices are predicted; ω "
-        "and consistency are stored as uint8 x 1/255 (a quarter of float32's bytes)"
+        "maps is compressed (gzip level 1) in its own thread while later slices are predicted; ω and "
+        "consistency are stored as uint8 x 1/255 (a quarter of float32's bytes)"
     )
     rep.note(
         "the pipeline reads/prepares the next batch and maps the previous one to the voxel grid in a helper "

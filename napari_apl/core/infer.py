@@ -807,25 +807,14 @@ def _nifti_header_bytes(reference: Volume, name: str) -> bytes:
     return block + raw[len(block) :]
 
 
-def _gzip_file_class() -> Any:
-    """ISA-L's gzip writer where the ``isal`` package is installed (about 8x less CPU than zlib at level
-    1 on a confidence map, the same format and a similar size), else the standard library's."""
-    try:
-        from isal.igzip import IGzipFile
-
-        return IGzipFile
-    except ImportError:  # pragma: no cover - isal is a dependency; a build without it still writes
-        import gzip
-
-        return gzip.GzipFile
-
-
 @contextlib.contextmanager
 def _map_file(tmp: Any, path: Any) -> Iterator[Any]:
-    """A binary writer for ``tmp``: gzip level 1 for ``.gz`` names, else plain."""
+    """A binary writer for ``tmp``: gzip level 1 (as nibabel writes) for ``.gz`` names, else plain."""
+    import gzip
+
     with open(tmp, "wb") as raw:
         if str(path).lower().endswith(".gz"):
-            with _gzip_file_class()(filename="", fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz:
+            with gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz:
                 yield gz
         else:
             yield raw
@@ -834,8 +823,8 @@ def _map_file(tmp: Any, path: Any) -> Iterator[Any]:
 def write_map(name: str, arr_canonical: Any, path: Any, reference: Volume, *, overwrite: bool = False) -> Any:
     """Atomically write one map (canonical ``(X, Y, Z)``) as NIfTI on ``reference``'s original grid.
 
-    The file holds the bytes ``PredictionWriter`` streams for the same map (``encode_map``'s voxels,
-    the reference's affine and header codes; the deflate stream itself may differ).
+    The bytes equal what ``PredictionWriter`` streams for the same map (``encode_map``'s voxels, the
+    reference's affine and header codes).
     """
     from .io_utils import atomic_write
 
