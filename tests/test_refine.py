@@ -173,6 +173,32 @@ def test_unguarded_run_does_collapse(setup):
     assert _organ_voxels(free.model, meta, vol) == 0
 
 
+@pytest.mark.parametrize("at", [3, 5])
+def test_non_finite_weights_restore_a_finite_model(setup, monkeypatch: pytest.MonkeyPatch, at: int) -> None:
+    """An encoder step that leaves a NaN weight (its loss still finite) stops the run with a finite model:
+    at a guard iteration (5) the weights are checked at once, elsewhere the next loss shows it."""
+    model, meta, vol = setup
+    step = torch.optim.Adam.step
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2 * at:  # the encoder step of iteration ``at`` (classifier step, then encoder)
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
+    res = run_generator(refine(model, meta, vol, _cfg(iterations=12, guard_every=5)))
+    assert res.stopped
+    assert any("non-finite" in n for n in res.notes), res.notes
+    stopped_at = len(res.history)
+    assert stopped_at == (at if at % 5 == 0 else at + 1)
+    assert all(torch.isfinite(t).all() for t in res.model.state_dict().values() if t.is_floating_point())
+    assert _organ_voxels(res.model, meta, vol) > 0
+
+
 @pytest.mark.parametrize("guard_every", [5, 1000])
 def test_refine_never_returns_a_background_only_model(setup, guard_every):
     """Drive the model to background on purpose: the guard (during the loop or at its end) refuses it."""

@@ -867,14 +867,16 @@ def refine(
         # guard: finite weights, and no organ collapsing to background in the returned model (the
         # weights of every guard_every-th iteration are checked, in that iteration or spread over the
         # next ones; the last iteration's are checked once after the loop)
+        # (non-finite weights with a finite loss give a non-finite loss one iteration later; the weights
+        # themselves are checked before a guard check keeps them and once more after the loop)
         note = ""
-        if not all(math.isfinite(v) for v in losses.values()) or not _finite(student):
+        due = it % cfg.guard_every == 0 and it < cfg.iterations
+        if not all(math.isfinite(v) for v in losses.values()) or (due and not _finite(student)):
             restore(good_state)
-            note = f"non-finite loss at iteration {it}: restored iteration {good_iter} and stopped"
+            note = f"non-finite loss or weights at iteration {it}: restored iteration {good_iter} and stopped"
             notes.append(note)
             stopped = True
         else:
-            due = it % cfg.guard_every == 0 and it < cfg.iterations
             if check is not None:  # a check started earlier: go on (finish it when a new one is due)
                 advance(check, len(guard_idx) if due else per_iteration)
                 check, note = settle(check)
