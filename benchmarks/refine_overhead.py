@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "of the batch's slices (labels and flags of those slices only); ω and the class-normalised "
         "target; both heads again on the attached features (the classifiers have changed, the encoder "
         "has not) -> L_SSL -> backward into the encoder's parameters only -> encoder step; EMA update "
-        "(foreach ops); finiteness check"
+        "(foreach ops); the losses' finiteness check (the weights' every guard_every iterations)"
     )
     rep.note(
         "the plain step is one forward + backward + Adam step (no augmentation); beyond it an APL "

@@ -434,9 +434,9 @@ class _Ensemble:
         old = self.prob[idx].float()
         seen = self.seen[idx].reshape(-1, 1, 1, 1)
         blended = torch.where(seen, self.decay * old + (1 - self.decay) * new, new)
-        changed = (self.label[idx] != pseudo.class_argmax(blended)) & seen.reshape(-1, 1, 1)
         self.prob[idx] = blended.to(torch.float16)
         label = pseudo.class_argmax(self.prob[idx]).to(torch.uint8)  # read back: a repeated slice wrote once
+        changed = (self.label[idx] != label) & seen.reshape(-1, 1, 1)  # of the stored labels
         self.label[idx] = label
         self.foreground[idx] = (label > 0).flatten(1).any(1)
         self.seen[idx] = True
