@@ -195,6 +195,24 @@ def test_save_checks_model_against_meta(tmp_path):
     assert not out.exists()
 
 
+def test_channels_last_weights_are_saved_contiguous(tmp_path):
+    """Predict makes the weights channels-last in place; the saved tensors are the same as without that."""
+
+    def members(path: Path) -> dict[str, bytes]:  # the archive's files, without its (temporary) root name
+        with zipfile.ZipFile(path) as zf:
+            return {n.split("/", 1)[1]: zf.read(n) for n in zf.namelist()}
+
+    torch.manual_seed(0)
+    model = build_model("unet-dual", base=4)
+    a = save_checkpoint(tmp_path / "a.pt", model, _meta(arch_args={"base": 4}))
+    model.to(memory_format=torch.channels_last)
+    assert not model.down1[0].weight.is_contiguous()
+    b = save_checkpoint(tmp_path / "b.pt", model, _meta(arch_args={"base": 4}))
+    state = torch.load(b, weights_only=True)["state_dict"]
+    assert all(t.is_contiguous() for t in state.values())
+    assert members(a) == members(b)
+
+
 def test_save_takes_arch_args_from_model(tmp_path):
     model = _unet()
     path = save_checkpoint(tmp_path / "m.pt", model, _meta(arch_args={"base": 99}))

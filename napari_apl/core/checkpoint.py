@@ -431,7 +431,11 @@ def save_checkpoint(
     payload = {
         FORMAT_KEY: FORMAT_VERSION,
         "meta_json": meta.to_json(),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        # contiguous copies: the same file whether or not the weights were made channels-last for speed
+        "state_dict": {
+            k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+            for k, v in model.state_dict().items()
+        },
     }
 
     def write(tmp: Path) -> None:

@@ -442,8 +442,9 @@ class SlicePredictor:
         self._uid = uuid.uuid4().hex[:12]
         model.eval()
         model.to(self.device)
-        # channels-last weights: oneDNN and cuDNN run this model's convolutions faster so (a batch of
-        # 8 slices of the demo model on 2 CPU threads: 150 -> 100 ms; benchmarks/results/flops.md)
+        # channels-last weights (in place, like the move to the device; checkpoints are saved contiguous):
+        # oneDNN and cuDNN run this model's convolutions faster so (a batch of 8 slices of the demo
+        # model on 2 CPU threads: 150 -> 100 ms; benchmarks/results/flops.md)
         model.to(memory_format=torch.channels_last)
 
     @property

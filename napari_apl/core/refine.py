@@ -193,10 +193,12 @@ class RefineConfig:
             raise APLError(f"unknown weight '{self.weight}': choose uniform or confusion")
         if self.bn not in BN_MODES:
             raise APLError(f"unknown batch-norm mode '{self.bn}': choose one of {', '.join(BN_MODES)}")
-        for name in ("amp", "teacher_bf16", "channels_last"):  # a string such as "off" would read as true
+        for name in ("amp", "teacher_bf16"):  # a string such as "off" would read as true
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise APLError(f"{name} must be true, false or unset (auto), got {value!r}")
+        if not isinstance(self.channels_last, bool):
+            raise APLError(f"channels_last must be true or false, got {self.channels_last!r}")
         if self.augment not in AUGMENT_MODES:
             raise APLError(f"unknown augment '{self.augment}': choose one of {', '.join(AUGMENT_MODES)}")
         if not 0 <= self.bn_mix <= 1:
@@ -864,11 +866,10 @@ def refine(
         if teacher is not None:
             _ema_update(teacher, student, cfg.teacher_decay)
 
-        # guard: finite weights, and no organ collapsing to background in the returned model (the
-        # weights of every guard_every-th iteration are checked, in that iteration or spread over the
-        # next ones; the last iteration's are checked once after the loop)
-        # (non-finite weights with a finite loss give a non-finite loss one iteration later; the weights
-        # themselves are checked before a guard check keeps them and once more after the loop)
+        # guard: finite losses and weights, and no organ collapsing to background in the returned model
+        # (the weights of every guard_every-th iteration are checked, in that iteration or spread over
+        # the next ones; the last iteration's are checked once after the loop). The weights' finiteness
+        # is read at those iterations only: non-finite weights give a non-finite loss one iteration later.
         note = ""
         due = it % cfg.guard_every == 0 and it < cfg.iterations
         if not all(math.isfinite(v) for v in losses.values()) or (due and not _finite(student)):
