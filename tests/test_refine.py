@@ -173,6 +173,32 @@ def test_unguarded_run_does_collapse(setup):
     assert _organ_voxels(free.model, meta, vol) == 0
 
 
+@pytest.mark.parametrize("stop_early", [False, True])
+def test_device_memory_is_released_after_the_loop_state_is_gone(setup, monkeypatch, stop_early) -> None:
+    """The accelerator's cache is emptied once the loop's optimisers and weight copies no longer exist
+    (emptied while they lived, their blocks would stay cached): at the end and after a stop."""
+    import gc
+
+    import napari_apl.core.refine as refine_mod
+
+    model, meta, vol = setup
+    alive = []
+
+    def spy(device) -> None:
+        gc.collect()
+        alive.append(sum(isinstance(o, torch.optim.Optimizer) for o in gc.get_objects()))
+
+    monkeypatch.setattr(refine_mod, "release_device_memory", spy)
+    ctl = RefineControl()
+    gen = refine(model, meta, vol, _cfg(iterations=6), control=ctl)
+    next(gen)
+    if stop_early:
+        ctl.stop()
+    result = run_generator(gen)
+    assert alive == [0]
+    assert result.iterations_done == (1 if stop_early else 6)
+
+
 @pytest.mark.parametrize("at", [3, 5])
 def test_non_finite_weights_restore_a_finite_model(setup, monkeypatch: pytest.MonkeyPatch, at: int) -> None:
     """An encoder step that leaves a NaN weight (its loss still finite) stops the run with a finite model:

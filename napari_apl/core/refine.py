@@ -525,8 +525,27 @@ def refine(
 
     The model passed in is not modified: a copy is trained and returned in the result. Stopping
     through ``control`` ends the loop after the current step and still returns a usable model.
+    The accelerator's cached memory is given back once the loop's own tensors are gone (at the end,
+    after a stop, or when the generator is closed early).
     """
     cfg = (config or RefineConfig()).validate()
+    try:
+        # the loop runs in its own generator, whose frame (optimiser states, guard copies, batches on
+        # the device) is freed when it returns: only then can the cache be emptied
+        return (yield from _refine_loop(model, meta, volume, cfg, control, corrections))
+    finally:
+        release_device_memory(resolve_device(cfg.device))
+
+
+def _refine_loop(
+    model: DualHeadNet,
+    meta: CheckpointMeta,
+    volume: Volume,
+    cfg: RefineConfig,
+    control: RefineControl | None,
+    corrections: np.ndarray | None,
+) -> Generator[RefineEvent, None, RefineResult]:
+    """The body of ``refine`` (``cfg`` validated)."""
     ctl = control or RefineControl()
     dev = resolve_device(cfg.device)
     use_amp = (dev.type == "cuda") if cfg.amp is None else bool(cfg.amp)
@@ -947,6 +966,4 @@ def refine(
         notes=notes,
         organ_voxels={"start": loaded_counts.tolist(), "refined": refined_counts.tolist()},
     )
-    student = teacher = None  # free the copies before the device cache is released
-    release_device_memory(dev)
     return result

@@ -61,8 +61,13 @@ def run_generator(gen: Generator[Any, Any, R]) -> R:
 
 def release_device_memory(device: torch.device) -> None:
     """Give cached accelerator memory back to the driver after long work."""
+    if device.type not in ("cuda", "mps"):
+        return
+    import gc
+
+    gc.collect()  # tensors kept only by reference cycles would otherwise stay cached
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-    elif device.type == "mps" and hasattr(torch, "mps"):
+    elif hasattr(torch, "mps"):
         torch.mps.empty_cache()
