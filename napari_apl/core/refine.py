@@ -125,9 +125,9 @@ class RefineConfig:
     channels_last: bool = True
     """Keep the student's and the teacher's weights channels-last: oneDNN runs this model's convolutions
     faster so (a training step 557 -> 427 ms, a forward 215 -> 152 ms, unet-dual base 16, 8 slices of
-    160 px, 2 CPU threads). On an H100 an iteration took 22.4 and 22.2 ms channels-last against 23.6 ms
-    contiguous (the iteration waits on the host), and the bare bf16 forward was 1.3x faster channels-last
-    (benchmarks/results/gpu_check.md). The returned model is contiguous again."""
+    160 px, 2 CPU threads). On an H100 an iteration took 32.5 and 29.7 ms channels-last against 32.4 ms
+    contiguous (the iteration waits on the host), while a bf16 training step was 1.17x faster
+    channels-last (benchmarks/results/gpu_check.md). The returned model is contiguous again."""
     teacher_bf16: bool | None = None
     """Run the teacher's no-grad forwards (pseudo labels, guard checks) under bf16 autocast; the
     student trains in float32 unless ``amp``. ``None`` = where bf16 is native: CUDA with ``amp``, or
