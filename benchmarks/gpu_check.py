@@ -11,8 +11,11 @@ Checks, each in its own section (a failing one is reported and the others still 
   CPU, and the GPU/CPU speed-up;
 - goal 1 on the GPU: the whole predict against the bare forward over the same slices;
 - memory format and precision: forward and training step, contiguous vs channels-last, fp32 vs bf16;
-- refine (APL, fp32 and bf16 autocast with float32 losses; bf16 also contiguous): pseudo-label
-  agreement and L_SSL difference vs the CPU run, and the per-iteration speed-up.
+- refine: without the student augmentation (its random draws differ by device), fp32 and bf16
+  autocast with float32 losses against the CPU's float32 run (pseudo-label agreement, L_SSL); with
+  each side's defaults, the per-iteration speed-up, channels-last (default) against contiguous;
+- with ``--profile FILE``: torch.profiler tables of a few refine iterations and the fraction of the
+  wall time the device spends in kernels.
 
     python benchmarks/gpu_check.py [--device cuda] [--slices 64] [--iterations 20] [--tiny] [--no-write]
                                    [--simulate] [--out DIR]
@@ -250,9 +253,7 @@ def bare_forward_ms(model, meta, volume, device: torch.device, amp: str, batch: 
     prep = prepare(volume, meta, model)
     n = volume.data.shape[2]
     xs = [prep.batch(range(s, min(s + batch, n))) for s in range(0, n, batch)]
-    net = model.to(device).eval()
-    if device.type == "cuda":
-        net.to(memory_format=torch.channels_last)
+    net = model.to(device).eval().to(memory_format=torch.channels_last)  # as predict runs it
     dtype = _amp_dtype(amp, device)
     xs_dev = [x.to(device) for x in xs]
 
