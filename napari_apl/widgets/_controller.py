@@ -58,7 +58,6 @@ from ..core.utils import release_device_memory, resolve_device
 from ..core.volume import save_canonical
 
 log = logging.getLogger(__name__)
-_VISIBLE_READY = object()  # a predict worker's signal: the visible slice is computed
 
 # Names of the layers the widget creates (and updates in place on re-predict).
 LAYER_MAIN = "main"
@@ -389,39 +388,24 @@ class APLController:
         self._closing = False
         # in 3-D napari would ask a lazy layer for the whole volume on the main thread: not there
         show_at_once = not sync and int(self.viewer.dims.ndisplay) == 2
-        # The worker predicts the visible slice first; only then do the lazy layers appear, so that
-        # napari finds that slice computed instead of predicting it on the main thread.
-        first = self._visible_slice(image_layer, predictor.total) if show_at_once else None
 
         def job() -> Generator[Any, None, Prediction]:
-            if first is not None:
-                predictor.predict_slices([first])
-                yield _VISIBLE_READY
             return (yield from iter_predict(model, meta, volume, predictor=predictor))
 
-        def on_yield(item: Any) -> None:
-            if item is _VISIBLE_READY:
-                try:
-                    self._show_lazy(image_layer, geometry, predictor)
-                except Exception as exc:  # the layers can wait for the finished maps
-                    log.warning("napari-apl: showing the prediction slice by slice failed: %s", exc)
-                return
+        def on_yield(item: tuple[int, int]) -> None:
             self._progress(*item)
 
         def on_return(pred: Prediction) -> None:
             self._show_prediction(image_layer, geometry, pred)
             self.status.emit(f"predicted {image_layer.name}")
 
+        if show_at_once:
+            try:
+                self._show_lazy(image_layer, geometry, predictor)
+            except Exception as exc:  # the layers can wait for the finished maps
+                log.warning("napari-apl: showing the prediction slice by slice failed: %s", exc)
         self._run("predict", job, on_yield, on_return, int(volume.shape[2]), sync)
         return True
-
-    def _visible_slice(self, image_layer: Any, total: int) -> int:
-        """The axial slice of ``image_layer`` the viewer shows now (its data index along the first axis)."""
-        try:
-            z = float(image_layer.world_to_data(self.viewer.dims.point)[0])
-        except Exception:  # a layer without the viewer's dimensions: its middle slice
-            z = (total - 1) / 2
-        return int(min(max(round(z), 0), total - 1))
 
     def _show_lazy(self, image_layer: Any, geometry: ScanGeometry, predictor: SlicePredictor) -> None:
         """Show the five prediction layers backed by ``predictor`` (slices computed when drawn)."""
