@@ -529,12 +529,13 @@ def refine(
     after a stop, or when the generator is closed early).
     """
     cfg = (config or RefineConfig()).validate()
+    dev = resolve_device(cfg.device)  # (an unusable device is refused here, before anything runs)
     try:
         # the loop runs in its own generator, whose frame (optimiser states, guard copies, batches on
         # the device) is freed when it returns: only then can the cache be emptied
         return (yield from _refine_loop(model, meta, volume, cfg, control, corrections))
     finally:
-        release_device_memory(resolve_device(cfg.device))
+        release_device_memory(dev)
 
 
 def _refine_loop(
