@@ -33,7 +33,9 @@ import importlib.util
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -85,7 +87,7 @@ def install_nibabel_placeholder() -> bool:
     return True
 
 
-def synthetic_volume(shape: tuple[int, int, int], spacing: float = 1.0, seed: int = 0):
+def synthetic_volume(shape: tuple[int, int, int], spacing: float = 1.0, seed: int = 0) -> Any:
     """An in-memory CT-like volume (body, organs as ellipsoids, noise) as a canonical core ``Volume``."""
     from napari_apl.core.volume import Volume
 
@@ -113,7 +115,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_predict(model, meta, volume, device, amp, repeats: int = 2, batch: int = 16):
+def timed_predict(
+    model: Any, meta: Any, volume: Any, device: torch.device, amp: Any, repeats: int = 2, batch: int = 16
+) -> tuple[float, Any]:
     """Best-of time and the prediction of ``predict_volume`` on ``device``."""
     from napari_apl.core.infer import predict_volume
 
@@ -127,7 +131,7 @@ def timed_predict(model, meta, volume, device, amp, repeats: int = 2, batch: int
     return best, pred
 
 
-def compare(a, b) -> dict[str, float]:
+def compare(a: Any, b: Any) -> dict[str, float]:
     """Label agreement and map differences of two predictions."""
     out = {}
     for name in ("main", "aux", "pseudo"):
@@ -139,7 +143,16 @@ def compare(a, b) -> dict[str, float]:
     return out
 
 
-def run_refine(model, meta, volume, device, iterations: int, batch: int, profile: Path | None = None, **cfg):
+def run_refine(
+    model: Any,
+    meta: Any,
+    volume: Any,
+    device: Any,
+    iterations: int,
+    batch: int,
+    profile: Path | None = None,
+    **cfg: Any,
+) -> tuple[float, Any, float]:
     """Per-iteration seconds (median), result and profiled device-busy fraction of an APL refinement.
 
     ``cfg`` overrides ``RefineConfig`` fields (the rest are the defaults a user gets on that device).
@@ -191,7 +204,7 @@ def run_refine(model, meta, volume, device, iterations: int, batch: int, profile
     return per_it, result, busy
 
 
-def _median_ms(fn, device: torch.device, repeats: int, warmup: int = 3) -> float:
+def _median_ms(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 3) -> float:
     """Median wall milliseconds of ``fn()`` on ``device`` (synchronised around each call)."""
     for _ in range(warmup):
         fn()
@@ -205,7 +218,9 @@ def _median_ms(fn, device: torch.device, repeats: int, warmup: int = 3) -> float
     return 1000.0 * float(np.median(times))
 
 
-def _forward_and_step(net, x, y, opt, dtype):
+def _forward_and_step(
+    net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, dtype: Any
+) -> tuple[Callable[[], None], Callable[[], None]]:
     """A no-grad forward and a training step (both heads' cross-entropy, Adam) of ``net`` on one batch."""
     ctx = dict(device_type=x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
@@ -227,7 +242,9 @@ def _forward_and_step(net, x, y, opt, dtype):
     return forward, step
 
 
-def memory_format_timings(model, device: torch.device, batch: int, hw: tuple[int, int], repeats: int):
+def memory_format_timings(
+    model: torch.nn.Module, device: torch.device, batch: int, hw: tuple[int, int], repeats: int
+) -> dict[str, float]:
     """Forward and training-step milliseconds, contiguous vs channels-last, float32 vs bf16 autocast."""
     import copy
 
@@ -246,7 +263,9 @@ def memory_format_timings(model, device: torch.device, batch: int, hw: tuple[int
     return out
 
 
-def bare_forward_ms(model, meta, volume, device: torch.device, amp: str, batch: int, repeats: int) -> float:
+def bare_forward_ms(
+    model: Any, meta: Any, volume: Any, device: torch.device, amp: str, batch: int, repeats: int
+) -> float:
     """Milliseconds of the bare forward over all prepared slices of ``volume`` (goal 1's denominator)."""
     from napari_apl.core.infer import _amp_dtype, _forward, prepare
 
@@ -275,7 +294,7 @@ class Figures:
     def add(self, name: str, value: float, unit: str = "", goal: float | None = None, note: str = "") -> None:
         self.rows.append((name, float(value), unit, goal, note))
 
-    def section(self, title: str, fn) -> None:
+    def section(self, title: str, fn: Callable[[], None]) -> None:
         """Run one part of the check; a failure is printed and recorded, and the other parts still run."""
         t0 = time.perf_counter()
         try:
@@ -289,7 +308,7 @@ class Figures:
         print(f"[{title}] {time.perf_counter() - t0:.1f} s", flush=True)
 
 
-def load_model(base: int):
+def load_model(base: int) -> tuple[Any, str]:
     """The demo checkpoint's weights where they have ``base`` channels, else an untrained model."""
     from napari_apl.core.models import build_model
 
