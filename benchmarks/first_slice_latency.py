@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 widget["first_visible_s"],
                 "s",
                 goal=GOAL_S,
-                note="lazy layers at once; the worker fills the volume",
+                note="a lazy pseudo-label layer at once; the worker fills the volume",
             )
         rep.add("APL widget Predict: whole volume done after", widget["done_s"], "s")
         rep.add("APL widget Predict: event-loop longest stall", widget["max_stall_ms"], "ms")
@@ -190,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     rep.note(
         "on-demand path = SlicePredictor.as_layer_arrays() given to napari (the visible slice is predicted "
         "when napari draws it; the rest by SlicePredictor.run() in a thread worker); the widget's Predict "
-        "does the same: its five layers hold these lazy arrays until its worker has the whole volume, then "
-        "the finished maps (views of the prediction, no float32 copies)"
+        "does the same for its pseudo-label layer (and for prediction layers already in the viewer) until "
+        "its worker has the whole volume, then shows the finished maps (views of the prediction, no float32 "
+        "copies) and adds the hidden maps that were not there yet: building a napari layer holds the event "
+        "loop, so only the one that shows is built at the click"
     )
     rep.write()
     return 0

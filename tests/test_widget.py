@@ -114,7 +114,8 @@ def test_predict_adds_aligned_layers_and_updates_them_in_place(setup, phantom_fi
 
 
 def test_background_predict_shows_the_visible_slice_at_once(setup, qtbot, monkeypatch) -> None:
-    """Predict in the worker: five lazy layers at once, the drawn slice predicted first, then the maps."""
+    """Predict in the worker: a lazy pseudo-label layer at once (its drawn slice predicted first), the
+    four hidden maps when the volume is done; on a second Predict the existing layers go lazy in place."""
     import threading
 
     import napari_apl.widgets._controller as controller_module
@@ -135,21 +136,27 @@ def test_background_predict_shows_the_visible_slice_at_once(setup, qtbot, monkey
 
     monkeypatch.setattr(controller_module.SlicePredictor, "run", held_run)
     viewer.dims.set_current_step(0, 5)
-    assert widget.predict()
-    try:
-        assert all(name in viewer.layers for name in PREDICTION_LAYERS)
-        pseudo = viewer.layers[LAYER_PSEUDO]
-        assert not isinstance(pseudo.data, np.ndarray) and not pseudo.editable
-        qtbot.waitUntil(lambda: np.asarray(pseudo._slice.image.raw).any(), timeout=20000)
-        np.testing.assert_array_equal(np.asarray(pseudo._slice.image.raw), want[LAYER_PSEUDO][5])
-    finally:
-        gate.set()
-    qtbot.waitUntil(lambda: not widget.controller.busy, timeout=30000)
-    for name in PREDICTION_LAYERS:
-        data = viewer.layers[name].data
-        assert isinstance(data, np.ndarray), name
-        np.testing.assert_array_equal(data, want[name], err_msg=name)
-    assert viewer.layers[LAYER_PSEUDO].editable
+    for second in (False, True):
+        gate.clear()
+        assert widget.predict()
+        try:
+            shown = [name for name in PREDICTION_LAYERS if name in viewer.layers]
+            # first Predict: only the visible layer is built now; second: all five exist, all lazy
+            assert shown == (list(PREDICTION_LAYERS) if second else [LAYER_PSEUDO])
+            for name in shown:
+                assert not isinstance(viewer.layers[name].data, np.ndarray), name
+            pseudo = viewer.layers[LAYER_PSEUDO]
+            assert not pseudo.editable
+            qtbot.waitUntil(lambda p=pseudo: np.asarray(p._slice.image.raw).any(), timeout=20000)
+            np.testing.assert_array_equal(np.asarray(pseudo._slice.image.raw), want[LAYER_PSEUDO][5])
+        finally:
+            gate.set()
+        qtbot.waitUntil(lambda: not widget.controller.busy, timeout=30000)
+        for name in PREDICTION_LAYERS:
+            data = viewer.layers[name].data
+            assert isinstance(data, np.ndarray), name
+            np.testing.assert_array_equal(data, want[name], err_msg=name)
+        assert viewer.layers[LAYER_PSEUDO].editable
 
 
 def test_refine_finishes_with_consistent_layers(setup, qtbot) -> None:

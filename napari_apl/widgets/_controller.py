@@ -370,9 +370,10 @@ class APLController:
     def predict(self, image_layer: Any = None, sync: bool = False) -> bool:
         """Predict the image layer with both heads; adds/updates the five prediction layers.
 
-        In the background (``sync=False``) the five layers appear at once, holding lazy arrays whose
-        visible slice is predicted when napari draws it, while the worker fills the whole volume; the
-        layers then get the finished maps (and the pseudo-label layer becomes paintable again).
+        In the background (``sync=False``) the pseudo-label layer appears at once, holding a lazy array
+        whose visible slice is predicted when napari draws it (prediction layers that exist already go
+        lazy in place), while the worker fills the whole volume; then every layer gets the finished maps
+        (new hidden maps are added only then) and the pseudo-label layer becomes paintable again.
         """
         image_layer = image_layer if image_layer is not None else self.image_layer
         try:
@@ -416,14 +417,16 @@ class APLController:
         try:
             arrays = predictor.as_layer_arrays()
             base = {"image": image_layer.name}
-            for name, key, role, cmap, kind in _LAYERS:
+            for name, key, role, _cmap, kind in _LAYERS:
                 layer = self._existing(name, kind)
                 if layer is not None:
                     self._update_in_place(layer, arrays[key], role, base)
-                elif kind is Labels:
-                    self._add_labels(name, arrays[key], role, visible=key == "pseudo_label", **base)
+                elif key != "pseudo_label":
+                    # a new hidden map joins when the volume is done (_show_prediction): building a
+                    # napari layer holds the event loop (~0.1 s each), and nothing of it shows now
+                    continue
                 else:
-                    self._add_image(name, arrays[key], role, colormap=cmap, visible=False, **base)
+                    self._add_labels(name, arrays[key], role, visible=True, **base)
             self._set_pseudo_editable(False)  # a lazy layer cannot be painted: until the maps are done
         finally:  # _show_prediction makes the new image and its maps current, once they are done
             self.image_layer, self.geometry = previous
