@@ -115,7 +115,8 @@ def test_predict_adds_aligned_layers_and_updates_them_in_place(setup, phantom_fi
 
 def test_background_predict_shows_the_visible_slice_at_once(setup, qtbot, monkeypatch) -> None:
     """Predict in the worker: a lazy pseudo-label layer at once (its drawn slice predicted first), the
-    four hidden maps when the volume is done; on a second Predict the existing layers go lazy in place."""
+    four hidden lazy maps one per event-loop turn after it, then the finished maps; on a second Predict
+    the existing layers go lazy in place."""
     import threading
 
     import napari_apl.widgets._controller as controller_module
@@ -125,6 +126,7 @@ def test_background_predict_shows_the_visible_slice_at_once(setup, qtbot, monkey
     reference = widget.controller  # the finished maps of a synchronous run, to compare with
     assert reference.predict(image, sync=True)
     want = {name: np.array(viewer.layers[name].data) for name in PREDICTION_LAYERS}
+    stacking = [layer.name for layer in viewer.layers if layer.name in PREDICTION_LAYERS]
     for name in PREDICTION_LAYERS:
         viewer.layers.remove(name)
     gate = threading.Event()  # holds the worker: what shows meanwhile comes from napari's drawing
@@ -136,15 +138,17 @@ def test_background_predict_shows_the_visible_slice_at_once(setup, qtbot, monkey
 
     monkeypatch.setattr(controller_module.SlicePredictor, "run", held_run)
     viewer.dims.set_current_step(0, 5)
-    for second in (False, True):
+    for _run_number in (1, 2):  # the first Predict builds the layers, the second reuses them
         gate.clear()
         assert widget.predict()
         try:
-            shown = [name for name in PREDICTION_LAYERS if name in viewer.layers]
-            # first Predict: only the visible layer is built now; second: all five exist, all lazy
-            assert shown == (list(PREDICTION_LAYERS) if second else [LAYER_PSEUDO])
-            for name in shown:
+            # the visible layer at once; the hidden ones (first Predict) one per event-loop turn
+            assert LAYER_PSEUDO in viewer.layers
+            qtbot.waitUntil(lambda: all(n in viewer.layers for n in PREDICTION_LAYERS), timeout=20000)
+            assert [ly.name for ly in viewer.layers if ly.name in PREDICTION_LAYERS] == stacking
+            for name in PREDICTION_LAYERS:
                 assert not isinstance(viewer.layers[name].data, np.ndarray), name
+            assert not any(viewer.layers[n].visible for n in PREDICTION_LAYERS if n != LAYER_PSEUDO)
             pseudo = viewer.layers[LAYER_PSEUDO]
             assert not pseudo.editable
             qtbot.waitUntil(lambda p=pseudo: np.asarray(p._slice.image.raw).any(), timeout=20000)

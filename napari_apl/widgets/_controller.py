@@ -192,6 +192,7 @@ class APLController:
         self._autosaved_state: tuple[str | None, int | None] = (None, None)
         self._last_autosave_check = -math.inf
         self._autosave_warned = False
+        self._lazy_token: object | None = None  # identifies the lazy layers waiting to be added
         self._closing = False
         self._shutting_down = False
 
@@ -417,22 +418,58 @@ class APLController:
         try:
             arrays = predictor.as_layer_arrays()
             base = {"image": image_layer.name}
-            for name, key, role, _cmap, kind in _LAYERS:
+            later = []
+            for name, key, role, cmap, kind in _LAYERS:
                 layer = self._existing(name, kind)
                 if layer is not None:
                     self._update_in_place(layer, arrays[key], role, base)
-                elif key != "pseudo_label":
-                    # a new hidden map joins when the volume is done (_show_prediction): building a
-                    # napari layer holds the event loop (~0.1 s each), and nothing of it shows now
-                    continue
-                else:
+                elif key == "pseudo_label":
                     self._add_labels(name, arrays[key], role, visible=True, **base)
+                else:
+                    later.append((name, arrays[key], role, cmap, kind))
             self._set_pseudo_editable(False)  # a lazy layer cannot be painted: until the maps are done
         finally:  # _show_prediction makes the new image and its maps current, once they are done
             self.image_layer, self.geometry = previous
+        self._add_hidden_later(later, image_layer, geometry, base)
+
+    def _add_hidden_later(
+        self, later: list[tuple], image_layer: Any, geometry: ScanGeometry, base: dict[str, Any]
+    ) -> None:
+        """Add new hidden lazy layers one per turn of the event loop (building a napari layer holds the
+        loop ~0.1 s); pending ones are dropped when the finished maps come (``_show_prediction``), the
+        prediction ends without them (``_drop_lazy_layers``) or the viewer closes."""
+        from qtpy.QtCore import QTimer
+
+        token = self._lazy_token = object()
+
+        def step() -> None:
+            if self._lazy_token is not token or self._closing or not later:
+                return
+            name, data, role, cmap, kind = later.pop(0)
+            if name not in self.viewer.layers:
+                previous = self.image_layer, self.geometry
+                self.image_layer, self.geometry = image_layer, geometry
+                try:
+                    if kind is Labels:
+                        layer = self._add_labels(name, data, role, visible=False, **base)
+                    else:
+                        layer = self._add_image(name, data, role, colormap=cmap, visible=False, **base)
+                    layers = self.viewer.layers
+                    if LAYER_PSEUDO in layers:  # the stacking of an all-at-once build: pseudo labels on top
+                        layers.move(layers.index(layer), layers.index(LAYER_PSEUDO))
+                except Exception as exc:  # it comes with the finished maps instead
+                    log.warning("napari-apl: adding the lazy layer %s failed: %s", name, exc)
+                finally:
+                    self.image_layer, self.geometry = previous
+            if later:
+                QTimer.singleShot(0, step)
+
+        if later:
+            QTimer.singleShot(0, step)
 
     def _drop_lazy_layers(self) -> None:
         """After a failed or stopped prediction: lazy layers go, or get the last finished maps back."""
+        self._lazy_token = None  # lazy layers still waiting to be added are not wanted any more
         lazy = [
             name
             for name, *_ in _LAYERS
@@ -449,6 +486,7 @@ class APLController:
 
     def _show_prediction(self, image_layer: Any, geometry: ScanGeometry, pred: Prediction) -> None:
         """Put a prediction into the viewer (new layers, or the existing ones updated in place)."""
+        self._lazy_token = None  # lazy layers still waiting to be added: these maps replace them
         if _same(self.image_layer, image_layer):
             self.collect_corrections()  # keep what was painted since the last write
         if not _same(self.image_layer, image_layer) or (
