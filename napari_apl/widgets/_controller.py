@@ -58,6 +58,8 @@ from ..core.utils import release_device_memory, resolve_device
 from ..core.volume import save_canonical
 
 log = logging.getLogger(__name__)
+# between the lazy hidden layers' builds: lets napari slice and paint the visible layer first
+_LAZY_STEP_MS = 50
 
 # Names of the layers the widget creates (and updates in place on re-predict).
 LAYER_MAIN = "main"
@@ -435,9 +437,10 @@ class APLController:
     def _add_hidden_later(
         self, later: list[tuple], image_layer: Any, geometry: ScanGeometry, base: dict[str, Any]
     ) -> None:
-        """Add new hidden lazy layers one per turn of the event loop (building a napari layer holds the
-        loop ~0.1 s); pending ones are dropped when the finished maps come (``_show_prediction``), the
-        prediction ends without them (``_drop_lazy_layers``) or the viewer closes."""
+        """Add new hidden lazy layers one at a time, ``_LAZY_STEP_MS`` apart (building a napari layer
+        holds the event loop ~0.1 s); pending ones are dropped when the finished maps come
+        (``_show_prediction``), the prediction ends without them (``_drop_lazy_layers``) or the viewer
+        closes."""
         from qtpy.QtCore import QTimer
 
         token = self._lazy_token = object()
@@ -462,10 +465,10 @@ class APLController:
                 finally:
                     self.image_layer, self.geometry = previous
             if later:
-                QTimer.singleShot(0, step)
+                QTimer.singleShot(_LAZY_STEP_MS, step)
 
         if later:
-            QTimer.singleShot(0, step)
+            QTimer.singleShot(_LAZY_STEP_MS, step)
 
     def _drop_lazy_layers(self) -> None:
         """After a failed or stopped prediction: lazy layers go, or get the last finished maps back."""
