@@ -412,7 +412,8 @@ class APLController:
         return True
 
     def _show_lazy(self, image_layer: Any, geometry: ScanGeometry, predictor: SlicePredictor) -> None:
-        """Show the five prediction layers backed by ``predictor`` (slices computed when drawn)."""
+        """Show the prediction layers backed by ``predictor`` (slices computed when drawn): the visible
+        pseudo-label layer now (others already in the viewer in place), new hidden ones just after."""
         if _same(self.image_layer, image_layer):
             self.collect_corrections()  # keep what was painted before the layers change
         previous = self.image_layer, self.geometry
@@ -465,10 +466,13 @@ class APLController:
                 finally:
                     self.image_layer, self.geometry = previous
             if later:
-                QTimer.singleShot(_LAZY_STEP_MS, step)
+                QTimer.singleShot(_LAZY_STEP_MS, guarded)
+
+        def guarded() -> None:  # a failure becomes a notification, not a traceback dialog
+            self._guard(step)
 
         if later:
-            QTimer.singleShot(_LAZY_STEP_MS, step)
+            QTimer.singleShot(_LAZY_STEP_MS, guarded)
 
     def _drop_lazy_layers(self) -> None:
         """After a failed or stopped prediction: lazy layers go, or get the last finished maps back."""
