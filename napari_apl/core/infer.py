@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import pseudo
 from .checkpoint import CheckpointMeta
 from .models import DualHeadNet
 from .preprocess import FittedNormalization, Normalization, constant_volume_error
@@ -386,10 +387,8 @@ def _postprocess_torch(tv: _ToVoxels, main: torch.Tensor, aux: torch.Tensor) -> 
 
     p_m = torch.softmax(crop(main), dim=1)
     p_a = torch.softmax(crop(aux), dim=1)
-    merged = (p_m + p_a) * 0.5
-    top2 = merged.topk(2, dim=1).values
-    omega = top2[:, 0] - top2[:, 1]
-    disagree = (1.0 - (p_m * p_a).sum(dim=1)).clamp(0.0, 1.0)
+    merged = pseudo.merge(p_m, p_a)
+    omega, disagree = pseudo.confidence(merged), pseudo.consistency_map(p_m, p_a)
     maps = to_voxels(torch.stack([omega, disagree], dim=1)).to(torch.float16).cpu().numpy()
     labels = [to_voxels(p).argmax(dim=1).to(torch.uint8).cpu().numpy() for p in (p_m, p_a, merged)]
     return {

@@ -533,7 +533,7 @@ def refine(
     try:
         # the loop runs in its own generator, whose frame (optimiser states, guard copies, batches on
         # the device) is freed when it returns: only then can the cache be emptied
-        return (yield from _refine_loop(model, meta, volume, cfg, control, corrections))
+        return (yield from _refine_loop(model, meta, volume, cfg, dev, control, corrections))
     finally:
         release_device_memory(dev)
 
@@ -543,12 +543,12 @@ def _refine_loop(
     meta: CheckpointMeta,
     volume: Volume,
     cfg: RefineConfig,
+    dev: torch.device,
     control: RefineControl | None,
     corrections: np.ndarray | None,
 ) -> Generator[RefineEvent, None, RefineResult]:
-    """The body of ``refine`` (``cfg`` validated)."""
+    """The body of ``refine`` (``cfg`` validated, ``dev`` its resolved device)."""
     ctl = control or RefineControl()
-    dev = resolve_device(cfg.device)
     use_amp = (dev.type == "cuda") if cfg.amp is None else bool(cfg.amp)
     rng = seed_everything(cfg.seed)
     norm = Normalization.from_dict(cfg.normalization) if cfg.normalization else None
