@@ -375,8 +375,8 @@ class APLController:
 
         In the background (``sync=False``) the pseudo-label layer appears at once, holding a lazy array
         whose visible slice is predicted when napari draws it (prediction layers that exist already go
-        lazy in place), while the worker fills the whole volume; then every layer gets the finished maps
-        (new hidden maps are added only then) and the pseudo-label layer becomes paintable again.
+        lazy in place, new hidden ones follow one at a time), while the worker fills the whole volume;
+        then every layer gets the finished maps and the pseudo-label layer becomes paintable again.
         """
         image_layer = image_layer if image_layer is not None else self.image_layer
         try:
@@ -416,9 +416,8 @@ class APLController:
         pseudo-label layer now (others already in the viewer in place), new hidden ones just after."""
         if _same(self.image_layer, image_layer):
             self.collect_corrections()  # keep what was painted before the layers change
-        previous = self.image_layer, self.geometry
-        self.image_layer, self.geometry = image_layer, geometry  # the layers' transforms come from these
-        try:
+        # _show_prediction makes the new image and its maps current, once they are done
+        with self._layers_of(image_layer, geometry):
             arrays = predictor.as_layer_arrays()
             base = {"image": image_layer.name}
             later = []
@@ -431,9 +430,18 @@ class APLController:
                 else:
                     later.append((name, arrays[key], role, cmap, kind))
             self._set_pseudo_editable(False)  # a lazy layer cannot be painted: until the maps are done
-        finally:  # _show_prediction makes the new image and its maps current, once they are done
-            self.image_layer, self.geometry = previous
         self._add_hidden_later(later, image_layer, geometry, base)
+
+    @contextmanager
+    def _layers_of(self, image_layer: Any, geometry: ScanGeometry) -> Iterator[None]:
+        """Make ``image_layer`` and ``geometry`` current while layers are built (their transforms come
+        from these), then restore the current ones."""
+        previous = self.image_layer, self.geometry
+        self.image_layer, self.geometry = image_layer, geometry
+        try:
+            yield
+        finally:
+            self.image_layer, self.geometry = previous
 
     def _add_hidden_later(
         self, later: list[tuple], image_layer: Any, geometry: ScanGeometry, base: dict[str, Any]
@@ -451,20 +459,17 @@ class APLController:
                 return
             name, data, role, cmap, kind = later.pop(0)
             if name not in self.viewer.layers:
-                previous = self.image_layer, self.geometry
-                self.image_layer, self.geometry = image_layer, geometry
                 try:
-                    if kind is Labels:
-                        layer = self._add_labels(name, data, role, visible=False, **base)
-                    else:
-                        layer = self._add_image(name, data, role, colormap=cmap, visible=False, **base)
+                    with self._layers_of(image_layer, geometry):
+                        if kind is Labels:
+                            layer = self._add_labels(name, data, role, visible=False, **base)
+                        else:
+                            layer = self._add_image(name, data, role, colormap=cmap, visible=False, **base)
                     layers = self.viewer.layers
                     if LAYER_PSEUDO in layers:  # the stacking of an all-at-once build: pseudo labels on top
                         layers.move(layers.index(layer), layers.index(LAYER_PSEUDO))
                 except Exception as exc:  # it comes with the finished maps instead
                     log.warning("napari-apl: adding the lazy layer %s failed: %s", name, exc)
-                finally:
-                    self.image_layer, self.geometry = previous
             if later:
                 QTimer.singleShot(_LAZY_STEP_MS, guarded)
 
