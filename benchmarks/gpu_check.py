@@ -40,6 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import _common as c
 import numpy as np
 import torch
 
@@ -308,24 +309,6 @@ class Figures:
         print(f"[{title}] {time.perf_counter() - t0:.1f} s", flush=True)
 
 
-def load_model(base: int) -> tuple[Any, str]:
-    """The demo checkpoint's weights where they have ``base`` channels, else an untrained model."""
-    from napari_apl.core.models import build_model
-
-    demo = Path(__file__).resolve().parent.parent / "resources" / "demo_unet_dual.pt"
-    torch.manual_seed(0)
-    if demo.is_file():
-        try:
-            from napari_apl.core.checkpoint import load_checkpoint
-
-            model, _meta = load_checkpoint(demo)
-            if model.arch_args.get("base") == base:
-                return model.eval(), f"resources/demo_unet_dual.pt (unet-dual base {base})"
-        except Exception as exc:  # the check must still run without a usable demo file
-            print(f"demo checkpoint not used: {exc}")
-    return build_model("unet-dual", base=base).eval(), f"untrained unet-dual base {base} (seed 0)"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the check; exit 0 (a GPU mismatch is reported as MISS, not as a crash)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -355,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation
     size = (args.size, args.size, args.slices)
     volume = synthetic_volume(size, spacing=384.0 / args.size * 0.8)
-    model, model_source = load_model(args.base)
+    model, _meta, model_source = c.demo_like_model(args.base)  # the demo's weights where base fits
     hw = (32, 32) if args.tiny else (160, 160)
     meta = CheckpointMeta(
         arch="unet-dual",
@@ -505,8 +488,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"done in {info['wall_s']} s; failed sections: {figs.failed or 'none'}", flush=True)
     if not args.no_write:
         import shutil
-
-        import _common as c
 
         rep = c.Report("gpu_check", "Goal 8: GPU results vs CPU and GPU/CPU speed", started=t_wall)
         rep.note(
