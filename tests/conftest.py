@@ -67,6 +67,29 @@ def notifications(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return seen
 
 
+class Questions(list):
+    """The texts of the modal yes / no questions asked during a test; ``answer`` is what they get."""
+
+    answer = True
+
+
+@pytest.fixture(autouse=True)
+def questions(monkeypatch: pytest.MonkeyPatch) -> Questions:
+    """Answer the widget's modal questions without showing them (a modal box would hang a test)."""
+    asked = Questions()
+    try:
+        from qtpy.QtWidgets import QMessageBox
+    except Exception:  # no Qt binding: nothing can ask
+        return asked
+
+    def question(parent: object, title: str, text: str, *args: object, **kwargs: object) -> object:
+        asked.append(text)
+        return QMessageBox.StandardButton.Yes if asked.answer else QMessageBox.StandardButton.No
+
+    monkeypatch.setattr(QMessageBox, "question", staticmethod(question))
+    return asked
+
+
 @pytest.fixture(autouse=True)
 def _private_autosave_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Autosaves of every test go to a fresh temporary folder, never to the user's cache."""

@@ -577,3 +577,169 @@ def test_slices_differ_finds_any_changed_voxel(where):
         b[where] = (b[where] + 1) % 5
     layer_view = np.ascontiguousarray(b.transpose(2, 1, 0)).transpose(2, 1, 0)  # as the layer holds it
     assert _slices_differ(layer_view, a, chunk=4) is (where is not None)
+
+
+# -- the user's work is never thrown away unasked --------------------------------------------------
+
+
+def test_an_unexported_refined_model_is_replaced_only_when_the_user_agrees(
+    setup, tmp_path: Path, questions, tiny_checkpoint
+) -> None:
+    _viewer, widget, _image, _ = setup("RAS")
+    ctl = widget.controller
+    assert widget.predict(sync=True)
+    assert ctl.refine(tiny_refine(2), sync=True) and ctl.refined and ctl.unsaved_refinement
+    refined_model = ctl.model
+    # "No": Load model keeps the refined model, and the choice shows the model that is loaded
+    questions.answer = False
+    widget.demo_radio.setChecked(True)
+    assert widget.load_model() is None
+    assert len(questions) == 1 and "not been exported" in questions[0]
+    assert ctl.model is refined_model and ctl.refined and widget.file_radio.isChecked()
+    assert not ctl.revert(sync=True) and ctl.model is refined_model  # Revert asks the same
+    assert len(questions) == 2 and "go back to" in questions[1]
+    # "Yes": the demo model replaces it; the layers still come from the refined model, and the
+    # report says so instead of crediting the demo model with them
+    questions.answer = True
+    widget.demo_radio.setChecked(True)
+    assert widget.load_model() is not None and not ctl.refined and len(questions) == 3
+    report = ctl.report()
+    assert report["refined"] is True and report["checkpoint"] == str(tiny_checkpoint)
+    assert report["refinement"]["iterations_done"] == 2 and "no longer loaded" in report["note"]
+    assert widget.predict(sync=True)  # predicting again: the report describes the demo model
+    report = ctl.report()
+    assert report["refined"] is False and report["refinement"] is None and "note" not in report
+    assert Path(report["checkpoint"]).name == "demo_unet_dual.pt"
+    # once exported, a refined model goes without a question
+    widget.checkpoint_file.value = str(tiny_checkpoint)
+    assert widget.load_model() is not None
+    assert ctl.refine(tiny_refine(1), sync=True) and ctl.unsaved_refinement
+    asked = len(questions)
+    widget.export_panel.folder.value = str(tmp_path / "out")
+    assert widget.export_panel.export() and not ctl.unsaved_refinement
+    assert ctl.revert(sync=True) and len(questions) == asked and not ctl.refined
+
+
+def test_the_chosen_checkpoint_is_what_predict_uses(setup, tmp_path: Path, notifications, tiny_checkpoint):
+    viewer, widget, _image, _ = setup("RAS")
+    ctl = widget.controller
+    widget.demo_radio.setChecked(True)  # chosen, not loaded: Predict loads it first
+    assert widget.predict(sync=True)
+    assert ctl.checkpoint_path.name == "demo_unet_dual.pt"
+    assert viewer.layers[LAYER_PSEUDO].metadata["napari_apl"]["image"] == _image.name
+    bad = tmp_path / "fake.pt"
+    bad.write_text("not a checkpoint")
+    widget.checkpoint_file.value = str(bad)  # chosen, and it cannot be loaded
+    assert widget.file_radio.isChecked()
+    assert not widget.predict(sync=True)
+    assert "fake.pt" in notifications[-1]
+    assert ctl.checkpoint_path.name == "demo_unet_dual.pt" and widget.demo_radio.isChecked()
+    widget.checkpoint_file.value = str(tiny_checkpoint)
+    widget.refine_panel.iterations.setValue(1)
+    assert widget.refine_panel.start()
+    assert ctl.checkpoint_path == tiny_checkpoint  # Refine, too, runs the chosen model
+    assert ctl.wait_idle(timeout=120) and ctl.refined
+
+
+def test_each_images_corrections_are_kept(setup, phantom_files, questions) -> None:
+    viewer, widget, image_a, _ = setup("RAS")
+    ctl = widget.controller
+    [image_b] = viewer.open(str(phantom_files("RAS", seed=1)[0]), plugin="napari-apl")
+    image_b.name = "second scan"
+    widget.image_combo.set_layer(image_a)
+    assert widget.predict(sync=True)
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    box = pseudo.data[4, 10:14, 10:14]
+    c = min(range(5), key=lambda k: int((box == k).sum()))  # the label that changes most voxels
+    painted = int((box != c).sum())
+    assert painted > 0
+    pseudo.data[4, 10:14, 10:14] = c  # the user paints on scan A
+    pseudo.refresh()
+    widget.image_combo.set_layer(image_b)
+    assert widget.predict(sync=True)
+    assert ctl.n_corrected == 0  # scan B has none of its own
+    assert ctl.refine(tiny_refine(1), sync=True)  # refining B leaves A's painting alone
+    widget.image_combo.set_layer(image_a)
+    assert widget.predict(sync=True)
+    assert ctl.n_corrected == painted and (viewer.layers[LAYER_PSEUDO].data[4, 10:14, 10:14] == c).all()
+    assert ctl.refine(tiny_refine(1), sync=True)
+    corr = ctl.last_corrections.transpose(2, 1, 0)
+    assert (corr >= 0).sum() == painted and (corr[4, 10:14, 10:14][corr[4, 10:14, 10:14] >= 0] == c).all()
+    # Clear corrections asks first: "No" keeps them, "Yes" forgets them
+    questions.answer = False
+    assert ctl.clear_corrections() is False and ctl.n_corrected == painted
+    assert f"{painted} painted voxels" in questions[-1]
+    questions.answer = True
+    assert ctl.clear_corrections() is True and ctl.n_corrected == 0
+
+
+def test_the_users_layers_with_prediction_names_are_left_alone(setup, notifications) -> None:
+    viewer, widget, image, _ = setup("RAS")
+    ctl = widget.controller
+    mine = viewer.add_labels(np.zeros(image.data.shape, dtype=np.uint8), name=LAYER_CONSISTENCY)
+    scan = viewer.add_image(np.asarray(image.data), name=LAYER_MAIN)  # a scan opened as main.nii.gz
+    assert scan in widget.image_combo.layers()  # the user's "main" is a scan that can be chosen
+    assert not widget.predict(sync=True)
+    assert "'main'" in notifications[-1] and "rename" in notifications[-1] and "\n" not in notifications[-1]
+    assert viewer.layers[LAYER_CONSISTENCY] is mine and viewer.layers[LAYER_MAIN] is scan
+    assert LAYER_PSEUDO not in viewer.layers
+    mine.name = "my consistency"
+    scan.name = "scan main"
+    assert widget.predict(sync=True)
+    assert viewer.layers["my consistency"] is mine and viewer.layers["scan main"] is scan
+    assert all(name in viewer.layers for name in PREDICTION_LAYERS)
+    assert viewer.layers.selection.active is viewer.layers[LAYER_PSEUDO]  # the layer to paint in
+    assert viewer.layers[LAYER_CONFIDENCE] not in widget.image_combo.layers()  # ours are not offered
+    assert ctl.prediction is not None
+
+
+def test_renaming_the_chosen_image_keeps_it_chosen(setup) -> None:
+    viewer, widget, image, _ = setup("RAS")
+    image.name = "patient 7 CT"
+    assert widget.image_combo.currentText() == "patient 7 CT"
+    assert widget.image_combo.layer() is image
+    assert widget.predict(sync=True)
+    assert viewer.layers[LAYER_PSEUDO].metadata["napari_apl"]["image"] == "patient 7 CT"
+
+
+def test_export_failures_are_one_line_and_the_panel_says_nothing_was_written(
+    setup, tmp_path: Path, notifications, monkeypatch
+) -> None:
+    import napari_apl.widgets._controller as controller_module
+
+    _viewer, widget, _image, _ = setup("RAS")
+    assert widget.predict(sync=True)
+    panel = widget.export_panel
+    panel.folder.value = str(tmp_path / "out")
+    assert panel.export() and panel.result.text().startswith("wrote")
+    panel.folder.value = str(tmp_path / "full")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(controller_module, "write_map", full_disk)
+    assert panel.export() == []
+    assert "cannot write into" in notifications[-1] and "No space left" in notifications[-1]
+    assert "\n" not in notifications[-1]
+    assert panel.result.text().startswith("nothing was written")
+    assert not (tmp_path / "full").exists()  # the new folder and its first files went again
+
+
+def test_a_paused_refinement_says_so(setup, qtbot) -> None:
+    _viewer, widget, _image, _ = setup("RAS")
+    ctl = widget.controller
+    assert widget.predict(sync=True)
+    statuses: list[str] = []
+    ctl.status.connect(statuses.append)
+    assert ctl.refine(tiny_refine(500))
+    qtbot.waitUntil(lambda: len(ctl.history) >= 1, timeout=60000)
+    at_pause = len(statuses)
+    widget.refine_panel.toggle_pause()
+    qtbot.wait(1000)  # the step in flight ends while paused
+    while_paused = statuses[at_pause:]
+    ctl.stop()
+    ctl.resume()
+    qtbot.waitUntil(lambda: not ctl.busy, timeout=60000)
+    assert while_paused and while_paused[0].startswith("refinement paused")
+    assert not [s for s in while_paused if s.startswith("refine ")]  # no plain progress line
+    assert while_paused[-1].startswith(("paused at refine", "refinement paused"))

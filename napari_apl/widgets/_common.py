@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from qtpy.QtGui import QValidator
@@ -10,15 +11,23 @@ from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QWidget
 NONE_TEXT = "(none)"
 
 
+def same_layer(a: Any, b: Any) -> bool:
+    """Whether two layers are the same object (napari may hand plugins proxies of its layers)."""
+    return getattr(a, "__wrapped__", a) is getattr(b, "__wrapped__", b)
+
+
 class LayerCombo(QComboBox):
-    """Combo box listing the viewer's layers of one type, kept up to date as layers come and go."""
+    """Combo box listing the viewer's layers of one type, kept up to date as layers come, go and are renamed.
+
+    The choice is held by identity, not by name: renaming the chosen layer keeps it chosen.
+    """
 
     def __init__(
         self,
         viewer: Any,
         layer_type: type,
         allow_none: bool = False,
-        exclude: tuple[str, ...] = (),
+        exclude: Callable[[Any], bool] | None = None,
         parent: QWidget | None = None,
     ) -> None:
         super().__init__(parent)
@@ -26,6 +35,7 @@ class LayerCombo(QComboBox):
         self.layer_type = layer_type
         self.allow_none = allow_none
         self.exclude = exclude
+        self._choices: list[Any] = []
         self.refresh()
 
     def layers(self) -> list[Any]:
@@ -33,43 +43,49 @@ class LayerCombo(QComboBox):
         return [
             layer
             for layer in self.viewer.layers
-            if isinstance(layer, self.layer_type) and layer.name not in self.exclude
+            if isinstance(layer, self.layer_type) and not (self.exclude is not None and self.exclude(layer))
         ]
 
     def refresh(self, event: Any = None) -> None:
-        """Re-list the layers, keeping the current choice when it still exists."""
-        current = self.currentText()
-        names = [layer.name for layer in self.layers()]
+        """Re-list the layers (and their current names), keeping the current choice when it still exists."""
+        current = self.layer()
+        none_chosen = self.allow_none and self.currentText() == NONE_TEXT
+        self._choices = self.layers()
         self.blockSignals(True)
         self.clear()
         if self.allow_none:
             self.addItem(NONE_TEXT)
-        self.addItems(names)
-        if current in names or (self.allow_none and current == NONE_TEXT):
-            self.setCurrentText(current)
+        self.addItems([layer.name for layer in self._choices])
+        offset = 1 if self.allow_none else 0
+        index = next((i for i, layer in enumerate(self._choices) if same_layer(layer, current)), None)
+        if index is not None:
+            self.setCurrentIndex(index + offset)
+        elif none_chosen:
+            self.setCurrentIndex(0)
         self.blockSignals(False)
-        if self.currentText() != current:
+        if not same_layer(self.layer(), current):
             self.currentIndexChanged.emit(self.currentIndex())
 
     def showPopup(self) -> None:
-        """Re-list the layers (names may have changed) before showing the choices."""
+        """Re-list the layers before showing the choices."""
         self.refresh()
         super().showPopup()
 
     def layer(self) -> Any:
-        """The chosen layer, or ``None``."""
-        name = self.currentText()
-        if not name or name == NONE_TEXT or name not in self.viewer.layers:
+        """The chosen layer (``None`` when none is chosen or it has left the viewer)."""
+        index = self.currentIndex() - (1 if self.allow_none else 0)
+        if not 0 <= index < len(self._choices):
             return None
-        layer = self.viewer.layers[name]
-        return layer if isinstance(layer, self.layer_type) else None
+        layer = self._choices[index]
+        return layer if any(same_layer(layer, other) for other in self.viewer.layers) else None
 
     def set_layer(self, layer: Any) -> None:
         """Choose ``layer`` (refreshing the list first)."""
         self.refresh()
-        idx = self.findText(layer.name)
-        if idx >= 0:
-            self.setCurrentIndex(idx)
+        for i, other in enumerate(self._choices):
+            if same_layer(other, layer):
+                self.setCurrentIndex(i + (1 if self.allow_none else 0))
+                return
 
 
 class ScientificSpinBox(QDoubleSpinBox):

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +31,7 @@ from napari.utils.notifications import show_warning
 from psygnal import Signal
 
 from .._layers import (
+    META_KEY,
     ScanGeometry,
     label_colormap,
     label_features,
@@ -68,6 +70,7 @@ LAYER_PSEUDO = "pseudo-label"
 LAYER_CONFIDENCE = "confidence ω"
 LAYER_CONSISTENCY = "consistency"
 PREDICTION_LAYERS = (LAYER_MAIN, LAYER_AUX, LAYER_PSEUDO, LAYER_CONFIDENCE, LAYER_CONSISTENCY)
+PREDICTION_ROLES = ("main", "auxiliary", "pseudo-label", "confidence", "consistency")
 # (layer name, map name, metadata role, colormap, layer type) of the five prediction layers
 _LAYERS = (
     (LAYER_MAIN, "main", "main", None, Labels),
@@ -186,6 +189,12 @@ class APLController:
         self.autosaves_written = 0
         self.confirm_close: Callable[[], bool] = lambda: True
         """Asked when the viewer closes during a refinement; ``False`` keeps the window open."""
+        self.confirm: Callable[[str], bool] = lambda question: True
+        """Asked (yes / no) before the user's work is thrown away: an unexported refined model, painting."""
+        self._exported_version: int | None = None  # the refined model version last exported
+        self._layers_source: dict[str, Any] | None = None  # the model that made the prediction layers
+        self._corrections_owner: weakref.ref | None = None  # the image layer ``corrections`` belong to
+        self._stashed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # other images' corrections
         self._recovery_layer: Any = None
         self._pending_recovery: np.ndarray | None = None
         self._own_keys: set[str] = set()
@@ -231,11 +240,21 @@ class APLController:
             return None
 
     # -- model ---------
-    def load_checkpoint(self, path: str | os.PathLike | None = None) -> str | None:
-        """Load a checkpoint (``None`` = the bundled demo model); return its summary, or ``None`` on error."""
-        return self._guard(lambda: self._load(path))
+    def load_checkpoint(
+        self, path: str | os.PathLike | None = None, question: str | None = None
+    ) -> str | None:
+        """Load a checkpoint (``None`` = the bundled demo model); return its summary, or ``None`` on error.
 
-    def _load(self, path: str | os.PathLike | None) -> str:
+        An unexported refined model is only replaced if ``confirm`` says yes (``question``, or a default).
+        """
+        return self._guard(lambda: self._load(path, question))
+
+    @property
+    def unsaved_refinement(self) -> bool:
+        """Whether the model is refined and that refined model has not been exported."""
+        return self.refined and self._exported_version != self._model_version
+
+    def _load(self, path: str | os.PathLike | None, question: str | None = None) -> str | None:
         if self.busy:
             raise APLError(f"{self._task} is running: stop it before loading another model")
         if path is None or str(path) == "":
@@ -247,6 +266,11 @@ class APLController:
                 )
         p = Path(path).expanduser()
         model, meta = load_checkpoint(p)
+        if self.unsaved_refinement and not self.confirm(
+            question or f"The refined model has not been exported. Discard it and load {p.name}?"
+        ):
+            self.status.emit(f"kept the refined model: {p.name} was not loaded")
+            return None
         self.model, self.meta, self.checkpoint_path = model, meta, p
         self.refined = False
         self._model_version += 1
@@ -264,7 +288,10 @@ class APLController:
         if self.checkpoint_path is None:
             self.error("no checkpoint loaded: choose a checkpoint or the demo model first")
             return False
-        if self.load_checkpoint(self.checkpoint_path) is None:
+        question = (
+            f"The refined model has not been exported. Discard it and go back to {self.checkpoint_path.name}?"
+        )
+        if self.load_checkpoint(self.checkpoint_path, question) is None:
             return False
         if self.prediction is not None and self._layer_alive(self.image_layer):
             self.predict(self.image_layer, sync=sync)
@@ -292,6 +319,12 @@ class APLController:
             raise APLError("no model loaded: choose a checkpoint file or the demo model and load it")
         if image_layer is None:
             raise APLError("no image layer chosen: open a CT scan (File > Open) and choose it")
+        for name in PREDICTION_LAYERS:
+            if name in self.viewer.layers and not is_prediction_layer(self.viewer.layers[name]):
+                raise APLError(
+                    f"a layer named '{name}' that napari-apl did not make is in the way: rename it "
+                    "(the prediction layers take that name)"
+                )
         resolve_device(self.device)
 
     # -- running tasks ---------
@@ -388,7 +421,7 @@ class APLController:
         except Exception as exc:
             self.error(exc)
             return False
-        model, meta = self.model, self.meta
+        model, meta, source = self.model, self.meta, self._model_source()
         self._closing = False
         # in 3-D napari would ask a lazy layer for the whole volume on the main thread: not there
         show_at_once = not sync and int(self.viewer.dims.ndisplay) == 2
@@ -400,7 +433,7 @@ class APLController:
             self._progress(*item)
 
         def on_return(pred: Prediction) -> None:
-            self._show_prediction(image_layer, geometry, pred)
+            self._show_prediction(image_layer, geometry, pred, source)
             self.status.emit(f"predicted {image_layer.name}")
 
         if show_at_once:
@@ -414,9 +447,8 @@ class APLController:
     def _show_lazy(self, image_layer: Any, geometry: ScanGeometry, predictor: SlicePredictor) -> None:
         """Show the prediction layers backed by ``predictor`` (slices computed when drawn): the visible
         pseudo-label layer now (others already in the viewer in place), new hidden ones just after."""
-        if _same(self.image_layer, image_layer):
-            self.collect_corrections()  # keep what was painted before the layers change
-        # _show_prediction makes the new image and its maps current, once they are done
+        self.collect_corrections()  # keep what was painted before the layers change
+        # _show_prediction makes the new image, its maps and its corrections current, once they are done
         with self._layers_of(image_layer, geometry):
             arrays = predictor.as_layer_arrays()
             base = {"image": image_layer.name}
@@ -468,6 +500,7 @@ class APLController:
                     layers = self.viewer.layers
                     if LAYER_PSEUDO in layers:  # the stacking of an all-at-once build: pseudo labels on top
                         layers.move(layers.index(layer), layers.index(LAYER_PSEUDO))
+                    self._select_pseudo()  # a new layer becomes the active one: keep the paintable one
                 except Exception as exc:  # it comes with the finished maps instead
                     log.warning("napari-apl: adding the lazy layer %s failed: %s", name, exc)
             if later:
@@ -485,7 +518,9 @@ class APLController:
         lazy = [
             name
             for name, *_ in _LAYERS
-            if name in self.viewer.layers and not isinstance(self.viewer.layers[name].data, np.ndarray)
+            if name in self.viewer.layers
+            and is_prediction_layer(self.viewer.layers[name])
+            and not isinstance(self.viewer.layers[name].data, np.ndarray)
         ]
         if not lazy:
             return
@@ -496,15 +531,20 @@ class APLController:
             for name in lazy:
                 self.viewer.layers.remove(name)
 
-    def _show_prediction(self, image_layer: Any, geometry: ScanGeometry, pred: Prediction) -> None:
-        """Put a prediction into the viewer (new layers, or the existing ones updated in place)."""
+    def _show_prediction(
+        self, image_layer: Any, geometry: ScanGeometry, pred: Prediction, source: dict[str, Any] | None = None
+    ) -> None:
+        """Put a prediction into the viewer (new layers, or the existing ones updated in place).
+
+        ``source`` describes the model that made it (``_model_source``); ``None`` keeps the last one.
+        """
         self._lazy_token = None  # lazy layers still waiting to be added: these maps replace them
-        if _same(self.image_layer, image_layer):
-            self.collect_corrections()  # keep what was painted since the last write
-        if not _same(self.image_layer, image_layer) or (
-            self.corrections is not None and self.corrections.shape != pred.pseudo.shape
-        ):
+        self.collect_corrections()  # keep what was painted since the last write
+        self._switch_corrections(image_layer)
+        if self.corrections is not None and self.corrections.shape != pred.pseudo.shape:
             self.corrections = None
+        if source is not None:
+            self._layers_source = source
         pending, self._pending_recovery = self._pending_recovery, None
         if pending is not None and pending.shape == pred.pseudo.shape:
             self.corrections = _merge_corrections(pending, self.corrections)
@@ -519,7 +559,32 @@ class APLController:
                 self._put_labels(name, maps[key], role, visible=False, **base)
             else:
                 self._put_image(name, maps[key], role, colormap=cmap, visible=False, **base)
+        self._select_pseudo()
         self.predicted.emit()
+
+    def _select_pseudo(self) -> None:
+        """Make the pseudo-label layer the active one: it is the layer to inspect and paint in."""
+        layer = self.pseudo_layer()
+        if layer is not None:
+            self.viewer.layers.selection.active = layer
+
+    def _model_source(self) -> dict[str, Any]:
+        """What the report says of the model now loaded, kept with the layers it predicts."""
+        source: dict[str, Any] = {
+            "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
+            "refined": self.refined,
+            "refinement": None,
+            "version": self._model_version,
+        }
+        if self.refined and self.last_result is not None:
+            source["refinement"] = {
+                "config": self.last_config.to_dict() if self.last_config else None,
+                "iterations_done": self.last_result.iterations_done,
+                "stopped": self.last_result.stopped,
+                "notes": list(self.last_result.notes),
+                "organ_voxels_model_grid": dict(self.last_result.organ_voxels),
+            }
+        return source
 
     def _layer_kwargs(self, role: str, extra: dict[str, Any]) -> dict[str, Any]:
         kw = transform_kwargs(self.image_layer)
@@ -527,8 +592,14 @@ class APLController:
         return kw
 
     def _existing(self, name: str, kind: type) -> Any:
+        """The widget's layer ``name`` if it is of ``kind`` (one of another kind goes; a user's stays)."""
         if name in self.viewer.layers:
             layer = self.viewer.layers[name]
+            if not is_prediction_layer(layer):
+                raise APLError(
+                    f"a layer named '{name}' that napari-apl did not make is in the way: rename it "
+                    "(the prediction layers take that name)"
+                )
             if isinstance(layer, kind):
                 return layer
             self.viewer.layers.remove(layer)
@@ -595,7 +666,7 @@ class APLController:
         """The widget's pseudo-label layer, if it is in the viewer."""
         if LAYER_PSEUDO in self.viewer.layers:
             layer = self.viewer.layers[LAYER_PSEUDO]
-            if isinstance(layer, Labels):
+            if isinstance(layer, Labels) and is_prediction_layer(layer):
                 return layer
         return None
 
@@ -633,19 +704,37 @@ class APLController:
             self.last_pseudo = current.astype(np.uint8, copy=True)
         return self.corrections
 
+    def _switch_corrections(self, image_layer: Any) -> None:
+        """Make ``image_layer``'s corrections current, keeping the previous image's for when it returns."""
+        new = getattr(image_layer, "__wrapped__", image_layer)
+        owner = self._corrections_owner() if self._corrections_owner is not None else None
+        if owner is new:
+            return
+        if owner is not None and self.n_corrected:
+            self._stashed[owner] = self.corrections
+        self.corrections = self._stashed.pop(new, None) if new is not None else None
+        self._corrections_owner = weakref.ref(new) if new is not None else None
+        self.corrections_changed.emit()
+
     @property
     def n_corrected(self) -> int:
         """Number of voxels the user corrected so far."""
         return 0 if self.corrections is None else int((self.corrections >= 0).sum())
 
-    def clear_corrections(self) -> None:
-        """Forget the user's corrections (the pseudo-label layer keeps what it shows)."""
+    def clear_corrections(self) -> bool:
+        """Forget the painted corrections if ``confirm`` agrees (the layer keeps what it shows)."""
+        self.collect_corrections()
+        n = self.n_corrected
+        question = f"Forget the {n} painted voxels? They will no longer be kept as hard labels."
+        if n and not self.confirm(question):
+            return False
         self.corrections = None
         layer = self.pseudo_layer()
         if layer is not None and isinstance(layer.data, np.ndarray):
             self.last_pseudo = np.array(to_canonical_order(layer.data), dtype=np.uint8)
         self.status.emit("corrections cleared")
         self.corrections_changed.emit()
+        return True
 
     def _set_pseudo_editable(self, editable: bool) -> None:
         layer = self.pseudo_layer()
@@ -659,12 +748,9 @@ class APLController:
         cfg = config or RefineConfig()
         try:
             self._check_ready(image_layer)
-            if not _same(image_layer, self.image_layer):
-                self.corrections = None
             volume = volume_from_layer(image_layer)
             geometry = ScanGeometry.from_volume(volume)
             norm = self.normalization(volume.data)
-            corrections = self.collect_corrections() if _same(image_layer, self.image_layer) else None
             cfg = dataclasses.replace(
                 cfg,
                 device=self.device,
@@ -675,6 +761,9 @@ class APLController:
         except Exception as exc:
             self.error(exc)
             return False
+        self.collect_corrections()  # what was painted on the image shown since the last write
+        self._switch_corrections(image_layer)  # another image: its own corrections, if it had any
+        corrections = self.corrections
         self.last_corrections = None if corrections is None else corrections.copy()
         self.last_config = cfg
         self.history = []
@@ -724,7 +813,7 @@ class APLController:
                 self.status.emit(f"refinement stopped after {result.iterations_done} iterations")
                 self.refine_finished.emit(result)
                 return
-            self._show_prediction(image_layer, geometry, pred)
+            self._show_prediction(image_layer, geometry, pred, self._model_source())
             self.maybe_autosave(force=True)
             for note in result.notes:
                 if note not in self._notes_shown:
@@ -761,7 +850,8 @@ class APLController:
             self._last_live = time.monotonic()
             self.live_updates += 1
         self.status.emit(
-            f"refine {ev.iteration}/{ev.total}: mean ω {ev.mean_confidence:.3f}, "
+            ("paused at " if self.paused else "")
+            + f"refine {ev.iteration}/{ev.total}: mean ω {ev.mean_confidence:.3f}, "
             + ", ".join(f"{k} {v:.4g}" for k, v in ev.losses.items())
         )
         self.refine_event.emit(ev)
@@ -771,7 +861,7 @@ class APLController:
         """Hold the running refinement after its current step."""
         if self.control is not None:
             self.control.pause()
-            self.status.emit("refinement paused")
+            self.status.emit("refinement paused (after the step in progress)")
 
     def resume(self) -> None:
         """Let a paused refinement go on."""
@@ -1096,7 +1186,7 @@ class APLController:
             for p in paths.values():  # every file is checked before the first one is written
                 check_output_path(p, overwrite=overwrite)
             self._write_export(out_dir, paths, overwrite, gt_layer, written, largest_component)
-        except BaseException:
+        except BaseException as exc:
             for p in written:  # new files of a failed export go again (replaced ones cannot come back)
                 if p not in existing:
                     p.unlink(missing_ok=True)
@@ -1105,7 +1195,14 @@ class APLController:
                     out_dir.rmdir()
                 except OSError:
                     pass
+            if isinstance(exc, OSError):  # e.g. a read-only share or a full disk
+                raise OutputError(
+                    f"cannot write into {out_dir}: {exc.strerror or exc}; nothing was written: "
+                    "choose another folder"
+                ) from None
             raise
+        if self.refined:
+            self._exported_version = self._model_version
         self.status.emit(f"exported {len(written)} files to {out_dir}")
         self.discard_autosave()  # a clean export: nothing left to recover
         return written
@@ -1161,7 +1258,7 @@ class APLController:
             "pseudo-label": self.prediction.pseudo,
         }
         for kind, name in (("main", LAYER_MAIN), ("auxiliary", LAYER_AUX), ("pseudo-label", LAYER_PSEUDO)):
-            if name in self.viewer.layers:
+            if name in self.viewer.layers and is_prediction_layer(self.viewer.layers[name]):
                 data = np.asarray(to_canonical_order(self.viewer.layers[name].data))
                 if data.shape == out[kind].shape:
                     out[kind] = data
@@ -1185,6 +1282,7 @@ class APLController:
         if self.prediction is None or self.geometry is None:
             raise APLError("nothing to report yet: run Predict first")
         labels = self.prediction.pseudo if labels is None else labels
+        source = self._layers_source or self._model_source()  # the model that made the layers
         spacing = self.geometry.spacing
         ml = voxel_volume_ml(spacing)
         omega = self.prediction.confidence
@@ -1221,21 +1319,18 @@ class APLController:
             "source_path": str(self.geometry.path) if self.geometry.path else None,
             "shape_canonical": list(self.geometry.shape),
             "spacing_mm": list(spacing),
-            "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
-            "refined": self.refined,
-            "refinement": None,
+            "checkpoint": source["checkpoint"],
+            "refined": source["refined"],
+            "refinement": source["refinement"],
             "corrected_voxels": self.n_corrected,
             "mean_confidence": float(omega.astype(np.float32).mean()),
             "organs": organs,
         }
-        if self.refined and self.last_result is not None:
-            rep["refinement"] = {
-                "config": self.last_config.to_dict() if self.last_config else None,
-                "iterations_done": self.last_result.iterations_done,
-                "stopped": self.last_result.stopped,
-                "notes": list(self.last_result.notes),
-                "organ_voxels_model_grid": dict(self.last_result.organ_voxels),
-            }
+        if source["version"] != self._model_version:
+            rep["note"] = (
+                "the prediction layers come from a model that is no longer loaded (another checkpoint "
+                "was loaded or a refinement ended since): Predict again for the current model's masks"
+            )
         if scores is not None:
             rep["ground_truth"] = gt_layer.name
             rep["mean_dice"] = _finite_or_none(scores["mean_dice"])
@@ -1318,3 +1413,9 @@ def _report_csv(report: dict[str, Any]) -> str:
 def _same(a: Any, b: Any) -> bool:
     """Whether two layers are the same object (napari may hand plugins proxies of its layers)."""
     return getattr(a, "__wrapped__", a) is getattr(b, "__wrapped__", b)
+
+
+def is_prediction_layer(layer: Any) -> bool:
+    """Whether ``layer`` is one of the prediction layers napari-apl made (by its metadata, not its name)."""
+    record = (getattr(layer, "metadata", None) or {}).get(META_KEY)
+    return isinstance(record, dict) and record.get("role") in PREDICTION_ROLES

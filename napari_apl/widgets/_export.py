@@ -20,11 +20,11 @@ class ExportPanel(QWidget):
 
     def __init__(self, controller: APLController, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        from ._controller import PREDICTION_LAYERS
+        from ._controller import is_prediction_layer
 
         self.controller = controller
         self.folder = FileEdit(mode="d", value="")
-        self.gt_combo = LayerCombo(controller.viewer, Labels, allow_none=True, exclude=PREDICTION_LAYERS)
+        self.gt_combo = LayerCombo(controller.viewer, Labels, allow_none=True, exclude=is_prediction_layer)
         self.gt_combo.setToolTip("a labels layer of the same scan: adds Dice and ASSD to the report")
         self.largest = QCheckBox("keep each organ's largest piece")
         self.largest.setToolTip(
@@ -62,4 +62,6 @@ class ExportPanel(QWidget):
         )
         if written:
             self.result.setText(f"wrote {len(written)} files to {Path(written[0]).parent}")
+        else:  # the notification says why; an earlier export's line must not stay
+            self.result.setText("nothing was written (see the message)")
         return written

@@ -30,7 +30,7 @@ from qtpy.QtWidgets import (
 from ..core.preprocess import PRESETS
 from ..core.utils import DEVICES
 from ._common import LayerCombo
-from ._controller import AUTO_PRESET, CHECKPOINT_PRESET, PREDICTION_LAYERS, APLController
+from ._controller import AUTO_PRESET, CHECKPOINT_PRESET, APLController, is_prediction_layer
 from ._export import ExportPanel
 from ._inspect import InspectPanel
 from ._refine import RefinePanel
@@ -112,7 +112,7 @@ class APLWidget(QWidget):
         self._orientation_before = tuple(_camera(napari_viewer).orientation2d)
 
         # -- model and image ---------
-        self.image_combo = LayerCombo(napari_viewer, Image, exclude=PREDICTION_LAYERS)
+        self.image_combo = LayerCombo(napari_viewer, Image, exclude=is_prediction_layer)
         self.demo_radio = QRadioButton("bundled demo model")
         self.file_radio = QRadioButton("checkpoint file")
         self.demo_radio.setChecked(True)
@@ -172,7 +172,9 @@ class APLWidget(QWidget):
         form.addRow("display", self.radiological)
 
         self.inspect = InspectPanel(ctl)
-        self.refine_panel = RefinePanel(ctl, image_getter=self.image_combo.layer)
+        self.refine_panel = RefinePanel(
+            ctl, image_getter=self.image_combo.layer, before_start=self.sync_model
+        )
         self.export_panel = ExportPanel(ctl)
         self.tabs = QTabWidget()
         self.tabs.addTab(self.inspect, "Inspect")
@@ -203,9 +205,11 @@ class APLWidget(QWidget):
         self.discard_button.clicked.connect(self.discard_recovery)
         self.image_combo.currentIndexChanged.connect(lambda *_: self._check_recovery())
         ctl.confirm_close = _weak_question(self)  # no reference cycle controller -> widget
+        ctl.confirm = _weak_question(self, "ask")
         self._layer_events = (
             napari_viewer.layers.events.inserted,
             napari_viewer.layers.events.removed,
+            napari_viewer.layers.events.renamed,
         )
         for emitter in self._layer_events:
             emitter.connect(self._refresh_layers)
@@ -240,17 +244,49 @@ class APLWidget(QWidget):
         return self.controller.load_checkpoint(None)
 
     def load_model(self) -> str | None:
-        """Load the model chosen in the widget (demo or file)."""
+        """Load the model chosen in the widget (demo or file); on failure the choice shows the loaded one."""
         if self.demo_radio.isChecked():
-            return self.controller.load_checkpoint(None)
+            summary = self.controller.load_checkpoint(None)
+        else:
+            path = str(self.checkpoint_file.value)
+            if path in ("", "."):
+                self.controller.error("no checkpoint file chosen: choose a .pt file or the demo model")
+                summary = None
+            else:
+                summary = self.controller.load_checkpoint(Path(path))
+        if summary is None:
+            self._show_loaded_choice()
+        return summary
+
+    def _chosen_path(self) -> Path | None:
+        """The checkpoint the model choice names (the demo's path for the demo model)."""
+        from .._sample_data import demo_checkpoint_path
+
+        if self.demo_radio.isChecked():
+            return demo_checkpoint_path()
         path = str(self.checkpoint_file.value)
-        if path in ("", "."):
-            self.controller.error("no checkpoint file chosen: choose a .pt file or the demo model")
-            return None
-        return self.controller.load_checkpoint(Path(path))
+        return None if path in ("", ".") else Path(path).expanduser()
+
+    def sync_model(self) -> bool:
+        """Load the chosen model if it is not the one loaded; return whether the chosen one is loaded."""
+        chosen, loaded = self._chosen_path(), self.controller.checkpoint_path
+        if self.controller.model is not None and chosen is not None and loaded is not None:
+            try:
+                if chosen.resolve() == Path(loaded).resolve():
+                    return True
+            except OSError:
+                pass
+        return self.load_model() is not None
+
+    def _show_loaded_choice(self) -> None:
+        """Make the model choice show the checkpoint that is loaded (after a failed or refused load)."""
+        if self.controller.checkpoint_path is not None:
+            self._on_model_changed(self.summary.toPlainText())
 
     def predict(self, sync: bool = False) -> bool:
-        """Predict the chosen image layer with the loaded model."""
+        """Predict the chosen image layer with the chosen model (loaded first if it is not yet)."""
+        if not self.sync_model():
+            return False
         return self.controller.predict(self.image_combo.layer(), sync=sync)
 
     def set_radiological(self, on: bool) -> None:
@@ -298,10 +334,14 @@ class APLWidget(QWidget):
 
     def ask_close_during_refinement(self) -> bool:
         """Ask whether to stop the running refinement and close (a modal question)."""
+        return self.ask(CLOSE_QUESTION)
+
+    def ask(self, question: str) -> bool:
+        """Ask a yes / no question in a modal box (No is the default); return whether the answer is yes."""
         answer = QMessageBox.question(
             self.window(),
             "napari-apl",
-            CLOSE_QUESTION,
+            question,
             QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
             QMessageBox.StandardButton.No,
         )
@@ -362,16 +402,16 @@ class APLWidget(QWidget):
             w.setEnabled(not busy)
 
 
-def _weak_question(widget: APLWidget) -> Any:
-    """``widget.ask_close_during_refinement`` without keeping the widget alive (yes once it is gone)."""
+def _weak_question(widget: APLWidget, method: str = "ask_close_during_refinement") -> Any:
+    """``widget.<method>`` without keeping the widget alive (yes once it is gone)."""
     ref = weakref.ref(widget)
 
-    def ask() -> bool:
+    def ask(*args: Any) -> bool:
         target = ref()
         if target is None:
             return True
         try:
-            return target.ask_close_during_refinement()
+            return bool(getattr(target, method)(*args))
         except RuntimeError:  # the Qt widget was deleted
             return True
 
@@ -416,6 +456,7 @@ def _disconnecter(
         ):
             signal.disconnect()  # the Qt side is gone: nothing may be called on it any more
         controller.confirm_close = lambda: True
+        controller.confirm = lambda question: True
         if paint_watcher is not None:
             paint_watcher.disconnect()
         controller.shutdown()  # stop a running task and wait for its worker (bounded)

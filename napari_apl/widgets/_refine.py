@@ -59,11 +59,13 @@ class RefinePanel(QWidget):
         self,
         controller: APLController,
         image_getter: Callable[[], Any] | None = None,
+        before_start: Callable[[], bool] | None = None,
         parent: QWidget | None = None,
     ) -> None:
         super().__init__(parent)
         self.controller = controller
         self.image_getter = image_getter
+        self.before_start = before_start  # e.g. load the chosen model first; False = do not start
         defaults = RefineConfig()
         self.method = QComboBox()
         for m in METHODS:
@@ -157,6 +159,8 @@ class RefinePanel(QWidget):
 
     def start(self) -> bool:
         """Start a refinement with the panel's settings."""
+        if self.before_start is not None and not self.before_start():
+            return False
         self.loss_plot.set_series({})
         self.omega_plot.set_series({})
         image = self.image_getter() if self.image_getter is not None else None
@@ -173,7 +177,7 @@ class RefinePanel(QWidget):
         self.pause_button.setText("Resume" if self.controller.paused else "Pause")
 
     def _clear(self) -> None:
-        self.controller.clear_corrections()
+        self.controller.clear_corrections()  # asks first when voxels were painted
         self._update_corrections()
 
     def _update_corrections(self) -> None:
