@@ -690,7 +690,9 @@ def test_the_users_layers_with_prediction_names_are_left_alone(setup, notificati
     assert all(name in viewer.layers for name in PREDICTION_LAYERS)
     assert viewer.layers.selection.active is viewer.layers[LAYER_PSEUDO]  # the layer to paint in
     assert viewer.layers[LAYER_CONFIDENCE] not in widget.image_combo.layers()  # ours are not offered
-    assert ctl.prediction is not None
+    widget.image_combo.set_layer(scan)  # a scan with no file: a refined model names its layer
+    assert widget.predict(sync=True)
+    assert ctl._refined_meta().provenance["refined"]["target"] == "scan main"
 
 
 def test_renaming_the_chosen_image_keeps_it_chosen(setup) -> None:

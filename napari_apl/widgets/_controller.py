@@ -1269,13 +1269,21 @@ class APLController:
         prov = dict(self.meta.provenance)
         prov["refined"] = {
             "from_checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
-            "target": self.geometry.name if self.geometry else None,
+            "target": self._target_name(),
             "config": self.last_config.to_dict() if self.last_config else None,
             "iterations_done": self.last_result.iterations_done if self.last_result else None,
             "stopped": self.last_result.stopped if self.last_result else None,
             "corrected_voxels": self.n_corrected,
         }
         return dataclasses.replace(self.meta, provenance=prov)
+
+    def _target_name(self) -> str | None:
+        """The scan the model was refined on: its file name, else its layer name."""
+        if self.geometry is not None and self.geometry.path is not None:
+            return self.geometry.name
+        if self.image_layer is not None:
+            return str(self.image_layer.name)
+        return self.geometry.name if self.geometry is not None else None
 
     def report(self, labels: np.ndarray | None = None, gt_layer: Any = None) -> dict[str, Any]:
         """Per-organ volume (mL), mean ω, and Dice/ASSD against a ground-truth labels layer when given."""

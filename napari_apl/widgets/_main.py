@@ -121,6 +121,8 @@ class APLWidget(QWidget):
         self.summary = QPlainTextEdit()
         self.summary.setReadOnly(True)
         self.summary.setMaximumHeight(110)
+        line = self.summary.fontMetrics().lineSpacing()
+        self.summary.setMinimumHeight(4 * line + 12)  # a long status line must not squeeze it to two lines
         self.summary.setPlaceholderText("no model loaded")
         self.device_combo = QComboBox()
         self.device_combo.addItems(list(DEVICES))
