@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .core.errors import APLError, OutputError
 
@@ -119,6 +121,32 @@ def _stop_on_sigint(control, bar):
         return signal.signal(signal.SIGINT, handler)
     except ValueError:  # not the main thread: leave signals alone
         return signal.getsignal(signal.SIGINT)
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None`` (JSON has no Infinity or NaN)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _stop_on_sigterm() -> Any:
+    """Make SIGTERM (``kill``, ``timeout``, a cancelled cluster job) end the command like Ctrl-C does.
+
+    The interrupt then runs the same clean-up: temporary files go and no output is half-written.
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # not the main thread, or no SIGTERM here
+        return None
 
 
 # --- sub-commands -------------------------------------------------------------------------------------
@@ -261,8 +289,23 @@ def cmd_refine(args: argparse.Namespace) -> int:
             raise APLError(
                 f"--corrections {args.corrections} does not have the image's shape: use a mask on its grid"
             )
+        if not np.allclose(corr_vol.affine, volume.affine, atol=1e-3):
+            raise APLError(
+                f"--corrections {args.corrections} has another affine than the image: use a mask on its grid"
+            )
         corr = np.asarray(corr_vol.data)
-        corrections = np.where(corr == args.corrections_unset, -1, corr).astype(np.int16)
+        if not np.array_equal(corr, np.round(corr)):
+            raise APLError(f"--corrections {args.corrections} holds non-integer values: give a label volume")
+        corr = corr.astype(np.int64)  # before -1 appears: a uint8 file would wrap it to 255
+        corrections = np.where(corr == args.corrections_unset, -1, corr)
+        bad = np.unique(corrections[(corrections < -1) | (corrections >= meta.num_classes)])
+        if bad.size:
+            raise APLError(
+                f"--corrections {args.corrections} holds label {int(bad[0])}: labels are "
+                f"0..{meta.num_classes - 1}, and {args.corrections_unset} (--corrections-unset) marks "
+                "voxels left as predicted"
+            )
+        corrections = corrections.astype(np.int16)
     cfg = RefineConfig.for_method(args.method, iterations=args.iterations, seed=args.seed, device=args.device)
     keys = (
         "lr",
@@ -305,7 +348,9 @@ def cmd_refine(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGINT, previous)
     elapsed = time.perf_counter() - t0
     new_meta = meta.__class__.from_dict(meta.to_dict())
+    new_meta.normalization = norm.to_dict()  # the intensities the refined model was adapted to
     new_meta.provenance = dict(meta.provenance) | {
+        "source_normalization": dict(meta.normalization),
         "refined_from": str(Path(args.checkpoint).name),
         "method": cfg.method,
         "iterations": result.iterations_done,
@@ -317,6 +362,8 @@ def cmd_refine(args: argparse.Namespace) -> int:
     )
     maps = pred.as_dict()
     maps["pseudo_label"] = result.pseudo
+    if corrections is not None:  # the user's own labels are written as given (as the viewer shows them)
+        maps["pseudo_label"] = np.where(corrections >= 0, corrections, result.pseudo).astype(np.uint8)
     if args.largest_component:
         maps = _largest_components(maps)
     log = {
@@ -346,6 +393,13 @@ def cmd_refine(args: argparse.Namespace) -> int:
     if size := organ_size_change(result, meta.class_names):
         print(size)
     print(f"refined for {result.iterations_done} iterations in {elapsed:.1f} s")
+    if result.stopped:  # the outputs are usable, but the run did not do what was asked
+        print(
+            f"napari-apl refine: interrupted after {result.iterations_done} of {cfg.iterations} iterations "
+            "(the files above hold that model)",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 
@@ -370,11 +424,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise APLError(
             "--pred and --gt have different affines: resample the prediction onto the reference grid"
         )
-    res = evaluate(
-        np.asarray(pred.data).round().astype(np.int16),
-        np.asarray(gt.data).round().astype(np.int16),
-        gt.spacing,
-    )
+    arrays = {}
+    for flag, vol in (("--pred", pred), ("--gt", gt)):
+        arr = np.asarray(vol.data)
+        if not np.array_equal(arr, np.round(arr)) or arr.min() < 0 or arr.max() >= len(CLASS_NAMES):
+            raise APLError(
+                f"{flag} is not a label volume (labels 0..{len(CLASS_NAMES) - 1} expected): "
+                "did you pass the image instead of its labels?"
+            )
+        arrays[flag] = arr.astype(np.int16)
+    res = evaluate(arrays["--pred"], arrays["--gt"], gt.spacing)
     print(f"{'organ':<14}{'Dice %':>9}{'ASSD mm':>10}")
     for name in CLASS_NAMES[1:]:
         d = res["dice"].get(name, float("nan"))
@@ -384,7 +443,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         from .core.io_utils import atomic_write
 
-        atomic_write(args.json, lambda p: p.write_text(json.dumps(res, indent=1)), overwrite=args.overwrite)
+        text = json.dumps(_json_safe(res), indent=1, allow_nan=False)  # strict JSON: no Infinity / NaN
+        atomic_write(args.json, lambda p: p.write_text(text), overwrite=args.overwrite)
         print(f"wrote {args.json}")
     return 0
 
@@ -468,10 +528,36 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=_int_at_least(1),
         default=2,
         help="with many volumes and no --scheduler: worker processes of the local cluster (default 2)",
     )
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -486,14 +572,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("phantom", help="write a synthetic abdominal phantom with labels")
     p.add_argument("--modality", choices=("ct", "mri"), required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--out-dir", "-o", required=True)
     p.add_argument(
         "--orientation",
         default="RAS",
         help="3-letter orientation code of the written file (RAS, LAS, LPS...)",
     )
-    p.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"))
+    p.add_argument("--shape", type=_int_at_least(1), nargs=3, metavar=("X", "Y", "Z"))
     p.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"))
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_phantom)
@@ -504,16 +590,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict both heads and the confidence / consistency maps")
     _common_model_args(p)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("refine", help="adapt a checkpoint to an unlabelled target volume (APL or a baseline)")
     _common_model_args(p)
     p.add_argument("--method", "-m", default="apl", help="apl (default), apl-con, threshold, cbst or mrnet")
-    p.add_argument("--iterations", "-n", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, help="learning rate (default: the method's tuned value)")
-    p.add_argument("--batch-size", type=int, help="slices per iteration (default 8)")
+    p.add_argument("--iterations", "-n", type=_int_at_least(0), default=200)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--lr", type=_positive_float, help="learning rate (default: the method's tuned value)")
+    p.add_argument("--batch-size", type=_int_at_least(1), help="slices per iteration (default 8)")
     p.add_argument("--weight", choices=("uniform", "confusion"), help="W of the relevance matrix (Eq. 1)")
     p.add_argument("--teacher-decay", type=float, help="EMA teacher decay (0 = no teacher)")
     p.add_argument(
@@ -582,13 +668,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="glob of source images")
     p.add_argument("--labels", required=True, help="glob of label volumes (paired after sorting)")
     p.add_argument("--arch", default="unet-dual")
-    p.add_argument("--epochs", type=int, default=45)
+    p.add_argument("--epochs", type=_int_at_least(1), default=45)
     p.add_argument("--normalize", default="mri", help="source intensity preset (default mri)")
     p.add_argument("--spacing", type=float, nargs=2, default=(2.5, 2.5), metavar=("MX", "MY"))
     p.add_argument("--input-size", type=int, nargs=2, default=(160, 160), metavar=("H", "W"))
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=16)
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--channels-last", action="store_true", help="channels-last weights and batches (faster convolutions)"
@@ -613,6 +699,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _CREATED_DIRS.clear()
+    previous = _stop_on_sigterm()
     try:
         return int(args.func(args) or 0)
     except APLError as exc:
@@ -626,6 +713,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException:
         _remove_created_empty_dirs()
         raise
+    finally:
+        if previous is not None:
+            with contextlib.suppress(ValueError, TypeError, OSError):
+                signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

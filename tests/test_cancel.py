@@ -212,7 +212,7 @@ def test_sigint_stops_cli_refine_in_process(setup, tmp_path, capsys):
             sender.join(10)
             err = capsys.readouterr().err
             assert "at" in sent, "the stop signal was never sent"
-            assert rc == 0, err
+            assert rc == 130, err  # interrupted: usable files written, but not every iteration ran
             log = _check_cli_outputs(out, ck, meta, volume)
             stops.append(log["iterations_done"])
             assert _threads() == threads_before, "a thread is still running"
@@ -263,7 +263,7 @@ def test_sigint_stops_cli_refine_process(setup, tmp_path):
         rc = proc.wait(120)
         reader.join(10)
         stderr = b"".join(chunks).decode(errors="replace")
-        assert rc == 0, stderr
+        assert rc == 130, stderr  # interrupted: usable files written, but not every iteration ran
         assert "Traceback" not in stderr
         assert "stopping after this step" in stderr + stdout  # tqdm.write prints it on stdout
         assert "wrote" in stdout and "refined.pt" in stdout

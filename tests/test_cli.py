@@ -219,3 +219,168 @@ def test_refine_reports_organ_size_change(tmp_path, phantom_dir, capsys):
     moved = json.loads((tmp_path / "moved" / "log.json").read_text())["organ_voxels"]
     assert moved["start"] == start and sum(moved["refined"]) == sum(start) and moved["refined"] != start
     assert "organ size vs the starting model: liver " in capsys.readouterr().out
+
+
+def test_refined_checkpoint_records_the_intensities_it_was_adapted_to(tmp_path, tiny_ckpt, phantom_dir):
+    image = str(phantom_dir / "image.nii.gz")  # Hounsfield units: auto picks the CT window
+    out = tmp_path / "ref"
+    assert (
+        main(["refine", image, "-c", str(tiny_ckpt), "-o", str(out), "-n", "1", "--batch-size", "2", "-q"])
+        == 0
+    )
+    from napari_apl.core.checkpoint import load_checkpoint
+
+    _, meta = load_checkpoint(out / "refined.pt")
+    log = json.loads((out / "log.json").read_text())
+    assert meta.normalization == log["config"]["normalization"] and meta.normalization["kind"] == "ct_window"
+    assert meta.provenance["source_normalization"]["kind"] == "percentile"
+    # so predicting with the refined model's own preset gives the maps refine wrote
+    pred = tmp_path / "pred"
+    argv = [
+        "predict",
+        image,
+        "-c",
+        str(out / "refined.pt"),
+        "-o",
+        str(pred),
+        "--normalize",
+        "checkpoint",
+        "-q",
+    ]
+    assert main(argv) == 0
+    np.testing.assert_array_equal(
+        np.asarray(nib.load(pred / "main.nii.gz").dataobj), np.asarray(nib.load(out / "main.nii.gz").dataobj)
+    )
+
+
+def test_refine_corrections_of_any_integer_type(tmp_path, tiny_ckpt, phantom_dir, capsys):
+    image = phantom_dir / "image.nii.gz"
+    ref = nib.load(image)
+    labels = np.asarray(nib.load(phantom_dir / "labels.nii.gz").dataobj)
+    corr = np.full(ref.shape, 255, dtype=np.uint8)  # 255 = not corrected (the default marker)
+    corr[:, :, 3] = labels[:, :, 3]
+    base = ["refine", str(image), "-c", str(tiny_ckpt), "-n", "1", "--batch-size", "2", "-q"]
+    path = tmp_path / "corr_u8.nii.gz"
+    nib.save(nib.Nifti1Image(corr, ref.affine), path)
+    assert main([*base, "-o", str(tmp_path / "u8"), "--corrections", str(path)]) == 0
+    pseudo = np.asarray(nib.load(tmp_path / "u8" / "pseudo_label.nii.gz").dataobj)
+    assert pseudo.max() <= 4  # untouched voxels were not read as a label 255 (a uint8 -1)
+    np.testing.assert_array_equal(pseudo[:, :, 3], labels[:, :, 3])  # the corrected slice is kept
+    capsys.readouterr()
+    # a mask on another grid, or with labels the model does not have, is refused with one line
+    shifted = ref.affine.copy()
+    shifted[:3, 3] += 50.0
+    nib.save(nib.Nifti1Image(corr, shifted), tmp_path / "shifted.nii.gz")
+    bad = corr.copy()
+    bad[0, 0, 0] = 9
+    nib.save(nib.Nifti1Image(bad, ref.affine), tmp_path / "nine.nii.gz")
+    for name, words in (("shifted.nii.gz", "another affine"), ("nine.nii.gz", "holds label 9")):
+        out = tmp_path / name.split(".")[0]
+        assert main([*base, "-o", str(out), "--corrections", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1
+        assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["predict", "IMG", "--batch-size", "0"], "must be 1 or more"),
+        (["refine", "IMG", "--seed", "-1"], "must be 0 or more"),
+        (["refine", "IMG", "--lr", "0"], "above 0"),
+        (["refine", "IMG", "--tau", "5"], "tau"),
+        (["predict", "IMG", "--workers", "0"], "must be 1 or more"),
+    ],
+)
+def test_nonsense_numbers_are_refused(tmp_path, tiny_ckpt, phantom_dir, capsys, argv, words):
+    argv = [str(phantom_dir / "image.nii.gz") if a == "IMG" else a for a in argv]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc_info:  # argparse's own errors exit directly
+        rc = main([*argv, "-c", str(tiny_ckpt), "-o", str(out), "-q"])
+        raise SystemExit(rc)
+    assert exc_info.value.code == 2
+    assert words in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_evaluate_wants_label_volumes_and_writes_strict_json(tmp_path, phantom_dir, capsys):
+    image, labels = str(phantom_dir / "image.nii.gz"), str(phantom_dir / "labels.nii.gz")
+    assert main(["evaluate", "--pred", labels, "--gt", image]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--gt is not a label volume" in err and len(err.splitlines()) == 1
+    ref = nib.load(labels)
+    no_spleen = np.asarray(ref.dataobj).copy()
+    no_spleen[no_spleen == 4] = 0
+    pred = tmp_path / "no_spleen.nii.gz"
+    nib.save(nib.Nifti1Image(no_spleen, ref.affine), pred)
+    out = tmp_path / "scores.json"
+    assert main(["evaluate", "--pred", str(pred), "--gt", labels, "--json", str(out)]) == 0
+    text = out.read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    scores = json.loads(text)
+    assert scores["assd"]["spleen"] is None and scores["dice"]["spleen"] == 0
+
+
+def test_import_reads_a_unet_width_from_the_file(tmp_path, capsys):
+    import torch
+
+    from napari_apl.core.checkpoint import load_checkpoint
+
+    ck = write_tiny_checkpoint(tmp_path / "w6.pt", 0, base=6, input_size=(32, 32), spacing=(8.0, 8.0))
+    model, _ = load_checkpoint(ck)
+    raw = tmp_path / "raw.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}}, raw)
+    out = tmp_path / "imported.pt"
+    argv = ["import", str(raw), "--arch", "unet-dual", "--input-size", "32", "32", "--out", str(out)]
+    assert main(argv) == 0
+    imported, meta = load_checkpoint(out)
+    assert meta.arch_args["base"] == 6
+    for a, b in zip(imported.state_dict().values(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert main([*argv[:-2], "--input-size", "100000", "100000", "--out", str(tmp_path / "huge.pt")]) == 2
+    assert "input_size" in capsys.readouterr().err and not (tmp_path / "huge.pt").exists()
+
+
+def test_phantom_refuses_a_shape_that_cannot_fit(tmp_path, capsys):
+    argv = [
+        "phantom",
+        "--modality",
+        "ct",
+        "--out-dir",
+        str(tmp_path / "big"),
+        "--shape",
+        "4000",
+        "4000",
+        "4000",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "too large" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_leaves_no_temporary_files(tmp_path, tiny_ckpt):
+    import os
+    import signal
+    import time
+
+    big = tmp_path / "big"
+    rc = main(["phantom", "--modality", "ct", "--out-dir", str(big), "--shape", "192", "192", "160"])
+    assert rc == 0
+    out = tmp_path / "pred"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "napari_apl.cli", "predict", str(big / "image.nii.gz"), "-c", str(tiny_ckpt),
+         "-o", str(out), "--batch-size", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    t0 = time.monotonic()
+    while not (out.exists() and any(out.iterdir())):  # the streamed maps' temporary files have appeared
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() - t0 < 120
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr.decode()
+    assert b"Traceback" not in stderr and b"interrupted" in stderr
+    assert not out.exists() or not list(out.iterdir())  # no temporary or half-written file is left

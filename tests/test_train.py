@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -164,6 +165,39 @@ def test_resume_with_other_settings_is_refused(tmp_path, mri_pairs):
             seen.append(next(gen))
     with pytest.raises(APLError, match="other settings"):
         next(train_source(mri_pairs, out, _cfg(lr=5e-4)))
+    # the same settings on other volumes are refused too (the first epoch was trained on both cases)
+    with pytest.raises(APLError, match="other volumes"):
+        next(train_source(mri_pairs[:1], out, _cfg()))
+    assert (tmp_path / "m.pt.train-state").exists()  # kept: the original run can still resume
+    assert next(train_source(mri_pairs, out, _cfg())).epoch == 2
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": 0}, "batch size"),
+        ({"lr": -1.0}, "learning rate"),
+        ({"lr": float("nan")}, "learning rate"),
+        ({"seed": -1}, "seed"),
+        ({"input_size": (100000, 100000)}, "input size"),
+        ({"spacing": (0.0, 2.0)}, "spacing"),
+    ],
+)
+def test_nonsense_training_settings_are_refused(tmp_path, mri_pairs, bad, words):
+    with pytest.raises(APLError, match=words):
+        next(train_source(mri_pairs, tmp_path / "m.pt", _cfg(**bad)))
+    assert not list(tmp_path.iterdir())  # nothing was written
+
+
+def test_training_never_writes_over_its_own_input(tmp_path, mri_pairs):
+    img, lab = mri_pairs[0]
+    copy = tmp_path / "image.nii.gz"
+    copy.write_bytes(Path(img).read_bytes())
+    before = copy.read_bytes()
+    with pytest.raises(APLError, match="same file as an input"):
+        next(train_source([(str(copy), lab)], copy, _cfg(), overwrite=True))
+    assert copy.read_bytes() == before
 
 
 def test_train_source_cli(tmp_path, mri_pairs, capsys):

@@ -51,6 +51,11 @@ def _json_check(value: Any, what: str) -> None:
         raise CheckpointError(f"checkpoint metadata {what} is not JSON-serialisable: {exc}") from None
 
 
+# A model's slice size: a 4096 x 4096 slice of 5 float32 classes for both heads is already 0.6 GB.
+MIN_INPUT_SIZE = 8
+MAX_INPUT_SIZE = 4096
+
+
 def _pair(value: Any, what: str, kind: type) -> tuple:
     """Return ``value`` as a validated 2-tuple of positive ``kind`` values."""
     ok = isinstance(value, (list, tuple)) and len(value) == 2
@@ -116,6 +121,11 @@ class CheckpointMeta:
         if not isinstance(kind, str) or not kind:
             raise CheckpointError("checkpoint metadata normalization needs a 'kind' string")
         self.input_size = _pair(self.input_size, "input_size", int)
+        if not all(MIN_INPUT_SIZE <= v <= MAX_INPUT_SIZE for v in self.input_size):
+            raise CheckpointError(
+                f"checkpoint metadata input_size must be two sizes in {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE} px, "
+                f"got {self.input_size}"
+            )
         self.spacing = _pair(self.spacing, "spacing", float)
 
     @property
@@ -555,13 +565,20 @@ def import_state_dict(
 
     A ``module.`` (DataParallel) prefix and a top-level ``{"state_dict": ...}`` wrapper are accepted;
     ``num_batches_tracked`` buffers may be absent. With ``strict=False`` tensors that do not fit by
-    name or shape are skipped with a warning (e.g. a 21-class ImageNet/VOC head).
+    name or shape are skipped with a warning (e.g. a 21-class ImageNet/VOC head). A ``unet-dual``
+    whose ``arch_args`` give no ``base`` takes the width of the file's first convolution (written into
+    ``meta.arch_args``, so the saved checkpoint records it).
     """
     if not isinstance(meta, CheckpointMeta):
         raise CheckpointError(f"cannot import {raw_path}: meta must be a CheckpointMeta")
     p = _check_file(raw_path)
     state = _unwrap_raw(p, _safe_load(p, "cpu"))
     _check_arch(p, meta)
+    first = state.get("inc.0.weight")
+    if meta.arch == "unet-dual" and "base" not in meta.arch_args and isinstance(first, torch.Tensor):
+        if first.ndim == 4:  # the width of a U-Net is its first convolution's output channels
+            meta.arch_args["base"] = int(first.shape[0])
+            meta.arch_args.setdefault("in_channels", int(first.shape[1]))
     _check_classes(p, meta, state if strict else None, None)
     model = _build(p, meta, state, strict=strict)
     skipped = _load_weights(p, model, state, strict=strict)

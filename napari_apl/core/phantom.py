@@ -124,6 +124,9 @@ def _check_seed(seed: int) -> int:
     return int(seed)
 
 
+MAX_PHANTOM_VOXELS = 160_000_000  # twice a 512 x 512 x 300 CT
+
+
 def _check_shape(shape) -> tuple[int, int, int]:
     try:
         out = tuple(int(n) for n in shape)
@@ -131,6 +134,11 @@ def _check_shape(shape) -> tuple[int, int, int]:
         out = ()
     if len(out) != 3 or any(n < 8 for n in out) or tuple(shape) != out:
         raise APLError(f"phantom shape {shape!r} is invalid: give 3 integers, each at least 8")
+    if any(n > 2048 for n in out) or math.prod(out) > MAX_PHANTOM_VOXELS:
+        raise APLError(
+            f"phantom shape {out} is too large: at most 2048 voxels per axis and "
+            f"{MAX_PHANTOM_VOXELS // 1_000_000} million in all"
+        )
     return out  # type: ignore[return-value]
 
 

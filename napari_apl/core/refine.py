@@ -209,6 +209,18 @@ class RefineConfig:
             raise APLError(f"class_balance_power must be in [0, 4], got {self.class_balance_power}")
         if not 0 <= self.teacher_decay < 1 or not 0 <= self.ensemble_decay < 1:
             raise APLError("teacher and ensemble decays must be in [0, 1)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise APLError(f"seed must be a whole number, 0 or more, got {self.seed!r}")
+        if not 0 < self.tau <= 1:
+            raise APLError(f"tau is a probability threshold in (0, 1], got {self.tau}")
+        if not 0 <= self.class_norm <= 1:
+            raise APLError(f"class_norm is a portion in [0, 1], got {self.class_norm}")
+        if not (0 < self.cbst_portion <= self.cbst_max <= 1 and 0 <= self.cbst_step <= 1):
+            raise APLError("cbst settings need 0 < cbst_portion <= cbst_max <= 1 and 0 <= cbst_step <= 1")
+        if self.rounds < 1 or self.guard_every < 1:
+            raise APLError("rounds and guard_every must be 1 or more")
+        if self.mrnet_memory < 0:
+            raise APLError(f"mrnet_memory must be 0 or more, got {self.mrnet_memory}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import FORMAT_VERSION, CheckpointMeta, save_checkpoint
+from .checkpoint import FORMAT_VERSION, MAX_INPUT_SIZE, MIN_INPUT_SIZE, CheckpointMeta, save_checkpoint
 from .errors import APLError, CheckpointError
 from .io_utils import atomic_write
 from .labels import CLASS_NAMES
@@ -57,6 +57,33 @@ class TrainConfig:
     amp: bool = False
     """Forward and backward under bf16 autocast (weights, optimiser and losses stay float32): ~1.5-2x
     faster where bf16 is native (CUDA, CPUs with AVX512-BF16 / AMX), slower where it is emulated."""
+
+    def validate(self) -> TrainConfig:
+        """Check the settings and raise a one-line ``APLError`` naming a bad one."""
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise APLError(f"epochs must be 1 or more, got {self.epochs}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise APLError(f"batch size must be 1 or more, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise APLError(f"learning rate must be a positive number, got {self.lr}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise APLError(f"seed must be 0 or more, got {self.seed}")
+        if len(self.spacing) != 2 or not all(v > 0 and math.isfinite(v) for v in self.spacing):
+            raise APLError(f"spacing must be two positive sizes in mm, got {tuple(self.spacing)}")
+        if len(self.input_size) != 2 or not all(
+            MIN_INPUT_SIZE <= int(v) <= MAX_INPUT_SIZE for v in self.input_size
+        ):
+            raise APLError(
+                f"input size must be two sizes in {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE} px, "
+                f"got {tuple(self.input_size)}"
+            )
+        if self.iters_per_epoch is not None and self.iters_per_epoch < 1:
+            raise APLError(f"iterations per epoch must be 1 or more, got {self.iters_per_epoch}")
+        for name in ("aux_weight", "gin_prob", "remap_prob"):
+            value = getattr(self, name)
+            if not 0 <= value <= (math.inf if name == "aux_weight" else 1):
+                raise APLError(f"{name} must be {'0 or more' if name == 'aux_weight' else 'in [0, 1]'}")
+        return self
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -307,7 +334,8 @@ def train_source(
     out = Path(out)
     from .io_utils import check_output_path
 
-    check_output_path(out, overwrite=overwrite)
+    cfg.validate()
+    check_output_path(out, overwrite=overwrite, inputs=tuple(f for pair in pairs for f in pair))
     dev = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     norm = get_preset(cfg.normalization)
@@ -329,10 +357,10 @@ def train_source(
     if resume and state_file.exists():
         try:
             st = torch.load(state_file, map_location="cpu", weights_only=True)
-            if st.get("config") != _cfg_key(cfg):
+            if st.get("config") != _cfg_key(cfg, pairs):
                 raise CheckpointError(
-                    f"{state_file} was written by a run with other settings: "
-                    "delete it or use the same settings"
+                    f"{state_file} was left by a run with other settings or other volumes: delete it "
+                    "to start afresh, or resume with the same settings and volumes"
                 )
             model.load_state_dict(st["model"])
             opt.load_state_dict(st["optimizer"])
@@ -369,7 +397,7 @@ def train_source(
             if stop is not None and stop():
                 return model.to(memory_format=torch.contiguous_format).eval(), _meta(cfg, norm, pairs, epoch)
         state = {
-            "config": _cfg_key(cfg),
+            "config": _cfg_key(cfg, pairs),
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
@@ -384,13 +412,18 @@ def train_source(
     return model, meta
 
 
-def _cfg_key(cfg: TrainConfig) -> str:
-    """Return the settings that must match for a resumed run, as a string."""
+def _cfg_key(cfg: TrainConfig, pairs: Sequence[tuple[str, str]] = ()) -> str:
+    """Return what must match for a resumed run (the settings and the volumes), as a string.
+
+    The volumes count by file name and size, so a data folder that moved still resumes.
+    """
     import json
+    import os
 
     d = asdict(cfg)
     d.pop("device", None)
     d.pop("epochs", None)
+    d["volumes"] = [[Path(f).name, os.path.getsize(f)] for pair in pairs for f in pair]
     return json.dumps(d, sort_keys=True, default=list)
 
 
@@ -443,6 +476,7 @@ def train_source_cli(args: Any) -> int:
     )
     gen = train_source(pairs, args.out, cfg, overwrite=args.overwrite)
     bar = None
+    epoch = 0
     try:
         while True:
             ev = next(gen)
@@ -454,10 +488,22 @@ def train_source_cli(args: Any) -> int:
                     disable=args.quiet,
                     file=sys.stderr,
                 )
+                if ev.epoch > 1:
+                    print(f"resuming at epoch {ev.epoch} from {_state_path(Path(args.out))}", file=sys.stderr)
+            epoch = ev.epoch
             bar.update(1)
             bar.set_postfix(epoch=ev.epoch, loss=f"{ev.loss:.3f}")
     except StopIteration:
         pass
+    except KeyboardInterrupt:
+        state = _state_path(Path(args.out))
+        if state.exists():
+            print(
+                f"interrupted in epoch {epoch}: the finished epochs are kept in {state}; the same command "
+                "resumes from there (delete that file to start afresh)",
+                file=sys.stderr,
+            )
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -1275,6 +1275,12 @@ class APLController:
             "stopped": self.last_result.stopped if self.last_result else None,
             "corrected_voxels": self.n_corrected,
         }
+        if self.last_config is not None and self.last_config.normalization:
+            # the intensities the model was adapted to; what it was trained with stays in the provenance
+            prov["source_normalization"] = dict(self.meta.normalization)
+            return dataclasses.replace(
+                self.meta, normalization=self.last_config.normalization, provenance=prov
+            )
         return dataclasses.replace(self.meta, provenance=prov)
 
     def _target_name(self) -> str | None:
