@@ -66,8 +66,11 @@ def test_expand_inputs_folder_glob_and_file(phantom_folder: Path) -> None:
 def test_output_dirs_refuse_two_volumes_with_one_name(tmp_path: Path) -> None:
     dirs = output_dirs([Path("x/a.nii.gz"), Path("y/b.nii")], tmp_path)
     assert list(dirs.values()) == [tmp_path / "a", tmp_path / "b"]
+    # one name in two folders: each is named from its path (the one-folder-per-case layout)
+    dirs = output_dirs([Path("x/a.nii.gz"), Path("y/a.nii")], tmp_path)
+    assert list(dirs.values()) == [tmp_path / "x_a", tmp_path / "y_a"]
     with pytest.raises(OutputError, match="both write"):
-        output_dirs([Path("x/a.nii.gz"), Path("y/a.nii")], tmp_path)
+        output_dirs([Path("x/a.nii.gz"), Path("x/a.nii")], tmp_path)
 
 
 def test_predict_and_refine_many_on_a_local_cluster_match_one_volume(
@@ -109,7 +112,7 @@ def test_many_checks_every_output_before_work(
     (out / "case2" / "main.nii.gz").write_bytes(b"old")
     rc = cli.main(["predict", str(phantom_folder), "-c", str(tiny_checkpoint), "-o", str(out), "-q"])
     assert rc == 2
-    assert not any((out / "case0").iterdir())  # nothing was computed
+    assert not (out / "case0").exists()  # refused before any folder was made or anything computed
     rc = cli.main(
         ["refine", str(phantom_folder), "-c", str(tiny_checkpoint), "-o", str(out), "--corrections", "x.nii"]
     )

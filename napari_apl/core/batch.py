@@ -14,6 +14,7 @@ import contextlib
 import glob
 import io
 import os
+import re
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -53,6 +54,11 @@ def _is_nifti(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
+def _is_hidden(path: Path) -> bool:
+    """Whether ``path`` is a hidden file (a leftover ``.x.tmp.nii.gz`` or a macOS ``._x`` resource fork)."""
+    return path.name.startswith(".")
+
+
 def is_many(spec: str | os.PathLike) -> bool:
     """Whether an input names several volumes: a folder or a glob pattern (not one file)."""
     text = str(spec)
@@ -60,14 +66,18 @@ def is_many(spec: str | os.PathLike) -> bool:
 
 
 def expand_inputs(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """The volumes an input names, sorted: a file, a folder (its ``.nii``/``.nii.gz`` files) or a glob."""
+    """The volumes an input names, sorted: a file, a folder (its ``.nii``/``.nii.gz`` files) or a glob.
+
+    Hidden files (names starting with ".") are skipped in folders and globs; a file named on its own
+    is taken as given.
+    """
     specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     found: list[Path] = []
     for item in specs:
         text = str(item)
         path = Path(text).expanduser()
         if path.is_dir():
-            matches = sorted(p for p in path.iterdir() if _is_nifti(p))
+            matches = sorted(p for p in path.iterdir() if _is_nifti(p) and not _is_hidden(p))
             if not matches:
                 raise APLError(
                     f"folder {path} holds no .nii or .nii.gz volume: choose the folder of the scans"
@@ -76,7 +86,7 @@ def expand_inputs(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
             matches = [path]  # one file: load_volume reports a missing or unreadable one
         else:
             matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True))
-            matches = [p for p in matches if _is_nifti(p)]
+            matches = [p for p in matches if _is_nifti(p) and not _is_hidden(p)]
             if not matches:
                 raise APLError(f"pattern {text!r} matches no .nii or .nii.gz volume: check the pattern")
         found.extend(matches)
@@ -84,13 +94,31 @@ def expand_inputs(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     return unique
 
 
+def _relative_name(image: Path, common: Path) -> str:
+    """Output folder name of ``image`` from its path below ``common``: suffix dropped, "/" as "_"."""
+    parts = image.relative_to(common).parts
+    return "_".join([*parts[:-1], volume_name(parts[-1])])
+
+
 def output_dirs(images: Sequence[Path], out_dir: str | os.PathLike) -> dict[Path, Path]:
-    """Per-volume output folders ``out_dir/<volume name>``; two volumes with one name are refused."""
+    """Per-volume output folders ``out_dir/<volume name>``, named from the volumes' paths when names collide.
+
+    When two volumes share a file name (``cases/case01/image.nii.gz``, ``cases/case02/image.nii.gz``),
+    every folder is named from its volume's path below the deepest common parent of all the volumes
+    (``out_dir/case01_image``, ``out_dir/case02_image``); volumes that still share a name are refused.
+    """
     out = Path(out_dir).expanduser()
+    names = [volume_name(image) for image in images]
+    if len(set(names)) < len(names):
+        absolute = [Path(image).expanduser().absolute() for image in images]
+        try:
+            common = Path(os.path.commonpath([str(p.parent) for p in absolute]))
+            names = [_relative_name(p, common) for p in absolute]
+        except ValueError:  # no common parent (e.g. two drives): keep the file names, refused below
+            pass
     dirs: dict[Path, Path] = {}
     seen: dict[str, Path] = {}
-    for image in images:
-        name = volume_name(image)
+    for image, name in zip(images, names):
         if name in seen:
             raise OutputError(
                 f"{seen[name]} and {image} would both write to {out / name}: "
@@ -145,6 +173,54 @@ def _run_task(fn: Callable[[Any], Any], item: Any, threads: int | None) -> TaskR
     return result
 
 
+def _ignore_sigint() -> int:
+    """Make this (worker) process ignore Ctrl-C and return its pid; run on each worker of a local cluster."""
+    import signal
+
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return os.getpid()
+
+
+async def _close_worker(dask_worker: Any) -> None:
+    """End this worker process now, running tasks included (its nanny told first, so none restarts)."""
+    from multiprocessing import util
+
+    with contextlib.suppress(Exception):
+        if dask_worker.nanny:
+            await dask_worker.rpc(dask_worker.nanny).close_gracefully(reason="napari-apl interrupted")
+    with contextlib.suppress(Exception):
+        util._exit_function()  # multiprocessing's clean-up (its semaphores), as a normal exit runs it
+    os._exit(0)  # not a normal exit: threads still running tasks would abort it
+
+
+def _stop_workers(client: Any, pids: Sequence[int], wait: float = 3.0) -> None:
+    """Stop a local cluster's worker processes now (on Ctrl-C): close them, terminate any still alive."""
+    import signal
+
+    with contextlib.suppress(Exception):
+        client.run(_close_worker, wait=False)
+    alive = list(pids)
+    deadline = time.monotonic() + wait
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [pid for pid in alive if _alive(pid)]
+    for pid in alive:  # this cluster's own worker processes
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def cluster_client(
     scheduler: str | None = None, workers: int = 2, threads_per_worker: int = 1
@@ -178,11 +254,25 @@ def cluster_client(
         dashboard_address=None,
         silence_logs=40,
     )
-    client = Client(cluster)
     try:
+        client = Client(cluster)
+    except BaseException:
+        cluster.close()
+        raise
+    pids: list[int] = []
+    try:
+        # Ctrl-C reaches every process of the terminal: the workers ignore it and leave it to this
+        # process, which stops them at once (running tasks included: outputs are written atomically,
+        # so an unfinished volume leaves only temporary files, removed by run_command_many)
+        with contextlib.suppress(Exception):
+            pids = [int(pid) for pid in client.run(_ignore_sigint).values()]
         yield client
+    except KeyboardInterrupt:
+        _stop_workers(client, pids)
+        raise
     finally:
-        client.close()
+        with contextlib.suppress(Exception):
+            client.close()
         cluster.close()
 
 
@@ -199,7 +289,8 @@ def run_many(
 
     ``fn`` must be importable by the workers (a module-level function). ``threads`` sets torch's
     thread count in each task (default: the worker's, one per worker thread on a local cluster).
-    ``on_result`` is called in this process as each task finishes.
+    ``on_result`` is called in this process as each task finishes; on Ctrl-C the unfinished tasks
+    are cancelled and ``KeyboardInterrupt`` is raised (``on_result`` has seen the finished ones).
     """
     if not items:
         return []
@@ -211,16 +302,57 @@ def run_many(
             client.submit(_run_task, fn, item, threads, pure=False, key=f"napari-apl-{i}-{time.time_ns()}"): i
             for i, item in enumerate(items)
         }
-        for future in as_completed(futures):
-            i = futures[future]
-            try:
-                res = future.result()
-            except Exception as exc:  # the worker died or the task could not be sent
-                res = TaskResult(item=items[i], error=f"{type(exc).__name__}: {exc}")
-            results[i] = res
-            if on_result is not None:
-                on_result(res)
+        try:
+            for future in as_completed(futures):
+                i = futures[future]
+                try:
+                    res = future.result()
+                except Exception as exc:  # the worker died or the task could not be sent
+                    res = TaskResult(item=items[i], error=f"{type(exc).__name__}: {exc}")
+                results[i] = res
+                if on_result is not None:
+                    on_result(res)
+        except BaseException:  # Ctrl-C or a failing callback: stop the tasks not yet finished
+            with contextlib.suppress(Exception):
+                client.cancel([f for f, i in futures.items() if i not in results])
+            raise
     return [results[i] for i in range(len(items))]
+
+
+def _make_folders(out: Path, folders: Sequence[Path], created: list[Path]) -> None:
+    """Create ``out`` and the missing per-volume ``folders``, appending each one made to ``created``."""
+    for folder in [out, *folders]:
+        if folder.is_dir():
+            continue
+        try:
+            folder.mkdir()
+        except FileExistsError:  # made meanwhile by someone else: not ours to remove
+            continue
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise OutputError(
+                f"cannot create output folder {folder}: {reason}: choose another --out-dir"
+            ) from exc
+        created.append(folder)
+
+
+def _remove_temporaries(folder: Path, outputs: Sequence[str]) -> None:
+    """Remove the temporary files a task stopped mid-write left for ``outputs`` in ``folder``."""
+    if not folder.is_dir():
+        return
+    for name in outputs:
+        pattern = re.compile(rf"\.{re.escape(name)}\.[A-Za-z0-9_]+\.tmp(\..+)?")
+        for path in folder.glob(f".{glob.escape(name)}.*.tmp*"):
+            if pattern.fullmatch(path.name) and path.is_file():
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the folders this run created and left empty, deepest first (never one holding files)."""
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only succeeds when empty
 
 
 def run_command_many(
@@ -234,14 +366,21 @@ def run_command_many(
 ) -> int:
     """Run a one-volume CLI ``command`` for every volume ``args.image`` names, on dask.distributed.
 
-    Each volume gets a copy of ``args`` with its own ``image`` and ``out_dir/<volume name>`` and runs
-    exactly the one-volume command in a worker. Every output path is checked (``check``) before any
-    work starts. Returns 0 when every volume succeeded, else 2 (each failure reported by ``warn``).
+    Each volume gets a copy of ``args`` with its own ``image`` and output folder (``out_dir/<volume
+    name>``, see ``output_dirs``) and runs exactly the one-volume command in a worker. The worker count
+    and every output path are checked (``check``) before any folder is made or work starts; folders
+    this run made and left empty are removed when it ends (an error, Ctrl-C, failed volumes). On Ctrl-C
+    the volumes that finished keep their outputs, both lists are reported and ``KeyboardInterrupt`` is
+    raised again. Returns 0 when every volume succeeded, else 2 (each failure reported by ``warn``).
     """
     import copy
     import sys
 
     warn = warn or (lambda text: print(text, file=sys.stderr))
+    scheduler = getattr(args, "scheduler", None)
+    workers = getattr(args, "workers", 2)
+    if not scheduler and int(workers) < 1:
+        raise APLError(f"--workers must be at least 1, got {workers}")
     images = expand_inputs(args.image)
     dirs = output_dirs(images, args.out_dir)
     out = Path(args.out_dir).expanduser()
@@ -252,29 +391,58 @@ def run_command_many(
     for folder in dirs.values():
         if folder.exists() and not folder.is_dir():
             raise OutputError(f"{folder} is a file, not a folder: move it or choose another --out-dir")
-    for folder in dirs.values():
-        folder.mkdir(parents=True, exist_ok=True)
-    if check is not None:  # every output is checked before any work starts
+
+    def check_all(only_existing: bool) -> None:
+        """Check every output (of the folders that exist already, when ``only_existing``)."""
+        if check is None:
+            return
         for image, folder in dirs.items():
+            if only_existing and not folder.is_dir():
+                continue  # a folder still to be made holds no output yet
             check([folder / name for name in outputs], [str(image), str(getattr(args, "checkpoint", ""))])
+
+    check_all(only_existing=True)  # before any folder is made: a refused run leaves nothing behind
     items = []
     for image, folder in dirs.items():
         one = copy.copy(args)
         one.image, one.out_dir, one.quiet, one.scheduler = str(image), str(folder), True, None
         items.append(one)
-    where = args.scheduler or f"a local cluster of {args.workers} worker processes"
-    echo(f"{len(items)} volumes on {where}")
+
+    finished: list[str] = []
+    failed: list[str] = []
 
     def report(res: TaskResult) -> None:
-        name = volume_name(res.item.image)
-        if res.ok:
+        name = Path(res.item.out_dir).name
+        if res.ok and res.value in (0, None):
+            finished.append(name)
             echo(f"[{name}] done in {res.seconds:.1f} s ({res.worker})")
             for line in res.output.splitlines():
                 echo(f"[{name}] {line}")
         else:
-            warn(f"[{name}] error: {res.error}")
+            failed.append(name)
+            warn(f"[{name}] error: {res.error or f'exit status {res.value}'}")
 
-    results = run_many(command, items, scheduler=args.scheduler, workers=args.workers, on_result=report)
-    failed = [r for r in results if not r.ok or r.value not in (0, None)]
-    echo(f"{len(results) - len(failed)} of {len(results)} volumes done, outputs in {out}/<volume name>/")
-    return 2 if failed else 0
+    created: list[Path] = []
+    try:
+        _make_folders(out, list(dirs.values()), created)
+        check_all(only_existing=False)  # the new folders too (writable, not an input)
+        where = scheduler or f"a local cluster of {workers} worker processes"
+        echo(f"{len(items)} volumes on {where}")
+        results = run_many(command, items, scheduler=scheduler, workers=workers, on_result=report)
+    except KeyboardInterrupt:
+        done = set(finished) | set(failed)
+        unfinished = [Path(one.out_dir).name for one in items if Path(one.out_dir).name not in done]
+        warn(f"interrupted: {len(finished)} of {len(items)} volumes finished, outputs in {out}/<volume>/")
+        warn(f"finished: {', '.join(finished) or 'none'}")
+        if failed:
+            warn(f"failed: {', '.join(failed)}")
+        warn(f"not finished: {', '.join(unfinished) or 'none'}")
+        raise
+    finally:
+        for one in items:  # a worker stopped mid-write leaves its hidden temporary files
+            if Path(one.out_dir).name not in finished:
+                _remove_temporaries(Path(one.out_dir), outputs)
+        _remove_empty(created)
+    bad = [r for r in results if not r.ok or r.value not in (0, None)]
+    echo(f"{len(results) - len(bad)} of {len(results)} volumes done, outputs in {out}/<volume>/")
+    return 2 if bad else 0
