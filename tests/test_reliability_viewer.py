@@ -460,6 +460,8 @@ def test_autosave_and_recover_after_a_crash(
 
     viewer2, widget2, image2 = setup()
     ctl2 = widget2.controller
+    other = shutil.copy(ctl.checkpoint_path, tmp_path / "another_model.pt")
+    assert ctl2.load_checkpoint(other) is not None  # the new session starts with another checkpoint
     assert not widget2.recovery_bar.isHidden() and "refined model" in widget2.recovery_label.text()
     assert ctl2.recoverable is not None and ctl2.recoverable.key == entry.key
     widget2.recover_button.click()
@@ -467,6 +469,8 @@ def test_autosave_and_recover_after_a_crash(
     assert widget2.recovery_bar.isHidden() and ctl2.recoverable is None
     np.testing.assert_array_equal(ctl2.corrections, corrections)
     assert ctl2.refined
+    # Revert and the report name what the recovered model was refined from
+    assert ctl2.checkpoint_path.resolve() == ctl.checkpoint_path.resolve()
     for key, value in ctl2.model.state_dict().items():
         assert torch.equal(value, weights[key]), key
     np.testing.assert_array_equal(viewer2.layers[LAYER_PSEUDO].data, shown)

@@ -950,6 +950,8 @@ class APLController:
             self._load(entry.checkpoint)
         if model is not None:
             self.model, self.meta = model, meta
+            if entry.checkpoint:  # what it was refined from: Revert and the report name that checkpoint
+                self.checkpoint_path = Path(entry.checkpoint)
             self.refined = True
             self._model_version += 1
             self.last_result = None
