@@ -124,13 +124,16 @@ def _stop_on_sigint(control, bar):
 
 
 def _json_safe(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by ``None`` (JSON has no Infinity or NaN)."""
+    """``value`` as strict JSON, as the viewer's report writes it: infinity (an organ missed) as
+    ``"inf"``, NaN (an organ absent on both sides) as ``None``."""
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
+    if isinstance(value, float) and math.isnan(value):
         return None
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
     return value
 
 
@@ -393,7 +396,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     if size := organ_size_change(result, meta.class_names):
         print(size)
     print(f"refined for {result.iterations_done} iterations in {elapsed:.1f} s")
-    if result.stopped:  # the outputs are usable, but the run did not do what was asked
+    if control.stopped:  # Ctrl-C: the outputs are usable, but the run did not do all it was asked
         print(
             f"napari-apl refine: interrupted after {result.iterations_done} of {cfg.iterations} iterations "
             "(the files above hold that model)",
@@ -699,7 +702,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _CREATED_DIRS.clear()
-    previous = _stop_on_sigterm()
+    # (not for the viewer: napari's event loop would swallow the interrupt; SIGTERM ends it as before)
+    previous = _stop_on_sigterm() if args.command != "demo" else None
     try:
         return int(args.func(args) or 0)
     except APLError as exc:

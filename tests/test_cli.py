@@ -318,7 +318,7 @@ def test_evaluate_wants_label_volumes_and_writes_strict_json(tmp_path, phantom_d
     text = out.read_text()
     assert "Infinity" not in text and "NaN" not in text
     scores = json.loads(text)
-    assert scores["assd"]["spleen"] is None and scores["dice"]["spleen"] == 0
+    assert scores["assd"]["spleen"] == "inf" and scores["dice"]["spleen"] == 0  # as the viewer's report
 
 
 def test_import_reads_a_unet_width_from_the_file(tmp_path, capsys):
@@ -384,3 +384,14 @@ def test_sigterm_leaves_no_temporary_files(tmp_path, tiny_ckpt):
     assert proc.returncode == 130, stderr.decode()
     assert b"Traceback" not in stderr and b"interrupted" in stderr
     assert not out.exists() or not list(out.iterdir())  # no temporary or half-written file is left
+
+
+def test_a_run_the_collapse_guard_ends_early_exits_0(tmp_path, tiny_ckpt, phantom_dir, capsys):
+    image = str(phantom_dir / "image.nii.gz")
+    out = tmp_path / "guarded"
+    argv = ["refine", image, "-c", str(tiny_ckpt), "-o", str(out), "-n", "6", "--lr", "1e30",
+            "--batch-size", "2", "-q"]  # fmt: skip
+    assert main(argv) == 0  # nobody interrupted it: the guard's stop is a result, not an interruption
+    log = json.loads((out / "log.json").read_text())
+    assert log["stopped"] is True and log["iterations_done"] < 6 and log["notes"]
+    assert "interrupted" not in capsys.readouterr().err

@@ -745,3 +745,67 @@ def test_a_paused_refinement_says_so(setup, qtbot) -> None:
     assert while_paused and while_paused[0].startswith("refinement paused")
     assert not [s for s in while_paused if s.startswith("refine ")]  # no plain progress line
     assert while_paused[-1].startswith(("paused at refine", "refinement paused"))
+
+
+def test_refining_another_image_leaves_the_shown_images_painting_alone(
+    setup, phantom_files, monkeypatch
+) -> None:
+    """Refine on scan B (never predicted) while scan A is shown: A's painting stays A's, autosave too."""
+    import napari_apl.widgets._controller as controller_module
+    from napari_apl._layers import volume_from_layer
+    from napari_apl.core.autosave import find_autosaves
+    from napari_apl.core.autosave import restore as restore_autosave
+    from napari_apl.core.errors import APLError
+
+    viewer, widget, image_a, _ = setup("RAS")
+    ctl = widget.controller
+    [image_b] = viewer.open(str(phantom_files("RAS", seed=1)[0]), plugin="napari-apl")
+    image_b.name = "second scan"
+    widget.image_combo.set_layer(image_a)
+    assert widget.predict(sync=True)
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    pseudo.data[4, 10:14, 10:14] = (pseudo.data[4, 10:14, 10:14] + 1) % 5  # 16 voxels painted on A
+    pseudo.refresh()
+    assert ctl.maybe_autosave(force=True) is not None
+    assert ctl.refine(tiny_refine(1), image_layer=image_b, sync=True)  # B's run and its re-prediction
+    [entry] = find_autosaves(volume_from_layer(image_a))
+    corr, _, _ = restore_autosave(entry)
+    assert corr is not None and int((corr >= 0).sum()) == 16  # A's autosave still holds A's painting
+
+    def broken(*args, **kwargs):
+        raise APLError("out of memory")  # (an APLError: a logged traceback would keep the viewer alive)
+        yield  # a generator, like the real refine
+
+    widget.image_combo.set_layer(image_a)
+    assert widget.predict(sync=True)
+    assert ctl.n_corrected == 16
+    monkeypatch.setattr(controller_module, "refine", broken)
+    assert ctl.refine(tiny_refine(1), image_layer=image_b, sync=True)  # fails in the task
+    pseudo.data[6, 10:12, 10:12] = (pseudo.data[6, 10:12, 10:12] + 1) % 5  # 4 more on A, still shown
+    pseudo.refresh()
+    assert widget.predict(sync=True)  # A again: all 20 painted voxels are A's
+    assert ctl.n_corrected == 20
+
+
+def test_a_failed_export_over_old_files_leaves_them_all_as_they_were(
+    setup, tmp_path: Path, notifications, monkeypatch
+) -> None:
+    import napari_apl.widgets._controller as controller_module
+
+    viewer, widget, _image, _ = setup("RAS")
+    ctl = widget.controller
+    assert widget.predict(sync=True)
+    out = tmp_path / "out"
+    assert ctl.export(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    pseudo.data[4, 10:14, 10:14] = (pseudo.data[4, 10:14, 10:14] + 1) % 5
+    pseudo.refresh()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(controller_module, "write_map", full_disk)  # after the masks were written
+    assert ctl.export(out, overwrite=True) == []
+    assert "nothing was written" in notifications[-1]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no file replaced, none left over

@@ -50,7 +50,7 @@ from ..core.autosave import restore as restore_autosave
 from ..core.checkpoint import CheckpointMeta, describe, load_checkpoint, save_checkpoint
 from ..core.errors import APLError, CheckpointError, OutputError, OutputExistsError
 from ..core.infer import Prediction, SlicePredictor, iter_predict, write_map
-from ..core.io_utils import atomic_write, check_output_path
+from ..core.io_utils import atomic_write, check_output_path, staged_outputs
 from ..core.labels import CLASS_NAMES, ORGANS
 from ..core.metrics import evaluate, label_name
 from ..core.postprocess import clean_masks, removal_warnings
@@ -192,6 +192,7 @@ class APLController:
         self.confirm: Callable[[str], bool] = lambda question: True
         """Asked (yes / no) before the user's work is thrown away: an unexported refined model, painting."""
         self._exported_version: int | None = None  # the refined model version last exported
+        self._adapted_normalization: dict | None = None  # the intensities the refined model was adapted to
         self._layers_source: dict[str, Any] | None = None  # the model that made the prediction layers
         self._corrections_owner: weakref.ref | None = None  # the image layer ``corrections`` belong to
         self._stashed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # other images' corrections
@@ -273,6 +274,7 @@ class APLController:
             return None
         self.model, self.meta, self.checkpoint_path = model, meta, p
         self.refined = False
+        self._adapted_normalization = None
         self._model_version += 1
         self.last_result = None
         self.history = []
@@ -704,6 +706,14 @@ class APLController:
             self.last_pseudo = current.astype(np.uint8, copy=True)
         return self.corrections
 
+    def _corrections_of(self, image_layer: Any) -> np.ndarray | None:
+        """The corrections of ``image_layer``: the current ones if it owns them, else its stashed ones."""
+        target = getattr(image_layer, "__wrapped__", image_layer)
+        owner = self._corrections_owner() if self._corrections_owner is not None else None
+        if owner is None or owner is target:
+            return self.corrections
+        return self._stashed.get(target)
+
     def _switch_corrections(self, image_layer: Any) -> None:
         """Make ``image_layer``'s corrections current, keeping the previous image's for when it returns."""
         new = getattr(image_layer, "__wrapped__", image_layer)
@@ -762,8 +772,9 @@ class APLController:
             self.error(exc)
             return False
         self.collect_corrections()  # what was painted on the image shown since the last write
-        self._switch_corrections(image_layer)  # another image: its own corrections, if it had any
-        corrections = self.corrections
+        # another image's own corrections, if it had any; they become current when its maps are shown
+        corrections = self._corrections_of(image_layer)
+        shown = _same(image_layer, self.image_layer)  # live overlays only on the image's own layers
         self.last_corrections = None if corrections is None else corrections.copy()
         self.last_config = cfg
         self.history = []
@@ -796,13 +807,14 @@ class APLController:
             if isinstance(item, RefineEvent):
                 self._on_refine_event(item)
             elif isinstance(item, _LiveOverlay):
-                self._on_refine_event(item.event, item)
+                self._on_refine_event(item.event, item if shown else None)
             else:  # (done, total) of the final re-prediction
                 self.status.emit(f"re-predicting with the refined model: {item[0]}/{item[1]} slices")
 
         def on_return(value: tuple[RefineResult, Prediction | None]) -> None:
             result, pred = value
             self.model = result.model
+            self._adapted_normalization = cfg.normalization
             self.refined = True
             self._model_version += 1
             self.last_result = result
@@ -949,7 +961,8 @@ class APLController:
         if model is None and self.model is None and entry.checkpoint and Path(entry.checkpoint).is_file():
             self._load(entry.checkpoint)
         if model is not None:
-            self.model, self.meta = model, meta
+            self.model, self.meta = model, meta  # its meta records the preset it was adapted to
+            self._adapted_normalization = None
             if entry.checkpoint:  # what it was refined from: Revert and the report name that checkpoint
                 self.checkpoint_path = Path(entry.checkpoint)
             self.refined = True
@@ -1187,7 +1200,8 @@ class APLController:
         try:
             for p in paths.values():  # every file is checked before the first one is written
                 check_output_path(p, overwrite=overwrite)
-            self._write_export(out_dir, paths, overwrite, gt_layer, written, largest_component)
+            with staged_outputs():  # all files appear (or replace the old ones) together, or none does
+                self._write_export(out_dir, paths, overwrite, gt_layer, written, largest_component)
         except BaseException as exc:
             for p in written:  # new files of a failed export go again (replaced ones cannot come back)
                 if p not in existing:
@@ -1277,12 +1291,11 @@ class APLController:
             "stopped": self.last_result.stopped if self.last_result else None,
             "corrected_voxels": self.n_corrected,
         }
-        if self.last_config is not None and self.last_config.normalization:
+        if self._adapted_normalization:
             # the intensities the model was adapted to; what it was trained with stays in the provenance
-            prov["source_normalization"] = dict(self.meta.normalization)
-            return dataclasses.replace(
-                self.meta, normalization=self.last_config.normalization, provenance=prov
-            )
+            prov.setdefault("source_normalization", dict(self.meta.normalization))
+            norm = dict(self._adapted_normalization)
+            return dataclasses.replace(self.meta, normalization=norm, provenance=prov)
         return dataclasses.replace(self.meta, provenance=prov)
 
     def _target_name(self) -> str | None:
