@@ -476,13 +476,18 @@ def test_autosave_and_recover_after_a_crash(
     np.testing.assert_array_equal(viewer2.layers[LAYER_PSEUDO].data, shown)
     canonical = np.asarray(to_canonical_order(viewer2.layers[LAYER_PSEUDO].data))
     assert (canonical[corrections >= 0] == corrections[corrections >= 0]).all()
+    # the recovered session's own autosaves keep the recovered model (a second crash loses nothing)
+    viewer2.layers[LAYER_PSEUDO].paint((2, 10, 10), 1)
+    assert ctl2.maybe_autosave(force=True) is not None
+    [again] = find_autosaves(small_image)
+    assert again.has_model and again.painted_voxels == ctl2.n_corrected
     # a clean export ends the session: its autosave goes
     assert len(ctl2.export(tmp_path / "export")) == 8
     assert find_autosaves(small_image) == []
     assert image2 is not image
 
 
-def test_recovery_offer_blocks_autosave_and_can_be_discarded(setup, small_image, qtbot) -> None:
+def test_recovery_offer_blocks_autosave_and_can_be_discarded(setup, small_image, qtbot, monkeypatch) -> None:
     viewer, widget, image = setup()
     ctl = widget.controller
     ctl.autosave_interval = 0.0
@@ -495,6 +500,10 @@ def test_recovery_offer_blocks_autosave_and_can_be_discarded(setup, small_image,
     [entry] = find_autosaves(small_image)
     ctl.autosave_enabled = False  # "crash"
 
+    import napari_apl.widgets._controller as controller_module
+
+    warned: list[str] = []
+    monkeypatch.setattr(controller_module, "show_warning", lambda message: warned.append(str(message)))
     viewer2, widget2, image2 = setup()
     ctl2 = widget2.controller
     ctl2.autosave_interval = 0.0
@@ -505,6 +514,8 @@ def test_recovery_offer_blocks_autosave_and_can_be_discarded(setup, small_image,
     data2[1, 0:4, 0:4] = np.where(data2[1, 0:4, 0:4] == 1, 2, 1)
     layer2.data = data2
     assert ctl2.maybe_autosave(force=True) is None  # the unanswered offer is never overwritten
+    assert len(warned) == 1 and "waiting for Recover or Discard" in warned[0]  # ... and says so, once
+    assert ctl2.maybe_autosave(force=True) is None and len(warned) == 1
     other = viewer2.add_image(np.zeros((8, 48, 48), np.float32), name="another scan")
     widget2.image_combo.set_layer(other)  # looking at another image hides the offer ...
     assert widget2.recovery_bar.isHidden() and ctl2.recoverable is None
@@ -565,3 +576,44 @@ def test_autosave_failure_is_one_warning(setup, tmp_path, monkeypatch, qtbot) ->
     assert len(warnings) == 1 and "autosave failed" in warnings[0] and "\n" not in warnings[0]
     assert ctl.refine(tiny_refine(1), sync=True)  # refining still works
     assert len(warnings) == 1
+
+
+def test_an_autosave_is_not_offered_for_another_scan_on_the_same_grid(setup, tmp_path, monkeypatch) -> None:
+    import napari_apl.widgets._controller as controller_module
+
+    warned: list[str] = []
+    monkeypatch.setattr(controller_module, "show_warning", lambda message: warned.append(str(message)))
+    image_path, _ = write_phantom(tmp_path / "scan", "ct", 3, shape=SHAPE, spacing=SPACING, orientation="LPS")
+    viewer, widget, _image = setup(image_path)
+    ctl = widget.controller
+    assert widget.predict(sync=True)
+    viewer.layers[LAYER_PSEUDO].paint((4, 20, 20), 2)
+    assert ctl.maybe_autosave(force=True) is not None
+    ctl.autosave_enabled = False  # "crash"
+    # the file is replaced by another patient's scan on exactly the same grid: not offered
+    original = shutil.copy(image_path, tmp_path / "original.nii.gz")
+    other, _ = write_phantom(tmp_path / "other", "ct", 4, shape=SHAPE, spacing=SPACING, orientation="LPS")
+    shutil.copy(other, image_path)
+    _viewer2, widget2, _image2 = setup(image_path)
+    assert widget2.recovery_bar.isHidden() and widget2.controller.recoverable is None
+    assert any("voxels differ" in w for w in warned)
+    # the scan it was saved from is offered again
+    shutil.copy(original, image_path)
+    _viewer3, widget3, _image3 = setup(image_path)
+    assert not widget3.recovery_bar.isHidden() and widget3.controller.recoverable is not None
+
+
+def test_switching_images_autosaves_the_last_strokes_first(setup, small_image, tmp_path) -> None:
+    viewer, widget, image = setup()
+    ctl = widget.controller
+    ctl.autosave_interval = 3600.0  # no periodic save would come in time
+    assert widget.predict(sync=True)
+    ctl.maybe_autosave(force=True)  # the session's first save: nothing painted yet
+    viewer.layers[LAYER_PSEUDO].paint((4, 20, 20), 2)  # strokes just before switching images
+    painted = ctl.collect_corrections()
+    assert painted is not None and (painted >= 0).sum() > 0
+    other = viewer.add_image(np.asarray(image.data)[::-1].copy(), name="another scan")
+    widget.image_combo.set_layer(other)
+    assert widget.predict(sync=True)
+    [entry] = find_autosaves(small_image)
+    assert entry.painted_voxels == int((painted >= 0).sum())

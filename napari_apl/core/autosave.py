@@ -47,6 +47,7 @@ __all__ = [
     "default_root",
     "discard",
     "find_autosaves",
+    "image_digest",
     "restore",
     "session_key",
 ]
@@ -126,6 +127,24 @@ def _identity(image: Any) -> _Identity:
     return _Identity(path=path, name=image.name, shape=tuple(image.shape), affine=rounded)
 
 
+def image_digest(image: Any) -> str | None:
+    """A hash of a regular sample of an in-memory image's voxels (``None`` for a lazily read one).
+
+    It tells a scan from another one stored under the same path on the same grid. Lazily read volumes
+    (dask, over 1 GiB) get none: sampling them would read the whole file.
+    """
+    from .volume import Volume
+
+    data = image.data if isinstance(image, Volume) else image
+    if not isinstance(data, np.ndarray) or data.ndim != 3 or (data.size > 1 and 0 in data.strides):
+        return None  # lazy, or a geometry's stand-in without voxels
+    sample = np.ascontiguousarray(data[::5, ::5, ::3])
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str((sample.dtype.str, sample.shape)).encode())
+    h.update(sample.data)
+    return h.hexdigest()
+
+
 def session_key(image: Any) -> str:
     """Return the autosave key of an image (a ``Volume`` or a path): a hash of path, shape and affine."""
     return _identity(image).key
@@ -151,6 +170,15 @@ class AutosaveEntry:
     model_file: str | None
     painted_voxels: int
     manifest: dict[str, Any] = field(repr=False, compare=False)
+    image_digest: str | None = None
+    """``image_digest`` of the image when it was saved (``None``: not recorded)."""
+
+    def matches(self, image: Any) -> bool:
+        """Whether ``image`` (a ``Volume``) has the voxels this session was saved from, as far as known."""
+        if self.image_digest is None:
+            return True
+        current = image_digest(image)
+        return current is None or current == self.image_digest
 
     @property
     def has_corrections(self) -> bool:
@@ -238,6 +266,7 @@ def _entry(folder: Path, root: Path, data: dict[str, Any]) -> AutosaveEntry:
         model_file=data.get("model"),
         painted_voxels=_int_or_none(data.get("painted_voxels")) or 0,
         manifest=data,
+        image_digest=data["image_digest"] if isinstance(data.get("image_digest"), str) else None,
     )
 
 
@@ -397,10 +426,15 @@ class Autosaver:
         root: str | os.PathLike | None = None,
         interval: float = DEFAULT_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
+        digest: str | None = None,
     ) -> None:
         if not (isinstance(interval, (int, float)) and math.isfinite(interval) and interval >= 0):
             raise AutosaveError(f"autosave interval must be a number of seconds >= 0, got {interval!r}")
         self._id = _identity(image)
+        # ``digest``: the voxels' ``image_digest`` when ``image`` is a stand-in without them
+        self._image_digest = digest or (
+            image_digest(image) if not isinstance(image, (str, os.PathLike)) else None
+        )
         self.root = _root(root)
         self.folder = self.root / self._id.folder_name
         self.checkpoint = str(Path(checkpoint).expanduser().resolve()) if checkpoint is not None else None
@@ -504,6 +538,7 @@ class Autosaver:
                 "created_at": self._created,
                 "image_path": self._id.path,
                 "image_name": self._id.name,
+                "image_digest": self._image_digest,
                 "shape": list(self._id.shape),
                 "affine": [list(r) for r in self._id.affine],
                 "checkpoint": self.checkpoint,

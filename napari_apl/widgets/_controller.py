@@ -44,7 +44,7 @@ from .._layers import (
     voxel_volume_ml,
 )
 from .._sample_data import demo_checkpoint_path
-from ..core.autosave import AutosaveEntry, Autosaver, find_autosaves, session_key
+from ..core.autosave import AutosaveEntry, Autosaver, find_autosaves, image_digest, session_key
 from ..core.autosave import discard as discard_autosave
 from ..core.autosave import restore as restore_autosave
 from ..core.checkpoint import CheckpointMeta, describe, load_checkpoint, save_checkpoint
@@ -192,6 +192,8 @@ class APLController:
         self.confirm: Callable[[str], bool] = lambda question: True
         """Asked (yes / no) before the user's work is thrown away: an unexported refined model, painting."""
         self._exported_version: int | None = None  # the refined model version last exported
+        self._recovered_version: int | None = None  # the model version restored from an autosave
+        self._blocked_warned: set[str] = set()  # images told that their autosave waits for an answer
         self._adapted_normalization: dict | None = None  # the intensities the refined model was adapted to
         self._layers_source: dict[str, Any] | None = None  # the model that made the prediction layers
         self._corrections_owner: weakref.ref | None = None  # the image layer ``corrections`` belong to
@@ -542,6 +544,8 @@ class APLController:
         """
         self._lazy_token = None  # lazy layers still waiting to be added: these maps replace them
         self.collect_corrections()  # keep what was painted since the last write
+        if not _same(self.image_layer, image_layer):  # the image shown so far: its last strokes
+            self.maybe_autosave(force=True, corrections_only=True)  # (a model refined elsewhere is not its)
         self._switch_corrections(image_layer)
         if self.corrections is not None and self.corrections.shape != pred.pseudo.shape:
             self.corrections = None
@@ -826,6 +830,7 @@ class APLController:
                 self.refine_finished.emit(result)
                 return
             self._show_prediction(image_layer, geometry, pred, self._model_source())
+            self._autosaved_state = (self._autosaved_state[0], None)  # this model was made on this image
             self.maybe_autosave(force=True)
             for note in result.notes:
                 if note not in self._notes_shown:
@@ -904,16 +909,22 @@ class APLController:
             key = session_key(reference)
             if self.autosaver is not None and self.autosaver.key == key:
                 return
-            self.check_recovery(image_layer, volume=reference)
+            volume = volume_from_layer(image_layer) if self._layer_alive(image_layer) else reference
+            self.check_recovery(image_layer, volume=volume)
             self.autosaver = Autosaver(
-                reference, checkpoint=self.checkpoint_path, interval=self.autosave_interval
+                reference,
+                checkpoint=self.checkpoint_path,
+                interval=self.autosave_interval,
+                digest=image_digest(volume),
             )
         except Exception as exc:  # autosave is a safety net: never block predicting
             self.autosaver = None
             self._warn_autosave(exc)
             return
-        # a new image: only what is done on it from now on (painting, refining) is worth saving
-        self._autosaved_state = (None, self._model_version if self.refined else None)
+        # a new image: only what is done on it from now on (painting, refining) is worth saving; a
+        # refined model recovered from this image's autosave is, though (this saver replaces that one)
+        recovered = self.refined and self._recovered_version == self._model_version
+        self._autosaved_state = (None, None if recovered or not self.refined else self._model_version)
         self._last_autosave_check = -math.inf
 
     def check_recovery(self, image_layer: Any = None, volume: Any = None) -> AutosaveEntry | None:
@@ -925,6 +936,14 @@ class APLController:
                 volume = volume_from_layer(layer)
             if volume is not None:
                 found = [e for e in find_autosaves(volume) if e.key not in self._own_keys]
+                changed = [e for e in found if not e.matches(volume)]
+                if changed and changed[0].key not in self._notes_shown:
+                    self._notes_shown.add(changed[0].key)
+                    show_warning(
+                        f"napari-apl: an autosaved session of {changed[0].image_name} is not offered: "
+                        "the image's voxels differ from the scan it was saved from"
+                    )
+                found = [e for e in found if e.matches(volume)]
                 entry = found[0] if found else None
                 if entry is not None:
                     self._offered_keys.add(entry.key)
@@ -953,7 +972,7 @@ class APLController:
         if layer is None or not self._layer_alive(layer):
             raise APLError(f"open the image of the autosaved session ({entry.image_name}) first")
         volume = volume_from_layer(layer)
-        if session_key(volume) != entry.key:
+        if session_key(volume) != entry.key or not entry.matches(volume):
             raise APLError(
                 f"the autosave is of {entry.image_name}, not of layer '{layer.name}': choose that image"
             )
@@ -967,6 +986,7 @@ class APLController:
                 self.checkpoint_path = Path(entry.checkpoint)
             self.refined = True
             self._model_version += 1
+            self._recovered_version = self._model_version
             self.last_result = None
             self.history = []
             lines = [ln for ln in describe((model, meta)).splitlines() if not ln.startswith("file:")]
@@ -1023,10 +1043,20 @@ class APLController:
         """Seconds until the next autosave may be written (0 = now)."""
         return max(0.0, self.autosave_interval - (time.monotonic() - self._last_autosave_check))
 
-    def maybe_autosave(self, force: bool = False) -> AutosaveEntry | None:
+    def maybe_autosave(self, force: bool = False, corrections_only: bool = False) -> AutosaveEntry | None:
         """Autosave corrections and refined model if changed and the interval passed (or ``force``)."""
         saver = self.autosaver
-        if not self.autosave_enabled or saver is None or self.geometry is None or self._autosave_blocked():
+        if not self.autosave_enabled or saver is None or self.geometry is None:
+            return None
+        if self._autosave_blocked():
+            if not self.busy:
+                self.collect_corrections()
+            if saver.key not in self._blocked_warned and self._autosave_state() != (None, None):
+                self._blocked_warned.add(saver.key)  # once per image: there is something to lose
+                show_warning(
+                    "napari-apl: this image's older autosaved session is waiting for Recover or Discard "
+                    "(bar at the top of the widget); until then nothing new of it is autosaved"
+                )
             return None
         if not force and self.autosave_wait() > 0:
             return None
@@ -1044,7 +1074,7 @@ class APLController:
             elif corrections is not None and corrections.shape != self.geometry.shape:
                 corrections = None
             model = meta = None
-            if state[1] is not None and state[1] != before[1]:
+            if state[1] is not None and state[1] != before[1] and not corrections_only:
                 model, meta = self.model, self._refined_meta()
             elif state[1] is None and before[1] is not None:
                 saver.discard()  # reverted: the saved refined model must not come back
