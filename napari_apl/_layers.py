@@ -224,6 +224,8 @@ def volume_from_layer(layer: Any) -> Volume:
 def volume_for_writing(data: Any, attributes: Mapping[str, Any]) -> Volume:
     """Return the canonical ``Volume`` a writer saves for a layer's ``data`` and state dict."""
     arr = np.asarray(data)
+    if attributes.get("rgb"):
+        raise OutputError("an RGB layer cannot be saved as NIfTI: only grey 3-D volumes can")
     if arr.ndim != 3:
         raise OutputError(f"only 3-D layers can be saved as NIfTI, this one has shape {arr.shape}")
     canonical = to_canonical_order(arr)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ._layers import notify_error, smallest_label_dtype, volume_for_writing
-from .core.errors import APLError
+from .core.errors import APLError, OutputExistsError
 from .core.volume import save_nifti
 
 DEFAULT_SUFFIX = ".nii.gz"
@@ -39,12 +39,32 @@ def write_layer_nifti(
     volume = volume_for_writing(data, attributes)
     canonical = np.asarray(volume.data)
     if labels:
-        dtype = smallest_label_dtype(canonical)
-    elif canonical.dtype == np.float16:
+        dtype = _label_dtype(canonical, volume)
+    elif canonical.dtype in (np.float16, np.float64):  # float64 (a scaled integer CT read): 4x the bytes
         dtype = np.dtype(np.float32)
     else:
         dtype = None
-    return save_nifti(volume.to_original(canonical), out, volume, dtype=dtype, overwrite=overwrite)
+    try:
+        return save_nifti(volume.to_original(canonical), out, volume, dtype=dtype, overwrite=overwrite)
+    except OutputExistsError:
+        raise OutputExistsError(
+            f"{out} exists already: napari-apl does not replace a file when saving a layer; "
+            "save under another name, or delete the old file first"
+        ) from None
+
+
+def _label_dtype(canonical: np.ndarray, volume: Any) -> np.dtype:
+    """The labels' dtype in the file: the file's own integer type when it holds them, else the smallest."""
+    header = getattr(volume, "header", None)
+    try:
+        original = np.dtype(header.get_data_dtype()) if header is not None else None
+    except Exception:  # a header without a data type
+        original = None
+    if original is not None and original.kind in "iu" and canonical.size:
+        info = np.iinfo(original)
+        if info.min <= int(canonical.min()) and int(canonical.max()) <= info.max:
+            return original.newbyteorder("=")
+    return smallest_label_dtype(canonical)
 
 
 def _write_notifying(path: str, data: Any, attributes: dict[str, Any], labels: bool) -> list[str]:

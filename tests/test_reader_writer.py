@@ -169,6 +169,40 @@ def test_writer_never_overwrites(tmp_path: Path, phantom_files) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
 
 
+def test_writer_keeps_label_dtypes_and_writes_scaled_ct_as_float32(tmp_path: Path, phantom_files) -> None:
+    image_path, labels_path = phantom_files("LAS")
+    src = nib.load(str(labels_path))
+    int16 = tmp_path / "labels_i16.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(src.dataobj).astype(np.int16), src.affine), int16)
+    assert nib.load(int16).header.get_data_dtype() == np.int16
+    layer = as_layer(read_layer_data(int16))
+    back = nib.load(write_labels(str(tmp_path / "out_labels.nii.gz"), layer.data, state(layer))[0])
+    assert back.header.get_data_dtype() == np.int16  # the file's own label type, not uint8
+    np.testing.assert_array_equal(np.asarray(back.dataobj), np.asarray(src.dataobj))
+    # an int16 CT stored with a slope and an intercept reads as floats, and is written as float32
+    ct = nib.load(str(image_path))
+    raw = np.asarray(ct.dataobj).astype(np.int16)
+    scaled = nib.Nifti1Image(raw, ct.affine)
+    scaled.header.set_slope_inter(0.5, -1024.0)
+    scaled_path = tmp_path / "scaled.nii.gz"
+    nib.save(scaled, scaled_path)
+    layer = as_layer(read_layer_data(scaled_path))
+    back = nib.load(write_image(str(tmp_path / "out_ct.nii.gz"), layer.data, state(layer))[0])
+    assert back.header.get_data_dtype() == np.float32
+    np.testing.assert_allclose(back.get_fdata(), raw * 0.5 - 1024.0)
+
+
+def test_writer_refusals_name_a_way_out(tmp_path: Path, phantom_files) -> None:
+    layer = as_layer(read_layer_data(phantom_files("RAS")[1]))
+    out = tmp_path / "labels.nii.gz"
+    write_labels(str(out), layer.data, state(layer))
+    with pytest.raises(OutputExistsError, match="save under another name"):
+        write_labels(str(out), layer.data, state(layer))
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    with pytest.raises(OutputError, match="RGB"):
+        write_image(str(tmp_path / "photo.nii.gz"), rgb, {"metadata": {}, "rgb": True})
+
+
 def test_writer_refuses_the_source_file_and_non_3d(tmp_path: Path, phantom_files) -> None:
     _, labels_path = phantom_files("RAS")
     layer = as_layer(read_layer_data(labels_path))
