@@ -73,10 +73,17 @@ def _should_be_lazy(path: Path) -> bool:
 
     try:
         hdr = nib.load(str(path)).header
-        nbytes = math.prod(int(s) for s in hdr.get_data_shape()) * np.dtype(hdr.get_data_dtype()).itemsize
+        voxels = math.prod(int(s) for s in hdr.get_data_shape())
+        dtype = np.dtype(hdr.get_data_dtype())
+        slope, inter = hdr.get_slope_inter()
     except Exception:  # load_volume will report what is wrong with the file
         return False
-    return nbytes > LAZY_BYTES
+    unscaled = slope in (None, 1.0) and inter in (None, 0.0)
+    if LABEL_NAME_HINT.search(path.name) and dtype.kind in "iu" and unscaled:
+        # a label file is held as the smallest integer type (uint8 for organ labels): counted so, it
+        # opens as a paintable Labels layer, not as a lazy image
+        return voxels > LAZY_BYTES
+    return voxels * dtype.itemsize > LAZY_BYTES
 
 
 def _is_integral(arr: np.ndarray) -> bool:

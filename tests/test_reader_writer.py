@@ -332,3 +332,19 @@ def test_open_and_save_through_napari(
     bad.write_bytes(b"\x1f\x8b garbage")
     assert viewer.open(str(bad), plugin="napari-apl") == []
     assert len(viewer.layers) == 2 and "not_a_scan" in notifications[-1]
+
+
+def test_a_big_int32_label_file_opens_as_labels(tmp_path: Path, phantom_files, monkeypatch) -> None:
+    import napari_apl._reader as reader_module
+
+    _, labels_path = phantom_files("RAS")
+    src = nib.load(str(labels_path))
+    arr = np.asarray(src.dataobj).astype(np.int32)
+    monkeypatch.setattr(reader_module, "LAZY_BYTES", arr.size + 1)  # 4 bytes a voxel: over; 1 byte: under
+    seg = tmp_path / "case_seg.nii.gz"
+    nib.save(nib.Nifti1Image(arr, src.affine), seg)
+    data, _kwargs, kind = read_layer_data(seg)
+    assert kind == "labels" and data.dtype == np.uint8
+    image = tmp_path / "case_ct.nii.gz"  # the same voxels without a label-like name stay a lazy image
+    nib.save(nib.Nifti1Image(arr, src.affine), image)
+    assert read_layer_data(image)[2] == "image"
