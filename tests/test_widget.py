@@ -482,6 +482,7 @@ def test_inspect_moves_the_slider(setup) -> None:
     assert panel.noise_plot.length == prof.n_slices
     panel.go_to_slice(7)
     assert panel.current_slice() == 7
+    assert panel.info.text().startswith(f"{image.name}, slice 7: mean ω")  # which scan the plots are of
     assert viewer.dims.current_step[0] == 7
     assert panel.hist_plot.counts.sum() == image.data.shape[1] * image.data.shape[2]
     k = panel.next_least_confident()

@@ -151,6 +151,6 @@ class InspectPanel(QWidget):
             if self.profile.organ_area_cm2[lab][k] > 0
         )
         self.info.setText(
-            f"slice {k}: mean ω {self.profile.mean_confidence[k]:.3f}, "
+            f"{self.controller.image_layer.name}, slice {k}: mean ω {self.profile.mean_confidence[k]:.3f}, "
             f"disagreement {self.profile.mean_disagreement[k]:.3f}" + (f"; cm²: {areas}" if areas else "")
         )
