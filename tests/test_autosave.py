@@ -362,3 +362,24 @@ def test_restore_checks_header_before_allocating(files, tmp_path):
     with pytest.raises(AutosaveError) as exc:
         restore(entry)
     assert "expected int16" in str(exc.value)
+
+
+def test_a_model_that_cannot_be_written_does_not_cost_the_corrections(files, tmp_path, monkeypatch):
+    import napari_apl.core.checkpoint as checkpoint_module
+
+    img_path, _, model = files
+    saver = Autosaver(img_path, root=tmp_path, interval=0)
+    saver.save(_corrections(1), model, _meta(model), iteration=3)
+
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 123 vs 456")
+
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", disk_full)
+    changed = build_model("unet-dual", base=4)
+    with pytest.raises(AutosaveError, match=r"model was not autosaved.*corrections were"):
+        saver.save(_corrections(2), changed, _meta(changed), iteration=9)
+    (entry,) = find_autosaves(img_path, root=tmp_path)
+    corr, refined, _ = restore(entry)
+    assert np.array_equal(corr, _corrections(2))  # the new corrections are committed ...
+    for k, v in model.state_dict().items():  # ... beside the last model that could be written
+        assert torch.equal(refined.state_dict()[k], v), k

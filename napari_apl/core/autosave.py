@@ -203,6 +203,18 @@ class AutosaveEntry:
         return ", ".join(parts) + f" (saved {when})"
 
 
+def _write_failure(folder: Path, exc: BaseException) -> str:
+    """Say why writing into ``folder`` failed, in words (torch reports a full disk cryptically)."""
+    import shutil
+
+    try:
+        if shutil.disk_usage(folder).free < 16 * 1024**2:
+            return f"the disk of {folder} is full"
+    except OSError:
+        pass
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
 def _bad(folder: Path, what: str) -> AutosaveError:
     """The error for a damaged autosave folder."""
     return AutosaveError(f"autosave {folder} is damaged ({what}): discard it")
@@ -520,12 +532,16 @@ class Autosaver:
                     atomic_write(self.folder / name, write_npz, overwrite=True)
                     state.update(corrections=name, corrections_digest=digest)
                 state["painted_voxels"] = int(np.count_nonzero(corr >= 0))
+            model_error: str | None = None
             if model is not None:
                 digest = _digest_model(model)
                 if digest != state.get("model_digest") or not state.get("model"):
                     name = f"model-{seq}.pt"
-                    save_checkpoint(self.folder / name, model, meta, overwrite=True)
-                    state.update(model=name, model_digest=digest)
+                    try:
+                        save_checkpoint(self.folder / name, model, meta, overwrite=True)
+                        state.update(model=name, model_digest=digest)
+                    except Exception as exc:  # the corrections are still committed below
+                        model_error = _write_failure(self.folder, exc)
             if iteration is not None:
                 state["iteration"] = int(iteration)
             now = time.time()
@@ -560,6 +576,8 @@ class Autosaver:
                 _remove_own_files(self.folder, keep)
             except OSError:  # old snapshots are only clutter: the new one is committed
                 pass
+            if model_error is not None:
+                raise AutosaveError(f"the refined model was not autosaved ({model_error}); corrections were")
             return _entry(self.folder, self.root, manifest)
 
     def discard(self) -> None:
