@@ -1108,7 +1108,8 @@ class APLController:
         log.warning("napari-apl autosave failed: %s", exc)
         if not self._autosave_warned:
             self._autosave_warned = True
-            show_warning(f"napari-apl: autosave failed (crash recovery may miss it): {' '.join(str(exc).split())}")
+            reason = " ".join(str(exc).split())
+            show_warning(f"napari-apl: autosave failed (crash recovery may miss it): {reason}")
 
     # -- closing ---------
     def wait_idle(
