@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 SCREENSHOT_DELAY_MS = 800
+FIT_DELAY_MS = 200
 
 
 def launch_demo(*, screenshot: str | Path | None = None, quit_after: bool = False, run: bool = True) -> Any:
@@ -24,6 +25,8 @@ def launch_demo(*, screenshot: str | Path | None = None, quit_after: bool = Fals
     if widget.controller.model is None:
         widget.use_demo_checkpoint()  # a missing demo file becomes a notification, not a crash
     viewer.layers.selection.active = layers[0]
+    # fit the scan to the canvas once the window is laid out (the docked widget narrows the canvas)
+    QTimer.singleShot(FIT_DELAY_MS, viewer.reset_view)
 
     if screenshot is not None:
         out = Path(screenshot).expanduser()
