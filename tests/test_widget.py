@@ -810,3 +810,24 @@ def test_a_failed_export_over_old_files_leaves_them_all_as_they_were(
     assert ctl.export(out, overwrite=True) == []
     assert "nothing was written" in notifications[-1]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no file replaced, none left over
+
+
+def test_demo_opens_the_sample_with_the_widget_and_fits_it(qtbot, monkeypatch) -> None:
+    """README line 1: ``napari-apl demo`` (without running the event loop forever)."""
+    from napari_apl._demo import FIT_DELAY_MS, launch_demo
+    from napari_apl.widgets._main import find_apl_widget
+
+    viewer = launch_demo(run=False)
+    try:
+        widget = find_apl_widget(viewer)
+        assert widget is not None and widget.controller.model is not None
+        assert widget.controller.checkpoint_path.name == "demo_unet_dual.pt"
+        assert widget.image_combo.layer() is viewer.layers[0] and widget.radiological.isChecked()
+        viewer.window._qt_window.resize(1100, 900)
+        qtbot.wait(FIT_DELAY_MS + 400)  # the window is laid out, then the scan is fitted to the canvas
+        camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+        fitted = camera.zoom
+        viewer.reset_view()
+        assert camera.zoom == pytest.approx(fitted, rel=1e-3)  # already fitted: the scan is not cropped
+    finally:
+        viewer.close()
