@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from napari_apl._layers import to_canonical_order, volume_from_layer
-from napari_apl.core.autosave import find_autosaves
+from napari_apl.core.autosave import find_autosaves, restore
 from napari_apl.core.infer import predict_volume
 from napari_apl.core.phantom import write_phantom
 from napari_apl.core.refine import RefineConfig
@@ -617,3 +617,23 @@ def test_switching_images_autosaves_the_last_strokes_first(setup, small_image, t
     assert widget.predict(sync=True)
     [entry] = find_autosaves(small_image)
     assert entry.painted_voxels == int((painted >= 0).sum())
+
+
+def test_a_refinement_in_progress_is_autosaved(setup, small_image, qtbot) -> None:
+    """A crash in the middle of a long run keeps the newest weights the collapse guard passed."""
+    _viewer, widget, _image = setup()
+    ctl = widget.controller
+    ctl.autosave_interval = 0.0
+    assert widget.predict(sync=True)
+    cfg = RefineConfig(iterations=5000, batch_size=2, bn="frozen", guard_every=2)
+    assert ctl.refine(cfg)
+    qtbot.waitUntil(lambda: len(ctl.history) >= 8, timeout=60000)
+    qtbot.waitUntil(lambda: any(e.has_model for e in find_autosaves(small_image)), timeout=60000)
+    [entry] = find_autosaves(small_image)
+    assert ctl.busy and 2 <= entry.iteration < 5000  # saved while the run goes on
+    _corrections, model, meta = restore(entry)  # a complete, loadable checkpoint
+    assert model is not None and _finite(model)
+    assert meta.provenance["refined"]["in_progress"] is True
+    assert meta.normalization == ctl.last_config.normalization
+    ctl.stop()
+    qtbot.waitUntil(lambda: not ctl.busy, timeout=60000)

@@ -298,6 +298,10 @@ class RefineEvent:
     labels: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
     """The ensemble's current pseudo labels on the voxel grid, computed when called (for live views:
     call it before the generator resumes; ``pseudo`` is the same volume, attached every ``emit_every``)."""
+    checked: Callable[[], tuple[int, dict[str, Any]]] | None = field(default=None, repr=False, compare=False)
+    """``(iteration, weights)`` of the newest state the collapse guard passed (the model a stop now
+    would return at the latest), weights copied to the CPU when called (0: none checked yet). For
+    autosaving a run in progress; call it before the generator resumes."""
 
 
 @dataclass
@@ -738,6 +742,11 @@ def _refine_loop(
 
     good_state = snapshot()
     good_iter = 0
+
+    def checked_weights() -> tuple[int, dict[str, Any]]:
+        """The newest guard-checked weights (of the model a stop would return), copied to the CPU."""
+        return good_iter, {k: v.to("cpu", copy=True) for k, v in good_state[guard_key].items()}
+
     cbst_k: torch.Tensor | None = None
     class_k: torch.Tensor | None = None
     volume_cw: torch.Tensor | None = None
@@ -938,6 +947,7 @@ def _refine_loop(
             pseudo=_to_volume(prep, ensemble.labels()) if emit else None,
             note=note,
             labels=lambda: _to_volume(prep, ensemble.labels()),
+            checked=checked_weights,
         )
         if stopped:
             break

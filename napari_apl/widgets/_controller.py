@@ -9,6 +9,7 @@ napari notification (``_layers.notify_error``), never an exception dialog.
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import gc
@@ -790,9 +791,15 @@ class APLController:
         control = self.control = RefineControl()
         model, meta = self.model, self.meta
         self._set_pseudo_editable(False)
+        # a run in progress is autosaved too: the guard-checked weights, from the worker thread
+        saver = self.autosaver if shown and self.autosave_enabled and not self._autosave_blocked() else None
+        snapshot_meta = self._snapshot_meta(cfg) if saver is not None else None
+        interval = self.autosave_interval
 
         def job() -> Generator[Any, None, tuple[RefineResult, Prediction | None]]:
             events = refine(model, meta, volume, cfg, control=control, corrections=self.last_corrections)
+            if saver is not None:
+                events = _autosaving(events, saver, model, snapshot_meta, interval)
             result = yield from _live_overlays(events, self.last_corrections)
             if self._closing:  # the viewer or the widget is closing: skip the final re-prediction
                 return result, None
@@ -1329,6 +1336,17 @@ class APLController:
             return dataclasses.replace(self.meta, normalization=norm, provenance=prov)
         return dataclasses.replace(self.meta, provenance=prov)
 
+    def _snapshot_meta(self, cfg: RefineConfig) -> CheckpointMeta:
+        """The metadata an autosave of the refinement ``cfg`` in progress records."""
+        meta = self._refined_meta()
+        prov = dict(meta.provenance)
+        prov["refined"] = dict(prov["refined"], config=cfg.to_dict(), stopped=None, in_progress=True)
+        if not cfg.normalization:
+            return dataclasses.replace(meta, provenance=prov)
+        assert self.meta is not None
+        prov.setdefault("source_normalization", dict(self.meta.normalization))
+        return dataclasses.replace(meta, normalization=dict(cfg.normalization), provenance=prov)
+
     def _target_name(self) -> str | None:
         """The scan the model was refined on: its file name, else its layer name."""
         if self.geometry is not None and self.geometry.path is not None:
@@ -1432,6 +1450,41 @@ def _live_overlays(
                 data = np.array(to_layer_order(shown), dtype=np.uint8, order="C")
                 ev = _LiveOverlay(ev, data, data.copy())
                 last = now
+            yield ev
+    finally:
+        events.close()
+
+
+def _autosaving(
+    events: Generator[Any, None, Any], saver: Autosaver, start: Any, meta: CheckpointMeta, interval: float
+) -> Generator[Any, None, Any]:
+    """Pass refinement events on; at most every ``interval`` s autosave the newest guard-checked weights.
+
+    Runs in the worker thread, between iterations (the weights are copied before the loop resumes),
+    so the event loop does no file work. A failure only logs: the run goes on.
+    """
+    holder: Any = None
+    saved = 0
+    last = time.monotonic()
+    try:
+        while True:
+            try:
+                ev = next(events)
+            except StopIteration as stop:
+                return stop.value
+            due = time.monotonic() - last >= interval
+            if due and isinstance(ev, RefineEvent) and ev.checked is not None:
+                last = time.monotonic()
+                iteration, weights = ev.checked()
+                if iteration > saved:
+                    try:
+                        if holder is None:
+                            holder = copy.deepcopy(start).to("cpu")
+                        holder.load_state_dict(weights)
+                        saver.save(model=holder, meta=meta, iteration=iteration)
+                        saved = iteration
+                    except Exception as exc:
+                        log.warning("napari-apl: autosaving the refinement in progress failed: %s", exc)
             yield ev
     finally:
         events.close()
