@@ -16,7 +16,7 @@ import numpy as np
 
 from ._layers import ct_display_window, image_layer_data, labels_layer_data, notify_error
 from .core.errors import APLError
-from .core.volume import Volume, load_volume
+from .core.volume import Volume, load_volume, max_voxel_bytes
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 LABEL_NAME_HINT = re.compile(r"(label|seg|mask)", re.IGNORECASE)
@@ -79,11 +79,12 @@ def _should_be_lazy(path: Path) -> bool:
     except Exception:  # load_volume will report what is wrong with the file
         return False
     unscaled = slope in (None, 1.0) and inter in (None, 0.0)
-    if LABEL_NAME_HINT.search(path.name) and dtype.kind in "iu" and unscaled:
+    nbytes = voxels * dtype.itemsize
+    if LABEL_NAME_HINT.search(path.name) and dtype.kind in "iu" and unscaled and nbytes <= max_voxel_bytes():
         # a label file is held as the smallest integer type (uint8 for organ labels): counted so, it
-        # opens as a paintable Labels layer, not as a lazy image
+        # opens as a paintable Labels layer, not as a lazy image (if it can be read whole at all)
         return voxels > LAZY_BYTES
-    return voxels * dtype.itemsize > LAZY_BYTES
+    return nbytes > LAZY_BYTES
 
 
 def _is_integral(arr: np.ndarray) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ._layers import notify_error, smallest_label_dtype, volume_for_writing
+from ._layers import META_KEY, notify_error, smallest_label_dtype, volume_for_writing
 from .core.errors import APLError, OutputExistsError
 from .core.volume import save_nifti
 
@@ -39,7 +39,9 @@ def write_layer_nifti(
     volume = volume_for_writing(data, attributes)
     canonical = np.asarray(volume.data)
     if labels:
-        dtype = _label_dtype(canonical, volume)
+        role = ((attributes.get("metadata") or {}).get(META_KEY) or {}).get("role")
+        # a label file read back keeps its integer type; masks made on a scan take the smallest one
+        dtype = _label_dtype(canonical, volume) if role == "labels" else smallest_label_dtype(canonical)
     elif canonical.dtype in (np.float16, np.float64):  # float64 (a scaled integer CT read): 4x the bytes
         dtype = np.dtype(np.float32)
     else:

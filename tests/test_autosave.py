@@ -379,6 +379,7 @@ def test_a_model_that_cannot_be_written_does_not_cost_the_corrections(files, tmp
     with pytest.raises(AutosaveError, match=r"model was not autosaved.*corrections were"):
         saver.save(_corrections(2), changed, _meta(changed), iteration=9)
     (entry,) = find_autosaves(img_path, root=tmp_path)
+    assert entry.iteration == 3  # the model on disk is still the one of iteration 3
     corr, refined, _ = restore(entry)
     assert np.array_equal(corr, _corrections(2))  # the new corrections are committed ...
     for k, v in model.state_dict().items():  # ... beside the last model that could be written

@@ -348,3 +348,7 @@ def test_a_big_int32_label_file_opens_as_labels(tmp_path: Path, phantom_files, m
     image = tmp_path / "case_ct.nii.gz"  # the same voxels without a label-like name stay a lazy image
     nib.save(nib.Nifti1Image(arr, src.affine), image)
     assert read_layer_data(image)[2] == "image"
+    # one that cannot be read whole at its own size still opens (lazily), as before
+    monkeypatch.setenv("NAPARI_APL_MAX_VOXEL_BYTES", str(2 * arr.size))
+    data, _kwargs, kind = read_layer_data(seg)
+    assert kind == "image" and data.shape == arr.shape[::-1]

@@ -637,3 +637,122 @@ def test_a_refinement_in_progress_is_autosaved(setup, small_image, qtbot) -> Non
     assert meta.normalization == ctl.last_config.normalization
     ctl.stop()
     qtbot.waitUntil(lambda: not ctl.busy, timeout=60000)
+
+
+def _failing_after(n: int):
+    """``refine`` that fails in the worker after ``n`` iterations (an APLError: no logged traceback)."""
+    import napari_apl.widgets._controller as controller_module
+    from napari_apl.core.errors import APLError
+
+    real = controller_module.refine
+
+    def failing(*args, **kwargs):
+        for k, ev in enumerate(real(*args, **kwargs), start=1):
+            yield ev
+            if k >= n:
+                raise APLError("out of memory")
+
+    return failing
+
+
+def test_a_failed_refinement_leaves_the_sessions_own_model_recoverable(
+    setup, small_image, monkeypatch
+) -> None:
+    import napari_apl.widgets._controller as controller_module
+
+    viewer, widget, image = setup()
+    ctl = widget.controller
+    ctl.autosave_interval = 0.0
+    assert widget.predict(sync=True)
+    assert ctl.refine(tiny_refine(2), sync=True)  # run 1: the session's refined model
+    good = {k: v.clone() for k, v in ctl.model.state_dict().items()}
+    monkeypatch.setattr(controller_module, "refine", _failing_after(8))
+    ctl.refine(RefineConfig(iterations=50, batch_size=1, guard_every=2, bn="frozen"), sync=True)  # fails
+    assert ctl.check_recovery(image) is None  # its own snapshots are never offered back to it
+    viewer.layers[LAYER_PSEUDO].paint((4, 20, 20), 2)
+    assert ctl.maybe_autosave(force=True) is not None  # and autosaving is not held back
+    [entry] = find_autosaves(small_image)
+    _corrections, model, meta = restore(entry)  # a crash now recovers run 1's model, not run 2's weights
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in good.items())
+    assert not meta.provenance["refined"].get("in_progress")
+
+
+def test_a_snapshot_records_the_intensities_of_its_own_run(setup, small_image, monkeypatch) -> None:
+    import napari_apl.widgets._controller as controller_module
+
+    _viewer, widget, _image = setup()
+    ctl = widget.controller
+    ctl.autosave_interval = 0.0
+    assert widget.predict(sync=True)
+    ctl.preset = "zscore"
+    assert ctl.refine(tiny_refine(2), sync=True)  # run 1 adapted to z-scored intensities
+    snapshots = []
+    real_save = controller_module.Autosaver.save
+
+    def spy(self, corrections=None, model=None, meta=None, **kwargs):
+        if meta is not None and meta.provenance["refined"].get("in_progress"):
+            snapshots.append(dict(meta.normalization))
+        return real_save(self, corrections, model, meta, **kwargs)
+
+    monkeypatch.setattr(controller_module.Autosaver, "save", spy)
+    ctl.preset = controller_module.CHECKPOINT_PRESET  # run 2 with the checkpoint's own preset
+    assert ctl.refine(RefineConfig(iterations=8, batch_size=1, guard_every=2, bn="frozen"), sync=True)
+    assert snapshots and all(n == ctl.meta.normalization for n in snapshots)
+
+
+def test_a_recovered_model_stays_in_its_own_session(setup, small_image, tmp_path) -> None:
+    viewer, widget, _image = setup()
+    ctl = widget.controller
+    ctl.autosave_interval = 0.0
+    assert widget.predict(sync=True)
+    viewer.layers[LAYER_PSEUDO].paint((4, 20, 20), 2)
+    assert ctl.refine(tiny_refine(2), sync=True)
+    assert find_autosaves(small_image)[0].has_model
+    ctl.autosave_enabled = False  # "crash"
+    viewer2, widget2, _image2 = setup()
+    ctl2 = widget2.controller
+    ctl2.autosave_interval = 0.0
+    assert ctl2.recover(sync=True) and ctl2.refined
+    other_path, _ = write_phantom(tmp_path / "b", "ct", 7, shape=SHAPE, spacing=SPACING, orientation="LPS")
+    [other] = viewer2.open(str(other_path), plugin="napari-apl")
+    widget2.image_combo.set_layer(other)
+    assert widget2.predict(sync=True)  # another scan right after recovering
+    viewer2.layers[LAYER_PSEUDO].paint((4, 10, 10), 1)
+    ctl2.maybe_autosave(force=True)
+    [a] = find_autosaves(small_image)
+    [b] = find_autosaves(other_path)
+    assert a.has_model  # the recovered model is still in its own session ...
+    assert not b.has_model  # ... and was not made the other scan's
+
+
+def test_closing_while_refining_a_scan_not_shown_saves_no_model_into_the_shown_one(
+    setup, small_image, tmp_path, monkeypatch
+) -> None:
+    import napari_apl.widgets._controller as controller_module
+
+    viewer, widget, _image = setup()
+    ctl = widget.controller
+    ctl.autosave_interval = 0.0
+    assert widget.predict(sync=True)
+    other_path, _ = write_phantom(tmp_path / "b", "ct", 7, shape=SHAPE, spacing=SPACING, orientation="LPS")
+    [other] = viewer.open(str(other_path), plugin="napari-apl")
+    real = controller_module.refine
+
+    def closing(*args, **kwargs):
+        result = yield from real(*args, **kwargs)
+        ctl._closing = True  # the viewer closes as the run ends
+        return result
+
+    monkeypatch.setattr(controller_module, "refine", closing)
+    assert ctl.refine(tiny_refine(2), image_layer=other, sync=True)
+    assert not any(e.has_model for e in find_autosaves(small_image))
+
+
+def test_the_widgets_masks_are_saved_as_uint8(setup, tmp_path) -> None:
+    from napari_apl._writer import write_labels
+
+    viewer, widget, _image = setup()
+    assert widget.predict(sync=True)
+    layer = viewer.layers[LAYER_PSEUDO]  # carries the CT's geometry (an int16 file's header)
+    out = write_labels(str(tmp_path / "pseudo.nii.gz"), layer.data, layer.as_layer_data_tuple()[1])[0]
+    assert nib.load(out).header.get_data_dtype() == np.uint8

@@ -824,7 +824,7 @@ def test_demo_opens_the_sample_with_the_widget_and_fits_it(qtbot, monkeypatch) -
         assert widget.controller.checkpoint_path.name == "demo_unet_dual.pt"
         assert widget.image_combo.layer() is viewer.layers[0] and widget.radiological.isChecked()
         viewer.window._qt_window.resize(1100, 900)
-        qtbot.wait(FIT_DELAY_MS + 400)  # the window is laid out, then the scan is fitted to the canvas
+        qtbot.wait(FIT_DELAY_MS + 1500)  # the window is laid out, then the scan is fitted to the canvas
         camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
         fitted = camera.zoom
         viewer.reset_view()

@@ -426,8 +426,10 @@ class Autosaver:
 
     Arguments left out of a save (``None``) keep what this saver's previous snapshot holds; pass an all
     ``-1`` corrections array to clear them. Offer recovery (``find_autosaves``/``restore``) before
-    creating a saver: its first save replaces an older snapshot of the same image. Thread-safe: the
-    refinement worker and the viewer may both call it.
+    creating a saver: its first save replaces an older snapshot of the same image, unless ``resume``
+    (the session was recovered) and that snapshot is of the same voxels (``digest``): then what a
+    save leaves out stays as that snapshot had it. Thread-safe: the refinement worker and the viewer
+    may both call it.
     """
 
     def __init__(
@@ -439,6 +441,7 @@ class Autosaver:
         interval: float = DEFAULT_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
         digest: str | None = None,
+        resume: bool = False,
     ) -> None:
         if not (isinstance(interval, (int, float)) and math.isfinite(interval) and interval >= 0):
             raise AutosaveError(f"autosave interval must be a number of seconds >= 0, got {interval!r}")
@@ -459,9 +462,18 @@ class Autosaver:
         self._created = time.time()
         if (self.folder / MANIFEST).is_file():  # an older snapshot stays until our first save commits
             try:
-                self._seq = _int_or_none(_read_manifest(self.folder).get("seq")) or 0
+                older = _read_manifest(self.folder)
+                self._seq = _int_or_none(older.get("seq")) or 0
+                same_scan = not (
+                    isinstance(older.get("image_digest"), str)
+                    and self._image_digest is not None
+                    and older["image_digest"] != self._image_digest
+                )
+                if resume and same_scan:  # a session carried on (recovered): a partial save keeps the rest
+                    keys = ("corrections", "corrections_digest", "painted_voxels", "model", "model_digest")
+                    self._state = {k: older[k] for k in (*keys, "iteration") if older.get(k) is not None}
             except AutosaveError:
-                self._seq = 0
+                self._seq, self._state = 0, {}
 
     @property
     def key(self) -> str:
@@ -542,7 +554,7 @@ class Autosaver:
                         state.update(model=name, model_digest=digest)
                     except Exception as exc:  # the corrections are still committed below
                         model_error = _write_failure(self.folder, exc)
-            if iteration is not None:
+            if iteration is not None and model_error is None:  # the iteration of the model on disk
                 state["iteration"] = int(iteration)
             now = time.time()
             manifest = {

@@ -299,9 +299,9 @@ class RefineEvent:
     """The ensemble's current pseudo labels on the voxel grid, computed when called (for live views:
     call it before the generator resumes; ``pseudo`` is the same volume, attached every ``emit_every``)."""
     checked: Callable[[], tuple[int, dict[str, Any]]] | None = field(default=None, repr=False, compare=False)
-    """``(iteration, weights)`` of the newest state the collapse guard passed (the model a stop now
-    would return at the latest), weights copied to the CPU when called (0: none checked yet). For
-    autosaving a run in progress; call it before the generator resumes."""
+    """``(iteration, weights)`` of the newest state the collapse guard passed (of the model the run
+    returns: the EMA teacher, or the student without one), weights copied to the CPU when called
+    (0: none checked yet). For autosaving a run in progress; call it before the generator resumes."""
 
 
 @dataclass

@@ -193,7 +193,7 @@ class APLController:
         self.confirm: Callable[[str], bool] = lambda question: True
         """Asked (yes / no) before the user's work is thrown away: an unexported refined model, painting."""
         self._exported_version: int | None = None  # the refined model version last exported
-        self._recovered_version: int | None = None  # the model version restored from an autosave
+        self._midrun_saved = False  # the worker autosaved weights of the refinement under way
         self._blocked_warned: set[str] = set()  # images told that their autosave waits for an answer
         self._adapted_normalization: dict | None = None  # the intensities the refined model was adapted to
         self._layers_source: dict[str, Any] | None = None  # the model that made the prediction layers
@@ -341,8 +341,12 @@ class APLController:
         on_return: Callable[[Any], None],
         total: int,
         sync: bool,
+        on_done: Callable[[], None] | None = None,
     ) -> None:
-        """Run a generator job in a napari thread worker (or here when ``sync``), with napari progress."""
+        """Run a generator job in a napari thread worker (or here when ``sync``), with napari progress.
+
+        ``on_done`` runs on the main thread when the job has ended, however it ended.
+        """
         from napari.utils import progress
 
         self._set_busy(True, task)
@@ -375,7 +379,7 @@ class APLController:
             except Exception as exc:
                 self.error(exc)
             finally:
-                self._finish()
+                self._finish(on_done)
             return
 
         from napari.qt.threading import create_worker
@@ -384,11 +388,11 @@ class APLController:
         worker.yielded.connect(lambda item: self._guard(lambda: on_yield(item)))
         worker.returned.connect(lambda value: self._guard(lambda: on_return(value)))
         worker.errored.connect(self.error)
-        worker.finished.connect(self._finish)
+        worker.finished.connect(lambda: self._finish(on_done))
         self.worker = worker
         worker.start()
 
-    def _finish(self) -> None:
+    def _finish(self, on_done: Callable[[], None] | None = None) -> None:
         gc.unfreeze()
         self._guard(self._drop_lazy_layers)
         if self._pbar is not None:
@@ -399,6 +403,8 @@ class APLController:
         self._pending_recovery = None
         self._set_pseudo_editable(True)
         self._set_busy(False)
+        if on_done is not None:
+            on_done()
 
     def _progress(self, n: int, total: int | None = None) -> None:
         if self._pbar is not None:
@@ -795,11 +801,22 @@ class APLController:
         saver = self.autosaver if shown and self.autosave_enabled and not self._autosave_blocked() else None
         snapshot_meta = self._snapshot_meta(cfg) if saver is not None else None
         interval = self.autosave_interval
+        if saver is not None:
+            self._own_keys.add(saver.key)  # this session's snapshots are never offered back to it
+        self._midrun_saved = False
+        returned = [False]
+
+        def midrun_saved(iteration: int) -> None:  # (worker thread: a flag only)
+            self._midrun_saved = True
+
+        def on_done() -> None:  # main thread, after the worker: a run that failed is not recoverable
+            if self._midrun_saved and not returned[0] and saver is not None and saver is self.autosaver:
+                self._guard(self._autosave_without_the_failed_run)
 
         def job() -> Generator[Any, None, tuple[RefineResult, Prediction | None]]:
             events = refine(model, meta, volume, cfg, control=control, corrections=self.last_corrections)
             if saver is not None:
-                events = _autosaving(events, saver, model, snapshot_meta, interval)
+                events = _autosaving(events, saver, model, snapshot_meta, interval, midrun_saved)
             result = yield from _live_overlays(events, self.last_corrections)
             if self._closing:  # the viewer or the widget is closing: skip the final re-prediction
                 return result, None
@@ -823,6 +840,7 @@ class APLController:
                 self.status.emit(f"re-predicting with the refined model: {item[0]}/{item[1]} slices")
 
         def on_return(value: tuple[RefineResult, Prediction | None]) -> None:
+            returned[0] = True
             result, pred = value
             self.model = result.model
             self._adapted_normalization = cfg.normalization
@@ -832,7 +850,8 @@ class APLController:
             if pred is None:  # closing: keep the layers consistent with the last full prediction
                 if self.prediction is not None and self.pseudo_layer() is not None:
                     self._write_pseudo(self.prediction.pseudo)
-                self.maybe_autosave(force=True)  # the refined model can be recovered next time
+                # the refined model can be recovered next time (if the image it was refined on is shown)
+                self.maybe_autosave(force=True, corrections_only=not shown)
                 self.status.emit(f"refinement stopped after {result.iterations_done} iterations")
                 self.refine_finished.emit(result)
                 return
@@ -849,8 +868,16 @@ class APLController:
             )
             self.refine_finished.emit(result)
 
-        self._run("refine", job, on_yield, on_return, cfg.iterations, sync)
+        self._run("refine", job, on_yield, on_return, cfg.iterations, sync, on_done)
         return True
+
+    def _autosave_without_the_failed_run(self) -> None:
+        """Put the session's autosave back to what it holds without a refinement that failed midway."""
+        if self.autosaver is None:
+            return
+        self.autosaver.discard()
+        self._autosaved_state = (None, None)  # everything of the session is written again
+        self.maybe_autosave(force=True)
 
     def _on_refine_event(self, ev: RefineEvent, overlay: _LiveOverlay | None = None) -> None:
         """Main-thread handler of one refinement step: progress, history, the live overlay from the worker."""
@@ -923,15 +950,15 @@ class APLController:
                 checkpoint=self.checkpoint_path,
                 interval=self.autosave_interval,
                 digest=image_digest(volume),
+                resume=key in self._own_keys,  # a session this one recovered (or wrote) goes on
             )
         except Exception as exc:  # autosave is a safety net: never block predicting
             self.autosaver = None
             self._warn_autosave(exc)
             return
-        # a new image: only what is done on it from now on (painting, refining) is worth saving; a
-        # refined model recovered from this image's autosave is, though (this saver replaces that one)
-        recovered = self.refined and self._recovered_version == self._model_version
-        self._autosaved_state = (None, None if recovered or not self.refined else self._model_version)
+        # a new image: only what is done on it from now on (painting, refining) is worth saving (a
+        # recovered session's saver carries the model of the session it continues)
+        self._autosaved_state = (None, self._model_version if self.refined else None)
         self._last_autosave_check = -math.inf
 
     def check_recovery(self, image_layer: Any = None, volume: Any = None) -> AutosaveEntry | None:
@@ -948,7 +975,8 @@ class APLController:
                     self._notes_shown.add(changed[0].key)
                     show_warning(
                         f"napari-apl: an autosaved session of {changed[0].image_name} is not offered: "
-                        "the image's voxels differ from the scan it was saved from"
+                        "the image's voxels differ from the scan it was saved from (this session's "
+                        "autosaves replace it)"
                     )
                 found = [e for e in found if e.matches(volume)]
                 entry = found[0] if found else None
@@ -993,7 +1021,6 @@ class APLController:
                 self.checkpoint_path = Path(entry.checkpoint)
             self.refined = True
             self._model_version += 1
-            self._recovered_version = self._model_version
             self.last_result = None
             self.history = []
             lines = [ln for ln in describe((model, meta)).splitlines() if not ln.startswith("file:")]
@@ -1338,14 +1365,15 @@ class APLController:
 
     def _snapshot_meta(self, cfg: RefineConfig) -> CheckpointMeta:
         """The metadata an autosave of the refinement ``cfg`` in progress records."""
+        assert self.meta is not None
         meta = self._refined_meta()
         prov = dict(meta.provenance)
-        prov["refined"] = dict(prov["refined"], config=cfg.to_dict(), stopped=None, in_progress=True)
-        if not cfg.normalization:
-            return dataclasses.replace(meta, provenance=prov)
-        assert self.meta is not None
-        prov.setdefault("source_normalization", dict(self.meta.normalization))
-        return dataclasses.replace(meta, normalization=dict(cfg.normalization), provenance=prov)
+        refined = dict(prov["refined"], config=cfg.to_dict(), iterations_done=None, stopped=None)
+        prov["refined"] = dict(refined, in_progress=True)
+        norm = dict(cfg.normalization) if cfg.normalization else dict(self.meta.normalization)
+        if norm != self.meta.normalization:
+            prov.setdefault("source_normalization", dict(self.meta.normalization))
+        return dataclasses.replace(meta, normalization=norm, provenance=prov)
 
     def _target_name(self) -> str | None:
         """The scan the model was refined on: its file name, else its layer name."""
@@ -1456,7 +1484,12 @@ def _live_overlays(
 
 
 def _autosaving(
-    events: Generator[Any, None, Any], saver: Autosaver, start: Any, meta: CheckpointMeta, interval: float
+    events: Generator[Any, None, Any],
+    saver: Autosaver,
+    start: Any,
+    meta: CheckpointMeta,
+    interval: float,
+    on_saved: Callable[[int], None] | None = None,
 ) -> Generator[Any, None, Any]:
     """Pass refinement events on; at most every ``interval`` s autosave the newest guard-checked weights.
 
@@ -1483,6 +1516,8 @@ def _autosaving(
                         holder.load_state_dict(weights)
                         saver.save(model=holder, meta=meta, iteration=iteration)
                         saved = iteration
+                        if on_saved is not None:
+                            on_saved(iteration)
                     except Exception as exc:
                         log.warning("napari-apl: autosaving the refinement in progress failed: %s", exc)
             yield ev
