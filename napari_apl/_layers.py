@@ -195,6 +195,16 @@ def make_metadata(geometry: ScanGeometry, role: str, **extra: Any) -> dict[str, 
     }
 
 
+def unwrap_layer(layer: Any) -> Any:
+    """The layer itself behind a proxy napari may hand plugins (``layer`` when it is none)."""
+    return getattr(layer, "__wrapped__", layer)
+
+
+def same_layer(a: Any, b: Any) -> bool:
+    """Whether two layers are the same object (napari may hand plugins proxies of its layers)."""
+    return unwrap_layer(a) is unwrap_layer(b)
+
+
 def geometry_of(metadata: Mapping[str, Any] | None) -> ScanGeometry | None:
     """Return the ``ScanGeometry`` stored in a layer's metadata, if any."""
     if not metadata:

@@ -123,20 +123,6 @@ def _stop_on_sigint(control, bar):
         return signal.getsignal(signal.SIGINT)
 
 
-def _json_safe(value: Any) -> Any:
-    """``value`` as strict JSON, as the viewer's report writes it: infinity (an organ missed) as
-    ``"inf"``, NaN (an organ absent on both sides) as ``None``."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, float) and math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return value
-
-
 def _stop_on_sigterm() -> Any:
     """Make SIGTERM (``kill``, ``timeout``, a cancelled cluster job) end the command like Ctrl-C does.
 
@@ -411,7 +397,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .core.labels import CLASS_NAMES
-    from .core.metrics import evaluate
+    from .core.metrics import evaluate, json_safe
     from .core.volume import load_volume
 
     if args.json:
@@ -446,7 +432,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         from .core.io_utils import atomic_write
 
-        text = json.dumps(_json_safe(res), indent=1, allow_nan=False)  # strict JSON: no Infinity / NaN
+        text = json.dumps(json_safe(res), indent=1, allow_nan=False)  # strict JSON: no Infinity / NaN
         atomic_write(args.json, lambda p: p.write_text(text), overwrite=args.overwrite)
         print(f"wrote {args.json}")
     return 0

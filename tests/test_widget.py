@@ -642,13 +642,19 @@ def test_the_chosen_checkpoint_is_what_predict_uses(setup, tmp_path: Path, notif
     assert ctl.wait_idle(timeout=120) and ctl.refined
 
 
-def test_each_images_corrections_are_kept(setup, phantom_files, questions) -> None:
+def two_scans(setup, phantom_files):
+    """A viewer with scans A (predicted, shown) and B ("second scan", not predicted) and the widget."""
     viewer, widget, image_a, _ = setup("RAS")
-    ctl = widget.controller
     [image_b] = viewer.open(str(phantom_files("RAS", seed=1)[0]), plugin="napari-apl")
     image_b.name = "second scan"
     widget.image_combo.set_layer(image_a)
     assert widget.predict(sync=True)
+    return viewer, widget, image_a, image_b
+
+
+def test_each_images_corrections_are_kept(setup, phantom_files, questions) -> None:
+    viewer, widget, image_a, image_b = two_scans(setup, phantom_files)
+    ctl = widget.controller
     pseudo = viewer.layers[LAYER_PSEUDO]
     box = pseudo.data[4, 10:14, 10:14]
     c = min(range(5), key=lambda k: int((box == k).sum()))  # the label that changes most voxels
@@ -758,12 +764,8 @@ def test_refining_another_image_leaves_the_shown_images_painting_alone(
     from napari_apl.core.autosave import restore as restore_autosave
     from napari_apl.core.errors import APLError
 
-    viewer, widget, image_a, _ = setup("RAS")
+    viewer, widget, image_a, image_b = two_scans(setup, phantom_files)
     ctl = widget.controller
-    [image_b] = viewer.open(str(phantom_files("RAS", seed=1)[0]), plugin="napari-apl")
-    image_b.name = "second scan"
-    widget.image_combo.set_layer(image_a)
-    assert widget.predict(sync=True)
     pseudo = viewer.layers[LAYER_PSEUDO]
     pseudo.data[4, 10:14, 10:14] = (pseudo.data[4, 10:14, 10:14] + 1) % 5  # 16 voxels painted on A
     pseudo.refresh()
@@ -812,22 +814,23 @@ def test_a_failed_export_over_old_files_leaves_them_all_as_they_were(
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no file replaced, none left over
 
 
-def test_demo_opens_the_sample_with_the_widget_and_fits_it(qtbot, monkeypatch) -> None:
+def test_demo_opens_the_sample_with_the_widget_and_fits_it(make_napari_viewer, qtbot, monkeypatch) -> None:
     """README line 1: ``napari-apl demo`` (without running the event loop forever)."""
+    import napari
+
     from napari_apl._demo import FIT_DELAY_MS, launch_demo
     from napari_apl.widgets._main import find_apl_widget
 
+    # shown, as the demo is; the fixture closes it and checks for leaks
+    monkeypatch.setattr(napari, "Viewer", lambda **kwargs: make_napari_viewer(show=True, **kwargs))
     viewer = launch_demo(run=False)
-    try:
-        widget = find_apl_widget(viewer)
-        assert widget is not None and widget.controller.model is not None
-        assert widget.controller.checkpoint_path.name == "demo_unet_dual.pt"
-        assert widget.image_combo.layer() is viewer.layers[0] and widget.radiological.isChecked()
-        viewer.window._qt_window.resize(1100, 900)
-        qtbot.wait(FIT_DELAY_MS + 1500)  # the window is laid out, then the scan is fitted to the canvas
-        camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
-        fitted = camera.zoom
-        viewer.reset_view()
-        assert camera.zoom == pytest.approx(fitted, rel=1e-3)  # already fitted: the scan is not cropped
-    finally:
-        viewer.close()
+    widget = find_apl_widget(viewer)
+    assert widget is not None and widget.controller.model is not None
+    assert widget.controller.checkpoint_path.name == "demo_unet_dual.pt"
+    assert widget.image_combo.layer() is viewer.layers[0] and widget.radiological.isChecked()
+    viewer.window._qt_window.resize(1100, 900)
+    qtbot.wait(FIT_DELAY_MS + 1500)  # the window is laid out, then the scan is fitted to the canvas
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    fitted = camera.zoom
+    viewer.reset_view()
+    assert camera.zoom == pytest.approx(fitted, rel=1e-3)  # already fitted: the scan is not cropped

@@ -173,12 +173,9 @@ class AutosaveEntry:
     image_digest: str | None = None
     """``image_digest`` of the image when it was saved (``None``: not recorded)."""
 
-    def matches(self, image: Any) -> bool:
-        """Whether ``image`` (a ``Volume``) has the voxels this session was saved from, as far as known."""
-        if self.image_digest is None:
-            return True
-        current = image_digest(image)
-        return current is None or current == self.image_digest
+    def matches(self, digest: str | None) -> bool:
+        """Whether a scan whose ``image_digest`` is ``digest`` may be the one this session was saved from."""
+        return self.image_digest is None or digest is None or digest == self.image_digest
 
     @property
     def has_corrections(self) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -142,3 +143,23 @@ def evaluate(pred, gt, spacing: Sequence[float], labels: Iterable[int] = ORGANS)
         "mean_dice": _mean(d.values()),
         "mean_assd": _mean(a.values()),
     }
+
+
+def json_number(value: Any) -> float | str | None:
+    """A score as strict JSON: NaN (an organ absent on both sides) -> None, ±inf (one missed) -> "inf"."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return float(value)
+
+
+def json_safe(value: Any) -> Any:
+    """Scores (nested dicts and lists) as strict JSON, every float through ``json_number``."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float):
+        return json_number(value)
+    return value

@@ -79,10 +79,10 @@ class TrainConfig:
             )
         if self.iters_per_epoch is not None and self.iters_per_epoch < 1:
             raise APLError(f"iterations per epoch must be 1 or more, got {self.iters_per_epoch}")
-        for name in ("aux_weight", "gin_prob", "remap_prob"):
-            value = getattr(self, name)
-            if not 0 <= value <= (math.inf if name == "aux_weight" else 1):
-                raise APLError(f"{name} must be {'0 or more' if name == 'aux_weight' else 'in [0, 1]'}")
+        if not self.aux_weight >= 0:
+            raise APLError(f"aux_weight must be 0 or more, got {self.aux_weight}")
+        if not (0 <= self.gin_prob <= 1 and 0 <= self.remap_prob <= 1):
+            raise APLError("gin_prob and remap_prob are probabilities in [0, 1]")
         return self
 
 

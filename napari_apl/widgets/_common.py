@@ -8,12 +8,9 @@ from typing import Any
 from qtpy.QtGui import QValidator
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QWidget
 
+from .._layers import same_layer
+
 NONE_TEXT = "(none)"
-
-
-def same_layer(a: Any, b: Any) -> bool:
-    """Whether two layers are the same object (napari may hand plugins proxies of its layers)."""
-    return getattr(a, "__wrapped__", a) is getattr(b, "__wrapped__", b)
 
 
 class LayerCombo(QComboBox):

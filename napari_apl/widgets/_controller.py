@@ -38,9 +38,11 @@ from .._layers import (
     label_features,
     make_metadata,
     notify_error,
+    same_layer,
     to_canonical_order,
     to_layer_order,
     transform_kwargs,
+    unwrap_layer,
     volume_from_layer,
     voxel_volume_ml,
 )
@@ -53,7 +55,7 @@ from ..core.errors import APLError, CheckpointError, OutputError, OutputExistsEr
 from ..core.infer import Prediction, SlicePredictor, iter_predict, write_map
 from ..core.io_utils import atomic_write, check_output_path, staged_outputs
 from ..core.labels import CLASS_NAMES, ORGANS
-from ..core.metrics import evaluate, label_name
+from ..core.metrics import evaluate, json_number, label_name
 from ..core.postprocess import clean_masks, removal_warnings
 from ..core.preprocess import PRESETS, Normalization, choose_normalization
 from ..core.refine import RefineConfig, RefineControl, RefineEvent, RefineResult, organ_size_change, refine
@@ -134,15 +136,6 @@ def _merge_corrections(older: np.ndarray | None, newer: np.ndarray | None) -> np
     return out
 
 
-def _finite_or_none(v: float) -> float | str | None:
-    """JSON-safe number: NaN (organ absent everywhere) -> None, inf (organ missed) -> "inf"."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return None
-    if isinstance(v, float) and math.isinf(v):
-        return "inf"
-    return float(v)
-
-
 class APLController:
     """Model, prediction, corrections and the long-running tasks of the APL widget."""
 
@@ -193,8 +186,7 @@ class APLController:
         self.confirm: Callable[[str], bool] = lambda question: True
         """Asked (yes / no) before the user's work is thrown away: an unexported refined model, painting."""
         self._exported_version: int | None = None  # the refined model version last exported
-        self._midrun_saved = False  # the worker autosaved weights of the refinement under way
-        self._blocked_warned: set[str] = set()  # images told that their autosave waits for an answer
+        self._warned: set[tuple[str, str]] = set()  # (warning, session key): autosave warnings given once
         self._adapted_normalization: dict | None = None  # the intensities the refined model was adapted to
         self._layers_source: dict[str, Any] | None = None  # the model that made the prediction layers
         self._corrections_owner: weakref.ref | None = None  # the image layer ``corrections`` belong to
@@ -551,7 +543,7 @@ class APLController:
         """
         self._lazy_token = None  # lazy layers still waiting to be added: these maps replace them
         self.collect_corrections()  # keep what was painted since the last write
-        if not _same(self.image_layer, image_layer):  # the image shown so far: its last strokes
+        if not same_layer(self.image_layer, image_layer):  # the image shown so far: its last strokes
             self.maybe_autosave(force=True, corrections_only=True)  # (a model refined elsewhere is not its)
         self._switch_corrections(image_layer)
         if self.corrections is not None and self.corrections.shape != pred.pseudo.shape:
@@ -719,7 +711,7 @@ class APLController:
 
     def _corrections_of(self, image_layer: Any) -> np.ndarray | None:
         """The corrections of ``image_layer``: the current ones if it owns them, else its stashed ones."""
-        target = getattr(image_layer, "__wrapped__", image_layer)
+        target = unwrap_layer(image_layer)
         owner = self._corrections_owner() if self._corrections_owner is not None else None
         if owner is None or owner is target:
             return self.corrections
@@ -727,7 +719,7 @@ class APLController:
 
     def _switch_corrections(self, image_layer: Any) -> None:
         """Make ``image_layer``'s corrections current, keeping the previous image's for when it returns."""
-        new = getattr(image_layer, "__wrapped__", image_layer)
+        new = unwrap_layer(image_layer)
         owner = self._corrections_owner() if self._corrections_owner is not None else None
         if owner is new:
             return
@@ -785,7 +777,7 @@ class APLController:
         self.collect_corrections()  # what was painted on the image shown since the last write
         # another image's own corrections, if it had any; they become current when its maps are shown
         corrections = self._corrections_of(image_layer)
-        shown = _same(image_layer, self.image_layer)  # live overlays only on the image's own layers
+        shown = same_layer(image_layer, self.image_layer)  # live overlays only on the image's own layers
         self.last_corrections = None if corrections is None else corrections.copy()
         self.last_config = cfg
         self.history = []
@@ -803,14 +795,13 @@ class APLController:
         interval = self.autosave_interval
         if saver is not None:
             self._own_keys.add(saver.key)  # this session's snapshots are never offered back to it
-        self._midrun_saved = False
-        returned = [False]
+        returned, midrun = [False], [False]  # on_return ran; the worker autosaved weights of this run
 
         def midrun_saved(iteration: int) -> None:  # (worker thread: a flag only)
-            self._midrun_saved = True
+            midrun[0] = True
 
         def on_done() -> None:  # main thread, after the worker: a run that failed is not recoverable
-            if self._midrun_saved and not returned[0] and saver is not None and saver is self.autosaver:
+            if midrun[0] and not returned[0] and saver is not None and saver is self.autosaver:
                 self._guard(self._autosave_without_the_failed_run)
 
         def job() -> Generator[Any, None, tuple[RefineResult, Prediction | None]]:
@@ -970,15 +961,16 @@ class APLController:
                 volume = volume_from_layer(layer)
             if volume is not None:
                 found = [e for e in find_autosaves(volume) if e.key not in self._own_keys]
-                changed = [e for e in found if not e.matches(volume)]
-                if changed and changed[0].key not in self._notes_shown:
-                    self._notes_shown.add(changed[0].key)
+                digest = image_digest(volume)
+                changed = [e for e in found if not e.matches(digest)]
+                if changed and ("changed", changed[0].key) not in self._warned:
+                    self._warned.add(("changed", changed[0].key))
                     show_warning(
                         f"napari-apl: an autosaved session of {changed[0].image_name} is not offered: "
                         "the image's voxels differ from the scan it was saved from (this session's "
                         "autosaves replace it)"
                     )
-                found = [e for e in found if e.matches(volume)]
+                found = [e for e in found if e.matches(digest)]
                 entry = found[0] if found else None
                 if entry is not None:
                     self._offered_keys.add(entry.key)
@@ -1007,7 +999,7 @@ class APLController:
         if layer is None or not self._layer_alive(layer):
             raise APLError(f"open the image of the autosaved session ({entry.image_name}) first")
         volume = volume_from_layer(layer)
-        if session_key(volume) != entry.key or not entry.matches(volume):
+        if session_key(volume) != entry.key or not entry.matches(image_digest(volume)):
             raise APLError(
                 f"the autosave is of {entry.image_name}, not of layer '{layer.name}': choose that image"
             )
@@ -1031,7 +1023,7 @@ class APLController:
         self.recoverable, self._recovery_layer = None, None
         self.recovery_changed.emit(None)
         what = entry.summary()
-        if model is None and self.prediction is not None and _same(layer, self.image_layer):
+        if model is None and self.prediction is not None and same_layer(layer, self.image_layer):
             self.corrections = _merge_corrections(corrections, self.collect_corrections())
             self._write_pseudo(self.prediction.pseudo)
             self.corrections_changed.emit()
@@ -1085,8 +1077,8 @@ class APLController:
         if self._autosave_blocked():
             if not self.busy:
                 self.collect_corrections()
-            if saver.key not in self._blocked_warned and self._autosave_state() != (None, None):
-                self._blocked_warned.add(saver.key)  # once per image: there is something to lose
+            if ("blocked", saver.key) not in self._warned and self._autosave_state() != (None, None):
+                self._warned.add(("blocked", saver.key))  # once per image: there is something to lose
                 show_warning(
                     "napari-apl: this image's older autosaved session is waiting for Recover or Discard "
                     "(bar at the top of the widget); until then nothing new of it is autosaved"
@@ -1412,13 +1404,13 @@ class APLController:
                 "organ": name,
                 "voxels": int(counts[lab]),
                 "volume_ml": float(counts[lab] * ml),
-                "mean_confidence": _finite_or_none(float(omega[mask].astype(np.float32).mean()))
+                "mean_confidence": json_number(float(omega[mask].astype(np.float32).mean()))
                 if mask.any()
                 else None,
             }
             if scores is not None:
-                row["dice"] = _finite_or_none(scores["dice"].get(label_name(lab), math.nan))
-                row["assd_mm"] = _finite_or_none(scores["assd"].get(label_name(lab), math.nan))
+                row["dice"] = json_number(scores["dice"].get(label_name(lab), math.nan))
+                row["assd_mm"] = json_number(scores["assd"].get(label_name(lab), math.nan))
             organs.append(row)
         rep: dict[str, Any] = {
             "image": self.image_layer.name if self.image_layer is not None else None,
@@ -1439,8 +1431,8 @@ class APLController:
             )
         if scores is not None:
             rep["ground_truth"] = gt_layer.name
-            rep["mean_dice"] = _finite_or_none(scores["mean_dice"])
-            rep["mean_assd_mm"] = _finite_or_none(scores["mean_assd"])
+            rep["mean_dice"] = json_number(scores["mean_dice"])
+            rep["mean_assd_mm"] = json_number(scores["mean_assd"])
         return rep
 
 
@@ -1453,6 +1445,22 @@ class _LiveOverlay:
     written: np.ndarray  # a copy of ``data``: what the layer held when it was written
 
 
+def _relay(events: Generator[Any, None, Any], step: Callable[[Any], Any]) -> Generator[Any, None, Any]:
+    """Pass a refinement's events on through ``step`` (in the worker) and return the refinement's result.
+
+    Closing the relay closes the refinement (its ``finally`` blocks run).
+    """
+    try:
+        while True:
+            try:
+                ev = next(events)
+            except StopIteration as stop:
+                return stop.value
+            yield step(ev)
+    finally:
+        events.close()
+
+
 def _live_overlays(
     events: Generator[Any, None, Any], corrections: np.ndarray | None, every_s: float | None = None
 ) -> Generator[Any, None, Any]:
@@ -1463,24 +1471,21 @@ def _live_overlays(
     """
     every_s = LIVE_UPDATE_SECONDS if every_s is None else every_s
     last = -math.inf
-    try:
-        while True:
-            try:
-                ev = next(events)
-            except StopIteration as stop:
-                return stop.value
-            now = time.monotonic()
-            has_labels = isinstance(ev, RefineEvent) and (ev.pseudo is not None or ev.labels is not None)
-            if has_labels and now - last >= every_s:
-                shown = ev.pseudo if ev.pseudo is not None else ev.labels()  # before the loop resumes
-                if corrections is not None and corrections.shape == shown.shape:
-                    shown = np.where(corrections >= 0, corrections, shown).astype(np.uint8)
-                data = np.array(to_layer_order(shown), dtype=np.uint8, order="C")
-                ev = _LiveOverlay(ev, data, data.copy())
-                last = now
-            yield ev
-    finally:
-        events.close()
+
+    def overlay(ev: Any) -> Any:
+        nonlocal last
+        now = time.monotonic()
+        has_labels = isinstance(ev, RefineEvent) and (ev.pseudo is not None or ev.labels is not None)
+        if not has_labels or now - last < every_s:
+            return ev
+        shown = ev.pseudo if ev.pseudo is not None else ev.labels()  # before the loop resumes
+        if corrections is not None and corrections.shape == shown.shape:
+            shown = np.where(corrections >= 0, corrections, shown).astype(np.uint8)
+        data = np.array(to_layer_order(shown), dtype=np.uint8, order="C")
+        last = now
+        return _LiveOverlay(ev, data, data.copy())
+
+    return _relay(events, overlay)
 
 
 def _autosaving(
@@ -1499,30 +1504,28 @@ def _autosaving(
     holder: Any = None
     saved = 0
     last = time.monotonic()
-    try:
-        while True:
-            try:
-                ev = next(events)
-            except StopIteration as stop:
-                return stop.value
-            due = time.monotonic() - last >= interval
-            if due and isinstance(ev, RefineEvent) and ev.checked is not None:
-                last = time.monotonic()
-                iteration, weights = ev.checked()
-                if iteration > saved:
-                    try:
-                        if holder is None:
-                            holder = copy.deepcopy(start).to("cpu")
-                        holder.load_state_dict(weights)
-                        saver.save(model=holder, meta=meta, iteration=iteration)
-                        saved = iteration
-                        if on_saved is not None:
-                            on_saved(iteration)
-                    except Exception as exc:
-                        log.warning("napari-apl: autosaving the refinement in progress failed: %s", exc)
-            yield ev
-    finally:
-        events.close()
+
+    def autosave(ev: Any) -> Any:
+        nonlocal holder, saved, last
+        if not (isinstance(ev, RefineEvent) and ev.checked is not None) or time.monotonic() - last < interval:
+            return ev
+        last = time.monotonic()
+        iteration, weights = ev.checked()
+        if iteration <= saved:
+            return ev
+        try:
+            if holder is None:
+                holder = copy.deepcopy(start).to("cpu")
+            holder.load_state_dict(weights)
+            saver.save(model=holder, meta=meta, iteration=iteration)
+            saved = iteration
+            if on_saved is not None:
+                on_saved(iteration)
+        except Exception as exc:
+            log.warning("napari-apl: autosaving the refinement in progress failed: %s", exc)
+        return ev
+
+    return _relay(events, autosave)
 
 
 def _slices_differ(a: np.ndarray, b: np.ndarray, chunk: int = 8) -> bool:
@@ -1556,11 +1559,6 @@ def _report_csv(report: dict[str, Any]) -> str:
     for row in report["organs"]:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
     return buf.getvalue()
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Whether two layers are the same object (napari may hand plugins proxies of its layers)."""
-    return getattr(a, "__wrapped__", a) is getattr(b, "__wrapped__", b)
 
 
 def is_prediction_layer(layer: Any) -> bool:
