@@ -186,6 +186,47 @@ def test_save_dtypes_and_trailing_axes(tmp_path: Path) -> None:
         save_nifti(orig, tmp_path / "x.png", vol)
 
 
+@pytest.mark.parametrize("deflate", ["isal", "zlib"])
+def test_gzip_writer_bytes_equal_nibabel_and_plain(tmp_path: Path, monkeypatch, deflate: str) -> None:
+    """A .nii.gz holds exactly the .nii's bytes (one standard gzip member), with ISA-L or with zlib."""
+    import sys
+
+    from napari_apl.core import io_utils
+
+    if deflate == "isal":
+        pytest.importorskip("isal.igzip")
+    else:
+        monkeypatch.setitem(sys.modules, "isal.igzip", None)  # as if isal were not installed
+    with open(tmp_path / "probe.gz", "wb") as raw, io_utils.gzip_writer(raw) as gz:
+        gz.write(b"x")
+    kind = type(gz._gz).__name__
+    assert kind == ("IGzipFile" if deflate == "isal" else "GzipFile")
+    # the bytes depend on the content only, not on how it was split into writes (streamed vs at once)
+    content = np.random.default_rng(1).integers(0, 4, 3_500_000).astype(np.uint8).tobytes()
+    files = []
+    for step in (len(content), 262_144, 999_983, 4_096 * 7 + 5):
+        with open(tmp_path / "split.gz", "wb") as raw, io_utils.gzip_writer(raw) as gz:
+            gz.write(content[:10])
+            gz.seek(30)  # forward only: zeros, as nibabel pads to its data offset
+            assert gz.tell() == 30
+            for s in range(10, len(content), step):
+                gz.write(content[s : s + step])
+        files.append((tmp_path / "split.gz").read_bytes())
+    assert all(f == files[0] for f in files[1:])
+    assert gzip.decompress(files[0]) == content[:10] + bytes(20) + content[10:]
+    vol = load_volume(_write(tmp_path / "img.nii.gz", _distinct(), ORIENTATIONS["PIR"]))
+    data = vol.to_original(vol.data).astype(np.float32) / 3.0
+    gz_path = save_nifti(data, tmp_path / "out.nii.gz", vol)
+    plain = save_nifti(data, tmp_path / "out.nii", vol)
+    blob = gz_path.read_bytes()
+    assert blob[:2] == b"\x1f\x8b" and blob[3] == 0  # gzip magic; no file name stored
+    assert gzip.decompress(blob) == plain.read_bytes()
+    nib_path = tmp_path / "nibabel.nii.gz"
+    nib.save(nib.load(str(plain)), str(nib_path))
+    assert gzip.decompress(nib_path.read_bytes()) == plain.read_bytes()  # what nibabel itself writes
+    assert np.array_equal(np.asarray(nib.load(str(gz_path)).dataobj), data)
+
+
 def test_save_refuses_existing_and_input(tmp_path: Path) -> None:
     src = _write(tmp_path / "img.nii.gz", _distinct(), ORIENTATIONS["RAS"])
     vol = load_volume(src)

@@ -809,12 +809,12 @@ def _nifti_header_bytes(reference: Volume, name: str) -> bytes:
 
 @contextlib.contextmanager
 def _map_file(tmp: Any, path: Any) -> Iterator[Any]:
-    """A binary writer for ``tmp``: gzip level 1 (as nibabel writes) for ``.gz`` names, else plain."""
-    import gzip
+    """A binary writer for ``tmp``: gzip level 1 (``io_utils.gzip_writer``) for ``.gz`` names, else plain."""
+    from .io_utils import gzip_writer
 
     with open(tmp, "wb") as raw:
         if str(path).lower().endswith(".gz"):
-            with gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz:
+            with gzip_writer(raw) as gz:
                 yield gz
         else:
             yield raw

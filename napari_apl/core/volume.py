@@ -795,7 +795,13 @@ def save_nifti(
             raise OutputError(f"output {out} is the same file as an input: choose another output path")
 
     def _write(tmp: Path) -> None:
-        nib.save(img, str(tmp))
+        if not out.name.lower().endswith(".gz"):
+            nib.save(img, str(tmp))
+            return
+        from .io_utils import gzip_writer
+
+        with open(tmp, "wb") as raw, gzip_writer(raw) as gz:
+            img.to_file_map({"image": nib.FileHolder(filename=str(tmp), fileobj=gz)})
 
     return atomic_write(out, _write, overwrite=overwrite, inputs=inputs)
 
