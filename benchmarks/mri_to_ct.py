@@ -97,8 +97,10 @@ def cache_path(tag: str, cfg: TrainConfig, pairs) -> Path:
     return CACHE / f"{tag}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
 
 
-def cached_source(tag: str, cfg: TrainConfig, pairs) -> Path:
+def cached_source(tag: str, cfg: TrainConfig, pairs, threads: int | None = None) -> Path:
     """Train a source model unless the cache holds one with the same settings; return its path."""
+    if threads:
+        torch.set_num_threads(threads)
     out = cache_path(tag, cfg, pairs)
     if not out.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
@@ -139,12 +141,28 @@ def score(labels: np.ndarray, gt: np.ndarray, spacing, largest: bool = True) -> 
     return out
 
 
+def cv_jobs(pairs, folds: int, cfg: TrainConfig) -> list[tuple[str, TrainConfig, list]]:
+    """The ``cached_source`` arguments of each fold's model: (tag, settings, training pairs)."""
+    out = []
+    for j, held in enumerate(folds_of(pairs, folds)):
+        train = [p for i, p in enumerate(pairs) if i not in held]
+        out.append((f"chaos_cv{folds}_fold{j}", cfg, train))
+    return out
+
+
+def train_all(jobs: list[tuple[str, TrainConfig, list]], pool, threads: int) -> None:
+    """Train the models of ``jobs`` that are not cached, ``pool``'s workers side by side (longest first)."""
+    todo = [j for j in jobs if not cache_path(*j).exists()]
+    todo.sort(key=lambda j: -len(j[2]) * j[1].epochs)
+    for f in [pool.submit(cached_source, *j, threads) for j in todo]:
+        f.result()
+
+
 def source_cv(pairs, folds: int, cfg: TrainConfig, only_train: bool = False) -> list[dict]:
     """Train (or reuse) one model per fold and score it on its held-out volumes."""
     rows = []
-    for j, held in enumerate(folds_of(pairs, folds)):
-        train = [p for i, p in enumerate(pairs) if i not in held]
-        ck = cached_source(f"chaos_cv{folds}_fold{j}", cfg, train)
+    for j, (held, job) in enumerate(zip(folds_of(pairs, folds), cv_jobs(pairs, folds, cfg))):
+        ck = cached_source(*job)
         if only_train:
             continue
         model, meta = load_checkpoint(ck)
@@ -245,10 +263,98 @@ def run_key(cfg: RefineConfig) -> dict:
     return d
 
 
-def run_target(
-    name: str, ck: Path, vol, gt: np.ndarray, norm, methods, seeds, iterations: int | None, cached_only=False
+def run_path(runs_dir: Path, name: str, ck: Path, cfg: RefineConfig) -> Path:
+    """The cache file of one refinement run (keyed by the start model's bytes, the target and ``run_key``)."""
+    key = json.dumps({"model": file_hash(ck), "target": name, "cfg": run_key(cfg)}, sort_keys=True)
+    return runs_dir / f"{name}_{cfg.method}_{cfg.seed}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
+
+
+_TARGETS: dict = {}  # a worker's loaded targets (each process loads a scan once)
+
+
+def load_target(t: str, data: Path) -> tuple[str, Path | None, object, np.ndarray, object]:
+    """Target ``t`` (ct, mr or phantom): name, start model (None: the CHAOS one), volume, labels, preset."""
+    if t in _TARGETS:
+        return _TARGETS[t]
+    if t in ("ct", "mr"):  # real scans, the CHAOS source model
+        name = f"{t}_sm"
+        ts = data / "totalseg"
+        vol = load_volume(ts / f"{name}.nii.gz")
+        gt = np.asarray(load_volume(ts / f"{name}_labels.nii.gz").data).round().astype(np.int16)
+        out = (name, None, vol, gt, get_preset("ct-abdomen") if t == "ct" else None)
+    elif t == "phantom":  # the synthetic pair, the demo model
+        from napari_apl.core.phantom import make_phantom
+
+        image, labels, affine = make_phantom("ct", PHANTOM_SEED)
+        vol = volume_from_array(image, affine)
+        gt = volume_from_array(labels, affine).data.astype(np.int16)
+        out = (
+            f"ct_phantom{PHANTOM_SEED}",
+            REPO / "resources" / "demo_unet_dual.pt",
+            vol,
+            gt,
+            get_preset("ct-abdomen"),
+        )
+    else:
+        raise ValueError(f"unknown target {t!r}: ct, phantom or mr")
+    _TARGETS[t] = out
+    return out
+
+
+def refine_run(t: str, data: Path, ck: Path, cfg: RefineConfig, path: Path, threads: int) -> dict:
+    """Run one refinement of target ``t`` from ``ck``, score it and cache the row (a worker's job)."""
+    torch.set_num_threads(threads)
+    _, _, vol, gt, norm = load_target(t, data)
+    model, meta = load_checkpoint(ck)
+    t1 = time.perf_counter()
+    res = run_generator(refine(model, meta, vol, cfg))
+    pred = predict_labels(res.model, meta, vol, norm)
+    row = score(pred, gt, vol.spacing)
+    # the labels too, so that later scoring (e.g. post-processing) needs no rerun
+    np.savez_compressed(path.with_suffix(".npz"), labels=pred.astype(np.uint8))
+    row |= {"seconds": time.perf_counter() - t1, "iterations_done": res.iterations_done, "notes": res.notes}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(row))
+    os.replace(tmp, path)
+    return row
+
+
+def target_configs(methods, seeds, norm, iterations: int | None) -> list[tuple[str, list[RefineConfig]]]:
+    """Each row's refinement settings, one per seed."""
+    out = []
+    for method in methods:
+        base, overrides = VARIANTS.get(method, (method, {}))
+        cfgs = []
+        for seed in seeds:
+            cfg = RefineConfig.for_method(
+                base, seed=seed, device="cpu", normalization=norm.to_dict() if norm else None, **overrides
+            )
+            if iterations is not None:
+                cfg.iterations = iterations
+            cfgs.append(cfg)
+        out.append((method, cfgs))
+    return out
+
+
+def submit_target(
+    t: str, data: Path, ck: Path, rows, runs_dir: Path, pool, threads: int, cached_only: bool
 ) -> dict:
-    """No-adaptation row plus one row per method and seed on one target; runs are cached as JSON."""
+    """Start the runs of target ``t`` that are not cached on ``pool``; return their futures by cache file."""
+    name = load_target(t, data)[0]
+    futures = {}
+    for _, cfgs in rows:
+        for cfg in cfgs:
+            path = run_path(runs_dir, name, ck, cfg)
+            if not path.exists() and not cached_only and path not in futures:
+                futures[path] = pool.submit(refine_run, t, data, ck, cfg, path, threads)
+    return futures
+
+
+def collect_target(
+    t: str, data: Path, ck: Path, rows, runs_dir: Path, futures: dict, reference: Path
+) -> dict:
+    """No-adaptation row plus one row per method and seed on one target (waiting for its runs)."""
+    name, _, vol, gt, norm = load_target(t, data)
     model, meta = load_checkpoint(ck)
     t0 = time.perf_counter()
     start = score(predict_labels(model, meta, vol, norm), gt, vol.spacing)
@@ -258,50 +364,33 @@ def run_target(
         "runs": {"no adaptation": [start | {"seconds": time.perf_counter() - t0}]},
     }
     log(f"{name}: no adaptation avg Dice {start['avg']:.1f}")
-    runs_dir = CACHE / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    mhash = file_hash(ck)
-    for method in methods:
-        rows = []
-        base, overrides = VARIANTS.get(method, (method, {}))
-        for seed in seeds:
-            cfg = RefineConfig.for_method(
-                base, seed=seed, device="cpu", normalization=norm.to_dict() if norm else None, **overrides
-            )
-            if iterations is not None:
-                cfg.iterations = iterations
-            key = json.dumps({"model": mhash, "target": name, "cfg": run_key(cfg)}, sort_keys=True)
-            path = runs_dir / f"{name}_{base}_{seed}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
-            if path.exists():
-                row = json.loads(path.read_text())
-                row["cached"] = True
-                labels_file = path.with_suffix(".npz")
-                if "largest" not in row and labels_file.exists():  # a run cached before this figure
-                    with np.load(labels_file) as z:
-                        row["largest"] = score(largest_components(z["labels"]), gt, vol.spacing, False)
-            elif cached_only:
+    for method, cfgs in rows:
+        got = []
+        for cfg in cfgs:
+            path = run_path(runs_dir, name, ck, cfg)
+            if path in futures:
+                futures[path].result()
+                fresh = True
+            elif path.exists():
+                fresh = False
+            else:  # --cached-only
                 continue
-            else:
-                t1 = time.perf_counter()
-                res = run_generator(refine(model, meta, vol, cfg))
-                pred = predict_labels(res.model, meta, vol, norm)
-                row = score(pred, gt, vol.spacing)
-                # the labels too, so that later scoring (e.g. post-processing) needs no rerun
-                np.savez_compressed(path.with_suffix(".npz"), labels=pred.astype(np.uint8))
-                row |= {
-                    "seconds": time.perf_counter() - t1,
-                    "iterations_done": res.iterations_done,
-                    "notes": res.notes,
-                }
-                path.write_text(json.dumps(row))
-                row["cached"] = False
-            log(f"{name}: {method} seed {seed}: avg Dice {row['avg']:.1f} ({row['seconds']:.0f} s)")
-            rows.append(row)
-        if not rows:
+            row = json.loads(path.read_text())
+            row["cached"] = not fresh
+            labels_file = path.with_suffix(".npz")
+            if "largest" not in row and labels_file.exists():  # a run cached before this figure
+                with np.load(labels_file) as z:
+                    row["largest"] = score(largest_components(z["labels"]), gt, vol.spacing, False)
+            old = reference / path.name
+            if fresh and runs_dir != reference and old.exists():  # the same run cached earlier
+                row["same_as_cached"] = json.loads(old.read_text())["dice"] == row["dice"]
+            log(f"{name}: {method} seed {cfg.seed}: avg Dice {row['avg']:.1f} ({row['seconds']:.0f} s)")
+            got.append(row)
+        if not got:
             continue
-        out["runs"][method] = rows
+        out["runs"][method] = got
         out.setdefault("config", {})[method] = {
-            k: v for k, v in cfg.to_dict().items() if k not in ("seed", "normalization")
+            k: v for k, v in cfgs[-1].to_dict().items() if k not in ("seed", "normalization")
         }
     return out
 
@@ -397,15 +486,32 @@ def main(argv=None) -> int:
         "--methods", default=",".join(ROWS), help="comma-separated rows: refinement methods and VARIANTS"
     )
     p.add_argument("--targets", default="ct,phantom,mr", help="comma-separated: ct, phantom, mr")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker processes: models to train and refinement runs go side by side (default: one per core)",
+    )
+    p.add_argument(
+        "--threads", type=int, help="torch CPU threads per worker (default: the cores shared among the jobs)"
+    )
+    p.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=CACHE / "runs",
+        help="cache of refinement runs (another folder reruns them; rows are compared with the cached ones)",
+    )
+    p.add_argument("--stem", default="mri_to_ct", help="results file name under benchmarks/results")
     p.add_argument("--skip-cv", action="store_true", help="do not train / score the cross-validation models")
     p.add_argument(
         "--cached-only",
         action="store_true",
-        help="only report refinement runs already in benchmarks/cache/runs",
+        help="only report refinement runs already in the runs cache (--runs-dir)",
     )
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    jobs = max(1, args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
+    torch.set_num_threads(threads)
     t_start = time.perf_counter()
     data = data_dir()
     if not (data / "chaos_t2").is_dir():
@@ -419,40 +525,42 @@ def main(argv=None) -> int:
     iterations = 10 if args.quick else None
     methods = [m for m in args.methods.split(",") if m]
     settings = {"source": asdict(src_cfg), "cv_epochs": cv_cfg.epochs, "folds": folds, "seeds": seeds}
-    results: dict = {"settings": settings | {"quick": args.quick, "threads": args.threads}}
-
+    results: dict = {"settings": settings | {"quick": args.quick, "threads": threads, "jobs": jobs}}
     targets = [t for t in args.targets.split(",") if t]
-    full_ck = None
-    if {"ct", "mr"} & set(targets):
-        full_ck = cached_source("chaos_full" + ("_quick" if args.quick else ""), src_cfg, pairs)
-    if not args.skip_cv:
-        results["cv"] = source_cv(pairs, folds, cv_cfg)
-    results["targets"] = {}
-    ts = data / "totalseg"
-    for t in targets:
-        if t in ("ct", "mr"):  # real scans, the CHAOS source model
-            name = f"{t}_sm"
-            vol = load_volume(ts / f"{name}.nii.gz")
-            gt = np.asarray(load_volume(ts / f"{name}_labels.nii.gz").data).round().astype(np.int16)
-            model_path, norm = full_ck, (get_preset("ct-abdomen") if t == "ct" else None)
-        elif t == "phantom":  # the synthetic pair, the demo model
-            from napari_apl.core.phantom import make_phantom
+    runs_dir = args.runs_dir.expanduser().absolute()
+    runs_dir.mkdir(parents=True, exist_ok=True)
 
-            name, model_path = f"ct_phantom{PHANTOM_SEED}", REPO / "resources" / "demo_unet_dual.pt"
-            image, labels, affine = make_phantom("ct", PHANTOM_SEED)
-            vol = volume_from_array(image, affine)
-            gt = volume_from_array(labels, affine).data.astype(np.int16)
-            norm = get_preset("ct-abdomen")
-        else:
-            continue
-        results["targets"][t] = run_target(
-            name, model_path, vol, gt, norm, methods, seeds, iterations, args.cached_only
-        )
-        finish(results, full_ck, t_start, args.quick)  # partial results survive an interrupted run
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # 1. the source models, side by side
+        full_job = ("chaos_full" + ("_quick" if args.quick else ""), src_cfg, pairs)
+        train = [full_job] if {"ct", "mr"} & set(targets) else []
+        train += [] if args.skip_cv else cv_jobs(pairs, folds, cv_cfg)
+        train_all(train, pool, threads)
+        full_ck = cached_source(*full_job) if {"ct", "mr"} & set(targets) else None
+        # 2. every refinement run not cached, side by side; the targets are scored in order as they finish
+        plan = {}
+        for t in targets:
+            try:
+                ck = load_target(t, data)[1] or full_ck
+            except ValueError:
+                continue
+            norm = load_target(t, data)[4]
+            rows = target_configs(methods, seeds, norm, iterations)
+            plan[t] = (ck, rows, submit_target(t, data, ck, rows, runs_dir, pool, threads, args.cached_only))
+        if not args.skip_cv:
+            results["cv"] = source_cv(pairs, folds, cv_cfg)
+        results["targets"] = {}
+        for t, (ck, rows, futures) in plan.items():
+            results["targets"][t] = collect_target(t, data, ck, rows, runs_dir, futures, CACHE / "runs")
+            # partial results survive an interruption
+            finish(results, full_ck, t_start, args.quick, args.stem)
     return 0
 
 
-def finish(results: dict, full_ck: Path | None, t_start: float, quick: bool) -> None:
+def finish(results: dict, full_ck: Path | None, t_start: float, quick: bool, stem: str = "mri_to_ct") -> None:
     """Summarise what has been measured so far and write the results files (called after each target)."""
     for t in results["targets"].values():
         t["acceptance"] = acceptance(t)
@@ -475,7 +583,7 @@ def finish(results: dict, full_ck: Path | None, t_start: float, quick: bool) -> 
     m["total_compute_seconds"] = (
         m["refinement_compute_seconds"] + m["source_training_seconds"] + m["cv_training_seconds"]
     )
-    write_results(results, "mri_to_ct_quick" if quick else "mri_to_ct")
+    write_results(results, f"{stem}_quick" if quick else stem)
 
 
 def completeness(results: dict) -> list[str]:
@@ -516,7 +624,8 @@ def write_results(results: dict, stem: str) -> None:
         f"{m['refinement_compute_seconds'] / 60:.1f} min; "
         f"total {m['total_compute_seconds'] / 60:.1f} min from scratch "
         f"(this invocation: {m['wall_seconds_this_invocation'] / 60:.1f} min wall, cached parts reused). "
-        f"torch threads: {st['threads']}. The machine was shared with other jobs, so times are upper bounds.",
+        f"{st.get('jobs', 1)} worker process(es) side by side, {st['threads']} torch thread(s) each. The "
+        "machine was shared with other jobs, so times are upper bounds.",
         "",
         "Every figure below is measured by that script. Dice in %, ASSD in mm; refinement rows are mean "
         "± standard "
