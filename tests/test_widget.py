@@ -473,6 +473,59 @@ def test_worker_errors_are_notified(setup, qtbot, notifications: list[str], monk
     assert LAYER_MAIN not in viewer.layers
 
 
+@pytest.mark.parametrize("kind", ["gantry tilt", "oblique"])
+def test_inspect_goes_to_the_slice_napari_shows_on_a_tilted_scan(
+    make_napari_viewer, phantom_files, tiny_checkpoint, tmp_path, kind: str
+) -> None:
+    """On a scan whose slices are not perpendicular to the slider's axis, the Inspect panel's slice is the
+    one napari displays (napari slices by the slider's coordinate alone, not the full world point)."""
+    import warnings
+
+    import nibabel as nib
+
+    image_path, _ = phantom_files("RAS")
+    src = nib.load(str(image_path))
+    affine = src.affine.copy()
+    if kind == "gantry tilt":  # the slice direction leans forward by 20 degrees (CT gantry tilt)
+        affine[:3, 2] += np.array([0.0, np.tan(np.deg2rad(20.0)), 0.0]) * affine[2, 2]
+    else:  # the slices are rotated by 15 degrees about the left-right axis
+        a = np.deg2rad(15.0)
+        rot = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+        affine[:3, :3] = rot @ affine[:3, :3]
+    path = tmp_path / "tilted.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(src.dataobj), affine), str(path))
+    viewer = make_napari_viewer()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Non-orthogonal slicing", UserWarning)
+        [image] = viewer.open(str(path), plugin="napari-apl")
+        _, widget = viewer.window.add_plugin_dock_widget("napari-apl", WIDGET_NAME)
+        assert widget.controller.load_checkpoint(tiny_checkpoint) is not None
+        widget.image_combo.set_layer(image)
+        widget.predict(sync=True)
+        panel = widget.inspect
+        n, axis = image.data.shape[0], viewer.dims.ndim - 3
+
+        def shown() -> int:  # the data slice napari displays (private: napari has no public API for it)
+            return int(np.clip(round(float(image._data_slice.point[0])), 0, n - 1))
+
+        # every stop of napari's slider: the panel reads the slice napari shows
+        reachable = set()
+        for i in range(int(viewer.dims.nsteps[axis])):
+            viewer.dims.set_current_step(axis, i)
+            assert panel.current_slice() == shown()
+            reachable.add(shown())
+        # napari's slider step is not the slice spacing on these scans: some slices have no stop
+        assert len(reachable) < n if kind == "gantry tilt" else len(reachable) >= n - 1
+        for k in range(n):
+            panel.go_to_slice(k)
+            assert panel.current_slice() == shown()
+            assert panel.info.text().startswith(f"{image.name}, slice {shown()}:")
+            if k in reachable:
+                assert shown() == k
+            else:  # the nearest slice napari can show
+                assert abs(shown() - k) == 1
+
+
 def test_inspect_moves_the_slider(setup) -> None:
     viewer, widget, image, _ = setup("LPS")
     widget.predict(sync=True)

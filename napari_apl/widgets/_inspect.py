@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -108,23 +109,35 @@ class InspectPanel(QWidget):
         self._on_dims()
 
     def current_slice(self) -> int | None:
-        """The axial slice of the predicted image under napari's slider (``None`` if none)."""
+        """The axial slice of the predicted image that napari shows (``None`` if none)."""
         layer = self.controller.image_layer
         if layer is None or layer not in self.controller.viewer.layers or self.profile is None:
             return None
-        point = np.asarray(self.controller.viewer.dims.point, dtype=np.float64)[-3:]
-        data = np.linalg.solve(layer_world_matrix(layer), np.append(point, 1.0))
-        return int(np.clip(round(float(data[0])), 0, self.profile.n_slices - 1))
+        gain, offset = _slider_to_slice(layer)
+        point = float(self.controller.viewer.dims.point[-3])
+        return int(np.clip(round(gain * point + offset), 0, self.profile.n_slices - 1))
 
     def go_to_slice(self, k: int) -> None:
         """Move napari's slider to axial slice ``k`` of the predicted image."""
         layer = self.controller.image_layer
         if layer is None or layer not in self.controller.viewer.layers:
             return
-        shape = layer.data.shape
-        world = layer_world_matrix(layer) @ np.array([k, (shape[1] - 1) / 2, (shape[2] - 1) / 2, 1.0])
+        gain, offset = _slider_to_slice(layer)
         dims = self.controller.viewer.dims
-        dims.set_point(dims.ndim - 3, float(world[0]))
+        axis = dims.ndim - 3
+        rng, last = dims.range[axis], max(0, int(dims.nsteps[axis]) - 1)
+        step = float(rng.step) or 1.0
+        exact = (k - offset) / gain  # the slider coordinate at the middle of slice k
+        # napari's slider stops at start + i * step; on a tilted scan its step is not the slice spacing,
+        # so take the stop that shows slice k (the nearest stop when none does)
+        below = math.floor((exact - rng.start) / step)
+        stops = sorted({min(max(i, 0), last) for i in (below, below + 1)})
+
+        def rank(i: int) -> tuple[bool, float]:
+            point = rng.start + i * step
+            return round(gain * point + offset) != k, abs(point - exact)
+
+        dims.set_current_step(axis, min(stops, key=rank))
 
     def next_least_confident(self) -> int | None:
         """Go to the next slice in order of increasing mean ω; return its index."""
@@ -154,3 +167,17 @@ class InspectPanel(QWidget):
             f"{self.controller.image_layer.name}, slice {k}: mean ω {self.profile.mean_confidence[k]:.3f}, "
             f"disagreement {self.profile.mean_disagreement[k]:.3f}" + (f"; cm²: {areas}" if areas else "")
         )
+
+
+def _slider_to_slice(layer: Any) -> tuple[float, float]:
+    """``(gain, offset)`` with napari's shown axial slice = round(gain * slider point + offset).
+
+    Napari slices a layer at the data coordinate that the slider's world coordinate alone maps to
+    (the in-plane part of the world->data transform is dropped), so on a tilted or oblique scan the
+    slice differs from a full inverse of the world point; this follows napari's rule.
+    """
+    inverse = np.linalg.inv(layer_world_matrix(layer))
+    gain = float(inverse[0, 0])
+    if abs(gain) < 1e-12:  # the slider does not move through the axial slices (never for a reader layer)
+        return 1.0, 0.0
+    return gain, float(inverse[0, 3])
