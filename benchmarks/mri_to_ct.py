@@ -382,7 +382,7 @@ def collect_target(
                 with np.load(labels_file) as z:
                     row["largest"] = score(largest_components(z["labels"]), gt, vol.spacing, False)
             old = reference / path.name
-            if fresh and runs_dir != reference and old.exists():  # the same run cached earlier
+            if runs_dir.resolve() != reference.resolve() and old.exists():  # the same run cached earlier
                 row["same_as_cached"] = json.loads(old.read_text())["dice"] == row["dice"]
             log(f"{name}: {method} seed {cfg.seed}: avg Dice {row['avg']:.1f} ({row['seconds']:.0f} s)")
             got.append(row)
@@ -489,8 +489,9 @@ def main(argv=None) -> int:
     p.add_argument(
         "--jobs",
         type=int,
-        default=os.cpu_count() or 1,
-        help="worker processes: models to train and refinement runs go side by side (default: one per core)",
+        default=min(os.cpu_count() or 1, 8),
+        help="worker processes: models to train and refinement runs go side by side (default: one per "
+        "core, at most 8)",
     )
     p.add_argument(
         "--threads", type=int, help="torch CPU threads per worker (default: the cores shared among the jobs)"
@@ -533,7 +534,8 @@ def main(argv=None) -> int:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    try:
         # 1. the source models, side by side
         full_job = ("chaos_full" + ("_quick" if args.quick else ""), src_cfg, pairs)
         train = [full_job] if {"ct", "mr"} & set(targets) else []
@@ -557,6 +559,10 @@ def main(argv=None) -> int:
             results["targets"][t] = collect_target(t, data, ck, rows, runs_dir, futures, CACHE / "runs")
             # partial results survive an interruption
             finish(results, full_ck, t_start, args.quick, args.stem)
+    except BaseException:  # a failed run or Ctrl-C: drop the queued runs instead of waiting for them
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return 0
 
 
@@ -584,6 +590,25 @@ def finish(results: dict, full_ck: Path | None, t_start: float, quick: bool, ste
         m["refinement_compute_seconds"] + m["source_training_seconds"] + m["cv_training_seconds"]
     )
     write_results(results, f"{stem}_quick" if quick else stem)
+
+
+def rerun_lines(results: dict) -> list[str]:
+    """A line comparing runs redone in another runs cache (``--runs-dir``) with the cached ones."""
+    marks = [
+        (t, m, r["same_as_cached"])
+        for t, tab in results["targets"].items()
+        for m, rows in tab["runs"].items()
+        for r in rows
+        if "same_as_cached" in r
+    ]
+    if not marks:
+        return []
+    differ = sorted({f"{t}: {m}" for t, m, same in marks if not same})
+    line = (
+        f"Refinement runs redone in another cache: {sum(s for *_, s in marks)} of {len(marks)} give the same "
+        "per-organ Dice as the runs cached earlier"
+    )
+    return [line + (f" (different: {'; '.join(differ)})." if differ else "."), ""]
 
 
 def completeness(results: dict) -> list[str]:
@@ -643,6 +668,7 @@ def write_results(results: dict, stem: str) -> None:
         "augmentation (no augmentation, class weights ∝ 1/frequency^0.25). The issue's checks are made "
         "for the default `apl` row against every baseline row.",
         "",
+        *rerun_lines(results),
         *completeness(results),
         "## Source model: CHAOS T2-SPIR (16 volumes), in-domain cross-validation",
         f"`unet-dual` base {src['arch_args'].get('base')}, {src['input_size'][0]} x "

@@ -189,6 +189,7 @@ def test_save_dtypes_and_trailing_axes(tmp_path: Path) -> None:
 @pytest.mark.parametrize("deflate", ["isal", "zlib"])
 def test_gzip_writer_bytes_equal_nibabel_and_plain(tmp_path: Path, monkeypatch, deflate: str) -> None:
     """A .nii.gz holds exactly the .nii's bytes (one standard gzip member), with ISA-L or with zlib."""
+    import io
     import sys
 
     from napari_apl.core import io_utils
@@ -201,19 +202,50 @@ def test_gzip_writer_bytes_equal_nibabel_and_plain(tmp_path: Path, monkeypatch, 
         gz.write(b"x")
     kind = type(gz._gz).__name__
     assert kind == ("IGzipFile" if deflate == "isal" else "GzipFile")
-    # the bytes depend on the content only, not on how it was split into writes (streamed vs at once)
-    content = np.random.default_rng(1).integers(0, 4, 3_500_000).astype(np.uint8).tobytes()
-    files = []
-    for step in (len(content), 262_144, 999_983, 4_096 * 7 + 5):
-        with open(tmp_path / "split.gz", "wb") as raw, io_utils.gzip_writer(raw) as gz:
+    # the bytes depend on the content only, not on how it was split into writes (streamed vs at once):
+    # content like a label map (long runs of a few values), which ISA-L alone compresses differently
+    # depending on the split
+    arr = np.zeros(3_500_000, np.uint8)
+    arr[::5] = 1
+    arr[1000:900_000] = 7
+    content = arr.tobytes()
+    steps = (len(content), 262_144, 999_983, 4_096 * 7 + 5)
+
+    def written(step: int, writer) -> bytes:
+        with open(tmp_path / "split.gz", "wb") as raw, writer(raw) as gz:
             gz.write(content[:10])
             gz.seek(30)  # forward only: zeros, as nibabel pads to its data offset
             assert gz.tell() == 30
             for s in range(10, len(content), step):
                 gz.write(content[s : s + step])
-        files.append((tmp_path / "split.gz").read_bytes())
+        return (tmp_path / "split.gz").read_bytes()
+
+    files = [written(step, io_utils.gzip_writer) for step in steps]
     assert all(f == files[0] for f in files[1:])
     assert gzip.decompress(files[0]) == content[:10] + bytes(20) + content[10:]
+    if deflate == "isal":  # what the fixed blocks are for
+        from isal.igzip import IGzipFile
+
+        def plain_isal(raw):
+            return IGzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1, mtime=0)
+
+        plain = [written(step, plain_isal) for step in steps]
+        assert len(set(plain)) > 1
+    with pytest.raises(ValueError):  # closed: nothing more is accepted
+        gz.write(b"late")
+
+    class FullDisk(io.BytesIO):
+        def write(self, data) -> int:
+            if self.tell() > 100:
+                raise OSError(28, "No space left on device")
+            return super().write(data)
+
+    gz = io_utils.gzip_writer(FullDisk())
+    gz.write(content[:500_000])
+    with pytest.raises(OSError):
+        gz.close()
+    assert gz.closed  # a failed close still closes (a second close is a no-op, not an error)
+    gz.close()
     vol = load_volume(_write(tmp_path / "img.nii.gz", _distinct(), ORIENTATIONS["PIR"]))
     data = vol.to_original(vol.data).astype(np.float32) / 3.0
     gz_path = save_nifti(data, tmp_path / "out.nii.gz", vol)

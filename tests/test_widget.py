@@ -505,15 +505,19 @@ def test_inspect_goes_to_the_slice_napari_shows_on_a_tilted_scan(
         panel = widget.inspect
         n, axis = image.data.shape[0], viewer.dims.ndim - 3
 
-        def shown() -> int:  # the data slice napari displays (private: napari has no public API for it)
-            return int(np.clip(round(float(image._data_slice.point[0])), 0, n - 1))
+        def shown() -> int | None:  # the data slice napari displays (private: no public API for it)
+            k = round(float(image._data_slice.point[0]))
+            return k if 0 <= k < n else None  # outside: napari shows an empty plane
 
         # every stop of napari's slider: the panel reads the slice napari shows
         reachable = set()
         for i in range(int(viewer.dims.nsteps[axis])):
             viewer.dims.set_current_step(axis, i)
             assert panel.current_slice() == shown()
-            reachable.add(shown())
+            if shown() is None:
+                assert panel.info.text() == f"{image.name}: no slice at this slider position"
+            else:
+                reachable.add(shown())
         # napari's slider step is not the slice spacing on these scans: some slices have no stop
         assert len(reachable) < n if kind == "gantry tilt" else len(reachable) >= n - 1
         for k in range(n):
@@ -524,6 +528,11 @@ def test_inspect_goes_to_the_slice_napari_shows_on_a_tilted_scan(
                 assert shown() == k
             else:  # the nearest slice napari can show
                 assert abs(shown() - k) == 1
+        # "next least confident" moves at every press, to the slice it reports
+        seen = [panel.current_slice()]
+        for _ in range(4):
+            seen.append(panel.next_least_confident())
+            assert seen[-1] == shown() and seen[-1] != seen[-2]
 
 
 def test_inspect_moves_the_slider(setup) -> None:

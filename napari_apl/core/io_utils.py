@@ -80,6 +80,7 @@ class _FixedBlocks(io.RawIOBase):
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         """Move forward by writing zeros, as gzip's writer does (nibabel seeks to the data offset)."""
+        self._checkClosed()  # type: ignore[attr-defined]
         target = offset if whence == io.SEEK_SET else self._pos + offset if whence == io.SEEK_CUR else -1
         if target < self._pos:
             raise io.UnsupportedOperation("a gzip writer can only seek forward")
@@ -88,6 +89,7 @@ class _FixedBlocks(io.RawIOBase):
         return self._pos
 
     def write(self, data: Any) -> int:
+        self._checkClosed()  # type: ignore[attr-defined]
         view = memoryview(data).cast("B")
         n = len(view)
         self._pos += n
@@ -106,14 +108,17 @@ class _FixedBlocks(io.RawIOBase):
         return n
 
     def close(self) -> None:
-        if not self.closed:
+        if self.closed:
+            return
+        try:
+            if self._buf:
+                self._gz.write(self._buf)
+        finally:
+            self._buf = bytearray()
             try:
-                if self._buf:
-                    self._gz.write(self._buf)
-                    self._buf = bytearray()
-            finally:
                 self._gz.close()
-        super().close()
+            finally:
+                super().close()  # closed even when the last write failed (e.g. a full disk)
 
 
 def gzip_writer(raw: IO[bytes]) -> IO[bytes]:
@@ -121,7 +126,8 @@ def gzip_writer(raw: IO[bytes]) -> IO[bytes]:
 
     ISA-L's deflate (the ``isal`` package) when it is installed: the same format and about the same size as
     zlib's level 1, which nibabel writes, at a fifth to a tenth of its CPU time; zlib otherwise. Either
-    receives the bytes in fixed blocks, so equal content gives equal files however it was written.
+    receives the bytes in fixed blocks, so with the same library (and version) equal content gives equal
+    files however it was written; ISA-L's and zlib's files differ in their bytes, not in their content.
     """
     try:
         from isal.igzip import IGzipFile

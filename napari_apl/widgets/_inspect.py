@@ -109,13 +109,14 @@ class InspectPanel(QWidget):
         self._on_dims()
 
     def current_slice(self) -> int | None:
-        """The axial slice of the predicted image that napari shows (``None`` if none)."""
+        """The axial slice of the predicted image that napari shows (``None`` if none, e.g. the slider
+        is past the scan's slices, where napari shows an empty plane)."""
         layer = self.controller.image_layer
         if layer is None or layer not in self.controller.viewer.layers or self.profile is None:
             return None
         gain, offset = _slider_to_slice(layer)
-        point = float(self.controller.viewer.dims.point[-3])
-        return int(np.clip(round(gain * point + offset), 0, self.profile.n_slices - 1))
+        k = round(gain * float(self.controller.viewer.dims.point[-3]) + offset)
+        return int(k) if 0 <= k < self.profile.n_slices else None
 
     def go_to_slice(self, k: int) -> None:
         """Move napari's slider to axial slice ``k`` of the predicted image."""
@@ -140,21 +141,34 @@ class InspectPanel(QWidget):
         dims.set_current_step(axis, min(stops, key=rank))
 
     def next_least_confident(self) -> int | None:
-        """Go to the next slice in order of increasing mean ω; return its index."""
+        """Go to the next slice in order of increasing mean ω; return the slice napari then shows.
+
+        On a tilted scan a slice without a slider stop shows its neighbour; a rank that would show the
+        slice already shown is skipped, so each press moves.
+        """
         if self.profile is None or self.profile.n_slices == 0:
             return None
         order = self.profile.least_confident_order()
-        self._rank = (self._rank + 1) % len(order)
-        k = int(order[self._rank])
-        self.go_to_slice(k)
-        return k
+        before = self.current_slice()
+        for _ in range(len(order)):
+            self._rank = (self._rank + 1) % len(order)
+            self.go_to_slice(int(order[self._rank]))
+            if self.current_slice() != before:
+                break
+        return self.current_slice()
 
     def _on_dims(self, event: Any = None) -> None:
         k = self.current_slice()
         self.noise_plot.set_marker(k)
         self.area_plot.set_marker(k)
         pred = self.controller.prediction
-        if k is None or pred is None or self.profile is None:
+        if pred is None or self.profile is None:
+            return
+        if k is None:
+            self.hist_plot.set_histogram([], [])
+            layer = self.controller.image_layer
+            if layer is not None and layer in self.controller.viewer.layers:
+                self.info.setText(f"{layer.name}: no slice at this slider position")
             return
         counts, edges = omega_histogram(pred, k)
         self.hist_plot.set_histogram(counts, edges)
