@@ -17,7 +17,10 @@ What it does (every figure it writes is measured by this run):
 4. writes ``benchmarks/results/mri_to_ct.md`` and ``.json`` with the date, commit, machine and wall time.
 
 Run: ``python benchmarks/mri_to_ct.py`` (``--quick`` for a smoke run with tiny budgets; results of a
-quick run go to ``mri_to_ct_quick.*``). Data: ``$NAPARI_APL_DATA`` or ``../shared/data``.
+quick run go to ``mri_to_ct_quick.*``). Data: ``$NAPARI_APL_DATA`` or ``../shared/data``. Models to
+train and refinement runs go to ``--jobs`` worker processes side by side (one per core by default,
+each with its share of the cores as torch threads); ``--runs-dir`` redoes the refinement runs in
+another cache and compares each with the cached one.
 """
 
 from __future__ import annotations
