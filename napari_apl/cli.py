@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .core.errors import APLError, OutputError
+from .core.memory import set_numpy_huge_pages
 
 # What each output map is stored as (see core.infer.encode_map): labels as uint8, ω and the heads'
 # disagreement as uint8 with scl_slope 1/255 (readers see floats in [0, 1]).
@@ -690,6 +691,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _CREATED_DIRS.clear()
     # (not for the viewer: napari's event loop would swallow the interrupt; SIGTERM ends it as before)
     previous = _stop_on_sigterm() if args.command != "demo" else None
+    huge_pages = set_numpy_huge_pages(False)  # this process's large arrays: see core.memory
     try:
         return int(args.func(args) or 0)
     except APLError as exc:
@@ -704,6 +706,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _remove_created_empty_dirs()
         raise
     finally:
+        if huge_pages is not None:
+            set_numpy_huge_pages(huge_pages)
         if previous is not None:
             with contextlib.suppress(ValueError, TypeError, OSError):
                 signal.signal(signal.SIGTERM, previous)

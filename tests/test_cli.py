@@ -395,3 +395,27 @@ def test_a_run_the_collapse_guard_ends_early_exits_0(tmp_path, tiny_ckpt, phanto
     log = json.loads((out / "log.json").read_text())
     assert log["stopped"] is True and log["iterations_done"] < 6 and log["notes"]
     assert "interrupted" not in capsys.readouterr().err
+
+
+def test_commands_run_without_numpy_huge_page_advice(monkeypatch, tmp_path) -> None:
+    """A command turns numpy's huge-page advice off while it runs and back on after; the user's
+    NUMPY_MADVISE_HUGEPAGE wins (core.memory)."""
+    from napari_apl import cli
+    from napari_apl.core import memory
+
+    multiarray = pytest.importorskip("numpy._core.multiarray")
+    if not hasattr(multiarray, "_get_madvise_hugepage"):
+        pytest.skip("this numpy has no huge-page switch")
+    seen = []
+    monkeypatch.setattr(cli, "cmd_info", lambda args: seen.append(multiarray._get_madvise_hugepage()) or 0)
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+    before = memory.set_numpy_huge_pages(True)
+    try:
+        assert cli.main(["info", str(tmp_path / "x.pt")]) == 0
+        assert seen == [False] and multiarray._get_madvise_hugepage()
+        monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")
+        assert cli.main(["info", str(tmp_path / "x.pt")]) == 0
+        assert seen == [False, True]
+    finally:
+        monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+        memory.set_numpy_huge_pages(bool(before))

@@ -330,3 +330,20 @@ def test_prediction_writer_abort_leaves_nothing(phantom_files, tmp_path) -> None
     writer.feed([0, 1])
     writer.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prediction_store_in_plain_pages(monkeypatch) -> None:
+    """A large store is zeroed memory of its own (an anonymous mmap, no huge-page advice); small ones not."""
+    import mmap
+
+    from napari_apl.core import memory
+
+    big = Prediction.empty((256, 256, 40))  # 2.6 MB per uint8 map, 5.2 MB per float16 map
+    assert isinstance(big.confidence.base, mmap.mmap) and big.main.base is None  # 4 MB threshold
+    for name, arr in big.as_dict().items():
+        assert arr.flags.f_contiguous and arr.flags.writeable and not arr.any(), name
+        assert arr.dtype == infer.MAP_DTYPES[name], name
+    big.confidence[:, :, 7] = 0.5
+    assert float(big.confidence.sum(dtype=np.float64)) == 0.5 * 256 * 256
+    monkeypatch.setattr(memory, "PLAIN_PAGES", False)
+    assert Prediction.empty((256, 256, 40)).confidence.base is None

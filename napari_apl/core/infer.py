@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from . import pseudo
 from .checkpoint import CheckpointMeta
+from .memory import zeros_plain_pages
 from .models import DualHeadNet
 from .preprocess import FittedNormalization, Normalization, constant_volume_error
 from .utils import resolve_device, run_generator
@@ -98,7 +99,7 @@ class Prediction:
     @classmethod
     def empty(cls, shape: tuple[int, int, int]) -> Prediction:
         """Zero-filled maps of canonical ``shape`` (Fortran order: each axial slice contiguous)."""
-        arrays = {_FIELDS[n]: np.zeros(shape, MAP_DTYPES[n], order="F") for n in MAP_NAMES}
+        arrays = {_FIELDS[n]: zeros_plain_pages(shape, MAP_DTYPES[n], order="F") for n in MAP_NAMES}
         return cls(**arrays)
 
 
