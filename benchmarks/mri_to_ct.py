@@ -549,10 +549,10 @@ def main(argv=None) -> int:
         plan = {}
         for t in targets:
             try:
-                ck = load_target(t, data)[1] or full_ck
-            except ValueError:
+                _, start_model, _, _, norm = load_target(t, data)
+            except ValueError:  # not a target this benchmark knows
                 continue
-            norm = load_target(t, data)[4]
+            ck = start_model or full_ck
             rows = target_configs(methods, seeds, norm, iterations)
             plan[t] = (ck, rows, submit_target(t, data, ck, rows, runs_dir, pool, threads, args.cached_only))
         if not args.skip_cv:

@@ -81,7 +81,12 @@ class _FixedBlocks(io.RawIOBase):
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         """Move forward by writing zeros, as gzip's writer does (nibabel seeks to the data offset)."""
         self._checkClosed()  # type: ignore[attr-defined]
-        target = offset if whence == io.SEEK_SET else self._pos + offset if whence == io.SEEK_CUR else -1
+        if whence == io.SEEK_SET:
+            target = offset
+        elif whence == io.SEEK_CUR:
+            target = self._pos + offset
+        else:
+            raise io.UnsupportedOperation("a gzip writer cannot seek from the end")
         if target < self._pos:
             raise io.UnsupportedOperation("a gzip writer can only seek forward")
         if target > self._pos:
