@@ -199,6 +199,42 @@ def test_device_memory_is_released_after_the_loop_state_is_gone(setup, monkeypat
     assert result.iterations_done == (1 if stop_early else 6)
 
 
+def test_events_kept_after_the_end_hold_no_tensors(setup, monkeypatch) -> None:
+    """A caller that keeps the last event (a viewer showing it) keeps none of the loop's tensors alive
+    when the cache is emptied: on an H100 the ensemble and the guard's weight copies stayed reserved."""
+    import gc
+
+    import napari_apl.core.refine as refine_mod
+
+    model, meta, vol = setup
+    held: list[int] = []
+
+    def spy(device) -> None:
+        gc.collect()
+        tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+        held.append(sum(t.numel() * t.element_size() for t in tensors))
+
+    monkeypatch.setattr(refine_mod, "release_device_memory", spy)
+    kept = []
+    for keep in (False, True):
+        gen = refine(model, meta, vol, _cfg(iterations=4, guard_every=2))
+        while True:
+            try:
+                ev = next(gen)
+            except StopIteration:
+                break
+            assert ev.labels().shape == vol.data.shape  # while the loop runs, the callables work
+            if keep:
+                kept.append(ev)
+            del ev
+    assert len(held) == 2
+    assert held[1] == held[0], f"kept events hold {held[1] - held[0]} bytes of tensors"
+    with pytest.raises(RuntimeError, match="ended"):
+        kept[-1].labels()
+    with pytest.raises(RuntimeError, match="ended"):
+        kept[-1].checked()
+
+
 @pytest.mark.parametrize("at", [3, 5])
 def test_non_finite_weights_restore_a_finite_model(setup, monkeypatch: pytest.MonkeyPatch, at: int) -> None:
     """An encoder step that leaves a NaN weight (its loss still finite) stops the run with a finite model:

@@ -297,11 +297,14 @@ class RefineEvent:
     note: str = ""
     labels: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
     """The ensemble's current pseudo labels on the voxel grid, computed when called (for live views:
-    call it before the generator resumes; ``pseudo`` is the same volume, attached every ``emit_every``)."""
+    call it before the generator resumes; ``pseudo`` is the same volume, attached every ``emit_every``).
+    Once the refinement has ended it raises ``RuntimeError``: a kept event holds none of the loop's
+    tensors."""
     checked: Callable[[], tuple[int, dict[str, Any]]] | None = field(default=None, repr=False, compare=False)
     """``(iteration, weights)`` of the newest state the collapse guard passed (of the model the run
     returns: the EMA teacher, or the student without one), weights copied to the CPU when called
-    (0: none checked yet). For autosaving a run in progress; call it before the generator resumes."""
+    (0: none checked yet). For autosaving a run in progress; call it before the generator resumes.
+    Raises ``RuntimeError`` once the refinement has ended."""
 
 
 @dataclass
@@ -548,12 +551,44 @@ def refine(
     """
     cfg = (config or RefineConfig()).validate()
     dev = resolve_device(cfg.device)  # (an unusable device is refused here, before anything runs)
+    live = _EventSources()
     try:
         # the loop runs in its own generator, whose frame (optimiser states, guard copies, batches on
         # the device) is freed when it returns: only then can the cache be emptied
-        return (yield from _refine_loop(model, meta, volume, cfg, dev, control, corrections))
+        return (yield from _refine_loop(model, meta, volume, cfg, dev, control, corrections, live))
     finally:
+        live.close()  # an event the caller keeps must not hold the ensemble or weight copies on the device
         release_device_memory(dev)
+
+
+class _EventSources:
+    """What the events' ``labels`` and ``checked`` read while the loop runs; emptied when it ends."""
+
+    def __init__(self) -> None:
+        self._labels: Callable[[], np.ndarray] | None = None
+        self._checked: Callable[[], tuple[int, dict[str, Any]]] | None = None
+
+    def attach(
+        self, labels: Callable[[], np.ndarray], checked: Callable[[], tuple[int, dict[str, Any]]]
+    ) -> None:
+        """Point the events at the running loop's pseudo labels and guard-checked weights."""
+        self._labels, self._checked = labels, checked
+
+    def close(self) -> None:
+        """Drop the loop's state, so that events kept after the end keep no tensors alive."""
+        self._labels = self._checked = None
+
+    def labels(self) -> np.ndarray:
+        """The ensemble's current pseudo labels on the voxel grid."""
+        if self._labels is None:
+            raise RuntimeError("this refinement has ended: its result holds the final pseudo labels")
+        return self._labels()
+
+    def checked(self) -> tuple[int, dict[str, Any]]:
+        """The newest guard-checked weights, copied to the CPU."""
+        if self._checked is None:
+            raise RuntimeError("this refinement has ended: its result holds the returned model")
+        return self._checked()
 
 
 def _refine_loop(
@@ -564,8 +599,9 @@ def _refine_loop(
     dev: torch.device,
     control: RefineControl | None,
     corrections: np.ndarray | None,
+    live: _EventSources,
 ) -> Generator[RefineEvent, None, RefineResult]:
-    """The body of ``refine`` (``cfg`` validated, ``dev`` its resolved device)."""
+    """The body of ``refine`` (``cfg`` validated, ``dev`` its device, ``live`` its events' sources)."""
     ctl = control or RefineControl()
     use_amp = (dev.type == "cuda") if cfg.amp is None else bool(cfg.amp)
     rng = seed_everything(cfg.seed)
@@ -746,6 +782,8 @@ def _refine_loop(
     def checked_weights() -> tuple[int, dict[str, Any]]:
         """The newest guard-checked weights (of the model a stop would return), copied to the CPU."""
         return good_iter, {k: v.to("cpu", copy=True) for k, v in good_state[guard_key].items()}
+
+    live.attach(lambda: _to_volume(prep, ensemble.labels()), checked_weights)
 
     cbst_k: torch.Tensor | None = None
     class_k: torch.Tensor | None = None
@@ -946,8 +984,8 @@ def _refine_loop(
             changed_fraction=changed,
             pseudo=_to_volume(prep, ensemble.labels()) if emit else None,
             note=note,
-            labels=lambda: _to_volume(prep, ensemble.labels()),
-            checked=checked_weights,
+            labels=live.labels,
+            checked=live.checked,
         )
         if stopped:
             break
