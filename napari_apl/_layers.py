@@ -316,11 +316,11 @@ def labels_layer_data(volume: Volume, name: str | None = None, **extra: Any) -> 
     return data, labels_kwargs(geom, name or volume.name, **extra), "labels"
 
 
-def ct_display_window() -> tuple[float, float]:
-    """Contrast limits of the abdominal CT window (``core.preprocess.PRESETS["ct-abdomen"]``), in HU."""
+def ct_display_window(preset_name: str = "ct-abdomen") -> tuple[float, float]:
+    """Contrast limits of a CT window preset (``core.preprocess.PRESETS``; the abdomen's in HU by default)."""
     from .core.preprocess import PRESETS
 
-    preset = PRESETS["ct-abdomen"]
+    preset = PRESETS[preset_name]
     return (preset.level - preset.width / 2, preset.level + preset.width / 2)
 
 

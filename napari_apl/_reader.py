@@ -16,6 +16,7 @@ import numpy as np
 
 from ._layers import ct_display_window, image_layer_data, labels_layer_data, notify_error
 from .core.errors import APLError
+from .core.preprocess import looks_like_offset_ct
 from .core.volume import Volume, load_volume, max_voxel_bytes
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -111,10 +112,14 @@ def looks_like_labels(volume: Volume, name: str = "") -> bool:
 
 
 def _ct_window(volume: Volume) -> tuple[float, float] | None:
-    """Abdominal CT display window when the voxels look like Hounsfield units, else ``None``."""
+    """Abdominal CT display window for voxels in Hounsfield units (or HU + 1024), else ``None``."""
     if volume.lazy:
         return None
     data = np.asarray(volume.data)
-    if data.size == 0 or float(data.min()) > -500 or float(data.max()) < 200:
+    if data.size == 0:
         return None
-    return ct_display_window()
+    if float(data.min()) <= -500 and float(data.max()) >= 200:
+        return ct_display_window()
+    if looks_like_offset_ct(data):
+        return ct_display_window("ct-abdomen-offset")
+    return None

@@ -77,7 +77,11 @@ def _normalization(name: str, meta, volume):
     """Resolve ``--normalize`` (a preset name, ``checkpoint`` or ``auto``) to a Normalization."""
     from .core.preprocess import choose_normalization
 
-    return choose_normalization(name, meta.normalization, volume.data)
+    notes: list[str] = []
+    norm = choose_normalization(name, meta.normalization, volume.data, notes)
+    for line in notes:
+        print(f"note: {line}", file=sys.stderr)
+    return norm
 
 
 def _progress(total: int, desc: str, quiet: bool):
@@ -493,8 +497,9 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--normalize",
         default="auto",
-        help="target intensity preset: ct-abdomen, ct-soft, mri, zscore, checkpoint (the source's) "
-        "or auto (ct-abdomen for Hounsfield-unit volumes, else the checkpoint's); default auto",
+        help="target intensity preset: ct-abdomen, ct-soft, ct-abdomen-offset (CT stored as HU + 1024), "
+        "mri, zscore, checkpoint (the source's) or auto (ct-abdomen for Hounsfield-unit volumes, "
+        "ct-abdomen-offset for HU + 1024 ones, else the checkpoint's); default auto",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")

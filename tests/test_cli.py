@@ -419,3 +419,21 @@ def test_commands_run_without_numpy_huge_page_advice(monkeypatch, tmp_path) -> N
     finally:
         monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
         memory.set_numpy_huge_pages(bool(before))
+
+
+def test_predict_on_ct_stored_as_hu_plus_1024_matches_the_hu_file(tmp_path, tiny_ckpt, phantom_dir, capsys):
+    """A CT file that stores HU + 1024 without an intercept gives the HU file's masks under auto, and
+    the command says which window it took."""
+    src = nib.load(str(phantom_dir / "image.nii.gz"))
+    hu = np.asarray(src.dataobj).astype(np.int32)
+    raw_img = nib.Nifti1Image((hu + 1024).astype(np.uint16), src.affine)
+    raw_img.header.set_slope_inter(1, 0)
+    nib.save(raw_img, str(tmp_path / "raw.nii.gz"))
+    for name, image in (("hu", phantom_dir / "image.nii.gz"), ("raw", tmp_path / "raw.nii.gz")):
+        assert main(["predict", str(image), "-c", str(tiny_ckpt), "-o", str(tmp_path / name), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("ct-abdomen-offset") == 1 and "HU + 1024" in err
+    for mask in ("main", "aux", "pseudo_label"):
+        a = np.asarray(nib.load(str(tmp_path / "hu" / f"{mask}.nii.gz")).dataobj)
+        b = np.asarray(nib.load(str(tmp_path / "raw" / f"{mask}.nii.gz")).dataobj)
+        assert np.array_equal(a, b), mask

@@ -171,3 +171,48 @@ def test_auto_preset_picks_the_ct_window_only_for_hounsfield_units() -> None:
     assert choose_normalization("auto", source, mri) == Normalization.from_dict(source)
     assert choose_normalization("checkpoint", source, ct) == Normalization.from_dict(source)
     assert choose_normalization("zscore", source, ct) == PRESETS["zscore"]
+
+
+def test_auto_preset_takes_the_shifted_window_for_ct_stored_as_hu_plus_1024() -> None:
+    """CT written without its -1024 intercept gets the abdomen window moved by 1024 (same network
+    input as the HU file), with a note; MRI phantoms on any of several scales do not."""
+    from napari_apl.core.phantom import make_phantom
+    from napari_apl.core.preprocess import choose_normalization, looks_like_ct, looks_like_offset_ct
+
+    source = {"kind": "percentile", "lower": 0.5, "upper": 99.5}
+    for seed in range(3):
+        ct, _, _ = make_phantom("ct", seed, shape=(48, 48, 8))
+        raw = (ct + 1024).astype(np.uint16)
+        assert not looks_like_ct(raw) and looks_like_offset_ct(raw)
+        assert not looks_like_offset_ct(ct)
+        notes: list[str] = []
+        norm = choose_normalization("auto", source, raw, notes)
+        assert norm == PRESETS["ct-abdomen-offset"]
+        assert len(notes) == 1 and "HU + 1024" in notes[0] and "'checkpoint'" in notes[0]
+        hu, shifted = PRESETS["ct-abdomen"].fit(ct), norm.fit(raw)
+        assert np.allclose(shifted(raw.astype(np.float32)), hu(ct.astype(np.float32)), atol=1e-6)
+        mri, _, _ = make_phantom("mri", seed, shape=(48, 48, 8))
+        for scale in (1, 500, 1000, 2000, 4000):  # whatever the scanner's intensity scale
+            img = np.round(mri / max(float(mri.max()), 1e-6) * scale)
+            notes = []
+            assert not looks_like_offset_ct(img), scale
+            assert choose_normalization("auto", source, img, notes) == Normalization.from_dict(source)
+            assert notes == []
+
+
+def test_offset_ct_detection_on_the_real_scans(data_dir) -> None:
+    """The real MRI scans are never taken for offset CT, the real CT stored as HU + 1024 always is
+    (whichever four slices the probe sees)."""
+    import nibabel as nib
+
+    from napari_apl.core.preprocess import looks_like_ct, looks_like_offset_ct
+
+    mris = [*sorted((data_dir / "chaos_t2").glob("image_*.nii.gz")), data_dir / "totalseg" / "mr_sm.nii.gz"]
+    for path in mris:
+        img = np.asanyarray(nib.load(str(path)).dataobj).astype(np.float32)
+        assert not looks_like_ct(img) and not looks_like_offset_ct(img), path.name
+    ct = np.asanyarray(nib.load(str(data_dir / "totalseg" / "ct_sm.nii.gz")).dataobj).astype(np.int32)
+    assert looks_like_ct(ct) and not looks_like_offset_ct(ct)
+    for z0 in range(0, ct.shape[2] - 4, 2):
+        raw = (ct[:, :, z0:] + 1024).astype(np.int16)
+        assert looks_like_offset_ct(raw) and not looks_like_ct(raw), z0

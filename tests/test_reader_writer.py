@@ -266,6 +266,22 @@ def test_float_label_files_open_as_labels(tmp_path: Path, phantom_files) -> None
     assert read_layer_data(noisy)[2] == "image"
 
 
+def test_ct_files_open_in_the_abdomen_window_hu_or_hu_plus_1024(tmp_path: Path, phantom_files) -> None:
+    image_path, _ = phantom_files("RAS")
+    src = nib.load(str(image_path))
+    hu = np.asarray(src.dataobj).astype(np.int32)
+    raw = tmp_path / "raw_ct.nii.gz"
+    img = nib.Nifti1Image((hu + 1024).astype(np.uint16), src.affine)
+    img.header.set_slope_inter(1, 0)
+    nib.save(img, str(raw))
+    _, meta, kind = read_layer_data(image_path)
+    assert kind == "image" and tuple(meta["contrast_limits"]) == (-160.0, 240.0)
+    _, meta, kind = read_layer_data(raw)
+    assert kind == "image" and tuple(meta["contrast_limits"]) == (864.0, 1264.0)
+    mri_path, _ = phantom_files("RAS", modality="mri")
+    assert "contrast_limits" not in read_layer_data(mri_path)[1]
+
+
 def test_sample_data_layers(tmp_path: Path) -> None:
     image, labels = phantom_layers(shape=(48, 48, 8), spacing=(5.0, 5.0, 12.0))
     assert image[1]["name"] == SAMPLE_IMAGE_NAME and labels[1]["name"] == SAMPLE_LABELS_NAME

@@ -896,3 +896,27 @@ def test_demo_opens_the_sample_with_the_widget_and_fits_it(make_napari_viewer, q
     fitted = camera.zoom
     viewer.reset_view()
     assert camera.zoom == pytest.approx(fitted, rel=1e-3)  # already fitted: the scan is not cropped
+
+
+def test_predict_on_ct_stored_as_hu_plus_1024_says_which_window(
+    setup, phantom_files, tmp_path: Path, monkeypatch
+) -> None:
+    """Auto normalisation takes the shifted abdomen window for HU + 1024 CT and says so in a
+    notification; the masks equal those of the same scan in HU."""
+    import napari_apl.widgets._controller as controller_module
+
+    warned: list[str] = []
+    monkeypatch.setattr(controller_module, "show_warning", lambda message: warned.append(str(message)))
+    viewer, widget, _image, _ = setup("RAS")
+    assert widget.predict(sync=True) and warned == []
+    hu_masks = np.asarray(viewer.layers[LAYER_PSEUDO].data).copy()
+    src = nib.load(str(phantom_files("RAS")[0]))
+    raw_path = tmp_path / "raw_ct.nii.gz"
+    raw = nib.Nifti1Image((np.asarray(src.dataobj).astype(np.int32) + 1024).astype(np.uint16), src.affine)
+    raw.header.set_slope_inter(1, 0)
+    nib.save(raw, str(raw_path))
+    [raw_layer] = viewer.open(str(raw_path), plugin="napari-apl")
+    widget.image_combo.set_layer(raw_layer)
+    assert widget.predict(sync=True)
+    assert len(warned) == 1 and "HU + 1024" in warned[0] and "ct-abdomen-offset" in warned[0]
+    assert np.array_equal(np.asarray(viewer.layers[LAYER_PSEUDO].data), hu_masks)

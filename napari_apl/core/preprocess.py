@@ -198,6 +198,8 @@ class Normalization:
 PRESETS: dict[str, Normalization] = {
     "ct-abdomen": Normalization("ct_window", level=40.0, width=400.0),
     "ct-soft": Normalization("ct_window", level=50.0, width=350.0),
+    # CT whose file keeps the scanner's stored values: HU + 1024 and no intercept in the header
+    "ct-abdomen-offset": Normalization("ct_window", level=40.0 + 1024.0, width=400.0),
     "mri": Normalization("percentile", lower=0.5, upper=99.5),
     "zscore": Normalization("zscore"),
 }
@@ -222,18 +224,58 @@ def looks_like_ct(data: Any) -> bool:
     Every CT slice shows air (or the scanner's padding) below -500 HU, so the first few axial slices
     decide: they are the cheap ones to read from a compressed file that is streamed slice by slice.
     """
-    sample = data[::4, ::4, :CT_PROBE_SLICES]
-    sample = np.asarray(sample.compute() if _is_dask(sample) else sample, dtype=np.float32)
-    sample = sample[np.isfinite(sample)]
+    sample = _probe(data)
     return bool(sample.size and sample.min() < -500 and np.percentile(sample, 99) < 4000)
 
 
-def choose_normalization(name: str, checkpoint_normalization: Mapping[str, Any], data: Any) -> Normalization:
-    """Resolve a preset name, ``checkpoint`` (the source's) or ``auto`` (CT window for HU volumes)."""
+CT_STORED_OFFSET = 1024.0  # stored value of 0 HU in CT files written without the rescale intercept
+
+
+def _probe(data: Any) -> np.ndarray:
+    """The finite voxels of every 4th row and column of the first ``CT_PROBE_SLICES`` axial slices."""
+    sample = data[::4, ::4, :CT_PROBE_SLICES]
+    sample = np.asarray(sample.compute() if _is_dask(sample) else sample, dtype=np.float32)
+    return sample[np.isfinite(sample)]
+
+
+def looks_like_offset_ct(data: Any) -> bool:
+    """Guess whether a volume is CT stored as HU + 1024 (a file without its -1024 rescale intercept).
+
+    Such files show air near 0 and nearly all other voxels between fat and bone-free soft tissue
+    (-200..300 HU, stored 824..1324). On the probed slices MRI volumes put at most 10 % of their
+    non-air voxels in that band (the 16 CHAOS T2 scans and TotalSegmentator's MRI, also rescaled by
+    1.5 to 4 times: under 50 %); the real CT stored this way puts 83 to 91 % there.
+    """
+    sample = _probe(data)
+    if not sample.size or not -200 <= float(sample.min()) < 124 or np.percentile(sample, 99) >= 5024:
+        return False
+    air = sample < 124  # below -900 HU
+    body = sample[~air]
+    if air.mean() < 0.02 or body.size < 100:
+        return False
+    band = (body >= CT_STORED_OFFSET - 200) & (body <= CT_STORED_OFFSET + 300)
+    return bool(band.mean() >= 0.7)
+
+
+def choose_normalization(
+    name: str, checkpoint_normalization: Mapping[str, Any], data: Any, notes: list[str] | None = None
+) -> Normalization:
+    """Resolve a preset name, ``checkpoint`` (the source's) or ``auto`` (CT window for CT volumes).
+
+    ``auto`` takes the abdomen window for volumes in Hounsfield units and its shifted twin
+    (``ct-abdomen-offset``) for CT stored as HU + 1024, saying so in ``notes``; else the checkpoint's.
+    """
     if name in ("checkpoint", "from checkpoint"):
         return Normalization.from_dict(checkpoint_normalization)
     if name == "auto":
         if looks_like_ct(data):
             return PRESETS["ct-abdomen"]
+        if looks_like_offset_ct(data):
+            if notes is not None:
+                notes.append(
+                    "the volume looks like CT stored as HU + 1024 (air near 0, no rescale intercept): "
+                    "normalised with 'ct-abdomen-offset'; choose 'checkpoint' if it is not CT"
+                )
+            return PRESETS["ct-abdomen-offset"]
         return Normalization.from_dict(checkpoint_normalization)
     return get_preset(name)

@@ -301,7 +301,11 @@ class APLController:
         if self.preset == AUTO_PRESET:
             if data is None or self.meta is None:
                 return None
-            return choose_normalization(AUTO_PRESET, self.meta.normalization, data)
+            notes: list[str] = []
+            norm = choose_normalization(AUTO_PRESET, self.meta.normalization, data, notes)
+            for line in notes:
+                show_warning(f"napari-apl: {line}")
+            return norm
         if self.preset not in PRESETS:
             raise APLError(f"unknown intensity preset '{self.preset}': choose one of {', '.join(PRESETS)}")
         return PRESETS[self.preset]
