@@ -4,9 +4,10 @@ A layer read by this plugin (or made by its widget) carries a ``ScanGeometry`` i
 array is put back in the file's voxel order with the original affine and header
 (``core.volume.save_nifti``). Any other 3-D layer is written in canonical order with the affine its
 napari transform describes. An existing file is never replaced: npe2 writers cannot ask, so they
-refuse with a one-line ``OutputExistsError``, shown as a notification too because napari turns a
-writer's ``ValueError`` into a generic "nothing written" warning (the widget's export has an explicit
-overwrite switch).
+refuse with one line, raised as ``LayerNotSaved`` (an ``OSError``): napari reports a writer's
+``ValueError`` only as a misleading "no writer found" warning, while other errors reach the caller and,
+from File > Save, napari's own error notification (the widget's export has an explicit overwrite
+switch).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ._layers import META_KEY, notify_error, smallest_label_dtype, volume_for_writing
+from ._layers import META_KEY, smallest_label_dtype, volume_for_writing
 from .core.errors import APLError, OutputExistsError
 from .core.volume import save_nifti
 
@@ -69,20 +70,23 @@ def _label_dtype(canonical: np.ndarray, volume: Any) -> np.dtype:
     return smallest_label_dtype(canonical)
 
 
-def _write_notifying(path: str, data: Any, attributes: dict[str, Any], labels: bool) -> list[str]:
-    """Write for napari; a refusal is also shown as a one-line notification, since napari swallows it."""
+class LayerNotSaved(OSError):
+    """A writer's one-line refusal, as an ``OSError`` so that napari passes it on instead of hiding it."""
+
+
+def _write_for_napari(path: str, data: Any, attributes: dict[str, Any], labels: bool) -> list[str]:
+    """Write for napari; a refusal is raised as ``LayerNotSaved`` with the same one-line message."""
     try:
         return [str(write_layer_nifti(path, data, attributes, labels=labels))]
     except APLError as exc:
-        notify_error(exc)
-        raise
+        raise LayerNotSaved(" ".join(str(exc).split())) from None
 
 
 def write_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
     """npe2 single-layer writer for Labels layers (never overwrites an existing file)."""
-    return _write_notifying(path, data, attributes, labels=True)
+    return _write_for_napari(path, data, attributes, labels=True)
 
 
 def write_image(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
     """npe2 single-layer writer for Image layers (never overwrites an existing file)."""
-    return _write_notifying(path, data, attributes, labels=False)
+    return _write_for_napari(path, data, attributes, labels=False)

@@ -20,8 +20,7 @@ from napari_apl._layers import (
 )
 from napari_apl._reader import NULL_LAYER, get_reader, read_layer_data, read_nifti
 from napari_apl._sample_data import SAMPLE_IMAGE_NAME, SAMPLE_LABELS_NAME, phantom_layers
-from napari_apl._writer import nifti_path, write_image, write_labels
-from napari_apl.core.errors import OutputError, OutputExistsError
+from napari_apl._writer import LayerNotSaved, nifti_path, write_image, write_labels
 from napari_apl.core.labels import LABEL_COLORS
 
 ORIENTATIONS = ["RAS", "LAS", "LPS"]
@@ -163,7 +162,7 @@ def test_writer_never_overwrites(tmp_path: Path, phantom_files) -> None:
     write_labels(str(out), layer.data, state(layer))
     before = out.read_bytes()
     layer.data[:] = 0
-    with pytest.raises(OutputExistsError, match="exists already"):
+    with pytest.raises(LayerNotSaved, match="exists already"):
         write_labels(str(out), layer.data, state(layer))
     assert out.read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
@@ -196,19 +195,19 @@ def test_writer_refusals_name_a_way_out(tmp_path: Path, phantom_files) -> None:
     layer = as_layer(read_layer_data(phantom_files("RAS")[1]))
     out = tmp_path / "labels.nii.gz"
     write_labels(str(out), layer.data, state(layer))
-    with pytest.raises(OutputExistsError, match="save under another name"):
+    with pytest.raises(LayerNotSaved, match="save under another name"):
         write_labels(str(out), layer.data, state(layer))
     rgb = np.zeros((16, 16, 3), np.uint8)
-    with pytest.raises(OutputError, match="RGB"):
+    with pytest.raises(LayerNotSaved, match="RGB"):
         write_image(str(tmp_path / "photo.nii.gz"), rgb, {"metadata": {}, "rgb": True})
 
 
 def test_writer_refuses_the_source_file_and_non_3d(tmp_path: Path, phantom_files) -> None:
     _, labels_path = phantom_files("RAS")
     layer = as_layer(read_layer_data(labels_path))
-    with pytest.raises(OutputError):
+    with pytest.raises(LayerNotSaved):
         write_labels(str(labels_path), layer.data, state(layer))
-    with pytest.raises(OutputError, match="3-D"):
+    with pytest.raises(LayerNotSaved, match="3-D"):
         write_labels(str(tmp_path / "flat.nii.gz"), np.zeros((4, 4), np.uint8), {"metadata": {}})
 
 
@@ -323,7 +322,7 @@ def test_totalseg_round_trip(data_dir: Path, tmp_path: Path, stem: str) -> None:
 
 @pytest.mark.viewer
 def test_open_and_save_through_napari(
-    make_napari_viewer, phantom_files, tmp_path: Path, notifications
+    make_napari_viewer, phantom_files, tmp_path: Path, notifications, monkeypatch
 ) -> None:
     """The viewer's File > Open / Save Selected Layers go through this plugin, with no dialog."""
     viewer = make_napari_viewer()
@@ -341,9 +340,21 @@ def test_open_and_save_through_napari(
     np.testing.assert_array_equal(back.affine, src.affine)
     np.testing.assert_allclose(world_centroid_nibabel(out, 4), world_centroid_napari(labels, 4), atol=1e-6)
     before = out.read_bytes()
-    with pytest.warns(UserWarning, match="napari-apl"):  # napari swallows the error, warns vaguely
-        assert viewer.layers.save(str(out), selected=True, plugin="napari-apl") == []
-    assert "exists already" in notifications[-1] and out.read_bytes() == before
+    # a refusal reaches the caller as one line (a writer's ValueError napari would hide behind a vague
+    # "not a valid writer" warning), and File > Save shows it as napari's error notification
+    with pytest.raises(OSError, match="exists already: napari-apl does not replace") as refused:
+        viewer.layers.save(str(out), selected=True, plugin="napari-apl")
+    assert "\n" not in str(refused.value) and out.read_bytes() == before
+    from napari.plugins import _npe2
+    from qtpy.QtWidgets import QFileDialog
+
+    filters = _npe2.file_extensions_string_for_layers([labels])[0].split(";;")
+    [ours] = [f for f in filters if "NIfTI" in f]  # the user picks this plugin's file type
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(out), ours))
+    with pytest.raises(OSError, match="exists already") as refused:
+        viewer.window._qt_viewer._save_layers_dialog(selected=True)
+    assert "save failed" not in str(refused.value) and out.read_bytes() == before
+    assert notifications == []  # napari's own notification is the only one
     bad = tmp_path / "not_a_scan.nii.gz"
     bad.write_bytes(b"\x1f\x8b garbage")
     assert viewer.open(str(bad), plugin="napari-apl") == []
