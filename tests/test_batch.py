@@ -132,3 +132,57 @@ def test_run_many_reports_failures_per_item() -> None:
     assert [r.value for r in results] == [4, None, 9]
     assert results[1].error == "negative" and not results[1].ok
     assert results[0].output.strip() == "squared 2" and len(seen) == 3
+
+
+def _slow_or_fast(arg: tuple[str, int]) -> int:
+    """Task for the stop test: kind 0 returns at once; kind 1 works for up to 60 s in Python."""
+    import time
+
+    marker, kind = Path(arg[0]), arg[1]
+    if kind == 0:
+        return 0
+    marker.write_text("started")
+    try:
+        for _ in range(1200):
+            time.sleep(0.05)
+    except BaseException as exc:
+        marker.write_text(f"stopped by {type(exc).__name__}")
+        raise
+    marker.write_text("finished")
+    return 0
+
+
+def test_ctrl_c_stops_the_tasks_running_on_a_remote_cluster(tmp_path: Path) -> None:
+    """With --scheduler, Ctrl-C makes the task running on a worker stop (its clean-up runs) and the
+    queued one never start, instead of leaving them to finish and write after the command has ended."""
+    import time
+
+    from distributed import LocalCluster
+
+    markers = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    results = []
+
+    def interrupt_once_running(res) -> None:
+        results.append(res)
+        deadline = time.monotonic() + 30
+        while not any(m.exists() for m in markers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise KeyboardInterrupt  # as Ctrl-C in the client while a slow task runs
+
+    warnings: list[str] = []
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            run_many(
+                _slow_or_fast,
+                [(str(tmp_path / "fast.txt"), 0), (str(markers[0]), 1), (str(markers[1]), 1)],
+                scheduler=cluster.scheduler_address,
+                on_result=interrupt_once_running,
+                warn=warnings.append,
+            )
+        stopped_after = time.monotonic() - t0
+        time.sleep(1.0)  # a queued task that started now would leave its marker
+    assert len(results) == 1 and results[0].value == 0
+    texts = sorted(m.read_text() for m in markers if m.exists())
+    assert texts == ["stopped by TaskStopped"]  # the running one stopped; the queued one never began
+    assert stopped_after < 30 and warnings == []

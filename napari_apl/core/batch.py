@@ -15,6 +15,7 @@ import glob
 import io
 import os
 import re
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -147,8 +148,76 @@ class TaskResult:
         return self.error is None
 
 
-def _run_task(fn: Callable[[Any], Any], item: Any, threads: int | None) -> TaskResult:
-    """Run one task in a worker, capturing what it prints and turning an error into a one-line message."""
+REMOTE_STOP_WAIT_S = 30.0  # how long Ctrl-C waits for tasks running on a remote cluster to stop
+STOPPED = "stopped: the run was interrupted"
+
+
+class TaskStopped(BaseException):
+    """Raised in a task's thread when its run is interrupted (a BaseException: no ``except Exception``
+    inside the task swallows it, and its ``finally`` clean-ups run)."""
+
+
+class _StopWatch:
+    """Watches a run's dask ``Event`` from a helper thread and stops this task's thread when it is set.
+
+    A task on a remote worker cannot be killed from the client; this makes it stop itself. The
+    exception is delivered between two Python bytecodes of the task's thread (a torch call running in
+    C finishes first); outputs are written atomically, so a stopped task leaves no partial file.
+    """
+
+    def __init__(self, name: str) -> None:
+        from distributed import Event, get_client
+
+        self._event = Event(name, client=get_client())
+        self._tid = threading.get_ident()
+        self._lock = threading.Lock()
+        self._done = False
+        self.fired = False
+        threading.Thread(target=self._watch, name="napari-apl-stop-watch", daemon=True).start()
+
+    def stopped_already(self) -> bool:
+        """Whether the run was interrupted before this task started."""
+        try:
+            return bool(self._event.is_set())
+        except Exception:  # the scheduler went away: nothing to watch
+            return False
+
+    def _watch(self) -> None:
+        import ctypes
+
+        while True:
+            try:
+                is_set = bool(self._event.wait(timeout=1.0))
+            except Exception:  # the scheduler went away: nothing to watch
+                return
+            with self._lock:
+                if self._done:
+                    return
+                if is_set:
+                    self.fired = True
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                        ctypes.c_ulong(self._tid), ctypes.py_object(TaskStopped)
+                    )
+                    return
+
+    def finish(self) -> None:
+        """The task is over: stop watching, and drop a stop that was sent but not yet delivered."""
+        import ctypes
+
+        with self._lock:
+            self._done = True
+            if self.fired:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._tid), None)
+
+
+def _run_task(
+    fn: Callable[[Any], Any], item: Any, threads: int | None, stop_event: str | None = None
+) -> TaskResult:
+    """Run one task in a worker, capturing what it prints and turning an error into a one-line message.
+
+    With ``stop_event`` (the name of a dask ``Event``) the task stops, leaving no output, once the
+    client sets that event (``TaskResult.error`` is then ``STOPPED``).
+    """
     import torch
 
     if threads:
@@ -159,10 +228,19 @@ def _run_task(fn: Callable[[Any], Any], item: Any, threads: int | None) -> TaskR
     try:
         import dask
 
-        # dask arrays inside the task (lazily read volumes) are computed in this worker, not sent
-        # back to the cluster (whose threads are busy running tasks like this one)
-        with contextlib.redirect_stdout(buf), dask.config.set(scheduler="synchronous"):
-            result.value = fn(item)
+        watch = _StopWatch(stop_event) if stop_event else None
+        try:
+            if watch is not None and watch.stopped_already():
+                raise TaskStopped
+            # dask arrays inside the task (lazily read volumes) are computed in this worker, not sent
+            # back to the cluster (whose threads are busy running tasks like this one)
+            with contextlib.redirect_stdout(buf), dask.config.set(scheduler="synchronous"):
+                result.value = fn(item)
+        finally:
+            if watch is not None:
+                watch.finish()
+    except TaskStopped:
+        result.error = STOPPED
     except APLError as exc:
         result.error = str(exc)
     except Exception as exc:  # report, do not kill the other volumes
@@ -284,22 +362,30 @@ def run_many(
     workers: int = 2,
     threads: int | None = None,
     on_result: Callable[[TaskResult], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> list[TaskResult]:
     """Run ``fn(item)`` for every item on dask.distributed; return the results in the items' order.
 
     ``fn`` must be importable by the workers (a module-level function). ``threads`` sets torch's
     thread count in each task (default: the worker's, one per worker thread on a local cluster).
     ``on_result`` is called in this process as each task finishes; on Ctrl-C the unfinished tasks
-    are cancelled and ``KeyboardInterrupt`` is raised (``on_result`` has seen the finished ones).
+    are stopped and ``KeyboardInterrupt`` is raised (``on_result`` has seen the finished ones): a local
+    cluster's workers are ended at once; on a remote cluster the running tasks are told to stop and
+    waited for up to ``REMOTE_STOP_WAIT_S`` seconds (``warn`` names any still running then).
     """
     if not items:
         return []
+    import uuid
+
     from distributed import as_completed
 
     results: dict[int, TaskResult] = {}
+    stop_event = f"napari-apl-stop-{uuid.uuid4().hex}" if scheduler else None
     with cluster_client(scheduler, workers) as client:
         futures = {
-            client.submit(_run_task, fn, item, threads, pure=False, key=f"napari-apl-{i}-{time.time_ns()}"): i
+            client.submit(
+                _run_task, fn, item, threads, stop_event, pure=False, key=f"napari-apl-{i}-{time.time_ns()}"
+            ): i
             for i, item in enumerate(items)
         }
         try:
@@ -313,10 +399,32 @@ def run_many(
                 if on_result is not None:
                     on_result(res)
         except BaseException:  # Ctrl-C or a failing callback: stop the tasks not yet finished
+            pending = [f for f, i in futures.items() if i not in results]
+            if stop_event is not None and pending:
+                _stop_remote(client, stop_event, pending, warn)
             with contextlib.suppress(Exception):
-                client.cancel([f for f, i in futures.items() if i not in results])
+                client.cancel(pending)
             raise
     return [results[i] for i in range(len(items))]
+
+
+def _stop_remote(
+    client: Any, stop_event: str, pending: Sequence[Any], warn: Callable[[str], None] | None
+) -> None:
+    """Tell a remote cluster's tasks to stop and wait (a second Ctrl-C ends the wait) until they have."""
+    from distributed import Event, wait
+
+    try:
+        Event(stop_event, client=client).set()
+        wait(list(pending), timeout=REMOTE_STOP_WAIT_S)
+    except (KeyboardInterrupt, Exception):  # a second Ctrl-C, a timed-out wait, a lost scheduler
+        pass
+    running = [f for f in pending if not f.done()]
+    if running and warn is not None:
+        warn(
+            f"{len(running)} task(s) did not stop within {REMOTE_STOP_WAIT_S:.0f} s on the remote workers: "
+            "they may still write their volumes' outputs"
+        )
 
 
 def _make_folders(out: Path, folders: Sequence[Path], created: list[Path]) -> None:
@@ -428,7 +536,7 @@ def run_command_many(
         check_all(only_existing=False)  # the new folders too (writable, not an input)
         where = scheduler or f"a local cluster of {workers} worker processes"
         echo(f"{len(items)} volumes on {where}")
-        results = run_many(command, items, scheduler=scheduler, workers=workers, on_result=report)
+        results = run_many(command, items, scheduler=scheduler, workers=workers, on_result=report, warn=warn)
     except KeyboardInterrupt:
         done = set(finished) | set(failed)
         unfinished = [Path(one.out_dir).name for one in items if Path(one.out_dir).name not in done]
