@@ -244,10 +244,14 @@ def test_refine_pause_resume_stop(setup, qtbot) -> None:
     panel.augment.setCurrentText("domain")
     panel.augment_geometry.setChecked(True)
     panel.start()
-    qtbot.waitUntil(lambda: len(ctl.history) >= 1, timeout=60000)
+    qtbot.waitUntil(lambda: len(ctl.history) >= 1 and ctl.live_updates >= 1, timeout=60000)
     assert panel.stop_button.isEnabled() and not panel.start_button.isEnabled()
     panel.toggle_pause()
     assert ctl.paused and panel.pause_button.text() == "Resume"
+    # a live overlay has been shown (napari re-enables editing when data is set): strokes painted now
+    # would be overwritten by the next overlay, so the layer stays read-only, and the status says so
+    assert not viewer.layers[LAYER_PSEUDO].editable
+    assert "read-only" in widget.status.text()
     qtbot.wait(300)  # let a step in flight finish
     held = len(ctl.history)
     qtbot.wait(700)
@@ -264,6 +268,7 @@ def test_refine_pause_resume_stop(setup, qtbot) -> None:
     assert ctl.last_config.augment == "domain" and ctl.last_config.augment_geometry
     np.testing.assert_array_equal(to_canonical_order(viewer.layers[LAYER_PSEUDO].data), ctl.prediction.pseudo)
     assert panel.start_button.isEnabled() and not panel.stop_button.isEnabled()
+    assert viewer.layers[LAYER_PSEUDO].editable  # paintable again once the run is over
     # the stopped model is usable, and Revert goes back to the checkpoint
     assert ctl.predict(sync=True)
     refined_pseudo = ctl.prediction.pseudo.copy()

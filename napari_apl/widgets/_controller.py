@@ -892,6 +892,9 @@ class APLController:
         layer = self.pseudo_layer()
         if overlay is not None and layer is not None and layer.data.shape == overlay.data.shape:
             layer.data = overlay.data  # the only main-thread work: napari redraws the visible slice
+            # napari makes a layer editable again whenever its data is set: strokes painted now would be
+            # replaced by the next overlay, so the layer stays read-only until the run ends
+            layer.editable = False
             self.last_pseudo = to_canonical_order(overlay.written)
             self._last_live = time.monotonic()
             self.live_updates += 1
@@ -907,7 +910,10 @@ class APLController:
         """Hold the running refinement after its current step."""
         if self.control is not None:
             self.control.pause()
-            self.status.emit("refinement paused (after the step in progress)")
+            self.status.emit(
+                "refinement paused (after the step in progress); pseudo-label stays read-only until the "
+                "run ends: stop it to paint corrections, which the next run uses"
+            )
 
     def resume(self) -> None:
         """Let a paused refinement go on."""
