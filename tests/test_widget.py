@@ -925,3 +925,24 @@ def test_predict_on_ct_stored_as_hu_plus_1024_says_which_window(
     assert widget.predict(sync=True)
     assert len(warned) == 1 and "HU + 1024" in warned[0] and "ct-abdomen-offset" in warned[0]
     assert np.array_equal(np.asarray(viewer.layers[LAYER_PSEUDO].data), hu_masks)
+
+
+def test_export_never_writes_over_the_loaded_checkpoint(setup, tmp_path: Path, notifications) -> None:
+    """Even with 'overwrite' ticked, an export into the folder the loaded checkpoint came from (an
+    earlier export) refuses to replace it: Revert needs it (scans opened as layers are kept the same way)."""
+    _viewer, widget, _image, _ = setup("RAS")
+    ctl = widget.controller
+    assert widget.predict(sync=True)
+    assert ctl.refine(tiny_refine(1), sync=True)
+    panel = widget.export_panel
+    panel.folder.value = str(tmp_path / "out")
+    written = panel.export()
+    [ck] = [p for p in written if p.suffix == ".pt"]
+    assert ctl.load_checkpoint(ck) is not None and ctl.checkpoint_path == ck
+    assert widget.predict(sync=True) and ctl.refine(tiny_refine(1), sync=True)
+    before = {p: p.read_bytes() for p in written}
+    panel.overwrite.setChecked(True)
+    assert panel.export() == []
+    assert "same file as an input" in notifications[-1] and ck.name in notifications[-1]
+    assert {p: p.read_bytes() for p in written} == before  # nothing replaced, not only the checkpoint
+    assert panel.result.text().startswith("nothing was written")

@@ -1201,6 +1201,20 @@ class APLController:
         return True
 
     # -- export ---------
+    def _open_files(self) -> tuple[Path, ...]:
+        """Files the session reads from (the loaded checkpoint, the scans and labels opened as layers):
+        an export never writes over them, whatever 'overwrite' says."""
+        found: list[Path] = []
+        if self.checkpoint_path:
+            found.append(Path(self.checkpoint_path))
+        if self.geometry is not None and self.geometry.path is not None:
+            found.append(Path(self.geometry.path))
+        for layer in self.viewer.layers:
+            path = getattr(getattr(layer, "source", None), "path", None)
+            if path:
+                found.append(Path(path))
+        return tuple(found)
+
     def export_paths(self, folder: str | os.PathLike) -> dict[str, Path]:
         """The files an export writes into ``folder``, by kind."""
         stem = _safe_stem(self.image_layer.name if self.image_layer is not None else "napari_apl")
@@ -1265,8 +1279,9 @@ class APLController:
                 raise OutputError(f"cannot create export folder {out_dir}: {exc.strerror or exc}") from None
         written: list[Path] = []
         try:
+            inputs = self._open_files()
             for p in paths.values():  # every file is checked before the first one is written
-                check_output_path(p, overwrite=overwrite)
+                check_output_path(p, overwrite=overwrite, inputs=inputs)
             with staged_outputs():  # all files appear (or replace the old ones) together, or none does
                 self._write_export(out_dir, paths, overwrite, gt_layer, written, largest_component)
         except BaseException as exc:
