@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 SCREENSHOT_DELAY_MS = 800
-FIT_DELAY_MS = 200
+FIT_DELAY_MS = 200  # the scan is fitted this long after the canvas last changed size
+FIT_WINDOW_MS = 3000  # ... during this long after start (later resizes are the user's: zoom kept)
 
 
 def launch_demo(*, screenshot: str | Path | None = None, quit_after: bool = False, run: bool = True) -> Any:
@@ -22,11 +23,14 @@ def launch_demo(*, screenshot: str | Path | None = None, quit_after: bool = Fals
     widget.image_combo.set_layer(layers[0])
     widget.export_panel.gt_combo.set_layer(layers[1])
     widget.set_radiological(True)
+    # the ground truth as outlines: filled under the filled prediction, in the same colours, it would
+    # hide what the prediction misses
+    layers[1].contour = 1
+    layers[1].opacity = 0.9
     if widget.controller.model is None:
         widget.use_demo_checkpoint()  # a missing demo file becomes a notification, not a crash
     viewer.layers.selection.active = layers[0]
-    # fit the scan to the canvas once the window is laid out (the docked widget narrows the canvas)
-    QTimer.singleShot(FIT_DELAY_MS, viewer.reset_view)
+    _fit_while_laying_out(viewer)
 
     if screenshot is not None:
         out = Path(screenshot).expanduser()
@@ -50,3 +54,30 @@ def launch_demo(*, screenshot: str | Path | None = None, quit_after: bool = Fals
     if run:
         napari.run()
     return viewer
+
+
+def _fit_while_laying_out(viewer: Any) -> None:
+    """Fit the scan to the canvas once the window has settled (the docked widget narrows the canvas,
+    and its width settles only after napari's style is applied), then leave the zoom to the user."""
+    from qtpy.QtCore import QElapsedTimer, QEvent, QObject, QTimer
+
+    native = getattr(viewer.window._qt_viewer.canvas, "native", None)
+    timer = QTimer(viewer.window._qt_window)
+    timer.setSingleShot(True)
+    timer.timeout.connect(viewer.reset_view)
+    timer.start(FIT_DELAY_MS)
+    if native is None:
+        return
+    clock = QElapsedTimer()
+    clock.start()
+
+    class _Refit(QObject):
+        def eventFilter(self, obj: QObject, event: QEvent) -> bool:
+            if event.type() == QEvent.Type.Resize:
+                if clock.elapsed() < FIT_WINDOW_MS:
+                    timer.start(FIT_DELAY_MS)
+                else:
+                    obj.removeEventFilter(self)
+            return False
+
+    native.installEventFilter(_Refit(native))  # owned by the canvas

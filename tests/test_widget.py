@@ -61,6 +61,12 @@ def test_widget_opens_from_the_manifest(make_napari_viewer) -> None:
     assert isinstance(widget, APLWidget)
     assert widget.viewer == viewer  # napari hands plugins a public-only proxy of the viewer
     assert [widget.tabs.tabText(i) for i in range(widget.tabs.count())] == ["Inspect", "Refine", "Export"]
+    # the panel scrolls instead of forcing napari's window taller than a laptop screen (it forced 917 px),
+    # and asks for the width its controls need (nothing cut off at the right edge)
+    assert widget.minimumSizeHint().height() < 300
+    assert viewer.window._qt_window.minimumSizeHint().height() <= 720
+    content = widget.scroll.widget()
+    assert widget.minimumSizeHint().width() >= content.minimumSizeHint().width()
 
 
 def assert_aligned(viewer, image, widget) -> None:

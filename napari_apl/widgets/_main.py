@@ -9,7 +9,7 @@ from typing import Any
 
 from magicgui.widgets import FileEdit
 from napari.layers import Image
-from qtpy.QtCore import QEvent, QObject, QTimer
+from qtpy.QtCore import QEvent, QObject, QSize, Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -22,6 +22,7 @@ from qtpy.QtWidgets import (
     QPlainTextEdit,
     QPushButton,
     QRadioButton,
+    QScrollArea,
     QTabWidget,
     QVBoxLayout,
     QWidget,
@@ -101,6 +102,41 @@ class _PaintWatcher:
             self.disconnect()
 
 
+class _VerticalScroll(QScrollArea):
+    """Scrolls its widget vertically only, and asks for its widget's full width (nothing is clipped)."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+
+    def setWidget(self, widget: QWidget) -> None:
+        """Show ``widget``; the area's width follows the widget's whenever its layout changes."""
+        super().setWidget(widget)
+        widget.installEventFilter(self)
+
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:
+        if obj is self.widget() and event.type() == QEvent.Type.LayoutRequest:
+            self.updateGeometry()  # our size hints are the widget's width: let the dock ask again
+        return super().eventFilter(obj, event)
+
+    def _width_for(self, content_width: int) -> int:
+        return content_width + self.verticalScrollBar().sizeHint().width() + 2 * self.frameWidth()
+
+    def minimumSizeHint(self) -> QSize:
+        hint = super().minimumSizeHint()
+        if self.widget() is not None:
+            hint.setWidth(self._width_for(self.widget().minimumSizeHint().width()))
+        return hint
+
+    def sizeHint(self) -> QSize:
+        hint = super().sizeHint()
+        if self.widget() is not None:
+            hint.setWidth(self._width_for(self.widget().sizeHint().width()))
+        return hint
+
+
 class APLWidget(QWidget):
     """Dock widget for source-free adaptation: predict, inspect, refine and export (all maths in the core)."""
 
@@ -120,9 +156,9 @@ class APLWidget(QWidget):
         self.load_button = QPushButton("Load model")
         self.summary = QPlainTextEdit()
         self.summary.setReadOnly(True)
-        self.summary.setMaximumHeight(110)
         line = self.summary.fontMetrics().lineSpacing()
         self.summary.setMinimumHeight(4 * line + 12)  # a long status line must not squeeze it to two lines
+        self.summary.setMaximumHeight(8 * line + 12)  # the whole summary of a checkpoint (the panel scrolls)
         self.summary.setPlaceholderText("no model loaded")
         self.device_combo = QComboBox()
         self.device_combo.addItems(list(DEVICES))
@@ -183,13 +219,21 @@ class APLWidget(QWidget):
         self.tabs.addTab(self.refine_panel, "Refine")
         self.tabs.addTab(self.export_panel, "Export")
 
-        layout = QVBoxLayout(self)
+        # everything but the status line scrolls: the dock must fit a laptop screen (768 px tall) and
+        # not force napari's window to the panel's full height
+        content = QWidget()
+        layout = QVBoxLayout(content)
         layout.addWidget(self.recovery_bar)
         layout.addLayout(form)
         layout.addWidget(self.summary)
         layout.addWidget(self.predict_button)
         layout.addWidget(self.tabs, 1)
-        layout.addWidget(self.status)
+        self.scroll = _VerticalScroll()
+        self.scroll.setWidget(content)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(self.scroll, 1)
+        outer.addWidget(self.status)
 
         # -- wiring ---------
         self.load_button.clicked.connect(self.load_model)
