@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .core.errors import APLError, OutputError
+from .core.labels import CLASS_NAMES
 from .core.memory import set_numpy_huge_pages
 
 # What each output map is stored as (see core.infer.encode_map): labels as uint8, ω and the heads'
@@ -174,7 +175,7 @@ def _load_inputs(args: argparse.Namespace):
     from .core.checkpoint import load_checkpoint
     from .core.volume import load_volume
 
-    model, meta = load_checkpoint(args.checkpoint)
+    model, meta = load_checkpoint(args.checkpoint, num_classes=len(CLASS_NAMES))
     volume = load_volume(args.image, lazy=getattr(args, "lazy", False))
     norm = _normalization(args.normalize, meta, volume)
     return model, meta, volume, norm
@@ -199,7 +200,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = _out_dir(args.out_dir)
     paths = {n: out / f"{n}.nii.gz" for n in MAP_DTYPES}
     _check_outputs(list(paths.values()), args.overwrite, [args.image, args.checkpoint])
-    model, meta = load_checkpoint(args.checkpoint)
+    model, meta = load_checkpoint(args.checkpoint, num_classes=len(CLASS_NAMES))
     # A whole file stored axial slice by axial slice is read, predicted and written as a stream: each
     # map is compressed while later slices are predicted. Other layouts, and files whose gzip trailer
     # does not show them whole, are read up front (damage is reported before any work) and written at
@@ -274,7 +275,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
 
     out = _out_dir(args.out_dir)
     outputs = [out / "refined.pt", out / "log.json"] + [out / f"{n}.nii.gz" for n in MAP_DTYPES]
-    _check_outputs(outputs, args.overwrite, [args.image, args.checkpoint])
+    _check_outputs(outputs, args.overwrite, [args.image, args.checkpoint, args.corrections])
     model, meta, volume, norm = _load_inputs(args)
     corrections = None
     if args.corrections:

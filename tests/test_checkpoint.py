@@ -502,3 +502,50 @@ def test_import_non_strict_skips_foreign_head(tmp_path, deeplab):
     own = imported.state_dict()
     assert torch.equal(own["layer4.0.conv2.weight"], model.state_dict()["layer4.0.conv2.weight"])
     assert own["layer5.conv2d_list.0.weight"].shape == (5, 1024, 3, 3)
+
+
+def test_weights_with_nan_or_inf_are_refused(tmp_path: Path) -> None:
+    """A diverged training run saves NaN weights; loading such a file must say so instead of giving
+    all-background masks."""
+    model = _unet()
+    meta = _meta(arch_args=dict(model.arch_args))
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    path = save_checkpoint(tmp_path / "nan.pt", model, meta)
+    with pytest.raises(CheckpointError, match="NaN or infinite") as exc:
+        load_checkpoint(path)
+    assert "\n" not in str(exc.value) and "nan.pt" in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"input_size": (81, 81)}, "not a multiple of unet-dual's stride 16"),
+        ({"spacing": (1e-6, 1e-6)}, "spacing must be two values in 0.01..100"),
+        ({"spacing": (500.0, 2.0)}, "spacing must be two values in 0.01..100"),
+    ],
+)
+def test_metadata_the_model_cannot_use_is_refused_at_load(tmp_path: Path, changes: dict, words: str) -> None:
+    """An input size off the network's stride or an absurd spacing made predict crash with a traceback
+    (or try to allocate exabytes); both are refused when the checkpoint is loaded."""
+    model = _unet()
+    meta80 = _meta(arch_args=dict(model.arch_args), input_size=(80, 80))
+    path = save_checkpoint(tmp_path / "odd.pt", model, meta80)
+    obj = torch.load(path, weights_only=True)
+    meta = json.loads(obj["meta_json"])
+    meta.update({k: list(v) for k, v in changes.items()})
+    obj["meta_json"] = json.dumps(meta)
+    torch.save(obj, path)
+    with pytest.raises(CheckpointError, match=words.replace(".", r"\.")) as exc:
+        load_checkpoint(path)
+    assert "odd.pt" in str(exc.value)
+
+
+def test_predict_and_refine_want_the_five_organ_labels(tmp_path: Path) -> None:
+    model = build_model("unet-dual", base=4, num_classes=7)
+    meta = _meta(arch_args=dict(model.arch_args), class_names=[f"c{i}" for i in range(7)])
+    path = save_checkpoint(tmp_path / "seven.pt", model, meta)
+    assert load_checkpoint(path)[1].num_classes == 7  # a valid checkpoint in itself
+    scheme = "0 background, 1 liver, 2 right kidney, 3 left kidney, 4 spleen"
+    with pytest.raises(CheckpointError, match=scheme):
+        load_checkpoint(path, num_classes=len(CLASS_NAMES))

@@ -164,12 +164,44 @@ def test_outputs_are_not_overwritten_without_flag(tmp_path, tiny_ckpt, phantom_d
 
 @pytest.mark.parametrize(
     "case",
-    ["missing_image", "not_nifti", "bad_ckpt", "missing_parent", "bad_method"],
+    [
+        "missing_image",
+        "not_nifti",
+        "bad_ckpt",
+        "missing_parent",
+        "bad_method",
+        "seven_classes",
+        "beyond_float32",
+        "model_grid_too_big",
+    ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, tiny_ckpt, phantom_dir, capsys, case):
     image = str(phantom_dir / "image.nii.gz")
     ck = str(tiny_ckpt)
     out = tmp_path / "out"
+    if case == "seven_classes":  # a valid checkpoint, but not for the five organ labels
+        from napari_apl.core.checkpoint import CheckpointMeta, save_checkpoint
+        from napari_apl.core.models import build_model
+
+        model = build_model("unet-dual", base=4, num_classes=7)
+        meta = CheckpointMeta(
+            arch="unet-dual",
+            arch_args=dict(model.arch_args),
+            class_names=[f"c{i}" for i in range(7)],
+            input_size=(64, 64),
+            spacing=(5.0, 5.0),
+            normalization={"kind": "zscore"},
+        )
+        ck = str(save_checkpoint(tmp_path / "seven.pt", model, meta))
+    elif case == "beyond_float32":  # float64 voxels that overflow float32: was all-background, exit 0
+        src = nib.load(image)
+        big = np.asarray(src.dataobj).astype(np.float64) * 1e36
+        image = str(tmp_path / "big.nii.gz")
+        nib.save(nib.Nifti1Image(big, src.affine), image)
+        out_extra = ["--normalize", "zscore"]
+    elif case == "model_grid_too_big":  # a model spacing of 0.01 mm on a 224 mm scan: 22400 px slices
+        fine = write_tiny_checkpoint(tmp_path / "f.pt", 0, input_size=(64, 64), spacing=(0.01, 0.01))
+        ck = str(fine)
     if case == "missing_image":
         image = str(tmp_path / "nope.nii.gz")
     elif case == "not_nifti":
@@ -186,6 +218,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path, tiny_ckpt, phantom_dir, capsy
     args = [cmd, image, "-c", ck, "-o", str(out), "-q"]
     if case == "bad_method":
         args += ["--method", "magic", "-n", "1"]
+    if case == "beyond_float32":
+        args += out_extra
     capsys.readouterr()
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
@@ -280,6 +314,27 @@ def test_refine_corrections_of_any_integer_type(tmp_path, tiny_ckpt, phantom_dir
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1
         assert not out.exists()
+    # corrections edited in place (pseudo_label.nii.gz of an earlier run) are an input: refining again
+    # into that folder with --overwrite must not replace them
+    edited = tmp_path / "u8" / "pseudo_label.nii.gz"
+    nib.save(nib.Nifti1Image(corr, ref.affine), edited)
+    before = edited.read_bytes()
+    argv = [*base, "-o", str(tmp_path / "u8"), "--corrections", str(edited), "--overwrite"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "same file as an input" in err and len(err.splitlines()) == 1
+    assert edited.read_bytes() == before
+
+
+def test_fraction_maps_read_back_within_0_and_1(tmp_path, tiny_ckpt, phantom_dir):
+    """The stored float32 scale factor must not turn 255 into a value above 1 for any reader."""
+    out = tmp_path / "o"
+    image = phantom_dir / "image.nii.gz"
+    assert main(["predict", str(image), "-c", str(tiny_ckpt), "-o", str(out), "-q"]) == 0
+    for name in ("confidence", "consistency"):
+        img = nib.load(str(out / f"{name}.nii.gz"))
+        assert float(np.float32(img.dataobj.slope)) * 255 <= 1.0
+        assert img.get_fdata().max() <= 1.0 and np.asarray(img.dataobj).max() <= 1.0
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from napari_apl.core.preprocess import (
     FittedNormalization,
     Normalization,
     NormalizationError,
+    choose_normalization,
     get_preset,
 )
 
@@ -146,8 +147,9 @@ def test_from_dict_rejects_bad_input(bad) -> None:
 
 
 def test_presets_and_get_preset() -> None:
-    assert set(PRESETS) == {"ct-abdomen", "ct-soft", "mri", "zscore"}
+    assert set(PRESETS) == {"ct-abdomen", "ct-soft", "ct-abdomen-offset", "mri", "zscore"}
     assert PRESETS["ct-abdomen"] == Normalization("ct_window", level=40, width=400)
+    assert PRESETS["ct-abdomen-offset"] == Normalization("ct_window", level=40 + 1024, width=400)
     assert PRESETS["ct-soft"] == Normalization("ct_window", level=50, width=350)
     assert PRESETS["mri"] == Normalization("percentile", lower=0.5, upper=99.5)
     assert PRESETS["zscore"].kind == "zscore"
@@ -155,6 +157,8 @@ def test_presets_and_get_preset() -> None:
         get_preset("ct")
     msg = _one_line(exc)
     assert all(name in msg for name in PRESETS)
+    with pytest.raises(NormalizationError, match="auto, checkpoint, ct-abdomen"):  # where those are valid
+        choose_normalization("bogus", {"kind": "zscore"}, np.zeros((4, 4, 2)))
     with pytest.raises(AttributeError):
         PRESETS["mri"].kind = "zscore"  # type: ignore[misc]  # frozen
 

@@ -54,6 +54,8 @@ def _json_check(value: Any, what: str) -> None:
 # A model's slice size: a 4096 x 4096 slice of 5 float32 classes for both heads is already 0.6 GB.
 MIN_INPUT_SIZE = 8
 MAX_INPUT_SIZE = 4096
+MIN_SPACING_MM = 0.01  # as a volume's voxel size (core.volume)
+MAX_SPACING_MM = 100.0
 
 
 def _pair(value: Any, what: str, kind: type) -> tuple:
@@ -127,6 +129,11 @@ class CheckpointMeta:
                 f"got {self.input_size}"
             )
         self.spacing = _pair(self.spacing, "spacing", float)
+        if not all(MIN_SPACING_MM <= v <= MAX_SPACING_MM for v in self.spacing):
+            raise CheckpointError(
+                f"checkpoint metadata spacing must be two values in {MIN_SPACING_MM}..{MAX_SPACING_MM} mm, "
+                f"got {self.spacing}"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -299,9 +306,12 @@ def _check_classes(
                 f"but the metadata names {n} classes"
             )
     if expected is not None and expected != n:
+        scheme = ""
+        if expected == len(CLASS_NAMES):
+            scheme = " (" + ", ".join(f"{i} {name}" for i, name in enumerate(CLASS_NAMES)) + ")"
         raise CheckpointError(
             f"{path}: wrong class count: the model has {n} classes ({', '.join(meta.class_names)}) "
-            f"but {expected} are expected: use a checkpoint trained for these labels"
+            f"but {expected} are expected{scheme}: use a checkpoint trained for these labels"
         )
 
 
@@ -311,6 +321,17 @@ def _check_arch(path: Path, meta: CheckpointMeta) -> None:
         raise CheckpointError(
             f"{path}: unknown architecture {meta.arch!r}: choose one of {', '.join(ARCHITECTURES)} "
             "(or upgrade napari-apl)"
+        )
+
+
+def _check_stride(model: DualHeadNet, meta: CheckpointMeta) -> None:
+    """Refuse an input size the network cannot take (not a multiple of its output stride)."""
+    stride = int(getattr(model, "stride", 1))
+    if any(v % stride for v in meta.input_size):
+        h, w = meta.input_size
+        raise CheckpointError(
+            f"input size {h} x {w} is not a multiple of {meta.arch}'s stride {stride}: "
+            f"re-import the weights with --input-size a multiple of {stride}"
         )
 
 
@@ -336,7 +357,10 @@ def _build(
                     f"{path}: its metadata asks for a {meta.arch} with {probe_params:,} weights but the file "
                     f"holds {file_params:,}: the metadata does not describe these weights"
                 )
-        return build_model(meta.arch, **_model_args(meta))
+            _check_stride(probe, meta)
+        model = build_model(meta.arch, **_model_args(meta))
+        _check_stride(model, meta)
+        return model
     except CheckpointError as exc:
         msg = str(exc)
         raise CheckpointError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
@@ -403,6 +427,11 @@ def _load_weights(
     for k, v in usable.items():
         if not torch.is_floating_point(v) and torch.is_floating_point(own[k]):
             raise CheckpointError(f"{path}: tensor {k} has dtype {v.dtype}, expected a floating-point tensor")
+        if torch.is_floating_point(v) and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(
+                f"{path}: tensor {k} holds NaN or infinite values (a training run that diverged?): "
+                "use an earlier checkpoint or train again with a lower learning rate"
+            )
     try:
         model.load_state_dict(usable, strict=False)
     except RuntimeError as exc:  # pragma: no cover - guarded by the checks above

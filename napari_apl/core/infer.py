@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from . import pseudo
 from .checkpoint import CheckpointMeta
+from .errors import APLError
 from .memory import zeros_plain_pages
 from .models import DualHeadNet
 from .preprocess import FittedNormalization, Normalization, constant_volume_error
@@ -158,7 +159,15 @@ class PreparedVolume:
                 self._lut = lut
             index = arr.astype(np.int32) - lut[2] if lut[2] else arr
             return np.take(lut[1], index)
-        return self.fitted(arr).astype(np.float32, copy=False)
+        out = self.fitted(arr).astype(np.float32, copy=False)
+        if not np.isfinite(out).all():  # e.g. float64 voxels beyond float32's range
+            from .errors import VolumeError
+
+            raise VolumeError(
+                f"normalised voxels do not fit 32-bit floats (raw values from {float(arr.min()):.3g} to "
+                f"{float(arr.max()):.3g}): rescale the volume to a physical range (HU for CT) first"
+            )
+        return out
 
     def batch(self, indices: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
         """Return slices ``indices`` as a float32 tensor ``(n, 1, H, W)`` on the model grid."""
@@ -466,6 +475,11 @@ class SlicePredictor:
             main, aux = _forward(self.model, x, self.amp_dtype)
             if self.amp_dtype == torch.float16 and not (main.isfinite().all() and aux.isfinite().all()):
                 main, aux = _forward(self.model, x, None)  # float16 overflowed: this batch in float32
+            if not (bool(main.isfinite().all()) and bool(aux.isfinite().all())):
+                raise APLError(
+                    "the model's output is NaN or infinite on this volume (its weights or the normalised "
+                    "voxels overflow): check the checkpoint and the intensity preset"
+                )
         if self.device.type == "cpu":  # (channels-last weights give channels-last logits)
             return main.contiguous().numpy(), aux.contiguous().numpy()
         return main, aux
@@ -733,7 +747,9 @@ def predict_volume(model: DualHeadNet, meta: CheckpointMeta, volume: Volume, **k
 # nibabel, ITK-SNAP and 3D Slicer apply it and see floats; the quantisation error is at most 1/510).
 # A quarter of the bytes of float32 and cheap to compress, so writing keeps pace with prediction.
 FRACTION_MAPS = ("confidence", "consistency")
-FRACTION_SLOPE = 1.0 / 255.0
+# The header stores the slope as float32: float32(1/255) is a little above 1/255, and 255 of it read
+# back as 1.00000006; the float32 just below keeps the maps within [0, 1] as read by any tool.
+FRACTION_SLOPE = float(np.nextafter(np.float32(1.0 / 255.0), np.float32(0.0)))
 _FILE_CHUNK_BYTES = 16 << 20  # end-of-run writing converts this much of a map at a time
 
 

@@ -94,8 +94,14 @@ class FittedNormalization:
     clip: bool
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.scale) and self.scale > 0 and math.isfinite(self.shift)):
-            raise NormalizationError(f"fitted normalization needs a finite shift and scale > 0, got {self}")
+        big = float(np.finfo(np.float32).max)
+        if not (math.isfinite(self.scale) and self.scale > 0 and math.isfinite(self.shift)) or not (
+            abs(self.shift) < big and 1.0 / big < self.scale < big
+        ):
+            raise NormalizationError(
+                f"the volume's intensities give a {self.kind} shift of {self.shift:.3g} and scale of "
+                f"{self.scale:.3g}, beyond 32-bit floats: rescale the volume to a physical range (HU for CT)"
+            )
 
     def __call__(self, arr: Any) -> Any:
         """Normalise an array (numpy, dask or torch) and return float32 of the same shape."""
@@ -106,8 +112,9 @@ class FittedNormalization:
         if _is_dask(arr):
             out = (arr.astype(np.float32) - shift) * inv
             return out.clip(0.0, 1.0) if self.clip else out
-        out = np.asarray(arr, dtype=np.float32) - shift
-        out *= inv
+        with np.errstate(over="ignore", invalid="ignore"):  # voxels beyond float32: the caller checks
+            out = np.asarray(arr, dtype=np.float32) - shift
+            out *= inv
         if self.clip:
             np.clip(out, 0.0, 1.0, out=out)
         return out
@@ -188,8 +195,9 @@ class Normalization:
             if hi <= lo:  # almost constant: fall back to the full range
                 lo, hi = vmin, vmax
             return FittedNormalization(self.kind, lo, hi - lo, True)
-        mean = float(np.mean(sample, dtype=np.float64))
-        std = float(np.std(sample, dtype=np.float64))
+        with np.errstate(over="ignore", invalid="ignore"):  # absurd intensities: refused just below
+            mean = float(np.mean(sample, dtype=np.float64))
+            std = float(np.std(sample, dtype=np.float64))
         if not std > 0:
             raise VolumeError("the volume has zero variance: there is nothing to normalise with zscore")
         return FittedNormalization(self.kind, mean, std, False)
@@ -234,7 +242,8 @@ CT_STORED_OFFSET = 1024.0  # stored value of 0 HU in CT files written without th
 def _probe(data: Any) -> np.ndarray:
     """The finite voxels of every 4th row and column of the first ``CT_PROBE_SLICES`` axial slices."""
     sample = data[::4, ::4, :CT_PROBE_SLICES]
-    sample = np.asarray(sample.compute() if _is_dask(sample) else sample, dtype=np.float32)
+    with np.errstate(over="ignore"):  # voxels beyond float32 become inf: dropped here, refused later
+        sample = np.asarray(sample.compute() if _is_dask(sample) else sample, dtype=np.float32)
     return sample[np.isfinite(sample)]
 
 
@@ -278,4 +287,8 @@ def choose_normalization(
                 )
             return PRESETS["ct-abdomen-offset"]
         return Normalization.from_dict(checkpoint_normalization)
+    if name not in PRESETS:
+        raise NormalizationError(
+            f"unknown normalization preset {name!r}: use one of auto, checkpoint, {', '.join(PRESETS)}"
+        )
     return get_preset(name)

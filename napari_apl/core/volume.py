@@ -56,6 +56,7 @@ MAX_VOXEL_BYTES_ENV = "NAPARI_APL_MAX_VOXEL_BYTES"
 DEFAULT_MAX_VOXEL_BYTES = 4 * 1024**3
 MIN_SPACING_MM = 0.01
 MAX_SPACING_MM = 100.0
+MAX_GRID_PX = 4096  # largest side of a slice on the model's grid (a checkpoint's input size: the same)
 _READ_CHUNK_BYTES = 64 * 1024**2
 # Errors nibabel, gzip and zlib raise for files that are not NIfTI, corrupt or truncated.
 _READ_ERRORS = (
@@ -875,6 +876,14 @@ class SliceGrid:
             max(sz, math.ceil(n / self.stride) * self.stride)
             for n, sz in zip(self.resampled_shape, self.size)
         )
+        if max(self.padded_shape) > MAX_GRID_PX:
+            h, w = self.padded_shape
+            raise VolumeError(
+                f"the slices resampled to the model's spacing of {self.spacing[0]:g} x "
+                f"{self.spacing[1]:g} mm would be {h} x {w} px (at most {MAX_GRID_PX}): this checkpoint's "
+                f"spacing does not suit a scan {self.in_shape[0] * self.in_spacing[0]:.0f} mm across: "
+                "use a model made for such scans"
+            )
         self.pad_before: tuple[int, int] = tuple(  # type: ignore[assignment]
             (p - n) // 2 for p, n in zip(self.padded_shape, self.resampled_shape)
         )
