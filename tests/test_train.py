@@ -63,6 +63,33 @@ def test_mismatched_pairs_are_refused(tmp_path, mri_pairs):
             next(gen)
 
 
+@pytest.mark.parametrize("kind", ["label_7", "fractional", "image_as_labels"])
+def test_label_files_that_are_not_the_five_labels_are_refused(tmp_path, mri_pairs, kind):
+    """A label 7, fractional labels or swapped --images/--labels ended in an IndexError traceback (or
+    were silently rounded); each is one line naming the file."""
+    img, lab = mri_pairs[0]
+    ref = nib.load(lab)
+    data = np.asarray(ref.dataobj).astype(np.float32)
+    if kind == "label_7":
+        data[0, 0, 0] = 7
+    elif kind == "fractional":
+        data[0, 0, 0] = 1.4
+    else:
+        img, data = lab, np.asarray(nib.load(img).dataobj).astype(np.float32)
+    bad = tmp_path / f"{kind}.nii.gz"
+    nib.save(nib.Nifti1Image(data, ref.affine), bad)
+    gen = train_source([(img, str(bad))], tmp_path / "out.pt", _cfg())
+    with pytest.raises(APLError, match=f"{kind}.nii.gz is not a label volume") as exc:
+        next(gen)
+    assert "\n" not in str(exc.value) and not (tmp_path / "out.pt").exists()
+
+
+def test_a_diverged_training_run_writes_no_checkpoint(tmp_path, mri_pairs):
+    with pytest.raises(APLError, match="training diverged"):
+        run_generator(train_source(mri_pairs, tmp_path / "nan.pt", _cfg(lr=1e12, epochs=1)))
+    assert not (tmp_path / "nan.pt").exists()
+
+
 def test_augmentation_never_flips_left_and_right():
     gen = torch.Generator().manual_seed(0)
     n, h, w = 32, 64, 64

@@ -147,8 +147,13 @@ def _check_spacing(spacing) -> tuple[float, float, float]:
         out = tuple(float(s) for s in spacing)
     except (TypeError, ValueError):
         out = ()
-    if len(out) != 3 or not all(math.isfinite(s) and s > 0 for s in out):
-        raise APLError(f"phantom spacing {spacing!r} is invalid: give 3 finite voxel sizes > 0 in mm")
+    from .volume import MAX_SPACING_MM, MIN_SPACING_MM  # what predict and refine accept
+
+    if len(out) != 3 or not all(math.isfinite(s) and MIN_SPACING_MM <= s <= MAX_SPACING_MM for s in out):
+        raise APLError(
+            f"phantom spacing {spacing!r} is invalid: "
+            f"give 3 voxel sizes in {MIN_SPACING_MM}..{MAX_SPACING_MM} mm"
+        )
     return out  # type: ignore[return-value]
 
 

@@ -141,6 +141,19 @@ def volume_slices(
     return x, y
 
 
+def _check_labels(labels: Volume, name: str) -> None:
+    """Refuse a label volume whose values are not the whole numbers 0..4 (an image passed as labels)."""
+    arr = np.asarray(labels.data)
+    top = len(CLASS_NAMES) - 1
+    if arr.size and (
+        float(arr.min()) < 0 or float(arr.max()) > top or not np.array_equal(arr, np.round(arr))
+    ):
+        raise APLError(
+            f"{name} is not a label volume (whole numbers 0..{top} expected, found {float(arr.min()):g} to "
+            f"{float(arr.max()):g}): give label files to --labels and images to --images"
+        )
+
+
 def load_slice_set(
     pairs: Sequence[tuple[str, str]],
     norm: Normalization,
@@ -159,6 +172,7 @@ def load_slice_set(
             )
         if not np.allclose(img.original_affine, lab.original_affine, atol=1e-3):
             raise APLError(f"{Path(ip).name} and {Path(lp).name} differ in affine: they are not on one grid")
+        _check_labels(lab, Path(lp).name)
         x, y = volume_slices(img, lab, norm, spacing, size, stride)
         if target is None:
             target = tuple(x.shape[-2:])
@@ -406,6 +420,12 @@ def train_source(
         }
         atomic_write(state_file, lambda p, s=state: torch.save(s, p), overwrite=True)
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise APLError(
+            f"training diverged: {len(bad)} weight tensors hold NaN or infinite values ({bad[0]}, ...); "
+            f"nothing was written to {out}: train again with a lower --lr"
+        )
     meta = _meta(cfg, norm, pairs, cfg.epochs)
     save_checkpoint(out, model, meta, overwrite=overwrite)
     state_file.unlink(missing_ok=True)
