@@ -51,8 +51,8 @@ def write_layer_nifti(
         return save_nifti(volume.to_original(canonical), out, volume, dtype=dtype, overwrite=overwrite)
     except OutputExistsError:
         raise OutputExistsError(
-            f"{out} exists already: napari-apl does not replace a file when saving a layer; "
-            "save under another name, or delete the old file first"
+            f"not saved: {out.name} exists already (napari-apl does not replace a file when saving a "
+            f"layer): save under another name, or delete {out} first"
         ) from None
 
 

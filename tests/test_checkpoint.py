@@ -523,17 +523,20 @@ def test_weights_with_nan_or_inf_are_refused(tmp_path: Path) -> None:
         ({"input_size": (81, 81)}, "not a multiple of unet-dual's stride 16"),
         ({"spacing": (1e-6, 1e-6)}, "spacing must be two values in 0.01..100"),
         ({"spacing": (500.0, 2.0)}, "spacing must be two values in 0.01..100"),
+        ({"normalization": {"kind": "percentile", "lower": 50, "upper": 10}}, "normalization is invalid"),
+        ({"normalization": {"kind": "minmax"}}, "normalization is invalid"),
     ],
 )
 def test_metadata_the_model_cannot_use_is_refused_at_load(tmp_path: Path, changes: dict, words: str) -> None:
     """An input size off the network's stride or an absurd spacing made predict crash with a traceback
-    (or try to allocate exabytes); both are refused when the checkpoint is loaded."""
+    (or try to allocate exabytes), and a broken normalisation failed only once used: all are refused
+    when the checkpoint is loaded."""
     model = _unet()
     meta80 = _meta(arch_args=dict(model.arch_args), input_size=(80, 80))
     path = save_checkpoint(tmp_path / "odd.pt", model, meta80)
     obj = torch.load(path, weights_only=True)
     meta = json.loads(obj["meta_json"])
-    meta.update({k: list(v) for k, v in changes.items()})
+    meta.update({k: v if isinstance(v, dict) else list(v) for k, v in changes.items()})
     obj["meta_json"] = json.dumps(meta)
     torch.save(obj, path)
     with pytest.raises(CheckpointError, match=words.replace(".", r"\.")) as exc:

@@ -342,7 +342,7 @@ def test_open_and_save_through_napari(
     before = out.read_bytes()
     # a refusal reaches the caller as one line (a writer's ValueError napari would hide behind a vague
     # "not a valid writer" warning), and File > Save shows it as napari's error notification
-    with pytest.raises(OSError, match="exists already: napari-apl does not replace") as refused:
+    with pytest.raises(OSError, match=r"not saved: edited_labels\.nii\.gz exists already") as refused:
         viewer.layers.save(str(out), selected=True, plugin="napari-apl")
     assert "\n" not in str(refused.value) and out.read_bytes() == before
     from napari.plugins import _npe2

@@ -252,6 +252,9 @@ def test_refine_pause_resume_stop(setup, qtbot) -> None:
     panel.start()
     qtbot.waitUntil(lambda: len(ctl.history) >= 1 and ctl.live_updates >= 1, timeout=60000)
     assert panel.stop_button.isEnabled() and not panel.start_button.isEnabled()
+    # the run keeps the settings it started with, and the panel keeps showing them
+    assert not panel.iterations.isEnabled() and not panel.method.isEnabled()
+    assert not widget.file_radio.isEnabled() and not widget.checkpoint_file.native.isEnabled()
     panel.toggle_pause()
     assert ctl.paused and panel.pause_button.text() == "Resume"
     # a live overlay has been shown (napari re-enables editing when data is set): strokes painted now
@@ -275,6 +278,9 @@ def test_refine_pause_resume_stop(setup, qtbot) -> None:
     np.testing.assert_array_equal(to_canonical_order(viewer.layers[LAYER_PSEUDO].data), ctl.prediction.pseudo)
     assert panel.start_button.isEnabled() and not panel.stop_button.isEnabled()
     assert viewer.layers[LAYER_PSEUDO].editable  # paintable again once the run is over
+    assert panel.iterations.isEnabled() and widget.file_radio.isEnabled()
+    summary = widget.summary.toPlainText()
+    assert summary.startswith("refined model (apl,") and "not exported" in summary
     # the stopped model is usable, and Revert goes back to the checkpoint
     assert ctl.predict(sync=True)
     refined_pseudo = ctl.prediction.pseudo.copy()
@@ -369,6 +375,7 @@ def test_export_round_trip(setup, tmp_path: Path, notifications: list[str]) -> N
             "report.csv",
         )
     )
+    assert widget.summary.toPlainText().startswith(f"refined model (exported to {tmp_path / 'out'}")
     src = nib.load(str(labels.metadata["napari_apl"]["source_path"]))
     out = tmp_path / "out"
     back = nib.load(str(out / "image_pseudo_label.nii.gz"))
@@ -952,3 +959,26 @@ def test_export_never_writes_over_the_loaded_checkpoint(setup, tmp_path: Path, n
     assert "same file as an input" in notifications[-1] and ck.name in notifications[-1]
     assert {p: p.read_bytes() for p in written} == before  # nothing replaced, not only the checkpoint
     assert panel.result.text().startswith("nothing was written")
+
+
+def test_a_user_layer_named_like_a_prediction_layer_mid_run_changes_no_layer(
+    setup, qtbot, notifications
+) -> None:
+    """A layer of the user's taking a prediction layer's name during a refinement: the run's maps are
+    not half shown (some layers refined, some not); the error says what to do."""
+    viewer, widget, image, _ = setup("RAS")
+    ctl = widget.controller
+    assert widget.predict(sync=True)
+    names = (LAYER_AUX, LAYER_CONFIDENCE, LAYER_PSEUDO)
+    before = {name: np.asarray(viewer.layers[name].data).copy() for name in names}
+    shown = ctl.prediction
+    assert ctl.refine(tiny_refine(30, bn="adapt", lr=1e-2))
+    qtbot.waitUntil(lambda: len(ctl.history) >= 1, timeout=60000)
+    viewer.layers.remove(LAYER_MAIN)
+    viewer.add_labels(np.zeros(image.data.shape, dtype=np.uint8), name=LAYER_MAIN)
+    qtbot.waitUntil(lambda: not ctl.busy, timeout=120000)
+    assert "'main'" in notifications[-1] and "rename" in notifications[-1]
+    for name, data in before.items():  # as before the run (pseudo-label too, not its last live overlay)
+        np.testing.assert_array_equal(np.asarray(viewer.layers[name].data), data)
+    # Export writes from the layers and the prediction they show: still that one, no mix of two models
+    assert ctl.prediction is shown

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from .errors import APLError, CheckpointError
 from .io_utils import atomic_write
 from .labels import CLASS_NAMES
 from .models import ARCHITECTURES, DualHeadNet, build_model, get_architecture
@@ -122,6 +122,12 @@ class CheckpointMeta:
         kind = self.normalization.get("kind")
         if not isinstance(kind, str) or not kind:
             raise CheckpointError("checkpoint metadata normalization needs a 'kind' string")
+        from .preprocess import Normalization  # (light: numpy only)
+
+        try:
+            Normalization.from_dict(self.normalization)
+        except APLError as exc:
+            raise CheckpointError(f"checkpoint metadata normalization is invalid: {exc}") from None
         self.input_size = _pair(self.input_size, "input_size", int)
         if not all(MIN_INPUT_SIZE <= v <= MAX_INPUT_SIZE for v in self.input_size):
             raise CheckpointError(

@@ -320,13 +320,17 @@ class APLController:
             raise APLError("no model loaded: choose a checkpoint file or the demo model and load it")
         if image_layer is None:
             raise APLError("no image layer chosen: open a CT scan (File > Open) and choose it")
+        self._check_layer_names()
+        resolve_device(self.device)
+
+    def _check_layer_names(self) -> None:
+        """Refuse when a layer of the user's holds a name the prediction layers need."""
         for name in PREDICTION_LAYERS:
             if name in self.viewer.layers and not is_prediction_layer(self.viewer.layers[name]):
                 raise APLError(
                     f"a layer named '{name}' that napari-apl did not make is in the way: rename it "
-                    "(the prediction layers take that name)"
+                    "(the prediction layers take that name) and press Predict"
                 )
-        resolve_device(self.device)
 
     # -- running tasks ---------
     def _run(
@@ -545,6 +549,7 @@ class APLController:
 
         ``source`` describes the model that made it (``_model_source``); ``None`` keeps the last one.
         """
+        self._check_layer_names()  # before anything changes: all five layers are updated, or none
         self._lazy_token = None  # lazy layers still waiting to be added: these maps replace them
         self.collect_corrections()  # keep what was painted since the last write
         if not same_layer(self.image_layer, image_layer):  # the image shown so far: its last strokes
@@ -842,6 +847,11 @@ class APLController:
             self.refined = True
             self._model_version += 1
             self.last_result = result
+            start = Path(self.checkpoint_path).name if self.checkpoint_path else "the loaded checkpoint"
+            self.model_changed.emit(
+                f"refined model ({cfg.method}, {result.iterations_done} iterations), not exported: "
+                f"Export writes it, Revert goes back to {start}\n{self.summary}"
+            )
             if pred is None:  # closing: keep the layers consistent with the last full prediction
                 if self.prediction is not None and self.pseudo_layer() is not None:
                     self._write_pseudo(self.prediction.pseudo)
@@ -850,7 +860,12 @@ class APLController:
                 self.status.emit(f"refinement stopped after {result.iterations_done} iterations")
                 self.refine_finished.emit(result)
                 return
-            self._show_prediction(image_layer, geometry, pred, self._model_source())
+            try:
+                self._show_prediction(image_layer, geometry, pred, self._model_source())
+            except APLError:  # a layer is in the way: the layers keep the last full prediction
+                if self.prediction is not None and self.pseudo_layer() is not None:
+                    self._write_pseudo(self.prediction.pseudo)  # (not the last live overlay)
+                raise
             self._autosaved_state = (self._autosaved_state[0], None)  # this model was made on this image
             self.maybe_autosave(force=True)
             for note in result.notes:
@@ -1301,6 +1316,9 @@ class APLController:
             raise
         if self.refined:
             self._exported_version = self._model_version
+            model_file = next((p for p in written if p.suffix == ".pt"), None)
+            if model_file is not None:
+                self.model_changed.emit(f"refined model (exported to {model_file})\n{self.summary}")
         self.status.emit(f"exported {len(written)} files to {out_dir}")
         self.discard_autosave()  # a clean export: nothing left to recover
         return written

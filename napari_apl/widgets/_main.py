@@ -444,6 +444,9 @@ class APLWidget(QWidget):
             self.image_combo,
             self.device_combo,
             self.preset_combo,
+            self.demo_radio,
+            self.file_radio,
+            self.checkpoint_file.native,
         ):
             w.setEnabled(not busy)
 

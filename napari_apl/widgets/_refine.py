@@ -195,6 +195,10 @@ class RefinePanel(QWidget):
         self.clear_button.setEnabled(not busy)
         self.pause_button.setEnabled(refining)
         self.stop_button.setEnabled(refining)
+        # a run uses the settings it started with: keep the panel showing those
+        for w in (self.method, self.iterations, self.lr, self.bn_mix, self.class_power, self.augment):
+            w.setEnabled(not busy)
+        self.augment_geometry.setEnabled(not busy)
         if not busy:
             self.pause_button.setText("Pause")
 
