@@ -79,6 +79,18 @@ def _corrections(value: int = 1) -> np.ndarray:
     return corr
 
 
+def test_an_in_memory_scan_is_offered_under_its_layer_name(files, tmp_path):
+    """A scan with no file (the bundled sample) was offered as "volume"; the name shown is the one given,
+    and the session key (what an offer is matched on) does not depend on it."""
+    img_path, _ck, model = files
+    vol = volume_from_array(np.asarray(load_volume(img_path).data), np.eye(4))
+    saver = Autosaver(vol, root=tmp_path, interval=0, display_name="phantom CT")
+    entry = saver.save(_corrections(3), model, _meta(model))
+    (found,) = find_autosaves(vol, root=tmp_path)
+    assert found.image_name == "phantom CT" and entry.summary().startswith("phantom CT, ")
+    assert found.key == session_key(vol) == Autosaver(vol, root=tmp_path, interval=0).key
+
+
 def test_round_trip_with_manifest(files, tmp_path):
     img_path, ck, model = files
     before = _snapshot([img_path, ck])

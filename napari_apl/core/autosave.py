@@ -439,10 +439,13 @@ class Autosaver:
         clock: Callable[[], float] = time.monotonic,
         digest: str | None = None,
         resume: bool = False,
+        display_name: str | None = None,
     ) -> None:
         if not (isinstance(interval, (int, float)) and math.isfinite(interval) and interval >= 0):
             raise AutosaveError(f"autosave interval must be a number of seconds >= 0, got {interval!r}")
         self._id = _identity(image)
+        # what a recovery offer calls the image (e.g. the layer's name of a scan held only in memory)
+        self._display_name = str(display_name) if display_name else self._id.name
         # ``digest``: the voxels' ``image_digest`` when ``image`` is a stand-in without them
         self._image_digest = digest or (
             image_digest(image) if not isinstance(image, (str, os.PathLike)) else None
@@ -562,7 +565,7 @@ class Autosaver:
                 "saved_at_iso": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)),
                 "created_at": self._created,
                 "image_path": self._id.path,
-                "image_name": self._id.name,
+                "image_name": self._display_name,
                 "image_digest": self._image_digest,
                 "shape": list(self._id.shape),
                 "affine": [list(r) for r in self._id.affine],

@@ -955,6 +955,8 @@ class APLController:
         if self.geometry is None:
             return
         reference = self.geometry.reference
+        # a scan held only in memory (no file) is named by its layer in a recovery offer
+        shown_name = getattr(image_layer, "name", None) if getattr(reference, "path", None) is None else None
         try:
             key = session_key(reference)
             if self.autosaver is not None and self.autosaver.key == key:
@@ -967,6 +969,7 @@ class APLController:
                 interval=self.autosave_interval,
                 digest=image_digest(volume),
                 resume=key in self._own_keys,  # a session this one recovered (or wrote) goes on
+                display_name=shown_name,
             )
         except Exception as exc:  # autosave is a safety net: never block predicting
             self.autosaver = None
@@ -1058,7 +1061,7 @@ class APLController:
         if not self.predict(layer, sync=sync):
             self._pending_recovery = None
             return False
-        self.status.emit(f"recovering {what}")
+        self.status.emit(f"recovered {what}" if sync else f"recovering {what}")  # (async: predict goes on)
         return True
 
     def discard_recovery(self, entry: AutosaveEntry | None = None) -> bool:
