@@ -257,6 +257,7 @@ def test_refine_pause_resume_stop(setup, qtbot) -> None:
     assert not widget.file_radio.isEnabled() and not widget.checkpoint_file.native.isEnabled()
     panel.toggle_pause()
     assert ctl.paused and panel.pause_button.text() == "Resume"
+    assert "before the running refinement" in widget.inspect.info.text()  # the curves are not live
     # a live overlay has been shown (napari re-enables editing when data is set): strokes painted now
     # would be overwritten by the next overlay, so the layer stays read-only, and the status says so
     assert not viewer.layers[LAYER_PSEUDO].editable
@@ -279,6 +280,7 @@ def test_refine_pause_resume_stop(setup, qtbot) -> None:
     assert panel.start_button.isEnabled() and not panel.stop_button.isEnabled()
     assert viewer.layers[LAYER_PSEUDO].editable  # paintable again once the run is over
     assert panel.iterations.isEnabled() and widget.file_radio.isEnabled()
+    assert "before the running refinement" not in widget.inspect.info.text()
     summary = widget.summary.toPlainText()
     assert summary.startswith("refined model (apl,") and "not exported" in summary
     # the stopped model is usable, and Revert goes back to the checkpoint

@@ -86,6 +86,7 @@ class InspectPanel(QWidget):
         self.area_plot.clicked.connect(self.go_to_slice)
         self.next_button.clicked.connect(self.next_least_confident)
         controller.predicted.connect(self.refresh)
+        controller.busy_changed.connect(self._on_busy)
         controller.viewer.dims.events.point.connect(self._on_dims)
 
     # -- data -----------------------------------------------------------------------------------------
@@ -157,6 +158,10 @@ class InspectPanel(QWidget):
                 break
         return self.current_slice()
 
+    def _on_busy(self, busy: bool) -> None:
+        """Redo the info line: it says when the curves are not those of a running refinement."""
+        self._on_dims()
+
     def _on_dims(self, event: Any = None) -> None:
         k = self.current_slice()
         self.noise_plot.set_marker(k)
@@ -177,9 +182,12 @@ class InspectPanel(QWidget):
             for lab in ORGANS
             if self.profile.organ_area_cm2[lab][k] > 0
         )
+        refining = self.controller.busy and self.controller.task == "refine"
         self.info.setText(
             f"{self.controller.image_layer.name}, slice {k}: mean ω {self.profile.mean_confidence[k]:.3f}, "
-            f"disagreement {self.profile.mean_disagreement[k]:.3f}" + (f"; cm²: {areas}" if areas else "")
+            f"disagreement {self.profile.mean_disagreement[k]:.3f}"
+            + (f"; cm²: {areas}" if areas else "")
+            + (" (the prediction before the running refinement: updated when it ends)" if refining else "")
         )
 
 
