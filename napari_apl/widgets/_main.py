@@ -165,8 +165,8 @@ class APLWidget(QWidget):
         self.preset_combo = QComboBox()
         self.preset_combo.addItems([AUTO_PRESET, CHECKPOINT_PRESET, *PRESETS])
         self.preset_combo.setToolTip(
-            "intensity normalisation: auto = CT window L40/W400 for Hounsfield units, "
-            "else the checkpoint's own"
+            "intensity normalisation: auto = CT window L40/W400 for Hounsfield units (L1064 for CT "
+            "stored as HU + 1024), else the checkpoint's own"
         )
         self.radiological = QCheckBox("radiological view")
         self.radiological.setToolTip(
