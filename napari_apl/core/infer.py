@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from . import pseudo
 from .checkpoint import CheckpointMeta
-from .errors import APLError
+from .errors import APLError, VolumeError
 from .memory import zeros_plain_pages
 from .models import DualHeadNet
 from .preprocess import FittedNormalization, Normalization, constant_volume_error
@@ -161,8 +161,6 @@ class PreparedVolume:
             return np.take(lut[1], index)
         out = self.fitted(arr).astype(np.float32, copy=False)
         if not np.isfinite(out).all():  # e.g. float64 voxels beyond float32's range
-            from .errors import VolumeError
-
             raise VolumeError(
                 f"normalised voxels do not fit 32-bit floats (raw values from {float(arr.min()):.3g} to "
                 f"{float(arr.max()):.3g}): rescale the volume to a physical range (HU for CT) first"
@@ -174,8 +172,6 @@ class PreparedVolume:
         idx = list(indices)
         arr = self.raw(idx)
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            from .errors import VolumeError
-
             raise VolumeError(f"slices {idx[0]}..{idx[-1]} contain NaN or Inf voxels: clean the volume first")
         if self.check_range:
             self._see(arr)

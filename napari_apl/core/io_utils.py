@@ -58,6 +58,15 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False, input
     return out
 
 
+def seek_target(pos: int, offset: int, whence: int, what: str) -> int:
+    """The position a ``seek(offset, whence)`` from ``pos`` asks for, in a stream of unknown length."""
+    if whence == io.SEEK_SET:
+        return int(offset)
+    if whence == io.SEEK_CUR:
+        return int(pos + offset)
+    raise io.UnsupportedOperation(f"{what} cannot seek from the end")
+
+
 class _FixedBlocks(io.RawIOBase):
     """Passes what is written on to ``gz`` in blocks of exactly ``block`` bytes (the last one shorter).
 
@@ -81,12 +90,7 @@ class _FixedBlocks(io.RawIOBase):
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         """Move forward by writing zeros, as gzip's writer does (nibabel seeks to the data offset)."""
         self._checkClosed()  # type: ignore[attr-defined]
-        if whence == io.SEEK_SET:
-            target = offset
-        elif whence == io.SEEK_CUR:
-            target = self._pos + offset
-        else:
-            raise io.UnsupportedOperation("a gzip writer cannot seek from the end")
+        target = seek_target(self._pos, offset, whence, "a gzip writer")
         if target < self._pos:
             raise io.UnsupportedOperation("a gzip writer can only seek forward")
         if target > self._pos:

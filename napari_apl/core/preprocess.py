@@ -232,8 +232,7 @@ def looks_like_ct(data: Any) -> bool:
     Every CT slice shows air (or the scanner's padding) below -500 HU, so the first few axial slices
     decide: they are the cheap ones to read from a compressed file that is streamed slice by slice.
     """
-    sample = _probe(data)
-    return bool(sample.size and sample.min() < -500 and np.percentile(sample, 99) < 4000)
+    return _hu_sample(_probe(data))
 
 
 CT_STORED_OFFSET = 1024.0  # stored value of 0 HU in CT files written without the rescale intercept
@@ -247,15 +246,13 @@ def _probe(data: Any) -> np.ndarray:
     return sample[np.isfinite(sample)]
 
 
-def looks_like_offset_ct(data: Any) -> bool:
-    """Guess whether a volume is CT stored as HU + 1024 (a file without its -1024 rescale intercept).
+def _hu_sample(sample: np.ndarray) -> bool:
+    """``looks_like_ct`` on probed voxels."""
+    return bool(sample.size and sample.min() < -500 and np.percentile(sample, 99) < 4000)
 
-    Such files show air near 0 and nearly all other voxels between fat and bone-free soft tissue
-    (-200..300 HU, stored 824..1324). On the probed slices MRI volumes put at most 10 % of their
-    non-air voxels in that band (the 16 CHAOS T2 scans and TotalSegmentator's MRI, also rescaled by
-    1.5 to 4 times: under 50 %); the real CT stored this way puts 83 to 91 % there.
-    """
-    sample = _probe(data)
+
+def _offset_ct_sample(sample: np.ndarray) -> bool:
+    """``looks_like_offset_ct`` on probed voxels."""
     if not sample.size or not -200 <= float(sample.min()) < 124 or np.percentile(sample, 99) >= 5024:
         return False
     air = sample < 124  # below -900 HU
@@ -264,6 +261,17 @@ def looks_like_offset_ct(data: Any) -> bool:
         return False
     band = (body >= CT_STORED_OFFSET - 200) & (body <= CT_STORED_OFFSET + 300)
     return bool(band.mean() >= 0.7)
+
+
+def looks_like_offset_ct(data: Any) -> bool:
+    """Guess whether a volume is CT stored as HU + 1024 (a file without its -1024 rescale intercept).
+
+    Such files show air near 0 and nearly all other voxels between fat and bone-free soft tissue
+    (-200..300 HU, stored 824..1324). On the probed slices MRI volumes put at most 10 % of their
+    non-air voxels in that band (the 16 CHAOS T2 scans and TotalSegmentator's MRI, also rescaled by
+    1.5 to 4 times: under 50 %); the real CT stored this way puts 83 to 91 % there.
+    """
+    return _offset_ct_sample(_probe(data))
 
 
 def choose_normalization(
@@ -277,9 +285,10 @@ def choose_normalization(
     if name in ("checkpoint", "from checkpoint"):
         return Normalization.from_dict(checkpoint_normalization)
     if name == "auto":
-        if looks_like_ct(data):
+        sample = _probe(data)  # read once for both tests
+        if _hu_sample(sample):
             return PRESETS["ct-abdomen"]
-        if looks_like_offset_ct(data):
+        if _offset_ct_sample(sample):
             if notes is not None:
                 notes.append(
                     "the volume looks like CT stored as HU + 1024 (air near 0, no rescale intercept): "

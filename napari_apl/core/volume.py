@@ -35,7 +35,7 @@ from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from nibabel.spatialimages import HeaderDataError
 
 from .errors import OutputError, VolumeError
-from .io_utils import atomic_write
+from .io_utils import atomic_write, seek_target
 
 __all__ = [
     "DEFAULT_MAX_VOXEL_BYTES",
@@ -398,12 +398,7 @@ class _CheckpointedGzipReader(io.IOBase):
         return self._pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            pos = offset
-        elif whence == io.SEEK_CUR:
-            pos = self._pos + offset
-        else:
-            raise io.UnsupportedOperation("seek from the end of a gzip stream is not supported")
+        pos = seek_target(self._pos, offset, whence, "a gzip stream")
         if pos < 0:
             raise ValueError(f"negative seek position {pos}")
         self._pos = int(pos)
