@@ -329,7 +329,9 @@ def cluster_client(
         n_workers=int(workers),
         threads_per_worker=int(threads_per_worker),
         processes=True,
-        dashboard_address=None,
+        # the scheduler's HTTP server on any free port: with None it tries 8787 and warns when another
+        # cluster or program holds it (no dashboard is shown: bokeh is not a dependency)
+        dashboard_address=":0",
         silence_logs=40,
     )
     try:
