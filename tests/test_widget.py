@@ -922,7 +922,7 @@ def test_predict_on_ct_stored_as_hu_plus_1024_says_which_window(
     setup, phantom_files, tmp_path: Path, monkeypatch
 ) -> None:
     """Auto normalisation takes the shifted abdomen window for HU + 1024 CT and says so in a
-    notification; the masks equal those of the same scan in HU."""
+    notification, once per scan; the masks equal those of the same scan in HU."""
     import napari_apl.widgets._controller as controller_module
 
     warned: list[str] = []
@@ -940,6 +940,9 @@ def test_predict_on_ct_stored_as_hu_plus_1024_says_which_window(
     assert widget.predict(sync=True)
     assert len(warned) == 1 and "HU + 1024" in warned[0] and "ct-abdomen-offset" in warned[0]
     assert np.array_equal(np.asarray(viewer.layers[LAYER_PSEUDO].data), hu_masks)
+    # said once per scan: predicting and refining the same layer again adds no notification
+    assert widget.predict(sync=True) and widget.controller.refine(tiny_refine(1), sync=True)
+    assert len(warned) == 1
 
 
 def test_export_never_writes_over_the_loaded_checkpoint(setup, tmp_path: Path, notifications) -> None:

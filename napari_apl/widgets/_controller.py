@@ -175,6 +175,7 @@ class APLController:
         self._pbar: Any = None
         self._last_live = 0.0
         self._notes_shown: set[str] = set()
+        self._auto_notes_shown: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
         # -- crash recovery ---------
         self.autosave_enabled = True
         self.autosave_interval = _autosave_interval_from_env()
@@ -294,8 +295,12 @@ class APLController:
             self.predict(self.image_layer, sync=sync)
         return True
 
-    def normalization(self, data: Any = None) -> Normalization | None:
-        """The intensity normalisation chosen (``None`` = the checkpoint's; ``auto`` looks at ``data``)."""
+    def normalization(self, data: Any = None, source: Any = None) -> Normalization | None:
+        """The intensity normalisation chosen (``None`` = the checkpoint's; ``auto`` looks at ``data``).
+
+        A note of ``auto`` (e.g. CT stored as HU + 1024) is shown once per ``source`` layer, not at
+        every Predict and Refine of the same scan.
+        """
         if self.preset in (None, "", CHECKPOINT_PRESET):
             return None
         if self.preset == AUTO_PRESET:
@@ -303,8 +308,16 @@ class APLController:
                 return None
             notes: list[str] = []
             norm = choose_normalization(AUTO_PRESET, self.meta.normalization, data, notes)
+            shown: set[str] = set()
+            if source is not None:
+                try:
+                    shown = self._auto_notes_shown.setdefault(source, set())
+                except TypeError:  # not weakly referable: show the notes every time
+                    pass
             for line in notes:
-                show_warning(f"napari-apl: {line}")
+                if line not in shown:
+                    shown.add(line)
+                    show_warning(f"napari-apl: {line}")
             return norm
         if self.preset not in PRESETS:
             raise APLError(f"unknown intensity preset '{self.preset}': choose one of {', '.join(PRESETS)}")
@@ -427,7 +440,7 @@ class APLController:
             self._check_ready(image_layer)
             volume = volume_from_layer(image_layer)
             geometry = ScanGeometry.from_volume(volume)
-            norm = self.normalization(volume.data)
+            norm = self.normalization(volume.data, image_layer)
             predictor = SlicePredictor(self.model, self.meta, volume, normalization=norm, device=self.device)
         except Exception as exc:
             self.error(exc)
@@ -772,7 +785,7 @@ class APLController:
             self._check_ready(image_layer)
             volume = volume_from_layer(image_layer)
             geometry = ScanGeometry.from_volume(volume)
-            norm = self.normalization(volume.data)
+            norm = self.normalization(volume.data, image_layer)
             cfg = dataclasses.replace(
                 cfg,
                 device=self.device,
