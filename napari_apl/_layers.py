@@ -38,6 +38,8 @@ from .core.volume import Volume, volume_from_array
 
 META_KEY = "napari_apl"
 UNITS = ("mm", "mm", "mm")
+# napari's world axes for a scan are (S, A, R): its sliders step through axial, coronal and sagittal planes
+AXIS_LABELS = ("axial", "coronal", "sagittal")
 # Reverses the three spatial axes of a 4x4 homogeneous matrix: canonical (X, Y, Z) <-> napari (Z, Y, X).
 _SWAP = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
 _DEFAULT_LABEL_COLOR = (0.7, 0.7, 0.7, 1.0)
@@ -179,6 +181,7 @@ def transform_kwargs(layer: Any) -> dict[str, Any]:
         "shear": np.asarray(layer.shear),
         "affine": layer.affine.affine_matrix.copy(),
         "units": tuple(str(u) for u in layer.units) if getattr(layer, "units", None) is not None else None,
+        "axis_labels": tuple(map(str, layer.axis_labels)) if getattr(layer, "axis_labels", None) else None,
     }
 
 
@@ -279,6 +282,7 @@ def labels_kwargs(geometry: ScanGeometry, name: str, role: str = "labels", **ext
         "features": label_features(),
         "metadata": make_metadata(geometry, role),
         "units": UNITS,
+        "axis_labels": AXIS_LABELS,
         **layer_transform(geometry.affine),
         **extra,
     }
@@ -290,6 +294,7 @@ def image_kwargs(geometry: ScanGeometry, name: str, role: str = "image", **extra
         "name": name,
         "metadata": make_metadata(geometry, role),
         "units": UNITS,
+        "axis_labels": AXIS_LABELS,
         **layer_transform(geometry.affine),
         **extra,
     }

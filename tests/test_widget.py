@@ -92,9 +92,11 @@ def assert_aligned(viewer, image, widget) -> None:
 
 def test_predict_adds_aligned_layers_and_updates_them_in_place(setup, phantom_files, qtbot) -> None:
     viewer, widget, ras_image, _ = setup("RAS")
+    assert viewer.dims.axis_labels == ("axial", "coronal", "sagittal")  # what each slider steps through
     assert widget.predict(sync=True)
     assert_aligned(viewer, ras_image, widget)
     first = {name: viewer.layers[name] for name in PREDICTION_LAYERS}
+    assert all(layer.axis_labels == ("axial", "coronal", "sagittal") for layer in first.values())
     n_layers = len(viewer.layers)
     for orientation in ("LAS", "LPS"):  # other scans: the same layers follow the new geometry
         [image] = viewer.open(
