@@ -23,9 +23,13 @@ if command -v apt-get >/dev/null 2>&1; then
 fi
 
 PY=${PYTHON:-python3}
-# A CPU build of PyTorch unless one is installed already (a CUDA machine keeps its own build).
+# A CPU build of PyTorch unless one is installed already (a CUDA machine keeps its own build): from
+# PyTorch's CPU index (PyPI's Linux wheel is the multi-GB CUDA build), or pip's own sources (a local
+# mirror or wheel folder) when that index cannot be reached.
 if ! $PY -c "import torch" >/dev/null 2>&1; then
-  $PY -m pip install -q "torch==2.13.0"
+  cpu_index=https://download.pytorch.org/whl/cpu
+  $PY -m pip install -q "torch==2.13.0" --index-url "$cpu_index" --retries 1 --timeout 30 2>/dev/null \
+    || $PY -m pip install -q "torch==2.13.0"
 fi
 if ((want_tests)); then
   $PY -m pip install -q -e ".[testing]"

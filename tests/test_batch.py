@@ -127,6 +127,21 @@ def _square(x: int) -> int:
     return x * x
 
 
+def test_many_without_distributed_is_one_line_and_leaves_nothing(
+    phantom_folder: Path, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
+) -> None:
+    """An install that lacks dask.distributed (e.g. --no-deps) gets exit 2 and one line, not a traceback."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed now fails
+    out = tmp_path / "out"
+    rc = cli.main(["predict", str(phantom_folder), "-c", str(tiny_checkpoint), "-o", str(out), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "needs dask.distributed" in err and "pip install distributed" in err
+    assert not out.exists()  # the folders made for the volumes are removed again
+
+
 def test_run_many_reports_failures_per_item() -> None:
     """Failures are per item; a local cluster starts without dask's warning when port 8787 is taken."""
     import socket

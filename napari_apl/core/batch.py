@@ -299,6 +299,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_NO_DISTRIBUTED = "running many volumes needs dask.distributed, which is not installed: pip install distributed"
+
+
 @contextlib.contextmanager
 def cluster_client(
     scheduler: str | None = None, workers: int = 2, threads_per_worker: int = 1
@@ -306,10 +309,8 @@ def cluster_client(
     """A dask.distributed ``Client``: to ``scheduler`` when given, else to a new local process cluster."""
     try:
         from distributed import Client, LocalCluster
-    except ImportError:  # pragma: no cover - distributed is a dependency of the distributed extra
-        raise APLError(
-            "running many volumes needs dask.distributed: pip install 'napari-apl[distributed]'"
-        ) from None
+    except ImportError:  # a dependency, but an install with --no-deps may lack it
+        raise APLError(_NO_DISTRIBUTED) from None
     if scheduler:
         try:
             client = Client(scheduler, timeout="20s")
@@ -379,7 +380,10 @@ def run_many(
         return []
     import uuid
 
-    from distributed import as_completed
+    try:
+        from distributed import as_completed
+    except ImportError:  # a dependency, but an install with --no-deps may lack it
+        raise APLError(_NO_DISTRIBUTED) from None
 
     results: dict[int, TaskResult] = {}
     stop_event = f"napari-apl-stop-{uuid.uuid4().hex}" if scheduler else None
