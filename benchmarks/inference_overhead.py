@@ -5,9 +5,11 @@ normalise, resample, both heads, ω and consistency maps, inverse resample, writ
 Bare = ``model(x)`` over the same slices, already on the model grid, at the same batch size. Both run
 with cores - 1 and with all torch threads, rounds alternating; the goal's figure is predict as a user
 runs it (all cores, torch's default) against the bare forward at its fastest thread count, and each
-thread count's paired ratio is reported beside it.
+thread count's paired ratio is reported beside it. For comparison (not the goal's figure) the same
+pipeline is timed around the paper's architecture (deeplabv2, untrained weights) on a shorter CT.
 
     python benchmarks/inference_overhead.py [--slices 300] [--repeats 3] [--batch-size 8] [--threads N]
+        [--paper-slices 32] [--paper-batch-size 4] [--paper-repeats 2]
 """
 
 from __future__ import annotations
@@ -65,6 +67,52 @@ def _deflate_cpu(model, meta, image: Path, batch_size: int, tmp: Path, repeats: 
     return {k: c.median(v) for k, v in cpu.items()}
 
 
+def _paper_model(args, tmp: Path, threads: int) -> dict[str, list[float]] | None:
+    """Pipeline and bare forward walls for the paper's architecture (deeplabv2) on a shorter CT."""
+    if args.paper_slices <= 0:
+        return None
+    import dataclasses
+
+    from napari_apl import cli
+    from napari_apl.core.checkpoint import save_checkpoint
+    from napari_apl.core.infer import prepare
+    from napari_apl.core.models import build_model
+    from napari_apl.core.volume import load_volume
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model("deeplabv2").eval()
+    _demo, meta, _source = c.demo_like_model(args.base)
+    meta = dataclasses.replace(meta, arch="deeplabv2", arch_args=dict(model.arch_args))
+    meta.provenance = {"note": "untrained deeplabv2 (seed 0): the overhead figure needs no trained weights"}
+    image = c.synthetic_ct_file((c.BIG_SHAPE[0], c.BIG_SHAPE[1], args.paper_slices))
+    ckpt = save_checkpoint(tmp / "deeplabv2.pt", model, meta)
+    bs = args.paper_batch_size
+    prep = prepare(load_volume(image), meta, model)
+    z = args.paper_slices
+    xs = [prep.batch(range(s, min(z, s + bs))) for s in range(0, z, bs)]
+    del prep
+    model.to(memory_format=torch.channels_last)
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for x in xs:
+                model(x)
+
+    argv = [
+        "predict", str(image), "-c", str(ckpt), "-o", str(tmp / "out_deeplabv2"), "--overwrite", "-q",
+        "--batch-size", str(bs), "--device", "cpu", "--normalize", "checkpoint",
+    ]  # fmt: skip
+
+    def pipeline() -> None:
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert cli.main(argv) == 0
+
+    return c.interleaved({"pipeline": pipeline, "bare": bare}, args.paper_repeats)
+
+
 @contextlib.contextmanager
 def _no_isal():
     """Hide the isal package from imports for the duration."""
@@ -89,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, help="torch threads (default: both cores - 1 and all cores)")
     ap.add_argument("--base", type=int, default=12, help="unet-dual width (default 12: the demo model)")
+    ap.add_argument(
+        "--paper-slices", type=int, default=32,
+        help="slices of the 512 x 512 CT for the deeplabv2 rows (0: skip them)",
+    )  # fmt: skip
+    ap.add_argument("--paper-batch-size", type=int, default=4, help="batch size of the deeplabv2 rows")
+    ap.add_argument("--paper-repeats", type=int, default=2)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -211,6 +265,17 @@ def main(argv: list[str] | None = None) -> int:
         note="medians; the per-thread rows below pair each round's pipeline with its own bare forward",
     )
     rep.figures.insert(0, rep.figures.pop())  # the goal's row first
+    paper = _paper_model(args, tmp, default)
+    if paper is not None:
+        rep.add(
+            f"paper's architecture (deeplabv2): predict / bare forward, {default} threads, "
+            f"{args.paper_slices} slices of 512 x 512, batch {args.paper_batch_size}",
+            c.paired_ratio(paper["pipeline"], paper["bare"]),
+            "x",
+            note="for comparison, not the goal's figure: the same pipeline around a ~15x heavier forward",
+        )
+        rep.add("  deeplabv2 pipeline wall (median)", c.median(paper["pipeline"]), "s")
+        rep.add("  deeplabv2 bare forward wall (median)", c.median(paper["bare"]), "s")
     if len(runs) > 1:
         bare_by = {t: c.median(r["wall_s"]["bare"]) for t, r in runs.items()}
         fewest, most = min(bare_by), max(bare_by)
@@ -229,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_grid": f"{meta.spacing} mm, input {meta.input_size}",
         "batch_size": args.batch_size,
         "rounds_by_threads": runs,
+        "deeplabv2_wall_s": paper,
     }
     rep.note(
         "the .nii.gz input is streamed (read slice by slice as the batches need it) and each of the five "
