@@ -299,7 +299,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-_NO_DISTRIBUTED = "running many volumes needs dask.distributed, which is not installed: pip install distributed"
+_NO_DISTRIBUTED = (
+    "running many volumes needs dask.distributed, which is not installed: pip install distributed"
+)
 
 
 @contextlib.contextmanager
