@@ -105,7 +105,7 @@ def looks_like_labels(volume: Volume, name: str = "") -> bool:
         return False
     limit = MAX_HINTED_LABEL_VALUES if hinted else MAX_LABEL_VALUES
     step = max(1, data.size // _SAMPLE_VOXELS)
-    sample = data.reshape(-1)[::step]
+    sample = data.ravel(order="K")[::step]  # memory order: a view whatever the layout
     if not _is_integral(sample) or np.unique(sample).size > limit:
         return False
     return _is_integral(data) and data.min() >= 0 and np.unique(data).size <= limit

@@ -74,6 +74,8 @@ def test_reader_geometry_matches_nibabel(phantom_files, orientation: str) -> Non
     np.testing.assert_allclose(image[1]["translate"], canonical.affine[:3, 3][::-1])
     assert labels[1]["scale"] == image[1]["scale"] and labels[1]["translate"] == image[1]["translate"]
     np.testing.assert_array_equal(image[0], np.asarray(canonical.dataobj).transpose(2, 1, 0))
+    # the image reaches napari as a C-contiguous view of the one array read, not a transposed copy
+    assert image[0].flags.c_contiguous and not image[0].flags.owndata
     # every organ's centroid sits at the same world position in napari and in nibabel
     lab_layer = as_layer(labels)
     for organ in (1, 2, 3, 4):

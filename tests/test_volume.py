@@ -110,7 +110,8 @@ def test_canonical_round_trip(tmp_path: Path, name: str, suffix: str) -> None:
     assert vol.original_dtype == np.int16 and vol.data.dtype == np.int16
     assert np.allclose(vol.original_affine, affine)
     assert vol.path == path.absolute()
-    assert vol.data.flags["C_CONTIGUOUS"]
+    # axial slices contiguous: napari's (Z, Y, X) order is a C-contiguous view, no copy on the way in
+    assert vol.data.flags["F_CONTIGUOUS"] and vol.data.T.flags["C_CONTIGUOUS"]
     # Exact inverse, both ways.
     back = vol.to_original(vol.data)
     assert back.shape == SHAPE and np.array_equal(back, data)

@@ -559,7 +559,8 @@ def load_volume(path: str | os.PathLike, *, lazy: bool = False) -> Volume:
     spacing that is zero, non-finite or outside 0.01..100 mm, a singular affine, NaN/Inf voxels, or
     more than ``NAPARI_APL_MAX_VOXEL_BYTES`` (default 4 GiB, eager only; checked from the header
     before anything is allocated). Eager loading reads the file in chunks of slices straight into a
-    C-ordered canonical array and checks NaN/Inf chunk by chunk. ``lazy=True`` reads only the header
+    Fortran-ordered canonical array (each axial slice contiguous, like the file and napari's ``(Z, Y,
+    X)`` layer order) and checks NaN/Inf chunk by chunk. ``lazy=True`` reads only the header
     and returns a dask array with one chunk per axial slice; the NaN/Inf check then happens when
     chunks are computed. ``.nii.gz`` slices can be read in any order (see ``_CheckpointedGzipReader``).
     """
@@ -637,7 +638,11 @@ def load_volume(path: str | os.PathLike, *, lazy: bool = False) -> Volume:
 def _read_eager(
     dataobj: Any, shape: tuple[int, int, int], extra: int, ornt: np.ndarray, itemsize: int, label: str
 ) -> np.ndarray:
-    """Read the voxels in chunks of file slices straight into a C-ordered canonical array."""
+    """Read the voxels in chunks of file slices straight into a Fortran-ordered canonical array.
+
+    Fortran order is the file's own for RAS-like files, so each chunk is a plain copy, and the napari
+    layer order ``(Z, Y, X)`` is then a C-contiguous view: no transposing copy on the way into napari.
+    """
     per_slice = shape[0] * shape[1] * max(itemsize, 1)
     step = max(1, _READ_CHUNK_BYTES // per_slice)
     inverse = _invert_ornt(ornt)
@@ -655,7 +660,7 @@ def _read_eager(
         _check_finite(block, label)
         if out is None:
             canon_shape = tuple(shape[int(i)] for i in np.argsort(ornt[:, 0]))
-            out = np.empty(canon_shape, dtype=block.dtype)
+            out = np.empty(canon_shape, dtype=block.dtype, order="F")
             target = apply_orientation(out, inverse)  # a view of ``out`` in file order
         target[:, :, z0:z1] = block  # type: ignore[index]
     assert out is not None
