@@ -332,9 +332,9 @@ def cluster_client(
         n_workers=int(workers),
         threads_per_worker=int(threads_per_worker),
         processes=True,
-        # the scheduler's HTTP server on any free port: with None it tries 8787 and warns when another
-        # cluster or program holds it (no dashboard is shown: bokeh is not a dependency)
-        dashboard_address=":0",
+        # the scheduler's HTTP server on a free local port: with None it tries :8787 (every interface) and
+        # warns when another program holds it (no dashboard is shown: bokeh is not a dependency)
+        dashboard_address="127.0.0.1:0",
         silence_logs=40,
     )
     try:
