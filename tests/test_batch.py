@@ -136,8 +136,8 @@ def test_many_without_distributed_is_one_line_and_leaves_nothing(
     monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed now fails
     out = tmp_path / "out"
     rc = cli.main(["predict", str(phantom_folder), "-c", str(tiny_checkpoint), "-o", str(out), "-q"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "Traceback" not in err
+    out_text, err = capsys.readouterr()
+    assert rc == 2 and "Traceback" not in err and out_text == ""  # no "N volumes on ..." before it
     assert "needs dask.distributed" in err and "pip install distributed" in err
     assert not out.exists()  # the folders made for the volumes are removed again
 

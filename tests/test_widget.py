@@ -119,6 +119,10 @@ def test_predict_adds_aligned_layers_and_updates_them_in_place(setup, phantom_fi
     viewer.dims.ndisplay = 3  # also fine in 3-D
     assert_aligned(viewer, ras_image, widget)
     viewer.dims.ndisplay = 2
+    # layers updated in place take the scan's axis names too
+    ras_image.axis_labels = ("S", "A", "R")
+    assert widget.predict(sync=True)
+    assert all(layer.axis_labels == ("S", "A", "R") for layer in first.values())
 
 
 def test_background_predict_shows_the_visible_slice_at_once(setup, qtbot, monkeypatch) -> None:

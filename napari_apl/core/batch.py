@@ -493,6 +493,10 @@ def run_command_many(
     import sys
 
     warn = warn or (lambda text: print(text, file=sys.stderr))
+    try:  # before any folder is made or anything is printed
+        import distributed  # noqa: F401
+    except ImportError:  # a dependency, but an install with --no-deps may lack it
+        raise APLError(_NO_DISTRIBUTED) from None
     scheduler = getattr(args, "scheduler", None)
     workers = getattr(args, "workers", 2)
     if not scheduler and int(workers) < 1:

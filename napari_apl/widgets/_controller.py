@@ -641,6 +641,8 @@ class APLController:
             # each assignment re-lays out the viewer: only where the scan's geometry changed
             if np.shape(current[key]) != np.shape(kw[key]) or not np.array_equal(current[key], kw[key]):
                 setattr(layer, key, kw[key])
+        if kw.get("axis_labels") and current.get("axis_labels") != kw["axis_labels"]:  # the scan's names
+            layer.axis_labels = kw["axis_labels"]
 
     def _put_labels(
         self, name: str, canonical: np.ndarray, role: str, visible: bool = True, **extra: Any
