@@ -46,7 +46,7 @@ from napari_apl.core.labels import CLASS_NAMES
 from napari_apl.core.metrics import evaluate
 from napari_apl.core.postprocess import largest_components
 from napari_apl.core.preprocess import get_preset
-from napari_apl.core.refine import METHODS, RefineConfig, refine
+from napari_apl.core.refine import METHODS, RefineConfig, _cpu_has_native_bf16, refine
 from napari_apl.core.train import TrainConfig, pair_files, train_source
 from napari_apl.core.utils import run_generator
 from napari_apl.core.volume import load_volume, volume_from_array
@@ -57,8 +57,10 @@ RESULTS = REPO / "benchmarks" / "results"
 ORGANS = CLASS_NAMES[1:]
 
 # The source recipe used on CHAOS (the full model and every CV fold differ only in data): the
-# train-source defaults (45 epochs, 160 x 160 px at 2.5 mm), trained channels-last in bf16 autocast,
-# which made a step 4.2x faster here (3.6 -> 0.87 s for 16 slices, 1 thread) at the same recipe. The
+# train-source defaults (45 epochs, 160 x 160 px at 2.5 mm), trained channels-last in bf16 autocast
+# where the CPU computes bf16 natively, which made a step 4.2x faster there (3.6 -> 0.87 s for 16
+# slices, 1 thread) at the same recipe; in float32 elsewhere (on an AVX2-only CPU emulated bf16 made
+# a forward of this model 9x slower than float32: 2.1 s against 0.24 s for 8 slices). The
 # earlier 14 epochs at 3 mm / 112 px, chosen for time, under-fitted: 4-fold CV 39.8 average Dice
 # (8 epochs per fold), both kidneys merged into one class on held-out cases; 30 epochs gave CV 78.5.
 SOURCE = TrainConfig(
@@ -73,7 +75,7 @@ SOURCE = TrainConfig(
     seed=0,
     device="cpu",
     channels_last=True,
-    amp=True,
+    amp=_cpu_has_native_bf16(),
 )
 CV_EPOCHS = 45
 PHANTOM_SEED = 100  # CT phantom of the synthetic pair (the demo model never saw a CT, nor this anatomy)
