@@ -67,17 +67,47 @@ def _deflate_cpu(model, meta, image: Path, batch_size: int, tmp: Path, repeats: 
     return {k: c.median(v) for k, v in cpu.items()}
 
 
+def _pipeline_and_bare(model, meta, image: Path, ckpt: Path, out: Path, batch_size: int):
+    """``(pipeline, bare)``: ``napari-apl predict`` of ``image`` in this process, and ``model(x)`` over the
+    same slices already prepared on the model grid, at ``batch_size`` (channels-last, as predict runs it)."""
+    import io
+
+    from napari_apl import cli
+    from napari_apl.core.infer import prepare
+    from napari_apl.core.volume import load_volume
+
+    prep = prepare(load_volume(image), meta, model)
+    z = prep.volume.shape[2]
+    xs = [prep.batch(range(s, min(z, s + batch_size))) for s in range(0, z, batch_size)]
+    del prep
+    model.eval()
+    model.to(memory_format=torch.channels_last)  # as predict runs it (SlicePredictor)
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for x in xs:
+                model(x)
+
+    argv = [
+        "predict", str(image), "-c", str(ckpt), "-o", str(out), "--overwrite", "-q",
+        "--batch-size", str(batch_size), "--device", "cpu", "--normalize", "checkpoint",
+    ]  # fmt: skip
+
+    def pipeline() -> None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert cli.main(argv) == 0
+
+    return pipeline, bare
+
+
 def _paper_model(args, tmp: Path, threads: int) -> dict[str, list[float]] | None:
     """Pipeline and bare forward walls for the paper's architecture (deeplabv2) on a shorter CT."""
     if args.paper_slices <= 0:
         return None
     import dataclasses
 
-    from napari_apl import cli
     from napari_apl.core.checkpoint import save_checkpoint
-    from napari_apl.core.infer import prepare
     from napari_apl.core.models import build_model
-    from napari_apl.core.volume import load_volume
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -87,29 +117,9 @@ def _paper_model(args, tmp: Path, threads: int) -> dict[str, list[float]] | None
     meta.provenance = {"note": "untrained deeplabv2 (seed 0): the overhead figure needs no trained weights"}
     image = c.synthetic_ct_file((c.BIG_SHAPE[0], c.BIG_SHAPE[1], args.paper_slices))
     ckpt = save_checkpoint(tmp / "deeplabv2.pt", model, meta)
-    bs = args.paper_batch_size
-    prep = prepare(load_volume(image), meta, model)
-    z = args.paper_slices
-    xs = [prep.batch(range(s, min(z, s + bs))) for s in range(0, z, bs)]
-    del prep
-    model.to(memory_format=torch.channels_last)
-
-    def bare() -> None:
-        with torch.inference_mode():
-            for x in xs:
-                model(x)
-
-    argv = [
-        "predict", str(image), "-c", str(ckpt), "-o", str(tmp / "out_deeplabv2"), "--overwrite", "-q",
-        "--batch-size", str(bs), "--device", "cpu", "--normalize", "checkpoint",
-    ]  # fmt: skip
-
-    def pipeline() -> None:
-        import io
-
-        with contextlib.redirect_stdout(io.StringIO()):
-            assert cli.main(argv) == 0
-
+    pipeline, bare = _pipeline_and_bare(
+        model, meta, image, ckpt, tmp / "out_deeplabv2", args.paper_batch_size
+    )
     return c.interleaved({"pipeline": pipeline, "bare": bare}, args.paper_repeats)
 
 
@@ -144,12 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paper-batch-size", type=int, default=4, help="batch size of the deeplabv2 rows")
     ap.add_argument("--paper-repeats", type=int, default=2)
     args = ap.parse_args(argv)
+    if 0 < args.paper_slices < 16 or args.slices < 16:
+        ap.error("--slices and --paper-slices need at least 16 (the CT is built at half resolution)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from napari_apl import cli
     from napari_apl.core.checkpoint import save_checkpoint
-    from napari_apl.core.infer import prepare
     from napari_apl.core.volume import load_volume
 
     rep = c.Report("inference_overhead", "Goal 1: predict pipeline vs bare model forward")
@@ -158,29 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     model, meta, source = c.demo_like_model(args.base)
     tmp = Path(tempfile.mkdtemp(prefix="apl_bench_"))
     ckpt = save_checkpoint(tmp / "model.pt", model, meta)
-    volume = load_volume(image)
-    prep = prepare(volume, meta, model)
-    z = shape[2]
-    xs = [prep.batch(range(s, min(z, s + args.batch_size))) for s in range(0, z, args.batch_size)]
-    del volume, prep
-    model.eval()
-    model.to(memory_format=torch.channels_last)  # as predict runs it (SlicePredictor)
-
-    def bare() -> None:
-        with torch.inference_mode():
-            for x in xs:
-                model(x)
-
-    argv_predict = [
-        "predict", str(image), "-c", str(ckpt), "-o", str(tmp / "out"), "--overwrite", "-q",
-        "--batch-size", str(args.batch_size), "--device", "cpu", "--normalize", "checkpoint",
-    ]  # fmt: skip
-
-    def pipeline() -> None:
-        import io
-
-        with contextlib.redirect_stdout(io.StringIO()):
-            assert cli.main(argv_predict) == 0
+    pipeline, bare = _pipeline_and_bare(model, meta, image, ckpt, tmp / "out", args.batch_size)
 
     from napari_apl.core import memory as core_memory
     from napari_apl.core.infer import SlicePredictor

@@ -299,9 +299,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-_NO_DISTRIBUTED = (
-    "running many volumes needs dask.distributed, which is not installed: pip install distributed"
-)
+def _distributed() -> Any:
+    """The ``distributed`` module; ``APLError`` in one line where it is missing (a --no-deps install)."""
+    try:
+        import distributed
+    except ImportError:
+        raise APLError(
+            "running many volumes needs dask.distributed, which is not installed: pip install distributed"
+        ) from None
+    return distributed
 
 
 @contextlib.contextmanager
@@ -309,10 +315,8 @@ def cluster_client(
     scheduler: str | None = None, workers: int = 2, threads_per_worker: int = 1
 ) -> Iterator[Any]:
     """A dask.distributed ``Client``: to ``scheduler`` when given, else to a new local process cluster."""
-    try:
-        from distributed import Client, LocalCluster
-    except ImportError:  # a dependency, but an install with --no-deps may lack it
-        raise APLError(_NO_DISTRIBUTED) from None
+    dist = _distributed()
+    Client, LocalCluster = dist.Client, dist.LocalCluster
     if scheduler:
         try:
             client = Client(scheduler, timeout="20s")
@@ -382,10 +386,7 @@ def run_many(
         return []
     import uuid
 
-    try:
-        from distributed import as_completed
-    except ImportError:  # a dependency, but an install with --no-deps may lack it
-        raise APLError(_NO_DISTRIBUTED) from None
+    as_completed = _distributed().as_completed
 
     results: dict[int, TaskResult] = {}
     stop_event = f"napari-apl-stop-{uuid.uuid4().hex}" if scheduler else None
@@ -493,10 +494,7 @@ def run_command_many(
     import sys
 
     warn = warn or (lambda text: print(text, file=sys.stderr))
-    try:  # before any folder is made or anything is printed
-        import distributed  # noqa: F401
-    except ImportError:  # a dependency, but an install with --no-deps may lack it
-        raise APLError(_NO_DISTRIBUTED) from None
+    _distributed()  # before any folder is made or anything is printed
     scheduler = getattr(args, "scheduler", None)
     workers = getattr(args, "workers", 2)
     if not scheduler and int(workers) < 1:
