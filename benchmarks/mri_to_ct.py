@@ -97,7 +97,8 @@ def log(msg: str) -> None:
 def cache_path(tag: str, cfg: TrainConfig, pairs) -> Path:
     """Return the cache file of a source model trained with ``cfg`` on ``pairs`` (keyed by a hash)."""
     d = asdict(cfg)
-    d.pop("device", None)
+    if d.get("device") == "cpu":  # (CPU models keep the keys they were cached under; others are keyed apart)
+        d.pop("device")
     key = json.dumps({"cfg": d, "files": [Path(a).name for a, _ in pairs]}, sort_keys=True, default=list)
     return CACHE / f"{tag}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
 
@@ -174,7 +175,7 @@ def source_cv(pairs, folds: int, cfg: TrainConfig, only_train: bool = False) -> 
         per_case = []
         for i in held:
             vol, lab = load_volume(pairs[i][0]), load_volume(pairs[i][1])
-            pred = predict_volume(model, meta, vol, device="cpu").pseudo
+            pred = predict_volume(model, meta, vol, device=cfg.device).pseudo
             s = score(pred, np.asarray(lab.data).round().astype(np.int16), vol.spacing)
             per_case.append(s)
         row = {
@@ -203,9 +204,9 @@ def file_hash(path: Path) -> str:
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:12]
 
 
-def predict_labels(model, meta, vol, norm) -> np.ndarray:
+def predict_labels(model, meta, vol, norm, device: str = "cpu") -> np.ndarray:
     """The merged-heads label volume of ``model`` on ``vol`` (what a user gets from ``predict``)."""
-    return predict_volume(model, meta, vol, normalization=norm, device="cpu").pseudo
+    return predict_volume(model, meta, vol, normalization=norm, device=device).pseudo
 
 
 # Settings that only the APL label rule reads; left out of other methods' run keys (they cannot
@@ -313,7 +314,7 @@ def refine_run(t: str, data: Path, ck: Path, cfg: RefineConfig, path: Path, thre
     model, meta = load_checkpoint(ck)
     t1 = time.perf_counter()
     res = run_generator(refine(model, meta, vol, cfg))
-    pred = predict_labels(res.model, meta, vol, norm)
+    pred = predict_labels(res.model, meta, vol, norm, cfg.device)
     row = score(pred, gt, vol.spacing)
     # the labels too, so that later scoring (e.g. post-processing) needs no rerun
     np.savez_compressed(path.with_suffix(".npz"), labels=pred.astype(np.uint8))
@@ -324,7 +325,9 @@ def refine_run(t: str, data: Path, ck: Path, cfg: RefineConfig, path: Path, thre
     return row
 
 
-def target_configs(methods, seeds, norm, iterations: int | None) -> list[tuple[str, list[RefineConfig]]]:
+def target_configs(
+    methods, seeds, norm, iterations: int | None, device: str = "cpu"
+) -> list[tuple[str, list[RefineConfig]]]:
     """Each row's refinement settings, one per seed."""
     out = []
     for method in methods:
@@ -332,7 +335,7 @@ def target_configs(methods, seeds, norm, iterations: int | None) -> list[tuple[s
         cfgs = []
         for seed in seeds:
             cfg = RefineConfig.for_method(
-                base, seed=seed, device="cpu", normalization=norm.to_dict() if norm else None, **overrides
+                base, seed=seed, device=device, normalization=norm.to_dict() if norm else None, **overrides
             )
             if iterations is not None:
                 cfg.iterations = iterations
@@ -356,13 +359,13 @@ def submit_target(
 
 
 def collect_target(
-    t: str, data: Path, ck: Path, rows, runs_dir: Path, futures: dict, reference: Path
+    t: str, data: Path, ck: Path, rows, runs_dir: Path, futures: dict, reference: Path, device: str = "cpu"
 ) -> dict:
     """No-adaptation row plus one row per method and seed on one target (waiting for its runs)."""
     name, _, vol, gt, norm = load_target(t, data)
     model, meta = load_checkpoint(ck)
     t0 = time.perf_counter()
-    start = score(predict_labels(model, meta, vol, norm), gt, vol.spacing)
+    start = score(predict_labels(model, meta, vol, norm, device), gt, vol.spacing)
     out = {
         "target": name,
         "start_model": ck.name,
@@ -466,6 +469,8 @@ def table_md(table: dict) -> list[str]:
 
 def git_commit() -> str:
     """The checked-out commit (and whether the tree has local changes besides the results files)."""
+    if os.environ.get("GIT_COMMIT"):  # a copied tree (e.g. on a lent GPU machine) whose .git may be stale
+        return os.environ["GIT_COMMIT"]
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
@@ -514,7 +519,19 @@ def main(argv=None) -> int:
         action="store_true",
         help="only report refinement runs already in the runs cache (--runs-dir)",
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (the benchmark) or cuda: models train in bf16 autocast and refine at the engine's CUDA "
+        "defaults, cached apart from the CPU models; use with its own --stem and --runs-dir",
+    )
     args = p.parse_args(argv)
+    if args.device not in ("cpu", "cuda"):
+        print(f"--device must be cpu or cuda, got {args.device!r}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available to torch here", file=sys.stderr)
+        return 2
     jobs = max(1, args.jobs)
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
     torch.set_num_threads(threads)
@@ -524,14 +541,17 @@ def main(argv=None) -> int:
         print(f"real data folder {data} not found: set NAPARI_APL_DATA", file=sys.stderr)
         return 2
     pairs = pair_files(str(data / "chaos_t2" / "image_*.nii.gz"), str(data / "chaos_t2" / "label_*.nii.gz"))
-    src_cfg = replace(SOURCE, epochs=2) if args.quick else SOURCE
-    cv_cfg = replace(SOURCE, epochs=1 if args.quick else CV_EPOCHS)
+    source = SOURCE if args.device == "cpu" else replace(SOURCE, device=args.device, amp=True)
+    src_cfg = replace(source, epochs=2) if args.quick else source
+    cv_cfg = replace(source, epochs=1 if args.quick else CV_EPOCHS)
     folds = 2 if args.quick else args.folds
     seeds = list(range(1 if args.quick else args.seeds))
     iterations = 10 if args.quick else None
     methods = [m for m in args.methods.split(",") if m]
     settings = {"source": asdict(src_cfg), "cv_epochs": cv_cfg.epochs, "folds": folds, "seeds": seeds}
-    results: dict = {"settings": settings | {"quick": args.quick, "threads": threads, "jobs": jobs}}
+    results: dict = {
+        "settings": settings | {"quick": args.quick, "threads": threads, "jobs": jobs, "device": args.device}
+    }
     targets = [t for t in args.targets.split(",") if t]
     runs_dir = args.runs_dir.expanduser().absolute()
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -555,13 +575,15 @@ def main(argv=None) -> int:
             except ValueError:  # not a target this benchmark knows
                 continue
             ck = start_model or full_ck
-            rows = target_configs(methods, seeds, norm, iterations)
+            rows = target_configs(methods, seeds, norm, iterations, args.device)
             plan[t] = (ck, rows, submit_target(t, data, ck, rows, runs_dir, pool, threads, args.cached_only))
         if not args.skip_cv:
             results["cv"] = source_cv(pairs, folds, cv_cfg)
         results["targets"] = {}
         for t, (ck, rows, futures) in plan.items():
-            results["targets"][t] = collect_target(t, data, ck, rows, runs_dir, futures, CACHE / "runs")
+            results["targets"][t] = collect_target(
+                t, data, ck, rows, runs_dir, futures, CACHE / "runs", args.device
+            )
             # partial results survive an interruption
             finish(results, full_ck, t_start, args.quick, args.stem)
     except BaseException:  # a failed run or Ctrl-C: drop the queued runs instead of waiting for them
@@ -584,7 +606,12 @@ def finish(results: dict, full_ck: Path | None, t_start: float, quick: bool, ste
     results["meta"] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "commit": git_commit(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+        + (
+            f", refinement and training on {torch.cuda.get_device_name()}"
+            if results["settings"].get("device") == "cuda"
+            else ""
+        ),
         "wall_seconds_this_invocation": wall,
         "refinement_compute_seconds": compute,
         "source_training_seconds": training_seconds(full_ck) if full_ck else 0.0,
