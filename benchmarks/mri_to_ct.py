@@ -211,12 +211,12 @@ def predict_labels(model, meta, vol, norm, device: str = "cpu") -> np.ndarray:
 
 # Settings that only the APL label rule reads; left out of other methods' run keys (they cannot
 # change those runs), so cached baseline runs stay valid when they change.
-APL_ONLY = ("class_norm", "class_balance_volume")
+APL_ONLY = ("class_norm", "class_balance_volume", "class_select")
 
 
 # Settings added after runs were cached, with the value that reproduces those runs: left out of the
 # key at that value, so the cached runs stay valid.
-NEUTRAL = {"bn_mix": 1.0, "augment": "none", "augment_geometry": False}
+NEUTRAL = {"bn_mix": 1.0, "augment": "none", "augment_geometry": False, "class_select": False}
 
 
 # Extra rows: a method with settings that differ from its defaults (row name -> method, overrides).
@@ -227,6 +227,9 @@ BASELINES = ("apl-con", "threshold", "cbst", "mrnet")
 VARIANTS: dict[str, tuple[str, dict]] = {
     "apl (+ geometry)": ("apl", {"augment_geometry": True}),
     "apl (previous default)": ("apl", {"augment": "none", "class_balance_power": 0.25}),
+    "apl (+ class selection)": ("apl", {"class_select": True}),
+    "apl (+ class selection at 0.3)": ("apl", {"class_select": True, "class_norm": 0.3}),
+    "apl (+ class selection at 0.7)": ("apl", {"class_select": True, "class_norm": 0.7}),
     **{f"{m} (no aug)": (m, {"augment": "none"}) for m in BASELINES},
     **{f"{m} (+ geometry)": (m, {"augment_geometry": True}) for m in ("threshold", "cbst")},
 }

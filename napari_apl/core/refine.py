@@ -147,6 +147,10 @@ class RefineConfig:
     confidence of the pixels the ensemble assigns to c (CBST's class-wise normalisation, no pixel
     ignored), so that an organ the start model under-segments with low confidence can grow instead
     of being eaten by its neighbours; 0 = the paper's plain ``argmax(p_m + p_a)``."""
+    class_select: bool = False
+    """With ``class_norm``, also ignore the pixels whose class-normalised ensemble probability
+    ``max_c p_c / k_c`` is below 1 (CBST's selection: about ``class_norm`` of each class's pixels,
+    the least confident, drop out of L_SSL); ω still weighs the rest. Not the default."""
     both_heads_ssl: bool = True
     """Apply L_SSL to both heads' logits (the encoder gets gradients through both)."""
     augment: str = "mild"
@@ -217,6 +221,8 @@ class RefineConfig:
             raise APLError(f"class_norm is a portion in [0, 1], got {self.class_norm}")
         if not (0 < self.cbst_portion <= self.cbst_max <= 1 and 0 <= self.cbst_step <= 1):
             raise APLError("cbst settings need 0 < cbst_portion <= cbst_max <= 1 and 0 <= cbst_step <= 1")
+        if not isinstance(self.class_select, bool):
+            raise APLError(f"class_select must be true or false, got {self.class_select!r}")
         if self.rounds < 1 or self.guard_every < 1:
             raise APLError("rounds and guard_every must be 1 or more")
         if self.mrnet_memory < 0:
@@ -871,7 +877,10 @@ def _refine_loop(
             if cfg.class_norm > 0:
                 if class_k is None or it % cfg.guard_every == 1:
                     class_k = ensemble.class_thresholds(cfg.class_norm).to(dev)
-                target = pseudo.class_argmax(ens / class_k.reshape(1, -1, 1, 1).clamp_min(1e-3))
+                scaled = ens / class_k.reshape(1, -1, 1, 1).clamp_min(1e-3)
+                target = pseudo.class_argmax(scaled)
+                if cfg.class_select:
+                    target = torch.where(scaled.amax(1) >= 1.0, target, pseudo.IGNORE)
             else:
                 target = pseudo.class_argmax(ens)
             mean_conf = float(omega.mean())
