@@ -211,12 +211,12 @@ def predict_labels(model, meta, vol, norm, device: str = "cpu") -> np.ndarray:
 
 # Settings that only the APL label rule reads; left out of other methods' run keys (they cannot
 # change those runs), so cached baseline runs stay valid when they change.
-APL_ONLY = ("class_norm", "class_balance_volume", "class_select")
+APL_ONLY = ("class_norm", "class_balance_volume", "class_select", "background_select")
 
 
 # Settings added after runs were cached, with the value that reproduces those runs: left out of the
 # key at that value, so the cached runs stay valid.
-NEUTRAL = {"bn_mix": 1.0, "augment": "none", "augment_geometry": False, "class_select": False}
+NEUTRAL = {"bn_mix": 1.0, "augment": "none", "augment_geometry": False, "class_select": False, "background_select": False}
 
 
 # Extra rows: a method with settings that differ from its defaults (row name -> method, overrides).
@@ -230,6 +230,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "apl (+ class selection)": ("apl", {"class_select": True}),
     "apl (+ class selection at 0.3)": ("apl", {"class_select": True, "class_norm": 0.3}),
     "apl (+ class selection at 0.7)": ("apl", {"class_select": True, "class_norm": 0.7}),
+    "apl (+ class selection at 0.3 + geometry)": (
+        "apl",
+        {"class_select": True, "class_norm": 0.3, "augment_geometry": True},
+    ),
+    "apl (+ background selection)": ("apl", {"background_select": True}),
+    "apl (+ background selection at 0.3)": ("apl", {"background_select": True, "class_norm": 0.3}),
     **{f"{m} (no aug)": (m, {"augment": "none"}) for m in BASELINES},
     **{f"{m} (+ geometry)": (m, {"augment_geometry": True}) for m in ("threshold", "cbst")},
 }

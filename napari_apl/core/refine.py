@@ -151,6 +151,9 @@ class RefineConfig:
     """With ``class_norm``, also ignore the pixels whose class-normalised ensemble probability
     ``max_c p_c / k_c`` is below 1 (CBST's selection: about ``class_norm`` of each class's pixels,
     the least confident, drop out of L_SSL); ω still weighs the rest. Not the default."""
+    background_select: bool = False
+    """Like ``class_select`` for the background's pixels only: every organ pixel stays in L_SSL, the
+    least confident background (where an under-segmented organ would grow) drops out. Not the default."""
     both_heads_ssl: bool = True
     """Apply L_SSL to both heads' logits (the encoder gets gradients through both)."""
     augment: str = "mild"
@@ -221,8 +224,9 @@ class RefineConfig:
             raise APLError(f"class_norm is a portion in [0, 1], got {self.class_norm}")
         if not (0 < self.cbst_portion <= self.cbst_max <= 1 and 0 <= self.cbst_step <= 1):
             raise APLError("cbst settings need 0 < cbst_portion <= cbst_max <= 1 and 0 <= cbst_step <= 1")
-        if not isinstance(self.class_select, bool):
-            raise APLError(f"class_select must be true or false, got {self.class_select!r}")
+        for name in ("class_select", "background_select"):
+            if not isinstance(getattr(self, name), bool):
+                raise APLError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.rounds < 1 or self.guard_every < 1:
             raise APLError("rounds and guard_every must be 1 or more")
         if self.mrnet_memory < 0:
@@ -879,8 +883,11 @@ def _refine_loop(
                     class_k = ensemble.class_thresholds(cfg.class_norm).to(dev)
                 scaled = ens / class_k.reshape(1, -1, 1, 1).clamp_min(1e-3)
                 target = pseudo.class_argmax(scaled)
-                if cfg.class_select:
-                    target = torch.where(scaled.amax(1) >= 1.0, target, pseudo.IGNORE)
+                if cfg.class_select or cfg.background_select:
+                    keep = scaled.amax(1) >= 1.0
+                    if not cfg.class_select:
+                        keep |= target != 0
+                    target = torch.where(keep, target, pseudo.IGNORE)
             else:
                 target = pseudo.class_argmax(ens)
             mean_conf = float(omega.mean())
