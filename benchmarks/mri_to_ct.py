@@ -216,7 +216,13 @@ APL_ONLY = ("class_norm", "class_balance_volume", "class_select", "background_se
 
 # Settings added after runs were cached, with the value that reproduces those runs: left out of the
 # key at that value, so the cached runs stay valid.
-NEUTRAL = {"bn_mix": 1.0, "augment": "none", "augment_geometry": False, "class_select": False, "background_select": False}
+NEUTRAL = {
+    "bn_mix": 1.0,
+    "augment": "none",
+    "augment_geometry": False,
+    "class_select": False,
+    "background_select": False,
+}
 
 
 # Extra rows: a method with settings that differ from its defaults (row name -> method, overrides).
