@@ -112,6 +112,39 @@ def test_threshold_and_cbst_labels():
     ]
 
 
+def test_class_normalised_labels_and_selection():
+    # pixels: confident background, unsure background next to an organ, organ 1, unsure organ 2
+    prob = torch.tensor([[0.95, 0.03, 0.02], [0.5, 0.45, 0.05], [0.1, 0.8, 0.1], [0.3, 0.2, 0.5]]).T.reshape(
+        1, 3, 1, 4
+    )
+    k = torch.tensor([0.9, 0.6, 0.6])
+    # p / k: [1.06, .05, .03], [.56, .75, .08], [.11, 1.33, .17], [.33, .33, .83]
+    assert pseudo.class_normalised_labels(prob, k).flatten().tolist() == [0, 1, 1, 2]
+    assert pseudo.class_normalised_labels(prob, k, "all").flatten().tolist() == [
+        0,
+        pseudo.IGNORE,
+        1,
+        pseudo.IGNORE,
+    ]
+    # only the unsure background would drop out: here every background pixel is confident
+    assert pseudo.class_normalised_labels(prob, k, "background").flatten().tolist() == [0, 1, 1, 2]
+    k_bg = torch.tensor([0.99, 0.6, 0.6])  # now the first pixel's 0.95 is below background's k
+    assert pseudo.class_normalised_labels(prob, k_bg, "background").flatten().tolist() == [
+        pseudo.IGNORE,
+        1,  # organ pixels below their k (.75 here) stay
+        1,
+        2,
+    ]
+    assert pseudo.class_normalised_labels(prob, k_bg, "all").flatten().tolist()[:2] == [pseudo.IGNORE] * 2
+    # "all" without any pixel below its k is the plain class-normalised argmax
+    assert torch.equal(
+        pseudo.class_normalised_labels(prob, k * 0.1, "all"),
+        pseudo.class_argmax(prob / k.reshape(1, -1, 1, 1)),
+    )
+    with pytest.raises(ValueError, match="select"):
+        pseudo.class_normalised_labels(prob, k, "some")
+
+
 def test_mrnet_loss_matches_formula():
     torch.manual_seed(0)
     m = torch.randn(1, 3, 2, 2)

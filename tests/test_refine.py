@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -351,6 +353,45 @@ def test_volume_class_balance_weighs_classes_by_the_whole_ensemble(setup, monkey
     assert not torch.allclose(vol_w[0], seen[0])
     for w in vol_w:
         assert torch.isclose(w[w > 0].mean(), torch.tensor(1.0)) and (w >= 0).all()
+
+
+def test_class_selection_drops_pixels_from_l_ssl(monkeypatch):
+    """class_select / background_select: L_SSL's targets hold ignored pixels, and only with the option."""
+    from napari_apl.core.checkpoint import load_checkpoint
+    from napari_apl.core.preprocess import get_preset
+
+    # the demo model on a small CT phantom: every class present in the pseudo labels
+    model, meta = load_checkpoint(Path(__file__).resolve().parents[1] / "resources" / "demo_unet_dual.pt")
+    image, _, affine = make_phantom("ct", 100, shape=(160, 160, 12), spacing=(2.5, 2.5, 8.0))
+    vol = volume_from_array(image, affine)
+    ct = get_preset("ct-abdomen").to_dict()
+    targets: list[torch.Tensor] = []
+    real_ce = pseudo.F.cross_entropy
+
+    def spy(logits, target, weight=None, **kw):
+        targets.append(target.detach().clone())
+        return real_ce(logits, target, weight=weight, **kw)
+
+    monkeypatch.setattr(pseudo.F, "cross_entropy", spy)
+    ignored, first = {}, {}
+    for name, kw in {"none": {}, "all": {"class_select": True}, "bg": {"background_select": True}}.items():
+        targets.clear()
+        res = run_generator(refine(model, meta, vol, _cfg(iterations=2, normalization=ct, **kw)))
+        assert res.iterations_done == 2 and targets
+        ignored[name] = sum(int((t == pseudo.IGNORE).sum()) for t in targets)
+        t0 = targets[0]  # the first batch's L_SSL target (same batch and ensemble in the three runs)
+        first[name] = torch.bincount(t0[t0 != pseudo.IGNORE].flatten(), minlength=5)
+    assert ignored["none"] == 0
+    # about half of each class's pixels (class_norm 0.5) drop out; background alone drops fewer
+    assert ignored["all"] > ignored["bg"] > 0
+    assert first["none"][1:].sum() > 0
+    assert torch.equal(first["bg"][1:], first["none"][1:])  # every organ pixel kept
+    assert first["bg"][0] < first["none"][0]
+    assert (first["all"][1:] <= first["none"][1:]).all() and first["all"][1:].sum() < first["none"][1:].sum()
+    with pytest.raises(APLError, match="class_select"):
+        _cfg(class_select=1).validate()
+    with pytest.raises(APLError, match="needs class_norm"):
+        _cfg(background_select=True, class_norm=0.0).validate()
 
 
 def test_ensemble_tracks_labels_and_foreground_slices_of_a_full_argmax():

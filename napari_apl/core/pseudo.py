@@ -185,6 +185,25 @@ def cbst_labels(prob: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.where(top >= 1.0, lab, torch.full_like(lab, IGNORE))
 
 
+def class_normalised_labels(prob: torch.Tensor, k: torch.Tensor, select: str = "none") -> torch.Tensor:
+    """Return APL's class-normalised pseudo labels ``argmax_c p_c / k_c``, optionally CBST-selected.
+
+    ``select``: ``none`` keeps every pixel; ``all`` marks ``IGNORE`` where ``max_c p_c / k_c < 1`` (the
+    pixels below their class's k_c, as ``cbst_labels``); ``background`` does so only where the label
+    is background (class 0), so every organ pixel is kept.
+    """
+    if select not in ("none", "all", "background"):
+        raise ValueError(f"select must be none, all or background, got {select!r}")
+    scaled = prob / k.reshape(1, -1, *([1] * (prob.dim() - 2))).clamp_min(1e-3)
+    top, lab = scaled.max(dim=1)
+    if select == "none":
+        return lab
+    drop = top < 1.0
+    if select == "background":
+        drop &= lab == 0
+    return torch.where(drop, torch.full_like(lab, IGNORE), lab)
+
+
 def mrnet_loss(
     main_logits: torch.Tensor,
     aux_logits: torch.Tensor,

@@ -227,6 +227,8 @@ class RefineConfig:
         for name in ("class_select", "background_select"):
             if not isinstance(getattr(self, name), bool):
                 raise APLError(f"{name} must be true or false, got {getattr(self, name)!r}")
+            if getattr(self, name) and self.class_norm == 0:
+                raise APLError(f"{name} selects by the class-wise k_c: it needs class_norm above 0")
         if self.rounds < 1 or self.guard_every < 1:
             raise APLError("rounds and guard_every must be 1 or more")
         if self.mrnet_memory < 0:
@@ -881,13 +883,8 @@ def _refine_loop(
             if cfg.class_norm > 0:
                 if class_k is None or it % cfg.guard_every == 1:
                     class_k = ensemble.class_thresholds(cfg.class_norm).to(dev)
-                scaled = ens / class_k.reshape(1, -1, 1, 1).clamp_min(1e-3)
-                target = pseudo.class_argmax(scaled)
-                if cfg.class_select or cfg.background_select:
-                    keep = scaled.amax(1) >= 1.0
-                    if not cfg.class_select:
-                        keep |= target != 0
-                    target = torch.where(keep, target, pseudo.IGNORE)
+                select = "all" if cfg.class_select else "background" if cfg.background_select else "none"
+                target = pseudo.class_normalised_labels(ens, class_k, select)
             else:
                 target = pseudo.class_argmax(ens)
             mean_conf = float(omega.mean())
