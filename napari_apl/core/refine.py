@@ -57,6 +57,11 @@ note and ``benchmarks/results/mri_to_ct.md``):
   case, and no CT organ loses. The geometric view stays an option (``augment_geometry``): on six
   more CT phantoms (seeds 1-6) it gained +3.2 on average against mild's +3.0 (seed by seed -1.7 to
   +1.3), so its CT gain is no reason to switch it on for cross-modality targets.
+* ``class_select`` / ``background_select`` off: with a second, GPU-trained source model (CT start
+  66.2; benchmarks/results/mri_to_ct_gpu*.md, 3 seeds) CBST's class-wise selection inside APL took
+  the CT to 76.3 at portion 0.3 (default APL 68.9, cbst 75.3), but the synthetic pair to 57.7 (default
+  60.9) and mr_sm's kidneys down 5-6 points; selecting background pixels only lost on all three
+  targets (CT 73.1, phantom 47.0, mr_sm 50.0 against starts of 66.2, 55.9, 59.7).
 * the EMA teacher (``teacher_decay=0.99``): without it (the paper's Algorithm 1, the student labels
   its own batch) APL gave phantom 30.7 and mr_sm 30.6 against 57.5 and 44.5 with it, and on the CT
   49.9 but with the liver down 6.4 points (one run each).
