@@ -558,6 +558,11 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available to torch here", file=sys.stderr)
         return 2
+    methods = [*METHODS, *VARIANTS] if args.methods == "all" else [m for m in args.methods.split(",") if m]
+    unknown = ", ".join(repr(m) for m in methods if m not in METHODS and m not in VARIANTS)
+    if unknown:
+        print(f"unknown row(s) {unknown}: see METHODS, VARIANTS and EXPLORE in {__file__}", file=sys.stderr)
+        return 2
     jobs = max(1, args.jobs)
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
     torch.set_num_threads(threads)
@@ -573,11 +578,6 @@ def main(argv=None) -> int:
     folds = 2 if args.quick else args.folds
     seeds = list(range(1 if args.quick else args.seeds))
     iterations = 10 if args.quick else None
-    methods = [*METHODS, *VARIANTS] if args.methods == "all" else [m for m in args.methods.split(",") if m]
-    unknown = ", ".join(repr(m) for m in methods if m not in METHODS and m not in VARIANTS)
-    if unknown:
-        print(f"unknown row(s) {unknown}: see METHODS, VARIANTS and EXPLORE in {__file__}", file=sys.stderr)
-        return 2
     settings = {"source": asdict(src_cfg), "cv_epochs": cv_cfg.epochs, "folds": folds, "seeds": seeds}
     results: dict = {
         "settings": settings | {"quick": args.quick, "threads": threads, "jobs": jobs, "device": args.device}

@@ -154,8 +154,8 @@ class RefineConfig:
     of being eaten by its neighbours; 0 = the paper's plain ``argmax(p_m + p_a)``."""
     class_select: bool = False
     """With ``class_norm``, also ignore the pixels whose class-normalised ensemble probability
-    ``max_c p_c / k_c`` is below 1 (CBST's selection: about ``class_norm`` of each class's pixels,
-    the least confident, drop out of L_SSL); ω still weighs the rest. Not the default."""
+    ``max_c p_c / k_c`` is below 1 (CBST's selection: about a ``class_norm`` share of each class's
+    pixels, its most confident, stay in L_SSL); ω still weighs those. Not the default."""
     background_select: bool = False
     """Like ``class_select`` for the background's pixels only: every organ pixel stays in L_SSL, the
     least confident background (where an under-segmented organ would grow) drops out. Not the default."""

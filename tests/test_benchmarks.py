@@ -1,0 +1,62 @@
+"""The real-scan benchmark's argument checks and its model cache keys (no training, no data)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "mri_to_ct.py"
+
+
+@pytest.fixture(scope="module")
+def mri_to_ct():
+    """benchmarks/mri_to_ct.py imported as a module."""
+    spec = importlib.util.spec_from_file_location("mri_to_ct_under_test", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--methods", "apl,bogus"], "unknown row(s) 'bogus'"),
+        (["--device", "tpu"], "--device must be cpu or cuda"),
+    ],
+)
+def test_bad_arguments_are_refused_in_one_line(mri_to_ct, argv, message, capsys, tmp_path, monkeypatch):
+    """Arguments are checked before the data is looked for or anything is trained."""
+    monkeypatch.setenv("NAPARI_APL_DATA", str(tmp_path))  # an empty folder: the data check would say so
+    assert mri_to_ct.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_every_row_name_is_known(mri_to_ct):
+    """The default rows, and the on-request rows, resolve to a refinement method."""
+    from napari_apl.core.refine import METHODS, RefineConfig
+
+    assert set(mri_to_ct.EXPLORE) <= set(mri_to_ct.VARIANTS)
+    assert not set(mri_to_ct.EXPLORE) & set(mri_to_ct.ROWS)  # on request only
+    for row in (*mri_to_ct.ROWS, *mri_to_ct.EXPLORE):
+        method, overrides = mri_to_ct.VARIANTS.get(row, (row, {}))
+        assert method in METHODS
+        RefineConfig.for_method(method, **overrides).validate()
+
+
+def test_gpu_models_are_cached_apart_and_cpu_keys_are_unchanged(mri_to_ct):
+    """A CUDA-trained source model has its own key; a CPU one keeps the key it was cached under."""
+    pairs = [("image_2.nii.gz", "label_2.nii.gz")]
+    cpu = dataclasses.replace(mri_to_ct.SOURCE, device="cpu")
+    gpu = dataclasses.replace(cpu, device="cuda")
+    assert mri_to_ct.cache_path("t", cpu, pairs) != mri_to_ct.cache_path("t", gpu, pairs)
+    # the key models were cached under before the device option: the settings without the device
+    cfg = {k: v for k, v in dataclasses.asdict(cpu).items() if k != "device"}
+    key = json.dumps({"cfg": cfg, "files": ["image_2.nii.gz"]}, sort_keys=True, default=list)
+    want = hashlib.sha1(key.encode()).hexdigest()[:12]
+    assert mri_to_ct.cache_path("t", cpu, pairs).name == f"t_{want}.pt"
