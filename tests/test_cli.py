@@ -74,6 +74,7 @@ def test_chain_phantom_predict_refine_evaluate(tmp_path, tiny_ckpt, phantom_dir,
         "--augment",
         "domain",
         "--augment-geometry",
+        "--class-select",
         "--largest-component",
         "-q",
     ]
@@ -88,6 +89,7 @@ def test_chain_phantom_predict_refine_evaluate(tmp_path, tiny_ckpt, phantom_dir,
     assert log["config"]["bn_mix"] == 0.5 and log["largest_component"] is True
     assert log["config"]["class_balance_power"] == 0.25
     assert log["config"]["augment"] == "domain" and log["config"]["augment_geometry"] is True
+    assert log["config"]["class_select"] is True
     cleaned = np.asarray(nib.load(ref_dir / "pseudo_label.nii.gz").dataobj)
     assert all(_pieces(cleaned == c) <= 1 for c in range(1, 5))
     assert nib.load(ref_dir / "pseudo_label.nii.gz").shape == ref.shape
@@ -492,3 +494,13 @@ def test_predict_on_ct_stored_as_hu_plus_1024_matches_the_hu_file(tmp_path, tiny
         a = np.asarray(nib.load(str(tmp_path / "hu" / f"{mask}.nii.gz")).dataobj)
         b = np.asarray(nib.load(str(tmp_path / "raw" / f"{mask}.nii.gz")).dataobj)
         assert np.array_equal(a, b), mask
+
+
+def test_class_select_belongs_to_apl(tmp_path, tiny_ckpt, phantom_dir, capsys):
+    """--class-select with another method is refused in one line, and nothing is written."""
+    out = tmp_path / "cbst"
+    argv = ["refine", str(phantom_dir / "image.nii.gz"), "-c", str(tiny_ckpt), "-o", str(out)]
+    assert main([*argv, "--method", "cbst", "--class-select", "-n", "1", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--class-select is an option of --method apl" in err and len(err.splitlines()) == 1
+    assert not out.exists()
