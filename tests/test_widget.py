@@ -255,6 +255,11 @@ def test_refine_pause_resume_stop(setup, qtbot) -> None:
     panel.class_power.setValue(0.25)
     panel.augment.setCurrentText("domain")
     panel.augment_geometry.setChecked(True)
+    assert not panel.class_select.isChecked() and panel.class_select.isEnabled()
+    panel.method.setCurrentText("cbst")
+    assert not panel.class_select.isEnabled()  # an APL option
+    panel.method.setCurrentText("apl")
+    panel.class_select.setChecked(True)
     panel.start()
     qtbot.waitUntil(lambda: len(ctl.history) >= 1 and ctl.live_updates >= 1, timeout=60000)
     assert panel.stop_button.isEnabled() and not panel.start_button.isEnabled()
@@ -282,6 +287,7 @@ def test_refine_pause_resume_stop(setup, qtbot) -> None:
     assert ctl.last_config.bn_mix == pytest.approx(0.6)  # the panel's settings reached the run
     assert ctl.last_config.class_balance_power == pytest.approx(0.25)
     assert ctl.last_config.augment == "domain" and ctl.last_config.augment_geometry
+    assert ctl.last_config.class_select
     np.testing.assert_array_equal(to_canonical_order(viewer.layers[LAYER_PSEUDO].data), ctl.prediction.pseudo)
     assert panel.start_button.isEnabled() and not panel.stop_button.isEnabled()
     assert viewer.layers[LAYER_PSEUDO].editable  # paintable again once the run is over
