@@ -252,8 +252,8 @@ EXPLORE: dict[str, tuple[str, dict]] = {
     "apl (+ background selection)": ("apl", {"background_select": True}),
     "apl (+ background selection at 0.3)": ("apl", {"background_select": True, "class_norm": 0.3}),
 }
-ROWS = (*METHODS, *VARIANTS)
-VARIANTS |= EXPLORE
+ROWS = (*METHODS, *VARIANTS)  # the default table: EXPLORE rows run only when named
+VARIANTS |= EXPLORE  # every row name, on request or not, resolves through VARIANTS
 
 # The results file lists the settings every method reads once, then each row's own (what its method
 # reads, and any shared setting it changes).

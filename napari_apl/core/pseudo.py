@@ -180,17 +180,16 @@ def class_quantiles(top: torch.Tensor, lab: torch.Tensor, num_classes: int, port
 
 def cbst_labels(prob: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Return CBST's class-balanced labels ``argmax_c p_c / k_c``, ``IGNORE`` where the maximum is < 1."""
-    scaled = prob / k.reshape(1, -1, *([1] * (prob.dim() - 2))).clamp_min(1e-8)
-    top, lab = scaled.max(dim=1)
-    return torch.where(top >= 1.0, lab, torch.full_like(lab, IGNORE))
+    return class_normalised_labels(prob, k, "all")
 
 
 def class_normalised_labels(prob: torch.Tensor, k: torch.Tensor, select: str = "none") -> torch.Tensor:
     """Return APL's class-normalised pseudo labels ``argmax_c p_c / k_c``, optionally CBST-selected.
 
     ``select``: ``none`` keeps every pixel; ``all`` marks ``IGNORE`` where ``max_c p_c / k_c < 1`` (the
-    pixels below their class's k_c, as ``cbst_labels``); ``background`` does so only where the label
-    is background (class 0), so every organ pixel is kept.
+    pixels below their class's k_c: CBST's labels); ``background`` does so only where the label is
+    background (class 0), so every organ pixel is kept. (k_c, a quantile of the top probability of
+    the pixels in c or 1, is never below 1/C; the clamp only guards the division.)
     """
     if select not in ("none", "all", "background"):
         raise ValueError(f"select must be none, all or background, got {select!r}")
