@@ -112,6 +112,23 @@ def test_threshold_and_cbst_labels():
     ]
 
 
+@pytest.mark.parametrize("portion", [0.0, 0.2, 0.5, 0.7, 1.0])
+def test_class_quantiles_f16_equals_the_selection(portion):
+    """The histogram quantile of float16 values is class_quantiles' kthvalue, ties and -0.0 included."""
+    g = torch.Generator().manual_seed(3)
+    top = torch.rand(4000, generator=g).to(torch.float16)
+    top[:500] = (top[:500] * 4).round() / 4  # many ties
+    top[500:510] = -0.0
+    lab = torch.randint(0, 4, (4000,), generator=g)  # class 4 is empty: k = 1
+    lab[lab == 3] = torch.where(torch.rand(int((lab == 3).sum()), generator=g) < 0.5, 3, 2)
+    got = pseudo.class_quantiles_f16(top, lab, 5, portion)
+    want = pseudo.class_quantiles(top.float(), lab, 5, portion)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert got[4] == 1.0
+    with pytest.raises(ValueError, match="float16"):
+        pseudo.class_quantiles_f16(top.float(), lab, 5, portion)
+
+
 def test_class_normalised_labels_and_selection():
     # pixels: confident background, unsure background next to an organ, organ 1, unsure organ 2
     prob = torch.tensor([[0.95, 0.03, 0.02], [0.5, 0.45, 0.05], [0.1, 0.8, 0.1], [0.3, 0.2, 0.5]]).T.reshape(

@@ -178,6 +178,31 @@ def class_quantiles(top: torch.Tensor, lab: torch.Tensor, num_classes: int, port
     return k
 
 
+def class_quantiles_f16(
+    top: torch.Tensor, lab: torch.Tensor, num_classes: int, portion: float
+) -> torch.Tensor:
+    """``class_quantiles`` of float16 values ≥ 0 (as float32), read from one histogram of their bits.
+
+    Non-negative float16 numbers sort as their 16-bit patterns, so one ``bincount`` over (class, bits)
+    and a cumulative sum give every class's exact order statistic without selecting per class.
+    """
+    if top.dtype != torch.float16:
+        raise ValueError(f"top must be float16, got {top.dtype}")
+    bits = top.abs().contiguous().view(torch.int16).reshape(-1).long()  # abs: -0.0 is +0.0
+    counts = torch.bincount(lab.reshape(-1).long() * 65536 + bits, minlength=num_classes * 65536)
+    cum = counts.reshape(num_classes, 65536).cumsum(1)
+    k = torch.ones(num_classes, dtype=torch.float32, device=top.device)
+    for cls in range(num_classes):
+        n = int(cum[cls, -1])
+        if n == 0:
+            continue
+        idx = min(round(portion * n), n - 1)
+        rank = n - idx  # as ``class_quantiles``: the (n - idx)-th smallest value
+        pattern = int(torch.searchsorted(cum[cls], torch.tensor(rank, device=cum.device)))
+        k[cls] = torch.tensor(pattern, dtype=torch.int16).view(torch.float16).float()
+    return k
+
+
 def cbst_labels(prob: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Return CBST's class-balanced labels ``argmax_c p_c / k_c``, ``IGNORE`` where the maximum is < 1."""
     return class_normalised_labels(prob, k, "all")

@@ -499,8 +499,8 @@ class _Ensemble:
     def class_thresholds(self, portion: float) -> torch.Tensor:
         """Return CBST's k_c over the whole ensemble (``pseudo.cbst_thresholds`` of its float32 prob)."""
         lab = self.label.long()
-        top = self.prob.gather(1, lab.unsqueeze(1)).squeeze(1).float()
-        return pseudo.class_quantiles(top, lab, self.prob.shape[1], portion)
+        top = self.prob.gather(1, lab.unsqueeze(1)).squeeze(1)  # float16, as stored
+        return pseudo.class_quantiles_f16(top, lab, self.prob.shape[1], portion)
 
 
 def _grid_corrections(prep: PreparedVolume, corrections: np.ndarray | None) -> torch.Tensor | None:
