@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 from collections.abc import Generator
 from typing import Any, TypeVar
 
@@ -71,3 +72,30 @@ def release_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
     elif hasattr(torch, "mps"):
         torch.mps.empty_cache()
+
+
+_warm_up_lock = threading.Lock()
+_warm_up_thread: threading.Thread | None = None
+
+
+def warm_up_optimiser() -> None:
+    """Make one Adam step on a dummy tensor: torch imports its compiler stack on a process's first optimiser.
+
+    That import (``torch._dynamo`` and some 800 modules, 1.5-4 s) runs Python code under the GIL; in a
+    worker thread beside a GUI it stalls the event loop for up to a quarter of a second at a time.
+    """
+    p = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.Adam([p], lr=1e-3)
+    p.sum().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def warm_up_optimiser_in_background() -> threading.Thread:
+    """Start ``warm_up_optimiser`` once per process in a daemon thread (later calls return that thread)."""
+    global _warm_up_thread
+    with _warm_up_lock:
+        if _warm_up_thread is None:
+            _warm_up_thread = threading.Thread(target=warm_up_optimiser, name="apl-warm-up", daemon=True)
+            _warm_up_thread.start()
+        return _warm_up_thread
