@@ -219,13 +219,21 @@ def test_live_updates_rewrite_the_pseudo_labels(setup, qtbot, monkeypatch) -> No
     monkeypatch.setattr(controller_module, "refine", fake_refine)
     monkeypatch.setattr(controller_module, "LIVE_UPDATE_SECONDS", 0.0)
     pseudo = viewer.layers[LAYER_PSEUDO]
-    seen: list[np.ndarray] = []
-    pseudo.events.data.connect(lambda e: seen.append(np.asarray(pseudo.data).copy()))
+    seen: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # the layer's data (copy, array), drawn slice
+
+    def record(_ev) -> None:
+        drawn = np.asarray(pseudo._slice.image.raw).copy()
+        seen.append((np.asarray(pseudo.data).copy(), pseudo.data, drawn))
+
+    ctl.refine_event.connect(record)
     assert ctl.refine(tiny_refine(3))
     qtbot.waitUntil(lambda: not ctl.busy, timeout=30000)
     assert ctl.live_updates == 3
-    for labels, shown in zip(emitted, seen[:3]):
+    for k, (labels, (shown, _, drawn)) in enumerate(zip(emitted, seen[:3]), start=1):
         np.testing.assert_array_equal(to_canonical_order(shown), labels)
+        assert drawn.size and np.all(drawn == k)  # the visible slice was redrawn with it
+    # the first overlay gives the layer a buffer of the run's own; the next ones are copied into it
+    assert seen[0][1] is seen[1][1] is seen[2][1]
     assert widget.refine_panel.loss_plot.series("con").tolist() == [1.0, 0.5, 1.0 / 3]
 
     # with the real throttle, 20 quick events give at most ~2 layer updates per second
@@ -999,3 +1007,10 @@ def test_a_user_layer_named_like_a_prediction_layer_mid_run_changes_no_layer(
         np.testing.assert_array_equal(np.asarray(viewer.layers[name].data), data)
     # Export writes from the layers and the prediction they show: still that one, no mix of two models
     assert ctl.prediction is shown
+
+
+def test_viewer_tasks_leave_a_core_from_three_cores_up() -> None:
+    from napari_apl.widgets._controller import _task_threads
+
+    assert [_task_threads(n, n) for n in (1, 2, 3, 4, 16)] == [1, 2, 2, 3, 15]
+    assert _task_threads(16, 4) == 4  # never more threads than torch had
