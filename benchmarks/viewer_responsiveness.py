@@ -71,17 +71,23 @@ def main(argv: list[str] | None = None) -> int:
     assert ctl.load_checkpoint(ckpt) is not None
     assert ctl.predict(layer, sync=True)
     c.process_events(0.5)
-    refreshes: list[float] = []
-    ctl.pseudo_layer().events.data.connect(lambda _e: refreshes.append(time.perf_counter()))
+    refreshes: list[float] = []  # when the widget handed the pseudo-label layer a new overlay
     iteration_at: list[float] = []
-    ctl.refine_event.connect(
-        lambda ev: iteration_at.append(time.perf_counter()) if isinstance(ev, RefineEvent) else None
-    )
+    shown = [0]  # the widget's count of live overlays (it restarts at 0 with the run)
+
+    def on_event(ev) -> None:
+        if isinstance(ev, RefineEvent):
+            now = time.perf_counter()
+            iteration_at.append(now)
+            if ctl.live_updates != shown[0]:  # this iteration's overlay went to the layer
+                shown[0] = ctl.live_updates
+                refreshes.append(now)
+
+    ctl.refine_event.connect(on_event)
     gaps = TickGaps(10)
     t0 = time.perf_counter()
     assert ctl.refine(cfg, image_layer=layer)
-    while ctl.busy:
-        c.process_events(0.01)
+    c.run_event_loop_while(lambda: ctl.busy)  # napari's event loop, not a polling one
     wall = time.perf_counter() - t0
     tick = np.asarray(gaps.stop()) * 1000
     stamps = np.asarray(gaps.stamps)
