@@ -647,18 +647,16 @@ def test_baselines_train_on_a_geometric_view(setup, method):
     assert changed
 
 
-def test_the_optimiser_warm_up_runs_once_in_the_background() -> None:
-    """A fresh process lacks torch's compiler stack until the warm-up thread has made its Adam step."""
+def test_the_optimiser_warm_up_runs_once() -> None:
+    """A fresh process lacks torch's compiler stack until the warm-up has made its Adam step, once."""
     import subprocess
     import sys
 
     code = (
         "import sys\n"
-        "from napari_apl.core.utils import warm_up_optimiser_in_background as warm\n"
+        "from napari_apl.core.utils import warm_up_optimiser as warm\n"
         "assert 'torch._dynamo' not in sys.modules\n"
-        "t = warm()\n"
-        "assert warm() is t and t.daemon\n"
-        "t.join(240)\n"
-        "assert not t.is_alive() and 'torch._dynamo' in sys.modules\n"
+        "assert warm() is True and 'torch._dynamo' in sys.modules\n"
+        "assert warm() is False\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -75,27 +75,24 @@ def release_device_memory(device: torch.device) -> None:
 
 
 _warm_up_lock = threading.Lock()
-_warm_up_thread: threading.Thread | None = None
+_warmed_up = False
 
 
-def warm_up_optimiser() -> None:
-    """Make one Adam step on a dummy tensor: torch imports its compiler stack on a process's first optimiser.
+def warm_up_optimiser() -> bool:
+    """Make one Adam step on a dummy tensor, once per process; return whether this call made it.
 
-    That import (``torch._dynamo`` and some 800 modules, 1.5-4 s) runs Python code under the GIL; in a
-    worker thread beside a GUI it stalls the event loop for up to a quarter of a second at a time.
+    torch imports its compiler stack (``torch._dynamo``, some 800 modules, 1.5-4 s) on a process's
+    first optimiser. That import runs under the GIL: in a worker thread beside a GUI it stalls the
+    event loop for up to a quarter of a second at a time, so a viewer does it up front instead.
     """
-    p = torch.zeros(2, requires_grad=True)
-    opt = torch.optim.Adam([p], lr=1e-3)
-    p.sum().backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def warm_up_optimiser_in_background() -> threading.Thread:
-    """Start ``warm_up_optimiser`` once per process in a daemon thread (later calls return that thread)."""
-    global _warm_up_thread
+    global _warmed_up
     with _warm_up_lock:
-        if _warm_up_thread is None:
-            _warm_up_thread = threading.Thread(target=warm_up_optimiser, name="apl-warm-up", daemon=True)
-            _warm_up_thread.start()
-        return _warm_up_thread
+        if _warmed_up:
+            return False
+        p = torch.zeros(2, requires_grad=True)
+        opt = torch.optim.Adam([p], lr=1e-3)
+        p.sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _warmed_up = True
+        return True

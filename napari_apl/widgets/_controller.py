@@ -59,7 +59,7 @@ from ..core.metrics import evaluate, json_number, label_name
 from ..core.postprocess import clean_masks, removal_warnings
 from ..core.preprocess import PRESETS, Normalization, choose_normalization
 from ..core.refine import RefineConfig, RefineControl, RefineEvent, RefineResult, organ_size_change, refine
-from ..core.utils import release_device_memory, resolve_device, warm_up_optimiser_in_background
+from ..core.utils import release_device_memory, resolve_device, warm_up_optimiser
 from ..core.volume import save_canonical
 
 log = logging.getLogger(__name__)
@@ -161,9 +161,11 @@ class APLController:
     corrections_changed = Signal()
 
     def __init__(self, viewer: Any) -> None:
-        # torch's first optimiser imports its compiler stack (seconds under the GIL): done now, in the
-        # background, while the user picks a checkpoint, and not in the first refinement's worker
-        warm_up_optimiser_in_background()
+        # torch's first optimiser imports its compiler stack (1.5-4 s under the GIL): done once, as the
+        # widget opens, and not in a worker thread while the user works (in the first refinement it
+        # stalled the event loop up to 0.23 s at a time; in a background thread beside the first
+        # Predict, 1.3 s)
+        warm_up_optimiser()
         self.viewer = viewer
         self.model: Any = None
         self.meta: CheckpointMeta | None = None
