@@ -60,10 +60,10 @@ def on_demand(viewer, layer, model, meta) -> dict:
 
     from napari_apl._layers import label_colormap, transform_kwargs, volume_from_layer
     from napari_apl.core.infer import SlicePredictor
+    from napari_apl.widgets._controller import _task_threads
 
     before = torch.get_num_threads()
-    cores = os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores - 1))  # as the widget runs its tasks: one core left for the GUI
+    torch.set_num_threads(_task_threads(os.cpu_count() or 1, before))  # as the widget runs its tasks
     t0 = time.perf_counter()
     sp = SlicePredictor(model, meta, volume_from_layer(layer), device="cpu")
     arrays = sp.as_layer_arrays()

@@ -141,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         "live_updates": ctl.live_updates,
     }
     rep.note(
-        "the viewer runs the refinement in the widget's thread worker with one torch thread fewer than "
-        "the cores (one left for the GUI); the CLI uses them all"
+        "the viewer runs the refinement in the widget's thread worker with the widget's torch threads "
+        "(_task_threads: one fewer than the cores from three cores up, all of them on two); the CLI uses "
+        "them all; Qt's own event loop runs meanwhile (QEventLoop.exec, as in a napari session)"
     )
     rep.note(
         f"the collapse guard checks the weights of every {cfg.guard_every}th iteration on up to 64 organ "
