@@ -234,6 +234,7 @@ def test_live_updates_rewrite_the_pseudo_labels(setup, qtbot, monkeypatch) -> No
         assert drawn.size and np.all(drawn == k)  # the visible slice was redrawn with it
     # the first overlay gives the layer a buffer of the run's own; the next ones are copied into it
     assert seen[0][1] is seen[1][1] is seen[2][1]
+    assert ctl._live_buffer is None  # not kept once the run has ended
     assert widget.refine_panel.loss_plot.series("con").tolist() == [1.0, 0.5, 1.0 / 3]
 
     # with the real throttle, 20 quick events give at most ~2 layer updates per second

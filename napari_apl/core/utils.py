@@ -81,9 +81,9 @@ _warmed_up = False
 def warm_up_optimiser() -> bool:
     """Make one Adam step on a dummy tensor, once per process; return whether this call made it.
 
-    torch imports its compiler stack (``torch._dynamo``, some 800 modules, 1.5-4 s) on a process's
-    first optimiser. That import runs under the GIL: in a worker thread beside a GUI it stalls the
-    event loop for up to a quarter of a second at a time, so a viewer does it up front instead.
+    torch imports its compiler stack (``torch._dynamo``, some 800 modules, 1.6 s on a 2-core CPU) on a
+    process's first optimiser. That import runs under the GIL: in a worker thread beside a GUI it
+    stalls the event loop for up to a quarter of a second at a time, so a viewer does it up front.
     """
     global _warmed_up
     with _warm_up_lock:

@@ -93,9 +93,9 @@ CLOSE_WAIT_S = 10.0  # how long closing waits for a stopped refinement to end
 def _task_threads(cores: int, available: int) -> int:
     """Torch threads for a viewer task: one fewer than the cores from three cores up, all of them below.
 
-    On two cores one thread halves a refinement (0.95-1.0 s against 0.63-0.74 s an iteration in the
-    goal-4 benchmark) while the GUI thread, asleep in Qt's event loop between events, gets its time
-    slices anyway (p99 tick gap 33-38 ms against 22 ms, both under the 50 ms goal).
+    On two cores one thread made a refinement iteration take 0.96-1.02 s against 0.63-0.75 s in the
+    goal-4 benchmark, while the GUI thread, asleep in Qt's event loop between events, gets its time
+    slices anyway (p99 tick gap 33-41 ms against 22 ms, both under the 50 ms goal).
     """
     wanted = cores - 1 if cores > 2 else cores
     return max(1, min(available, wanted))
@@ -161,7 +161,7 @@ class APLController:
     corrections_changed = Signal()
 
     def __init__(self, viewer: Any) -> None:
-        # torch's first optimiser imports its compiler stack (1.5-4 s under the GIL): done once, as the
+        # torch's first optimiser imports its compiler stack (1.6 s under the GIL): done once, as the
         # widget opens, and not in a worker thread while the user works (in the first refinement it
         # stalled the event loop up to 0.23 s at a time; in a background thread beside the first
         # Predict, 1.3 s)
@@ -843,6 +843,7 @@ class APLController:
             midrun[0] = True
 
         def on_done() -> None:  # main thread, after the worker: a run that failed is not recoverable
+            self._live_buffer = None  # the layers have the results (or the last overlay) by now
             if midrun[0] and not returned[0] and saver is not None and saver is self.autosaver:
                 self._guard(self._autosave_without_the_failed_run)
 
