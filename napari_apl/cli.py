@@ -320,9 +320,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     if args.augment_geometry:
         cfg.augment_geometry = True
     if args.class_select:
-        if args.method != "apl":
-            raise APLError(f"--class-select is an option of --method apl, not of {args.method}")
-        cfg.class_select = True
+        cfg.class_select = True  # (validated with the rest: an APL option)
     cfg.teacher_bf16 = {"auto": None, "bf16": True, "fp32": False}[args.teacher_precision]
     cfg.normalization = norm.to_dict()
     control = RefineControl()

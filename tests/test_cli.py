@@ -502,5 +502,5 @@ def test_class_select_belongs_to_apl(tmp_path, tiny_ckpt, phantom_dir, capsys):
     argv = ["refine", str(phantom_dir / "image.nii.gz"), "-c", str(tiny_ckpt), "-o", str(out)]
     assert main([*argv, "--method", "cbst", "--class-select", "-n", "1", "-q"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "--class-select is an option of --method apl" in err and len(err.splitlines()) == 1
+    assert "class_select is an option of method apl, not of cbst" in err and len(err.splitlines()) == 1
     assert not out.exists()

@@ -392,6 +392,9 @@ def test_class_selection_drops_pixels_from_l_ssl(monkeypatch):
         _cfg(class_select=1).validate()
     with pytest.raises(APLError, match="needs class_norm"):
         _cfg(background_select=True, class_norm=0.0).validate()
+    for method in ("apl-con", "threshold", "cbst", "mrnet"):
+        with pytest.raises(APLError, match=f"background_select is an option of method apl, not of {method}"):
+            RefineConfig.for_method(method, background_select=True).validate()
 
 
 def test_ensemble_tracks_labels_and_foreground_slices_of_a_full_argmax():

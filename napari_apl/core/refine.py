@@ -240,6 +240,8 @@ class RefineConfig:
         for name in ("class_select", "background_select"):
             if not isinstance(getattr(self, name), bool):
                 raise APLError(f"{name} must be true or false, got {getattr(self, name)!r}")
+            if getattr(self, name) and self.method != "apl":
+                raise APLError(f"{name} is an option of method apl, not of {self.method}")
             if getattr(self, name) and self.class_norm == 0:
                 raise APLError(f"{name} selects by the class-wise k_c: it needs class_norm above 0")
         if self.rounds < 1 or self.guard_every < 1:
