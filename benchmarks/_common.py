@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -348,9 +349,18 @@ def ensure_display() -> Any:
 
 
 def viewer_with_ct(path: Path, name: str = "CT") -> tuple[Any, Any]:
-    """A shown napari viewer holding the CT at ``path`` as the plugin's reader would open it."""
+    """A shown napari viewer holding the CT at ``path`` as the plugin's reader would open it.
+
+    The widget's autosaves go to a fresh folder of this run (unless one is set): an earlier run's
+    session of the same synthetic file would otherwise wait for Recover/Discard and block autosaving,
+    which a user's ordinary session does not do.
+    """
     ensure_display()
     import napari
+
+    from napari_apl.core.autosave import AUTOSAVE_DIR_ENV
+
+    os.environ.setdefault(AUTOSAVE_DIR_ENV, tempfile.mkdtemp(prefix="apl_bench_autosave_"))
 
     from napari_apl._layers import image_layer_data
     from napari_apl.core.volume import load_volume
@@ -362,21 +372,28 @@ def viewer_with_ct(path: Path, name: str = "CT") -> tuple[Any, Any]:
     return viewer, layer
 
 
-def run_event_loop_while(busy: Callable[[], bool], check_ms: int = 50) -> None:
-    """Run Qt's own blocking event loop, as a napari session does, until ``busy()`` turns false.
+def run_event_loop_while(busy: Callable[[], bool], check_ms: int = 50, linger_ms: int = 0) -> None:
+    """Run Qt's own blocking event loop, as a napari session does, until ``busy()`` turns false
+    (and ``linger_ms`` longer: the redraws that follow the last work are measured too).
 
     A Python loop of ``processEvents`` calls would keep the main thread polling (and taking the GIL)
     every few ms; measured here it slowed a refinement worker by a third against Qt's loop.
     """
     from qtpy.QtCore import QEventLoop, QTimer
 
-    if not busy():
-        return
     loop = QEventLoop()
     timer = QTimer()
     timer.setInterval(check_ms)
-    timer.timeout.connect(lambda: None if busy() else loop.quit())
+    ended: list[bool] = []
+
+    def check() -> None:
+        if not ended and not busy():
+            ended.append(True)
+            QTimer.singleShot(linger_ms, loop.quit)
+
+    timer.timeout.connect(check)
     timer.start()
+    check()
     loop.exec()
     timer.stop()
 

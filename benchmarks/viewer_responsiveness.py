@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     gaps = TickGaps(10)
     t0 = time.perf_counter()
     assert ctl.refine(cfg, image_layer=layer)
-    c.run_event_loop_while(lambda: ctl.busy)  # napari's event loop, not a polling one
+    # napari's event loop, not a polling one; the redraws after the run's last work count too
+    c.run_event_loop_while(lambda: ctl.busy, linger_ms=500)
     wall = time.perf_counter() - t0
     tick = np.asarray(gaps.stop()) * 1000
     stamps = np.asarray(gaps.stamps)
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             float(after.max()),
             "ms",
             goal=GOAL_MAX_STALL_MS,
-            note="the widget's on_return puts the five result layers in the viewer on the main thread",
+            note="the refined maps go to the four hidden layers one event-loop turn each, then the pseudo "
+            "labels with the bookkeeping (on_return); the redraws of the 0.5 s after the run count too",
         )
     if refresh_gaps.size:
         rep.add(

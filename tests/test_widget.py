@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -192,10 +193,15 @@ def test_refine_finishes_with_consistent_layers(setup, qtbot) -> None:
     assert finished and finished[0].iterations_done == 4 and not finished[0].stopped
     assert "organ size vs the starting model: liver " in statuses[-1]  # how the masks moved
     assert ctl.live_updates >= 1 and len(ctl.history) == 4
-    assert len(data_events) >= 2  # live overlay, then the final re-prediction
+    # the first live overlay gives the layer a buffer of the run's own; later overlays and the final
+    # re-prediction are copied into it (the content checks below see the final one arrive)
+    assert len(data_events) >= 1
     assert ctl.refined and ctl.model is finished[0].model
     # every layer comes from the refined model's final prediction
     np.testing.assert_array_equal(to_canonical_order(pseudo.data), ctl.prediction.pseudo)
+    maps = ctl.prediction.as_dict()
+    for name, key in ((LAYER_MAIN, "main"), (LAYER_AUX, "aux"), (LAYER_CONFIDENCE, "confidence")):
+        np.testing.assert_array_equal(to_canonical_order(viewer.layers[name].data), maps[key])
     assert pseudo.editable
     assert widget.refine_panel.omega_plot.length == 4  # the live plot got the history
 
@@ -1008,6 +1014,41 @@ def test_a_user_layer_named_like_a_prediction_layer_mid_run_changes_no_layer(
         np.testing.assert_array_equal(np.asarray(viewer.layers[name].data), data)
     # Export writes from the layers and the prediction they show: still that one, no mix of two models
     assert ctl.prediction is shown
+
+
+def test_result_layers_after_a_refinement_come_one_event_loop_turn_each(setup, qtbot) -> None:
+    """The four hidden maps of the refined model go to their layers (the same layers, in place) one per
+    event-loop turn while the task is still busy, before the pseudo labels and ``refine_finished``: no
+    single turn of the main thread carries all five layers."""
+    from qtpy.QtCore import QTimer
+
+    viewer, widget, _image, _ = setup("LPS")
+    ctl = widget.controller
+    widget.predict(sync=True)
+    hidden = (LAYER_MAIN, LAYER_AUX, LAYER_CONFIDENCE, LAYER_CONSISTENCY)
+    layers = {name: viewer.layers[name] for name in hidden}
+    ticks = [0]
+    timer = QTimer()
+    timer.setInterval(1)
+    timer.timeout.connect(lambda: ticks.__setitem__(0, ticks[0] + 1))
+    order: list[tuple[str, int, bool]] = []  # (what, timer ticks so far, busy)
+    for name, layer in layers.items():
+        layer.events.data.connect(lambda e, n=name: order.append((n, ticks[0], ctl.busy)))
+    ctl.refine_finished.connect(lambda r: order.append(("finished", ticks[0], ctl.busy)))
+    timer.start()
+    try:
+        assert ctl.refine(tiny_refine(2))
+        qtbot.waitUntil(lambda: not ctl.busy, timeout=60000)
+    finally:
+        timer.stop()
+    assert [what for what, _, _ in order] == [*hidden, "finished"]
+    assert all(busy for _, _, busy in order)  # Export and Predict stay locked until the last layer
+    stamps = [t for _, t, _ in order]
+    assert all(b > a for a, b in itertools.pairwise(stamps))  # the timer ticked between each
+    maps = ctl.prediction.as_dict()
+    for (name, layer), key in zip(layers.items(), ("main", "aux", "confidence", "consistency"), strict=True):
+        assert viewer.layers[name] is layer and not layer.visible
+        np.testing.assert_array_equal(to_canonical_order(layer.data), maps[key])
 
 
 def test_viewer_tasks_leave_a_core_from_three_cores_up() -> None:

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 import weakref
 from collections.abc import Callable, Generator, Iterator
@@ -84,6 +85,7 @@ _LAYERS = (
 )
 CHECKPOINT_PRESET = "from checkpoint"
 AUTO_PRESET = "auto"
+_STAGE_PAUSE_MS = 5  # between the hidden result layers' updates after a refinement
 LIVE_UPDATE_SECONDS = 0.5  # at most ~2 pseudo-label updates per second while refining
 AUTOSAVE_INTERVAL_ENV = "NAPARI_APL_AUTOSAVE_INTERVAL"
 AUTOSAVE_INTERVAL_S = 30.0  # crash-recovery snapshots at most this often (painting, refining)
@@ -573,11 +575,17 @@ class APLController:
                 self.viewer.layers.remove(name)
 
     def _show_prediction(
-        self, image_layer: Any, geometry: ScanGeometry, pred: Prediction, source: dict[str, Any] | None = None
+        self,
+        image_layer: Any,
+        geometry: ScanGeometry,
+        pred: Prediction,
+        source: dict[str, Any] | None = None,
+        done: frozenset[str] = frozenset(),
     ) -> None:
         """Put a prediction into the viewer (new layers, or the existing ones updated in place).
 
         ``source`` describes the model that made it (``_model_source``); ``None`` keeps the last one.
+        ``done`` names hidden layers that already hold ``pred``'s maps (staged after a refinement).
         """
         self._check_layer_names()  # before anything changes: all five layers are updated, or none
         self._lazy_token = None  # lazy layers still waiting to be added: these maps replace them
@@ -599,6 +607,8 @@ class APLController:
         for name, key, role, cmap, kind in _LAYERS:
             if key == "pseudo_label":  # the user's corrections go on top of it
                 self._write_pseudo(pred.pseudo, role_extra=base)
+            elif name in done:
+                continue
             elif kind is Labels:
                 self._put_labels(name, maps[key], role, visible=False, **base)
             else:
@@ -649,10 +659,29 @@ class APLController:
             self.viewer.layers.remove(layer)
         return None
 
+    def _holds_live_buffer(self, layer: Any, data: np.ndarray) -> bool:
+        """Whether ``layer`` shows this run's live-overlay buffer, which ``data`` can be copied into."""
+        buffer = self._live_buffer
+        return (
+            buffer is not None
+            and layer.data is buffer
+            and buffer.shape == data.shape
+            and buffer.dtype == data.dtype
+        )
+
+    def _set_data(self, layer: Any, data: np.ndarray) -> None:
+        """Give a layer new voxels: copied into its live-overlay buffer when it holds one, else set."""
+        if self._holds_live_buffer(layer, data):
+            # about two thirds of the main-thread time of setting new data (no dims or transform checks)
+            np.copyto(layer.data, data)
+            layer.refresh()
+        else:
+            layer.data = data
+
     def _update_in_place(self, layer: Any, data: np.ndarray, role: str, extra: dict[str, Any]) -> None:
         kw = self._layer_kwargs(role, extra)
         layer.metadata = kw.pop("metadata")
-        layer.data = data
+        self._set_data(layer, data)
         current = transform_kwargs(layer)
         for key in ("scale", "translate", "rotate", "shear", "affine"):
             # each assignment re-lays out the viewer: only where the scan's geometry changed
@@ -724,12 +753,14 @@ class APLController:
     def _write_pseudo(self, pseudo: np.ndarray, role_extra: dict[str, Any] | None = None) -> None:
         """Show pseudo labels (the user's corrections kept on top) and remember what was written."""
         shown = self._with_corrections(pseudo)
-        # the layer owns its voxels (painting must not change the prediction); for Fortran-ordered
-        # maps the copy in napari's (Z, Y, X) order is a plain memory copy
-        data = np.array(to_layer_order(shown), order="C", copy=True)
         layer = self.pseudo_layer()
+        data = np.ascontiguousarray(to_layer_order(shown))
+        if layer is None or not self._holds_live_buffer(layer, data):
+            # the layer owns its voxels (painting must not change the prediction); for Fortran-ordered
+            # maps the copy in napari's (Z, Y, X) order is a plain memory copy
+            data = np.array(data, order="C", copy=True)
         if layer is not None and role_extra is None and layer.data.shape == data.shape:
-            layer.data = data  # live update: data only
+            self._set_data(layer, data)  # live update: data only
         else:
             self._put_labels(LAYER_PSEUDO, to_canonical_order(data), "pseudo-label", **(role_extra or {}))
         self.last_pseudo = shown.copy(order="F")
@@ -739,6 +770,8 @@ class APLController:
         layer = self.pseudo_layer()
         if layer is None or self.last_pseudo is None or not isinstance(layer.data, np.ndarray):
             return self.corrections  # nothing written yet, or a prediction still being shown lazily
+        if self._live_buffer is not None and layer.data is self._live_buffer and not layer.editable:
+            return self.corrections  # a refinement's live overlay, locked since it was written
         current = np.asarray(to_canonical_order(layer.data))
         if current.shape != self.last_pseudo.shape:
             return self.corrections
@@ -838,12 +871,19 @@ class APLController:
         if saver is not None:
             self._own_keys.add(saver.key)  # this session's snapshots are never offered back to it
         returned, midrun = [False], [False]  # on_return ran; the worker autosaved weights of this run
+        final_save: list[AutosaveEntry | None] = [None]  # the worker's autosave of the refined model
+        # hidden result layers the worker had the main thread update, one per event-loop turn, before
+        # on_return shows the rest: name -> (layer, its data and metadata before)
+        staged: dict[str, tuple[Any, tuple[Any, Any]]] = {}
+        stage_done = threading.Event()
 
         def midrun_saved(iteration: int) -> None:  # (worker thread: a flag only)
             midrun[0] = True
 
         def on_done() -> None:  # main thread, after the worker: a run that failed is not recoverable
             self._live_buffer = None  # the layers have the results (or the last overlay) by now
+            if staged and not returned[0]:
+                self._guard(lambda: _unstage(staged))
             if midrun[0] and not returned[0] and saver is not None and saver is self.autosaver:
                 self._guard(self._autosave_without_the_failed_run)
 
@@ -859,17 +899,44 @@ class APLController:
                 try:
                     item = next(predicting)
                 except StopIteration as done:
-                    return result, done.value
+                    pred = done.value
+                    break
                 if self._closing:
                     predicting.close()
                     return result, None
                 yield item
+            if saver is not None and snapshot_meta is not None:  # the file work stays off the event loop
+                final_save[0] = _autosave_final(saver, result, snapshot_meta)
+            if shown:
+                # each hidden map layer in its own event-loop turn (about 10-25 ms each on a 512 x 512 x 96
+                # scan): on_return, which shows the pseudo labels, then stays under 0.1 s of main thread
+                for name, key, role, cmap, kind in _LAYERS:
+                    if key == "pseudo_label":
+                        continue
+                    stage_done.clear()
+                    yield _ResultLayer(name, pred.as_dict()[key], role, cmap, kind)
+                    while not stage_done.wait(0.05):
+                        if self._closing:
+                            return result, None
+            return result, pred
 
         def on_yield(item: Any) -> None:
             if isinstance(item, RefineEvent):
                 self._on_refine_event(item)
             elif isinstance(item, _LiveOverlay):
                 self._on_refine_event(item.event, item if shown else None)
+            elif isinstance(item, _ResultLayer):
+                try:
+                    self._stage_result_layer(item, image_layer, geometry, staged)
+                finally:  # the worker goes on, also when this layer could not be staged
+                    if sync:
+                        stage_done.set()
+                    else:
+                        # from a timer, not at once: the next stage is then not queued behind this one's
+                        # redraw, and the event loop's timers and input get a turn between the two
+                        from qtpy.QtCore import QTimer
+
+                        QTimer.singleShot(_STAGE_PAUSE_MS, stage_done.set)
             else:  # (done, total) of the final re-prediction
                 self.status.emit(f"re-predicting with the refined model: {item[0]}/{item[1]} slices")
 
@@ -887,6 +954,7 @@ class APLController:
                 f"Export writes it, Revert goes back to {start}\n{self.summary}"
             )
             if pred is None:  # closing: keep the layers consistent with the last full prediction
+                _unstage(staged)
                 if self.prediction is not None and self.pseudo_layer() is not None:
                     self._write_pseudo(self.prediction.pseudo)
                 # the refined model can be recovered next time (if the image it was refined on is shown)
@@ -894,13 +962,23 @@ class APLController:
                 self.status.emit(f"refinement stopped after {result.iterations_done} iterations")
                 self.refine_finished.emit(result)
                 return
+            now = self.viewer.layers
+            done = frozenset(n for n, (lay, _) in staged.items() if n in now and same_layer(now[n], lay))
             try:
-                self._show_prediction(image_layer, geometry, pred, self._model_source())
+                self._show_prediction(image_layer, geometry, pred, self._model_source(), done=done)
             except APLError:  # a layer is in the way: the layers keep the last full prediction
+                _unstage(staged)
                 if self.prediction is not None and self.pseudo_layer() is not None:
                     self._write_pseudo(self.prediction.pseudo)  # (not the last live overlay)
                 raise
-            self._autosaved_state = (self._autosaved_state[0], None)  # this model was made on this image
+            entry = final_save[0]
+            if entry is not None and saver is self.autosaver:  # the worker wrote this model already
+                # (the corrections are as autosaved when the run started: the layer was locked since)
+                self._autosaved_state = (self._autosaved_state[0], self._model_version)
+                self.autosaves_written += 1
+                self.autosaved.emit(entry)
+            else:
+                self._autosaved_state = (self._autosaved_state[0], None)  # this model was made on this image
             self.maybe_autosave(force=True)
             for note in result.notes:
                 if note not in self._notes_shown:
@@ -922,6 +1000,29 @@ class APLController:
         self.autosaver.discard()
         self._autosaved_state = (None, None)  # everything of the session is written again
         self.maybe_autosave(force=True)
+
+    def _stage_result_layer(
+        self,
+        item: _ResultLayer,
+        image_layer: Any,
+        geometry: ScanGeometry,
+        staged: dict[str, tuple[Any, tuple[Any, Any]]],
+    ) -> None:
+        """Give one existing hidden map layer of the refined image its refined map (main thread)."""
+        layers = self.viewer.layers
+        if self._closing or not same_layer(image_layer, self.image_layer) or item.name not in layers:
+            return  # a layer made now, or one in the way, is on_return's (_show_prediction) to handle
+        layer = layers[item.name]
+        if not (is_prediction_layer(layer) and isinstance(layer, item.kind)):
+            return
+        before = (layer.data, layer.metadata)
+        base = {"image": image_layer.name}
+        with self._layers_of(image_layer, geometry):
+            if item.kind is Labels:
+                self._put_labels(item.name, item.data, item.role, visible=False, **base)
+            else:
+                self._put_image(item.name, item.data, item.role, item.colormap, visible=False, **base)
+        staged[item.name] = (layer, before)
 
     def _on_refine_event(self, ev: RefineEvent, overlay: _LiveOverlay | None = None) -> None:
         """Main-thread handler of one refinement step: progress, history, the live overlay from the worker."""
@@ -1530,6 +1631,41 @@ class _LiveOverlay:
     event: RefineEvent
     data: np.ndarray  # napari's (Z, Y, X) order, the user's corrections on top: the layer's new data
     written: np.ndarray  # a copy of ``data``: what the layer held when it was written
+
+
+@dataclasses.dataclass
+class _ResultLayer:
+    """One hidden map of the refined model's prediction, for the main thread to put in its layer."""
+
+    name: str
+    data: np.ndarray  # canonical (X, Y, Z) order, as the prediction holds it
+    role: str
+    colormap: str | None
+    kind: type
+
+
+def _unstage(staged: dict[str, tuple[Any, tuple[Any, Any]]]) -> None:
+    """Give staged result layers back the data and metadata they held before (the run did not end well)."""
+    for layer, (data, metadata) in staged.values():
+        layer.data = data
+        layer.metadata = metadata
+    staged.clear()
+
+
+def _autosave_final(saver: Autosaver, result: RefineResult, snapshot: CheckpointMeta) -> AutosaveEntry | None:
+    """Autosave a finished refinement's model from the worker thread; ``None`` when that failed."""
+    prov = dict(snapshot.provenance)
+    refined = {k: v for k, v in prov["refined"].items() if k != "in_progress"}
+    prov["refined"] = dict(refined, iterations_done=result.iterations_done, stopped=result.stopped)
+    try:
+        return saver.save(
+            model=result.model,
+            meta=dataclasses.replace(snapshot, provenance=prov),
+            iteration=result.iterations_done,
+        )
+    except Exception as exc:  # the main thread tries again, as it did before the worker did this
+        log.warning("napari-apl: autosaving the refined model failed: %s", exc)
+        return None
 
 
 def _relay(events: Generator[Any, None, Any], step: Callable[[Any], Any]) -> Generator[Any, None, Any]:
