@@ -4,8 +4,9 @@ In a real napari viewer (Xvfb) holding the synthetic CT: the on-demand path (``c
 layers: the five maps as lazy arrays whose visible slice is predicted when napari draws it, while the
 whole volume completes in a background thread) is timed from Predict to the five layers showing the
 current slice, then to the full volume; the APL widget's own Predict (its controller) is timed to
-the visible slice's pseudo labels being drawn. Also: the Qt event loop's longest stall while the volume
-completes in the background.
+the visible slice's pseudo labels being drawn: first as the session's first Predict (the widget just
+opened, no Labels layer built yet in the process: what a user meets), then a second time. Also: the Qt
+event loop's longest stall while the volume completes in the background.
 
     python benchmarks/first_slice_latency.py [--slices 300] [--skip-widget]
 """
@@ -114,15 +115,18 @@ def on_demand(viewer, layer, model, meta) -> dict:
     }
 
 
-def widget_predict(viewer, layer, ckpt: Path) -> dict:
-    """Time the APL widget's Predict until the visible slice's pseudo labels are drawn, then until done."""
-    from napari_apl.widgets import APLController
-    from napari_apl.widgets._controller import LAYER_PSEUDO
-
+def remove_other_layers(viewer, layer) -> None:
+    """Leave only the CT in the viewer."""
     for name in [ly.name for ly in viewer.layers if ly is not layer]:
         viewer.layers.remove(name)
-    ctl = APLController(viewer)
-    assert ctl.load_checkpoint(ckpt) is not None
+    c.process_events(0.2)
+
+
+def widget_predict(viewer, layer, ctl) -> dict:
+    """Time the APL widget's Predict until the visible slice's pseudo labels are drawn, then until done."""
+    from napari_apl.widgets._controller import LAYER_PSEUDO
+
+    remove_other_layers(viewer, layer)
     k = int(viewer.dims.current_step[0])
     gaps = TickGaps()
     t0 = time.perf_counter()
@@ -163,6 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     model, meta, source = c.demo_like_model()
     ckpt = save_checkpoint(Path(tempfile.mkdtemp(prefix="apl_fsl_")) / "model.pt", model, meta)
     viewer, layer = c.viewer_with_ct(image)
+    widget = again = None
+    if not args.skip_widget:
+        from napari_apl.widgets import APLController
+
+        ctl = APLController(viewer)  # as the dock widget opens
+        assert ctl.load_checkpoint(ckpt) is not None
+        widget = widget_predict(viewer, layer, ctl)  # the session's first Predict, as a user meets it
+        again = widget_predict(viewer, layer, ctl)
+        remove_other_layers(viewer, layer)
     lazy = on_demand(viewer, layer, model, meta)
     rep.add(
         "on-demand: pseudo-label of the visible slice shown after", lazy["visible_slice_s"], "s", goal=GOAL_S
@@ -171,22 +184,33 @@ def main(argv: list[str] | None = None) -> int:
     rep.add("on-demand layers: whole volume done after", lazy["full_volume_s"], "s")
     rep.add("event-loop longest stall while the volume completes", lazy["max_stall_ms"], "ms")
     rep.add("event-loop p99 tick gap while the volume completes", lazy["p99_tick_gap_ms"], "ms")
-    widget = None
-    if not args.skip_widget:
-        widget = widget_predict(viewer, layer, ckpt)
+    if widget is not None and again is not None:
         if widget["first_visible_s"] is not None:
             rep.add(
-                "APL widget Predict: visible slice's pseudo labels drawn after",
+                "APL widget, the session's first Predict: visible slice's pseudo labels drawn after",
                 widget["first_visible_s"],
                 "s",
                 goal=GOAL_S,
                 note="a lazy pseudo-label layer at once; the worker fills the volume",
             )
+        if again["first_visible_s"] is not None:
+            rep.add(
+                "APL widget, Predict again (new layers): visible slice's pseudo labels drawn after",
+                again["first_visible_s"],
+                "s",
+                goal=GOAL_S,
+            )
         rep.add("APL widget Predict: whole volume done after", widget["done_s"], "s")
         rep.add("APL widget Predict: event-loop longest stall", widget["max_stall_ms"], "ms")
         rep.add("APL widget Predict: event-loop p99 tick gap", widget["p99_tick_gap_ms"], "ms")
     viewer.close()
-    rep.details = {"volume": f"{shape} int16", "model": source, "on_demand": lazy, "widget": widget}
+    rep.details = {
+        "volume": f"{shape} int16",
+        "model": source,
+        "on_demand": lazy,
+        "widget": widget,
+        "widget_again": again,
+    }
     rep.note(
         "on-demand path = SlicePredictor.as_layer_arrays() given to napari (the visible slice is predicted "
         "when napari draws it; the rest by SlicePredictor.run() in a thread worker); the widget's Predict "
@@ -194,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         "holds the event loop ~0.1 s), the four hidden maps follow lazily 50 ms apart, and when its worker "
         "has the whole volume every layer gets the finished maps (views of the prediction, no float32 "
         "copies)"
+    )
+    rep.note(
+        "the widget's Predict runs first, in a process that has built no Labels layer yet: the widget, as "
+        "it opens, does the one-time work of a first Labels layer (pandas, scikit-image, vispy's dash "
+        "patterns) and Predict sets the objects alive aside from garbage collection before it builds the "
+        "layer (a full collection there cost 0.3-0.5 s); the on-demand rows run after it"
     )
     rep.write()
     return 0

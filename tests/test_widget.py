@@ -1051,6 +1051,53 @@ def test_result_layers_after_a_refinement_come_one_event_loop_turn_each(setup, q
         np.testing.assert_array_equal(to_canonical_order(layer.data), maps[key])
 
 
+def test_predict_builds_only_the_visible_layer_before_it_returns(setup, qtbot, monkeypatch) -> None:
+    """The click builds the pseudo-label layer with garbage collection of older objects off; the hidden
+    layers come after Predict returns (napari's progress bar runs the event loop inside Predict, and
+    building them there delayed the visible slice by about 0.5 s)."""
+    import gc
+
+    from napari.layers import Labels
+
+    viewer, widget, image, _ = setup("LPS")
+    ctl = widget.controller
+    frozen_while_built: list[int] = []
+    real_add = ctl._add_labels
+
+    def add_labels(*args, **kwargs):
+        frozen_while_built.append(gc.get_freeze_count())
+        return real_add(*args, **kwargs)
+
+    monkeypatch.setattr(ctl, "_add_labels", add_labels)
+    assert ctl.predict(image)
+    assert [n for n in PREDICTION_LAYERS if n in viewer.layers] == [LAYER_PSEUDO]
+    assert frozen_while_built and frozen_while_built[0] > 0
+    qtbot.waitUntil(lambda: all(n in viewer.layers for n in PREDICTION_LAYERS), timeout=20000)
+    qtbot.waitUntil(lambda: not ctl.busy, timeout=60000)
+    assert gc.get_freeze_count() == 0  # given back to the collector when the task ends
+    assert isinstance(viewer.layers[LAYER_MAIN], Labels)
+
+
+def test_the_widget_does_a_first_labels_layers_one_time_work_as_it_opens() -> None:
+    """In a fresh process, making the controller imports what a first Labels layer needs and fills
+    vispy's dash-pattern cache, once (the first Predict then does not)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import napari_apl.widgets._controller as c\n"
+        "from vispy.visuals.line.dash_atlas import _make_pattern\n"
+        "assert 'pandas' not in sys.modules and _make_pattern.cache_info().currsize == 0\n"
+        "c._warm_up_labels_layer()\n"
+        "assert 'pandas' in sys.modules and _make_pattern.cache_info().currsize >= 13\n"
+        "hits = _make_pattern.cache_info().hits\n"
+        "c._warm_up_labels_layer()\n"
+        "assert _make_pattern.cache_info().hits == hits  # once per process\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
 def test_viewer_tasks_leave_a_core_from_three_cores_up() -> None:
     from napari_apl.widgets._controller import _task_threads
 

@@ -127,6 +127,28 @@ def _autosave_interval_from_env() -> float:
     return value if math.isfinite(value) and value >= 0 else AUTOSAVE_INTERVAL_S
 
 
+_LABELS_WARM: list[bool] = []
+
+
+def _warm_up_labels_layer() -> None:
+    """Do, once per process as the widget opens, the one-time work of a viewer's first Labels layer.
+
+    That first layer imports pandas (its features table), scikit-image and parts of SciPy, and its
+    polygon-drawing overlay makes vispy build its table of line dash patterns (cached after): together
+    about 0.6 s on two cores that the first Predict spent before the visible slice could be drawn.
+    """
+    if _LABELS_WARM:
+        return
+    _LABELS_WARM.append(True)
+    try:
+        Labels(np.zeros((2, 2), np.uint8), features=label_features(CLASS_NAMES))
+        from vispy.visuals.line.dash_atlas import DashAtlas  # (no GL context needed)
+
+        DashAtlas()
+    except Exception as exc:  # only a head start: the first Predict builds its layer either way
+        log.debug("napari-apl: warming up for the first Labels layer failed: %s", exc)
+
+
 def _process_qt_events() -> None:
     """Deliver pending Qt events (worker signals) when a Qt application runs; else do nothing."""
     try:
@@ -168,6 +190,7 @@ class APLController:
         # stalled the event loop up to 0.23 s at a time; in a background thread beside the first
         # Predict, 1.3 s)
         warm_up_optimiser()
+        _warm_up_labels_layer()
         self.viewer = viewer
         self.model: Any = None
         self.meta: CheckpointMeta | None = None
@@ -479,17 +502,27 @@ class APLController:
             self._show_prediction(image_layer, geometry, pred, source)
             self.status.emit(f"predicted {image_layer.name}")
 
+        later: list[tuple] = []
         if show_at_once:
+            # _run sets the objects alive now aside from garbage collection; done already here, so that
+            # building the layer cannot set off a full collection first (0.3-0.5 s measured in a fresh
+            # session's first Predict, before its visible slice was drawn)
+            gc.freeze()
             try:
-                self._show_lazy(image_layer, geometry, predictor)
+                later = self._show_lazy(image_layer, geometry, predictor)
             except Exception as exc:  # the layers can wait for the finished maps
                 log.warning("napari-apl: showing the prediction slice by slice failed: %s", exc)
         self._run("predict", job, on_yield, on_return, int(volume.shape[2]), sync)
+        # the hidden layers are queued only now: napari's progress bar, made in _run, lets the event loop
+        # run, and building them there (about 0.2 s each) would come before the visible slice is drawn
+        if later:
+            self._add_hidden_later(later, image_layer, geometry, {"image": image_layer.name})
         return True
 
-    def _show_lazy(self, image_layer: Any, geometry: ScanGeometry, predictor: SlicePredictor) -> None:
+    def _show_lazy(self, image_layer: Any, geometry: ScanGeometry, predictor: SlicePredictor) -> list[tuple]:
         """Show the prediction layers backed by ``predictor`` (slices computed when drawn): the visible
-        pseudo-label layer now (others already in the viewer in place), new hidden ones just after."""
+        pseudo-label layer now (others already in the viewer in place); returns the new hidden ones, for
+        ``_add_hidden_later``."""
         self.collect_corrections()  # keep what was painted before the layers change
         # _show_prediction makes the new image, its maps and its corrections current, once they are done
         with self._layers_of(image_layer, geometry):
@@ -505,7 +538,7 @@ class APLController:
                 else:
                     later.append((name, arrays[key], role, cmap, kind))
             self._set_pseudo_editable(False)  # a lazy layer cannot be painted: until the maps are done
-        self._add_hidden_later(later, image_layer, geometry, base)
+        return later
 
     @contextmanager
     def _layers_of(self, image_layer: Any, geometry: ScanGeometry) -> Iterator[None]:
