@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import time
+import weakref
 from pathlib import Path
 
 import nibabel as nib
@@ -1027,6 +1029,7 @@ def test_result_layers_after_a_refinement_come_one_event_loop_turn_each(setup, q
     widget.predict(sync=True)
     hidden = (LAYER_MAIN, LAYER_AUX, LAYER_CONFIDENCE, LAYER_CONSISTENCY)
     layers = {name: viewer.layers[name] for name in hidden}
+    shown_before = [weakref.ref(layer.data) for layer in layers.values()]
     ticks = [0]
     timer = QTimer()
     timer.setInterval(1)
@@ -1049,6 +1052,8 @@ def test_result_layers_after_a_refinement_come_one_event_loop_turn_each(setup, q
     for (name, layer), key in zip(layers.items(), ("main", "aux", "confidence", "consistency"), strict=True):
         assert viewer.layers[name] is layer and not layer.visible
         np.testing.assert_array_equal(to_canonical_order(layer.data), maps[key])
+    gc.collect()
+    assert all(ref() is None for ref in shown_before)  # the maps shown before the run are let go
 
 
 def test_predict_builds_only_the_visible_layer_before_it_returns(setup, qtbot, monkeypatch) -> None:

@@ -917,6 +917,7 @@ class APLController:
             self._live_buffer = None  # the layers have the results (or the last overlay) by now
             if staged and not returned[0]:
                 self._guard(lambda: _unstage(staged))
+            staged.clear()  # (it holds the maps shown before the run: let them go)
             if midrun[0] and not returned[0] and saver is not None and saver is self.autosaver:
                 self._guard(self._autosave_without_the_failed_run)
 
