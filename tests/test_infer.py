@@ -347,3 +347,20 @@ def test_prediction_store_in_plain_pages(monkeypatch) -> None:
     assert float(big.confidence.sum(dtype=np.float64)) == 0.5 * 256 * 256
     monkeypatch.setattr(memory, "PLAIN_PAGES", False)
     assert Prediction.empty((256, 256, 40)).confidence.base is None
+
+
+def test_release_in_background_lets_go_from_its_own_thread() -> None:
+    """The caller's list is emptied at once; the arrays live until the releasing thread drops them."""
+    import weakref
+
+    from napari_apl.core.memory import release_in_background, zeros_plain_pages
+
+    big = zeros_plain_pages((8, 512, 512), np.float32)  # 8 MB: plain pages
+    assert not big.flags.owndata  # (a view of its memory map)
+    ref = weakref.ref(big)
+    held = [big]
+    del big
+    thread = release_in_background(held, delay_s=0.2)
+    assert held == [] and ref() is not None  # the thread holds it for now
+    thread.join(10)
+    assert not thread.is_alive() and ref() is None

@@ -56,7 +56,7 @@ from ..core.errors import APLError, CheckpointError, OutputError, OutputExistsEr
 from ..core.infer import Prediction, SlicePredictor, iter_predict, write_map
 from ..core.io_utils import atomic_write, check_output_path, staged_outputs
 from ..core.labels import CLASS_NAMES, ORGANS
-from ..core.memory import set_numpy_huge_pages
+from ..core.memory import release_in_background
 from ..core.metrics import evaluate, json_number, label_name
 from ..core.postprocess import clean_masks, removal_warnings
 from ..core.preprocess import PRESETS, Normalization, choose_normalization
@@ -216,7 +216,6 @@ class APLController:
         self._task = ""
         self._pbar: Any = None
         self._last_live = 0.0
-        self._huge_pages: bool | None = None  # numpy's huge-page advice before the task in progress
         self._live_buffer: np.ndarray | None = None  # the pseudo layer's data while overlays are live
         self._notes_shown: set[str] = set()
         self._auto_notes_shown: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
@@ -407,10 +406,6 @@ class APLController:
         from napari.utils import progress
 
         self._set_busy(True, task)
-        # the task's large arrays (and the main thread's copies as it shows the results) in ordinary
-        # pages: see core.memory.zeros_plain_pages (after a Predict of a 512 x 512 x 300 CT, showing
-        # the pseudo labels took 334 ms of the main thread with numpy's huge-page advice, 124 ms without)
-        self._huge_pages = set_numpy_huge_pages(False)
         # A full garbage collection walks every object of the napari process while holding the GIL
         # (hundreds of ms); one triggered by the worker's allocations would stall the event loop. Objects
         # alive now are set aside from collection until the task ends.
@@ -455,9 +450,6 @@ class APLController:
 
     def _finish(self, on_done: Callable[[], None] | None = None) -> None:
         gc.unfreeze()
-        if self._huge_pages is not None:
-            set_numpy_huge_pages(self._huge_pages)
-            self._huge_pages = None
         self._guard(self._drop_lazy_layers)
         if self._pbar is not None:
             self._pbar.close()
@@ -642,6 +634,8 @@ class APLController:
         pending, self._pending_recovery = self._pending_recovery, None
         if pending is not None and pending.shape == pred.pseudo.shape:
             self.corrections = _merge_corrections(pending, self.corrections)
+        if self.prediction is not None and self.prediction is not pred:  # its maps: freed off the event loop
+            release_in_background([self.prediction])
         self.image_layer, self.geometry, self.prediction = image_layer, geometry, pred
         self._attach_autosaver(image_layer)
         base = {"image": image_layer.name}
@@ -805,7 +799,10 @@ class APLController:
             self._set_data(layer, data)  # live update: data only
         else:
             self._put_labels(LAYER_PSEUDO, to_canonical_order(data), "pseudo-label", **(role_extra or {}))
-        self.last_pseudo = shown.copy(order="F")
+        # what was written, to tell painted voxels by: ``shown`` is the prediction's own map or a new
+        # array, never written in place (last_pseudo is only ever replaced), so it needs no copy (a
+        # 512 x 512 x 300 copy held the event loop 60-180 ms)
+        self.last_pseudo = shown
 
     def collect_corrections(self) -> np.ndarray | None:
         """Fold voxels painted or erased in the pseudo-label layer since the last write into corrections."""
@@ -926,7 +923,9 @@ class APLController:
             self._live_buffer = None  # the layers have the results (or the last overlay) by now
             if staged and not returned[0]:
                 self._guard(lambda: _unstage(staged))
-            staged.clear()  # (it holds the maps shown before the run: let them go)
+            if staged:  # it holds the maps shown before the run: let go, unmapped off the event loop
+                release_in_background([list(staged.values())])
+                staged.clear()
             if midrun[0] and not returned[0] and saver is not None and saver is self.autosaver:
                 self._guard(self._autosave_without_the_failed_run)
 
