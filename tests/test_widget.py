@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import itertools
 import json
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -132,8 +133,6 @@ def test_background_predict_shows_the_visible_slice_at_once(setup, qtbot, monkey
     """Predict in the worker: a lazy pseudo-label layer at once (its drawn slice predicted first), the
     four hidden lazy maps one per event-loop turn after it, then the finished maps; on a second Predict
     the existing layers go lazy in place."""
-    import threading
-
     import napari_apl.widgets._controller as controller_module
     from napari_apl.core.infer import SlicePredictor
 
@@ -1038,12 +1037,29 @@ def test_result_layers_after_a_refinement_come_one_event_loop_turn_each(setup, q
     for name, layer in layers.items():
         layer.events.data.connect(lambda e, n=name: order.append((n, ticks[0], ctl.busy)))
     ctl.refine_finished.connect(lambda r: order.append(("finished", ticks[0], ctl.busy)))
+    saver = ctl.autosaver
+    assert saver is not None
+    saved_from: list[tuple[bool, object]] = []  # (on the main thread, the meta of a saved model)
+    real_save = saver.save
+
+    def save(*args, **kwargs):
+        if kwargs.get("model") is not None:
+            saved_from.append((threading.current_thread() is threading.main_thread(), kwargs["meta"]))
+        return real_save(*args, **kwargs)
+
+    saver.save = save
+    written = ctl.autosaves_written
     timer.start()
     try:
         assert ctl.refine(tiny_refine(2))
         qtbot.waitUntil(lambda: not ctl.busy, timeout=60000)
     finally:
         timer.stop()
+    # the refined model was autosaved once, from the worker, as finished (not "in progress")
+    [(on_main, meta)] = saved_from
+    assert not on_main and ctl.autosaves_written == written + 1
+    refined = meta.provenance["refined"]
+    assert refined["iterations_done"] == 2 and "in_progress" not in refined
     assert [what for what, _, _ in order] == [*hidden, "finished"]
     assert all(busy for _, _, busy in order)  # Export and Predict stay locked until the last layer
     stamps = [t for _, t, _ in order]

@@ -947,14 +947,16 @@ class APLController:
                     predicting.close()
                     return result, None
                 yield item
-            if saver is not None and snapshot_meta is not None:  # the file work stays off the event loop
-                final_save[0] = _autosave_final(saver, result, snapshot_meta)
+            if saver is not None and snapshot_meta is not None and self.autosave_enabled:
+                final_save[0] = _autosave_final(saver, result, snapshot_meta)  # file work off the event loop
             if shown:
                 # each hidden map layer in its own event-loop turn (about 10-25 ms each on a 512 x 512 x 96
                 # scan): on_return, which shows the pseudo labels, then stays under 0.1 s of main thread
                 for name, key, role, cmap, kind in _LAYERS:
                     if key == "pseudo_label":
                         continue
+                    if self._closing:
+                        return result, None
                     stage_done.clear()
                     yield _ResultLayer(name, pred.as_dict()[key], role, cmap, kind)
                     while not stage_done.wait(0.05):
