@@ -1072,6 +1072,35 @@ def test_result_layers_after_a_refinement_come_one_event_loop_turn_each(setup, q
     qtbot.waitUntil(lambda: all(ref() is None for ref in shown_before), timeout=10000)
 
 
+def test_closing_while_result_layers_are_staged_puts_the_shown_maps_back(setup, qtbot, monkeypatch) -> None:
+    """A close that comes while the refined maps go to the hidden layers one by one: no layer is left
+    with the refined maps beside layers still showing the earlier prediction."""
+    viewer, widget, _image, _ = setup("LPS")
+    ctl = widget.controller
+    widget.predict(sync=True)
+    shown = ctl.prediction
+    hidden = (LAYER_MAIN, LAYER_AUX, LAYER_CONFIDENCE, LAYER_CONSISTENCY)
+    before = {name: viewer.layers[name].data for name in hidden}
+    staged_names: list[str] = []
+    real_stage = ctl._stage_result_layer
+
+    def stage_then_close(item, *args, **kwargs):
+        real_stage(item, *args, **kwargs)
+        staged_names.append(item.name)
+        ctl._closing = True  # as the viewer's close does, while the worker waits for the next turn
+
+    monkeypatch.setattr(ctl, "_stage_result_layer", stage_then_close)
+    finished: list = []
+    ctl.refine_finished.connect(finished.append)
+    assert ctl.refine(tiny_refine(2))
+    qtbot.waitUntil(lambda: not ctl.busy, timeout=60000)
+    assert staged_names == [LAYER_MAIN] and finished  # one layer was given its refined map, then the close
+    for name in hidden:
+        assert viewer.layers[name].data is before[name], name
+    assert ctl.prediction is shown and ctl.refined
+    np.testing.assert_array_equal(to_canonical_order(viewer.layers[LAYER_PSEUDO].data), shown.pseudo)
+
+
 def test_predict_builds_only_the_visible_layer_before_it_returns(setup, qtbot, monkeypatch) -> None:
     """The click builds the pseudo-label layer with garbage collection of older objects off; the hidden
     layers come after Predict returns (napari's progress bar runs the event loop inside Predict, and
