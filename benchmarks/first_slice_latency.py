@@ -185,21 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     rep.add("event-loop longest stall while the volume completes", lazy["max_stall_ms"], "ms")
     rep.add("event-loop p99 tick gap while the volume completes", lazy["p99_tick_gap_ms"], "ms")
     if widget is not None and again is not None:
-        if widget["first_visible_s"] is not None:
-            rep.add(
-                "APL widget, the session's first Predict: visible slice's pseudo labels drawn after",
-                widget["first_visible_s"],
-                "s",
-                goal=GOAL_S,
-                note="a lazy pseudo-label layer at once; the worker fills the volume",
-            )
-        if again["first_visible_s"] is not None:
-            rep.add(
-                "APL widget, Predict again (new layers): visible slice's pseudo labels drawn after",
-                again["first_visible_s"],
-                "s",
-                goal=GOAL_S,
-            )
+        for which, run in (("the session's first Predict", widget), ("Predict again (new layers)", again)):
+            if run["first_visible_s"] is not None:
+                rep.add(
+                    f"APL widget, {which}: visible slice's pseudo labels drawn after",
+                    run["first_visible_s"],
+                    "s",
+                    goal=GOAL_S,
+                    note="a lazy pseudo-label layer at once; the worker fills the volume",
+                )
         rep.add("APL widget Predict: whole volume done after", widget["done_s"], "s")
         rep.add("APL widget Predict: event-loop longest stall", widget["max_stall_ms"], "ms")
         rep.add("APL widget Predict: event-loop p99 tick gap", widget["p99_tick_gap_ms"], "ms")

@@ -643,12 +643,8 @@ class APLController:
         for name, key, role, cmap, kind in _LAYERS:
             if key == "pseudo_label":  # the user's corrections go on top of it
                 self._write_pseudo(pred.pseudo, role_extra=base)
-            elif name in done:
-                continue
-            elif kind is Labels:
-                self._put_labels(name, maps[key], role, visible=False, **base)
-            else:
-                self._put_image(name, maps[key], role, colormap=cmap, visible=False, **base)
+            elif name not in done:
+                self._put_map(name, maps[key], role, cmap, kind, base)
         self._select_pseudo()
         self.predicted.emit()
 
@@ -695,24 +691,24 @@ class APLController:
             self.viewer.layers.remove(layer)
         return None
 
-    def _holds_live_buffer(self, layer: Any, data: np.ndarray) -> bool:
-        """Whether ``layer`` shows this run's live-overlay buffer, which ``data`` can be copied into."""
+    def _holds_live_buffer(self, layer: Any, data: np.ndarray | None = None) -> bool:
+        """Whether ``layer`` shows this run's live-overlay buffer (one ``data`` can be copied into)."""
         buffer = self._live_buffer
-        return (
-            buffer is not None
-            and layer.data is buffer
-            and buffer.shape == data.shape
-            and buffer.dtype == data.dtype
-        )
+        if buffer is None or layer.data is not buffer:
+            return False
+        return data is None or (buffer.shape == data.shape and buffer.dtype == data.dtype)
 
-    def _set_data(self, layer: Any, data: np.ndarray) -> None:
-        """Give a layer new voxels: copied into its live-overlay buffer when it holds one, else set."""
+    def _set_data(self, layer: Any, data: np.ndarray, adopt: bool = False) -> None:
+        """Give a layer new voxels: copied into its live-overlay buffer when it holds one, else set
+        (and, with ``adopt``, ``data`` becomes the run's buffer)."""
         if self._holds_live_buffer(layer, data):
             # about two thirds of the main-thread time of setting new data (no dims or transform checks)
             np.copyto(layer.data, data)
             layer.refresh()
         else:
             layer.data = data
+            if adopt:
+                self._live_buffer = data
 
     def _update_in_place(self, layer: Any, data: np.ndarray, role: str, extra: dict[str, Any]) -> None:
         kw = self._layer_kwargs(role, extra)
@@ -736,6 +732,14 @@ class APLController:
             self._update_in_place(layer, data, role, extra)
             return layer
         return self._add_labels(name, data, role, visible=visible, **extra)
+
+    def _put_map(
+        self, name: str, canonical: np.ndarray, role: str, cmap: str | None, kind: type, base: dict[str, Any]
+    ) -> Any:
+        """Put one hidden map (``main``, ``auxiliary``, ``confidence ω``, ``consistency``) in its layer."""
+        if kind is Labels:
+            return self._put_labels(name, canonical, role, visible=False, **base)
+        return self._put_image(name, canonical, role, colormap=cmap, visible=False, **base)
 
     def _add_labels(self, name: str, data: Any, role: str, visible: bool = True, **extra: Any) -> Any:
         return self.viewer.add_labels(
@@ -809,7 +813,7 @@ class APLController:
         layer = self.pseudo_layer()
         if layer is None or self.last_pseudo is None or not isinstance(layer.data, np.ndarray):
             return self.corrections  # nothing written yet, or a prediction still being shown lazily
-        if self._live_buffer is not None and layer.data is self._live_buffer and not layer.editable:
+        if self._holds_live_buffer(layer) and not layer.editable:
             return self.corrections  # a refinement's live overlay, locked since it was written
         current = np.asarray(to_canonical_order(layer.data))
         if current.shape != self.last_pseudo.shape:
@@ -1062,10 +1066,7 @@ class APLController:
         before = (layer.data, layer.metadata)
         base = {"image": image_layer.name}
         with self._layers_of(image_layer, geometry):
-            if item.kind is Labels:
-                self._put_labels(item.name, item.data, item.role, visible=False, **base)
-            else:
-                self._put_image(item.name, item.data, item.role, item.colormap, visible=False, **base)
+            self._put_map(item.name, item.data, item.role, item.colormap, item.kind, base)
         staged[item.name] = (layer, before)
 
     def _on_refine_event(self, ev: RefineEvent, overlay: _LiveOverlay | None = None) -> None:
@@ -1088,11 +1089,7 @@ class APLController:
             # the only main-thread work: napari redraws the visible slice. After the run's first overlay
             # the layer holds a buffer of this run's own, refreshed in place: a copy and a re-slice cost
             # about two thirds of setting new data (which also re-checks the layer's dims and transforms)
-            if self._live_buffer is not None and layer.data is self._live_buffer:
-                np.copyto(self._live_buffer, overlay.data)
-                layer.refresh()
-            else:
-                layer.data = self._live_buffer = overlay.data
+            self._set_data(layer, overlay.data, adopt=True)
             # napari makes a layer editable again whenever its data is set: strokes painted now would be
             # replaced by the next overlay, so the layer stays read-only until the run ends
             layer.editable = False
