@@ -10,6 +10,11 @@ component breakdown (teacher forward, student forward + backward, one pass of th
 reported beside it.
 
     python benchmarks/refine_overhead.py [--rounds 10] [--steps 3] [--batch-size 8] [--threads N]
+                                         [--device cuda]
+
+On a GPU (``--device cuda``) both sides run as the refinement runs there: under bf16 autocast with
+float32 losses, each timed side ending with a device synchronisation; the results go to
+``refine_overhead_cuda.*`` beside the CPU's.
 """
 
 from __future__ import annotations
@@ -46,7 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slices", type=int, default=48)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--base", type=int, default=16)
+    ap.add_argument("--device", default="cpu", help="cpu (the goal's machine) or cuda")
     args = ap.parse_args(argv)
+    if args.device not in ("cpu", "cuda"):
+        print(f"--device must be cpu or cuda, got {args.device!r}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available to torch here", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -55,44 +67,70 @@ def main(argv: list[str] | None = None) -> int:
     from napari_apl.core.refine import RefineConfig, _teacher_bf16, refine
     from napari_apl.core.volume import volume_from_array
 
-    rep = c.Report("refine_overhead", "Goal 2: APL iteration vs plain supervised training step")
+    dev = torch.device(args.device)
+    on_gpu = dev.type == "cuda"
+    rep = c.Report(
+        "refine_overhead_cuda" if on_gpu else "refine_overhead",
+        "Goal 2: APL iteration vs plain supervised training step" + (" (CUDA)" if on_gpu else ""),
+    )
     image, _labels, affine = make_phantom("ct", 0, shape=(256, 256, args.slices), spacing=(1.5, 1.5, 5.0))
     volume = volume_from_array(image, affine)
     model, meta, source = c.demo_like_model(args.base)
-    cfg = RefineConfig(iterations=100_000, batch_size=args.batch_size, device="cpu", seed=0)
+    cfg = RefineConfig(iterations=100_000, batch_size=args.batch_size, device=args.device, seed=0)
     gen = refine(model, meta, volume, cfg)
     t0 = time.perf_counter()
     next(gen)  # setup + first iteration
     setup_s = time.perf_counter() - t0
-    teacher_low = _teacher_bf16(cfg.teacher_bf16, torch.device("cpu"))
-    # the same recipe with the teacher's forward in float32 (what the default is where bf16 is not native)
-    gen_fp32 = refine(model, meta, volume, replace(cfg, teacher_bf16=False))
-    next(gen_fp32)
+    # the refinement's precision: on CUDA everything under bf16 autocast (amp), on a CPU the teacher
+    # alone where bf16 is native
+    teacher_low = on_gpu or _teacher_bf16(cfg.teacher_bf16, dev)
+    # the same recipe with the teacher's forward in float32 (what the default is where bf16 is not native;
+    # on CUDA the teacher follows amp, so there is no such variant)
+    gen_fp32 = None if on_gpu else refine(model, meta, volume, replace(cfg, teacher_bf16=False))
+    if gen_fp32 is not None:
+        next(gen_fp32)
     # the paper's Algorithm 1 as written: no EMA teacher, the student labels its own batch (this
     # untrained model collapses without a teacher, so its guard is off: the loop must keep stepping)
     gen_own = refine(model, meta, volume, replace(cfg, teacher_decay=0.0, augment="none", guard_every=10**9))
     next(gen_own)
 
     prep = prepare(volume, meta, model)
-    xs = torch.cat([prep.batch(range(s, min(s + 16, args.slices))) for s in range(0, args.slices, 16)])
+    xs = torch.cat([prep.batch(range(s, min(s + 16, args.slices))) for s in range(0, args.slices, 16)]).to(
+        dev
+    )
     hw = tuple(xs.shape[-2:])
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format  # as the refinement runs
+    model = copy.deepcopy(model).to(dev)  # (the refinements above hold their own copies)
     plain_model = copy.deepcopy(model).to(memory_format=fmt)
     _frozen_train(plain_model)
     opt = torch.optim.Adam(plain_model.parameters(), lr=cfg.lr)
     g = torch.Generator().manual_seed(0)
+
+    def synced(fn):
+        """``fn``, then wait for the device (a no-op on a CPU), so that a side's time is its work's."""
+
+        def run() -> None:
+            fn()
+            if on_gpu:
+                torch.cuda.synchronize(dev)
+
+        return run
+
     with torch.no_grad():
         target = torch.softmax(model.eval()(xs[:16])[0], 1).argmax(1)
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(0, 16, (args.batch_size,), generator=g)
+        idx = torch.randint(0, 16, (args.batch_size,), generator=g).to(dev)
         return xs[idx], target[idx]
 
     def plain_steps() -> None:
         for _ in range(args.steps):
             x, y = batch()
-            m, a = plain_model(x)
-            loss = torch.nn.functional.cross_entropy(m, y) + torch.nn.functional.cross_entropy(a, y)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_gpu):
+                m, a = plain_model(x)
+            loss = torch.nn.functional.cross_entropy(m.float(), y) + torch.nn.functional.cross_entropy(
+                a.float(), y
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -112,17 +150,18 @@ def main(argv: list[str] | None = None) -> int:
         """The EMA teacher's part of an APL iteration alone: one forward in inference mode."""
         for _ in range(args.steps):
             x, _ = batch()
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=teacher_low):
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=teacher_low):
                 teacher(x)
 
+    sides = {
+        "plain": synced(plain_steps),
+        "apl": synced(steps_of(gen)),
+        "apl_fp32_teacher": synced(steps_of(gen_fp32)) if gen_fp32 is not None else None,
+        "apl_own": synced(steps_of(gen_own)),
+        "teacher_forward": synced(teacher_forwards),
+    }
     times = c.interleaved(
-        {
-            "plain": plain_steps,
-            "apl": steps_of(gen),
-            "apl_fp32_teacher": steps_of(gen_fp32),
-            "apl_own": steps_of(gen_own),
-            "teacher_forward": teacher_forwards,
-        },
+        {k: fn for k, fn in sides.items() if fn is not None},
         args.rounds,
         warmup=1,
     )
@@ -141,14 +180,15 @@ def main(argv: list[str] | None = None) -> int:
         if periodic
         else "no guard or k_c iteration in the timed ones",
     )
-    rep.add(
-        "APL iteration with the teacher's forward in float32 / plain step",
-        c.paired_ratio(per["apl_fp32_teacher"], per["plain"]),
-        "x",
-        goal=GOAL,
-        note="teacher_bf16=False: the default where the CPU has no native bf16"
-        + ("" if teacher_low else " (this machine)"),
-    )
+    if "apl_fp32_teacher" in per:
+        rep.add(
+            "APL iteration with the teacher's forward in float32 / plain step",
+            c.paired_ratio(per["apl_fp32_teacher"], per["plain"]),
+            "x",
+            goal=GOAL,
+            note="teacher_bf16=False: the default where the CPU has no native bf16"
+            + ("" if teacher_low else " (this machine)"),
+        )
     rep.add(
         "APL iteration without the EMA teacher or student augmentation / plain step",
         c.paired_ratio(per["apl_own"], per["plain"]),
@@ -175,11 +215,12 @@ def main(argv: list[str] | None = None) -> int:
             teacher(x)
 
     def teacher_forward_bf16() -> None:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16):
             teacher(x)
 
     def student_forward_backward() -> None:
-        m, a = student(x)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_gpu):
+            m, a = student(x)
         (m.float().mean() + a.float().mean()).backward()
 
     def heads_forward() -> None:
@@ -188,10 +229,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parts = c.interleaved(
         {
-            "teacher_forward_no_grad": teacher_forward,
-            "teacher_forward_no_grad_bf16_autocast": teacher_forward_bf16,
-            "student_forward_backward": student_forward_backward,
-            "heads_forward": heads_forward,
+            "teacher_forward_no_grad": synced(teacher_forward),
+            "teacher_forward_no_grad_bf16_autocast": synced(teacher_forward_bf16),
+            "student_forward_backward": synced(student_forward_backward),
+            "heads_forward": synced(heads_forward),
         },
         3,
     )
@@ -204,7 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         },
         "torch_threads": torch.get_num_threads(),
         "memory_format": "channels_last" if cfg.channels_last else "contiguous",
-        "teacher_precision": "bf16 autocast (native bf16 on this CPU)" if teacher_low else "float32",
+        "teacher_precision": "bf16 autocast (amp, as every forward on CUDA)"
+        if on_gpu
+        else "bf16 autocast (native bf16 on this CPU)"
+        if teacher_low
+        else "float32",
+        "device": torch.cuda.get_device_name(dev) if on_gpu else "cpu",
         "refine_setup_plus_first_iteration_s": round(setup_s, 2),
         "per_step_s": per,
         "components_ms": components,
