@@ -251,6 +251,13 @@ EXPLORE: dict[str, tuple[str, dict]] = {
     ),
     "apl (+ background selection)": ("apl", {"background_select": True}),
     "apl (+ background selection at 0.3)": ("apl", {"background_select": True, "class_norm": 0.3}),
+    # one setting of APL's recipe moved from its default (benchmarks/results/mri_to_ct_gpu_sweep.md)
+    "apl (foreground sampling 1.0)": ("apl", {"foreground_sampling": 1.0}),
+    "apl (foreground sampling 0.25)": ("apl", {"foreground_sampling": 0.25}),
+    "apl (teacher decay 0.999)": ("apl", {"teacher_decay": 0.999}),
+    "apl (teacher decay 0.95)": ("apl", {"teacher_decay": 0.95}),
+    "apl (ensemble decay 0.9)": ("apl", {"ensemble_decay": 0.9}),
+    "apl (batch 16)": ("apl", {"batch_size": 16}),
 }
 ROWS = (*METHODS, *VARIANTS)  # the default table: EXPLORE rows run only when named
 VARIANTS |= EXPLORE  # every row name, on request or not, resolves through VARIANTS
@@ -702,7 +709,9 @@ def explore_lines(results: dict) -> list[str]:
         "Rows on request (`EXPLORE`): `(+ class selection[ at q])` = APL that also drops from L_SSL the "
         "pixels whose class-normalised ensemble probability is below their class's k_c (`class_select`, "
         "CBST's selection; k_c at portion q = `class_norm`, 0.5 unless named); `(+ background selection)` "
-        "= the same for background pixels only (`background_select`). Neither is a default.",
+        "= the same for background pixels only (`background_select`); `(<setting> <value>)` = APL with "
+        "that one setting of its recipe moved from its default (foreground sampling 0.5, teacher decay 0.99, "
+        "ensemble decay 0.7, batch 8). None is a default.",
         "",
     ]
 
