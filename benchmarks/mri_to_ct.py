@@ -255,6 +255,8 @@ EXPLORE: dict[str, tuple[str, dict]] = {
     "apl (foreground sampling 1.0)": ("apl", {"foreground_sampling": 1.0}),
     "apl (foreground sampling 0.25)": ("apl", {"foreground_sampling": 0.25}),
     "apl (teacher decay 0.999)": ("apl", {"teacher_decay": 0.999}),
+    "apl (teacher decay 0.98)": ("apl", {"teacher_decay": 0.98}),
+    "apl (teacher decay 0.97)": ("apl", {"teacher_decay": 0.97}),
     "apl (teacher decay 0.95)": ("apl", {"teacher_decay": 0.95}),
     "apl (ensemble decay 0.9)": ("apl", {"ensemble_decay": 0.9}),
     "apl (batch 16)": ("apl", {"batch_size": 16}),
