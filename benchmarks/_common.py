@@ -88,6 +88,17 @@ def machine() -> dict[str, Any]:
 # --- timing --------------------------------------------------------------------------------------------
 
 
+def device_refusal(device: str) -> str | None:
+    """Why a benchmark cannot run on ``device`` (``cpu`` or ``cuda``), as one line; None if it can."""
+    import torch
+
+    if device not in ("cpu", "cuda"):
+        return f"--device must be cpu or cuda, got {device!r}"
+    if device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda: no CUDA device is available to torch here"
+    return None
+
+
 def timed(fn: Callable[[], Any]) -> float:
     """Wall-clock seconds of one call."""
     t0 = time.perf_counter()

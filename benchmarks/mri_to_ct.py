@@ -40,6 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common
+
 from napari_apl.core.checkpoint import load_checkpoint
 from napari_apl.core.infer import predict_volume
 from napari_apl.core.labels import CLASS_NAMES
@@ -561,11 +564,9 @@ def main(argv=None) -> int:
         "defaults, cached apart from the CPU models; use with its own --stem and --runs-dir",
     )
     args = p.parse_args(argv)
-    if args.device not in ("cpu", "cuda"):
-        print(f"--device must be cpu or cuda, got {args.device!r}", file=sys.stderr)
-        return 2
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device is available to torch here", file=sys.stderr)
+    refusal = _common.device_refusal(args.device)
+    if refusal:
+        print(refusal, file=sys.stderr)
         return 2
     methods = [*METHODS, *VARIANTS] if args.methods == "all" else [m for m in args.methods.split(",") if m]
     unknown = ", ".join(repr(m) for m in methods if m not in METHODS and m not in VARIANTS)

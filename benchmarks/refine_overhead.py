@@ -53,11 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", type=int, default=16)
     ap.add_argument("--device", default="cpu", help="cpu (the goal's machine) or cuda")
     args = ap.parse_args(argv)
-    if args.device not in ("cpu", "cuda"):
-        print(f"--device must be cpu or cuda, got {args.device!r}", file=sys.stderr)
-        return 2
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device is available to torch here", file=sys.stderr)
+    refusal = c.device_refusal(args.device)
+    if refusal:
+        print(refusal, file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)

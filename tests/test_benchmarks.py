@@ -60,3 +60,21 @@ def test_gpu_models_are_cached_apart_and_cpu_keys_are_unchanged(mri_to_ct):
     key = json.dumps({"cfg": cfg, "files": ["image_2.nii.gz"]}, sort_keys=True, default=list)
     want = hashlib.sha1(key.encode()).hexdigest()[:12]
     assert mri_to_ct.cache_path("t", cpu, pairs).name == f"t_{want}.pt"
+
+
+def test_refine_overhead_refuses_an_unknown_or_absent_device_in_one_line(capsys):
+    """Goal 2's benchmark checks ``--device`` before building anything (CUDA is absent on CI machines)."""
+    spec = importlib.util.spec_from_file_location(
+        "refine_overhead_under_test", BENCH.with_name("refine_overhead.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import torch
+
+    cases = [(["--device", "tpu"], "--device must be cpu or cuda, got 'tpu'")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "no CUDA device is available"))
+    for argv, message in cases:
+        assert mod.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
