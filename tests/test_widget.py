@@ -1101,6 +1101,108 @@ def test_closing_while_result_layers_are_staged_puts_the_shown_maps_back(setup, 
     np.testing.assert_array_equal(to_canonical_order(viewer.layers[LAYER_PSEUDO].data), shown.pseudo)
 
 
+def test_the_worker_stops_waiting_for_a_stage_that_never_comes(setup, qtbot, monkeypatch) -> None:
+    """If the event loop stops turning while the refined maps are staged (the app quits), the worker
+    does not wait for good: after a bound it hands the rest to on_return, which shows every map."""
+    import napari_apl.widgets._controller as controller_module
+
+    viewer, widget, _image, _ = setup("LPS")
+    ctl = widget.controller
+    widget.predict(sync=True)
+    monkeypatch.setattr(controller_module, "_STAGE_PAUSE_MS", 3_600_000)  # the stage's timer never fires
+    monkeypatch.setattr(controller_module, "_STAGE_WAIT_S", 0.3)
+    staged: list[str] = []
+    real_stage = ctl._stage_result_layer
+    monkeypatch.setattr(
+        ctl,
+        "_stage_result_layer",
+        lambda item, *a, **k: (staged.append(item.name), real_stage(item, *a, **k)),
+    )
+    assert ctl.refine(tiny_refine(2))
+    qtbot.waitUntil(lambda: not ctl.busy, timeout=60000)
+    assert staged == [LAYER_MAIN]  # one stage, then the worker gave up waiting
+    maps = ctl.prediction.as_dict()
+    assert ctl.refined and ctl.prediction is not None
+    for name, key in ((LAYER_MAIN, "main"), (LAYER_AUX, "aux"), (LAYER_CONFIDENCE, "confidence")):
+        np.testing.assert_array_equal(to_canonical_order(viewer.layers[name].data), maps[key])
+
+
+def test_a_failed_prediction_with_the_refined_model_keeps_the_model(setup, qtbot, monkeypatch) -> None:
+    """The refinement ends, then predicting the scan with its model fails (say, out of memory): the
+    refined model is kept (and its autosave too), a one-line warning says so, and every layer keeps the
+    last full prediction."""
+    import napari_apl.widgets._controller as controller_module
+
+    viewer, widget, _image, _ = setup("LPS")
+    ctl = widget.controller
+    widget.predict(sync=True)
+    shown, start_model = ctl.prediction, ctl.model
+    before = {name: viewer.layers[name].data for name in (LAYER_MAIN, LAYER_AUX, LAYER_CONFIDENCE)}
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("cannot allocate 2.1 GiB for an array")
+        yield  # (a generator, as iter_predict is)
+
+    monkeypatch.setattr(controller_module, "iter_predict", out_of_memory)
+    warnings: list[str] = []
+    monkeypatch.setattr(controller_module, "show_warning", warnings.append)
+    discarded: list[bool] = []
+    monkeypatch.setattr(ctl, "_autosave_without_the_failed_run", lambda: discarded.append(True))
+    finished: list = []
+    ctl.refine_finished.connect(finished.append)
+    assert ctl.refine(tiny_refine(2))
+    qtbot.waitUntil(lambda: not ctl.busy, timeout=60000)
+    assert finished and finished[0].iterations_done == 2
+    assert ctl.refined and ctl.model is finished[0].model and ctl.model is not start_model
+    assert ctl.unsaved_refinement and not discarded
+    [warning] = [w for w in warnings if "refined model is kept" in w]
+    assert "cannot allocate 2.1 GiB" in warning and "\n" not in warning
+    assert ctl.prediction is shown
+    for name, data in before.items():
+        assert viewer.layers[name].data is data, name
+    np.testing.assert_array_equal(to_canonical_order(viewer.layers[LAYER_PSEUDO].data), shown.pseudo)
+    assert viewer.layers[LAYER_PSEUDO].editable
+
+
+def test_a_refinement_that_fails_midway_leaves_no_live_overlay(setup, qtbot, monkeypatch) -> None:
+    """A run that raises (a RuntimeError, as torch's errors are) after its live overlays were shown: the
+    task ends with a one-line error, and the pseudo-label layer goes back to the last full prediction
+    (Export would otherwise write the thrown-away model's labels)."""
+    import napari_apl.widgets._controller as controller_module
+    from napari_apl.core.refine import RefineEvent
+
+    viewer, widget, _image, _ = setup("LPS")
+    ctl = widget.controller
+    widget.predict(sync=True)
+    shown, start_model = ctl.prediction, ctl.model
+    overlay = ((shown.pseudo.astype(np.int16) + 1) % 5).astype(np.uint8)  # differs from it everywhere
+
+    def failing_refine(model, meta, volume, config, *, control=None, corrections=None):
+        yield RefineEvent(1, 5, {"con": 1.0}, 0.5, 0.1, 0.0, pseudo=overlay)
+        yield RefineEvent(2, 5, {"con": 0.9}, 0.5, 0.1, 0.0, pseudo=overlay)
+        raise RuntimeError("weights became NaN")
+
+    monkeypatch.setattr(controller_module, "refine", failing_refine)
+    monkeypatch.setattr(controller_module, "LIVE_UPDATE_SECONDS", 0.0)
+    errors: list[str] = []
+    real_notify = controller_module.notify_error
+    monkeypatch.setattr(
+        controller_module, "notify_error", lambda exc: errors.append(real_notify(exc)) or errors[-1]
+    )
+    assert ctl.refine(tiny_refine(5))
+    # a RuntimeError (torch's usual error) ends the task too: superqt's worker would swallow it, and the
+    # widget stayed busy for good
+    qtbot.waitUntil(lambda: not ctl.busy, timeout=30000)
+    assert errors == ["RuntimeError: weights became NaN"]
+    assert ctl.live_updates >= 1  # the overlay was shown during the run
+    assert not ctl.refined and ctl.model is start_model and ctl.prediction is shown
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    np.testing.assert_array_equal(to_canonical_order(pseudo.data), shown.pseudo)
+    assert pseudo.editable
+    ctl.collect_corrections()
+    assert ctl.corrections is None or not (ctl.corrections >= 0).any()  # nothing counted as painted
+
+
 def test_predict_builds_only_the_visible_layer_before_it_returns(setup, qtbot, monkeypatch) -> None:
     """The click builds the pseudo-label layer with garbage collection of older objects off; the hidden
     layers come after Predict returns (napari's progress bar runs the event loop inside Predict, and

@@ -39,6 +39,7 @@ from .._layers import (
     label_features,
     make_metadata,
     notify_error,
+    one_line,
     same_layer,
     to_canonical_order,
     to_layer_order,
@@ -87,6 +88,8 @@ _LAYERS = (
 CHECKPOINT_PRESET = "from checkpoint"
 AUTO_PRESET = "auto"
 _STAGE_PAUSE_MS = 5  # between the hidden result layers' updates after a refinement
+# the longest a worker waits for a stage to be taken: the event loop may have stopped (the app quits)
+_STAGE_WAIT_S = 10.0
 LIVE_UPDATE_SECONDS = 0.5  # at most ~2 pseudo-label updates per second while refining
 AUTOSAVE_INTERVAL_ENV = "NAPARI_APL_AUTOSAVE_INTERVAL"
 AUTOSAVE_INTERVAL_S = 30.0  # crash-recovery snapshots at most this often (painting, refining)
@@ -419,6 +422,12 @@ class APLController:
             with _leave_a_core_for_the_gui():
                 try:
                     return (yield from job())
+                except RuntimeError as exc:
+                    # (torch's errors are mostly RuntimeErrors, CUDA's out-of-memory too.) superqt's worker
+                    # takes a RuntimeError for a deleted Qt object and ends without 'errored' or 'finished':
+                    # the widget would stay busy for good. It goes on as a one-line APLError instead.
+                    log.error("napari-apl task failed", exc_info=exc)
+                    raise APLError(one_line(exc)) from exc
                 finally:  # give cached GPU memory back, also after a stop or an error
                     release_device_memory(resolve_device(device))
 
@@ -449,18 +458,20 @@ class APLController:
         worker.start()
 
     def _finish(self, on_done: Callable[[], None] | None = None) -> None:
+        # (from the worker's 'finished' signal, outside any guard: nothing here may leave the widget busy
+        # or raise into Qt as a traceback dialog)
         gc.unfreeze()
         self._guard(self._drop_lazy_layers)
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
+        pbar, self._pbar = self._pbar, None
+        if pbar is not None:
+            self._guard(pbar.close)
         self.worker = None
         self.control = None
         self._pending_recovery = None
-        self._set_pseudo_editable(True)
+        self._guard(lambda: self._set_pseudo_editable(True))
         self._set_busy(False)
         if on_done is not None:
-            on_done()
+            self._guard(on_done)
 
     def _progress(self, n: int, total: int | None = None) -> None:
         if self._pbar is not None:
@@ -915,6 +926,7 @@ class APLController:
             self._own_keys.add(saver.key)  # this session's snapshots are never offered back to it
         returned, midrun = [False], [False]  # on_return ran; the worker autosaved weights of this run
         final_save: list[AutosaveEntry | None] = [None]  # the worker's autosave of the refined model
+        repredict_failed: list[Exception | None] = [None]  # the re-prediction with the refined model failed
         # hidden result layers the worker had the main thread update, one per event-loop turn, before
         # on_return shows the rest: name -> (layer, its data and metadata before)
         staged: dict[str, tuple[Any, tuple[Any, Any]]] = {}
@@ -924,11 +936,22 @@ class APLController:
             midrun[0] = True
 
         def on_done() -> None:  # main thread, after the worker: a run that failed is not recoverable
+            overlaid = self._live_buffer is not None
             self._live_buffer = None  # the layers have the results (or the last overlay) by now
+            if (
+                not returned[0]
+                and overlaid
+                and self.prediction is not None
+                and self.pseudo_layer() is not None
+            ):
+                # the run failed: its last live overlay (of a model that is thrown away) must not stay in
+                # the layer, where Export would write it as the pseudo labels
+                self._guard(lambda: self._write_pseudo(self.prediction.pseudo))
             if staged and not returned[0]:
                 self._guard(lambda: _unstage(staged))
-            if staged:  # it holds the maps shown before the run: let go, unmapped off the event loop
-                release_in_background([list(staged.values())])
+            if staged:  # the maps shown before the run: let go, unmapped off the event loop (the layer
+                # objects stay here: a layer must not be dropped last on another thread)
+                release_in_background([before for _layer, before in staged.values()])
                 staged.clear()
             if midrun[0] and not returned[0] and saver is not None and saver is self.autosaver:
                 self._guard(self._autosave_without_the_failed_run)
@@ -940,17 +963,22 @@ class APLController:
             result = yield from _live_overlays(events, self.last_corrections)
             if self._closing:  # the viewer or the widget is closing: skip the final re-prediction
                 return result, None
-            predicting = iter_predict(result.model, meta, volume, normalization=norm, device=cfg.device)
-            while True:
-                try:
-                    item = next(predicting)
-                except StopIteration as done:
-                    pred = done.value
-                    break
-                if self._closing:
-                    predicting.close()
-                    return result, None
-                yield item
+            try:
+                predicting = iter_predict(result.model, meta, volume, normalization=norm, device=cfg.device)
+                while True:
+                    try:
+                        item = next(predicting)
+                    except StopIteration as done:
+                        pred = done.value
+                        break
+                    if self._closing:
+                        predicting.close()
+                        return result, None
+                    yield item
+            except Exception as exc:  # (e.g. out of memory on a large scan) the refined model is kept
+                log.warning("napari-apl: predicting with the refined model failed", exc_info=exc)
+                repredict_failed[0] = exc
+                return result, None
             if saver is not None and snapshot_meta is not None and self.autosave_enabled:
                 final_save[0] = _autosave_final(saver, result, snapshot_meta)  # file work off the event loop
             if shown:
@@ -963,9 +991,12 @@ class APLController:
                         return result, None
                     stage_done.clear()
                     yield _ResultLayer(name, pred.as_dict()[key], role, cmap, kind)
+                    deadline = time.monotonic() + _STAGE_WAIT_S
                     while not stage_done.wait(0.05):
                         if self._closing:
                             return result, None
+                        if time.monotonic() > deadline:  # the event loop stopped turning (the app quits)
+                            return result, pred  # on_return gives the layers not staged their maps
             return result, pred
 
         def on_yield(item: Any) -> None:
@@ -1001,20 +1032,32 @@ class APLController:
                 f"refined model ({cfg.method}, {result.iterations_done} iterations), not exported: "
                 f"Export writes it, Revert goes back to {start}\n{self.summary}"
             )
-            if pred is None:  # closing: keep the layers consistent with the last full prediction
+            if pred is None:  # closing, or no prediction: keep the layers as the last full prediction
                 _unstage(staged)
                 if self.prediction is not None and self.pseudo_layer() is not None:
                     self._write_pseudo(self.prediction.pseudo)
                 # the refined model can be recovered next time (if the image it was refined on is shown)
                 self.maybe_autosave(force=True, corrections_only=not shown)
-                self.status.emit(f"refinement stopped after {result.iterations_done} iterations")
+                failed = repredict_failed[0]
+                if failed is not None:
+                    reason = " ".join(str(failed).split()) or type(failed).__name__
+                    show_warning(
+                        f"napari-apl: the refined model is kept, but predicting the scan with it failed "
+                        f"({reason[:200]}): the layers still show the model before the run; free memory "
+                        "(close other layers or viewers) and press Predict"
+                    )
+                how = "stopped" if result.stopped or failed is None else "finished"
+                self.status.emit(
+                    f"refinement {how} after {result.iterations_done} iterations"
+                    + ("; predicting with the refined model failed" if failed is not None else "")
+                )
                 self.refine_finished.emit(result)
                 return
             now = self.viewer.layers
             done = frozenset(n for n, (lay, _) in staged.items() if n in now and same_layer(now[n], lay))
             try:
                 self._show_prediction(image_layer, geometry, pred, self._model_source(), done=done)
-            except APLError:  # a layer is in the way: the layers keep the last full prediction
+            except Exception:  # a layer in the way, or a failure: the layers keep the last full prediction
                 _unstage(staged)
                 if self.prediction is not None and self.pseudo_layer() is not None:
                     self._write_pseudo(self.prediction.pseudo)  # (not the last live overlay)
