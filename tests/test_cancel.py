@@ -137,7 +137,7 @@ def test_stop_core_refinement_from_another_thread(setup, tmp_path):
         _check_model(result.model, meta, volume, tmp_path, f"trial{trial}")
         assert np.array_equal(corrections, corr_before), "the corrections array was modified"
         done_at.append(result.iterations_done)
-        assert _threads() == threads_before, "a thread is still running"
+        assert not _threads() - threads_before, "a thread is still running"  # (earlier ones may end)
     for k, v in model.state_dict().items():
         assert torch.equal(v, original[k]), f"the caller's model changed: {k}"
     print(f"\ncore stops: {CORE_TRIALS} trials, stopped after {sorted(done_at)} iterations")
@@ -215,7 +215,7 @@ def test_sigint_stops_cli_refine_in_process(setup, tmp_path, capsys):
             assert rc == 130, err  # interrupted: usable files written, but not every iteration ran
             log = _check_cli_outputs(out, ck, meta, volume)
             stops.append(log["iterations_done"])
-            assert _threads() == threads_before, "a thread is still running"
+            assert not _threads() - threads_before, "a thread is still running"  # (earlier ones may end)
     finally:
         signal.signal(signal.SIGINT, previous)
     assert sentinel.count == 0, "a SIGINT arrived outside the CLI's refinement"
