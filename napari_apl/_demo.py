@@ -2,12 +2,43 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any
+
+from .core.errors import APLError
 
 SCREENSHOT_DELAY_MS = 800
 FIT_DELAY_MS = 200  # the scan is fitted this long after the canvas last changed size
 FIT_WINDOW_MS = 3000  # ... during this long after start (later resizes are the user's: zoom kept)
+
+
+def check_display() -> None:
+    """Refuse in one line to open napari where Qt would find no screen (Linux without a display)."""
+    if not sys.platform.startswith("linux") or os.environ.get("QT_QPA_PLATFORM"):
+        return
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise APLError(
+            "no display to open napari on (DISPLAY is not set): run it on a desktop, or headless under "
+            "a virtual display: xvfb-run -a napari-apl demo"
+        )
+
+
+def check_screenshot_path(path: str | Path, overwrite: bool = False) -> Path:
+    """Check before napari starts that a screenshot can be written to ``path``; return it."""
+    out = Path(path).expanduser()
+    if out.suffix.lower() != ".png":
+        raise APLError(f"--screenshot {out}: give a .png file name")
+    if not out.parent.is_dir():
+        raise APLError(f"--screenshot {out}: the folder {out.parent} does not exist")
+    if out.is_dir():
+        raise APLError(f"--screenshot {out} is a folder: give a .png file name")
+    if out.exists() and not overwrite:
+        raise APLError(f"--screenshot {out} exists already: pass --overwrite to replace it")
+    if not os.access(out.parent, os.W_OK):
+        raise APLError(f"--screenshot {out}: the folder {out.parent} is not writable")
+    return out
 
 
 def launch_demo(*, screenshot: str | Path | None = None, quit_after: bool = False, run: bool = True) -> Any:
@@ -36,8 +67,18 @@ def launch_demo(*, screenshot: str | Path | None = None, quit_after: bool = Fals
         out = Path(screenshot).expanduser()
 
         def shoot() -> None:
-            viewer.screenshot(str(out), canvas_only=False)
-            print(f"wrote {out}")
+            # written beside the file, then renamed: no half-written PNG, and a failure is one line
+            tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.png")
+            try:
+                viewer.screenshot(str(tmp), canvas_only=False)
+                os.replace(tmp, out)
+                print(f"wrote {out}")
+            except Exception as exc:
+                tmp.unlink(missing_ok=True)
+                print(
+                    f"napari-apl demo: error: the screenshot could not be written to {out}: {exc}",
+                    file=sys.stderr,
+                )
             if quit_after:
                 viewer.close()
 

@@ -479,8 +479,11 @@ def cmd_train_source(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Open napari with the sample CT, the demo checkpoint and the APL widget docked."""
-    from ._demo import launch_demo
+    from ._demo import check_display, check_screenshot_path, launch_demo
 
+    check_display()
+    if args.screenshot is not None:
+        check_screenshot_path(args.screenshot, args.overwrite)
     launch_demo(screenshot=args.screenshot, quit_after=args.quit_after)
     return 0
 
@@ -695,6 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="open napari with the sample CT, the demo model and the APL widget")
     p.add_argument("--screenshot", help="save a screenshot of the window to this PNG after predicting")
     p.add_argument("--quit-after", action="store_true", help="close napari after the screenshot")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing screenshot file")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -504,3 +505,51 @@ def test_class_select_belongs_to_apl(tmp_path, tiny_ckpt, phantom_dir, capsys):
     err = capsys.readouterr().err.strip()
     assert "class_select is an option of method apl, not of cbst" in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_scheduler_address_it_cannot_parse_is_one_line(tmp_path, tiny_ckpt, phantom_dir, capsys):
+    """--scheduler foo (no port) ended in a 53-line traceback; an unreachable one was already one line."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for name in ("a.nii.gz", "b.nii.gz"):
+        shutil.copy(phantom_dir / "image.nii.gz", folder / name)
+    out = tmp_path / "out"
+    assert (
+        main(["predict", str(folder), "-c", str(tiny_ckpt), "-o", str(out), "--scheduler", "foo", "-q"]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("napari-apl predict: error: cannot reach the dask scheduler at foo")
+    assert "tcp://host:port" in err[-1] and "Traceback" not in "".join(err)
+    assert not out.exists() or not any(out.rglob("*.nii.gz"))
+
+
+@pytest.mark.parametrize("case", ["no_display", "missing_folder", "exists", "not_png"])
+def test_demo_refuses_before_napari_starts(tmp_path, capsys, monkeypatch, case):
+    """No display (Qt aborted the process), a screenshot folder that does not exist (a traceback, then a
+    viewer that never closed), an existing screenshot (silently replaced): one line, exit 2."""
+    import napari_apl._demo as demo
+
+    def never(**kwargs):
+        raise AssertionError("napari was started")
+
+    monkeypatch.setattr(demo, "launch_demo", never)
+    monkeypatch.setattr(demo.sys, "platform", "linux")
+    monkeypatch.delenv("QT_QPA_PLATFORM", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.setenv("DISPLAY", ":99")
+    shot = tmp_path / "shot.png"
+    if case == "no_display":
+        monkeypatch.delenv("DISPLAY")
+        argv, words = ["demo"], "xvfb-run -a napari-apl demo"
+    elif case == "missing_folder":
+        argv, words = ["demo", "--screenshot", str(tmp_path / "nodir" / "d.png")], "does not exist"
+    elif case == "exists":
+        shot.write_bytes(b"earlier")
+        argv, words = ["demo", "--screenshot", str(shot), "--quit-after"], "pass --overwrite"
+    else:
+        argv, words = ["demo", "--screenshot", str(tmp_path / "shot.jpg")], "give a .png file name"
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err
+    if case == "exists":
+        assert shot.read_bytes() == b"earlier"

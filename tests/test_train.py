@@ -85,9 +85,25 @@ def test_label_files_that_are_not_the_five_labels_are_refused(tmp_path, mri_pair
 
 
 def test_a_diverged_training_run_writes_no_checkpoint(tmp_path, mri_pairs):
+    """Nor a resume state: resuming would diverge again, and the lower --lr the error asks for would be
+    refused as a state of other settings. It stops at the first epoch's end, not after all of them."""
+    epochs = []
     with pytest.raises(APLError, match="training diverged"):
-        run_generator(train_source(mri_pairs, tmp_path / "nan.pt", _cfg(lr=1e12, epochs=1)))
+        for ev in train_source(mri_pairs, tmp_path / "nan.pt", _cfg(lr=1e12, epochs=3)):
+            epochs.append(ev.epoch)
     assert not (tmp_path / "nan.pt").exists()
+    assert not (tmp_path / "nan.pt.train-state").exists()
+    assert set(epochs) == {1}
+    run_generator(train_source(mri_pairs, tmp_path / "nan.pt", _cfg(epochs=1)))  # a lower lr: no refusal
+    assert (tmp_path / "nan.pt").exists()
+
+
+def test_an_input_size_the_network_cannot_take_is_refused_before_training(tmp_path, mri_pairs):
+    """70 x 70 is no multiple of unet-dual's stride 16: the checkpoint it made could not be loaded."""
+    gen = train_source(mri_pairs, tmp_path / "s.pt", _cfg(input_size=(70, 70)))
+    with pytest.raises(APLError, match="not a multiple of unet-dual's stride 16") as exc:
+        next(gen)
+    assert "\n" not in str(exc.value) and not (tmp_path / "s.pt").exists()
 
 
 def test_augmentation_never_flips_left_and_right():

@@ -320,10 +320,10 @@ def cluster_client(
     if scheduler:
         try:
             client = Client(scheduler, timeout="20s")
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:  # (ValueError: an address it cannot parse)
             raise APLError(
-                f"cannot reach the dask scheduler at {scheduler} ({exc}): start it (dask scheduler) "
-                "or leave out --scheduler for a local cluster"
+                f"cannot reach the dask scheduler at {scheduler} ({exc}): give its address as "
+                "tcp://host:port, start it (dask scheduler) or leave out --scheduler for a local cluster"
             ) from None
         try:
             yield client

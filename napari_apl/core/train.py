@@ -354,6 +354,13 @@ def train_source(
     seed_everything(cfg.seed)
     norm = get_preset(cfg.normalization)
     model = build_model(cfg.arch, num_classes=len(CLASS_NAMES), **cfg.arch_args)
+    stride = int(model.stride)
+    if any(int(v) % stride for v in cfg.input_size):  # (the checkpoint could not be loaded afterwards)
+        h, w = cfg.input_size
+        raise APLError(
+            f"input size {h} x {w} is not a multiple of {cfg.arch}'s stride {stride}: give --input-size "
+            f"a multiple of {stride} (e.g. {max(stride, round(h / stride) * stride)})"
+        )
     data = load_slice_set(pairs, norm, cfg.spacing, cfg.input_size, model.stride)
     model.to(dev)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -410,6 +417,7 @@ def train_source(
             yield TrainEvent(epoch=epoch + 1, step=step + 1, steps=steps, loss=float(loss.detach()))
             if stop is not None and stop():
                 return model.to(memory_format=torch.contiguous_format).eval(), _meta(cfg, norm, pairs, epoch)
+        _refuse_diverged(model, out, state_file)  # before its weights become the state to resume from
         state = {
             "config": _cfg_key(cfg, pairs),
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -420,16 +428,23 @@ def train_source(
         }
         atomic_write(state_file, lambda p, s=state: torch.save(s, p), overwrite=True)
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
-    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(v.isfinite().all())]
-    if bad:
-        raise APLError(
-            f"training diverged: {len(bad)} weight tensors hold NaN or infinite values ({bad[0]}, ...); "
-            f"nothing was written to {out}: train again with a lower --lr"
-        )
+    _refuse_diverged(model, out, state_file)
     meta = _meta(cfg, norm, pairs, cfg.epochs)
     save_checkpoint(out, model, meta, overwrite=overwrite)
     state_file.unlink(missing_ok=True)
     return model, meta
+
+
+def _refuse_diverged(model: torch.nn.Module, out: Path, state_file: Path) -> None:
+    """Stop a run whose weights are no longer finite; its resume state goes too (resuming it would
+    diverge again, and a state of other settings would refuse the lower learning rate the error asks for)."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        state_file.unlink(missing_ok=True)
+        raise APLError(
+            f"training diverged: {len(bad)} weight tensors hold NaN or infinite values ({bad[0]}, ...); "
+            f"nothing was written to {out}: train again with a lower --lr"
+        )
 
 
 def _cfg_key(cfg: TrainConfig, pairs: Sequence[tuple[str, str]] = ()) -> str:
