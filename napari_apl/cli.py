@@ -74,6 +74,11 @@ def _check_outputs(paths: Sequence[Path], overwrite: bool, inputs: Sequence[str 
         check_output_path(p, overwrite=overwrite, inputs=tuple(inputs))
 
 
+def _count(n: int, noun: str) -> str:
+    """``n`` and the noun, singular or plural (1 slice, 2 slices)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _normalization(name: str, meta, volume):
     """Resolve ``--normalize`` (a preset name, ``checkpoint`` or ``auto``) to a Normalization."""
     from .core.preprocess import choose_normalization
@@ -249,7 +254,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             written = write_maps(maps, paths, volume, overwrite=args.overwrite)
     for n in MAP_DTYPES:
         print(f"wrote {written[n]}")
-    print(f"predicted {n_slices} slices in {time.perf_counter() - t0:.1f} s ({norm.kind})")
+    print(f"predicted {_count(n_slices, 'slice')} in {time.perf_counter() - t0:.1f} s ({norm.kind})")
     return 0
 
 
@@ -257,6 +262,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     """Refine a checkpoint on an unlabelled target volume (or each of many) and write the model and maps."""
     from .core import batch
 
+    _refine_config(args)  # the settings are checked before any file is looked at
     if batch.is_many(args.image):
         if args.corrections:
             raise APLError("--corrections belong to one image: refine that image on its own to use them")
@@ -270,7 +276,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
 
     from .core.checkpoint import save_checkpoint
     from .core.infer import predict_volume
-    from .core.refine import RefineConfig, RefineControl, organ_size_change, refine
+    from .core.refine import RefineControl, organ_size_change, refine
     from .core.volume import load_volume
 
     out = _out_dir(args.out_dir)
@@ -291,37 +297,24 @@ def cmd_refine(args: argparse.Namespace) -> int:
         corr = np.asarray(corr_vol.data)
         if not np.array_equal(corr, np.round(corr)):
             raise APLError(f"--corrections {args.corrections} holds non-integer values: give a label volume")
+        unset = 255 if args.corrections_unset is None else args.corrections_unset
+        if 0 <= unset < meta.num_classes:
+            raise APLError(
+                f"--corrections-unset {unset} is a label (0..{meta.num_classes - 1}): every voxel "
+                f"corrected to it would count as untouched; give the value that marks voxels left as "
+                "predicted (default 255)"
+            )
         corr = corr.astype(np.int64)  # before -1 appears: a uint8 file would wrap it to 255
-        corrections = np.where(corr == args.corrections_unset, -1, corr)
+        corrections = np.where(corr == unset, -1, corr)
         bad = np.unique(corrections[(corrections < -1) | (corrections >= meta.num_classes)])
         if bad.size:
             raise APLError(
                 f"--corrections {args.corrections} holds label {int(bad[0])}: labels are "
-                f"0..{meta.num_classes - 1}, and {args.corrections_unset} (--corrections-unset) marks "
+                f"0..{meta.num_classes - 1}, and {unset} (--corrections-unset) marks "
                 "voxels left as predicted"
             )
         corrections = corrections.astype(np.int16)
-    cfg = RefineConfig.for_method(args.method, iterations=args.iterations, seed=args.seed, device=args.device)
-    keys = (
-        "lr",
-        "batch_size",
-        "weight",
-        "teacher_decay",
-        "tau",
-        "bn",
-        "bn_mix",
-        "class_balance_power",
-        "augment",
-    )
-    for key in keys:
-        val = getattr(args, key)
-        if val is not None:
-            setattr(cfg, key, val)
-    if args.augment_geometry:
-        cfg.augment_geometry = True
-    if args.class_select:
-        cfg.class_select = True  # (validated with the rest: an APL option)
-    cfg.teacher_bf16 = {"auto": None, "bf16": True, "fp32": False}[args.teacher_precision]
+    cfg = _refine_config(args)
     cfg.normalization = norm.to_dict()
     control = RefineControl()
     gen = refine(model, meta, volume, cfg, corrections=corrections, control=control)
@@ -389,7 +382,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
         print(f"note: {n}")
     if size := organ_size_change(result, meta.class_names):
         print(size)
-    print(f"refined for {result.iterations_done} iterations in {elapsed:.1f} s")
+    print(f"refined for {_count(result.iterations_done, 'iteration')} in {elapsed:.1f} s")
     if control.stopped:  # Ctrl-C: the outputs are usable, but the run did not do all it was asked
         print(
             f"napari-apl refine: interrupted after {result.iterations_done} of {cfg.iterations} iterations "
@@ -398,6 +391,77 @@ def cmd_refine(args: argparse.Namespace) -> int:
         )
         return 130
     return 0
+
+
+def _refine_config(args: argparse.Namespace):
+    """The refinement settings the options give (the method's tuned ones where an option is left out),
+    validated: a bad one is one line before any file is read."""
+    from .core.refine import RefineConfig
+
+    cfg = RefineConfig.for_method(args.method, iterations=args.iterations, seed=args.seed, device=args.device)
+    keys = (
+        "lr",
+        "batch_size",
+        "weight",
+        "teacher_decay",
+        "tau",
+        "bn",
+        "bn_mix",
+        "class_balance_power",
+        "augment",
+    )
+    for key in keys:
+        val = getattr(args, key)
+        if val is not None:
+            setattr(cfg, key, val)
+    if args.augment_geometry:
+        cfg.augment_geometry = True
+    if args.class_select:
+        cfg.class_select = True  # (validated with the rest: an APL option)
+    cfg.teacher_bf16 = {"auto": None, "bf16": True, "fp32": False}[args.teacher_precision]
+    return cfg.validate()
+
+
+# options of refine that only some runs read: (option, attribute, whether this run reads it)
+_READ_BY: tuple[tuple[str, str, Callable[[argparse.Namespace], bool], str], ...] = (
+    ("--tau", "tau", lambda a: a.method == "threshold", "applies to --method threshold only"),
+    (
+        "--class-balance-power",
+        "class_balance_power",
+        lambda a: a.method == "apl",
+        "applies to --method apl only",
+    ),
+    (
+        "--weight",
+        "weight",
+        lambda a: a.method in ("apl", "apl-con"),
+        "applies to --method apl and apl-con only",
+    ),
+    ("--bn-mix", "bn_mix", lambda a: (a.bn or "adapt") == "adapt", "applies with --bn adapt only"),
+    (
+        "--corrections-unset",
+        "corrections_unset",
+        lambda a: bool(a.corrections),
+        "applies with --corrections only",
+    ),
+)
+
+
+def _note_unused_options(args: argparse.Namespace) -> None:
+    """Say in a line each which given options this run does not read (they are not errors)."""
+    from .core import batch
+
+    notes = []
+    if not batch.is_many(args.image):
+        for opt in ("scheduler", "workers"):
+            if getattr(args, opt, None) is not None:
+                notes.append(f"--{opt} is for many volumes (a folder or a quoted glob): this one runs here")
+    if args.command == "refine":
+        for option, attr, reads, who in _READ_BY:
+            if getattr(args, attr, None) is not None and not reads(args):
+                notes.append(f"{option} {who}: ignored in this run")
+    for line in notes:
+        print(f"note: {line}", file=sys.stderr)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -448,11 +512,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     """Wrap a raw (e.g. ADVENT DeepLabv2) state dict into a napari-apl checkpoint."""
-    from .core.checkpoint import FORMAT_VERSION, CheckpointMeta, import_state_dict, save_checkpoint
+    from .core.checkpoint import (
+        FORMAT_VERSION,
+        CheckpointMeta,
+        import_state_dict,
+        is_napari_apl_checkpoint,
+        save_checkpoint,
+    )
     from .core.labels import CLASS_NAMES
     from .core.preprocess import get_preset
 
     _check_outputs([Path(args.out)], args.overwrite, [args.state_dict])
+    if is_napari_apl_checkpoint(args.state_dict):
+        raise APLError(
+            f"{args.state_dict} is a napari-apl checkpoint already, with its own input size, spacing and "
+            "intensities (napari-apl info shows them): use it as it is; import wraps raw state dicts"
+        )
     names = args.classes.split(",") if args.classes else list(CLASS_NAMES)
     meta = CheckpointMeta(
         format_version=FORMAT_VERSION,
@@ -530,7 +605,6 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers",
         type=_int_at_least(1),
-        default=2,
         help="with many volumes and no --scheduler: worker processes of the local cluster (default 2)",
     )
 
@@ -573,15 +647,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("phantom", help="write a synthetic abdominal phantom with labels")
     p.add_argument("--modality", choices=("ct", "mri"), required=True)
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
-    p.add_argument("--out-dir", "-o", required=True)
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="random anatomy and noise (default 0)")
+    p.add_argument("--out-dir", "-o", required=True, help="folder for image.nii.gz and labels.nii.gz")
     p.add_argument(
         "--orientation",
         default="RAS",
         help="3-letter orientation code of the written file (RAS, LAS, LPS...)",
     )
-    p.add_argument("--shape", type=_int_at_least(1), nargs=3, metavar=("X", "Y", "Z"))
-    p.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"))
+    p.add_argument("--shape", type=_int_at_least(1), nargs=3, metavar=("X", "Y", "Z"), help="voxels per axis")
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"), help="voxel size in mm")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_phantom)
 
@@ -591,7 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict both heads and the confidence / consistency maps")
     _common_model_args(p)
-    p.add_argument("--batch-size", type=_int_at_least(1), default=8)
+    p.add_argument(
+        "--batch-size", type=_int_at_least(1), default=8, help="slices per forward pass (default 8)"
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("refine", help="adapt a checkpoint to an unlabelled target volume (APL or a baseline)")
@@ -649,20 +725,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--corrections", help="label volume of hand corrections on the image grid (kept as hard labels)"
     )
     p.add_argument(
-        "--corrections-unset", type=int, default=255, help="value meaning 'not corrected' (default 255)"
+        "--corrections-unset",
+        type=int,
+        help="with --corrections: the value of voxels left as predicted (default 255; not a label 0..4)",
     )
     p.set_defaults(func=cmd_refine)
 
     p = sub.add_parser("evaluate", help="Dice and ASSD per organ of a mask against reference labels")
-    p.add_argument("--pred", required=True)
-    p.add_argument("--gt", required=True)
+    p.add_argument("--pred", required=True, help="predicted label volume (.nii / .nii.gz)")
+    p.add_argument("--gt", required=True, help="reference label volume on the same grid")
     p.add_argument("--json", help="also write the scores as JSON")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("import", help="wrap a raw state dict (e.g. ADVENT DeepLabv2) into a checkpoint")
     p.add_argument("state_dict")
-    p.add_argument("--arch", default="deeplabv2")
+    p.add_argument(
+        "--arch", default="deeplabv2", help="network of the weights: deeplabv2 (default) or unet-dual"
+    )
     p.add_argument("--classes", help="comma-separated class names (default: background,liver,...)")
     p.add_argument("--input-size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"))
     p.add_argument("--spacing", type=float, nargs=2, default=(1.5, 1.5), metavar=("MX", "MY"))
@@ -675,13 +755,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-source", help="train a dual-head model on labelled source volumes")
     p.add_argument("--images", required=True, help="glob of source images")
     p.add_argument("--labels", required=True, help="glob of label volumes (paired after sorting)")
-    p.add_argument("--arch", default="unet-dual")
-    p.add_argument("--epochs", type=_int_at_least(1), default=45)
+    p.add_argument("--arch", default="unet-dual", help="network: unet-dual (default) or deeplabv2")
+    p.add_argument("--epochs", type=_int_at_least(1), default=45, help="passes over the slices (default 45)")
     p.add_argument("--normalize", default="mri", help="source intensity preset (default mri)")
     p.add_argument("--spacing", type=float, nargs=2, default=(2.5, 2.5), metavar=("MX", "MY"))
     p.add_argument("--input-size", type=int, nargs=2, default=(160, 160), metavar=("H", "W"))
-    p.add_argument("--batch-size", type=_int_at_least(1), default=16)
-    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=16, help="slices per step (default 16)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="AdamW learning rate (default 0.001)")
     p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--device", default="auto")
     p.add_argument(
@@ -712,6 +792,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = _stop_on_sigterm() if args.command != "demo" else None
     huge_pages = set_numpy_huge_pages(False)  # this process's large arrays: see core.memory
     try:
+        if args.command in ("predict", "refine"):
+            _note_unused_options(args)
         return int(args.func(args) or 0)
     except APLError as exc:
         _remove_created_empty_dirs()

@@ -553,3 +553,81 @@ def test_demo_refuses_before_napari_starts(tmp_path, capsys, monkeypatch, case):
     assert len(err.splitlines()) == 1 and words in err
     if case == "exists":
         assert shot.read_bytes() == b"earlier"
+
+
+def test_options_this_run_does_not_read_are_named(tmp_path, tiny_ckpt, phantom_dir, capsys):
+    """--tau with apl, --bn-mix with frozen batch norm, --corrections-unset without corrections and
+    --workers with one volume were accepted in silence; each is now a note (the run goes on)."""
+    out = tmp_path / "out"
+    argv = [
+        "refine",
+        str(phantom_dir / "image.nii.gz"),
+        "-c",
+        str(tiny_ckpt),
+        "-o",
+        str(out),
+        "-n",
+        "1",
+        "-q",
+    ]
+    argv += [
+        "--tau",
+        "0.5",
+        "--bn",
+        "frozen",
+        "--bn-mix",
+        "0.4",
+        "--corrections-unset",
+        "7",
+        "--workers",
+        "3",
+    ]
+    assert main(argv) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        "note: --workers is for many volumes (a folder or a quoted glob): this one runs here",
+        "note: --tau applies to --method threshold only: ignored in this run",
+        "note: --bn-mix applies with --bn adapt only: ignored in this run",
+        "note: --corrections-unset applies with --corrections only: ignored in this run",
+    ]
+    assert main([*argv[:8], "--method", "threshold", "--tau", "0.5", "--overwrite"]) == 0  # read: no note
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+
+
+def test_corrections_unset_cannot_be_a_label(tmp_path, tiny_ckpt, phantom_dir, capsys):
+    """--corrections-unset 3 turned every voxel corrected to the left kidney into 'untouched'."""
+    out = tmp_path / "out"
+    labels = str(phantom_dir / "labels.nii.gz")
+    argv = [
+        "refine",
+        str(phantom_dir / "image.nii.gz"),
+        "-c",
+        str(tiny_ckpt),
+        "-o",
+        str(out),
+        "-n",
+        "1",
+        "-q",
+    ]
+    assert main([*argv, "--corrections", labels, "--corrections-unset", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--corrections-unset 3 is a label (0..4)" in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_refine_settings_are_checked_before_the_outputs(tmp_path, tiny_ckpt, phantom_dir, capsys):
+    """A bad method used to be reported only after the user had dealt with existing outputs."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "refined.pt").write_bytes(b"earlier")
+    argv = ["refine", str(phantom_dir / "image.nii.gz"), "-c", str(tiny_ckpt), "-o", str(out), "-q"]
+    assert main([*argv, "--method", "foo"]) == 2
+    assert "unknown method 'foo'" in capsys.readouterr().err
+
+
+def test_import_refuses_a_napari_apl_checkpoint(tmp_path, tiny_ckpt, capsys):
+    """Re-importing one replaced its input size, spacing and intensities with import's defaults."""
+    out = tmp_path / "again.pt"
+    assert main(["import", str(tiny_ckpt), "--arch", "unet-dual", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a napari-apl checkpoint already" in err and not out.exists()

@@ -496,7 +496,7 @@ def run_command_many(
     warn = warn or (lambda text: print(text, file=sys.stderr))
     _distributed()  # before any folder is made or anything is printed
     scheduler = getattr(args, "scheduler", None)
-    workers = getattr(args, "workers", 2)
+    workers = getattr(args, "workers", None) or 2
     if not scheduler and int(workers) < 1:
         raise APLError(f"--workers must be at least 1, got {workers}")
     images = expand_inputs(args.image)

@@ -593,6 +593,15 @@ def _unwrap_raw(path: Path, obj: Any) -> dict[str, torch.Tensor]:
     return state
 
 
+def is_napari_apl_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a napari-apl checkpoint (read safely); False for anything else or unreadable."""
+    try:
+        obj = _safe_load(_check_file(path), "cpu")
+    except Exception:
+        return False
+    return isinstance(obj, Mapping) and FORMAT_KEY in obj
+
+
 def import_state_dict(
     raw_path: str | os.PathLike, meta: CheckpointMeta, *, strict: bool = True
 ) -> DualHeadNet:
