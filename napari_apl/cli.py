@@ -255,6 +255,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for n in MAP_DTYPES:
         print(f"wrote {written[n]}")
     print(f"predicted {_count(n_slices, 'slice')} in {time.perf_counter() - t0:.1f} s ({norm.kind})")
+    if not pred.pseudo.any():
+        print(
+            "note: the pseudo labels hold no organ: check that the checkpoint fits this kind of scan and "
+            f"the intensities (--normalize; this run used {args.normalize}: {norm.kind})",
+            file=sys.stderr,
+        )
     return 0
 
 

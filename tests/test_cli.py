@@ -631,3 +631,24 @@ def test_import_refuses_a_napari_apl_checkpoint(tmp_path, tiny_ckpt, capsys):
     assert main(["import", str(tiny_ckpt), "--arch", "unet-dual", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is a napari-apl checkpoint already" in err and not out.exists()
+
+
+def test_predict_says_when_no_organ_was_found(tmp_path, tiny_ckpt, phantom_dir, capsys, monkeypatch):
+    """An all-background prediction (a wrong checkpoint or intensity preset) finished without a word."""
+    import torch
+
+    from napari_apl.core.models.unet import UNetDual
+
+    def background_only(self, x):  # every pixel background, whatever the input
+        n, _, h, w = x.shape
+        logits = torch.full((n, 5, h, w), -5.0)
+        logits[:, 0] = 5.0
+        return logits, logits.clone()
+
+    monkeypatch.setattr(UNetDual, "forward", background_only)
+    out = tmp_path / "out"
+    assert (
+        main(["predict", str(phantom_dir / "image.nii.gz"), "-c", str(tiny_ckpt), "-o", str(out), "-q"]) == 0
+    )
+    err = capsys.readouterr().err
+    assert "note: the pseudo labels hold no organ" in err
