@@ -428,7 +428,7 @@ def _refine_config(args: argparse.Namespace):
     return cfg.validate()
 
 
-# options of refine that only some runs read: (option, attribute, whether this run reads it)
+# options of refine that only some runs read: (option, attribute, whether this run reads it, where it applies)
 _READ_BY: tuple[tuple[str, str, Callable[[argparse.Namespace], bool], str], ...] = (
     ("--tau", "tau", lambda a: a.method == "threshold", "applies to --method threshold only"),
     (

@@ -1203,6 +1203,19 @@ def test_a_refinement_that_fails_midway_leaves_no_live_overlay(setup, qtbot, mon
     assert ctl.corrections is None or not (ctl.corrections >= 0).any()  # nothing counted as painted
 
 
+def test_a_pseudo_label_layer_renamed_during_a_run_is_unlocked_after_it(setup, qtbot) -> None:
+    """The layer is locked by its name at the start; renamed meanwhile, it was never found to unlock."""
+    viewer, widget, _image, _ = setup("LPS")
+    ctl = widget.controller
+    widget.predict(sync=True)
+    layer = viewer.layers[LAYER_PSEUDO]
+    assert ctl.refine(tiny_refine(3))
+    assert not layer.editable  # locked while the run writes into it
+    layer.name = "my labels"
+    qtbot.waitUntil(lambda: not ctl.busy, timeout=60000)
+    assert layer.editable
+
+
 def test_predict_builds_only_the_visible_layer_before_it_returns(setup, qtbot, monkeypatch) -> None:
     """The click builds the pseudo-label layer with garbage collection of older objects off; the hidden
     layers come after Predict returns (napari's progress bar runs the event loop inside Predict, and

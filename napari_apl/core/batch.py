@@ -496,7 +496,8 @@ def run_command_many(
     warn = warn or (lambda text: print(text, file=sys.stderr))
     _distributed()  # before any folder is made or anything is printed
     scheduler = getattr(args, "scheduler", None)
-    workers = getattr(args, "workers", None) or 2
+    workers = getattr(args, "workers", None)
+    workers = 2 if workers is None else workers  # (the command line leaves it unset: the default)
     if not scheduler and int(workers) < 1:
         raise APLError(f"--workers must be at least 1, got {workers}")
     images = expand_inputs(args.image)

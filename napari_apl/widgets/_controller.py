@@ -220,6 +220,7 @@ class APLController:
         self._pbar: Any = None
         self._last_live = 0.0
         self._live_buffer: np.ndarray | None = None  # the pseudo layer's data while overlays are live
+        self._locked: list[Any] = []  # pseudo-label layers locked during a task (renamed or not)
         self._notes_shown: set[str] = set()
         self._auto_notes_shown: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
         # -- crash recovery ---------
@@ -878,7 +879,18 @@ class APLController:
         return True
 
     def _set_pseudo_editable(self, editable: bool) -> None:
+        """Lock the pseudo-label layer for a task, or unlock it: also when the user renamed it meanwhile
+        (it is no longer found by its name, and stayed read-only for good)."""
         layer = self.pseudo_layer()
+        if editable:
+            # (napari hands plugins a new proxy of a layer each time: compare the layers themselves)
+            locked, self._locked = self._locked, []
+            present = {id(unwrap_layer(ly)) for ly in self.viewer.layers}
+            for other in locked:
+                if id(other) in present and (layer is None or other is not unwrap_layer(layer)):
+                    other.editable = True
+        elif layer is not None and all(unwrap_layer(layer) is not other for other in self._locked):
+            self._locked.append(unwrap_layer(layer))  # (until the task ends)
         if layer is not None:
             layer.editable = editable
 
