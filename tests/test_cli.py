@@ -555,34 +555,18 @@ def test_demo_refuses_before_napari_starts(tmp_path, capsys, monkeypatch, case):
         assert shot.read_bytes() == b"earlier"
 
 
+def _tiny_refine_argv(phantom_dir, ckpt, out, extra: str = "") -> list[str]:
+    """``napari-apl refine`` of the phantom for one iteration, with ``extra`` options."""
+    image = str(phantom_dir / "image.nii.gz")
+    return ["refine", image, "-c", str(ckpt), "-o", str(out), "-n", "1", "-q", *extra.split()]
+
+
 def test_options_this_run_does_not_read_are_named(tmp_path, tiny_ckpt, phantom_dir, capsys):
     """--tau with apl, --bn-mix with frozen batch norm, --corrections-unset without corrections and
     --workers with one volume were accepted in silence; each is now a note (the run goes on)."""
     out = tmp_path / "out"
-    argv = [
-        "refine",
-        str(phantom_dir / "image.nii.gz"),
-        "-c",
-        str(tiny_ckpt),
-        "-o",
-        str(out),
-        "-n",
-        "1",
-        "-q",
-    ]
-    argv += [
-        "--tau",
-        "0.5",
-        "--bn",
-        "frozen",
-        "--bn-mix",
-        "0.4",
-        "--corrections-unset",
-        "7",
-        "--workers",
-        "3",
-    ]
-    assert main(argv) == 0
+    extra = "--tau 0.5 --bn frozen --bn-mix 0.4 --corrections-unset 7 --workers 3"
+    assert main(_tiny_refine_argv(phantom_dir, tiny_ckpt, out, extra)) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
     assert notes == [
         "note: --workers is for many volumes (a folder or a quoted glob): this one runs here",
@@ -590,26 +574,16 @@ def test_options_this_run_does_not_read_are_named(tmp_path, tiny_ckpt, phantom_d
         "note: --bn-mix applies with --bn adapt only: ignored in this run",
         "note: --corrections-unset applies with --corrections only: ignored in this run",
     ]
-    assert main([*argv[:8], "--method", "threshold", "--tau", "0.5", "--overwrite"]) == 0  # read: no note
+    read = "--method threshold --tau 0.5 --overwrite"  # options the run reads: no note
+    assert main(_tiny_refine_argv(phantom_dir, tiny_ckpt, out, read)) == 0
     assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
 
 
 def test_corrections_unset_cannot_be_a_label(tmp_path, tiny_ckpt, phantom_dir, capsys):
     """--corrections-unset 3 turned every voxel corrected to the left kidney into 'untouched'."""
     out = tmp_path / "out"
-    labels = str(phantom_dir / "labels.nii.gz")
-    argv = [
-        "refine",
-        str(phantom_dir / "image.nii.gz"),
-        "-c",
-        str(tiny_ckpt),
-        "-o",
-        str(out),
-        "-n",
-        "1",
-        "-q",
-    ]
-    assert main([*argv, "--corrections", labels, "--corrections-unset", "3"]) == 2
+    extra = f"--corrections {phantom_dir / 'labels.nii.gz'} --corrections-unset 3"
+    assert main(_tiny_refine_argv(phantom_dir, tiny_ckpt, out, extra)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--corrections-unset 3 is a label (0..4)" in err
     assert not out.exists() or not any(out.iterdir())
@@ -620,8 +594,7 @@ def test_refine_settings_are_checked_before_the_outputs(tmp_path, tiny_ckpt, pha
     out = tmp_path / "out"
     out.mkdir()
     (out / "refined.pt").write_bytes(b"earlier")
-    argv = ["refine", str(phantom_dir / "image.nii.gz"), "-c", str(tiny_ckpt), "-o", str(out), "-q"]
-    assert main([*argv, "--method", "foo"]) == 2
+    assert main(_tiny_refine_argv(phantom_dir, tiny_ckpt, out, "--method foo")) == 2
     assert "unknown method 'foo'" in capsys.readouterr().err
 
 
