@@ -604,13 +604,14 @@ def test_inspect_moves_the_slider(setup) -> None:
     assert panel.noise_plot.index_at(x) == 3
     panel.noise_plot.clicked.emit(3)
     assert panel.current_slice() == 3
-    # radiological view: anterior up, patient's right on the left; and back
+    # radiological view from the start (anterior up, patient's right on the left: a scan read by the
+    # plugin was shown turned by 180 degrees without it); the box turns it off and on again
     camera = viewer.scene.camera
-    before = tuple(camera.orientation2d)
+    assert widget.radiological.isChecked() and tuple(camera.orientation2d) == ("up", "left")
+    widget.radiological.setChecked(False)
+    assert tuple(camera.orientation2d) == ("down", "right")  # napari's own
     widget.radiological.setChecked(True)
     assert tuple(camera.orientation2d) == ("up", "left")
-    widget.radiological.setChecked(False)
-    assert tuple(camera.orientation2d) == before
     # the model chooser shows where the loaded model came from
     assert widget.file_radio.isChecked() and Path(str(widget.checkpoint_file.value)) == ctl_path(widget)
 
@@ -1268,3 +1269,51 @@ def test_viewer_tasks_leave_a_core_from_three_cores_up() -> None:
 
     assert [_task_threads(n, n) for n in (1, 2, 3, 4, 16)] == [1, 2, 2, 3, 15]
     assert _task_threads(16, 4) == 4  # never more threads than torch had
+
+
+def test_the_refine_panel_counts_painted_voxels_once_the_strokes_pause(setup, qtbot) -> None:
+    """The count said 'none' until the next run, however much had been painted."""
+    viewer, widget, _image, _ = setup("LPS")
+    widget.predict(sync=True)
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    label = widget.refine_panel.corrections_label
+    assert "none" in label.text()
+    k = pseudo.data.shape[0] // 2
+    old = int(pseudo.data[k, 10, 10])
+    pseudo.paint((k, 10, 10), (old + 1) % 5, refresh=True)  # one brush stroke (brush size 10 by default)
+    qtbot.waitUntil(lambda: "voxels kept as hard labels" in label.text(), timeout=5000)
+    n = widget.controller.n_corrected
+    assert n > 0 and label.text().startswith(f"corrections: {n} voxels")
+
+
+def test_a_checkpoint_that_fails_to_load_does_not_stay_on_show(setup, tmp_path: Path) -> None:
+    """After a broken file the choice went back to the model in use, but the field still named the file
+    (and choosing it again was no change, so nothing happened)."""
+    _viewer, widget, _image, _ = setup("LPS", load=False)
+    widget.use_demo_checkpoint()
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"\x00" * 64)
+    widget.checkpoint_file.value = str(broken)
+    assert widget.file_radio.isChecked()
+    assert widget.load_model() is None
+    assert widget.demo_radio.isChecked() and str(widget.checkpoint_file.value) in ("", ".")
+    widget.checkpoint_file.value = str(broken)  # chosen again: a change, so it is picked as the model
+    assert widget.file_radio.isChecked()
+
+
+def test_stale_lines_go_when_they_no_longer_apply(setup, tmp_path: Path) -> None:
+    """'no image layer chosen' stayed after an image was chosen; 'wrote 7 files' stayed after a refinement
+    had made another model and other masks."""
+    viewer, widget, image, _labels = setup("LPS")
+    other = viewer.add_image(np.zeros((4, 8, 8), np.float32), name="other")
+    widget.image_combo.set_layer(other)
+    widget.controller.error("no image layer chosen: open a CT scan")
+    assert widget.status.text().startswith("no image layer chosen")
+    widget.image_combo.set_layer(image)
+    assert widget.status.text() == ""
+    widget.predict(sync=True)
+    widget.export_panel.folder.value = str(tmp_path / "out")
+    assert widget.export_panel.export()
+    assert widget.export_panel.result.text().startswith("wrote ")
+    assert widget.controller.refine(tiny_refine(1), sync=True)
+    assert widget.export_panel.result.text() == "(not exported since the model or the masks changed)"

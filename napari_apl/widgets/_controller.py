@@ -221,6 +221,7 @@ class APLController:
         self._last_live = 0.0
         self._live_buffer: np.ndarray | None = None  # the pseudo layer's data while overlays are live
         self._locked: list[Any] = []  # pseudo-label layers locked during a task (renamed or not)
+        self.error_shown = ""  # the last error message
         self._notes_shown: set[str] = set()
         self._auto_notes_shown: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
         # -- crash recovery ---------
@@ -272,6 +273,7 @@ class APLController:
         if isinstance(exc, BaseException) and not isinstance(exc, APLError):
             log.error("napari-apl task failed", exc_info=exc)
         msg = notify_error(exc)
+        self.error_shown = msg  # (the widget clears it from its status line once it no longer applies)
         self.status.emit(msg)
         return msg
 

@@ -50,6 +50,13 @@ class ExportPanel(QWidget):
         layout.addStretch(1)
         self.export_button.clicked.connect(self.export)
         controller.busy_changed.connect(lambda busy: self.export_button.setEnabled(not busy))
+        # an earlier export's line must not read as this model's once the model or the masks change
+        controller.model_changed.connect(self._forget_result, check_nargs=False)
+        controller.predicted.connect(self._forget_result, check_nargs=False)
+
+    def _forget_result(self, *args: object) -> None:
+        if self.result.text():
+            self.result.setText("(not exported since the model or the masks changed)")
 
     def export(self) -> list[Path]:
         """Export into the chosen folder; return the files written (empty on refusal or error)."""

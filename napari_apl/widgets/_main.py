@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 WIDGET_NAME = "Adaptive pseudo labelling"
 RADIOLOGICAL = ("up", "left")  # napari 2-D camera: row index grows upward, column index leftward
+CORRECTIONS_COUNT_DEBOUNCE_MS = 400  # the Refine panel's count of painted voxels, after the strokes pause
 AUTOSAVE_DEBOUNCE_MS = 2000  # an autosave waits this long after the first brush stroke (and the interval)
 CLOSE_QUESTION = "A refinement is running: stop it and close?"
 
@@ -69,9 +70,10 @@ class _CloseGuard(QObject):
 class _PaintWatcher:
     """Starts the autosave timer when the user paints in the pseudo-label layer (no Qt parent)."""
 
-    def __init__(self, timer: QTimer, controller: APLController) -> None:
+    def __init__(self, timer: QTimer, controller: APLController, count_timer: QTimer | None = None) -> None:
         self.timer = timer
         self.controller = controller
+        self.count_timer = count_timer  # restarted on each stroke: the corrections are counted after them
         self.layer: Any = None
 
     def watch(self, layer: Any) -> None:
@@ -98,6 +100,8 @@ class _PaintWatcher:
             if not self.timer.isActive():
                 wait_ms = int(1000 * self.controller.autosave_wait())
                 self.timer.start(max(AUTOSAVE_DEBOUNCE_MS, wait_ms))
+            if self.count_timer is not None:
+                self.count_timer.start(CORRECTIONS_COUNT_DEBOUNCE_MS)
         except RuntimeError:  # the widget (and its timer) was deleted
             self.disconnect()
 
@@ -195,7 +199,10 @@ class APLWidget(QWidget):
         self._autosave_timer = QTimer(self)
         self._autosave_timer.setSingleShot(True)
         self._autosave_timer.timeout.connect(self._autosave_tick)
-        self._paint_watcher = _PaintWatcher(self._autosave_timer, ctl)
+        self._count_timer = QTimer(self)
+        self._count_timer.setSingleShot(True)
+        self._count_timer.timeout.connect(self._count_corrections)
+        self._paint_watcher = _PaintWatcher(self._autosave_timer, ctl, self._count_timer)
 
         source = QHBoxLayout()
         source.addWidget(self.demo_radio)
@@ -250,6 +257,7 @@ class APLWidget(QWidget):
         self.recover_button.clicked.connect(lambda: self.recover())
         self.discard_button.clicked.connect(self.discard_recovery)
         self.image_combo.currentIndexChanged.connect(lambda *_: self._check_recovery())
+        self.image_combo.currentIndexChanged.connect(lambda *_: self._forget_stale_error())
         ctl.confirm_close = _weak_question(self)  # no reference cycle controller -> widget
         ctl.confirm = _weak_question(self, "ask")
         self._layer_events = (
@@ -275,6 +283,9 @@ class APLWidget(QWidget):
         if ctl.model is None and self.demo_available():
             self.use_demo_checkpoint()
         self._check_recovery()
+        # scans the way radiologists read them (anterior up, the patient's right on the left); without
+        # it napari shows a scan read by the plugin turned by 180 degrees. The box turns it off.
+        self.set_radiological(True)
 
     # -- actions ---------
     @staticmethod
@@ -302,7 +313,23 @@ class APLWidget(QWidget):
                 summary = self.controller.load_checkpoint(Path(path))
         if summary is None:
             self._show_loaded_choice()
+            if self.demo_radio.isChecked() and str(self.checkpoint_file.value) not in ("", "."):
+                # the file that failed must not stay on show beside the model in use (choosing it
+                # again, once fixed, then counts as a change)
+                with self.checkpoint_file.changed.blocked():  # (a change would tick "checkpoint file")
+                    self.checkpoint_file.line_edit.value = ""  # (value = "" would give the folder)
         return summary
+
+    def _count_corrections(self) -> None:
+        """Count the painted voxels for the Refine panel once the strokes have paused."""
+        if not self.controller.busy:
+            self.controller.collect_corrections()
+            self.refine_panel._update_corrections()
+
+    def _forget_stale_error(self) -> None:
+        """A new image choice clears an error line about the previous one (e.g. 'no image layer')."""
+        if self.controller.error_shown and self.status.text() == self.controller.error_shown:
+            self.status.setText("")
 
     def _chosen_path(self) -> Path | None:
         """The checkpoint the model choice names (the demo's path for the demo model)."""
