@@ -1317,3 +1317,18 @@ def test_stale_lines_go_when_they_no_longer_apply(setup, tmp_path: Path) -> None
     assert widget.export_panel.result.text().startswith("wrote ")
     assert widget.controller.refine(tiny_refine(1), sync=True)
     assert widget.export_panel.result.text() == "(not exported since the model or the masks changed)"
+
+
+def test_series_of_unlike_sizes_each_get_their_own_scale(qtbot) -> None:
+    """Mean ω (about 0.95) and disagreement (about 0.03) on one axis were two flat lines at its edges."""
+    from napari_apl.widgets._plots import LinePlot
+
+    plot = LinePlot("per slice")
+    qtbot.addWidget(plot)
+    omega, dis = [0.93, 0.95, 0.99], [0.01, 0.06, 0.03]
+    plot.set_series({"mean ω": (omega, (0, 1, 0, 1)), "disagreement": (dis, (1, 0, 0, 1))}, own_scales=True)
+    assert plot.y_range("mean ω") == (0.93, 0.99) and plot.y_range("disagreement") == (0.01, 0.06)
+    plot.resize(300, 120)
+    plot.grab()  # paints without error
+    plot.set_series({"mean ω": (omega, (0, 1, 0, 1))}, y_range=(0.0, 1.0), own_scales=True)
+    assert not plot.own_scales and plot.y_range() == (0.0, 1.0)  # a fixed range wins

@@ -101,7 +101,8 @@ class InspectPanel(QWidget):
             {
                 "mean ω": (prof.mean_confidence, OMEGA_COLOR),
                 "disagreement": (prof.mean_disagreement, DISAGREEMENT_COLOR),
-            }
+            },
+            own_scales=True,  # ω near 1 and disagreement near 0 on one axis were two flat lines
         )
         self.area_plot.set_series(
             {CLASS_NAMES[lab]: (prof.organ_area_cm2[lab], LABEL_COLORS[lab]) for lab in ORGANS}

@@ -14,6 +14,7 @@ _MARGIN_LEFT = 48
 _MARGIN_RIGHT = 8
 _MARGIN_TOP = 8
 _MARGIN_BOTTOM = 18
+_LEGEND_BAND = 15  # px at the top of a line plot kept for the legend: no curve runs through it
 _TEXT = QColor(200, 200, 200)
 _GRID = QColor(110, 110, 110)
 _MARKER = QColor(255, 255, 255, 160)
@@ -56,8 +57,9 @@ class _PlotBase(QWidget):
             max(1, self.height() - _MARGIN_TOP - _MARGIN_BOTTOM),
         )
 
-    def _frame(self, p: QPainter, y0: float, y1: float, x_label: str) -> QRectF:
-        """Draw the frame, the y-range labels and the x-axis label; return the data rectangle."""
+    def _frame(self, p: QPainter, y0: float | None, y1: float | None, x_label: str) -> QRectF:
+        """Draw the frame, the y-range labels (none when ``y0`` is None) and the x-axis label; return
+        the data rectangle."""
         rect = self.plot_rect()
         p.setPen(QPen(_GRID, 1))
         p.drawRect(rect)
@@ -65,8 +67,10 @@ class _PlotBase(QWidget):
         font = p.font()
         font.setPointSizeF(max(6.0, font.pointSizeF() * 0.8))
         p.setFont(font)
-        p.drawText(QRectF(0, rect.top() - 2, _MARGIN_LEFT - 4, 14), Qt.AlignmentFlag.AlignRight, _fmt(y1))
-        p.drawText(QRectF(0, rect.bottom() - 12, _MARGIN_LEFT - 4, 14), Qt.AlignmentFlag.AlignRight, _fmt(y0))
+        if y0 is not None and y1 is not None:
+            right = Qt.AlignmentFlag.AlignRight
+            p.drawText(QRectF(0, rect.top() - 2, _MARGIN_LEFT - 4, 14), right, _fmt(y1))
+            p.drawText(QRectF(0, rect.bottom() - 12, _MARGIN_LEFT - 4, 14), right, _fmt(y0))
         if x_label:
             p.drawText(
                 QRectF(rect.left(), rect.bottom() + 2, rect.width(), 14),
@@ -94,18 +98,26 @@ class LinePlot(_PlotBase):
         self._series: dict[str, tuple[np.ndarray, QColor]] = {}
         self._marker: int | None = None
         self._fixed_range: tuple[float, float] | None = None
+        self.own_scales = False
 
     def set_series(
         self,
         series: Mapping[str, tuple[Sequence[float], Sequence[float] | QColor]],
         y_range: tuple[float, float] | None = None,
+        own_scales: bool = False,
     ) -> None:
-        """Replace the plotted series: ``{name: (values, colour)}``; ``y_range`` fixes the y axis."""
+        """Replace the plotted series: ``{name: (values, colour)}``; ``y_range`` fixes the y axis.
+
+        With ``own_scales`` each series spans the plot's height from its own minimum to its maximum
+        (the legend gives each range): series of unlike sizes (ω near 1, disagreement near 0) then
+        each show their ups and downs instead of two flat lines at the edges.
+        """
         self._series = {
             name: (np.asarray(vals, dtype=np.float64), col if isinstance(col, QColor) else qcolor(col))
             for name, (vals, col) in series.items()
         }
         self._fixed_range = y_range
+        self.own_scales = own_scales and y_range is None
         self.update()
 
     def series(self, name: str) -> np.ndarray:
@@ -123,11 +135,13 @@ class LinePlot(_PlotBase):
             self._marker = index
             self.update()
 
-    def y_range(self) -> tuple[float, float]:
-        """The y range shown: fixed, or the finite data range (padded when flat)."""
+    def y_range(self, name: str | None = None) -> tuple[float, float]:
+        """The y range shown (of series ``name`` with own scales): fixed, or the finite data range
+        (padded when flat)."""
         if self._fixed_range is not None:
             return self._fixed_range
-        vals = [v[np.isfinite(v)] for v, _ in self._series.values()]
+        chosen = [self._series[name]] if name is not None else list(self._series.values())
+        vals = [v[np.isfinite(v)] for v, _ in chosen]
         vals = [v for v in vals if v.size]
         if not vals:
             return (0.0, 1.0)
@@ -157,10 +171,25 @@ class LinePlot(_PlotBase):
         p = QPainter(self)
         p.setRenderHint(QPainter.RenderHint.Antialiasing)
         y0, y1 = self.y_range()
-        rect = self._frame(p, y0, y1, self.x_label)
+        frame = (
+            self._frame(p, None, None, self.x_label)
+            if self.own_scales
+            else self._frame(p, y0, y1, self.x_label)
+        )
         n = self.length
-        span = (y1 - y0) or 1.0
-        for vals, col in self._series.values():
+        if n > 1:  # the first and last index under the axis ends
+            p.setPen(_TEXT)
+            below = QRectF(frame.left(), frame.bottom() + 2, frame.width(), 14)
+            p.drawText(below, Qt.AlignmentFlag.AlignLeft, "0")
+            p.drawText(below, Qt.AlignmentFlag.AlignRight, str(n - 1))
+        # the curves keep below the legend line
+        rect = QRectF(
+            frame.left(), frame.top() + _LEGEND_BAND, frame.width(), max(1, frame.height() - _LEGEND_BAND)
+        )
+        for name, (vals, col) in self._series.items():
+            if self.own_scales:
+                y0, y1 = self.y_range(name)
+            span = (y1 - y0) or 1.0
             path = QPainterPath()
             pen_down = False
             for i, v in enumerate(vals):
@@ -181,12 +210,15 @@ class LinePlot(_PlotBase):
             x = self._x(self._marker, n, rect)
             p.setPen(QPen(_MARKER, 1, Qt.PenStyle.DashLine))
             p.drawLine(QPointF(x, rect.top()), QPointF(x, rect.bottom()))
-        x_text = rect.left() + 4
+        x_text = frame.left() + 4
         for name, (_, col) in self._series.items():
+            if self.own_scales:
+                lo, hi = self.y_range(name)
+                name = f"{name} {_fmt(lo)}–{_fmt(hi)}"
             p.setPen(col)
-            p.drawText(QPointF(x_text, rect.top() + 12), name)
+            p.drawText(QPointF(x_text, frame.top() + 12), name)
             x_text += p.fontMetrics().horizontalAdvance(name) + 10
-        self._title(p, rect, x_text)
+        self._title(p, frame, x_text)
         p.end()
 
     def mousePressEvent(self, event: QMouseEvent) -> None:
@@ -222,8 +254,9 @@ class HistogramPlot(_PlotBase):
             w = rect.width() / n
             p.setPen(Qt.PenStyle.NoPen)
             p.setBrush(self.color)
+            bars = max(1.0, rect.height() - _LEGEND_BAND)  # the tallest bar stops below the title
             for i, c in enumerate(self.counts):
-                h = rect.height() * (c / top if top > 0 else 0.0)
+                h = bars * (c / top if top > 0 else 0.0)
                 p.drawRect(QRectF(rect.left() + i * w + 0.5, rect.bottom() - h, max(1.0, w - 1.0), h))
             p.setPen(_TEXT)
             p.drawText(QPointF(rect.left(), rect.bottom() + 14), _fmt(float(self.edges[0])))

@@ -220,6 +220,7 @@ class RefinePanel(QWidget):
             {
                 k: ([h.get(k, float("nan")) for h in history], _SERIES_COLORS[i % len(_SERIES_COLORS)])
                 for i, k in enumerate(keys)
-            }
+            },
+            own_scales=True,  # the losses differ in size
         )
         self.omega_plot.set_series({"mean ω": ([h["mean_confidence"] for h in history], _OMEGA_COLOR)})
