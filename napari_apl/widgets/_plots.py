@@ -99,6 +99,7 @@ class LinePlot(_PlotBase):
         self._marker: int | None = None
         self._fixed_range: tuple[float, float] | None = None
         self.own_scales = False
+        self.first_index = 0  # the number under the x axis's left end (1 for iterations)
 
     def set_series(
         self,
@@ -180,8 +181,8 @@ class LinePlot(_PlotBase):
         if n > 1:  # the first and last index under the axis ends
             p.setPen(_TEXT)
             below = QRectF(frame.left(), frame.bottom() + 2, frame.width(), 14)
-            p.drawText(below, Qt.AlignmentFlag.AlignLeft, "0")
-            p.drawText(below, Qt.AlignmentFlag.AlignRight, str(n - 1))
+            p.drawText(below, Qt.AlignmentFlag.AlignLeft, str(self.first_index))
+            p.drawText(below, Qt.AlignmentFlag.AlignRight, str(self.first_index + n - 1))
         # the curves keep below the legend line
         rect = QRectF(
             frame.left(), frame.top() + _LEGEND_BAND, frame.width(), max(1, frame.height() - _LEGEND_BAND)

@@ -118,6 +118,7 @@ class RefinePanel(QWidget):
         self.corrections_label.setWordWrap(True)
         self.loss_plot = LinePlot("losses", "iteration")
         self.omega_plot = LinePlot("mean ω", "iteration")
+        self.loss_plot.first_index = self.omega_plot.first_index = 1  # the history's first is iteration 1
 
         form = QFormLayout()
         form.addRow("method", self.method)
