@@ -1332,3 +1332,16 @@ def test_series_of_unlike_sizes_each_get_their_own_scale(qtbot) -> None:
     plot.grab()  # paints without error
     plot.set_series({"mean ω": (omega, (0, 1, 0, 1))}, y_range=(0.0, 1.0), own_scales=True)
     assert not plot.own_scales and plot.y_range() == (0.0, 1.0)  # a fixed range wins
+
+
+def test_revert_is_offered_only_for_a_refined_model(setup) -> None:
+    """It was enabled before any refinement, with nothing to go back from."""
+    _viewer, widget, _image, _ = setup("LPS")
+    revert = widget.refine_panel.revert_button
+    widget.predict(sync=True)
+    assert not revert.isEnabled()
+    assert widget.controller.refine(tiny_refine(1), sync=True)
+    assert revert.isEnabled()
+    widget.controller.confirm = lambda question: True
+    assert widget.controller.revert(sync=True)
+    assert not widget.controller.refined and not revert.isEnabled()

@@ -148,6 +148,7 @@ class RefinePanel(QWidget):
         self.pause_button.clicked.connect(self.toggle_pause)
         self.stop_button.clicked.connect(controller.stop)
         self.revert_button.clicked.connect(lambda: controller.revert())
+        controller.model_changed.connect(self._on_model_changed, check_nargs=False)
         self.clear_button.clicked.connect(self._clear)
         controller.refine_event.connect(self._on_event)
         controller.busy_changed.connect(self._on_busy)
@@ -199,10 +200,14 @@ class RefinePanel(QWidget):
             else "corrections: none (paint in 'pseudo-label' to add)"
         )
 
+    def _on_model_changed(self, *args: object) -> None:
+        """Revert only has something to go back from once the model is refined."""
+        self.revert_button.setEnabled(not self.controller.busy and self.controller.refined)
+
     def _on_busy(self, busy: bool) -> None:
         refining = busy and self.controller.task == "refine"
         self.start_button.setEnabled(not busy)
-        self.revert_button.setEnabled(not busy)
+        self.revert_button.setEnabled(not busy and self.controller.refined)  # nothing to revert before
         self.clear_button.setEnabled(not busy)
         self.pause_button.setEnabled(refining)
         self.stop_button.setEnabled(refining)
