@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .core.errors import APLError
+from .core.io_utils import atomic_write, check_output_path
 
 SCREENSHOT_DELAY_MS = 800
 FIT_DELAY_MS = 200  # the scan is fitted this long after the canvas last changed size
@@ -30,15 +31,7 @@ def check_screenshot_path(path: str | Path, overwrite: bool = False) -> Path:
     out = Path(path).expanduser()
     if out.suffix.lower() != ".png":
         raise APLError(f"--screenshot {out}: give a .png file name")
-    if not out.parent.is_dir():
-        raise APLError(f"--screenshot {out}: the folder {out.parent} does not exist")
-    if out.is_dir():
-        raise APLError(f"--screenshot {out} is a folder: give a .png file name")
-    if out.exists() and not overwrite:
-        raise APLError(f"--screenshot {out} exists already: pass --overwrite to replace it")
-    if not os.access(out.parent, os.W_OK):
-        raise APLError(f"--screenshot {out}: the folder {out.parent} is not writable")
-    return out
+    return check_output_path(out, overwrite=overwrite)  # folder, writability, an existing file
 
 
 def launch_demo(*, screenshot: str | Path | None = None, quit_after: bool = False, run: bool = True) -> Any:
@@ -67,14 +60,11 @@ def launch_demo(*, screenshot: str | Path | None = None, quit_after: bool = Fals
         out = Path(screenshot).expanduser()
 
         def shoot() -> None:
-            # written beside the file, then renamed: no half-written PNG, and a failure is one line
-            tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.png")
+            # no half-written PNG, and a failure is one line (the path was checked before napari started)
             try:
-                viewer.screenshot(str(tmp), canvas_only=False)
-                os.replace(tmp, out)
+                atomic_write(out, lambda tmp: viewer.screenshot(str(tmp), canvas_only=False), overwrite=True)
                 print(f"wrote {out}")
             except Exception as exc:
-                tmp.unlink(missing_ok=True)
                 print(
                     f"napari-apl demo: error: the screenshot could not be written to {out}: {exc}",
                     file=sys.stderr,

@@ -268,7 +268,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     """Refine a checkpoint on an unlabelled target volume (or each of many) and write the model and maps."""
     from .core import batch
 
-    _refine_config(args)  # the settings are checked before any file is looked at
+    cfg = _refine_config(args)  # the settings are checked before any file is looked at
     if batch.is_many(args.image):
         if args.corrections:
             raise APLError("--corrections belong to one image: refine that image on its own to use them")
@@ -320,7 +320,6 @@ def cmd_refine(args: argparse.Namespace) -> int:
                 "voxels left as predicted"
             )
         corrections = corrections.astype(np.int16)
-    cfg = _refine_config(args)
     cfg.normalization = norm.to_dict()
     control = RefineControl()
     gen = refine(model, meta, volume, cfg, corrections=corrections, control=control)
@@ -518,22 +517,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     """Wrap a raw (e.g. ADVENT DeepLabv2) state dict into a napari-apl checkpoint."""
-    from .core.checkpoint import (
-        FORMAT_VERSION,
-        CheckpointMeta,
-        import_state_dict,
-        is_napari_apl_checkpoint,
-        save_checkpoint,
-    )
+    from .core.checkpoint import FORMAT_VERSION, CheckpointMeta, import_state_dict, save_checkpoint
     from .core.labels import CLASS_NAMES
     from .core.preprocess import get_preset
 
     _check_outputs([Path(args.out)], args.overwrite, [args.state_dict])
-    if is_napari_apl_checkpoint(args.state_dict):
-        raise APLError(
-            f"{args.state_dict} is a napari-apl checkpoint already, with its own input size, spacing and "
-            "intensities (napari-apl info shows them): use it as it is; import wraps raw state dicts"
-        )
     names = args.classes.split(",") if args.classes else list(CLASS_NAMES)
     meta = CheckpointMeta(
         format_version=FORMAT_VERSION,
@@ -545,7 +533,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         normalization=get_preset(args.normalize).to_dict(),
         provenance={"imported_from": Path(args.state_dict).name, "note": args.note or ""},
     )
-    model = import_state_dict(args.state_dict, meta)
+    model = import_state_dict(args.state_dict, meta, accept_checkpoint=False)
     save_checkpoint(args.out, model, meta, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     return 0

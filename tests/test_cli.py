@@ -545,7 +545,7 @@ def test_demo_refuses_before_napari_starts(tmp_path, capsys, monkeypatch, case):
         argv, words = ["demo", "--screenshot", str(tmp_path / "nodir" / "d.png")], "does not exist"
     elif case == "exists":
         shot.write_bytes(b"earlier")
-        argv, words = ["demo", "--screenshot", str(shot), "--quit-after"], "pass --overwrite"
+        argv, words = ["demo", "--screenshot", str(shot), "--quit-after"], "exists already: pass overwrite"
     else:
         argv, words = ["demo", "--screenshot", str(tmp_path / "shot.jpg")], "give a .png file name"
     assert main(argv) == 2

@@ -573,9 +573,14 @@ def describe(
     return "\n".join(lines)
 
 
-def _unwrap_raw(path: Path, obj: Any) -> dict[str, torch.Tensor]:
+def _unwrap_raw(path: Path, obj: Any, accept_checkpoint: bool = True) -> dict[str, torch.Tensor]:
     """Return the tensors of a raw state-dict file (napari-apl, wrapped or DataParallel forms)."""
     if isinstance(obj, Mapping) and FORMAT_KEY in obj:
+        if not accept_checkpoint:
+            raise CheckpointError(
+                f"{path} is a napari-apl checkpoint already, with its own input size, spacing and "
+                "intensities (napari-apl info shows them): use it as it is; import wraps raw state dicts"
+            )
         return _parse(path, obj)[1]
     for wrapper in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
@@ -593,17 +598,8 @@ def _unwrap_raw(path: Path, obj: Any) -> dict[str, torch.Tensor]:
     return state
 
 
-def is_napari_apl_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds a napari-apl checkpoint (read safely); False for anything else or unreadable."""
-    try:
-        obj = _safe_load(_check_file(path), "cpu")
-    except Exception:
-        return False
-    return isinstance(obj, Mapping) and FORMAT_KEY in obj
-
-
 def import_state_dict(
-    raw_path: str | os.PathLike, meta: CheckpointMeta, *, strict: bool = True
+    raw_path: str | os.PathLike, meta: CheckpointMeta, *, strict: bool = True, accept_checkpoint: bool = True
 ) -> DualHeadNet:
     """Safely load a raw state dict (e.g. an ADVENT DeepLabv2 ``.pth``) into the model ``meta`` describes.
 
@@ -611,12 +607,13 @@ def import_state_dict(
     ``num_batches_tracked`` buffers may be absent. With ``strict=False`` tensors that do not fit by
     name or shape are skipped with a warning (e.g. a 21-class ImageNet/VOC head). A ``unet-dual``
     whose ``arch_args`` give no ``base`` takes the width of the file's first convolution (written into
-    ``meta.arch_args``, so the saved checkpoint records it).
+    ``meta.arch_args``, so the saved checkpoint records it). A napari-apl checkpoint is read for its
+    weights too, unless ``accept_checkpoint`` is false (the ``import`` command: its metadata would be lost).
     """
     if not isinstance(meta, CheckpointMeta):
         raise CheckpointError(f"cannot import {raw_path}: meta must be a CheckpointMeta")
     p = _check_file(raw_path)
-    state = _unwrap_raw(p, _safe_load(p, "cpu"))
+    state = _unwrap_raw(p, _safe_load(p, "cpu"), accept_checkpoint)
     _check_arch(p, meta)
     first = state.get("inc.0.weight")
     if meta.arch == "unet-dual" and "base" not in meta.arch_args and isinstance(first, torch.Tensor):
