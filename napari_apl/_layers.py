@@ -257,6 +257,21 @@ def label_colormap(class_names: tuple[str, ...] | list[str] = CLASS_NAMES) -> di
     return colors
 
 
+def confidence_colormap() -> Any:
+    """Return the ω layer's colormap: unsure voxels (ω near 0) bright, sure ones (ω = 1) black.
+
+    With the layer's additive blending black adds nothing, so turning ``confidence ω`` on lights up
+    where the model hesitates (organ borders, tissue the source never showed) over the scan instead of
+    washing the whole canvas in one colour: almost every voxel of a scan is confidently background.
+    The layer's values stay ω (napari's status bar reads them); only the colours run backwards.
+    """
+    from napari.utils.colormaps import Colormap, ensure_colormap
+
+    inferno = ensure_colormap("inferno")
+    reversed_colors = inferno.colors[::-1].copy()
+    return Colormap(colors=reversed_colors, controls=inferno.controls, name="ω doubt (inferno reversed)")
+
+
 def label_features(class_names: tuple[str, ...] | list[str] = CLASS_NAMES) -> dict[str, list]:
     """Return a Labels ``features`` table naming each label value (shown in napari's status bar)."""
     return {"index": list(range(len(class_names))), "name": list(class_names)}

@@ -86,8 +86,15 @@ def assert_aligned(viewer, image, widget) -> None:
         assert viewer.layers[name].data.dtype == np.uint8
         assert viewer.layers[name].data.max() <= 4
     for name in (LAYER_CONFIDENCE, LAYER_CONSISTENCY):
-        data = viewer.layers[name].data
-        assert data.dtype == np.float16 and 0.0 <= data.min() and data.max() <= 1.0
+        layer = viewer.layers[name]
+        assert layer.data.dtype == np.float16 and 0.0 <= layer.data.min() and layer.data.max() <= 1.0
+        # additive blending over the scan: a map's colour for "nothing to see" is black (adds nothing)
+        assert layer.blending == "additive"
+    # ω lights up where the model is unsure: black at ω = 1 (sure), bright at ω = 0
+    omega_cmap = viewer.layers[LAYER_CONFIDENCE].colormap
+    np.testing.assert_allclose(omega_cmap.map(np.array([1.0]))[0, :3], 0.0, atol=0.02)
+    assert omega_cmap.map(np.array([0.0]))[0, :3].sum() > 2.0
+    assert viewer.layers[LAYER_CONSISTENCY].colormap.map(np.array([0.0]))[0, :3].sum() < 0.05  # agree: black
     # layer data are the core's canonical prediction, transposed to (Z, Y, X)
     pred = widget.controller.prediction
     np.testing.assert_array_equal(to_canonical_order(viewer.layers[LAYER_MAIN].data), pred.main)
@@ -99,6 +106,8 @@ def test_predict_adds_aligned_layers_and_updates_them_in_place(setup, phantom_fi
     assert viewer.dims.axis_labels == ("axial", "coronal", "sagittal")  # what each slider steps through
     assert widget.predict(sync=True)
     assert_aligned(viewer, ras_image, widget)
+    assert tuple(viewer.layers[LAYER_CONSISTENCY].contrast_limits) == (0.0, 1.0)
+    viewer.layers[LAYER_CONFIDENCE].contrast_limits = (0.0, 0.5)  # the user's own display range
     first = {name: viewer.layers[name] for name in PREDICTION_LAYERS}
     assert all(layer.axis_labels == ("axial", "coronal", "sagittal") for layer in first.values())
     n_layers = len(viewer.layers)
@@ -127,6 +136,8 @@ def test_predict_adds_aligned_layers_and_updates_them_in_place(setup, phantom_fi
     ras_image.axis_labels = ("S", "A", "R")
     assert widget.predict(sync=True)
     assert all(layer.axis_labels == ("S", "A", "R") for layer in first.values())
+    # every re-prediction kept the user's display range of the map
+    assert tuple(viewer.layers[LAYER_CONFIDENCE].contrast_limits) == (0.0, 0.5)
 
 
 def test_background_predict_shows_the_visible_slice_at_once(setup, qtbot, monkeypatch) -> None:

@@ -35,6 +35,7 @@ from psygnal import Signal
 from .._layers import (
     META_KEY,
     ScanGeometry,
+    confidence_colormap,
     label_colormap,
     label_features,
     make_metadata,
@@ -77,11 +78,12 @@ LAYER_CONFIDENCE = "confidence ω"
 LAYER_CONSISTENCY = "consistency"
 PREDICTION_LAYERS = (LAYER_MAIN, LAYER_AUX, LAYER_PSEUDO, LAYER_CONFIDENCE, LAYER_CONSISTENCY)
 PREDICTION_ROLES = ("main", "auxiliary", "pseudo-label", "confidence", "consistency")
+_OMEGA_COLORMAP = "ω doubt"  # stands for _layers.confidence_colormap(): unsure voxels bright
 # (layer name, map name, metadata role, colormap, layer type) of the five prediction layers
 _LAYERS = (
     (LAYER_MAIN, "main", "main", None, Labels),
     (LAYER_AUX, "aux", "auxiliary", None, Labels),
-    (LAYER_CONFIDENCE, "confidence", "confidence", "viridis", Image),
+    (LAYER_CONFIDENCE, "confidence", "confidence", _OMEGA_COLORMAP, Image),
     (LAYER_CONSISTENCY, "consistency", "consistency", "inferno", Image),
     (LAYER_PSEUDO, "pseudo_label", "pseudo-label", None, Labels),
 )
@@ -773,8 +775,7 @@ class APLController:
         data = np.ascontiguousarray(to_layer_order(canonical))
         layer = self._existing(name, Image)
         if layer is not None:
-            self._update_in_place(layer, data, role, extra)
-            layer.contrast_limits = (0.0, 1.0)
+            self._update_in_place(layer, data, role, extra)  # keeps the user's contrast limits
             return layer
         return self._add_image(name, data, role, colormap=colormap, visible=visible, **extra)
 
@@ -782,7 +783,7 @@ class APLController:
         return self.viewer.add_image(
             data,
             name=name,
-            colormap=colormap,
+            colormap=confidence_colormap() if colormap == _OMEGA_COLORMAP else colormap,
             contrast_limits=(0.0, 1.0),
             blending="additive",
             opacity=0.6,
