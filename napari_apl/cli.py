@@ -90,6 +90,19 @@ def _normalization(name: str, meta, volume):
     return norm
 
 
+def _check_shared_inputs(args: argparse.Namespace) -> None:
+    """Check what every volume of a batch shares (checkpoint, preset, device) once, before a cluster
+    starts: a bad one is one line, not one error per volume."""
+    from .core.checkpoint import load_checkpoint
+    from .core.preprocess import check_preset_name
+    from .core.utils import resolve_device
+
+    check_preset_name(args.normalize)
+    if not getattr(args, "scheduler", None):  # a local cluster runs on this machine's devices
+        resolve_device(args.device)
+    load_checkpoint(args.checkpoint, num_classes=len(CLASS_NAMES))
+
+
 def _progress(total: int, desc: str, quiet: bool):
     """Return a tqdm progress bar on stderr (disabled with --quiet)."""
     from tqdm import tqdm
@@ -191,6 +204,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .core import batch
 
     if batch.is_many(args.image):
+        _check_shared_inputs(args)
         return batch.run_command_many(
             cmd_predict,
             args,
@@ -272,6 +286,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     if batch.is_many(args.image):
         if args.corrections:
             raise APLError("--corrections belong to one image: refine that image on its own to use them")
+        _check_shared_inputs(args)
         return batch.run_command_many(
             cmd_refine,
             args,
@@ -493,7 +508,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     arrays = {}
     for flag, vol in (("--pred", pred), ("--gt", gt)):
         arr = np.asarray(vol.data)
-        if not np.array_equal(arr, np.round(arr)) or arr.min() < 0 or arr.max() >= len(CLASS_NAMES):
+        whole = np.array_equal(arr, np.round(arr))
+        if not whole or arr.min() < 0 or arr.max() >= len(CLASS_NAMES):
+            values = np.unique(arr) if whole and arr.min() >= 0 else None
+            if values is not None and len(values) <= 256:  # a label map of another scheme
+                shown = ", ".join(str(int(v)) for v in values[:12]) + (", ..." if len(values) > 12 else "")
+                raise APLError(
+                    f"{flag} holds labels {shown}, not only 0..{len(CLASS_NAMES) - 1} "
+                    f"({', '.join(f'{i} {n}' for i, n in enumerate(CLASS_NAMES))}): "
+                    "remap its labels to these (others to 0) first"
+                )
             raise APLError(
                 f"{flag} is not a label volume (labels 0..{len(CLASS_NAMES) - 1} expected): "
                 "did you pass the image instead of its labels?"

@@ -35,7 +35,7 @@ import torch
 
 from napari_apl.core.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from napari_apl.core.errors import OutputError, OutputExistsError
-from napari_apl.core.io_utils import atomic_write
+from napari_apl.core.io_utils import atomic_write, staged_outputs
 from napari_apl.core.models import build_model
 from napari_apl.core.volume import load_volume, save_nifti, volume_from_array
 
@@ -257,3 +257,41 @@ def test_written_files_get_normal_permissions(tmp_path):
         assert stat.S_IMODE(target.stat().st_mode) == 0o640
     finally:
         os.umask(umask)
+
+
+def test_staged_outputs_refuse_a_file_that_appeared_before_renaming_any(tmp_path):
+    """All or nothing: a file made by someone else while the block ran leaves none of the block's outputs
+    and no temporary file (the other file is kept)."""
+    names = ["a.json", "b.json", "c.json"]
+    with pytest.raises(OutputExistsError, match=r"c\.json appeared while writing"):
+        with staged_outputs():
+            for name in names:
+                atomic_write(tmp_path / name, lambda p: p.write_text("new"))
+            (tmp_path / "c.json").write_text("someone else's")
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"]
+    assert (tmp_path / "c.json").read_text() == "someone else's"
+
+
+def test_staged_outputs_undo_the_new_files_when_a_rename_fails(tmp_path, monkeypatch):
+    """A rename failing midway removes the outputs the block had already published (and the rest's
+    temporaries); a file the block replaced with overwrite stays replaced."""
+    import napari_apl.core.io_utils as io_utils
+
+    (tmp_path / "a.json").write_text("old")
+    real = io_utils.os.replace
+    calls = []
+
+    def flaky_replace(src, dst):
+        calls.append(Path(dst).name)
+        if len(calls) == 3:
+            raise OSError(5, "Input/output error")
+        real(src, dst)
+
+    monkeypatch.setattr(io_utils.os, "replace", flaky_replace)
+    with pytest.raises(OutputError, match="cannot finish writing the outputs: Input/output error"):
+        with staged_outputs():
+            for name in ("a.json", "b.json", "c.json", "d.json"):
+                atomic_write(tmp_path / name, lambda p: p.write_text("new"), overwrite=True)
+    assert calls == ["a.json", "b.json", "c.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    assert (tmp_path / "a.json").read_text() == "new"

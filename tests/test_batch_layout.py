@@ -1,7 +1,8 @@
 """Many volumes: hidden files, one folder per case, read-only outputs, no empty folders left, Ctrl-C.
 
 The volumes here are never read (the tasks are faked or the run is refused before any work), so
-placeholder files stand in for them and no cluster is started.
+placeholder files stand in for them and no cluster is started; the check of the shared checkpoint and
+settings (``cli._check_shared_inputs``) is skipped but where a test calls it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _tiny import write_tiny_checkpoint
 
 from napari_apl import cli
 from napari_apl.core import batch
@@ -36,6 +38,12 @@ def scans(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.fixture(autouse=True)
+def _no_checkpoint_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The placeholder checkpoint ``model.pt`` is never read (see the module's docstring)."""
+    monkeypatch.setattr(cli, "_check_shared_inputs", lambda args: None)
+
+
 def _predict(image: Path | str, out: Path, *extra: str) -> int:
     """Run ``napari-apl predict`` on many volumes (the checkpoint is never read before the tasks)."""
     return cli.main(["predict", str(image), "-c", "model.pt", "-o", str(out), "-q", *extra])
@@ -50,6 +58,7 @@ def _fake_run_many(write: dict[str, bool], *, interrupt_after: int | None = None
             raise APLError(error)
         results = []
         for n, one in enumerate(items):
+            note = f"note: {Path(one.image).name} looks odd\n"
             if interrupt_after is not None and n == interrupt_after:
                 # a task stopped mid-write leaves its hidden temporary file (atomic_write's name)
                 (Path(one.out_dir) / ".main.nii.gz.k2x9_q1a.tmp.nii.gz").write_bytes(b"partial")
@@ -60,9 +69,9 @@ def _fake_run_many(write: dict[str, bool], *, interrupt_after: int | None = None
             assert folder.is_dir(), "the per-volume folder exists before its task runs"
             if write.get(folder.name, True):
                 (folder / "main.nii.gz").write_bytes(b"result")
-                res = TaskResult(item=one, value=0)
+                res = TaskResult(item=one, value=0, messages=note)
             else:
-                res = TaskResult(item=one, error="VolumeError: unreadable")
+                res = TaskResult(item=one, error="VolumeError: unreadable", messages=note)
             results.append(res)
             if kwargs.get("on_result") is not None:
                 kwargs["on_result"](res)
@@ -271,3 +280,48 @@ def test_interrupt_before_any_volume_removes_the_out_dir_it_made(
         )
     assert not out.exists()
     assert os.listdir(tmp_path) == ["scans"]
+
+
+# --- shared inputs and paths -------------------------------------------------------------------------
+
+
+def test_a_bad_shared_input_is_one_line_before_any_cluster(
+    scans: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A missing checkpoint, an unknown preset or an absent device is one error line, before any folder
+    is made or any cluster started (not one error per volume)."""
+    monkeypatch.undo()  # the real check
+    monkeypatch.setattr(batch, "run_many", lambda *a, **k: pytest.fail("a cluster was started"))
+    good = write_tiny_checkpoint(tmp_path / "good.pt")
+    out = tmp_path / "out"
+    cases = [
+        (["-c", str(tmp_path / "missing.pt")], "missing.pt does not exist"),
+        (["-c", str(good), "--normalize", "foo"], "unknown normalization preset 'foo'"),
+    ]
+    if not __import__("torch").cuda.is_available():
+        cases.append((["-c", str(good), "--device", "cuda"], "CUDA is not available"))
+    for argv, message in cases:
+        for command in ("predict", "refine"):
+            assert cli.main([command, str(scans), "-o", str(out), "-q", *argv]) == 2
+            err = capsys.readouterr().err
+            assert message in err and len(err.strip().splitlines()) == 1, err
+            assert not out.exists()
+
+
+def test_tasks_get_absolute_paths_and_their_notes_are_named(
+    scans: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Relative --out-dir and --checkpoint reach the tasks absolute (a remote worker would resolve them
+    against its own folder); what a task writes to stderr comes back under its volume's name."""
+    fake = _fake_run_many({"case1": False})
+    monkeypatch.setattr(batch, "run_many", fake)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["predict", str(scans), "-c", "model.pt", "-o", "out", "-q"]) == 2
+    assert [Path(one.out_dir) for one in fake.seen] == [tmp_path / "out" / f"case{i}" for i in range(3)]
+    assert {one.checkpoint for one in fake.seen} == {str(tmp_path / "model.pt")}
+    err = capsys.readouterr().err.splitlines()
+    for i in range(3):
+        assert f"[case{i}] note: case{i}.nii.gz looks odd" in err
+    assert err.index("[case1] note: case1.nii.gz looks odd") < err.index(
+        "[case1] error: VolumeError: unreadable"
+    )

@@ -367,6 +367,14 @@ def test_evaluate_wants_label_volumes_and_writes_strict_json(tmp_path, phantom_d
     err = capsys.readouterr().err.strip()
     assert "--gt is not a label volume" in err and len(err.splitlines()) == 1
     ref = nib.load(labels)
+    other_scheme = np.asarray(ref.dataobj).copy()
+    other_scheme[other_scheme == 2] = 6  # e.g. a 13-organ file: a label map, but not of these organs
+    other = tmp_path / "other_scheme.nii.gz"
+    nib.save(nib.Nifti1Image(other_scheme, ref.affine, ref.header), str(other))
+    assert main(["evaluate", "--pred", labels, "--gt", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--gt holds labels 0, 1, 3, 4, 6, not only 0..4" in err and "remap" in err, err
+    assert "image instead" not in err and len(err.splitlines()) == 1
     no_spleen = np.asarray(ref.dataobj).copy()
     no_spleen[no_spleen == 4] = 0
     pred = tmp_path / "no_spleen.nii.gz"

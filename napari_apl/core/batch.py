@@ -1,7 +1,9 @@
 """Many volumes at once: expand a folder or glob of volumes and run one task per volume on dask.distributed.
 
 The task is any picklable function of one item (the CLI sends its own one-volume command, so a volume
-processed here gives exactly the files the one-volume command gives). By default the tasks run on a
+processed here gives the files the one-volume command gives when run with the worker's torch thread
+count: one per worker process by default; with another thread count PyTorch sums in another order, and
+a confidence or consistency voxel may differ by one 1/255 step). By default the tasks run on a
 ``LocalCluster`` of worker *processes* (``n_workers`` processes, one thread each: each process runs
 its own torch); with ``scheduler="tcp://host:8786"`` they run on an existing cluster, whose workers must
 have napari-apl installed and see the same file paths (a shared file system). ``dask.distributed`` is
@@ -138,6 +140,7 @@ class TaskResult:
     value: Any = None
     error: str | None = None
     output: str = ""
+    messages: str = ""  # what it wrote to stderr (notes and warnings)
     seconds: float = 0.0
     worker: str = ""
     details: dict[str, Any] = field(default_factory=dict)
@@ -222,7 +225,7 @@ def _run_task(
 
     if threads:
         torch.set_num_threads(int(threads))
-    buf = io.StringIO()
+    buf, err = io.StringIO(), io.StringIO()
     t0 = time.perf_counter()
     result = TaskResult(item=item, worker=f"pid {os.getpid()}")
     try:
@@ -234,7 +237,11 @@ def _run_task(
                 raise TaskStopped
             # dask arrays inside the task (lazily read volumes) are computed in this worker, not sent
             # back to the cluster (whose threads are busy running tasks like this one)
-            with contextlib.redirect_stdout(buf), dask.config.set(scheduler="synchronous"):
+            with (
+                contextlib.redirect_stdout(buf),
+                contextlib.redirect_stderr(err),
+                dask.config.set(scheduler="synchronous"),
+            ):
                 result.value = fn(item)
         finally:
             if watch is not None:
@@ -246,7 +253,7 @@ def _run_task(
     except Exception as exc:  # report, do not kill the other volumes
         result.error = f"{type(exc).__name__}: {exc}"
         result.details["traceback"] = traceback.format_exc(limit=8)
-    result.output = buf.getvalue()
+    result.output, result.messages = buf.getvalue(), err.getvalue()
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -478,13 +485,15 @@ def run_command_many(
     *,
     outputs: Sequence[str],
     check: Callable[[list[Path], list[str]], None] | None = None,
+    path_options: Sequence[str] = ("checkpoint",),
     echo: Callable[[str], None] = print,
     warn: Callable[[str], None] | None = None,
 ) -> int:
     """Run a one-volume CLI ``command`` for every volume ``args.image`` names, on dask.distributed.
 
     Each volume gets a copy of ``args`` with its own ``image`` and output folder (``out_dir/<volume
-    name>``, see ``output_dirs``) and runs exactly the one-volume command in a worker. The worker count
+    name>``, see ``output_dirs``) and runs exactly the one-volume command in a worker; ``out_dir`` and
+    the ``path_options`` (attributes of ``args`` naming files) are made absolute first. The worker count
     and every output path are checked (``check``) before any folder is made or work starts; folders
     this run made and left empty are removed when it ends (an error, Ctrl-C, failed volumes). On Ctrl-C
     the volumes that finished keep their outputs, both lists are reported and ``KeyboardInterrupt`` is
@@ -495,6 +504,13 @@ def run_command_many(
 
     warn = warn or (lambda text: print(text, file=sys.stderr))
     _distributed()  # before any folder is made or anything is printed
+    # every path the tasks read or write is made absolute here: a remote worker resolves a relative one
+    # against its own working folder (and writes the outputs there, not where the user asked)
+    args = copy.copy(args)
+    for attr in ("out_dir", *path_options):
+        value = getattr(args, attr, None)
+        if value:
+            setattr(args, attr, str(Path(value).expanduser().absolute()))
     scheduler = getattr(args, "scheduler", None)
     workers = getattr(args, "workers", None)
     workers = 2 if workers is None else workers  # (the command line leaves it unset: the default)
@@ -532,13 +548,18 @@ def run_command_many(
 
     def report(res: TaskResult) -> None:
         name = Path(res.item.out_dir).name
-        if res.ok and res.value in (0, None):
+        ok = res.ok and res.value in (0, None)
+        if ok:
             finished.append(name)
             echo(f"[{name}] done in {res.seconds:.1f} s ({res.worker})")
             for line in res.output.splitlines():
                 echo(f"[{name}] {line}")
         else:
             failed.append(name)
+        for line in res.messages.splitlines():  # its notes, named (they come from a worker's stderr)
+            if line.strip():
+                warn(f"[{name}] {line}")
+        if not ok:
             warn(f"[{name}] error: {res.error or f'exit status {res.value}'}")
 
     created: list[Path] = []

@@ -202,15 +202,37 @@ def staged_outputs() -> Iterator[Callable[[Callable[..., T]], Callable[..., T]]]
         raise
     finally:
         _STAGE.reset(token)
+    _publish_all(stage.pending)
+
+
+def _publish_all(pending: list[tuple[Path, Path, bool]]) -> None:
+    """Rename staged temporaries onto their outputs, all or none: a refusal or failure undoes the new ones."""
+    appeared = [out for _, out, overwrite in pending if not overwrite and out.exists()]
+    if appeared:  # (a file made while the block ran) refused before anything is renamed
+        for tmp, _, _ in pending:
+            tmp.unlink(missing_ok=True)
+        more = f" (and {len(appeared) - 1} more)" if len(appeared) > 1 else ""
+        raise OutputExistsError(
+            f"{appeared[0]}{more} appeared while writing: move it away or pass overwrite to replace it"
+        )
+    published: list[Path] = []  # outputs that did not exist before this block: removed again on failure
     done = 0
     try:
-        for tmp, out, overwrite in stage.pending:
+        for tmp, out, overwrite in pending:
+            existed = out.exists()
             _publish(tmp, out, overwrite)
             done += 1
-    except OSError as exc:
-        for tmp, _, _ in stage.pending[done:]:
+            if not existed:
+                published.append(out)
+    except BaseException as exc:
+        for tmp, _, _ in pending[done:]:
             tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot finish writing the outputs: {exc.strerror or exc}") from exc
+        for out in published:  # (a replaced file cannot come back: those stay new)
+            with contextlib.suppress(OSError):
+                out.unlink()
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot finish writing the outputs: {exc.strerror or exc}") from exc
+        raise
 
 
 def atomic_write(

@@ -296,8 +296,13 @@ def choose_normalization(
                 )
             return PRESETS["ct-abdomen-offset"]
         return Normalization.from_dict(checkpoint_normalization)
-    if name not in PRESETS:
+    check_preset_name(name)
+    return get_preset(name)
+
+
+def check_preset_name(name: str) -> None:
+    """Refuse a ``--normalize`` value that is neither a preset nor ``auto`` / ``checkpoint``."""
+    if name not in ("auto", "checkpoint", "from checkpoint") and name not in PRESETS:
         raise NormalizationError(
             f"unknown normalization preset {name!r}: use one of auto, checkpoint, {', '.join(PRESETS)}"
         )
-    return get_preset(name)
