@@ -848,12 +848,32 @@ def test_export_failures_are_one_line_and_the_panel_says_nothing_was_written(
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
+    real_write_map = controller_module.write_map
     monkeypatch.setattr(controller_module, "write_map", full_disk)
     assert panel.export() == []
     assert "cannot write into" in notifications[-1] and "No space left" in notifications[-1]
     assert "\n" not in notifications[-1]
     assert panel.result.text().startswith("nothing was written")
     assert not (tmp_path / "full").exists()  # the new folder and its first files went again
+    monkeypatch.setattr(controller_module, "write_map", real_write_map)
+
+    # another program saves a file of the export's name while the export runs: the export is refused
+    # as a whole, and that program's file stays
+    race = tmp_path / "race"
+    race.mkdir()
+    real_write = controller_module.atomic_write
+
+    def racing_write(path, *args, **kwargs):
+        out = real_write(path, *args, **kwargs)
+        if str(path).endswith("_report.csv"):
+            (race / Path(str(path)).name.replace(".csv", ".json")).write_text("someone else's")
+        return out
+
+    monkeypatch.setattr(controller_module, "atomic_write", racing_write)
+    panel.folder.value = str(race)
+    assert panel.export() == []
+    assert "appeared while writing" in notifications[-1] and "\n" not in notifications[-1]
+    assert [p.read_text() for p in race.iterdir()] == ["someone else's"]
 
 
 def test_a_paused_refinement_says_so(setup, qtbot) -> None:

@@ -1544,9 +1544,8 @@ class APLController:
             with staged_outputs():  # all files appear (or replace the old ones) together, or none does
                 self._write_export(out_dir, paths, overwrite, gt_layer, written, largest_component)
         except BaseException as exc:
-            for p in written:  # new files of a failed export go again (replaced ones cannot come back)
-                if p not in existing:
-                    p.unlink(missing_ok=True)
+            # (staged_outputs has removed the temporaries and any file this export had put in place; a
+            # file another program made meanwhile is not this export's to remove)
             if created:
                 try:
                     out_dir.rmdir()
