@@ -192,6 +192,26 @@ def test_batch_size_subset_and_lazy_volume_agree(case) -> None:
         assert not p[:, :, [0, 1, 3, 4, 5, 6, 8, 9]].any()
 
 
+@pytest.mark.parametrize("preset", ["mri", "zscore", "ct-abdomen"])
+def test_a_slice_prediction_does_not_depend_on_its_batch(preset: str) -> None:
+    """A scan narrower than the model's field of view is padded on the model grid: with one padding
+    value per volume, a slice's prediction is the same whatever slices share its batch (batch size, or
+    the viewer's on-demand slice), also where a slice holds no air (the body's inside, cropped)."""
+    from napari_apl.core.preprocess import PRESETS
+
+    image, _labels, affine = make_phantom("ct", 2, shape=(96, 96, 8), spacing=(2.0, 2.0, 6.0))
+    inner = image[30:66, 30:66].copy()  # 72 mm of the body: no air in some slices
+    inner[:, :, 0] = image[:36, :36, 0]  # one slice with air (the darkest voxels)
+    vol = volume_from_array(inner, affine)
+    torch.manual_seed(0)
+    model = build_model("unet-dual", base=4).eval()
+    meta = _meta(size=48, spacing=4.0)  # 192 mm: the slices are padded on every side
+    norm = PRESETS[preset]
+    batched = predict_volume(model, meta, vol, device="cpu", batch_size=8, normalization=norm)
+    alone = predict_volume(model, meta, vol, device="cpu", batch_size=1, normalization=norm)
+    _agree(batched, alone, exact=False)
+
+
 def test_slice_predictor_on_demand_then_background(case) -> None:
     model, meta, vol = case
     full = predict_volume(model, meta, vol, device="cpu")

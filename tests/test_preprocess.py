@@ -102,6 +102,15 @@ def test_dask_fit_matches_numpy_and_subsamples() -> None:
     out = full(lazy)
     assert isinstance(out, da.Array)
     np.testing.assert_allclose(out.compute(), full(data))
+    # Fewer slices than the step (one huge slice): every k-th row and column is used instead
+    one = rng.normal(100, 20, size=(200, 150, 1)).astype(np.float32)
+    for name in ("mri", "zscore"):
+        sub, full = get_preset(name).fit(one, max_voxels=2000), get_preset(name).fit(one)
+        assert sub.shift == pytest.approx(full.shift, rel=0.1) and sub.scale == pytest.approx(
+            full.scale, rel=0.2
+        )
+    two = np.stack([np.zeros((200, 150), np.float32), np.ones((200, 150), np.float32)], axis=2)
+    assert get_preset("zscore").fit(two, max_voxels=2000).shift == pytest.approx(0.5)  # both slices seen
 
 
 def test_callable_on_torch() -> None:

@@ -177,8 +177,9 @@ class PreparedVolume:
             self._see(arr)
         norm = self._normalise(arr)
         t = torch.from_numpy(norm).unsqueeze(1)
-        pad = float(norm.min()) if norm.size else 0.0
-        out = self.grid.forward(t, mode="bilinear", pad_value=pad)
+        # the volume's padding value, not this batch's darkest: a slice's prediction must not depend on
+        # the slices it is batched with (the batch size, or the slice shown first in the viewer)
+        out = self.grid.forward(t, mode="bilinear", pad_value=self.fitted.pad)
         return out.to(device) if device is not None else out
 
 

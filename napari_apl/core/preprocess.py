@@ -70,7 +70,11 @@ def _sample(data: Any, max_voxels: int) -> np.ndarray:
         raise VolumeError("cannot normalise an empty volume: give a non-empty image")
     if data.ndim >= 3 and size > max_voxels:
         step = math.ceil(size / max_voxels)
-        data = data[:, :, step // 2 :: step]
+        if step // 2 < data.shape[2]:
+            data = data[:, :, step // 2 :: step]
+        else:  # fewer slices than the step (a few huge ones): every k-th row and column of each
+            k = math.ceil(math.sqrt(step))
+            data = data[k // 2 :: k, k // 2 :: k]
     if _is_dask(data):
         data = data.compute()
     return np.asarray(data)
@@ -86,17 +90,23 @@ def constant_volume_error(value: float, kind: str) -> VolumeError:
 
 @dataclass(frozen=True)
 class FittedNormalization:
-    """A normalisation fitted to one volume: ``(x - shift) / scale``, clipped to [0, 1] when ``clip``."""
+    """A normalisation fitted to one volume: ``(x - shift) / scale``, clipped to [0, 1] when ``clip``.
+
+    ``pad`` is the normalised value of the volume's darkest voxels: what the slices are padded with on
+    the model grid. It is one value per volume, so a slice's prediction does not depend on the other
+    slices of its batch (0 for the clipped kinds; the volume's normalised minimum for ``zscore``).
+    """
 
     kind: str
     shift: float
     scale: float
     clip: bool
+    pad: float = 0.0
 
     def __post_init__(self) -> None:
         big = float(np.finfo(np.float32).max)
         if not (math.isfinite(self.scale) and self.scale > 0 and math.isfinite(self.shift)) or not (
-            abs(self.shift) < big and 1.0 / big < self.scale < big
+            abs(self.shift) < big and 1.0 / big < self.scale < big and abs(self.pad) < big
         ):
             raise NormalizationError(
                 f"the volume's intensities give a {self.kind} shift of {self.shift:.3g} and scale of "
@@ -121,7 +131,13 @@ class FittedNormalization:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON description of the fitted statistics (for logs and provenance)."""
-        return {"kind": self.kind, "shift": self.shift, "scale": self.scale, "clip": self.clip}
+        return {
+            "kind": self.kind,
+            "shift": self.shift,
+            "scale": self.scale,
+            "clip": self.clip,
+            "pad": self.pad,
+        }
 
 
 @dataclass(frozen=True)
@@ -200,7 +216,7 @@ class Normalization:
             std = float(np.std(sample, dtype=np.float64))
         if not std > 0:
             raise VolumeError("the volume has zero variance: there is nothing to normalise with zscore")
-        return FittedNormalization(self.kind, mean, std, False)
+        return FittedNormalization(self.kind, mean, std, False, pad=(vmin - mean) / std)
 
 
 PRESETS: dict[str, Normalization] = {

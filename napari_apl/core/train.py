@@ -133,7 +133,7 @@ def volume_slices(
     fitted = norm.fit(data)
     grid = SliceGrid.for_volume(image, spacing=tuple(spacing), size=tuple(size), stride=stride)
     x = torch.from_numpy(np.moveaxis(fitted(data).astype(np.float32), 2, 0).copy()).unsqueeze(1)
-    x = grid.forward(x, mode="bilinear", pad_value=float(x.min()))
+    x = grid.forward(x, mode="bilinear", pad_value=fitted.pad)  # as predict pads
     y = None
     if labels is not None:
         lab = np.moveaxis(np.asarray(labels.data).round().astype(np.float32), 2, 0).copy()
