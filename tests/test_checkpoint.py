@@ -135,6 +135,8 @@ def test_meta_round_trip_and_defaults():
         ({"normalization": {"lower": 1}}, "kind"),
         ({"provenance": "me"}, "provenance"),
         ({"format_version": "1"}, "format_version"),
+        ({"class_names": ["background", "liver", "liver"]}, "name liver twice"),
+        ({"arch_args": {"base": 4, "in_channels": 3}}, "takes 3 input channels"),
     ],
 )
 def test_meta_validation(changes, needle):
@@ -383,6 +385,51 @@ def test_damaged_payloads(saved, tmp_path):
     assert "JSON" in _raise(load_checkpoint, bad_json)
     no_weights = _rewrite(path, tmp_path / "noweights.pt", lambda p: p.update(state_dict={}))
     assert "weights" in _raise(load_checkpoint, no_weights)
+
+
+def test_a_flipped_bit_in_the_weights_is_refused(saved, tmp_path):
+    """torch.load does not check the zip's CRC-32: the loader does, so damaged weights never load."""
+    model, path = saved
+    data = bytearray(path.read_bytes())
+    weight = model.state_dict()["head_main.3.weight"] if "head_main.3.weight" in model.state_dict() else None
+    weight = weight if weight is not None else next(iter(model.state_dict().values()))
+    raw = weight.contiguous().numpy().tobytes()
+    at = bytes(data).find(raw)
+    assert at > 0
+    data[at + 1] ^= 0x40  # one bit of one float
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(bytes(data))
+    msg = _raise(load_checkpoint, damaged)
+    assert "is damaged" in msg and "checksum" in msg
+    assert read_meta(damaged).arch == "unet-dual"  # the metadata alone is still readable
+    assert load_checkpoint(path)[1].arch == "unet-dual"  # the intact file loads
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "raw"])
+def test_sparse_tensors_are_one_line(saved, tmp_path, where):
+    model, path = saved
+    if where == "checkpoint":
+        sparse = _rewrite(
+            path,
+            tmp_path / "sparse.pt",
+            lambda p: p["state_dict"].update({"inc.0.weight": p["state_dict"]["inc.0.weight"].to_sparse()}),
+        )
+        msg = _raise(load_checkpoint, sparse)
+    else:
+        state = dict(model.state_dict())
+        state["inc.0.weight"] = state["inc.0.weight"].to_sparse()
+        sparse = tmp_path / "raw_sparse.pth"
+        torch.save(state, sparse)
+        msg = _raise(import_state_dict, sparse, _meta())
+    assert "inc.0.weight" in msg and "sparse" in msg
+
+
+def test_import_refuses_a_model_of_several_input_channels(tmp_path):
+    torch.manual_seed(0)
+    raw = tmp_path / "rgb_unet.pth"
+    torch.save(build_model("unet-dual", base=4, in_channels=3).state_dict(), raw)
+    msg = _raise(import_state_dict, raw, _meta(arch_args={}))
+    assert "rgb_unet.pth" in msg and "takes 3 input channels" in msg
 
 
 def test_size_guard(saved, monkeypatch):

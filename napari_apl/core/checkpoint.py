@@ -118,7 +118,13 @@ class CheckpointMeta:
             raise CheckpointError(
                 f"checkpoint metadata class_names must be a list of at least 2 names, got {names!r}"
             )
+        if len(set(names)) < len(names):
+            twice = sorted({n for n in names if list(names).count(n) > 1})
+            raise CheckpointError(
+                f"checkpoint metadata class_names name {', '.join(twice)} twice: each class once"
+            )
         self.class_names = list(names)
+        check_one_channel(self.arch_args)
         kind = self.normalization.get("kind")
         if not isinstance(kind, str) or not kind:
             raise CheckpointError("checkpoint metadata normalization needs a 'kind' string")
@@ -200,6 +206,16 @@ def max_checkpoint_bytes() -> int:
     return value
 
 
+def check_one_channel(arch_args: Mapping[str, Any]) -> None:
+    """Refuse a model that does not take one-channel slices: the pipeline feeds grey values only."""
+    channels = arch_args.get("in_channels", 1)
+    if channels != 1:
+        raise CheckpointError(
+            f"the model takes {channels!r} input channels (in_channels) but napari-apl feeds it one grey "
+            "value per voxel: use a model trained on one-channel images"
+        )
+
+
 def _check_file(path: str | os.PathLike) -> Path:
     """Return ``path`` if it is a readable file within the size limit, else raise CheckpointError."""
     p = Path(path).expanduser()
@@ -217,8 +233,35 @@ def _check_file(path: str | os.PathLike) -> Path:
     return p
 
 
+def _check_checksums(path: Path) -> None:
+    """Refuse a zip-format checkpoint whose parts fail their CRC-32 (torch.load does not check them).
+
+    A flipped bit in a weight's bytes would otherwise load silently and change the masks. Legacy (not
+    zip) files carry no checksums; a zip that cannot be opened is left to ``torch.load`` to report.
+    """
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError):
+        return
+    if bad is not None:
+        raise CheckpointError(
+            f"{path} is damaged: its part {bad} fails its checksum (a bad copy or disk): "
+            "copy the file again or use a backup"
+        )
+
+
 def _safe_load(path: Path, map_location: str = "cpu", *, mmap: bool = False) -> Any:
-    """``torch.load(weights_only=True)`` with every failure turned into a one-line CheckpointError."""
+    """``torch.load(weights_only=True)`` with every failure turned into a one-line CheckpointError.
+
+    The whole file's checksums are verified first, except for an ``mmap`` read (metadata only).
+    """
+    if not mmap:
+        _check_checksums(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -238,6 +281,20 @@ def _safe_load(path: Path, map_location: str = "cpu", *, mmap: bool = False) -> 
             f"{path} is not a PyTorch checkpoint (it could not be read as one): "
             "give a file written by napari-apl or torch.save"
         ) from None
+
+
+def _check_dense(path: Path, state: Mapping[str, Any]) -> None:
+    """Refuse sparse or quantised tensors: a napari-apl model holds ordinary dense float weights."""
+    odd = [
+        str(k)
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor) and (v.layout != torch.strided or v.is_quantized)
+    ]
+    if odd:
+        raise CheckpointError(
+            f"{path}: tensor(s) {_names(odd)} are stored sparse or quantised: save the model's ordinary "
+            "dense weights (tensor.to_dense(), or the float model's state_dict())"
+        )
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -282,6 +339,8 @@ def _parse(path: Path, obj: Any, *, need_weights: bool = True) -> tuple[Checkpoi
     state = obj.get("state_dict")
     if need_weights and not _is_state_dict(state):
         raise CheckpointError(f"{path} has no weights (state_dict of tensors): the file is damaged")
+    if need_weights:
+        _check_dense(path, state)
     return meta, dict(state) if isinstance(state, Mapping) else {}
 
 
@@ -592,6 +651,7 @@ def _unwrap_raw(path: Path, obj: Any, accept_checkpoint: bool = True) -> dict[st
     if len(state) != len(obj):
         bad = [str(k) for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
         raise CheckpointError(f"{path} is not a plain state dict: {_names(bad)} are not tensors")
+    _check_dense(path, state)
     for prefix in ("module.", "Scale."):
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items()}
@@ -620,6 +680,10 @@ def import_state_dict(
         if first.ndim == 4:  # the width of a U-Net is its first convolution's output channels
             meta.arch_args["base"] = int(first.shape[0])
             meta.arch_args.setdefault("in_channels", int(first.shape[1]))
+    try:
+        check_one_channel(meta.arch_args)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{p}: {exc}") from None
     _check_classes(p, meta, state if strict else None, None)
     model = _build(p, meta, state, strict=strict)
     skipped = _load_weights(p, model, state, strict=strict)
