@@ -494,6 +494,11 @@ def test_slicegrid_geometry() -> None:
         SliceGrid((10, 10), (1.0, 1.0), (0.0, 1.0), (16, 16))
     with pytest.raises(VolumeError):
         SliceGrid((10, 10), (1.0, 1.0), (1.0, 1.0), (16, 16), stride=0)
+    # a slice wider than any body is a header error (e.g. voxel sizes in the wrong unit): refused at once
+    # instead of resampling to thousands of pixels per slice for minutes
+    with pytest.raises(VolumeError, match=r"6400 x 6400 mm across .*check the voxel size"):
+        SliceGrid((128, 128), (50.0, 50.0), (4.0, 4.0), (80, 80))
+    assert SliceGrid((512, 512), (1.5, 1.5), (4.0, 4.0), (80, 80)).resampled_shape == (192, 192)  # 768 mm
 
 
 @pytest.mark.parametrize(

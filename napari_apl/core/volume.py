@@ -57,6 +57,8 @@ DEFAULT_MAX_VOXEL_BYTES = 4 * 1024**3
 MIN_SPACING_MM = 0.01
 MAX_SPACING_MM = 100.0
 MAX_GRID_PX = 4096  # largest side of a slice on the model's grid (a checkpoint's input size: the same)
+# an axial slice wider than this (a body is at most ~0.7 m; a CT's field of view 0.5-0.8 m) is a header error
+MAX_FIELD_MM = 2000.0
 _READ_CHUNK_BYTES = 64 * 1024**2
 # Errors nibabel, gzip and zlib raise for files that are not NIfTI, corrupt or truncated.
 _READ_ERRORS = (
@@ -876,6 +878,14 @@ class SliceGrid:
             max(sz, math.ceil(n / self.stride) * self.stride)
             for n, sz in zip(self.resampled_shape, self.size)
         )
+        across = tuple(n * s for n, s in zip(self.in_shape, self.in_spacing))
+        if max(across) > MAX_FIELD_MM:
+            raise VolumeError(
+                f"the axial slices are {across[0]:.0f} x {across[1]:.0f} mm across ({self.in_shape[0]} x "
+                f"{self.in_shape[1]} voxels of {self.in_spacing[0]:g} x {self.in_spacing[1]:g} mm), wider "
+                f"than any body (at most {MAX_FIELD_MM:.0f} mm): check the voxel size in the file's header "
+                "(pixdim and its units)"
+            )
         if max(self.padded_shape) > MAX_GRID_PX:
             h, w = self.padded_shape
             raise VolumeError(
