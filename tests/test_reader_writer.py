@@ -381,3 +381,42 @@ def test_a_big_int32_label_file_opens_as_labels(tmp_path: Path, phantom_files, m
     monkeypatch.setenv("NAPARI_APL_MAX_VOXEL_BYTES", str(2 * arr.size))
     data, _kwargs, kind = read_layer_data(seg)
     assert kind == "image" and data.shape == arr.shape[::-1]
+
+
+@pytest.mark.parametrize("extra", [(1,), (1, 1)])
+def test_trailing_axes_of_length_one_come_back(tmp_path: Path, phantom_files, extra: tuple) -> None:
+    """A scan stored as (X, Y, Z, 1) gets (X, Y, Z, 1) outputs: from predict (streamed, and written at the
+    end with --largest-component) and from the napari writer; the voxels are those of the 3-D scan's."""
+    from _tiny import write_tiny_checkpoint
+
+    from napari_apl.cli import main
+
+    image_path, labels_path = phantom_files("LPS")
+    src = nib.load(str(image_path))
+    data = np.asarray(src.dataobj)
+    four = tmp_path / "four.nii.gz"
+    nib.save(nib.Nifti1Image(data.reshape(data.shape + extra), src.affine, src.header), str(four))
+    ck = write_tiny_checkpoint(tmp_path / "tiny.pt")
+    assert main(["predict", str(image_path), "-c", str(ck), "-o", str(tmp_path / "three"), "-q"]) == 0
+    for out, flags in (("streamed", []), ("at_end", ["--largest-component"])):
+        assert main(["predict", str(four), "-c", str(ck), "-o", str(tmp_path / out), "-q", *flags]) == 0
+        for name in ("pseudo_label", "confidence"):
+            got = nib.load(str(tmp_path / out / f"{name}.nii.gz"))
+            assert got.shape == data.shape + extra and int(got.header["dim"][0]) == 3 + len(extra)
+            np.testing.assert_array_equal(got.affine, src.affine)
+            if out == "streamed":
+                want = np.asarray(nib.load(str(tmp_path / "three" / f"{name}.nii.gz")).dataobj)
+                np.testing.assert_array_equal(np.asarray(got.dataobj).reshape(want.shape), want)
+    # the napari reader and writer: a labels layer of the 4-D file is saved back 4-D
+    lab = nib.load(str(labels_path))
+    four_labels = tmp_path / "four_labels.nii.gz"
+    lab_data = np.asarray(lab.dataobj)
+    nib.save(
+        nib.Nifti1Image(lab_data.reshape(lab_data.shape + extra), lab.affine, lab.header), str(four_labels)
+    )
+    layer = as_layer(read_layer_data(four_labels))
+    saved = tmp_path / "saved.nii.gz"
+    assert write_labels(str(saved), layer.data, state(layer)) == [str(saved)]
+    back = nib.load(str(saved))
+    assert back.shape == lab_data.shape + extra
+    np.testing.assert_array_equal(np.asarray(back.dataobj).reshape(lab_data.shape), lab_data)

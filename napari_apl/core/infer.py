@@ -38,7 +38,7 @@ from .memory import zeros_plain_pages
 from .models import DualHeadNet
 from .preprocess import FittedNormalization, Normalization, constant_volume_error
 from .utils import resolve_device, run_generator
-from .volume import SliceGrid, Volume
+from .volume import SliceGrid, Volume, written_shape
 
 __all__ = [
     "FRACTION_MAPS",
@@ -791,7 +791,7 @@ def _nifti_header_bytes(reference: Volume, name: str) -> bytes:
     hdr["cal_min"] = 0.0
     hdr["cal_max"] = 0.0
     image_class = nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
-    fake = np.broadcast_to(np.zeros((), dtype), tuple(reference.original_shape))
+    fake = np.broadcast_to(np.zeros((), dtype), written_shape(reference))
     img = image_class(fake, reference.original_affine, header=hdr)
     img.set_data_dtype(dtype)
     ref_codes = (int(reference.header["qform_code"]), int(reference.header["sform_code"]))

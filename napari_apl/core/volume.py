@@ -776,6 +776,8 @@ def save_nifti(
         )
     out_dtype = _output_dtype(arr, dtype, out)
     arr = _cast(arr, out_dtype, out)
+    if arr.ndim == 3:
+        arr = arr.reshape(written_shape(reference))  # the file's trailing axes of length 1 come back
     hdr = reference.header.copy()
     try:
         hdr.set_data_dtype(out_dtype)
@@ -807,6 +809,19 @@ def save_nifti(
             img.to_file_map({"image": nib.FileHolder(filename=str(tmp), fileobj=gz)})
 
     return atomic_write(out, _write, overwrite=overwrite, inputs=inputs)
+
+
+def written_shape(reference: Volume) -> tuple[int, ...]:
+    """The shape a 3-D map on ``reference``'s grid is written with: the file's own, trailing axes of
+    length 1 included (a ``(X, Y, Z, 1)`` scan gives ``(X, Y, Z, 1)`` outputs), else its three axes."""
+    shape = tuple(int(s) for s in reference.original_shape)
+    try:
+        file_shape = tuple(int(s) for s in reference.header.get_data_shape())
+    except (AttributeError, TypeError, ValueError):
+        return shape
+    if len(file_shape) > 3 and file_shape[:3] == shape and all(s == 1 for s in file_shape[3:]):
+        return file_shape
+    return shape
 
 
 def save_canonical(arr_canonical: Any, path: str | os.PathLike, reference: Volume, **kw: Any) -> Path:
