@@ -1,7 +1,8 @@
 """Make the README screenshots from the real plugin (run: ``xvfb-run -a python scripts/screenshots.py``).
 
 1. ``docs/images/demo_predict.png``: the demo viewer after Predict (the CT, the pseudo-label overlay and
-   the docked widget's Inspect tab).
+   the docked widget's Inspect tab); ``demo_confidence.png`` and ``demo_consistency.png``: the canvas
+   with only the scan and one of the two maps.
 2. ``docs/images/demo_refine.png``: the same viewer while a refinement is running (Refine tab, live
    loss and ω plot, the overlay updated in place).
 """
@@ -45,6 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     napari.qt.get_qapp().processEvents()
     viewer.screenshot(str(out / "demo_predict.png"), canvas_only=False)
     print(f"wrote {out / 'demo_predict.png'}")
+    # the two maps over the scan, each alone (the labels hidden): where the model hesitates / disagrees
+    shown = {layer.name: layer.visible for layer in viewer.layers}
+    for layer in viewer.layers:
+        layer.visible = layer.name == widget.image_combo.layer().name
+    for name, file in (("confidence ω", "demo_confidence.png"), ("consistency", "demo_consistency.png")):
+        viewer.layers[name].visible = True
+        napari.qt.get_qapp().processEvents()
+        viewer.screenshot(str(out / file), canvas_only=True)
+        viewer.layers[name].visible = False
+        print(f"wrote {out / file}")
+    for layer in viewer.layers:
+        layer.visible = shown[layer.name]
 
     widget.tabs.setCurrentWidget(widget.refine_panel)
     widget.refine_panel.iterations.setValue(args.iterations)
