@@ -332,18 +332,30 @@ def test_refine_pause_resume_stop(setup, qtbot) -> None:
 
 def test_closing_the_widget_stops_a_refinement(setup, qtbot) -> None:
     from qtpy.QtCore import QEvent
-    from qtpy.QtWidgets import QApplication
+    from qtpy.QtWidgets import QApplication, QDockWidget
 
     viewer, widget, _image, _ = setup("RAS")
     ctl = widget.controller
     widget.predict(sync=True)
     assert ctl.refine(tiny_refine(500))
     qtbot.waitUntil(lambda: len(ctl.history) >= 1, timeout=60000)
-    viewer.window.remove_dock_widget("all")
-    widget.deleteLater()  # what happens when the removed widget is garbage-collected
-    QApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    destroyed = []
+    widget.destroyed.connect(lambda *_: destroyed.append(True))
+    # the panel's own close button: napari unparents the widget and deletes its dock, nothing more
+    dock = next(d for d in viewer.window._qt_window.findChildren(QDockWidget) if d.widget() is widget)
+    dock.title.close_button.click()
     qtbot.waitUntil(lambda: not ctl.busy, timeout=60000)
     assert ctl.last_result is not None and ctl.last_result.stopped
+    QApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    qtbot.waitUntil(lambda: bool(destroyed), timeout=10000)  # and the widget went (its hooks with it)
+    assert LAYER_PSEUDO in viewer.layers and viewer.layers[LAYER_PSEUDO].editable
+    # a widget opened again predicts into layers the stopped run no longer touches
+    _, again = viewer.window.add_plugin_dock_widget("napari-apl", WIDGET_NAME)
+    assert again is not widget and again.predict(sync=True)
+    qtbot.wait(300)
+    np.testing.assert_array_equal(
+        to_canonical_order(viewer.layers[LAYER_PSEUDO].data), again.controller.prediction.pseudo
+    )
 
 
 def test_corrections_reach_the_next_refinement(setup, monkeypatch) -> None:

@@ -436,6 +436,29 @@ class APLWidget(QWidget):
             self.install_close_guard(self.window())
         super().showEvent(event)
 
+    def event(self, event: QEvent) -> bool:
+        """Taken out of its dock (napari's close button on the panel): shut down as on closing.
+
+        napari's ``remove_dock_widget`` only unparents the widget and deletes the dock: no close event
+        comes and the widget is not deleted, so a running refinement went on unseen and later wrote
+        into the layers of a widget opened again.
+        """
+        if event.type() == QEvent.Type.ParentChange:
+            if self.parent() is not None:
+                self._docked = True
+            elif getattr(self, "_docked", False):
+                self._docked = False
+                QTimer.singleShot(0, self._on_undocked)  # after napari has finished removing the dock
+        return super().event(event)
+
+    def _on_undocked(self) -> None:
+        """Stop any task (its work autosaved for recovery) and delete the widget, which drops its hooks."""
+        if self.parent() is not None:  # docked again meanwhile
+            return
+        self._autosave_timer.stop()
+        self.controller.shutdown()
+        self.deleteLater()
+
     def closeEvent(self, event: Any) -> None:
         """Closing the widget stops a running task and waits for its worker."""
         self._autosave_timer.stop()
