@@ -358,6 +358,28 @@ def test_closing_the_widget_stops_a_refinement(setup, qtbot) -> None:
     )
 
 
+def test_an_undone_stroke_leaves_no_correction(setup) -> None:
+    """Ctrl+Z on a stroke gives the voxels the model's labels back: they are no corrections (they were
+    kept as hard labels of every later refinement); a stroke that stays is counted."""
+    viewer, widget, _image, _ = setup("RAS")
+    ctl = widget.controller
+    assert widget.predict(sync=True)
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    before = pseudo.data.copy()
+    pseudo.brush_size = 5
+    pseudo.paint((4, 20, 20), (int(before[4, 20, 20]) + 1) % 5)  # napari's own paint tool (undoable)
+    ctl.collect_corrections()
+    painted = int((before != pseudo.data).sum())
+    assert painted > 0 and ctl.n_corrected == painted
+    pseudo.undo()
+    np.testing.assert_array_equal(pseudo.data, before)
+    ctl.collect_corrections()
+    assert ctl.n_corrected == 0
+    pseudo.paint((6, 30, 30), (int(before[6, 30, 30]) + 2) % 5)  # a stroke that stays
+    ctl.collect_corrections()
+    assert ctl.n_corrected == int((before != pseudo.data).sum()) > 0
+
+
 def test_corrections_reach_the_next_refinement(setup, monkeypatch) -> None:
     viewer, widget, _image, _ = setup("LPS")
     ctl = widget.controller

@@ -834,10 +834,17 @@ class APLController:
         if current.shape != self.last_pseudo.shape:
             return self.corrections
         if _slices_differ(current, self.last_pseudo):
-            changed = current != self.last_pseudo
+            where = np.nonzero(current != self.last_pseudo)
             if self.corrections is None or self.corrections.shape != current.shape:
                 self.corrections = np.full(current.shape, -1, dtype=np.int16)
-            self.corrections[changed] = current[changed].astype(np.int16)
+            values = current[where]
+            self.corrections[where] = values.astype(np.int16)
+            model = self.prediction.pseudo if self.prediction is not None else None
+            if isinstance(model, np.ndarray) and model.shape == current.shape:
+                # a voxel given back the model's own label (an undone stroke, or a correction painted
+                # over) is no correction: it must not become a hard label of the next refinement
+                back = values == model[where]
+                self.corrections[tuple(axis[back] for axis in where)] = -1
             self.last_pseudo = current.astype(np.uint8, copy=True)
         return self.corrections
 
