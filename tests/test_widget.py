@@ -1348,7 +1348,30 @@ def test_the_refine_panel_counts_painted_voxels_once_the_strokes_pause(setup, qt
     pseudo.paint((k, 10, 10), (old + 1) % 5, refresh=True)  # one brush stroke (brush size 10 by default)
     qtbot.waitUntil(lambda: "voxels kept as hard labels" in label.text(), timeout=5000)
     n = widget.controller.n_corrected
-    assert n > 0 and label.text().startswith(f"corrections: {n} voxels")
+    assert n > 0 and label.text().startswith(f"corrections on '{_image.name}': {n} voxels")
+
+
+def test_the_corrections_count_and_clear_follow_the_chosen_scan(setup, phantom_files, questions) -> None:
+    """The Refine tab counts (and clears) the corrections of the scan Refine will run on: it counted the
+    shown scan's while another scan was chosen."""
+    viewer, widget, image_a, image_b = two_scans(setup, phantom_files)
+    ctl, label = widget.controller, widget.refine_panel.corrections_label
+    a = image_a.name
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    pseudo.data[4, 10:14, 10:14] = (pseudo.data[4, 10:14, 10:14] + 1) % 5  # 16 voxels painted on A
+    pseudo.refresh()
+    ctl.collect_corrections()
+    widget.refine_panel._update_corrections()
+    assert label.text() == f"corrections on '{a}': 16 voxels kept as hard labels"
+    widget.image_combo.set_layer(image_b)  # B chosen, A still shown: Refine would use B's (none)
+    assert label.text().startswith("corrections on 'second scan': none")
+    assert widget.predict(sync=True)  # B shown, A's painting kept aside
+    widget.image_combo.set_layer(image_a)  # A chosen, B shown
+    assert label.text() == f"corrections on '{a}': 16 voxels kept as hard labels"
+    widget.refine_panel.clear_button.click()  # asks, then forgets A's (not B's) corrections
+    assert questions and f"16 voxels painted on '{a}'" in questions[-1]
+    assert label.text().startswith(f"corrections on '{a}': none")
+    assert ctl.corrections_count(image_a) == 0
 
 
 def test_a_checkpoint_that_fails_to_load_does_not_stay_on_show(setup, tmp_path: Path) -> None:

@@ -873,9 +873,31 @@ class APLController:
         """Number of voxels the user corrected so far."""
         return 0 if self.corrections is None else int((self.corrections >= 0).sum())
 
-    def clear_corrections(self) -> bool:
-        """Forget the painted corrections if ``confirm`` agrees (the layer keeps what it shows)."""
+    def corrections_count(self, image_layer: Any = None) -> int:
+        """Voxels corrected on ``image_layer`` (what a refinement of it uses); the shown scan's if None."""
+        if image_layer is None:
+            return self.n_corrected
+        corr = self._corrections_of(image_layer)
+        return 0 if corr is None else int((corr >= 0).sum())
+
+    def clear_corrections(self, image_layer: Any = None) -> bool:
+        """Forget the painted corrections (of ``image_layer``, else of the shown scan) if ``confirm`` agrees
+        (the layer keeps what it shows)."""
         self.collect_corrections()
+        target = unwrap_layer(image_layer) if image_layer is not None else None
+        owner = self._corrections_owner() if self._corrections_owner is not None else None
+        if target is not None and owner is not target:  # a scan not shown: its kept corrections
+            n = self.corrections_count(image_layer)
+            question = (
+                f"Forget the {n} voxels painted on '{image_layer.name}'? "
+                "They will no longer be kept as hard labels."
+            )
+            if n and not self.confirm(question):
+                return False
+            self._stashed.pop(target, None)
+            self.status.emit(f"corrections of {image_layer.name} cleared")
+            self.corrections_changed.emit()
+            return True
         n = self.n_corrected
         question = f"Forget the {n} painted voxels? They will no longer be kept as hard labels."
         if n and not self.confirm(question):

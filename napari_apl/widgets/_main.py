@@ -258,6 +258,7 @@ class APLWidget(QWidget):
         self.discard_button.clicked.connect(self.discard_recovery)
         self.image_combo.currentIndexChanged.connect(lambda *_: self._check_recovery())
         self.image_combo.currentIndexChanged.connect(lambda *_: self._forget_stale_error())
+        self.image_combo.currentIndexChanged.connect(lambda *_: self.refine_panel._update_corrections())
         ctl.confirm_close = _weak_question(self)  # no reference cycle controller -> widget
         ctl.confirm = _weak_question(self, "ask")
         self._layer_events = (

@@ -188,16 +188,22 @@ class RefinePanel(QWidget):
             self.controller.pause()
         self.pause_button.setText("Resume" if self.controller.paused else "Pause")
 
+    def _image(self) -> Any:
+        return self.image_getter() if self.image_getter is not None else None
+
     def _clear(self) -> None:
-        self.controller.clear_corrections()  # asks first when voxels were painted
+        self.controller.clear_corrections(self._image())  # asks first when voxels were painted
         self._update_corrections()
 
     def _update_corrections(self) -> None:
-        n = self.controller.n_corrected
+        """Count the corrections of the scan Refine will run on (the image chosen), naming it."""
+        image = self._image()
+        n = self.controller.corrections_count(image)
+        of = f" on '{image.name}'" if image is not None else ""
         self.corrections_label.setText(
-            f"corrections: {n} voxels kept as hard labels"
+            f"corrections{of}: {n} voxels kept as hard labels"
             if n
-            else "corrections: none (paint in 'pseudo-label' to add)"
+            else f"corrections{of}: none (paint in 'pseudo-label' to add)"
         )
 
     def _on_model_changed(self, *args: object) -> None:
