@@ -628,6 +628,25 @@ def test_inspect_goes_to_the_slice_napari_shows_on_a_tilted_scan(
             assert seen[-1] == shown() and seen[-1] != seen[-2]
 
 
+def test_predict_on_a_scan_the_slider_misses_shows_its_middle_slice(setup) -> None:
+    """A scan placed elsewhere in the world (no slice at the slider's position): after Predict the slider
+    moves to its middle slice, so that its new layers are on screen."""
+    viewer, widget, image, _ = setup("LPS")
+    far = viewer.add_image(
+        np.asarray(image.data),
+        name="far scan",
+        scale=image.scale,
+        translate=np.add(image.translate, (500.0, 0, 0)),
+    )
+    axis = viewer.dims.ndim - 3
+    viewer.dims.set_current_step(axis, 0)  # on the first scan, far below the second
+    widget.image_combo.set_layer(far)
+    assert widget.predict(sync=True)
+    n = far.data.shape[0]
+    assert widget.inspect.current_slice() == n // 2
+    assert widget.inspect.info.text().startswith(f"far scan, slice {n // 2}:")
+
+
 def test_inspect_moves_the_slider(setup) -> None:
     viewer, widget, image, _ = setup("LPS")
     widget.predict(sync=True)

@@ -108,6 +108,10 @@ class InspectPanel(QWidget):
             {CLASS_NAMES[lab]: (prof.organ_area_cm2[lab], LABEL_COLORS[lab]) for lab in ORGANS}
         )
         self.next_button.setEnabled(prof.n_slices > 0)
+        if prof.n_slices and self.current_slice() is None:
+            # the slider shows none of this scan's slices (a scan placed elsewhere in the world, or
+            # past its end): show its middle slice, or its new layers would be nowhere to be seen
+            self.go_to_slice(prof.n_slices // 2)
         self._on_dims()
 
     def current_slice(self) -> int | None:
