@@ -199,7 +199,8 @@ class RefinePanel(QWidget):
         """Count the corrections of the scan Refine will run on (the image chosen), naming it."""
         image = self._image()
         n = self.controller.corrections_count(image)
-        of = f" on '{image.name}'" if image is not None else ""
+        name = "" if image is None else image.name if len(image.name) <= 40 else image.name[:39] + "…"
+        of = f" on '{name}'" if image is not None else ""  # (a long name must not widen the panel)
         self.corrections_label.setText(
             f"corrections{of}: {n} voxels kept as hard labels"
             if n
