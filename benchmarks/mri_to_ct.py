@@ -263,6 +263,13 @@ EXPLORE: dict[str, tuple[str, dict]] = {
     "apl (teacher decay 0.95)": ("apl", {"teacher_decay": 0.95}),
     "apl (ensemble decay 0.9)": ("apl", {"ensemble_decay": 0.9}),
     "apl (batch 16)": ("apl", {"batch_size": 16}),
+    # the baselines at the faster teacher too: a default for APL is only judged against them at it
+    **{f"{m} (teacher decay 0.98)": (m, {"teacher_decay": 0.98}) for m in BASELINES},
+    "apl (+ geometry; teacher decay 0.98)": ("apl", {"augment_geometry": True, "teacher_decay": 0.98}),
+    "threshold (+ geometry; teacher decay 0.98)": (
+        "threshold",
+        {"augment_geometry": True, "teacher_decay": 0.98},
+    ),
 }
 ROWS = (*METHODS, *VARIANTS)  # the default table: EXPLORE rows run only when named
 VARIANTS |= EXPLORE  # every row name, on request or not, resolves through VARIANTS
@@ -712,9 +719,9 @@ def explore_lines(results: dict) -> list[str]:
         "Rows on request (`EXPLORE`): `(+ class selection[ at q])` = APL that also drops from L_SSL the "
         "pixels whose class-normalised ensemble probability is below their class's k_c (`class_select`, "
         "CBST's selection; k_c at portion q = `class_norm`, 0.5 unless named); `(+ background selection)` "
-        "= the same for background pixels only (`background_select`); `(<setting> <value>)` = APL with "
-        "that one setting of its recipe moved from its default (foreground sampling 0.5, teacher decay 0.99, "
-        "ensemble decay 0.7, batch 8). None is a default.",
+        "= the same for background pixels only (`background_select`); `(<setting> <value>)` = that row's "
+        "method with that one setting of the shared recipe moved from its default (foreground sampling 0.5, "
+        "teacher decay 0.99, ensemble decay 0.7, batch 8). None is a default.",
         "",
     ]
 
