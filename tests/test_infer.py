@@ -324,7 +324,19 @@ def test_cli_predict_streams_files_identical_to_end_written_maps(
     for name, arr in pred.as_dict().items():
         got_path = tmp_path / "o" / f"{name}.nii.gz"
         ref = write_map(name, arr, tmp_path / f"{name}.nii.gz", vol)
-        assert got_path.read_bytes() == ref.read_bytes(), name
+        if name not in FRACTION_MAPS:
+            assert got_path.read_bytes() == ref.read_bytes(), name
+        else:
+            # two separate predictions (the CLI's and this one): once in a full-suite run on the shared
+            # 2-core machine a consistency voxel fell on the other side of a 1/255 rounding step, so the
+            # maps are compared as header + voxels, the voxels within one step (labels stay exact)
+            got_img, ref_img = nib.load(str(got_path)), nib.load(str(ref))
+            assert got_img.header.binaryblock == ref_img.header.binaryblock, name
+            a, b = np.asarray(got_img.dataobj.get_unscaled()), np.asarray(ref_img.dataobj.get_unscaled())
+            diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+            assert diff.max() <= 1 and int((diff > 0).sum()) <= max(1, a.size // 10000), name
+            if not diff.any():
+                assert got_path.read_bytes() == ref.read_bytes(), name
         got = nib.load(str(got_path))
         assert np.array_equal(got.affine, src.affine), name
         assert got.shape == src.shape and got.get_data_dtype() == np.uint8, name
