@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from dataclasses import replace
@@ -42,6 +43,21 @@ def _frozen_train(model: torch.nn.Module) -> None:
             m.eval()
 
 
+def _heap_off_run(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Per-step times of the plain step and the APL iteration from a child process with the heap as
+    glibc leaves it (``memory.RETAIN_HEAP`` off: its settings are process-wide, so not in this one)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "per_step.json"
+        cmd = [sys.executable, __file__, "--rounds", str(args.heap_rounds), "--steps", str(args.steps)]
+        cmd += ["--batch-size", str(args.batch_size), "--slices", str(args.slices), "--base", str(args.base)]
+        cmd += ["--threads", str(torch.get_num_threads()), "--heap-off-child", str(out)]
+        subprocess.run(cmd, check=True)
+        return json.loads(out.read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its results."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--base", type=int, default=16)
     ap.add_argument("--device", default="cpu", help="cpu (the goal's machine) or cuda")
+    ap.add_argument(
+        "--heap-rounds",
+        type=int,
+        default=8,
+        help="rounds of the comparison run without core.memory.retained_heap (a child process; 0: none)",
+    )
+    ap.add_argument("--heap-off-child", help=argparse.SUPPRESS)  # (the child: plain and APL only, to a file)
     args = ap.parse_args(argv)
     refusal = c.device_refusal(args.device)
     if refusal:
@@ -60,11 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    import napari_apl.core.memory as memory_module
+    import napari_apl.core.refine as refine_module
     from napari_apl.core.infer import prepare
+    from napari_apl.core.models.fold import FoldedNet
     from napari_apl.core.phantom import make_phantom
     from napari_apl.core.refine import RefineConfig, _teacher_bf16, refine
     from napari_apl.core.volume import volume_from_array
 
+    if args.heap_off_child:
+        memory_module.RETAIN_HEAP = False
     dev = torch.device(args.device)
     on_gpu = dev.type == "cuda"
     rep = c.Report(
@@ -91,6 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     # untrained model collapses without a teacher, so its guard is off: the loop must keep stepping)
     gen_own = refine(model, meta, volume, replace(cfg, teacher_decay=0.0, augment="none", guard_every=10**9))
     next(gen_own)
+    # the default recipe with the teacher's batch norms computed as layers (not folded into its
+    # convolutions): what folding saves, measured in the same rounds (a refinement reads the switch
+    # when it starts)
+    refine_module._FOLD_BN = False
+    try:
+        gen_unfolded = refine(model, meta, volume, cfg)
+        next(gen_unfolded)
+    finally:
+        refine_module._FOLD_BN = True
 
     prep = prepare(volume, meta, model)
     xs = torch.cat([prep.batch(range(s, min(s + 16, args.slices))) for s in range(0, args.slices, 16)]).to(
@@ -142,10 +179,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
-    teacher = copy.deepcopy(model).to(memory_format=fmt).eval()
+    teacher_layers = copy.deepcopy(model).to(memory_format=fmt).eval()
+    teacher = FoldedNet(teacher_layers)  # as the refinement runs its teacher
 
     def teacher_forwards() -> None:
-        """The EMA teacher's part of an APL iteration alone: one forward in inference mode."""
+        """The EMA teacher's part of an APL iteration alone: one forward in inference mode (folded)."""
         for _ in range(args.steps):
             x, _ = batch()
             with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=teacher_low):
@@ -156,14 +194,20 @@ def main(argv: list[str] | None = None) -> int:
         "apl": synced(steps_of(gen)),
         "apl_fp32_teacher": synced(steps_of(gen_fp32)) if gen_fp32 is not None else None,
         "apl_own": synced(steps_of(gen_own)),
+        "apl_unfolded": synced(steps_of(gen_unfolded)),
         "teacher_forward": synced(teacher_forwards),
     }
+    if args.heap_off_child:
+        sides = {k: sides[k] for k in ("plain", "apl")}
     times = c.interleaved(
         {k: fn for k, fn in sides.items() if fn is not None},
         args.rounds,
         warmup=1,
     )
     per = {k: [t / args.steps for t in v] for k, v in times.items()}
+    if args.heap_off_child:
+        Path(args.heap_off_child).write_text(json.dumps(per))
+        return 0
     ratio = c.paired_ratio(per["apl"], per["plain"])
     rep.add("APL iteration / plain step (median of paired rounds)", ratio, "x", goal=GOAL)
     rep.add("APL iteration (median)", c.median(per["apl"]) * 1000, "ms")
@@ -188,6 +232,40 @@ def main(argv: list[str] | None = None) -> int:
             + ("" if teacher_low else " (this machine)"),
         )
     rep.add(
+        "APL iteration with the teacher's batch norms not folded / plain step",
+        c.paired_ratio(per["apl_unfolded"], per["plain"]),
+        "x",
+        goal=GOAL,
+        note="the teacher's and the guard's forwards with their batch norms as layers (core.refine._FOLD_BN "
+        "off): the recipe as it ran before the folding",
+    )
+    rep.add(
+        "  APL iteration, folded / not folded (median of paired rounds)",
+        c.paired_ratio(per["apl"], per["apl_unfolded"]),
+        "x",
+    )
+    heap_off = None
+    if args.heap_rounds > 0 and not on_gpu:
+        heap_off = _heap_off_run(args)
+        rep.add(
+            "APL iteration / plain step, without keeping freed memory (separate process)",
+            c.paired_ratio(heap_off["apl"], heap_off["plain"]),
+            "x",
+            goal=GOAL,
+            note=f"core.memory.retained_heap off (glibc's default heap behaviour), {args.heap_rounds} "
+            "rounds in a child process run after the rounds above: both sides pay the page faults",
+        )
+        rep.add(
+            "  plain step, freed memory kept / not kept (medians of the two runs)",
+            c.median(per["plain"]) / c.median(heap_off["plain"]),
+            "x",
+        )
+        rep.add(
+            "  APL iteration, freed memory kept / not kept (medians of the two runs)",
+            c.median(per["apl"]) / c.median(heap_off["apl"]),
+            "x",
+        )
+    rep.add(
         "APL iteration without the EMA teacher or student augmentation / plain step",
         c.paired_ratio(per["apl_own"], per["plain"]),
         "x",
@@ -196,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         "from the student's own forward (collapse guard off)",
     )
     rep.add(
-        f"EMA teacher's no-grad forward ({'bf16' if teacher_low else 'float32'}) / plain step (paired)",
+        f"EMA teacher's no-grad forward ({'bf16' if teacher_low else 'float32'}, batch norms folded)"
+        " / plain step (paired)",
         c.paired_ratio(per["teacher_forward"], per["plain"]),
         "x",
         note="part of every iteration of the default recipe (teacher_decay=0.99): the floor is 1 + this",
@@ -212,9 +291,13 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             teacher(x)
 
+    def teacher_forward_layers() -> None:
+        with torch.inference_mode():
+            teacher_layers(x)
+
     def teacher_forward_bf16() -> None:
         with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16):
-            teacher(x)
+            teacher_layers(x)
 
     def student_forward_backward() -> None:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_gpu):
@@ -228,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = c.interleaved(
         {
             "teacher_forward_no_grad": synced(teacher_forward),
+            "teacher_forward_no_grad_batch_norm_layers": synced(teacher_forward_layers),
             "teacher_forward_no_grad_bf16_autocast": synced(teacher_forward_bf16),
             "student_forward_backward": synced(student_forward_backward),
             "heads_forward": synced(heads_forward),
@@ -251,12 +335,15 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(dev) if on_gpu else "cpu",
         "refine_setup_plus_first_iteration_s": round(setup_s, 2),
         "per_step_s": per,
+        "per_step_s_without_retained_heap": heap_off,
         "components_ms": components,
     }
     rep.note(
         "one APL iteration (core.refine.refine) runs: sample the batch from the ensemble's per-slice "
         "organ flags (kept up to date for each batch's slices, no scan of the volume); the EMA "
-        "teacher's forward in inference mode (pseudo labels; under bf16 autocast where the CPU computes bf16 "
+        "teacher's forward in inference mode on a copy with its batch norms folded into its convolutions "
+        "(models.fold, refreshed from the teacher's weights before each use; pseudo labels; under bf16"
+        " autocast where the CPU computes bf16 "
         "natively, RefineConfig.teacher_bf16); the student's mild augmentation of the batch (gamma, bias "
         "field, blur, noise: RefineConfig.augment); the student's encoder forward once, with "
         "gradient; both heads on the detached features -> L_Con -> classifier step; the ensemble update "
@@ -264,6 +351,12 @@ def main(argv: list[str] | None = None) -> int:
         "target; both heads again on the attached features (the classifiers have changed, the encoder "
         "has not) -> L_SSL -> backward into the encoder's parameters only -> encoder step; EMA update "
         "(foreach ops); the losses' finiteness check (the weights' every guard_every iterations)"
+    )
+    rep.note(
+        "the refinement keeps the memory its tensors free for the next iteration (core.memory.retained_heap: "
+        "glibc's mmap threshold at 32 MB, its heap not trimmed while a refinement runs); the setting is "
+        "process-wide, so the plain step and every component here run under it too; the row 'without "
+        "keeping freed memory' is the same two sides in a child process with glibc's defaults"
     )
     rep.note(
         "the plain step is one forward + backward + Adam step (no augmentation); beyond it an APL "

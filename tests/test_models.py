@@ -251,3 +251,66 @@ def test_deeplab_grey_input_is_repeated_to_rgb():
         a = grey(x)
         b = rgb(x.repeat(1, 3, 1, 1))
     assert torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1])
+
+
+def _random_batch_norm_stats(model: DualHeadNet) -> None:
+    """Give every batch norm non-trivial statistics and affine weights (fresh ones fold to identity)."""
+    g = torch.Generator().manual_seed(2)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=g))
+            m.weight.data.copy_(0.5 + torch.rand(n, generator=g))
+            m.bias.data.copy_(0.4 * torch.rand(n, generator=g) - 0.2)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_folded_copy_computes_the_eval_forward_and_follows_new_weights(arch):
+    """Every batch norm is folded; the copy matches the eval forward before and after a refresh."""
+    from napari_apl.core.models.fold import FoldedNet
+
+    model = _model(arch)
+    _random_batch_norm_stats(model)
+    folded = FoldedNet(model)
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert len(folded.pairs) == n_bn > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = _input(arch)
+
+    def close(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
+        return all(torch.allclose(u, v, rtol=1e-4, atol=1e-5 * float(u.abs().max())) for u, v in zip(a, b))
+
+    with torch.no_grad():
+        assert close(model(x), folded(x))
+        # the original changes (as the EMA teacher does each iteration): a refresh follows it
+        for p in model.parameters():
+            p.mul_(1.1).add_(0.01)
+        _random_batch_norm_stats(model)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.mul_(2.0)
+        stale = folded(x)
+        folded.refresh(model.state_dict())
+        assert close(model(x), folded(x))
+        assert not close(model(x), stale)
+    # the original is untouched by folding: its batch norms and bias-free convolutions are still there
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == n_bn
+    assert not folded.training and model.training is False
+
+
+def test_only_batch_norms_that_read_a_convolution_alone_are_folded():
+    """A batch norm without running statistics or after a non-convolution stays a layer."""
+    from napari_apl.core.models.fold import FoldedNet, foldable_pairs
+
+    model = _model("unet-dual", base=4)
+    model.inc[1] = torch.nn.BatchNorm2d(4, track_running_stats=False)  # batch statistics even in eval
+    pairs = foldable_pairs(model)
+    assert ("inc.0", "inc.1") not in pairs and ("inc.3", "inc.4") in pairs
+    assert len(pairs) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) - 1
+    folded = FoldedNet(model)
+    assert isinstance(folded.net.inc[1], torch.nn.BatchNorm2d)
+    x = _input("unet-dual")
+    with torch.no_grad():
+        for a, b in zip(model.eval()(x), folded(x)):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -663,3 +664,49 @@ def test_the_optimiser_warm_up_runs_once() -> None:
         "assert warm() is False\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+@pytest.mark.parametrize("method", ["apl", "mrnet", "cbst"])
+def test_folded_teacher_gives_the_same_refinement(setup, monkeypatch, method):
+    """The teacher's and the guard's forwards on the folded copy change nothing beyond float rounding."""
+    import napari_apl.core.refine as refine_module
+
+    model, meta, vol = setup
+    model = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(5)
+    for m in model.modules():  # statistics that make folding change the weights
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+    cfg = _cfg(method=method, iterations=6, guard_every=3, bn="frozen", rounds=2)
+    folded = run_generator(refine(model, meta, vol, cfg))
+    monkeypatch.setattr(refine_module, "_FOLD_BN", False)
+    layers = run_generator(refine(model, meta, vol, cfg))
+    assert np.array_equal(folded.pseudo, layers.pseudo)
+    for key, value in layers.model.state_dict().items():
+        assert torch.allclose(folded.model.state_dict()[key].float(), value.float(), atol=1e-5), key
+    assert folded.iterations_done == layers.iterations_done  # (the guard's verdicts agree too)
+    assert folded.notes == layers.notes
+
+
+def test_the_teacher_runs_on_its_folded_copy(setup, monkeypatch):
+    """The pseudo labels come from the folded teacher, refreshed before each use."""
+    from napari_apl.core.models.fold import FoldedNet
+
+    model, meta, vol = setup
+    calls = {"forward": 0, "refresh": 0}
+    forward, refresh = FoldedNet.forward, FoldedNet.refresh
+
+    def counting_forward(self, x):
+        calls["forward"] += 1
+        return forward(self, x)
+
+    def counting_refresh(self, state):
+        calls["refresh"] += 1
+        return refresh(self, state)
+
+    monkeypatch.setattr(FoldedNet, "forward", counting_forward)
+    monkeypatch.setattr(FoldedNet, "refresh", counting_refresh)
+    run_generator(refine(model, meta, vol, _cfg(iterations=4)))
+    # the initial ensemble pass (one batch of 8 slices) and one forward per iteration
+    assert calls["forward"] >= 5 and calls["refresh"] >= calls["forward"]

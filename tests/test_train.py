@@ -295,3 +295,28 @@ def test_training_is_bit_identical_across_processes(tmp_path, mri_pairs):
         outs.append(load_checkpoint(out)[0].state_dict())
     for k, v in outs[0].items():
         assert torch.equal(v, outs[1][k]), k
+
+
+def test_training_keeps_freed_memory_while_it_runs(mri_pairs, tmp_path, monkeypatch):
+    """The epochs run inside one core.memory.retained_heap block, given back when training ends."""
+    from napari_apl.core import memory
+
+    calls: list[str] = []
+
+    class FakeLibc:
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append("mallopt")
+            return 1
+
+        def malloc_trim(self, pad: int) -> int:
+            calls.append("malloc_trim")
+            return 1
+
+    monkeypatch.setattr(memory, "_glibc", lambda: FakeLibc())
+    monkeypatch.setattr(memory, "_retained", 0)
+    gen = train_source(mri_pairs, tmp_path / "m.pt", _cfg(epochs=1))
+    next(gen)
+    assert memory._retained == 1 and calls == ["mallopt", "mallopt"]
+    run_generator(gen)
+    assert memory._retained == 0 and calls[-1] == "malloc_trim"
+    assert (tmp_path / "m.pt").is_file()

@@ -25,6 +25,7 @@ from .checkpoint import FORMAT_VERSION, MAX_INPUT_SIZE, MIN_INPUT_SIZE, Checkpoi
 from .errors import APLError, CheckpointError
 from .io_utils import atomic_write
 from .labels import CLASS_NAMES
+from .memory import retained_heap
 from .models import DualHeadNet, build_model
 from .preprocess import Normalization, get_preset
 from .utils import resolve_device, seed_everything
@@ -394,39 +395,41 @@ def train_source(
             raise CheckpointError(
                 f"cannot resume from {state_file} ({exc}): delete it to start afresh"
             ) from exc
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        perm = torch.randperm(n, generator=gen)
-        for step in range(steps):
-            idx = perm[(step * cfg.batch_size) % n :][: cfg.batch_size]
-            if idx.numel() < cfg.batch_size:
-                idx = torch.cat([idx, perm[: cfg.batch_size - idx.numel()]])
-            x, y = data.images[idx], data.labels[idx]
-            if cfg.augment:
-                x, y = augment_batch(x, y, gen, cfg)
-            x, y = x.to(dev).contiguous(memory_format=fmt), y.to(dev)
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg.amp):
-                main, aux = model(x)
-            main, aux = main.float(), aux.float()
-            loss = seg_loss(main, y) + cfg.aux_weight * seg_loss(aux, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
-            sched.step()
-            yield TrainEvent(epoch=epoch + 1, step=step + 1, steps=steps, loss=float(loss.detach()))
-            if stop is not None and stop():
-                return model.to(memory_format=torch.contiguous_format).eval(), _meta(cfg, norm, pairs, epoch)
-        _refuse_diverged(model, out, state_file)  # before its weights become the state to resume from
-        state = {
-            "config": _cfg_key(cfg, pairs),
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "rng": gen.get_state(),
-            "epoch": epoch + 1,
-        }
-        atomic_write(state_file, lambda p, s=state: torch.save(s, p), overwrite=True)
+    with retained_heap():  # freed activations stay in the process for the next step
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            perm = torch.randperm(n, generator=gen)
+            for step in range(steps):
+                idx = perm[(step * cfg.batch_size) % n :][: cfg.batch_size]
+                if idx.numel() < cfg.batch_size:
+                    idx = torch.cat([idx, perm[: cfg.batch_size - idx.numel()]])
+                x, y = data.images[idx], data.labels[idx]
+                if cfg.augment:
+                    x, y = augment_batch(x, y, gen, cfg)
+                x, y = x.to(dev).contiguous(memory_format=fmt), y.to(dev)
+                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                    main, aux = model(x)
+                main, aux = main.float(), aux.float()
+                loss = seg_loss(main, y) + cfg.aux_weight * seg_loss(aux, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+                opt.step()
+                sched.step()
+                yield TrainEvent(epoch=epoch + 1, step=step + 1, steps=steps, loss=float(loss.detach()))
+                if stop is not None and stop():
+                    model = model.to(memory_format=torch.contiguous_format).eval()
+                    return model, _meta(cfg, norm, pairs, epoch)
+            _refuse_diverged(model, out, state_file)  # before its weights become the state to resume from
+            state = {
+                "config": _cfg_key(cfg, pairs),
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "rng": gen.get_state(),
+                "epoch": epoch + 1,
+            }
+            atomic_write(state_file, lambda p, s=state: torch.save(s, p), overwrite=True)
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     _refuse_diverged(model, out, state_file)
     meta = _meta(cfg, norm, pairs, cfg.epochs)

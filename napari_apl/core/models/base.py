@@ -8,6 +8,7 @@ and the encoder and the classifiers are optimised with different losses.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -55,6 +56,25 @@ class DualHeadNet(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(main_logits, aux_logits)``, both ``(N, C, H, W)`` at the input resolution."""
         return self.heads(self.features(x), tuple(x.shape[-2:]))
+
+    def conv_bn_pairs(self) -> list[tuple[str, str]]:
+        """Return ``(conv, batch_norm)`` module names where the batch norm reads only that convolution.
+
+        Such a batch norm can be folded into its convolution for inference (``models.fold``). This
+        default finds a ``Conv2d`` directly followed by a ``BatchNorm2d`` inside an ``nn.Sequential``
+        (whose output feeds only the next module); architectures that call their layers by hand
+        declare theirs.
+        """
+        pairs = []
+        for name, mod in self.named_modules():
+            if not isinstance(mod, nn.Sequential):
+                continue
+            kids = list(mod.named_children())
+            for (a_name, a), (b_name, b) in itertools.pairwise(kids):
+                if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                    prefix = f"{name}." if name else ""
+                    pairs.append((prefix + a_name, prefix + b_name))
+        return pairs
 
     def _check_input(self, x: torch.Tensor, *, multiple: bool = True) -> None:
         """Raise a ValueError when ``x`` is not an ``(N, in_channels, H, W)`` batch of a valid size."""

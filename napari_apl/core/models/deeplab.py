@@ -117,6 +117,15 @@ class DeepLabV2(DualHeadNet):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def conv_bn_pairs(self) -> list[tuple[str, str]]:
+        """The stem's and every bottleneck's ``convK``/``bnK``, and the downsampling branches' pairs."""
+        pairs = super().conv_bn_pairs()  # the downsample Sequentials
+        pairs.append(("conv1", "bn1"))
+        for name, mod in self.named_modules():
+            if isinstance(mod, Bottleneck):
+                pairs += [(f"{name}.conv{k}", f"{name}.bn{k}") for k in (1, 2, 3)]
+        return pairs
+
     def _make_layer(self, planes: int, blocks: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
         """Build one ResNet stage; the first block gets a projection shortcut when needed."""
         out = planes * Bottleneck.expansion
