@@ -74,7 +74,6 @@ def _pipeline_and_bare(model, meta, image: Path, ckpt: Path, out: Path, batch_si
 
     from napari_apl import cli
     from napari_apl.core.infer import prepare
-    from napari_apl.core.memory import retained_heap
     from napari_apl.core.volume import load_volume
 
     prep = prepare(load_volume(image), meta, model)
@@ -85,9 +84,7 @@ def _pipeline_and_bare(model, meta, image: Path, ckpt: Path, out: Path, batch_si
     model.to(memory_format=torch.channels_last)  # as predict runs it (SlicePredictor)
 
     def bare() -> None:
-        # with freed memory kept, as predict runs its batches (core.memory.retained_heap): without it the
-        # bare forward pays page faults that predict does not, and the ratio would flatter the pipeline
-        with retained_heap(), torch.inference_mode():
+        with torch.inference_mode():
             for x in xs:
                 model(x)
 
@@ -309,9 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline = napari-apl predict in-process (load .nii.gz, normalise, resample, both heads, ω and "
         "consistency, inverse resample, write 5 .nii.gz), start-up included (checkpoint, header, the CT "
         "check on the first slices); bare = model(x) on the prepared slices; both with channels-last "
-        "weights, as predict runs the model, and both keeping the memory their tensors free for the next "
-        "batch (core.memory.retained_heap: in a separate-process comparison before this was adopted, it "
-        "took 8 % off predict's wall time and more off the bare forward's, so the ratio rose a little)"
+        "weights, as predict runs the model"
     )
     rep.write()
     return 0

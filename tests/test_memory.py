@@ -79,14 +79,15 @@ def test_the_real_c_library_takes_the_settings():
     assert memory._retained == 0
 
 
-def _tiny_case():
-    """A small CT phantom volume and an untrained unet-dual with its metadata."""
+def test_a_refinement_keeps_freed_memory_while_it_runs(fake_libc):
+    """The refinement loop runs inside one retention block, given back when the generator ends."""
     import torch
 
     from napari_apl.core.checkpoint import FORMAT_VERSION, CheckpointMeta
     from napari_apl.core.labels import CLASS_NAMES
     from napari_apl.core.models import build_model
     from napari_apl.core.phantom import make_phantom
+    from napari_apl.core.refine import RefineConfig, refine
     from napari_apl.core.volume import volume_from_array
 
     image, _labels, affine = make_phantom("ct", seed=3, shape=(48, 48, 8), spacing=(5.0, 5.0, 8.0))
@@ -102,31 +103,13 @@ def _tiny_case():
         normalization={"kind": "ct_window", "level": 40.0, "width": 400.0},
         provenance={},
     )
-    return model, meta, volume_from_array(image, affine)
-
-
-def test_a_refinement_keeps_freed_memory_while_it_runs(fake_libc):
-    """The refinement loop runs inside one retention block, given back when the generator ends."""
-    from napari_apl.core.refine import RefineConfig, refine
-
-    model, meta, vol = _tiny_case()
-    gen = refine(model, meta, vol, RefineConfig(iterations=2, batch_size=2))
+    gen = refine(model, meta, volume_from_array(image, affine), RefineConfig(iterations=2, batch_size=2))
     next(gen)
     assert memory._retained == 1 and len(fake_libc.calls) == 2
     for _ in gen:
         pass
     assert memory._retained == 0 and fake_libc.calls[-1] == ("malloc_trim", 0)
-    gen = refine(model, meta, vol, RefineConfig(iterations=5, batch_size=2))
+    gen = refine(model, meta, volume_from_array(image, affine), RefineConfig(iterations=5, batch_size=2))
     next(gen)
     gen.close()  # a refinement closed early (a cancelled run) gives it back too
-    assert memory._retained == 0 and fake_libc.calls[-1] == ("malloc_trim", 0)
-
-
-def test_a_prediction_keeps_freed_memory_while_it_runs(fake_libc):
-    """``iter_predict`` (the CLI's, the widget's and batch's prediction) runs inside one retention block."""
-    from napari_apl.core.infer import iter_predict
-
-    model, meta, vol = _tiny_case()
-    seen = [memory._retained for _ in iter_predict(model, meta, vol, batch_size=2)]
-    assert seen and all(n == 1 for n in seen)
     assert memory._retained == 0 and fake_libc.calls[-1] == ("malloc_trim", 0)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from . import pseudo
 from .checkpoint import CheckpointMeta
 from .errors import APLError, VolumeError
-from .memory import retained_heap, zeros_plain_pages
+from .memory import zeros_plain_pages
 from .models import DualHeadNet
 from .preprocess import FittedNormalization, Normalization, constant_volume_error
 from .utils import resolve_device, run_generator
@@ -727,8 +727,7 @@ def iter_predict(
             prepared=prepared,
             batch_size=batch_size,
         )
-        with retained_heap():  # freed batch tensors and activations stay in the process for the next batch
-            return (yield from sp.run(batch_size, slices, on_slices))
+        return (yield from sp.run(batch_size, slices, on_slices))
     finally:
         model.train(was_training)
 
