@@ -109,11 +109,12 @@ def _glibc() -> Any | None:
 def retained_heap() -> Iterator[bool]:
     """Keep the memory that tensors free inside this block in the process, for the next ones to reuse.
 
-    A training or inference loop frees its activations every step and allocates the same sizes again.
-    By default glibc hands large freed blocks back to the kernel (blocks over its mmap threshold, and
-    the heap's free top over its trim threshold), so every step pays page faults and zeroing for
-    hundreds of megabytes again: a no-grad forward of the benchmark model took about 1.2 x, a forward
-    with gradient up to 1.6 x its time with the memory kept (measured here, 2-core CPU). Inside the
+    A training loop frees its activations every step and allocates the same sizes again. By default
+    glibc hands large freed blocks back to the kernel (blocks over its mmap threshold, and the heap's
+    free top over its trim threshold), so every step pays page faults and zeroing for hundreds of
+    megabytes again: in a micro-run a forward with gradient of the benchmark model took 1.6 x its time
+    with the memory kept (2-core CPU). Refinement and source training run inside this block;
+    prediction does not (it measured within noise there: its live memory is small). Inside the
     block blocks up to 32 MB come from the heap and its free memory is kept; when the last such block
     in the process ends, the free memory is given back (``malloc_trim``) and the heap is trimmed at
     64 MB again, which leaves glibc as its own adjustment would after freeing such blocks. Nested and
