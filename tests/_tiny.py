@@ -8,8 +8,9 @@ import nibabel as nib
 import torch
 
 from napari_apl.core.checkpoint import CheckpointMeta, save_checkpoint
-from napari_apl.core.models import build_model
+from napari_apl.core.models import DualHeadNet, build_model
 from napari_apl.core.phantom import make_phantom
+from napari_apl.core.volume import Volume, volume_from_array
 
 
 def write_ct_phantom(path: Path, seed: int, shape: tuple[int, int, int], spacing: tuple[float, ...]) -> Path:
@@ -44,3 +45,18 @@ def write_tiny_checkpoint(
     )
     save_checkpoint(path, model, meta)
     return path
+
+
+def tiny_ct_case(base: int = 8) -> tuple[DualHeadNet, CheckpointMeta, Volume]:
+    """An in-memory 48 x 48 x 8 CT phantom and an untrained (seeded) unet-dual with its metadata."""
+    image, _labels, affine = make_phantom("ct", seed=3, shape=(48, 48, 8), spacing=(5.0, 5.0, 8.0))
+    torch.manual_seed(0)
+    model = build_model("unet-dual", num_classes=5, base=base)
+    meta = CheckpointMeta(
+        arch="unet-dual",
+        arch_args={"num_classes": 5, "base": base},
+        input_size=(48, 48),
+        spacing=(5.0, 5.0),
+        normalization=dict(CT_WINDOW),
+    )
+    return model, meta, volume_from_array(image, affine)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+from _tiny import tiny_ct_case
 
 from napari_apl.core import memory
 
@@ -81,35 +82,16 @@ def test_the_real_c_library_takes_the_settings():
 
 def test_a_refinement_keeps_freed_memory_while_it_runs(fake_libc):
     """The refinement loop runs inside one retention block, given back when the generator ends."""
-    import torch
-
-    from napari_apl.core.checkpoint import FORMAT_VERSION, CheckpointMeta
-    from napari_apl.core.labels import CLASS_NAMES
-    from napari_apl.core.models import build_model
-    from napari_apl.core.phantom import make_phantom
     from napari_apl.core.refine import RefineConfig, refine
-    from napari_apl.core.volume import volume_from_array
 
-    image, _labels, affine = make_phantom("ct", seed=3, shape=(48, 48, 8), spacing=(5.0, 5.0, 8.0))
-    torch.manual_seed(0)
-    model = build_model("unet-dual", num_classes=5, base=4)
-    meta = CheckpointMeta(
-        format_version=FORMAT_VERSION,
-        arch="unet-dual",
-        arch_args={"num_classes": 5, "base": 4},
-        class_names=list(CLASS_NAMES),
-        input_size=(48, 48),
-        spacing=(5.0, 5.0),
-        normalization={"kind": "ct_window", "level": 40.0, "width": 400.0},
-        provenance={},
-    )
-    gen = refine(model, meta, volume_from_array(image, affine), RefineConfig(iterations=2, batch_size=2))
+    model, meta, vol = tiny_ct_case(base=4)
+    gen = refine(model, meta, vol, RefineConfig(iterations=2, batch_size=2))
     next(gen)
     assert memory._retained == 1 and len(fake_libc.calls) == 2
     for _ in gen:
         pass
     assert memory._retained == 0 and fake_libc.calls[-1] == ("malloc_trim", 0)
-    gen = refine(model, meta, volume_from_array(image, affine), RefineConfig(iterations=5, batch_size=2))
+    gen = refine(model, meta, vol, RefineConfig(iterations=5, batch_size=2))
     next(gen)
     gen.close()  # a refinement closed early (a cancelled run) gives it back too
     assert memory._retained == 0 and fake_libc.calls[-1] == ("malloc_trim", 0)

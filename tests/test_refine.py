@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tiny import tiny_ct_case
 
 from napari_apl.core import pseudo
-from napari_apl.core.checkpoint import FORMAT_VERSION, CheckpointMeta
+from napari_apl.core.checkpoint import CheckpointMeta
 from napari_apl.core.errors import APLError
 from napari_apl.core.infer import predict_volume
 from napari_apl.core.labels import CLASS_NAMES
@@ -24,21 +25,7 @@ from napari_apl.core.volume import volume_from_array
 @pytest.fixture(scope="module")
 def setup():
     """A tiny CT phantom and an untrained (but seeded) unet-dual with its metadata."""
-    image, _labels, affine = make_phantom("ct", seed=3, shape=(48, 48, 8), spacing=(5.0, 5.0, 8.0))
-    vol = volume_from_array(image, affine)
-    torch.manual_seed(0)
-    model = build_model("unet-dual", num_classes=5, base=8)
-    meta = CheckpointMeta(
-        format_version=FORMAT_VERSION,
-        arch="unet-dual",
-        arch_args={"num_classes": 5, "base": 8},
-        class_names=list(CLASS_NAMES),
-        input_size=(48, 48),
-        spacing=(5.0, 5.0),
-        normalization={"kind": "ct_window", "level": 40.0, "width": 400.0},
-        provenance={},
-    )
-    return model, meta, vol
+    return tiny_ct_case(base=8)
 
 
 def _cfg(**kw) -> RefineConfig:
