@@ -116,6 +116,69 @@ def test_dense_and_sparse_boundary_paths_agree(case, monkeypatch: pytest.MonkeyP
         assert np.array_equal(getattr(sparse, name), getattr(dense, name)), name
 
 
+@pytest.mark.parametrize(
+    ("low", "high"), [((7, 5), (23, 16)), ((12, 9), (12, 30)), ((16, 16), (10, 11)), ((5, 6), (64, 61))]
+)
+def test_sparse_labels_equal_the_dense_argmax(low, high, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The boundary-only labels equal the argmax of every class resampled, for up- and downsampling
+    grids, label edges at the grid's last row and column, and three maps at once."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(sum(low) + sum(high))
+    tv = infer._ToVoxels(SimpleNamespace(pad_before=(0, 0), resampled_shape=low, in_shape=high))
+    # image 0: noise (nearly every cell mixed); image 1: bands of a smooth ramp (thin boundaries,
+    # so a mixed cell's +1 neighbours are often not mixed), a little different for each map
+    logits = rng.normal(size=(3, 2, 5, *low)).astype(np.float32) * 3
+    i, j = np.meshgrid(np.linspace(0, 1, low[0]), np.linspace(0, 1, low[1]), indexing="ij")
+    for k in range(3):
+        ramp = 0.6 * i + 0.4 * j + 0.03 * k
+        logits[k, 1] = np.stack([-40 * (ramp - c) ** 2 for c in (0.0, 0.25, 0.45, 0.7, 0.95)])
+    probs = [infer._softmax(x) for x in logits]
+    lows = [infer._first_argmax(p) for p in probs]
+    monkeypatch.setattr(infer, "_DENSE_FRACTION", 2.0)  # never dense
+    sparse = tv.labels(probs, lows)
+    for p, got in zip(probs, sparse):
+        dense = tv._dense(p)
+        assert got.shape == (2, high[1], high[0]) and got.dtype == np.uint8
+        assert np.array_equal(got, dense)
+    assert len(np.unique(sparse[0][1])) >= 3
+
+
+def test_encoded_maps_are_the_quantised_fractions() -> None:
+    """Maps are stored as float16 and written as 1/255 steps: the lookup for float16 gives what the
+    arithmetic gives for the same values, in C or Fortran order, and labels pass through."""
+    half = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    half = half[np.isfinite(half)]
+    expected = np.rint(np.clip(half.astype(np.float32), 0, 1) * np.float32(255)).astype(np.uint8)
+    got = infer.encode_map("confidence", half)
+    assert got.dtype == np.uint8 and np.array_equal(got, expected)
+    assert got[half == np.float16(0.5)][0] == 128 and got[half == np.float16(1 / 255)][0] == 1
+    plane = np.asfortranarray(np.random.default_rng(0).random((37, 23)).astype(np.float16))
+    for arr in (plane, np.ascontiguousarray(plane), plane[::-1, ::2]):
+        out = infer.encode_map("consistency", arr)
+        assert np.array_equal(out, infer.encode_map("consistency", arr.astype(np.float32)))
+        assert out.tobytes(order="F") == infer.encode_map("consistency", arr.astype(np.float32)).tobytes("F")
+    assert np.array_equal(infer.encode_map("main", np.array([[0, 4]], np.uint8)), [[0, 4]])
+
+
+@pytest.mark.parametrize("dtype", ["<i2", ">i2", "<u2", "i1", "u1"])
+def test_integer_voxels_normalise_through_their_bit_patterns(dtype: str) -> None:
+    """Small integer voxels are normalised by a table indexed by their bits: the same float32 values
+    as the normalisation itself, for either byte order and signedness."""
+    from napari_apl.core.preprocess import Normalization
+
+    info = np.iinfo(np.dtype(dtype))
+    values = np.linspace(info.min, info.max, 70_000).round().astype(dtype)
+    for kind in ({"kind": "ct_window", "level": 40.0, "width": 400.0}, {"kind": "zscore"}):
+        norm = Normalization.from_dict(kind)
+        vol = volume_from_array(values.reshape(100, 70, 10), np.eye(4))
+        prep = infer.PreparedVolume(volume=vol, grid=None, fitted=norm.fit(vol.data))
+        got = prep._normalise(values)
+        want = np.asarray(prep.fitted(values.astype(np.float64)), dtype=np.float32)
+        assert got.dtype == np.float32 and np.allclose(got, want, rtol=1e-6, atol=1e-6), kind
+        assert np.ptp(got) > 0
+
+
 def test_device_path_makes_the_same_maps(case, monkeypatch: pytest.MonkeyPatch) -> None:
     """The maps made with torch where the logits are (the CUDA path), run here on the CPU, equal the
     numpy path's and the definition's up to float rounding."""

@@ -682,6 +682,26 @@ def test_gzip_reader_truncated(tmp_path: Path) -> None:
     reader.close()
 
 
+@pytest.mark.parametrize("name", ["RAS", "LPS", "PIR"])
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_axial_reader_reads_batches_of_canonical_slices(tmp_path: Path, name: str, suffix: str) -> None:
+    """A lazy volume's slices read in one piece (the predictor's path) equal the eager ones in
+    ``(n, X, Y)`` order; an array derived from the dask array has no reader (it is not the file)."""
+    from napari_apl.core.volume import axial_reader
+
+    p = _write(tmp_path / f"img{suffix}", _distinct(), ORIENTATIONS[name])
+    eager, lazy = load_volume(p), load_volume(p, lazy=True)
+    reader = axial_reader(lazy.data)
+    assert reader is not None and axial_reader(eager.data) is None
+    z = eager.data.shape[2]
+    for start, stop in [(0, z), (1, 3), (z - 1, z), (2, 2)]:
+        got = reader.axial(start, stop)
+        assert got.flags.c_contiguous and got.dtype == eager.data.dtype
+        assert np.array_equal(got, np.moveaxis(eager.data[:, :, start:stop], 2, 0)), (start, stop)
+    assert axial_reader(lazy.data[:, :, ::-1]) is None and axial_reader(lazy.data + 1) is None
+    assert axial_reader(lazy.data.rechunk((-1, -1, 2))) is None
+
+
 def test_lazy_gz_any_order(tmp_path: Path) -> None:
     data = np.random.default_rng(3).standard_normal((20, 16, 40)).astype(np.float32)
     p = _write(tmp_path / "img.nii.gz", data, ORIENTATIONS["LPS"])

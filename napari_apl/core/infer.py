@@ -38,7 +38,7 @@ from .memory import zeros_plain_pages
 from .models import DualHeadNet
 from .preprocess import FittedNormalization, Normalization, constant_volume_error
 from .utils import resolve_device, run_generator
-from .volume import SliceGrid, Volume, written_shape
+from .volume import SliceGrid, Volume, axial_reader, written_shape
 
 __all__ = [
     "FRACTION_MAPS",
@@ -119,7 +119,7 @@ class PreparedVolume:
     check_range: bool = False
     _range: tuple[float, float] | None = field(default=None, init=False, repr=False)
     _range_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
-    _lut: tuple[np.dtype, np.ndarray, int] | None = field(default=None, init=False, repr=False)
+    _lut: tuple[np.dtype, np.ndarray] | None = field(default=None, init=False, repr=False)
 
     def _see(self, arr: np.ndarray) -> None:
         """Widen the running voxel range with the raw slices ``arr`` (batches may come from two threads)."""
@@ -140,7 +140,11 @@ class PreparedVolume:
         """Return the voxels of slices ``indices`` as an ``(n, X, Y)`` array (dask slices computed)."""
         idx = [int(i) for i in indices]
         data = self.volume.data
-        if idx and idx == list(range(idx[0], idx[-1] + 1)):
+        contiguous = bool(idx) and idx == list(range(idx[0], idx[-1] + 1))
+        reader = axial_reader(data) if contiguous else None
+        if reader is not None:  # a lazy file's slices, read in one piece
+            return reader.axial(idx[0], idx[-1] + 1)
+        if contiguous:
             raw = data[:, :, idx[0] : idx[-1] + 1]
         else:
             raw = data[:, :, idx]
@@ -151,14 +155,13 @@ class PreparedVolume:
     def _normalise(self, arr: np.ndarray) -> np.ndarray:
         """Normalised float32 voxels; 8/16-bit integers through a lookup table of the same function."""
         if arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2 and arr.size > 1 << 16:
+            bits = np.dtype(f"u{arr.dtype.itemsize}")  # the table is indexed by the voxels' bit patterns
             lut = self._lut
             if lut is None or lut[0] != arr.dtype:
-                info = np.iinfo(arr.dtype)
-                values = np.arange(info.min, info.max + 1, dtype=np.int64).astype(arr.dtype)
-                lut = (arr.dtype, np.asarray(self.fitted(values), dtype=np.float32), int(info.min))
+                values = np.arange(1 << (8 * bits.itemsize), dtype=bits).view(arr.dtype)
+                lut = (arr.dtype, np.asarray(self.fitted(values), dtype=np.float32))
                 self._lut = lut
-            index = arr.astype(np.int32) - lut[2] if lut[2] else arr
-            return np.take(lut[1], index)
+            return np.take(lut[1], arr.view(bits))
         out = self.fitted(arr).astype(np.float32, copy=False)
         if not np.isfinite(out).all():  # e.g. float64 voxels beyond float32's range
             raise VolumeError(
@@ -293,8 +296,6 @@ class _ToVoxels:
         self.X, self.Y = grid.in_shape
         self.xi0, self.xi1, self.xw0, self.xw1 = _axis_weights(self.rx, self.X)
         self.yi0, self.yi1, self.yw0, self.yw1 = _axis_weights(self.ry, self.Y)
-        # model-grid cell (flat index into (rx, ry)) of each output voxel, in output order (y, x)
-        self.cell = (self.xi0[None, :] * self.ry + self.yi0[:, None]).reshape(-1)
 
     def crop(self, t: np.ndarray) -> np.ndarray:
         """Drop the padding of model-grid arrays ``(n, C, H', W')`` -> ``(n, C, rx, ry)`` (a view)."""
@@ -307,43 +308,60 @@ class _ToVoxels:
             t = F.interpolate(t, size=(self.Y, self.X), mode="bilinear", align_corners=False)
         return t.to(torch.float16).numpy()
 
+    def nearest(self, low: np.ndarray) -> np.ndarray:
+        """Each voxel's value at its model-grid cell (the corner ``i0, j0``): (n, rx, ry) -> (n, Y, X)."""
+        rows = np.take(np.ascontiguousarray(low.transpose(0, 2, 1)), self.xi0, axis=2)  # (n, ry, X)
+        return np.take(rows, self.yi0, axis=1)  # whole rows copied
+
     def labels(self, probs: Sequence[np.ndarray], lows: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Argmax of the bilinearly resampled probabilities ``(n, C, rx, ry)`` as uint8 ``(n, Y, X)``.
 
         ``lows`` are their model-grid labels. A voxel whose four model-grid neighbours share every
-        label takes it; the others are interpolated class by class (sparsely, or densely when many).
+        label takes it (a convex combination keeps the argmax); the others are interpolated, every
+        map's classes at once from one table of the cells they need (densely when they are many).
         """
-        n = probs[0].shape[0]
+        n, C = probs[0].shape[:2]
         code = np.zeros(lows[0].shape, dtype=np.int32)
         for k, low in enumerate(lows):
             code |= low.astype(np.int32) << (8 * k)
         pad = np.pad(code, ((0, 0), (0, 1), (0, 1)), mode="edge")
         corner = pad[:, :-1, :-1]
         mixed = (corner != pad[:, 1:, :-1]) | (corner != pad[:, :-1, 1:]) | (corner != pad[:, 1:, 1:])
-        code |= mixed.astype(np.int32) << 24
-        hit = np.take(code.reshape(n, -1), self.cell, axis=1)  # (n, Y*X)
-        parts = hit.astype("<i4", copy=False).view(np.uint8).reshape(n, -1, 4)  # byte k = code k
-        out = [np.ascontiguousarray(parts[..., k]) for k in range(len(lows))]
-        edge = parts[..., 3].view(bool)
+        out = [self.nearest(low).reshape(n, -1) for low in lows]
+        edge = self.nearest(mixed).reshape(n, -1)
         boundary = np.flatnonzero(edge)
-        if boundary.size > _DENSE_FRACTION * hit.size:
+        if boundary.size > _DENSE_FRACTION * edge.size:
             for k, p in enumerate(probs):
                 out[k] = np.where(edge, self._dense(p).reshape(n, -1), out[k])
         elif boundary.size:
-            plane = self.Y * self.X
-            img, pix = np.divmod(boundary, plane)
+            img, pix = np.divmod(boundary, self.Y * self.X)
             y, x = np.divmod(pix, self.X)
             i0, i1, j0, j1 = self.xi0[x], self.xi1[x], self.yi0[y], self.yi1[y]
             xw0, xw1 = self.xw0[x, None], self.xw1[x, None]
             yw0, yw1 = self.yw0[y, None], self.yw1[y, None]
             base = img * (self.rx * self.ry)
             r0, r1 = base + i0 * self.ry, base + i1 * self.ry
-            for k, p in enumerate(probs):
-                flat = np.ascontiguousarray(p.transpose(0, 2, 3, 1)).reshape(-1, p.shape[1])
-                a0 = yw0 * flat[r0 + j0] + yw1 * flat[r0 + j1]  # along Y on row i0, then row i1
-                a1 = yw0 * flat[r1 + j0] + yw1 * flat[r1 + j1]
-                val = xw0 * a0 + xw1 * a1  # (K, C)
-                out[k].reshape(-1)[boundary] = np.argmax(val, axis=1).astype(np.uint8)
+            # the cells those voxels read: each mixed cell and its +1 neighbours (at the last row or
+            # column the neighbour is the cell itself: i1 = i0)
+            need = np.zeros((n, self.rx + 1, self.ry + 1), dtype=bool)
+            for di in (0, 1):
+                for dj in (0, 1):
+                    need[:, di : self.rx + di, dj : self.ry + dj] |= mixed
+            cells = np.flatnonzero(need[:, : self.rx, : self.ry])
+            slot = np.empty(n * self.rx * self.ry, dtype=np.int64)
+            slot[cells] = np.arange(cells.size)
+            cimg, cpix = np.divmod(cells, self.rx * self.ry)
+            table = np.concatenate([p.reshape(n, C, -1)[cimg, :, cpix] for p in probs], axis=1)  # (m, K*C)
+
+            def at(r: np.ndarray, j: np.ndarray) -> np.ndarray:
+                return np.take(table, slot[r + j], axis=0)
+
+            a0 = yw0 * at(r0, j0) + yw1 * at(r0, j1)  # along Y on row i0, then row i1
+            a1 = yw0 * at(r1, j0) + yw1 * at(r1, j1)
+            val = (xw0 * a0 + xw1 * a1).reshape(-1, len(probs), C)
+            best = np.argmax(val, axis=2).astype(np.uint8)
+            for k, o in enumerate(out):
+                o.reshape(-1)[boundary] = best[:, k]
         return [o.reshape(n, self.Y, self.X) for o in out]
 
     def _dense(self, p: np.ndarray) -> np.ndarray:
@@ -355,8 +373,8 @@ class _ToVoxels:
 
 def _postprocess(tv: _ToVoxels, main: np.ndarray, aux: np.ndarray) -> dict[str, np.ndarray]:
     """The five voxel-grid maps ``(n, Y, X)`` of a batch from both heads' model-grid logits."""
-    p_m = _softmax(tv.crop(main))
-    p_a = _softmax(tv.crop(aux))
+    p_m = _softmax(np.ascontiguousarray(tv.crop(main)))  # (contiguous: half the softmax's time)
+    p_a = _softmax(np.ascontiguousarray(tv.crop(aux)))
     merged = p_m + p_a
     merged *= np.float32(0.5)
     top_m, top_a, top_p = p_m.max(axis=1), p_a.max(axis=1), merged.max(axis=1)
@@ -750,12 +768,27 @@ FRACTION_SLOPE = float(np.nextafter(np.float32(1.0 / 255.0), np.float32(0.0)))
 _FILE_CHUNK_BYTES = 16 << 20  # end-of-run writing converts this much of a map at a time
 
 
+def _quantise(values: Any) -> np.ndarray:
+    """Fractions in [0, 1] as uint8 in 1/255 steps (clipped, rounded to the nearest step)."""
+    scaled = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)
+    scaled *= np.float32(255.0)
+    return np.rint(scaled, out=scaled).astype(np.uint8)
+
+
+# ``_quantise`` of every float16 value, by its bit pattern: the store's maps are encoded with one lookup
+with np.errstate(invalid="ignore"):  # (the NaN patterns: maps never hold NaN)
+    _HALF_TO_STEPS = _quantise(np.arange(1 << 16, dtype=np.uint16).view(np.float16))
+
+
 def encode_map(name: str, arr: Any) -> np.ndarray:
     """The uint8 voxels a map is stored as on disk (fractions quantised to 1/255 steps)."""
     if name in FRACTION_MAPS:
-        scaled = np.clip(np.asarray(arr, dtype=np.float32), 0.0, 1.0)
-        scaled *= np.float32(255.0)
-        return np.rint(scaled, out=scaled).astype(np.uint8)
+        arr = np.asarray(arr)
+        if arr.dtype == np.float16:  # looked up in memory order (a store's slice is Fortran-ordered)
+            order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
+            steps = np.take(_HALF_TO_STEPS, arr.view(np.uint16).ravel(order=order))
+            return steps.reshape(arr.shape, order=order)
+        return _quantise(arr)
     return np.asarray(arr, dtype=np.uint8)
 
 

@@ -503,6 +503,16 @@ class _CanonicalSliceReader:
         self._label = label
 
     def __getitem__(self, key: Any) -> np.ndarray:
+        return np.ascontiguousarray(self._oriented(key))
+
+    def axial(self, start: int, stop: int) -> np.ndarray:
+        """Canonical axial slices ``start:stop`` as a C-contiguous ``(n, X, Y)`` array (one copy)."""
+        return np.ascontiguousarray(
+            np.moveaxis(self._oriented((slice(None), slice(None), slice(start, stop))), 2, 0)
+        )
+
+    def _oriented(self, key: Any) -> np.ndarray:
+        """The block ``key`` (unit-step slices in canonical order), read and reoriented (maybe a view)."""
         if not isinstance(key, tuple):
             key = (key,)
         key = key + (slice(None),) * (3 - len(key))
@@ -525,7 +535,21 @@ class _CanonicalSliceReader:
                 f"{self._label} cannot be read ({_one_line(exc)}): check it is a complete, uncorrupted file"
             ) from exc
         block = _check_finite(block, self._label, " (found while reading it lazily)")
-        return np.ascontiguousarray(apply_orientation(block, self._ornt))
+        return apply_orientation(block, self._ornt)
+
+
+# The slice readers behind lazy volumes, by their dask array's name: ``axial_reader`` lets the predictor
+# read a batch of slices in one piece, without a dask graph and its two extra copies per batch.
+_AXIAL_READERS: weakref.WeakValueDictionary[str, _CanonicalSliceReader] = weakref.WeakValueDictionary()
+
+
+def axial_reader(data: Any) -> _CanonicalSliceReader | None:
+    """The slice reader of a lazy volume's unmodified dask array ``data`` (``None`` for anything else)."""
+    name = getattr(data, "name", None)
+    reader = _AXIAL_READERS.get(name) if isinstance(name, str) else None
+    if reader is None or tuple(data.shape) != reader.shape or data.chunks[2] != (1,) * reader.shape[2]:
+        return None
+    return reader
 
 
 def file_looks_whole(volume: Volume) -> bool:
@@ -615,6 +639,7 @@ def load_volume(path: str | os.PathLike, *, lazy: bool = False) -> Volume:
             asarray=False,
             fancy=False,
         )
+        _AXIAL_READERS[name] = reader
     else:
         limit = max_voxel_bytes()
         needed = math.prod(shape) * out_itemsize
