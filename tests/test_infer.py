@@ -179,6 +179,39 @@ def test_integer_voxels_normalise_through_their_bit_patterns(dtype: str) -> None
         assert np.ptp(got) > 0
 
 
+def test_predictor_runs_a_folded_snapshot_of_the_model(case, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The predictor's forwards go through a copy with the batch norms folded in: the maps equal the
+    model's own (to float rounding), and weights changed after the predictor was made do not reach it."""
+    _band, meta, vol = case
+    torch.manual_seed(0)
+    model = build_model("unet-dual", num_classes=5, base=8).eval()
+    with torch.no_grad():  # running statistics far from (0, 1), so that folding changes every weight
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    sp = SlicePredictor(model, meta, vol, device="cpu")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in sp.net.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the model is left as it was
+    heads = [getattr(model, name)[-1] for name in model.classifier_modules]  # their last 1x1 conv
+    with torch.no_grad():
+        for head in heads:  # after the predictor was made: a strong bias towards class 4
+            head.bias[4] += 5.0
+    folded = run_generator(sp.run())
+    monkeypatch.setattr(infer, "FOLD_BN", False)
+    changed = predict_volume(model, meta, vol, device="cpu")
+    with torch.no_grad():
+        for head in heads:
+            head.bias[4] -= 5.0
+    layered = predict_volume(model, meta, vol, device="cpu")
+    assert not np.array_equal(changed.main, layered.main)
+    for name in ("main", "aux", "pseudo"):
+        assert np.mean(getattr(folded, name) != getattr(layered, name)) < 1e-3, name
+    for name in ("confidence", "consistency"):
+        diff = getattr(folded, name).astype(np.float32) - getattr(layered, name).astype(np.float32)
+        assert np.abs(diff).max() < 2e-3, name
+
+
 def test_device_path_makes_the_same_maps(case, monkeypatch: pytest.MonkeyPatch) -> None:
     """The maps made with torch where the logits are (the CUDA path), run here on the CPU, equal the
     numpy path's and the definition's up to float rounding."""
