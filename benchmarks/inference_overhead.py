@@ -234,28 +234,20 @@ def main(argv: list[str] | None = None) -> int:
         rep.add(f"  CPU-time ratio, {label}", c.paired_ratio(cpu["pipeline"], cpu["bare"]), "x")
         rep.add(f"  pipeline wall, {label} (median)", c.median(times["pipeline"]), "s")
         rep.add(f"  bare forward wall, {label} (median)", c.median(times["bare"]), "s")
-        rep.add(
-            f"  pipeline without writing the NIfTI files / bare, {label}",
-            c.paired_ratio(times["no_write"], times["bare"]),
-            "x",
-        )
-        rep.add(
-            f"  pipeline with the store in numpy's huge-page-advised memory / as run, {label}",
-            c.paired_ratio(times["numpy_pages"], times["pipeline"]),
-            "x",
-        )
-        if "bare_folded" in times:
-            rep.add(
-                f"  bare forward of the copy predict runs (batch norms folded) / bare forward, {label}",
-                c.paired_ratio(times["bare_folded"], times["bare"]),
-                "x",
-            )
-            rep.add(
-                f"  pipeline / bare forward of that folded copy, {label}",
-                c.paired_ratio(times["pipeline"], times["bare_folded"]),
-                "x",
-                note="the pipeline's own cost around the forward it runs",
-            )
+        huge = "pipeline with the store in numpy's huge-page-advised memory / as run"
+        folded = "bare forward of the copy predict runs (batch norms folded) / bare forward"
+        paired = [  # (row, numerator side, denominator side, note)
+            ("pipeline without writing the NIfTI files / bare", "no_write", "bare", ""),
+            (huge, "numpy_pages", "pipeline", ""),
+            (folded, "bare_folded", "bare", ""),
+            (
+                "pipeline / bare forward of that folded copy", "pipeline", "bare_folded",
+                "the pipeline's own cost around the forward it runs",
+            ),
+        ]  # fmt: skip
+        for row, num, den, note in paired:
+            if num in times and den in times:
+                rep.add(f"  {row}, {label}", c.paired_ratio(times[num], times[den]), "x", note=note)
         runs[threads] = {"wall_s": times, "cpu_s": cpu}
     deflate = _deflate_cpu(model, meta, image, args.batch_size, tmp, args.repeats)
     for kind, secs in deflate.items():

@@ -544,12 +544,10 @@ _AXIAL_READERS: weakref.WeakValueDictionary[str, _CanonicalSliceReader] = weakre
 
 
 def axial_reader(data: Any) -> _CanonicalSliceReader | None:
-    """The slice reader of a lazy volume's unmodified dask array ``data`` (``None`` for anything else)."""
+    """The slice reader of a lazy volume's unmodified dask array ``data`` (``None`` for anything else:
+    every dask operation names its result anew)."""
     name = getattr(data, "name", None)
-    reader = _AXIAL_READERS.get(name) if isinstance(name, str) else None
-    if reader is None or tuple(data.shape) != reader.shape or data.chunks[2] != (1,) * reader.shape[2]:
-        return None
-    return reader
+    return _AXIAL_READERS.get(name) if isinstance(name, str) else None
 
 
 def file_looks_whole(volume: Volume) -> bool:
