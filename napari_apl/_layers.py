@@ -185,6 +185,44 @@ def transform_kwargs(layer: Any) -> dict[str, Any]:
     }
 
 
+def holds_canonical_voxels(layer: Any) -> bool:
+    """Whether a 3-D layer's data, transposed, is in canonical RAS+ order (``volume_from_layer`` then
+    uses its voxels as they are, without reorienting them)."""
+    geom = geometry_of(layer.metadata)
+    if geom is not None and geom.shape == tuple(int(s) for s in layer.data.shape[::-1]):
+        return True
+    from nibabel.orientations import io_orientation
+
+    ornt = io_orientation(swap_affine(layer_world_matrix(layer)))
+    return bool(np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]))
+
+
+def canonical_transform_kwargs(layer: Any, geometry: ScanGeometry) -> dict[str, Any]:
+    """Transform kwargs that put a layer of the canonical voxels of ``layer``'s scan (``geometry``)
+    exactly over ``layer`` in world space.
+
+    They are ``layer``'s own when it holds the canonical voxels already (a scan this plugin opened, or a
+    layer in RAS+ order). A layer whose transform flips or permutes axes holds them in another order
+    (``volume_from_layer`` reorients it): then they are the canonical affine's, and ``layer``'s units and
+    axis labels are kept.
+    """
+    kw = transform_kwargs(layer)
+    if holds_canonical_voxels(layer):
+        return kw
+    kw.update(scale=(1.0, 1.0, 1.0), translate=(0.0, 0.0, 0.0), rotate=np.eye(3), shear=np.zeros(3))
+    kw["affine"] = np.eye(4)
+    kw.update(layer_transform(geometry.affine))
+    return kw
+
+
+def canonical_world_matrix(layer: Any, geometry: ScanGeometry | None) -> np.ndarray:
+    """The 4x4 data->world matrix (napari order) of a layer of ``layer``'s canonical voxels (see
+    ``canonical_transform_kwargs``)."""
+    if geometry is None or holds_canonical_voxels(layer):
+        return layer_world_matrix(layer)
+    return swap_affine(geometry.affine)
+
+
 # -- metadata ---------
 def make_metadata(geometry: ScanGeometry, role: str, **extra: Any) -> dict[str, Any]:
     """Return ``layer.metadata`` content recording the scan geometry and the layer's role."""

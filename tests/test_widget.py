@@ -628,6 +628,38 @@ def test_inspect_goes_to_the_slice_napari_shows_on_a_tilted_scan(
             assert seen[-1] == shown() and seen[-1] != seen[-2]
 
 
+def test_prediction_layers_sit_on_an_image_layer_whose_transform_flips_an_axis(setup) -> None:
+    """A layer holding the scan's slices in reverse order under a negative axial scale (another reader's
+    layer, a DICOM stack) is the same scan in world space: its prediction layers must sit where those
+    of the plugin's own layer do, and the Inspect panel must name the same slices."""
+    viewer, widget, image, _ = setup("RAS")
+    assert widget.predict(sync=True)
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    expected_data, expected_world = np.array(pseudo.data), layer_world_matrix(pseudo)
+    axis = viewer.dims.ndim - 3
+    viewer.dims.set_current_step(axis, 3)
+    expected_slice = widget.inspect.current_slice()
+    n = image.data.shape[0]
+    flipped = viewer.add_image(
+        np.ascontiguousarray(image.data[::-1]),
+        name="flipped",
+        scale=(-image.scale[0], image.scale[1], image.scale[2]),
+        translate=(image.translate[0] + image.scale[0] * (n - 1), image.translate[1], image.translate[2]),
+    )
+    np.testing.assert_allclose(flipped.data_to_world((0, 0, 0)), image.data_to_world((n - 1, 0, 0)))
+    widget.image_combo.set_layer(flipped)
+    assert widget.predict(sync=True)
+    assert viewer.layers[LAYER_PSEUDO] is pseudo
+    np.testing.assert_allclose(layer_world_matrix(pseudo), expected_world)
+    np.testing.assert_array_equal(pseudo.data, expected_data)
+    for name in PREDICTION_LAYERS:
+        np.testing.assert_allclose(layer_world_matrix(viewer.layers[name]), expected_world)
+    viewer.dims.set_current_step(axis, 3)
+    assert widget.inspect.current_slice() == expected_slice
+    widget.inspect.go_to_slice(expected_slice + 1)
+    assert widget.inspect.current_slice() == expected_slice + 1
+
+
 def test_predict_on_a_scan_the_slider_misses_shows_its_middle_slice(setup) -> None:
     """A scan placed elsewhere in the world (no slice at the slider's position): after Predict the slider
     moves to its middle slice, so that its new layers are on screen."""

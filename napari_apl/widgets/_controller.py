@@ -35,6 +35,7 @@ from psygnal import Signal
 from .._layers import (
     META_KEY,
     ScanGeometry,
+    canonical_transform_kwargs,
     confidence_colormap,
     label_colormap,
     label_features,
@@ -689,7 +690,8 @@ class APLController:
         return source
 
     def _layer_kwargs(self, role: str, extra: dict[str, Any]) -> dict[str, Any]:
-        kw = transform_kwargs(self.image_layer)
+        """Kwargs of a prediction layer of the current image: its transform over the image, metadata."""
+        kw = canonical_transform_kwargs(self.image_layer, self.geometry)
         kw["metadata"] = make_metadata(self.geometry, role, **extra)
         return kw
 

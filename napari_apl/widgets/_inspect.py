@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
-from .._layers import layer_world_matrix
+from .._layers import canonical_world_matrix
 from ..core.labels import CLASS_NAMES, LABEL_COLORS, ORGANS
 from ._plots import HistogramPlot, LinePlot
 
@@ -120,7 +120,7 @@ class InspectPanel(QWidget):
         layer = self.controller.image_layer
         if layer is None or layer not in self.controller.viewer.layers or self.profile is None:
             return None
-        gain, offset = _slider_to_slice(layer)
+        gain, offset = _slider_to_slice(canonical_world_matrix(layer, self.controller.geometry))
         k = round(gain * float(self.controller.viewer.dims.point[-3]) + offset)
         return int(k) if 0 <= k < self.profile.n_slices else None
 
@@ -129,7 +129,7 @@ class InspectPanel(QWidget):
         layer = self.controller.image_layer
         if layer is None or layer not in self.controller.viewer.layers:
             return
-        gain, offset = _slider_to_slice(layer)
+        gain, offset = _slider_to_slice(canonical_world_matrix(layer, self.controller.geometry))
         dims = self.controller.viewer.dims
         axis = dims.ndim - 3
         rng, last = dims.range[axis], max(0, int(dims.nsteps[axis]) - 1)
@@ -196,14 +196,15 @@ class InspectPanel(QWidget):
         )
 
 
-def _slider_to_slice(layer: Any) -> tuple[float, float]:
-    """``(gain, offset)`` with napari's shown axial slice = round(gain * slider point + offset).
+def _slider_to_slice(world_matrix: np.ndarray) -> tuple[float, float]:
+    """``(gain, offset)`` with the axial slice napari shows of a layer with this data->world matrix (the
+    prediction layers': canonical voxels) = round(gain * slider point + offset).
 
     Napari slices a layer at the data coordinate that the slider's world coordinate alone maps to
     (the in-plane part of the world->data transform is dropped), so on a tilted or oblique scan the
     slice differs from a full inverse of the world point; this follows napari's rule.
     """
-    inverse = np.linalg.inv(layer_world_matrix(layer))
+    inverse = np.linalg.inv(world_matrix)
     gain = float(inverse[0, 0])
     if abs(gain) < 1e-12:  # the slider does not move through the axial slices (never for a reader layer)
         return 1.0, 0.0
