@@ -132,6 +132,17 @@ def test_corrections_become_hard_targets(setup):
     assert (res.pseudo[0:5, 0:5, 3] == 0).all()
     with pytest.raises(ValueError, match="shape"):
         run_generator(refine(model, meta, vol, _cfg(iterations=1), corrections=corr[:-1]))
+    # a value that is no class of the model (napari's "new label" gives 5) is refused, in one line
+    for bad in (5, -2):
+        wrong = corr.copy()
+        wrong[40, 40, 4] = bad
+        with pytest.raises(
+            APLError,
+            match=rf"^label {bad} in the corrections is not one of the model's "
+            r"classes \(0 background, 1 liver, .*4 spleen\): erase",
+        ) as err:
+            run_generator(refine(model, meta, vol, _cfg(iterations=1), corrections=wrong))
+        assert "\n" not in str(err.value)
 
 
 def test_bad_config_is_one_line_error(setup):

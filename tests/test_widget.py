@@ -427,6 +427,30 @@ def test_corrections_reach_the_next_refinement(setup, monkeypatch) -> None:
     assert ctl.n_corrected == 16 and (pseudo.data[8, 40:44, 40:44] == 4).all()
 
 
+def test_a_painted_label_the_model_lacks_is_refused_before_refining(
+    setup, notifications, monkeypatch
+) -> None:
+    """Label 5 (what napari's "new label" button picks next) is no class of the model: Refine says so in
+    one line and starts nothing, instead of failing inside the loss."""
+    viewer, widget, _image, _ = setup("LPS")
+    ctl = widget.controller
+    widget.predict(sync=True)
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    painted = pseudo.data.copy()
+    painted[6, 20:30, 10:18] = 5
+    pseudo.data = painted
+    import napari_apl.widgets._controller as controller_module
+
+    started = []
+    monkeypatch.setattr(controller_module, "refine", lambda *a, **k: started.append(1))
+    assert not ctl.refine(tiny_refine(1), sync=True)
+    assert not started and not ctl.busy
+    assert notifications and notifications[-1].startswith(
+        "label 5 in the painted 'pseudo-label' layer is not one of the model's classes (0 background"
+    )
+    assert pseudo.editable  # still paintable: the user can erase the stroke
+
+
 def test_export_round_trip(setup, tmp_path: Path, notifications: list[str]) -> None:
     viewer, widget, _image, labels = setup("LAS")
     ctl = widget.controller

@@ -513,7 +513,27 @@ class _Ensemble:
         return pseudo.class_quantiles_f16(top, lab, self.prob.shape[1], portion)
 
 
-def _grid_corrections(prep: PreparedVolume, corrections: np.ndarray | None) -> torch.Tensor | None:
+def check_corrections(
+    corrections: np.ndarray, class_names: Sequence[str], where: str = "the corrections"
+) -> None:
+    """Raise a one-line ``APLError`` if a corrections volume holds a value that is neither -1 (untouched)
+    nor one of the model's classes (e.g. label 5 from napari's "new label" button)."""
+    corr = np.asarray(corrections)
+    n = len(class_names)
+    if corr.size == 0 or (-1 <= corr.min() and corr.max() < n):
+        return
+    bad = np.unique(corr[(corr < -1) | (corr >= n)])
+    label = int(bad[0])
+    classes = ", ".join(f"{i} {name}" for i, name in enumerate(class_names))
+    raise APLError(
+        f"label {label} in {where} is not one of the model's classes ({classes}): erase those voxels "
+        "or paint them with one of these labels"
+    )
+
+
+def _grid_corrections(
+    prep: PreparedVolume, corrections: np.ndarray | None, class_names: Sequence[str]
+) -> torch.Tensor | None:
     """Map a canonical corrections volume (-1 = untouched) onto the model grid ``(Z, H, W)`` int64."""
     if corrections is None:
         return None
@@ -523,6 +543,7 @@ def _grid_corrections(prep: PreparedVolume, corrections: np.ndarray | None) -> t
             f"corrections have shape {corr.shape} but the volume has {tuple(prep.volume.data.shape)}: "
             "paint on a layer made from this image"
         )
+    check_corrections(corr, class_names)
     if not (corr >= 0).any():
         return None
     t = torch.from_numpy(np.moveaxis(corr.astype(np.float32), 2, 0)).unsqueeze(1)
@@ -653,7 +674,7 @@ def _refine_loop(
     # Target slices on the model grid, prepared once (small: Z x H x W float32).
     xs = torch.cat([prep.batch(list(range(s, min(s + 32, n_slices)))) for s in range(0, n_slices, 32)])
     hw = (int(xs.shape[-2]), int(xs.shape[-1]))
-    corr = _grid_corrections(prep, corrections)
+    corr = _grid_corrections(prep, corrections, meta.class_names)
 
     # With a teacher, every no-grad prediction here is the teacher's (or a frozen copy of it, or the
     # loaded model's below) and runs at the teacher's precision (bf16 where native).

@@ -63,7 +63,15 @@ from ..core.memory import release_in_background
 from ..core.metrics import evaluate, json_number, label_name
 from ..core.postprocess import clean_masks, removal_warnings
 from ..core.preprocess import PRESETS, Normalization, choose_normalization
-from ..core.refine import RefineConfig, RefineControl, RefineEvent, RefineResult, organ_size_change, refine
+from ..core.refine import (
+    RefineConfig,
+    RefineControl,
+    RefineEvent,
+    RefineResult,
+    check_corrections,
+    organ_size_change,
+    refine,
+)
 from ..core.utils import release_device_memory, resolve_device, warm_up_optimiser
 from ..core.volume import save_canonical
 
@@ -951,6 +959,12 @@ class APLController:
         self.collect_corrections()  # what was painted on the image shown since the last write
         # another image's own corrections, if it had any; they become current when its maps are shown
         corrections = self._corrections_of(image_layer)
+        if corrections is not None and self.meta is not None:
+            try:  # a label the model has no class for (napari's "new label" button gives the next one)
+                check_corrections(corrections, self.meta.class_names, f"the painted '{LAYER_PSEUDO}' layer")
+            except APLError as exc:
+                self.error(exc)
+                return False
         shown = same_layer(image_layer, self.image_layer)  # live overlays only on the image's own layers
         self.last_corrections = None if corrections is None else corrections.copy()
         self.last_config = cfg
