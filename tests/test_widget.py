@@ -188,6 +188,49 @@ def test_background_predict_shows_the_visible_slice_at_once(setup, qtbot, monkey
         assert viewer.layers[LAYER_PSEUDO].editable
 
 
+@pytest.mark.parametrize("outcome", ["finished", "failed"])
+def test_a_lazy_layer_renamed_during_predict_ends_as_a_paintable_array(
+    setup, qtbot, monkeypatch, notifications, outcome
+) -> None:
+    """A lazy prediction layer the user renames while Predict runs is no longer found by its name: it
+    gets the finished map as a plain array it can paint in (or goes, when the prediction fails),
+    instead of staying a placeholder that breaks on the first stroke and keeps the predictor alive."""
+    import napari_apl.widgets._controller as controller_module
+    from napari_apl.core.infer import SlicePredictor
+
+    viewer, widget, _image, _ = setup("LPS")
+    assert widget.predict(sync=True)
+    want = np.array(viewer.layers[LAYER_PSEUDO].data)
+    gate = threading.Event()
+    real_run = SlicePredictor.run
+
+    def held_run(self, *args, **kwargs):
+        assert gate.wait(60)
+        if outcome == "failed":
+            raise RuntimeError("the prediction broke")
+        return (yield from real_run(self, *args, **kwargs))
+
+    monkeypatch.setattr(controller_module.SlicePredictor, "run", held_run)
+    assert widget.predict()
+    try:
+        renamed = viewer.layers[LAYER_PSEUDO]
+        assert not isinstance(renamed.data, np.ndarray)
+        renamed.name = "my copy"
+    finally:
+        gate.set()
+    qtbot.waitUntil(lambda: not widget.controller.busy, timeout=30000)
+    if outcome == "failed":
+        assert "my copy" not in viewer.layers
+        return
+    mine = viewer.layers["my copy"]
+    assert isinstance(mine.data, np.ndarray)
+    np.testing.assert_array_equal(mine.data, want)
+    assert mine.editable
+    mine.paint((6, 20, 20), 4)  # raised TypeError on the placeholder
+    assert mine.data[6, 20, 20] == 4
+    assert isinstance(viewer.layers[LAYER_PSEUDO].data, np.ndarray)  # a new pseudo-label layer
+
+
 def test_refine_finishes_with_consistent_layers(setup, qtbot) -> None:
     viewer, widget, _image, _ = setup("LAS")
     ctl = widget.controller

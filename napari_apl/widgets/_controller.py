@@ -617,6 +617,7 @@ class APLController:
     def _drop_lazy_layers(self) -> None:
         """After a failed or stopped prediction: lazy layers go, or get the last finished maps back."""
         self._lazy_token = None  # lazy layers still waiting to be added are not wanted any more
+        self._settle_renamed_lazy_layers(None)
         lazy = [
             name
             for name, *_ in _LAYERS
@@ -670,8 +671,28 @@ class APLController:
                 self._write_pseudo(pred.pseudo, role_extra=base)
             elif name not in done:
                 self._put_map(name, maps[key], role, cmap, kind, base)
+        self._settle_renamed_lazy_layers(maps)
         self._select_pseudo()
         self.predicted.emit()
+
+    def _settle_renamed_lazy_layers(self, maps: dict[str, np.ndarray] | None) -> None:
+        """Give lazy prediction layers the user renamed while a prediction ran (no longer found by their
+        names) the finished ``maps``, as plain arrays that can be painted; with no maps they go.
+
+        A lazy layer reads its slices through the predictor (it holds the model and the maps being
+        filled) and cannot be painted.
+        """
+        keys = {role: key for _name, key, role, _cmap, _kind in _LAYERS}
+        for layer in list(self.viewer.layers):
+            if layer.name in PREDICTION_LAYERS or not is_prediction_layer(layer):
+                continue
+            if isinstance(layer.data, np.ndarray):
+                continue
+            data = None if maps is None else maps.get(keys.get(layer.metadata[META_KEY]["role"], ""))
+            if data is not None and tuple(data.shape[::-1]) == tuple(layer.data.shape):
+                layer.data = np.ascontiguousarray(to_layer_order(data))
+            else:
+                self.viewer.layers.remove(layer)
 
     def _select_pseudo(self) -> None:
         """Make the pseudo-label layer the active one: it is the layer to inspect and paint in."""
