@@ -337,6 +337,33 @@ def test_slice_predictor_on_demand_then_background(case) -> None:
         sp.predict_slice(10)
 
 
+def test_layer_arrays_predict_small_reads_and_show_what_is_done_for_large_ones(case) -> None:
+    """napari's 2-D view reads a slice: it is predicted. Its 3-D view reads the whole volume on the
+    event loop: nothing is predicted there, the slices done so far show and the others are zero."""
+    model, meta, vol = case
+    full = predict_volume(model, meta, vol, device="cpu")
+    sp = SlicePredictor(model, meta, vol, device="cpu", batch_size=4)
+    arrays = sp.as_layer_arrays(predict_at_most=3)
+    z = vol.data.shape[2]
+    assert arrays["pseudo_label"].shape == vol.data.shape[::-1]
+    np.testing.assert_array_equal(arrays["pseudo_label"][4], full.pseudo[:, :, 4].T)  # one slice: predicted
+    np.testing.assert_array_equal(arrays["main"][6:9], full.main[:, :, 6:9].T)  # three: predicted
+    assert sp.done.sum() == 4
+    whole = np.asarray(arrays["main"])  # the 3-D view's read: no prediction
+    assert sp.done.sum() == 4 and whole.shape == (z, *vol.data.shape[1::-1])
+    np.testing.assert_array_equal(whole[[4, 6, 7, 8]], full.main[:, :, [4, 6, 7, 8]].T)
+    assert not whole[[0, 1, 2, 3, 5, 9]].any()
+    assert sp.done.sum() == 4
+    # without a bound every read predicts what it covers
+    everything = np.asarray(sp.as_layer_arrays(predict_at_most=None)["pseudo_label"])
+    assert sp.done.all()
+    np.testing.assert_array_equal(everything, full.pseudo.T)
+    assert (
+        infer.LAYER_READ_SLICES >= 1
+        and sp.as_layer_arrays()["aux"].predict_at_most == infer.LAYER_READ_SLICES
+    )
+
+
 def test_iter_predict_progress_restores_training_mode_and_checks_amp(case) -> None:
     _, meta, vol = case
     torch.manual_seed(0)

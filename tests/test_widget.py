@@ -231,6 +231,39 @@ def test_a_lazy_layer_renamed_during_predict_ends_as_a_paintable_array(
     assert isinstance(viewer.layers[LAYER_PSEUDO].data, np.ndarray)  # a new pseudo-label layer
 
 
+def test_the_3d_view_during_predict_predicts_nothing_on_the_event_loop(setup, qtbot, monkeypatch) -> None:
+    """napari's 3-D view reads a layer's whole volume on the event loop: switching to it while Predict
+    runs shows the slices done so far (the rest when the worker is done) instead of predicting them all
+    there, which froze the viewer for the rest of the prediction."""
+    import napari_apl.widgets._controller as controller_module
+    from napari_apl.core.infer import SlicePredictor
+
+    viewer, widget, _image, _ = setup("LPS")
+    assert widget.predict(sync=True)
+    want = np.array(viewer.layers[LAYER_PSEUDO].data)
+    gate = threading.Event()
+    real_run = SlicePredictor.run
+
+    def held_run(self, *args, **kwargs):
+        assert gate.wait(60)
+        return (yield from real_run(self, *args, **kwargs))
+
+    monkeypatch.setattr(controller_module.SlicePredictor, "run", held_run)
+    assert widget.predict()
+    try:
+        lazy = viewer.layers[LAYER_PSEUDO].data
+        predictor = lazy.predictor
+        qtbot.waitUntil(lambda: predictor.done.any(), timeout=20000)  # the visible slice, drawn in 2-D
+        viewer.dims.ndisplay = 3
+        qtbot.wait(200)
+        assert 0 < predictor.done.sum() < predictor.total
+    finally:
+        gate.set()
+    qtbot.waitUntil(lambda: not widget.controller.busy, timeout=30000)
+    np.testing.assert_array_equal(viewer.layers[LAYER_PSEUDO].data, want)  # the whole volume in the end
+    viewer.dims.ndisplay = 2
+
+
 def test_refine_finishes_with_consistent_layers(setup, qtbot) -> None:
     viewer, widget, _image, _ = setup("LAS")
     ctl = widget.controller

@@ -80,6 +80,12 @@ FOLD_BN = True
 # Above this fraction of boundary voxels a batch is resampled densely (same arithmetic, same result).
 _DENSE_FRACTION = 0.25
 
+# The most slices one read of a layer array predicts: napari's 2-D view reads the slice it shows. A
+# larger read (the 3-D view's whole volume, or a thick-slice projection) shows what is done so far, and
+# the rest when the worker's maps replace the lazy arrays (``as_layer_arrays``): on a heavy model even a
+# few slices predicted on napari's event loop would freeze the viewer for seconds.
+LAYER_READ_SLICES = 1
+
 
 @dataclass
 class Prediction:
@@ -660,13 +666,15 @@ class SlicePredictor:
                 self._release(chunk, done=False)
         return self.prediction
 
-    def as_layer_arrays(self) -> dict[str, Any]:
+    def as_layer_arrays(self, predict_at_most: int | None = LAYER_READ_SLICES) -> dict[str, Any]:
         """Lazy array-likes of the five maps in napari's layer order ``(Z, Y, X)`` (no dask involved).
 
         Indexing one computes only the slices it covers, so layers made from them show the visible
-        slice at once; ``np.asarray`` of a whole one predicts every slice.
+        slice at once. A read covering more than ``predict_at_most`` slices (napari's 3-D view reads
+        the whole volume, on its event loop) predicts none: it returns the slices done so far and zeros
+        for the others (``None``: every read predicts what it covers).
         """
-        return {name: _LazyMap(self, name, "zyx") for name in MAP_NAMES}
+        return {name: _LazyMap(self, name, "zyx", predict_at_most) for name in MAP_NAMES}
 
     def as_dask(self) -> dict[str, Any]:
         """Dask arrays ``(X, Y, Z)`` of the five maps; computing a chunk (one slice) predicts it on demand."""
@@ -693,10 +701,13 @@ class _LazyMap:
     ``order="xyz"``: canonical ``(X, Y, Z)``; ``order="zyx"``: napari's layer order ``(Z, Y, X)``.
     """
 
-    def __init__(self, predictor: SlicePredictor, name: str, order: str = "xyz") -> None:
+    def __init__(
+        self, predictor: SlicePredictor, name: str, order: str = "xyz", predict_at_most: int | None = None
+    ) -> None:
         self.predictor = predictor
         self.name = name
         self.order = order
+        self.predict_at_most = predict_at_most  # (see SlicePredictor.as_layer_arrays)
         x, y, z = predictor.shape
         self.shape = (x, y, z) if order == "xyz" else (z, y, x)
         self.dtype = MAP_DTYPES[name]
@@ -711,8 +722,9 @@ class _LazyMap:
             key = (key,)
         key = key + (slice(None),) * (3 - len(key))
         zkey = key[2] if self.order == "xyz" else key[0]
-        zs = np.arange(self.predictor.total)[zkey]
-        self.predictor.predict_slices(np.atleast_1d(zs).tolist())
+        zs = np.atleast_1d(np.arange(self.predictor.total)[zkey])
+        if self.predict_at_most is None or zs.size <= self.predict_at_most:
+            self.predictor.predict_slices(zs.tolist())
         store = getattr(self.predictor.prediction, _FIELDS[self.name])
         return np.array((store if self.order == "xyz" else store.T)[key])
 
