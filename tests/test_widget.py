@@ -264,6 +264,27 @@ def test_the_3d_view_during_predict_predicts_nothing_on_the_event_loop(setup, qt
     viewer.dims.ndisplay = 2
 
 
+def test_predict_in_the_3d_view_before_the_mouse_was_over_the_canvas(
+    make_napari_viewer, phantom_files, tiny_checkpoint, notifications
+) -> None:
+    """napari 0.9 fails computing the status line of a new labels layer with features in the 3-D view
+    until the mouse has set a view direction: Predict there must still finish and say so."""
+    viewer = make_napari_viewer(show=True)  # (the status line is computed for a shown viewer)
+    [image] = viewer.open(str(phantom_files("LPS")[0]), plugin="napari-apl")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-apl", WIDGET_NAME)
+    assert widget.controller.load_checkpoint(tiny_checkpoint) is not None
+    widget.image_combo.set_layer(image)
+    viewer.dims.ndisplay = 3
+    assert viewer.cursor._view_direction is None  # (what a fresh 3-D canvas has: private, no public API)
+    assert widget.predict(sync=True)
+    assert not notifications
+    assert all(name in viewer.layers for name in PREDICTION_LAYERS)
+    for name in (LAYER_PSEUDO, LAYER_MAIN, LAYER_AUX):
+        assert list(viewer.layers[name].features["name"]) == list(widget.controller.meta.class_names)
+    assert viewer.layers.selection.active is viewer.layers[LAYER_PSEUDO]
+    viewer.dims.ndisplay = 2
+
+
 def test_refine_finishes_with_consistent_layers(setup, qtbot) -> None:
     viewer, widget, _image, _ = setup("LAS")
     ctl = widget.controller

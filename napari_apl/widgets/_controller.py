@@ -697,8 +697,14 @@ class APLController:
     def _select_pseudo(self) -> None:
         """Make the pseudo-label layer the active one: it is the layer to inspect and paint in."""
         layer = self.pseudo_layer()
-        if layer is not None:
+        if layer is None:
+            return
+        try:
             self.viewer.layers.selection.active = layer
+        except Exception as exc:
+            # napari's status line can fail here (napari 0.9: a labels layer with features in the 3-D
+            # view before the mouse has been over the canvas): the maps are in place regardless
+            log.warning("napari-apl: selecting the %s layer: %s", LAYER_PSEUDO, exc)
 
     def _model_source(self) -> dict[str, Any]:
         """What the report says of the model now loaded, kept with the layers it predicts."""
@@ -789,15 +795,20 @@ class APLController:
         return self._put_image(name, canonical, role, colormap=cmap, visible=False, **base)
 
     def _add_labels(self, name: str, data: Any, role: str, visible: bool = True, **extra: Any) -> Any:
-        return self.viewer.add_labels(
+        names = self.meta.class_names if self.meta else CLASS_NAMES
+        layer = self.viewer.add_labels(
             data,
             name=name,
-            colormap=label_colormap(self.meta.class_names if self.meta else CLASS_NAMES),
-            features=label_features(self.meta.class_names if self.meta else CLASS_NAMES),
+            colormap=label_colormap(names),
             opacity=0.5,
             visible=visible,
             **self._layer_kwargs(role, extra),
         )
+        # the class names after the layer is in: napari 0.9 computes the status line of a new, selected
+        # labels layer with features and, in the 3-D view before the mouse has been over the canvas,
+        # fails there (TypeError: len() of unsized object), after the layer was added
+        layer.features = label_features(names)
+        return layer
 
     def _put_image(
         self, name: str, canonical: np.ndarray, role: str, colormap: str, visible: bool, **extra: Any
