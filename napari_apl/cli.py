@@ -372,10 +372,11 @@ def cmd_refine(args: argparse.Namespace) -> int:
     )
     maps = pred.as_dict()
     maps["pseudo_label"] = result.pseudo
-    if corrections is not None:  # the user's own labels are written as given (as the viewer shows them)
-        maps["pseudo_label"] = np.where(corrections >= 0, corrections, result.pseudo).astype(np.uint8)
     if args.largest_component:
         maps = _largest_components(maps)
+    if corrections is not None:  # the user's own labels are written as given (as the viewer shows them),
+        # after the clean-up: a piece the user painted is theirs, even away from the organ's largest one
+        maps["pseudo_label"] = np.where(corrections >= 0, corrections, maps["pseudo_label"]).astype(np.uint8)
     log = {
         "config": cfg.to_dict(),
         "iterations_done": result.iterations_done,

@@ -303,6 +303,18 @@ def test_refine_corrections_of_any_integer_type(tmp_path, tiny_ckpt, phantom_dir
     pseudo = np.asarray(nib.load(tmp_path / "u8" / "pseudo_label.nii.gz").dataobj)
     assert pseudo.max() <= 4  # untouched voxels were not read as a label 255 (a uint8 -1)
     np.testing.assert_array_equal(pseudo[:, :, 3], labels[:, :, 3])  # the corrected slice is kept
+    # ... also with --largest-component: the clean-up does not remove the user's own voxels, even a
+    # painted piece away from the organ's largest one
+    island = corr.copy()
+    island[1:5, 1:5, 5:8] = 0  # painted background all round ...
+    island[2:4, 2:4, 6] = 4  # ... a 4-voxel spleen piece in it ...
+    island[10:20, 10:20, 6] = 4  # ... and a larger spleen piece elsewhere
+    nib.save(nib.Nifti1Image(island, ref.affine), tmp_path / "island.nii.gz")
+    argv = [*base, "-o", str(tmp_path / "lc"), "--corrections", str(tmp_path / "island.nii.gz")]
+    assert main([*argv, "--largest-component"]) == 0
+    pseudo = np.asarray(nib.load(tmp_path / "lc" / "pseudo_label.nii.gz").dataobj)
+    np.testing.assert_array_equal(pseudo[:, :, 3], labels[:, :, 3])
+    assert (pseudo[2:4, 2:4, 6] == 4).all()
     capsys.readouterr()
     # a mask on another grid, or with labels the model does not have, is refused with one line
     shifted = ref.affine.copy()

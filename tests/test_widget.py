@@ -630,6 +630,7 @@ def test_export_keeps_each_organs_largest_piece(setup, tmp_path: Path, monkeypat
     data[2:4, 30:32, 10:12] = 4  # a spleen of 8 voxels ...
     data[9, 5:8, 40:42] = 4  # ... and a 6-voxel island: 43 % of the spleen goes, which is flagged
     layer.data = data
+    assert widget.controller.clear_corrections()  # (as if the model had predicted these pieces)
     panel = widget.export_panel
     panel.folder.value = str(tmp_path / "out")
     panel.largest.setChecked(True)
@@ -646,6 +647,15 @@ def test_export_keeps_each_organs_largest_piece(setup, tmp_path: Path, monkeypat
     assert len(warned) == 1 and "spleen: 43%" in warned[0] and "false positive" in warned[0]
     assert report["organs"][0]["voxels"] == 27  # the report describes what was written
     assert (layer.data == 1).sum() == 35  # the layer keeps the island
+    # a piece the user paints is a correction: it is exported as painted, even as a separate island
+    painted = layer.data.copy()
+    painted[6, 40:42, 40] = 1
+    layer.data = painted
+    panel.overwrite.setChecked(True)
+    assert panel.export()
+    out = nib.as_closest_canonical(nib.load(tmp_path / "out" / "image_pseudo_label.nii.gz"))
+    saved = np.asarray(out.dataobj)
+    assert (saved == 1).sum() == 27 + 2 and (saved == 4).sum() == 8
 
 
 def test_errors_become_notifications(setup, tmp_path: Path, notifications: list[str], monkeypatch) -> None:

@@ -1658,6 +1658,11 @@ class APLController:
         removed = None
         if largest_component:
             masks, fractions = clean_masks(masks)
+            painted = self.collect_corrections()
+            if painted is not None and painted.shape == masks["pseudo-label"].shape:
+                # the voxels the user painted are kept as painted, even away from an organ's largest piece
+                pseudo = masks["pseudo-label"]
+                masks["pseudo-label"] = np.where(painted >= 0, painted, pseudo).astype(pseudo.dtype)
             removed = {kind: {label_name(c): f for c, f in fr.items()} for kind, fr in fractions.items()}
             names = self.meta.class_names if self.meta else list(CLASS_NAMES)
             for line in removal_warnings(fractions["pseudo-label"], names):
