@@ -539,6 +539,15 @@ def case_refine_disk_full(c: Ctx):
     return _refine(c, c.ckpt), "disk full"
 
 
+def case_import_disk_full(c: Ctx):
+    """Only a checkpoint is written (torch reports a full disk as a RuntimeError of its own)."""
+    c.check_dir_mtime = False
+    raw = c.bad / "raw.pth"
+    torch.save(torch.load(c.ckpt, weights_only=True)["state_dict"], raw)
+    c.out = c.stack.enter_context(_small_fs(c.tmp, c.monkeypatch))
+    return ["import", str(raw), "--arch", "unet-dual", "--out", str(c.out / "m.pt")], "disk full"
+
+
 def case_corrections_wrong_shape(c: Ctx):
     corr = _img(c, "corr.nii.gz", np.zeros((40, 48, 8), np.uint8))
     return _refine(c, c.ckpt, "--corrections", str(corr)), "shape"

@@ -599,3 +599,29 @@ def test_predict_and_refine_want_the_five_organ_labels(tmp_path: Path) -> None:
     scheme = "0 background, 1 liver, 2 right kidney, 3 left kidney, 4 spleen"
     with pytest.raises(CheckpointError, match=scheme):
         load_checkpoint(path, num_classes=len(CLASS_NAMES))
+
+
+def test_a_full_disk_while_saving_is_the_one_line_disk_full_error(tmp_path: Path, monkeypatch) -> None:
+    """Saving straight to a file, torch reports a full disk as "RuntimeError: unexpected pos ..."; the
+    checkpoint is serialised in memory and written as bytes, so the write fails with its errno and the
+    user reads the same line as for a NIfTI file. Nothing is left behind."""
+    import errno
+
+    class FullDisk:
+        def __init__(self, path, mode):
+            self.path = Path(path)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck, "open", FullDisk, raising=False)
+    out = tmp_path / "m.pt"
+    with pytest.raises(ck.APLError, match=r"^disk full while writing .*m\.pt: free space and try again$"):
+        save_checkpoint(out, _unet(), _meta())
+    assert list(tmp_path.iterdir()) == []

@@ -13,6 +13,7 @@ anything runs. Files are written atomically (``io_utils.atomic_write``).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -542,10 +543,19 @@ def save_checkpoint(
         },
     }
 
-    def write(tmp: Path) -> None:
-        torch.save(payload, tmp)
+    return atomic_write(path, lambda tmp: torch_save_file(payload, tmp), overwrite=overwrite)
 
-    return atomic_write(path, write, overwrite=overwrite)
+
+def torch_save_file(obj: Any, path: Path) -> None:
+    """``torch.save`` ``obj`` to ``path`` through memory, so that a failed write is the ``OSError`` it is.
+
+    Saving straight to a file, torch reports a full disk as a ``RuntimeError`` ("unexpected pos ...");
+    written from memory, the error keeps its errno and ``io_utils.atomic_write`` says "disk full".
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with open(path, "wb") as fh:
+        fh.write(buffer.getbuffer())
 
 
 def load_checkpoint(

@@ -267,7 +267,7 @@ def atomic_write(
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
-            raise OutputError(f"disk full while writing {out}: free space and export again") from exc
+            raise OutputError(f"disk full while writing {out}: free space and try again") from exc
         raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)

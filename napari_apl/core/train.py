@@ -21,7 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import FORMAT_VERSION, MAX_INPUT_SIZE, MIN_INPUT_SIZE, CheckpointMeta, save_checkpoint
+from .checkpoint import (
+    FORMAT_VERSION,
+    MAX_INPUT_SIZE,
+    MIN_INPUT_SIZE,
+    CheckpointMeta,
+    save_checkpoint,
+    torch_save_file,
+)
 from .errors import APLError, CheckpointError
 from .io_utils import atomic_write
 from .labels import CLASS_NAMES
@@ -429,7 +436,7 @@ def train_source(
                 "rng": gen.get_state(),
                 "epoch": epoch + 1,
             }
-            atomic_write(state_file, lambda p, s=state: torch.save(s, p), overwrite=True)
+            atomic_write(state_file, lambda p, s=state: torch_save_file(s, p), overwrite=True)
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     _refuse_diverged(model, out, state_file)
     meta = _meta(cfg, norm, pairs, cfg.epochs)
