@@ -100,7 +100,7 @@ def _check_shared_inputs(args: argparse.Namespace) -> None:
     check_preset_name(args.normalize)
     if not getattr(args, "scheduler", None):  # a local cluster runs on this machine's devices
         resolve_device(args.device)
-    load_checkpoint(args.checkpoint, num_classes=len(CLASS_NAMES))
+    load_checkpoint(args.checkpoint, class_names=CLASS_NAMES)
 
 
 def _progress(total: int, desc: str, quiet: bool):
@@ -193,7 +193,7 @@ def _load_inputs(args: argparse.Namespace):
     from .core.checkpoint import load_checkpoint
     from .core.volume import load_volume
 
-    model, meta = load_checkpoint(args.checkpoint, num_classes=len(CLASS_NAMES))
+    model, meta = load_checkpoint(args.checkpoint, class_names=CLASS_NAMES)
     volume = load_volume(args.image, lazy=getattr(args, "lazy", False))
     norm = _normalization(args.normalize, meta, volume)
     return model, meta, volume, norm
@@ -219,7 +219,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = _out_dir(args.out_dir)
     paths = {n: out / f"{n}.nii.gz" for n in MAP_DTYPES}
     _check_outputs(list(paths.values()), args.overwrite, [args.image, args.checkpoint])
-    model, meta = load_checkpoint(args.checkpoint, num_classes=len(CLASS_NAMES))
+    model, meta = load_checkpoint(args.checkpoint, class_names=CLASS_NAMES)
     # A whole file stored axial slice by axial slice is read, predicted and written as a stream: each
     # map is compressed while later slices are predicted. Other layouts, and files whose gzip trailer
     # does not show them whole, are read up front (damage is reported before any work) and written at
@@ -542,12 +542,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     """Wrap a raw (e.g. ADVENT DeepLabv2) state dict into a napari-apl checkpoint."""
-    from .core.checkpoint import FORMAT_VERSION, CheckpointMeta, import_state_dict, save_checkpoint
+    from .core.checkpoint import (
+        FORMAT_VERSION,
+        CheckpointMeta,
+        check_label_scheme,
+        import_state_dict,
+        save_checkpoint,
+    )
     from .core.labels import CLASS_NAMES
     from .core.preprocess import get_preset
 
     _check_outputs([Path(args.out)], args.overwrite, [args.state_dict])
-    names = args.classes.split(",") if args.classes else list(CLASS_NAMES)
+    names = [n.strip() for n in args.classes.split(",")] if args.classes else list(CLASS_NAMES)
+    check_label_scheme(args.state_dict, names, CLASS_NAMES)  # (every command reads masks in this scheme)
     meta = CheckpointMeta(
         format_version=FORMAT_VERSION,
         arch=args.arch,

@@ -625,3 +625,30 @@ def test_a_full_disk_while_saving_is_the_one_line_disk_full_error(tmp_path: Path
     with pytest.raises(ck.APLError, match=r"^disk full while writing .*m\.pt: free space and try again$"):
         save_checkpoint(out, _unet(), _meta())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_class_order_must_be_napari_apls_labels(tmp_path: Path) -> None:
+    """Masks are written by channel index: a model whose channel 1 is the spleen would write its spleen
+    as label 1, which napari-apl (and every reader of its masks) takes for the liver."""
+    model = _unet()
+    spelled = save_checkpoint(
+        tmp_path / "spelled.pt",
+        model,
+        _meta(class_names=["Background", "Liver", "Right_Kidney", "left-kidney", "SPLEEN"]),
+    )
+    _, meta = ck.load_checkpoint(spelled, class_names=CLASS_NAMES)  # the same classes, spelled otherwise
+    assert meta.class_names[2] == "Right_Kidney"
+    swapped = save_checkpoint(
+        tmp_path / "swapped.pt",
+        model,
+        _meta(class_names=["background", "spleen", "liver", "right kidney", "left kidney"]),
+    )
+    other = save_checkpoint(tmp_path / "other.pt", model, _meta(class_names=["bg", "a", "b", "c", "d"]))
+    for path, words in ((swapped, "in another order than"), (other, "not")):
+        with pytest.raises(CheckpointError) as err:
+            ck.load_checkpoint(path, class_names=CLASS_NAMES)
+        text = str(err.value)
+        assert (
+            "\n" not in text and f"{words} napari-apl's labels (0 background, 1 liver, 2 right kidney" in text
+        )
+        assert ck.load_checkpoint(path)[1].class_names[1] in ("spleen", "a")  # (read as is when not asked)

@@ -417,6 +417,12 @@ def test_import_reads_a_unet_width_from_the_file(tmp_path, capsys):
         assert torch.equal(a, b)
     assert main([*argv[:-2], "--input-size", "100000", "100000", "--out", str(tmp_path / "huge.pt")]) == 2
     assert "input_size" in capsys.readouterr().err and not (tmp_path / "huge.pt").exists()
+    # --classes in another order than napari-apl's labels would write the spleen as label 1 (liver)
+    swapped = "background,spleen,liver,right kidney,left kidney"
+    assert main([*argv[:-2], "--classes", swapped, "--out", str(tmp_path / "swapped.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "in another order than napari-apl's labels" in err
+    assert not (tmp_path / "swapped.pt").exists()
 
 
 def test_phantom_refuses_a_shape_that_cannot_fit(tmp_path, capsys):

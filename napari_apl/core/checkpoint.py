@@ -19,7 +19,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -381,6 +381,29 @@ def _check_classes(
         )
 
 
+def _label_key(name: str) -> str:
+    """A class name compared without case or separators ("Right_Kidney" is "right kidney")."""
+    return " ".join(re.sub(r"[_\-]+", " ", str(name)).lower().split())
+
+
+def check_label_scheme(path: str | os.PathLike, class_names: Sequence[str], scheme: Sequence[str]) -> None:
+    """Raise a one-line ``CheckpointError`` unless ``class_names`` are ``scheme``'s, in its order.
+
+    The label maps are written by channel index, so a model whose channel 1 is the spleen would write
+    spleen voxels as label 1, which every reader of napari-apl's masks takes for the liver.
+    """
+    if [_label_key(n) for n in class_names] == [_label_key(n) for n in scheme]:
+        return
+    have = ", ".join(f"{i} {n}" for i, n in enumerate(class_names))
+    want = ", ".join(f"{i} {n}" for i, n in enumerate(scheme))
+    order = sorted(map(_label_key, class_names)) == sorted(map(_label_key, scheme))
+    raise CheckpointError(
+        f"{path}: its classes are {have}, "
+        + ("in another order than" if order else "not")
+        + f" napari-apl's labels ({want}): use a model whose output channels are these classes in this order"
+    )
+
+
 def _check_arch(path: Path, meta: CheckpointMeta) -> None:
     """Raise CheckpointError naming ``path`` when ``meta.arch`` is not a known architecture."""
     if meta.arch not in ARCHITECTURES:
@@ -563,16 +586,21 @@ def load_checkpoint(
     map_location: str | torch.device | None = "cpu",
     *,
     num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> tuple[DualHeadNet, CheckpointMeta]:
     """Safely load a napari-apl checkpoint; return ``(model in eval mode on map_location, meta)``.
 
     The file is always read onto the CPU; the model is then moved to the device ``map_location``.
     ``num_classes``, when given, is the class count the caller needs; a different one is an error.
+    ``class_names``, when given, are the classes the caller needs in this order (e.g.
+    ``labels.CLASS_NAMES``); other names or another order are an error.
     """
     p = _check_file(path)
     meta, state = _parse(p, _safe_load(p, "cpu"))
     _check_arch(p, meta)
-    _check_classes(p, meta, state, num_classes)
+    _check_classes(p, meta, state, len(class_names) if class_names is not None else num_classes)
+    if class_names is not None:
+        check_label_scheme(p, meta.class_names, class_names)
     model = _build(p, meta, state)
     _load_weights(p, model, state, strict=True)
     return _place(model, map_location), meta

@@ -322,7 +322,7 @@ class APLController:
                     "choose a checkpoint file"
                 )
         p = Path(path).expanduser()
-        model, meta = load_checkpoint(p, num_classes=len(CLASS_NAMES))
+        model, meta = load_checkpoint(p, class_names=CLASS_NAMES)
         if self.unsaved_refinement and not self.confirm(
             question or f"The refined model has not been exported. Discard it and load {p.name}?"
         ):
