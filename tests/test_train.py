@@ -12,7 +12,7 @@ import torch
 
 from napari_apl.cli import main
 from napari_apl.core.checkpoint import load_checkpoint
-from napari_apl.core.errors import APLError
+from napari_apl.core.errors import APLError, CheckpointError
 from napari_apl.core.phantom import write_phantom
 from napari_apl.core.train import TrainConfig, augment_batch, gin, pair_files, random_remap, train_source
 from napari_apl.core.utils import run_generator
@@ -61,6 +61,29 @@ def test_mismatched_pairs_are_refused(tmp_path, mri_pairs):
         gen = train_source([(img, str(bad))], tmp_path / f"{what}.pt", _cfg())
         with pytest.raises(APLError, match=what):
             next(gen)
+
+
+def test_labels_on_the_same_grid_in_another_voxel_order_pair(tmp_path, mri_pairs):
+    """Labels written in another orientation (e.g. LPS for a RAS image) are on the image's grid: they
+    pair, and give the same training slices as the labels stored like the image."""
+    from napari_apl.core.train import load_slice_set
+
+    img, lab = mri_pairs[0]
+    ref = nib.load(lab)
+    lps = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(ref.affine), nib.orientations.axcodes2ornt(("L", "P", "S"))
+    )
+    flipped = ref.as_reoriented(lps)
+    assert not np.allclose(flipped.affine, ref.affine)
+    moved = tmp_path / "labels_lps.nii.gz"
+    nib.save(flipped, moved)
+    cfg = _cfg()
+    from napari_apl.core.preprocess import PRESETS
+
+    args = (PRESETS["mri"], cfg.spacing, cfg.input_size, 16)
+    same = load_slice_set([(img, lab)], *args)
+    other = load_slice_set([(img, str(moved))], *args)
+    assert torch.equal(same.labels, other.labels) and torch.equal(same.images, other.images)
 
 
 @pytest.mark.parametrize("kind", ["label_7", "fractional", "image_as_labels"])
@@ -151,6 +174,12 @@ def test_train_source_resumes_from_its_last_epoch(tmp_path, mri_pairs):
     with pytest.raises(StopIteration):
         while True:
             seen.append(next(gen))
+    assert not out.exists() and (tmp_path / "resumed.pt.train-state").exists()
+    # another epoch count would resume on another learning-rate schedule (or stop at once and call a
+    # model of the saved epochs one of fewer): refused in one line, the state kept
+    for epochs in (1, 3):
+        with pytest.raises(CheckpointError, match=r"run of 2 epochs \(1 done\).*resume with --epochs 2"):
+            run_generator(train_source(mri_pairs, out, _cfg(epochs=epochs)))
     assert not out.exists() and (tmp_path / "resumed.pt.train-state").exists()
     events = []
     gen = train_source(mri_pairs, out, cfg)  # picks up after epoch 1

@@ -174,11 +174,12 @@ def load_slice_set(
     target = None
     for k, (ip, lp) in enumerate(pairs):
         img, lab = load_volume(ip), load_volume(lp)
-        if tuple(img.original_shape) != tuple(lab.original_shape):
+        # compared in canonical (RAS+) order: the same grid stored in another voxel order is one grid
+        if tuple(img.shape) != tuple(lab.shape):
             raise APLError(
                 f"{Path(ip).name} and {Path(lp).name} differ in shape: pair each image with its labels"
             )
-        if not np.allclose(img.original_affine, lab.original_affine, atol=1e-3):
+        if not np.allclose(img.affine, lab.affine, atol=1e-3):
             raise APLError(f"{Path(ip).name} and {Path(lp).name} differ in affine: they are not on one grid")
         _check_labels(lab, Path(lp).name)
         x, y = volume_slices(img, lab, norm, spacing, size, stride)
@@ -391,6 +392,13 @@ def train_source(
                     f"{state_file} was left by a run with other settings or other volumes: delete it "
                     "to start afresh, or resume with the same settings and volumes"
                 )
+            planned = st.get("epochs")  # (absent from the state files of earlier versions)
+            if planned is not None and int(planned) != cfg.epochs:
+                raise CheckpointError(
+                    f"{state_file} was left by a run of {int(planned)} epochs ({int(st['epoch'])} done), "
+                    f"its learning rate scheduled over them: resume with --epochs {int(planned)}, or "
+                    "delete it to start afresh"
+                )
             model.load_state_dict(st["model"])
             opt.load_state_dict(st["optimizer"])
             sched.load_state_dict(st["scheduler"])
@@ -435,6 +443,7 @@ def train_source(
                 "scheduler": sched.state_dict(),
                 "rng": gen.get_state(),
                 "epoch": epoch + 1,
+                "epochs": cfg.epochs,
             }
             atomic_write(state_file, lambda p, s=state: torch_save_file(s, p), overwrite=True)
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
