@@ -335,6 +335,18 @@ def case_zero_spacing(c: Ctx):
     ), "zero voxel spacing"
 
 
+def case_zero_pixdim_without_sform(c: Ctx):
+    """No sform and a pixdim of 0: nibabel repairs it to 1 mm while loading, which must not pass."""
+    img = nib.Nifti1Image(_phantom(), None)
+    img.header["qform_code"] = 0
+    img.header["sform_code"] = 0
+    img.header["pixdim"][1:4] = [5.0, 5.0, 0.0]
+    path = c.bad / "zero_pixdim.nii.gz"
+    nib.save(img, path)
+    c.inputs.append(path)
+    return _predict(c, path), "voxel size of 0 in its header (pixdim 5, 5, 0, no sform)"
+
+
 def case_singular_affine(c: Ctx):
     aff = np.array([[5.0, 5.0, 0, 0], [0, 0, 0, 0], [0, 0, 8.0, 0], [0, 0, 0, 1]])
     return _predict(c, _img(c, "singular.nii.gz", _phantom(), aff)), "singular"

@@ -15,6 +15,7 @@ then). The size limit for eager loading is ``NAPARI_APL_MAX_VOXEL_BYTES`` (bytes
 from __future__ import annotations
 
 import bisect
+import gzip
 import io
 import math
 import os
@@ -322,7 +323,36 @@ def _read_image(path: Path, *, keep_file_open: bool) -> Any:
         ) from exc
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise VolumeError(f"{label} is a {type(img).__name__}, not a NIfTI image: convert it to .nii.gz")
+    _refuse_repaired_zero_zooms(path, img)
     return img
+
+
+def _refuse_repaired_zero_zooms(path: Path, img: Any) -> None:
+    """Raise a ``VolumeError`` for a file whose header gives a voxel size of 0 that nibabel replaced.
+
+    Without an sform the affine comes from pixdim, and nibabel sets a pixdim of 0 to 1 while loading
+    (with a log line): the scan would be predicted and written back with an invented 1 mm spacing.
+    The header as stored is read again (its first bytes) only when the loaded one could be such a repair.
+    """
+    hdr = img.header
+    n = min(3, max(0, int(hdr["dim"][0])))
+    if int(hdr["sform_code"]) > 0 or not any(float(v) == 1.0 for v in hdr["pixdim"][1 : 1 + n]):
+        return
+    size = hdr.template_dtype.itemsize
+    try:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rb") as fh:
+            raw = fh.read(size)
+        stored = type(hdr)(binaryblock=raw, check=False)
+    except Exception:  # unreadable here: the voxel reads report it
+        return
+    zooms = [float(v) for v in stored["pixdim"][1 : 1 + n]]
+    if any(z == 0.0 for z in zooms):
+        shown = ", ".join(f"{z:g}" for z in zooms)
+        raise VolumeError(
+            f"{path} has a voxel size of 0 in its header (pixdim {shown}, no sform): set the real voxel "
+            "size before using it (nibabel: header.set_zooms)"
+        )
 
 
 # deflate cannot compress better than about 1032:1, so a .nii.gz declaring more is lying
