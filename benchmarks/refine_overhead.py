@@ -308,6 +308,31 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             student.heads(feats, hw)
 
+    from napari_apl.core import pseudo
+
+    opt_heads = torch.optim.Adam(list(student.classifier_parameters()), lr=cfg.lr)
+
+    def classifier_step() -> None:
+        """APL's classifier step alone: both heads on detached features, L_Con, backward, Adam."""
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_gpu):
+            m, a = student.heads(feats, hw)
+        loss = pseudo.loss_con(torch.softmax(m.float(), 1), torch.softmax(a.float(), 1), cfg.weight)
+        opt_heads.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_heads.step()
+
+    def plain_step() -> None:
+        """One plain supervised step (as the timed side above), for the components' ratios."""
+        x1, y1 = batch()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_gpu):
+            m, a = plain_model(x1)
+        loss = torch.nn.functional.cross_entropy(m.float(), y1) + torch.nn.functional.cross_entropy(
+            a.float(), y1
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
     parts = c.interleaved(
         {
             "teacher_forward_no_grad": synced(teacher_forward),
@@ -315,10 +340,29 @@ def main(argv: list[str] | None = None) -> int:
             "teacher_forward_no_grad_bf16_autocast": synced(teacher_forward_bf16),
             "student_forward_backward": synced(student_forward_backward),
             "heads_forward": synced(heads_forward),
+            "classifier_step": synced(classifier_step),
+            "plain_step": synced(plain_step),
         },
-        3,
+        5,
     )
     components = {k: round(c.median(v) * 1000, 1) for k, v in parts.items()}
+    # what an APL iteration adds to a plain step, part by part (medians of paired rounds, one batch)
+    extra = {
+        "the teacher's forward": "teacher_forward_no_grad",
+        "the classifier step (both heads on detached features, L_Con, backward, Adam)": "classifier_step",
+        "the second pass of both heads (forward; its backward replaces the plain step's)": "heads_forward",
+    }
+    shares = {k: c.paired_ratio(parts[v], parts["plain_step"]) for k, v in extra.items()}
+    for name, share in shares.items():
+        rep.add(f"  component: {name} / plain step", share, "x")
+    rep.add(
+        "  1 + the three components above",
+        1 + sum(shares.values()),
+        "x",
+        goal=GOAL,
+        note="the part of the default recipe's overhead that is model compute (the rest: augmentation, "
+        "ensemble and target updates, EMA update); a component run of 5 paired rounds on one batch",
+    )
     rep.details = {
         "volume": f"CT phantom {image.shape}, model grid {hw}",
         "model": source,
