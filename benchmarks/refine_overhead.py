@@ -158,17 +158,21 @@ def main(argv: list[str] | None = None) -> int:
         idx = torch.randint(0, 16, (args.batch_size,), generator=g).to(dev)
         return xs[idx], target[idx]
 
+    def plain_step() -> None:
+        """One plain supervised step: forward, cross-entropy on both heads, backward, Adam."""
+        x, y = batch()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_gpu):
+            m, a = plain_model(x)
+        loss = torch.nn.functional.cross_entropy(m.float(), y) + torch.nn.functional.cross_entropy(
+            a.float(), y
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
     def plain_steps() -> None:
         for _ in range(args.steps):
-            x, y = batch()
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_gpu):
-                m, a = plain_model(x)
-            loss = torch.nn.functional.cross_entropy(m.float(), y) + torch.nn.functional.cross_entropy(
-                a.float(), y
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            plain_step()
 
     def steps_of(refinement):
         """A timed side that advances one refinement generator by ``--steps`` iterations."""
@@ -320,18 +324,6 @@ def main(argv: list[str] | None = None) -> int:
         opt_heads.zero_grad(set_to_none=True)
         loss.backward()
         opt_heads.step()
-
-    def plain_step() -> None:
-        """One plain supervised step (as the timed side above), for the components' ratios."""
-        x1, y1 = batch()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_gpu):
-            m, a = plain_model(x1)
-        loss = torch.nn.functional.cross_entropy(m.float(), y1) + torch.nn.functional.cross_entropy(
-            a.float(), y1
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
 
     parts = c.interleaved(
         {

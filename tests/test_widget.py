@@ -140,13 +140,29 @@ def test_predict_adds_aligned_layers_and_updates_them_in_place(setup, phantom_fi
     assert tuple(viewer.layers[LAYER_CONFIDENCE].contrast_limits) == (0.0, 0.5)
 
 
+def hold_predictions(monkeypatch, fail: bool = False) -> threading.Event:
+    """Hold every background prediction's worker until the returned event is set (then it runs, or
+    raises when ``fail``): what shows meanwhile comes from napari's drawing."""
+    import napari_apl.widgets._controller as controller_module
+    from napari_apl.core.infer import SlicePredictor
+
+    gate = threading.Event()
+    real_run = SlicePredictor.run
+
+    def held_run(self, *args, **kwargs):
+        assert gate.wait(60)
+        if fail:
+            raise RuntimeError("the prediction broke")
+        return (yield from real_run(self, *args, **kwargs))
+
+    monkeypatch.setattr(controller_module.SlicePredictor, "run", held_run)
+    return gate
+
+
 def test_background_predict_shows_the_visible_slice_at_once(setup, qtbot, monkeypatch) -> None:
     """Predict in the worker: a lazy pseudo-label layer at once (its drawn slice predicted first), the
     four hidden lazy maps one per event-loop turn after it, then the finished maps; on a second Predict
     the existing layers go lazy in place."""
-    import napari_apl.widgets._controller as controller_module
-    from napari_apl.core.infer import SlicePredictor
-
     viewer, widget, image, _ = setup("LPS")
     reference = widget.controller  # the finished maps of a synchronous run, to compare with
     assert reference.predict(image, sync=True)
@@ -154,14 +170,7 @@ def test_background_predict_shows_the_visible_slice_at_once(setup, qtbot, monkey
     stacking = [layer.name for layer in viewer.layers if layer.name in PREDICTION_LAYERS]
     for name in PREDICTION_LAYERS:
         viewer.layers.remove(name)
-    gate = threading.Event()  # holds the worker: what shows meanwhile comes from napari's drawing
-    real_run = SlicePredictor.run
-
-    def held_run(self, *args, **kwargs):
-        assert gate.wait(60)
-        return (yield from real_run(self, *args, **kwargs))
-
-    monkeypatch.setattr(controller_module.SlicePredictor, "run", held_run)
+    gate = hold_predictions(monkeypatch)  # what shows meanwhile comes from napari's drawing
     viewer.dims.set_current_step(0, 5)
     for _run_number in (1, 2):  # the first Predict builds the layers, the second reuses them
         gate.clear()
@@ -195,22 +204,10 @@ def test_a_lazy_layer_renamed_during_predict_ends_as_a_paintable_array(
     """A lazy prediction layer the user renames while Predict runs is no longer found by its name: it
     gets the finished map as a plain array it can paint in (or goes, when the prediction fails),
     instead of staying a placeholder that breaks on the first stroke and keeps the predictor alive."""
-    import napari_apl.widgets._controller as controller_module
-    from napari_apl.core.infer import SlicePredictor
-
     viewer, widget, _image, _ = setup("LPS")
     assert widget.predict(sync=True)
     want = np.array(viewer.layers[LAYER_PSEUDO].data)
-    gate = threading.Event()
-    real_run = SlicePredictor.run
-
-    def held_run(self, *args, **kwargs):
-        assert gate.wait(60)
-        if outcome == "failed":
-            raise RuntimeError("the prediction broke")
-        return (yield from real_run(self, *args, **kwargs))
-
-    monkeypatch.setattr(controller_module.SlicePredictor, "run", held_run)
+    gate = hold_predictions(monkeypatch, fail=outcome == "failed")
     assert widget.predict()
     try:
         renamed = viewer.layers[LAYER_PSEUDO]
@@ -235,20 +232,10 @@ def test_the_3d_view_during_predict_predicts_nothing_on_the_event_loop(setup, qt
     """napari's 3-D view reads a layer's whole volume on the event loop: switching to it while Predict
     runs shows the slices done so far (the rest when the worker is done) instead of predicting them all
     there, which froze the viewer for the rest of the prediction."""
-    import napari_apl.widgets._controller as controller_module
-    from napari_apl.core.infer import SlicePredictor
-
     viewer, widget, _image, _ = setup("LPS")
     assert widget.predict(sync=True)
     want = np.array(viewer.layers[LAYER_PSEUDO].data)
-    gate = threading.Event()
-    real_run = SlicePredictor.run
-
-    def held_run(self, *args, **kwargs):
-        assert gate.wait(60)
-        return (yield from real_run(self, *args, **kwargs))
-
-    monkeypatch.setattr(controller_module.SlicePredictor, "run", held_run)
+    gate = hold_predictions(monkeypatch)
     assert widget.predict()
     try:
         lazy = viewer.layers[LAYER_PSEUDO].data
