@@ -626,9 +626,10 @@ def test_pickle_payload_is_live(tmp_path):
     assert target.exists()
 
 
-@pytest.mark.parametrize("kind", ["pickle_payload", "truncated"])
+@pytest.mark.parametrize("kind", ["pickle_payload", "truncated", "zero_pixdim"])
 def test_real_process_one_line(kind, good, tmp_path):
-    """A real ``napari-apl`` process: exit 2, one stderr line, nothing written, payload not run."""
+    """A real ``napari-apl`` process: exit 2, one stderr line, nothing written, payload not run (and no
+    log line of nibabel's header repair before the error)."""
     img_path, ck = good[:2]
     out = tmp_path / "out"
     out.mkdir()
@@ -636,10 +637,16 @@ def test_real_process_one_line(kind, good, tmp_path):
     if kind == "pickle_payload":
         checkpoint = tmp_path / "evil.pt"
         checkpoint.write_bytes(pickle.dumps({"w": Evil(tmp_path / "pwned")}, protocol=2))
-    else:
+    elif kind == "truncated":
         image = tmp_path / "cut.nii.gz"
         data = img_path.read_bytes()
         image.write_bytes(data[: math.ceil(len(data) * 0.7)])
+    else:
+        img = nib.Nifti1Image(np.asarray(nib.load(img_path).dataobj), None)
+        img.header["qform_code"] = img.header["sform_code"] = 0
+        img.header["pixdim"][1:4] = [5.0, 5.0, 0.0]
+        image = tmp_path / "zero_pixdim.nii.gz"
+        nib.save(img, image)
     before = _listing(out)
     res = subprocess.run(
         [

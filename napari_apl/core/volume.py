@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import gzip
 import io
+import logging
 import math
 import os
 import struct
@@ -24,6 +25,8 @@ import sys
 import threading
 import weakref
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -314,17 +317,40 @@ def _read_image(path: Path, *, keep_file_open: bool) -> Any:
         raise VolumeError(f"{label} is not a file: give the path of a .nii or .nii.gz image")
     if not path.name.lower().endswith(_NIFTI_SUFFIXES):
         raise VolumeError(f"{label} is not a NIfTI file: give a .nii or .nii.gz image")
-    try:
-        img = nib.load(str(path), keep_file_open=keep_file_open)
-    except _READ_ERRORS as exc:
-        raise VolumeError(
-            f"{label} cannot be read as NIfTI ({_one_line(exc)}): check it is a complete, "
-            "uncorrupted .nii/.nii.gz file"
-        ) from exc
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise VolumeError(f"{label} is a {type(img).__name__}, not a NIfTI image: convert it to .nii.gz")
-    _refuse_repaired_zero_zooms(path, img)
+    with _nibabel_log_held() as held:  # a refused file's error is the only line the user reads
+        try:
+            img = nib.load(str(path), keep_file_open=keep_file_open)
+        except _READ_ERRORS as exc:
+            raise VolumeError(
+                f"{label} cannot be read as NIfTI ({_one_line(exc)}): check it is a complete, "
+                "uncorrupted .nii/.nii.gz file"
+            ) from exc
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise VolumeError(f"{label} is a {type(img).__name__}, not a NIfTI image: convert it to .nii.gz")
+        _refuse_repaired_zero_zooms(path, img)
+    for record in held:  # an accepted file's header repairs are still reported
+        nib.imageglobals.logger.handle(record)
     return img
+
+
+@contextmanager
+def _nibabel_log_held() -> Iterator[list[logging.LogRecord]]:
+    """Hold the records nibabel logs from this thread (its header checks' repairs) inside the block."""
+    logger = nib.imageglobals.logger
+    held: list[logging.LogRecord] = []
+    owner = threading.get_ident()
+
+    def hold(record: logging.LogRecord) -> bool:
+        if threading.get_ident() != owner:
+            return True
+        held.append(record)
+        return False
+
+    logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        logger.removeFilter(hold)
 
 
 def _refuse_repaired_zero_zooms(path: Path, img: Any) -> None:
