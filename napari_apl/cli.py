@@ -554,7 +554,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     _check_outputs([Path(args.out)], args.overwrite, [args.state_dict])
     names = [n.strip() for n in args.classes.split(",")] if args.classes else list(CLASS_NAMES)
-    check_label_scheme(args.state_dict, names, CLASS_NAMES)  # (every command reads masks in this scheme)
+    check_label_scheme("--classes", names, CLASS_NAMES)  # (every command reads masks in this scheme)
     meta = CheckpointMeta(
         format_version=FORMAT_VERSION,
         arch=args.arch,

@@ -398,7 +398,7 @@ def check_label_scheme(path: str | os.PathLike, class_names: Sequence[str], sche
     want = ", ".join(f"{i} {n}" for i, n in enumerate(scheme))
     order = sorted(map(_label_key, class_names)) == sorted(map(_label_key, scheme))
     raise CheckpointError(
-        f"{path}: its classes are {have}, "
+        f"{path}: classes {have} are "
         + ("in another order than" if order else "not")
         + f" napari-apl's labels ({want}): use a model whose output channels are these classes in this order"
     )
