@@ -547,14 +547,20 @@ def cmd_import(args: argparse.Namespace) -> int:
         CheckpointMeta,
         check_label_scheme,
         import_state_dict,
+        reorder_classes,
         save_checkpoint,
+        scheme_order,
     )
     from .core.labels import CLASS_NAMES
     from .core.preprocess import get_preset
 
     _check_outputs([Path(args.out)], args.overwrite, [args.state_dict])
     names = [n.strip() for n in args.classes.split(",")] if args.classes else list(CLASS_NAMES)
-    check_label_scheme("--classes", names, CLASS_NAMES)  # (every command reads masks in this scheme)
+    # every command writes masks in napari-apl's label scheme: a model whose channels are its classes
+    # in another order has them reordered here; other classes are refused
+    order = scheme_order(names, CLASS_NAMES)
+    if order is None:
+        check_label_scheme("--classes", names, CLASS_NAMES)
     meta = CheckpointMeta(
         format_version=FORMAT_VERSION,
         arch=args.arch,
@@ -566,6 +572,14 @@ def cmd_import(args: argparse.Namespace) -> int:
         provenance={"imported_from": Path(args.state_dict).name, "note": args.note or ""},
     )
     model = import_state_dict(args.state_dict, meta, accept_checkpoint=False)
+    if order is not None and order != list(range(len(CLASS_NAMES))):
+        reorder_classes(model, order)
+        meta.class_names = list(CLASS_NAMES)
+        meta.provenance["class_channels_of_the_file"] = names
+        print(
+            "reordered the class channels to napari-apl's labels: "
+            + ", ".join(f"{i} {CLASS_NAMES[i]} (channel {j} of the file)" for i, j in enumerate(order))
+        )
     save_checkpoint(args.out, model, meta, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     return 0
@@ -769,7 +783,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--arch", default="deeplabv2", help="network of the weights: deeplabv2 (default) or unet-dual"
     )
-    p.add_argument("--classes", help="comma-separated class names (default: background,liver,...)")
+    p.add_argument(
+        "--classes",
+        help="comma-separated names of the file's output channels, in their order (default: "
+        "background,liver,right kidney,left kidney,spleen); the same five in another order are "
+        "reordered to napari-apl's labels",
+    )
     p.add_argument("--input-size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"))
     p.add_argument("--spacing", type=float, nargs=2, default=(1.5, 1.5), metavar=("MX", "MY"))
     p.add_argument("--normalize", default="ct-abdomen", help="intensity preset the model was trained with")

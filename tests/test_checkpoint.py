@@ -652,3 +652,28 @@ def test_the_class_order_must_be_napari_apls_labels(tmp_path: Path) -> None:
             "\n" not in text and f"{words} napari-apl's labels (0 background, 1 liver, 2 right kidney" in text
         )
         assert ck.load_checkpoint(path)[1].class_names[1] in ("spleen", "a")  # (read as is when not asked)
+
+
+@pytest.mark.parametrize("make", [_unet, _deeplab], ids=["unet-dual", "deeplabv2"])
+def test_reordering_the_classes_permutes_both_heads_logits(make) -> None:
+    """``reorder_classes`` moves every tensor on the logits' class axis (the four summed ASPP branches
+    of deeplabv2 included): both heads' logits come out permuted, nothing else changes."""
+    model = make()
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        order = [0, 4, 1, 3, 2]
+        ck.reorder_classes(model, order)
+        after = model(x)
+    for new, old in zip(after, before, strict=True):
+        torch.testing.assert_close(new, old[:, order])
+    with pytest.raises(ValueError, match="permutation"):
+        ck.reorder_classes(model, [0, 0, 1, 2, 3])
+    assert ck.scheme_order(["Background", "spleen", "liver", "right kidney", "left_kidney"], CLASS_NAMES) == [
+        0,
+        2,
+        3,
+        4,
+        1,
+    ]
+    assert ck.scheme_order(["bg", "a", "b", "c", "d"], CLASS_NAMES) is None

@@ -417,12 +417,27 @@ def test_import_reads_a_unet_width_from_the_file(tmp_path, capsys):
         assert torch.equal(a, b)
     assert main([*argv[:-2], "--input-size", "100000", "100000", "--out", str(tmp_path / "huge.pt")]) == 2
     assert "input_size" in capsys.readouterr().err and not (tmp_path / "huge.pt").exists()
-    # --classes in another order than napari-apl's labels would write the spleen as label 1 (liver)
-    swapped = "background,spleen,liver,right kidney,left kidney"
-    assert main([*argv[:-2], "--classes", swapped, "--out", str(tmp_path / "swapped.pt")]) == 2
+    # a file whose channels are the five classes in another order (spleen first) is reordered to
+    # napari-apl's labels: the imported model's channel 1 is the file's liver channel (2), and so on
+    capsys.readouterr()
+    swapped = "background,spleen,liver,Right_Kidney,left kidney"
+    assert main([*argv[:-2], "--classes", swapped, "--out", str(tmp_path / "swapped.pt")]) == 0
+    assert (
+        "reordered the class channels to napari-apl's labels: 0 background (channel 0 of the file), "
+        "1 liver (channel 2 of the file)" in capsys.readouterr().out
+    )
+    reordered, meta = load_checkpoint(tmp_path / "swapped.pt", class_names=CLASS_NAMES)
+    assert meta.class_names == list(CLASS_NAMES)
+    assert meta.provenance["class_channels_of_the_file"][1] == "spleen"
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        for mine, theirs in zip(reordered(x), model.eval()(x), strict=True):
+            torch.testing.assert_close(mine, theirs[:, [0, 2, 3, 4, 1]])
+    # other classes are refused in one line
+    assert main([*argv[:-2], "--classes", "bg,a,b,c,d", "--out", str(tmp_path / "other.pt")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "in another order than napari-apl's labels" in err
-    assert not (tmp_path / "swapped.pt").exists()
+    assert len(err.splitlines()) == 1 and "are not napari-apl's labels" in err
+    assert not (tmp_path / "other.pt").exists()
 
 
 def test_phantom_refuses_a_shape_that_cannot_fit(tmp_path, capsys):

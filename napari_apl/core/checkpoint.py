@@ -404,6 +404,34 @@ def check_label_scheme(path: str | os.PathLike, class_names: Sequence[str], sche
     )
 
 
+def scheme_order(class_names: Sequence[str], scheme: Sequence[str]) -> list[int] | None:
+    """For class names that are ``scheme``'s in another order, the channel of each scheme class
+    (``order[i]`` = the channel of ``scheme[i]``); ``None`` when they are other names."""
+    keys = [_label_key(n) for n in class_names]
+    wanted = [_label_key(n) for n in scheme]
+    if sorted(keys) != sorted(wanted) or len(set(keys)) != len(keys):
+        return None
+    return [keys.index(k) for k in wanted]
+
+
+@torch.no_grad()
+def reorder_classes(model: DualHeadNet, order: Sequence[int]) -> None:
+    """Reorder ``model``'s output classes in place: new class ``i`` is the old class ``order[i]``, in
+    both heads (the tensors ``logit_prefixes`` name, along their first axis)."""
+    index = torch.as_tensor(list(order), dtype=torch.long)
+    if sorted(index.tolist()) != list(range(model.num_classes)):
+        raise ValueError(f"order must be a permutation of 0..{model.num_classes - 1}, got {list(order)}")
+    moved = 0
+    for name, tensor in model.state_dict().items():
+        if name.startswith(model.logit_prefixes) and tensor.ndim >= 1:
+            if tensor.shape[0] != model.num_classes:
+                raise ValueError(f"{name} has {tensor.shape[0]} rows, not one per class")
+            tensor.copy_(tensor[index])
+            moved += 1
+    if moved == 0:
+        raise ValueError(f"{model.arch} names no class-axis tensors (logit_prefixes)")
+
+
 def _check_arch(path: Path, meta: CheckpointMeta) -> None:
     """Raise CheckpointError naming ``path`` when ``meta.arch`` is not a known architecture."""
     if meta.arch not in ARCHITECTURES:

@@ -22,15 +22,18 @@ class DualHeadNet(nn.Module):
     Subclasses set ``arch`` (the registry name), ``stride`` (input height and width must be
     multiples of it), ``classifier_modules`` (names of the top-level child modules that form
     ``D_m`` and ``D_a``; every other parameter belongs to the encoder), ``main_head_key`` (the
-    state-dict key of the main classifier weight whose first dimension is the class count) and
-    ``arch_args`` (JSON-friendly keyword arguments such that ``build_model(arch, **arch_args)``
-    rebuilds the same network). They implement ``features`` and ``heads``.
+    state-dict key of the main classifier weight whose first dimension is the class count),
+    ``logit_prefixes`` (state-dict key prefixes of the tensors whose first dimension is the logits'
+    class axis, in both heads: reordering them along it reorders the classes) and ``arch_args``
+    (JSON-friendly keyword arguments such that ``build_model(arch, **arch_args)`` rebuilds the same
+    network). They implement ``features`` and ``heads``.
     """
 
     arch: str = ""
     stride: int = 1
     classifier_modules: tuple[str, ...] = ()
     main_head_key: str = ""
+    logit_prefixes: tuple[str, ...] = ()
 
     def __init__(self, num_classes: int, in_channels: int) -> None:
         super().__init__()

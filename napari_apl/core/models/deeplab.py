@@ -82,6 +82,7 @@ class DeepLabV2(DualHeadNet):
     stride = 8
     classifier_modules = ("layer5", "layer6")
     main_head_key = "layer6.conv2d_list.0.weight"
+    logit_prefixes = ("layer5.conv2d_list.", "layer6.conv2d_list.")  # four summed branches per head
 
     def __init__(
         self, num_classes: int = 5, layers: Sequence[int] = (3, 4, 23, 3), in_channels: int = 1

@@ -53,6 +53,7 @@ class UNetDual(DualHeadNet):
     stride = 16
     classifier_modules = ("head_main", "head_aux")
     main_head_key = "head_main.3.weight"
+    logit_prefixes = ("head_main.3.", "head_aux.3.")
 
     def __init__(
         self, in_channels: int = 1, num_classes: int = 5, base: int = 16, dropout: float = 0.0
