@@ -223,8 +223,10 @@ def test_a_lazy_layer_renamed_during_predict_ends_as_a_paintable_array(
     assert isinstance(mine.data, np.ndarray)
     np.testing.assert_array_equal(mine.data, want)
     assert mine.editable
+    before = widget.controller.prediction.pseudo.copy()
     mine.paint((6, 20, 20), 4)  # raised TypeError on the placeholder
     assert mine.data[6, 20, 20] == 4
+    np.testing.assert_array_equal(widget.controller.prediction.pseudo, before)  # its own voxels
     assert isinstance(viewer.layers[LAYER_PSEUDO].data, np.ndarray)  # a new pseudo-label layer
 
 

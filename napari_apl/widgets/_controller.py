@@ -690,7 +690,7 @@ class APLController:
                 continue
             data = None if maps is None else maps.get(keys.get(layer.metadata[META_KEY]["role"], ""))
             if data is not None and tuple(data.shape[::-1]) == tuple(layer.data.shape):
-                layer.data = np.ascontiguousarray(to_layer_order(data))
+                layer.data = np.array(to_layer_order(data))  # a copy: the user's layer, not the maps
             else:
                 self.viewer.layers.remove(layer)
 
