@@ -11,11 +11,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .core.errors import APLError, OutputError
 from .core.labels import CLASS_NAMES
 from .core.memory import set_numpy_huge_pages
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # What each output map is stored as (see core.infer.encode_map): labels as uint8, ω and the heads'
 # disagreement as uint8 with scl_slope 1/255 (readers see floats in [0, 1]).
@@ -118,12 +121,14 @@ def _write_maps(pred_maps: dict, out: Path, volume, overwrite: bool) -> list[Pat
     return list(write_maps(pred_maps, paths, volume, overwrite=overwrite).values())
 
 
-def _largest_components(maps: dict) -> dict:
-    """Keep each organ's largest connected piece in the label maps; print what was removed."""
+def _largest_components(maps: dict, corrections: np.ndarray | None = None) -> dict:
+    """Keep each organ's largest connected piece in the label maps (the voxels of ``corrections`` in
+    ``pseudo_label`` as they are); print what was removed."""
     from .core.labels import CLASS_NAMES
     from .core.postprocess import clean_masks, removal_warnings
 
-    cleaned, removed = clean_masks({name: maps[name] for name in ("main", "aux", "pseudo_label")})
+    masks = {name: maps[name] for name in ("main", "aux", "pseudo_label")}
+    cleaned, removed = clean_masks(masks, keep={"pseudo_label": corrections})
     for name, gone in removed.items():
         text = ", ".join(f"{CLASS_NAMES[c]} {100 * f:.1f}%" for c, f in gone.items() if f > 0)
         print(f"largest component: {name}: removed {text or 'nothing'}")
@@ -372,11 +377,10 @@ def cmd_refine(args: argparse.Namespace) -> int:
     )
     maps = pred.as_dict()
     maps["pseudo_label"] = result.pseudo
-    if args.largest_component:
-        maps = _largest_components(maps)
-    if corrections is not None:  # the user's own labels are written as given (as the viewer shows them),
-        # after the clean-up: a piece the user painted is theirs, even away from the organ's largest one
-        maps["pseudo_label"] = np.where(corrections >= 0, corrections, maps["pseudo_label"]).astype(np.uint8)
+    if corrections is not None:  # the user's own labels are written as given (as the viewer shows them)
+        maps["pseudo_label"] = np.where(corrections >= 0, corrections, result.pseudo).astype(np.uint8)
+    if args.largest_component:  # (a piece the user painted stays, even away from the organ's largest one)
+        maps = _largest_components(maps, corrections)
     log = {
         "config": cfg.to_dict(),
         "iterations_done": result.iterations_done,

@@ -645,6 +645,8 @@ def test_export_keeps_each_organs_largest_piece(setup, tmp_path: Path, monkeypat
     out = nib.as_closest_canonical(nib.load(tmp_path / "out" / "image_pseudo_label.nii.gz"))
     saved = np.asarray(out.dataobj)
     assert (saved == 1).sum() == 27 + 2 and (saved == 4).sum() == 8
+    report = json.loads((tmp_path / "out" / "image_report.json").read_text())
+    assert report["removed_fraction"]["pseudo-label"]["liver"] == pytest.approx(8 / 37)  # (painted: kept)
 
 
 def test_errors_become_notifications(setup, tmp_path: Path, notifications: list[str], monkeypatch) -> None:

@@ -56,9 +56,19 @@ def removed_fraction(
     return out
 
 
-def clean_masks(masks: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, dict[int, float]]]:
-    """Keep each organ's largest piece in every mask; also return each mask's fraction removed per organ."""
+def clean_masks(
+    masks: Mapping[str, Any], keep: Mapping[str, np.ndarray | None] | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, dict[int, float]]]:
+    """Keep each organ's largest piece in every mask; also return each mask's fraction removed per organ.
+
+    ``keep`` gives, per mask, the user's corrections (a label, or -1 where untouched): corrected voxels
+    keep their label even away from the organ's largest piece, and count as not removed.
+    """
     cleaned = {name: largest_components(arr) for name, arr in masks.items()}
+    for name, corrections in (keep or {}).items():
+        if corrections is not None and name in cleaned and corrections.shape == cleaned[name].shape:
+            mask = cleaned[name]
+            cleaned[name] = np.where(corrections >= 0, corrections, mask).astype(mask.dtype)
     return cleaned, {name: removed_fraction(masks[name], cleaned[name]) for name in masks}
 
 

@@ -1656,13 +1656,8 @@ class APLController:
         assert self.prediction is not None and self.geometry is not None
         masks = self._current_masks()
         removed = None
-        if largest_component:
-            masks, fractions = clean_masks(masks)
-            painted = self.collect_corrections()
-            if painted is not None and painted.shape == masks["pseudo-label"].shape:
-                # the voxels the user painted are kept as painted, even away from an organ's largest piece
-                pseudo = masks["pseudo-label"]
-                masks["pseudo-label"] = np.where(painted >= 0, painted, pseudo).astype(pseudo.dtype)
+        if largest_component:  # the voxels the user painted stay, even away from an organ's largest piece
+            masks, fractions = clean_masks(masks, keep={"pseudo-label": self.collect_corrections()})
             removed = {kind: {label_name(c): f for c, f in fr.items()} for kind, fr in fractions.items()}
             names = self.meta.class_names if self.meta else list(CLASS_NAMES)
             for line in removal_warnings(fractions["pseudo-label"], names):
