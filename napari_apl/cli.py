@@ -302,7 +302,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
 
     from .core.checkpoint import save_checkpoint
     from .core.infer import predict_volume
-    from .core.refine import RefineControl, organ_size_change, refine
+    from .core.refine import RefineControl, check_corrections, organ_size_change, refine
     from .core.volume import load_volume
 
     out = _out_dir(args.out_dir)
@@ -332,13 +332,10 @@ def cmd_refine(args: argparse.Namespace) -> int:
             )
         corr = corr.astype(np.int64)  # before -1 appears: a uint8 file would wrap it to 255
         corrections = np.where(corr == unset, -1, corr)
-        bad = np.unique(corrections[(corrections < -1) | (corrections >= meta.num_classes)])
-        if bad.size:
-            raise APLError(
-                f"--corrections {args.corrections} holds label {int(bad[0])}: labels are "
-                f"0..{meta.num_classes - 1}, and {unset} (--corrections-unset) marks "
-                "voxels left as predicted"
-            )
+        try:
+            check_corrections(corrections, meta.class_names, f"--corrections {args.corrections}")
+        except APLError as exc:
+            raise APLError(f"{exc}; {unset} (--corrections-unset) marks voxels left as predicted") from None
         corrections = corrections.astype(np.int16)
     cfg.normalization = norm.to_dict()
     control = RefineControl()

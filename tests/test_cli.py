@@ -323,7 +323,7 @@ def test_refine_corrections_of_any_integer_type(tmp_path, tiny_ckpt, phantom_dir
     bad = corr.copy()
     bad[0, 0, 0] = 9
     nib.save(nib.Nifti1Image(bad, ref.affine), tmp_path / "nine.nii.gz")
-    for name, words in (("shifted.nii.gz", "another affine"), ("nine.nii.gz", "holds label 9")):
+    for name, words in (("shifted.nii.gz", "another affine"), ("nine.nii.gz", "label 9 in --corrections")):
         out = tmp_path / name.split(".")[0]
         assert main([*base, "-o", str(out), "--corrections", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err.strip()
