@@ -676,7 +676,9 @@ def test_folded_teacher_gives_the_same_refinement(setup, monkeypatch, method):
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
             m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
-    cfg = _cfg(method=method, iterations=6, guard_every=3, bn="frozen", rounds=2)
+    # float32 teacher: on a CPU with native bf16 the teacher would run under bf16 autocast by default,
+    # where folding changes the rounding by far more (an H100 host's Xeon failed this test that way).
+    cfg = _cfg(method=method, iterations=6, guard_every=3, bn="frozen", rounds=2, teacher_bf16=False)
     folded = run_generator(refine(model, meta, vol, cfg))
     monkeypatch.setattr(refine_module, "_FOLD_BN", False)
     layers = run_generator(refine(model, meta, vol, cfg))
