@@ -119,15 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     # untrained model collapses without a teacher, so its guard is off: the loop must keep stepping)
     gen_own = refine(model, meta, volume, replace(cfg, teacher_decay=0.0, augment="none", guard_every=10**9))
     next(gen_own)
-    # the default recipe with the teacher's batch norms computed as layers (not folded into its
-    # convolutions): what folding saves, measured in the same rounds (a refinement reads the switch
-    # when it starts)
-    refine_module._FOLD_BN = False
+    # the default recipe with the other setting of the teacher's batch-norm folding (folded on a CPU,
+    # layers on CUDA: refine._FOLD_BN): what the device's choice gains, measured in the same rounds (a
+    # refinement reads the switch when it starts)
+    folds = not on_gpu  # the refinement's own choice on this device
+    refine_module._FOLD_BN = not folds
     try:
-        gen_unfolded = refine(model, meta, volume, cfg)
-        next(gen_unfolded)
+        gen_other_fold = refine(model, meta, volume, cfg)
+        next(gen_other_fold)
     finally:
-        refine_module._FOLD_BN = True
+        refine_module._FOLD_BN = None
 
     prep = prepare(volume, meta, model)
     xs = torch.cat([prep.batch(range(s, min(s + 16, args.slices))) for s in range(0, args.slices, 16)]).to(
@@ -184,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         return run
 
     teacher_layers = copy.deepcopy(model).to(memory_format=fmt).eval()
-    teacher = FoldedNet(teacher_layers)  # as the refinement runs its teacher
+    teacher = FoldedNet(teacher_layers) if folds else teacher_layers  # as the refinement runs its teacher
 
     def teacher_forwards() -> None:
-        """The EMA teacher's part of an APL iteration alone: one forward in inference mode (folded)."""
+        """The EMA teacher's part of an APL iteration alone: one forward in inference mode."""
         for _ in range(args.steps):
             x, _ = batch()
             with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=teacher_low):
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "apl": synced(steps_of(gen)),
         "apl_fp32_teacher": synced(steps_of(gen_fp32)) if gen_fp32 is not None else None,
         "apl_own": synced(steps_of(gen_own)),
-        "apl_unfolded": synced(steps_of(gen_unfolded)),
+        "apl_other_fold": synced(steps_of(gen_other_fold)),
         "teacher_forward": synced(teacher_forwards),
     }
     if args.heap_off_child:
@@ -235,18 +236,23 @@ def main(argv: list[str] | None = None) -> int:
             note="teacher_bf16=False: the default where the CPU has no native bf16"
             + ("" if teacher_low else " (this machine)"),
         )
+    folded, layers = (per["apl"], per["apl_other_fold"]) if folds else (per["apl_other_fold"], per["apl"])
     rep.add(
-        "APL iteration with the teacher's batch norms not folded / plain step",
-        c.paired_ratio(per["apl_unfolded"], per["plain"]),
+        "APL iteration with the teacher's batch norms "
+        + ("not folded" if folds else "folded into its convolutions")
+        + " / plain step",
+        c.paired_ratio(per["apl_other_fold"], per["plain"]),
         "x",
         goal=GOAL,
-        note="the teacher's and the guard's forwards with their batch norms as layers (core.refine._FOLD_BN "
-        "off): the recipe as it ran before the folding",
+        note="core.refine._FOLD_BN forced "
+        + (
+            "off: the teacher's and the guard's forwards with their batch norms as layers, as on CUDA"
+            if folds
+            else "on: the teacher's and the guard's forwards on a copy with folded batch norms, as on a CPU"
+        ),
     )
     rep.add(
-        "  APL iteration, folded / not folded (median of paired rounds)",
-        c.paired_ratio(per["apl"], per["apl_unfolded"]),
-        "x",
+        "  APL iteration, folded / not folded (median of paired rounds)", c.paired_ratio(folded, layers), "x"
     )
     heap_off = None
     if args.heap_rounds > 0 and not on_gpu:
@@ -278,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         "from the student's own forward (collapse guard off)",
     )
     rep.add(
-        f"EMA teacher's no-grad forward ({'bf16' if teacher_low else 'float32'}, batch norms folded)"
+        f"EMA teacher's no-grad forward ({'bf16' if teacher_low else 'float32'}, batch norms "
+        f"{'folded' if folds else 'as layers'})"
         " / plain step (paired)",
         c.paired_ratio(per["teacher_forward"], per["plain"]),
         "x",
@@ -377,9 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     rep.note(
         "one APL iteration (core.refine.refine) runs: sample the batch from the ensemble's per-slice "
         "organ flags (kept up to date for each batch's slices, no scan of the volume); the EMA "
-        "teacher's forward in inference mode on a copy with its batch norms folded into its convolutions "
-        "(models.fold, refreshed from the teacher's weights before each use; pseudo labels; under bf16"
-        " autocast where the CPU computes bf16 "
+        "teacher's forward in inference mode (on a CPU on a copy with its batch norms folded into its "
+        "convolutions, models.fold, refreshed from the teacher's weights before each use; pseudo labels; "
+        "under bf16 autocast where the CPU computes bf16 "
         "natively, RefineConfig.teacher_bf16); the student's mild augmentation of the batch (gamma, bias "
         "field, blur, noise: RefineConfig.augment); the student's encoder forward once, with "
         "gradient; both heads on the detached features -> L_Con -> classifier step; the ensemble update "

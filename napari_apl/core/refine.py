@@ -552,10 +552,13 @@ def _grid_corrections(
 
 
 _REUSE_OWN_FORWARD = True  # switch for the test that proves the shortcut changes nothing
-# The teacher's and the guard's no-grad forwards run on a copy with the batch norms folded into the
-# convolutions (models.fold): the same function, without a pass over every activation per batch norm.
-# Off only for the benchmark that measures what it saves.
-_FOLD_BN = True
+# On the CPU the teacher's and the guard's no-grad forwards run on a copy with the batch norms folded
+# into the convolutions (models.fold): the same function, without a pass over every activation per batch
+# norm. Not on CUDA, where an iteration waits on the host and refreshing the copy launches more kernels
+# than the batch norms it saves (an H100 at 264e9a5: APL iterations 1.09x slower folded,
+# benchmarks/results/refine_overhead_cuda.md). ``None``: that rule; True or False force it (for the benchmark
+# that measures the difference and the test that checks it changes nothing).
+_FOLD_BN: bool | None = None
 
 
 def _to_volume(prep: PreparedVolume, labels_zhw: torch.Tensor) -> np.ndarray:
@@ -679,7 +682,8 @@ def _refine_loop(
     # With a teacher, every no-grad prediction here is the teacher's (or a frozen copy of it, or the
     # loaded model's below) and runs at the teacher's precision (bf16 where native).
     low = use_amp or (cfg.teacher_decay > 0 and _teacher_bf16(cfg.teacher_bf16, dev))
-    fold_bn = _FOLD_BN  # (read once: a refinement keeps the setting it started with)
+    # (read once: a refinement keeps the setting it started with)
+    fold_bn = dev.type == "cpu" if _FOLD_BN is None else _FOLD_BN
     teacher: DualHeadNet | None = None  # (made below, after the batch-norm adaptation)
     teacher_fast: FoldedNet | None = None  # the teacher with its batch norms folded, for its forwards
 
