@@ -120,6 +120,25 @@ def test_many_checks_every_output_before_work(
     assert rc == 2
 
 
+def test_many_refuses_an_output_that_is_another_volumes_input(
+    phantom_folder: Path, tiny_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    """A recursive glob run again over its own output folder must not overwrite one input with another
+    volume's output (here case0's main.nii.gz is also read as the volume "main")."""
+    cases = tmp_path / "cases"
+    (cases / "case0").mkdir(parents=True)
+    shutil.copy(phantom_folder / "case0.nii.gz", cases / "case0.nii.gz")
+    shutil.copy(phantom_folder / "case1.nii.gz", cases / "case0" / "main.nii.gz")
+    before = (cases / "case0" / "main.nii.gz").read_bytes()
+    argv = ["predict", str(cases / "**" / "*.nii.gz"), "-c", str(tiny_checkpoint), "-o", str(cases)]
+    capsys.readouterr()
+    assert cli.main([*argv, "--overwrite", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "an input of this batch" in err[0] and "main.nii.gz" in err[0], err
+    assert (cases / "case0" / "main.nii.gz").read_bytes() == before
+    assert sorted(p.name for p in cases.iterdir()) == ["case0", "case0.nii.gz"]  # nothing was made
+
+
 def _square(x: int) -> int:
     if x < 0:
         raise APLError("negative")

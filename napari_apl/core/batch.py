@@ -479,6 +479,26 @@ def _remove_empty(created: list[Path]) -> None:
             folder.rmdir()  # only succeeds when empty
 
 
+def _identity_of(path: Path) -> tuple[int, int] | None:
+    """The (device, inode) of an existing file, else ``None``."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _file_identities(paths: Sequence[Path]) -> dict[Any, Path]:
+    """Map each file's (device, inode) and resolved path to the file, to find an output among them."""
+    found: dict[Any, Path] = {}
+    for path in paths:
+        ident = _identity_of(path)
+        if ident is not None:
+            found[ident] = path
+        found[str(Path(path).resolve())] = path
+    return found
+
+
 def run_command_many(
     command: Callable[[Any], int],
     args: Any,
@@ -527,6 +547,11 @@ def run_command_many(
         if folder.exists() and not folder.is_dir():
             raise OutputError(f"{folder} is a file, not a folder: move it or choose another --out-dir")
 
+    # every file the batch reads: no volume's output may replace another volume's input (a recursive
+    # glob run again with --overwrite can pick up <out>/<name>/main.nii.gz as an input of its own)
+    read = [*images, *(Path(v) for o in path_options if (v := getattr(args, o, None)) and isinstance(v, str))]
+    read_files = _file_identities(read)
+
     def check_all(only_existing: bool) -> None:
         """Check every output (of the folders that exist already, when ``only_existing``)."""
         if check is None:
@@ -534,7 +559,15 @@ def run_command_many(
         for image, folder in dirs.items():
             if only_existing and not folder.is_dir():
                 continue  # a folder still to be made holds no output yet
-            check([folder / name for name in outputs], [str(image), str(getattr(args, "checkpoint", ""))])
+            paths = [folder / name for name in outputs]
+            check(paths, [str(image), str(getattr(args, "checkpoint", ""))])
+            for p in paths:
+                src = read_files.get(_identity_of(p)) or read_files.get(str(p.resolve()))
+                if src is not None:
+                    raise OutputError(
+                        f"output {p} of {image.name} is {src}, an input of this batch: choose another "
+                        "--out-dir (or leave earlier outputs out of the inputs)"
+                    )
 
     check_all(only_existing=True)  # before any folder is made: a refused run leaves nothing behind
     items = []
