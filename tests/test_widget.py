@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from napari_apl._layers import layer_world_matrix, to_canonical_order
+from napari_apl._layers import layer_world_matrix, to_canonical_order, to_layer_order
 from napari_apl.core.refine import RefineConfig
 from napari_apl.widgets import WIDGET_NAME, APLWidget
 from napari_apl.widgets._controller import (
@@ -647,6 +647,37 @@ def test_export_keeps_each_organs_largest_piece(setup, tmp_path: Path, monkeypat
     assert (saved == 1).sum() == 27 + 2 and (saved == 4).sum() == 8
     report = json.loads((tmp_path / "out" / "image_report.json").read_text())
     assert report["removed_fraction"]["pseudo-label"]["liver"] == pytest.approx(8 / 37)  # (painted: kept)
+
+
+@pytest.mark.parametrize("how", ["rename", "delete"])
+def test_export_keeps_the_corrections_when_the_pseudo_label_layer_is_renamed_or_gone(
+    setup, tmp_path: Path, how: str
+) -> None:
+    """Painted voxels are exported (and counted) whether or not the painted layer is still there by name:
+    Refine uses them either way, so the files must too."""
+    viewer, widget, _image, _labels = setup("RAS")
+    widget.predict(sync=True)
+    layer = viewer.layers[LAYER_PSEUDO]
+    painted = layer.data.copy()
+    painted[3:6, 4:14, 4:14] = 4  # 300 voxels of spleen, painted
+    layer.data = painted
+    widget.controller.collect_corrections()  # (what a brush stroke's paint event does)
+    assert widget.controller.n_corrected > 0
+    if how == "rename":
+        layer.name = "my edits"
+    else:
+        viewer.layers.remove(layer)
+    panel = widget.export_panel
+    panel.folder.value = str(tmp_path / "out")
+    assert panel.export()
+    out = nib.load(tmp_path / "out" / "image_pseudo_label.nii.gz")
+    saved = np.asarray(nib.as_closest_canonical(out).dataobj)
+    expected = widget.controller._with_corrections(widget.controller.prediction.pseudo)
+    assert np.array_equal(saved, expected)
+    assert (to_layer_order(saved)[3:6, 4:14, 4:14] == 4).all()  # the painted block, as painted
+    report = json.loads((tmp_path / "out" / "image_report.json").read_text())
+    spleen = next(o for o in report["organs"] if o["label"] == 4)
+    assert spleen["voxels"] == int((saved == 4).sum())
 
 
 def test_errors_become_notifications(setup, tmp_path: Path, notifications: list[str], monkeypatch) -> None:

@@ -1691,7 +1691,8 @@ class APLController:
         out = {
             "main": self.prediction.main,
             "auxiliary": self.prediction.aux,
-            "pseudo-label": self.prediction.pseudo,
+            # the corrections on top, as Refine uses them, also when the painted layer was renamed or removed
+            "pseudo-label": self._with_corrections(self.prediction.pseudo),
         }
         for kind, name in (("main", LAYER_MAIN), ("auxiliary", LAYER_AUX), ("pseudo-label", LAYER_PSEUDO)):
             if name in self.viewer.layers and is_prediction_layer(self.viewer.layers[name]):
