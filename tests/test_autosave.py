@@ -130,7 +130,7 @@ def test_partial_saves_keep_the_rest_and_only_one_snapshot(files, tmp_path):
     corr, refined, _ = restore(entry)
     assert np.array_equal(corr, _corrections(2)) and refined is not None
     names = sorted(p.name for p in entry.folder.iterdir())
-    assert names == sorted(["manifest.json", entry.corrections_file, entry.model_file]), names
+    assert names == sorted([".lock", "manifest.json", entry.corrections_file, entry.model_file]), names
     with torch.no_grad():
         changed = build_model("unet-dual", base=4)
     entry2 = saver.save(model=changed, meta=_meta(changed), iteration=7)
@@ -213,6 +213,9 @@ def test_discard_never_deletes_user_files(files, tmp_path):
     # a file the user put in the autosave folder survives a discard (and so does the folder)
     keep = entry.folder / "my-notes.txt"
     keep.write_text("mine")
+    with pytest.raises(AutosaveError, match="still open"):
+        discard(entry)  # the saver's session is live: its folder is not a crashed session's
+    saver.close()  # (the session ends)
     discard(entry)
     assert keep.read_text() == "mine" and sorted(p.name for p in entry.folder.iterdir()) == ["my-notes.txt"]
     assert find_autosaves(img_path, root=tmp_path / "root") == []
@@ -354,7 +357,8 @@ def test_kill_during_autosave_leaves_a_consistent_snapshot(files, tmp_path):
         entry = Autosaver(img_path, root=root, interval=0).save(_corrections(7))
     finally:
         autosave._STALE_TEMP_S = stale
-    assert sorted(p.name for p in entry.folder.iterdir()) == sorted(["manifest.json", entry.corrections_file])
+    names = sorted(p.name for p in entry.folder.iterdir())
+    assert names == sorted([".lock", "manifest.json", entry.corrections_file])
     assert _snapshot([img_path, ck]) == before
 
 
@@ -396,3 +400,91 @@ def test_a_model_that_cannot_be_written_does_not_cost_the_corrections(files, tmp
     assert np.array_equal(corr, _corrections(2))  # the new corrections are committed ...
     for k, v in model.state_dict().items():  # ... beside the last model that could be written
         assert torch.equal(refined.state_dict()[k], v), k
+
+
+# -- two sessions of one scan (two viewers, or two processes) ------------------------------------------------
+
+
+def _hold_a_session(img_path: str, root: str, ready, stop) -> None:
+    """Child process: a live session of the scan that has saved once, until told to stop."""
+    saver = Autosaver(img_path, root=root, interval=0)
+    saver.save(_corrections(9))
+    ready.set()
+    stop.wait(60)
+
+
+def test_two_open_sessions_of_one_scan_never_mix_or_delete_each_others_snapshots(files, tmp_path):
+    img_path, _ck, _model = files
+    refined = build_model("unet-dual", base=4)
+    with torch.no_grad():
+        for p in refined.parameters():
+            p.fill_(0.5)
+    a = Autosaver(img_path, root=tmp_path, interval=0)
+    b = Autosaver(img_path, root=tmp_path, interval=0)
+    a.save(_corrections(1))
+    b.save(_corrections(2))  # (once this reused a's file names and removed a's files)
+    entry_a = a.save(_corrections(1), refined, _meta(refined), iteration=3)
+    entry_b = b.save(_corrections(2))
+    assert entry_a.folder != entry_b.folder and entry_b.folder.name.endswith("-2")
+    corr_a, model_a, _ = restore(entry_a)
+    corr_b, model_b, _ = restore(entry_b)
+    assert np.array_equal(corr_a, _corrections(1)) and np.array_equal(corr_b, _corrections(2))
+    assert model_b is None and all(torch.all(p == 0.5) for p in model_a.parameters())
+    # both are live: listed as in use, and neither can be discarded as if it had crashed
+    found = find_autosaves(img_path, root=tmp_path)
+    assert len(found) == 2 and all(e.in_use for e in found)
+    with pytest.raises(AutosaveError, match="still open"):
+        discard(entry_b)
+    # a ends (as a crash does): its session is recoverable, b's is still live
+    a.close()
+    (crashed,) = [e for e in find_autosaves(img_path, root=tmp_path) if not e.in_use]
+    assert crashed.folder == entry_a.folder and crashed.has_model
+    # a third session does not take b's folder, and can carry on a's
+    c = Autosaver(img_path, root=tmp_path, interval=0, folder=crashed.folder, resume=True)
+    assert c.folder == entry_a.folder
+    entry_c = c.save(_corrections(3))
+    assert entry_c.has_model and np.array_equal(restore(entry_c)[0], _corrections(3))
+    assert np.array_equal(restore(entry_b)[0], _corrections(2))
+    b.discard()
+    c.discard()
+    assert find_autosaves(img_path, root=tmp_path) == []
+
+
+def test_adopting_a_recovered_session_moves_this_session_into_its_folder(files, tmp_path):
+    img_path, _ck, model = files
+    old = Autosaver(img_path, root=tmp_path, interval=0)
+    live = Autosaver(img_path, root=tmp_path, interval=0)
+    old.save(_corrections(1), model, _meta(model), iteration=4)
+    live.save(_corrections(2))
+    old.close()  # crashed
+    (recovered,) = [e for e in find_autosaves(img_path, root=tmp_path) if not e.in_use]
+    live.adopt(recovered)
+    entry = live.save(_corrections(5))  # a partial save: the recovered model stays
+    assert entry.folder == recovered.folder and entry.has_model and entry.iteration == 4
+    # the folder the session used before is gone: its work is in the recovered session's snapshot now
+    assert [e.folder for e in find_autosaves(img_path, root=tmp_path)] == [recovered.folder]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs fork")
+def test_a_session_of_another_process_holds_its_folder_until_that_process_ends(files, tmp_path):
+    img_path, _ck, _model = files
+    ctx = mp.get_context("fork")
+    ready, stop = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_hold_a_session, args=(str(img_path), str(tmp_path), ready, stop), daemon=True)
+    proc.start()
+    try:
+        assert ready.wait(60)
+        (theirs,) = find_autosaves(img_path, root=tmp_path)
+        assert theirs.in_use
+        mine = Autosaver(img_path, root=tmp_path, interval=0).save(_corrections(1))
+        assert mine.folder != theirs.folder
+        assert np.array_equal(restore(theirs)[0], _corrections(9))
+        with pytest.raises(AutosaveError, match="still open"):
+            discard(theirs)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # a crash: the system drops its lock
+        proc.join(10)
+    (crashed,) = [e for e in find_autosaves(img_path, root=tmp_path) if e.folder == theirs.folder]
+    assert not crashed.in_use
+    discard(crashed)
+    assert not theirs.folder.exists()

@@ -426,6 +426,14 @@ def test_closing_the_widget_joins_the_worker(setup, qtbot) -> None:
 # -- (d) autosave and recovery ---------------------------------------------------------------------
 
 
+def _crash(ctl) -> None:
+    """A "crash": the session just stops (nothing is saved, shut down or exported), and its autosave
+    folder's lock goes, as the system drops it when a process dies (here the viewer lives on)."""
+    ctl.autosave_enabled = False
+    if ctl.autosaver is not None:
+        ctl.autosaver.close()
+
+
 def test_autosave_and_recover_after_a_crash(
     setup, small_image, qtbot, autosave_dir, tmp_path, monkeypatch
 ) -> None:
@@ -456,7 +464,7 @@ def test_autosave_and_recover_after_a_crash(
     assert entry.has_model and entry.iteration == 3 and entry.painted_voxels == int((corrections >= 0).sum())
     # the "crash": the session just stops, nothing is shut down or exported
     widget._autosave_timer.stop()
-    ctl.autosave_enabled = False
+    _crash(ctl)
 
     viewer2, widget2, image2 = setup()
     ctl2 = widget2.controller
@@ -487,6 +495,74 @@ def test_autosave_and_recover_after_a_crash(
     assert image2 is not image
 
 
+def test_two_viewers_of_one_scan_autosave_apart(setup, small_image, qtbot) -> None:
+    """Two viewers of the same scan: neither is offered the other's live session, their snapshots never
+    mix, and after a crash of the first its own corrections come back with its own refined model."""
+    viewer_a, widget_a, _ = setup()
+    viewer_b, widget_b, _ = setup()
+    ctl_a, ctl_b = widget_a.controller, widget_b.controller
+    ctl_a.autosave_interval = ctl_b.autosave_interval = 0.0
+    assert widget_a.predict(sync=True)
+    viewer_a.layers[LAYER_PSEUDO].paint((4, 20, 20), 2)
+    assert ctl_a.maybe_autosave(force=True) is not None
+    assert widget_b.predict(sync=True)
+    assert ctl_b.recoverable is None and widget_b.recovery_bar.isHidden()  # a's session is live, not crashed
+    viewer_b.layers[LAYER_PSEUDO].paint((6, 30, 30), 4)
+    assert ctl_b.maybe_autosave(force=True) is not None
+    assert ctl_a.refine(tiny_refine(2), sync=True)
+    corrections_a, corrections_b = ctl_a.corrections.copy(), ctl_b.corrections.copy()
+    assert not np.array_equal(corrections_a, corrections_b)
+    weights_a = {k: v.clone() for k, v in ctl_a.model.state_dict().items()}
+    found = find_autosaves(small_image)
+    assert len(found) == 2 and all(e.in_use for e in found)
+    assert {e.folder for e in found} == {ctl_a.autosaver.folder, ctl_b.autosaver.folder}
+    _crash(ctl_a)
+    _viewer_c, widget_c, _ = setup()
+    ctl_c = widget_c.controller
+    assert widget_c.predict(sync=True)
+    assert ctl_c.recoverable is not None and ctl_c.recoverable.folder == ctl_a.autosaver.folder
+    assert ctl_c.recover(sync=True) and ctl_c.refined
+    assert np.array_equal(ctl_c.corrections, corrections_a)
+    assert all(torch.equal(ctl_c.model.state_dict()[k], v) for k, v in weights_a.items())
+    (entry_b,) = [e for e in find_autosaves(small_image) if e.folder == ctl_b.autosaver.folder]
+    assert np.array_equal(restore(entry_b)[0], corrections_b)  # b's snapshot is untouched
+
+
+def test_a_damaged_model_in_an_autosave_does_not_lose_the_corrections(
+    setup, small_image, monkeypatch
+) -> None:
+    import napari_apl.widgets._controller as controller_module
+
+    viewer, widget, _ = setup()
+    ctl = widget.controller
+    ctl.autosave_interval = 0.0
+    assert widget.predict(sync=True)
+    viewer.layers[LAYER_PSEUDO].paint((4, 20, 20), 2)
+    assert ctl.refine(tiny_refine(2), sync=True)
+    assert ctl.maybe_autosave(force=True) is not None or ctl.autosaves_written > 0
+    corrections = ctl.corrections.copy()
+    [entry] = find_autosaves(small_image)
+    assert entry.has_model and entry.has_corrections
+    _crash(ctl)
+    model_file = entry.folder / entry.model_file
+    model_file.write_bytes(model_file.read_bytes()[:1000])  # truncated (a disk failure, say)
+
+    warned: list[str] = []
+    monkeypatch.setattr(controller_module, "show_warning", lambda message: warned.append(str(message)))
+    _viewer2, widget2, _ = setup()
+    ctl2 = widget2.controller
+    ctl2.autosave_interval = 0.0
+    assert widget2.predict(sync=True) and ctl2.recoverable is not None
+    assert ctl2.recover(sync=True)
+    assert np.array_equal(ctl2.corrections, corrections) and not ctl2.refined
+    assert len(warned) == 1 and "recovered the corrections only" in warned[0] and "model" in warned[0]
+    # the session goes on without the damaged model: its next autosave no longer names it
+    assert ctl2.maybe_autosave(force=True) is not None
+    [again] = find_autosaves(small_image)
+    assert again.folder == entry.folder and not again.has_model and again.has_corrections
+    assert not model_file.exists()
+
+
 def test_recovery_offer_blocks_autosave_and_can_be_discarded(setup, small_image, qtbot, monkeypatch) -> None:
     viewer, widget, image = setup()
     ctl = widget.controller
@@ -498,7 +574,7 @@ def test_recovery_offer_blocks_autosave_and_can_be_discarded(setup, small_image,
     pseudo.data = data
     assert ctl.maybe_autosave(force=True) is not None and ctl.n_corrected == 16
     [entry] = find_autosaves(small_image)
-    ctl.autosave_enabled = False  # "crash"
+    _crash(ctl)
 
     import napari_apl.widgets._controller as controller_module
 
@@ -530,7 +606,7 @@ def test_recovery_offer_blocks_autosave_and_can_be_discarded(setup, small_image,
     [mine] = find_autosaves(small_image)
     assert mine.painted_voxels == ctl2.n_corrected
     assert ctl2.check_recovery() is None  # its own autosave is not offered back to it
-    ctl2.autosave_enabled = False  # "crash" of the second session
+    _crash(ctl2)  # of the second session
 
     # a new widget in the first viewer recovers the corrections in place (no re-prediction)
     saved = ctl2.corrections.copy()
@@ -589,7 +665,7 @@ def test_an_autosave_is_not_offered_for_another_scan_on_the_same_grid(setup, tmp
     assert widget.predict(sync=True)
     viewer.layers[LAYER_PSEUDO].paint((4, 20, 20), 2)
     assert ctl.maybe_autosave(force=True) is not None
-    ctl.autosave_enabled = False  # "crash"
+    _crash(ctl)
     # the file is replaced by another patient's scan on exactly the same grid: not offered
     original = shutil.copy(image_path, tmp_path / "original.nii.gz")
     other, _ = write_phantom(tmp_path / "other", "ct", 4, shape=SHAPE, spacing=SPACING, orientation="LPS")
@@ -708,7 +784,7 @@ def test_a_recovered_model_stays_in_its_own_session(setup, small_image, tmp_path
     viewer.layers[LAYER_PSEUDO].paint((4, 20, 20), 2)
     assert ctl.refine(tiny_refine(2), sync=True)
     assert find_autosaves(small_image)[0].has_model
-    ctl.autosave_enabled = False  # "crash"
+    _crash(ctl)
     viewer2, widget2, _image2 = setup()
     ctl2 = widget2.controller
     ctl2.autosave_interval = 0.0

@@ -8,6 +8,11 @@ Each image gets one folder under the autosave root (default: the user cache dir
                         corrections-<n>.npz  int16 canonical volume, -1 where nothing was painted
                         model-<n>.pt         the latest refined model (a normal napari-apl checkpoint)
 
+A live session holds its folder (``.lock``, an advisory ``flock`` the system drops when the process
+ends, crash included): a second session of the same image, in another viewer or process, saves into
+``<stem>-<key>-2`` (and so on) instead, so two sessions never mix or delete each other's files, and a
+held folder is neither offered for recovery (``AutosaveEntry.in_use``) nor discarded.
+
 Every file goes through ``io_utils.atomic_write``. The data files of a snapshot get a new sequence
 number ``<n>`` and are written first; the manifest is replaced last and is the commit point, so a
 crash at any moment leaves the previous complete snapshot or the new one, never a mix. Files of older
@@ -28,6 +33,7 @@ import os
 import re
 import threading
 import time
+import weakref
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +44,11 @@ import numpy as np
 
 from .errors import APLError
 from .io_utils import atomic_write
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: sessions of one process are still kept apart
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "AUTOSAVE_DIR_ENV",
@@ -62,6 +73,8 @@ _CORR_KEY = "corrections"
 _DATA_FILE = re.compile(r"^(corrections-\d+\.npz|model-\d+\.pt)$")
 _STALE_TEMP_S = 600.0
 _TEMP_FILE = re.compile(r"^\.(corrections-\d+\.npz|model-\d+\.pt|manifest\.json)\..*\.tmp")
+LOCK_FILE = ".lock"
+_MAX_SESSIONS = 32  # folders per image: <stem>-<key>, <stem>-<key>-2, ...
 
 
 class AutosaveError(APLError):
@@ -172,6 +185,8 @@ class AutosaveEntry:
     manifest: dict[str, Any] = field(repr=False, compare=False)
     image_digest: str | None = None
     """``image_digest`` of the image when it was saved (``None``: not recorded)."""
+    in_use: bool = False
+    """Whether a live session (this process's or another's) holds the folder: not a crashed one."""
 
     def matches(self, digest: str | None) -> bool:
         """Whether a scan whose ``image_digest`` is ``digest`` may be the one this session was saved from."""
@@ -198,6 +213,73 @@ class AutosaveEntry:
             )
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.saved_at))
         return ", ".join(parts) + f" (saved {when})"
+
+
+# -- which session holds a folder ------------------------------------------------------------------------
+
+_HELD: dict[str, int] = {}  # folder -> the descriptor of its lock file, for the savers of this process
+_HELD_GUARD = threading.Lock()
+
+
+def _in_use(folder: Path) -> bool:
+    """Whether a live session (a saver of this process, or another process) holds ``folder``."""
+    with _HELD_GUARD:
+        if str(folder) in _HELD:
+            return True
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False  # never locked (or unreadable: then nobody can hold it either)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # a file system without locks: only this process's savers are known
+        return False
+    finally:
+        os.close(fd)  # (also drops the shared lock just taken)
+    return False
+
+
+def _hold(folder: Path) -> int | None:
+    """Lock ``folder`` (which exists) for a saver: the lock file's descriptor, or ``None`` if held."""
+    key = str(folder)
+    with _HELD_GUARD:
+        if key in _HELD:
+            return None
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except OSError:  # a file system without locks: keep this process's sessions apart at least
+                pass
+        _HELD[key] = fd
+        return fd
+
+
+def _let_go(folder: Path, fd: int | None) -> None:
+    """Release a folder this process holds (closing the descriptor drops the system's lock)."""
+    if fd is None:
+        return
+    with _HELD_GUARD:
+        if _HELD.get(str(folder)) == fd:
+            del _HELD[str(folder)]
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _let_go_all(held: dict[Path, int]) -> None:
+    """Release every folder of a saver's ``held`` map (and empty it)."""
+    for folder, fd in list(held.items()):
+        _let_go(folder, fd)
+    held.clear()
 
 
 def _write_failure(folder: Path, exc: BaseException) -> str:
@@ -276,6 +358,7 @@ def _entry(folder: Path, root: Path, data: dict[str, Any]) -> AutosaveEntry:
         painted_voxels=_int_or_none(data.get("painted_voxels")) or 0,
         manifest=data,
         image_digest=data["image_digest"] if isinstance(data.get("image_digest"), str) else None,
+        in_use=_in_use(folder),
     )
 
 
@@ -332,11 +415,15 @@ def _load_corrections(folder: Path, name: str, shape: tuple[int, int, int]) -> n
     return arr
 
 
-def restore(entry: AutosaveEntry, *, map_location: str = "cpu") -> tuple[np.ndarray | None, Any, Any]:
+def restore(
+    entry: AutosaveEntry, *, map_location: str = "cpu", damaged: list[str] | None = None
+) -> tuple[np.ndarray | None, Any, Any]:
     """Reopen a session: return ``(corrections, model, meta)``; missing parts are ``None``.
 
     ``corrections`` is the int16 canonical volume (-1 = not painted), ``model``/``meta`` the refined
-    ``DualHeadNet`` and its ``CheckpointMeta``. The latest manifest of the folder is read again.
+    ``DualHeadNet`` and its ``CheckpointMeta``. The latest manifest of the folder is read again. A
+    damaged part raises ``AutosaveError``; with a ``damaged`` list, the message goes there instead, that
+    part is ``None`` and the intact one is still returned (a truncated model must not lose the painting).
     """
     from .checkpoint import load_checkpoint
     from .errors import CheckpointError
@@ -346,13 +433,20 @@ def restore(entry: AutosaveEntry, *, map_location: str = "cpu") -> tuple[np.ndar
     shape = tuple(int(s) for s in data["shape"])
     corrections = None
     if data.get("corrections"):
-        corrections = _load_corrections(folder, data["corrections"], shape)  # type: ignore[arg-type]
+        try:
+            corrections = _load_corrections(folder, data["corrections"], shape)  # type: ignore[arg-type]
+        except AutosaveError as exc:
+            if damaged is None:
+                raise
+            damaged.append(str(exc))
     model = meta = None
     if data.get("model"):
         try:
             model, meta = load_checkpoint(folder / data["model"], map_location=map_location)
         except CheckpointError as exc:
-            raise _bad(folder, f"model: {exc}") from None
+            if damaged is None:
+                raise _bad(folder, f"model: {exc}") from None
+            damaged.append(str(_bad(folder, f"model: {exc}")))
     return corrections, model, meta
 
 
@@ -381,13 +475,28 @@ def _remove_own_files(folder: Path, keep: set[str], *, temp_age_s: float | None 
 
 
 def discard(entry: AutosaveEntry) -> None:
-    """Delete an autosave (only files this module wrote; the folder goes when it is then empty)."""
+    """Delete an autosave (only files this module wrote; the folder goes when it is then empty).
+
+    A folder a live session holds is refused: it is that session's, not a crashed one.
+    """
     folder, root = Path(entry.folder), Path(entry.root)
     if not _inside(folder, root) or not (folder / MANIFEST).is_file():
         raise AutosaveError(f"{folder} is not an autosave folder under {root}: nothing was deleted")
+    if _in_use(folder):
+        raise AutosaveError(
+            f"the autosave {folder.name} belongs to a session still open (another viewer or process): "
+            "close that session first"
+        )
+    _remove_folder(folder)
+
+
+def _remove_folder(folder: Path, *, held: bool = False) -> None:
+    """Delete our files (manifest last) and the lock file in ``folder``, then the folder if empty."""
     try:
         _remove_own_files(folder, keep=set(), temp_age_s=0.0)
         (folder / MANIFEST).unlink(missing_ok=True)
+        if held or not _in_use(folder):
+            (folder / LOCK_FILE).unlink(missing_ok=True)
         if not any(folder.iterdir()):
             folder.rmdir()
     except OSError as exc:
@@ -440,6 +549,7 @@ class Autosaver:
         digest: str | None = None,
         resume: bool = False,
         display_name: str | None = None,
+        folder: str | os.PathLike | None = None,
     ) -> None:
         if not (isinstance(interval, (int, float)) and math.isfinite(interval) and interval >= 0):
             raise AutosaveError(f"autosave interval must be a number of seconds >= 0, got {interval!r}")
@@ -451,7 +561,12 @@ class Autosaver:
             image_digest(image) if not isinstance(image, (str, os.PathLike)) else None
         )
         self.root = _root(root)
-        self.folder = self.root / self._id.folder_name
+        # the folders this saver holds (its own, and one it left for a recovered session's until its next
+        # save): released by ``close``, or when the saver is collected
+        self._held: dict[Path, int] = {}
+        weakref.finalize(self, _let_go_all, self._held)
+        self._retired: Path | None = None
+        self.folder = self._choose(Path(folder).expanduser().absolute() if folder is not None else None)
         self.checkpoint = str(Path(checkpoint).expanduser().resolve()) if checkpoint is not None else None
         self.interval = float(interval)
         self._clock = clock
@@ -460,20 +575,98 @@ class Autosaver:
         self._seq = 0
         self._state: dict[str, Any] = {}
         self._created = time.time()
-        if (self.folder / MANIFEST).is_file():  # an older snapshot stays until our first save commits
+        self._resume = resume
+        self._load_older()
+
+    def _candidates(self) -> list[Path]:
+        """The folders this image's sessions may use, in order: ``<stem>-<key>``, ``<stem>-<key>-2``, ..."""
+        base = self._id.folder_name
+        return [self.root / base, *(self.root / f"{base}-{i}" for i in range(2, _MAX_SESSIONS + 1))]
+
+    def _choose(self, preferred: Path | None) -> Path:
+        """The folder to save into: ``preferred`` (a recovered session's) or the first one not held."""
+        candidates = self._candidates()
+        if preferred is not None and preferred in candidates and not _in_use(preferred):
+            return preferred
+        return next((c for c in candidates if not _in_use(c)), candidates[0])
+
+    def _load_older(self) -> None:
+        """Read the snapshot already in ``self.folder``: it stays until our first save commits."""
+        self._seq, self._state = 0, {}
+        if not (self.folder / MANIFEST).is_file():
+            return
+        try:
+            older = _read_manifest(self.folder)
+        except AutosaveError:
+            return
+        if older.get("key") != self._id.key:
+            return
+        self._seq = _int_or_none(older.get("seq")) or 0
+        same_scan = not (
+            isinstance(older.get("image_digest"), str)
+            and self._image_digest is not None
+            and older["image_digest"] != self._image_digest
+        )
+        if self._resume and same_scan:  # a session carried on (recovered): a partial save keeps the rest
+            keys = ("corrections", "corrections_digest", "painted_voxels", "model", "model_digest")
+            self._state = {k: older[k] for k in (*keys, "iteration") if older.get(k) is not None}
+
+    def _hold_folder(self) -> None:
+        """Make sure this saver holds its folder, moving to the next free one if a live session has it."""
+        if self.folder in self._held:
+            return
+        tried = [self.folder, *(c for c in self._candidates() if c != self.folder)]
+        for folder in tried:
             try:
-                older = _read_manifest(self.folder)
-                self._seq = _int_or_none(older.get("seq")) or 0
-                same_scan = not (
-                    isinstance(older.get("image_digest"), str)
-                    and self._image_digest is not None
-                    and older["image_digest"] != self._image_digest
-                )
-                if resume and same_scan:  # a session carried on (recovered): a partial save keeps the rest
-                    keys = ("corrections", "corrections_digest", "painted_voxels", "model", "model_digest")
-                    self._state = {k: older[k] for k in (*keys, "iteration") if older.get(k) is not None}
-            except AutosaveError:
-                self._seq, self._state = 0, {}
+                folder.mkdir(exist_ok=True, mode=0o700)
+                fd = _hold(folder)
+            except OSError as exc:
+                raise AutosaveError(
+                    f"cannot create the autosave folder {folder}: {exc.strerror or exc}; "
+                    f"set {AUTOSAVE_DIR_ENV} to a writable folder"
+                ) from None
+            if fd is None:
+                continue  # another open session's
+            self._held[folder] = fd
+            if folder != self.folder:  # (taken meanwhile by a session opened after this saver)
+                self.folder, self._resume = folder, False
+                self._load_older()
+            return
+        raise AutosaveError(
+            f"{len(tried)} sessions of {self._id.name} are open: close one to autosave this one"
+        )
+
+    def adopt(self, entry: AutosaveEntry, *, keep_model: bool = True, keep_corrections: bool = True) -> None:
+        """Carry on the recovered session ``entry`` in its own folder (this saver's earlier snapshot, if it
+        wrote one, is removed after the next save: the recovered session now holds that work too).
+
+        ``keep_model`` / ``keep_corrections`` False: that part of the snapshot (found damaged) is not
+        carried on: the next save leaves it out unless it is given again.
+        """
+        folder = Path(entry.folder)
+        with self._lock:
+            if entry.key != self._id.key:
+                raise AutosaveError(f"the autosave is of {entry.image_name}, not of {self._id.name}")
+            if folder != self.folder:
+                if folder not in self._candidates() or _in_use(folder):
+                    raise AutosaveError(f"the autosave {folder.name} is not one this session can carry on")
+                if self.folder in self._held:
+                    self._retired = self.folder
+                self.folder = folder
+            self._resume = True
+            self._load_older()
+            dropped = (() if keep_model else ("model", "model_digest", "iteration")) + (
+                () if keep_corrections else ("corrections", "corrections_digest", "painted_voxels")
+            )
+            for key in dropped:
+                self._state.pop(key, None)
+
+    def close(self) -> None:
+        """Let the folder go (the session ends): another viewer may then recover it. A later save holds
+        a folder again."""
+        with self._lock:
+            _let_go_all(self._held)
+            self._retired = None
 
     @property
     def key(self) -> str:
@@ -524,12 +717,12 @@ class Autosaver:
         with self._lock:
             try:
                 self.root.mkdir(parents=True, exist_ok=True, mode=0o700)  # private: may hold patient data
-                self.folder.mkdir(exist_ok=True, mode=0o700)
             except OSError as exc:
                 raise AutosaveError(
                     f"cannot create the autosave folder {self.folder}: {exc.strerror or exc}; "
                     f"set {AUTOSAVE_DIR_ENV} to a writable folder"
                 ) from None
+            self._hold_folder()
             seq = self._seq + 1
             state = dict(self._state)
             if corr is not None:
@@ -588,6 +781,13 @@ class Autosaver:
                 _remove_own_files(self.folder, keep)
             except OSError:  # old snapshots are only clutter: the new one is committed
                 pass
+            if self._retired is not None:  # what it held is in the recovered session's snapshot now
+                retired, self._retired = self._retired, None
+                try:
+                    _remove_folder(retired, held=True)
+                except AutosaveError:
+                    pass
+                _let_go(retired, self._held.pop(retired, None))
             if model_error is not None:
                 raise AutosaveError(f"the refined model was not autosaved ({model_error}); corrections were")
             return _entry(self.folder, self.root, manifest)
@@ -595,8 +795,11 @@ class Autosaver:
     def discard(self) -> None:
         """Delete this session's autosave (after a clean export or when the user declines recovery)."""
         with self._lock:
-            if (self.folder / MANIFEST).is_file():
-                discard(_entry(self.folder, self.root, _read_manifest(self.folder)))
-            elif self.folder.is_dir():
-                _remove_own_files(self.folder, keep=set(), temp_age_s=0.0)
+            if (self.folder / MANIFEST).is_file() or self.folder in self._held:
+                if not _inside(self.folder, self.root):
+                    raise AutosaveError(f"{self.folder} is not an autosave folder under {self.root}")
+                if self.folder not in self._held and _in_use(self.folder):
+                    raise AutosaveError(f"the autosave {self.folder.name} belongs to another open session")
+                _remove_folder(self.folder, held=self.folder in self._held)
+            _let_go(self.folder, self._held.pop(self.folder, None))
             self._seq, self._state = 0, {}

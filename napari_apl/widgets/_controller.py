@@ -254,6 +254,9 @@ class APLController:
         self._recovery_layer: Any = None
         self._pending_recovery: np.ndarray | None = None
         self._own_keys: set[str] = set()
+        # the autosave folder of each image this session saved or recovered: its saver goes on there (two
+        # viewers of one scan save into folders of their own)
+        self._own_folders: dict[str, Path] = {}
         self._offered_keys: set[str] = set()  # offered for recovery, not yet recovered or discarded
         self._model_version = 0
         self._autosaved_state: tuple[str | None, int | None] = (None, None)
@@ -1015,7 +1018,7 @@ class APLController:
         snapshot_meta = self._snapshot_meta(cfg) if saver is not None else None
         interval = self.autosave_interval
         if saver is not None:
-            self._own_keys.add(saver.key)  # this session's snapshots are never offered back to it
+            self._mark_own(saver)  # this session's snapshots are never offered back to it
         returned, midrun = [False], [False]  # on_return ran; the worker autosaved weights of this run
         final_save: list[AutosaveEntry | None] = [None]  # the worker's autosave of the refined model
         repredict_failed: list[Exception | None] = [None]  # the re-prediction with the refined model failed
@@ -1281,12 +1284,15 @@ class APLController:
                 return
             volume = volume_from_layer(image_layer) if self._layer_alive(image_layer) else reference
             self.check_recovery(image_layer, volume=volume)
+            if self.autosaver is not None:  # the session of the image shown before lets its folder go
+                self.autosaver.close()
             self.autosaver = Autosaver(
                 reference,
                 checkpoint=self.checkpoint_path,
                 interval=self.autosave_interval,
                 digest=image_digest(volume),
                 resume=key in self._own_keys,  # a session this one recovered (or wrote) goes on
+                folder=self._own_folders.get(key),  # ... in its own folder
                 display_name=shown_name,
             )
         except Exception as exc:  # autosave is a safety net: never block predicting
@@ -1306,7 +1312,8 @@ class APLController:
             if volume is None and layer is not None:
                 volume = volume_from_layer(layer)
             if volume is not None:
-                found = [e for e in find_autosaves(volume) if e.key not in self._own_keys]
+                # (a session still open, in another viewer or process, is not a crashed one)
+                found = [e for e in find_autosaves(volume) if e.key not in self._own_keys and not e.in_use]
                 digest = image_digest(volume)
                 changed = [e for e in found if not e.matches(digest)]
                 if changed and ("changed", changed[0].key) not in self._warned:
@@ -1349,7 +1356,13 @@ class APLController:
             raise APLError(
                 f"the autosave is of {entry.image_name}, not of layer '{layer.name}': choose that image"
             )
-        corrections, model, meta = restore_autosave(entry)
+        damaged: list[str] = []
+        corrections, model, meta = restore_autosave(entry, damaged=damaged)
+        if damaged and corrections is None and model is None:
+            raise APLError(damaged[0])  # nothing intact: the offer stays, Discard removes it
+        for problem in damaged:  # the intact part is recovered, the damaged one said
+            part = "the corrections" if corrections is not None else "the refined model"
+            show_warning(f"napari-apl: recovered {part} only: {problem.removesuffix(': discard it')}")
         if model is None and self.model is None and entry.checkpoint and Path(entry.checkpoint).is_file():
             self._load(entry.checkpoint)
         if model is not None:
@@ -1365,6 +1378,14 @@ class APLController:
             self.summary = "\n".join([*lines, f"recovered from autosave {entry.folder}"])
             self.model_changed.emit(self.summary)
         self._own_keys.add(entry.key)  # from now on this session's saves replace the recovered one
+        self._own_folders[entry.key] = Path(entry.folder)
+        if self.autosaver is not None and self.autosaver.key == entry.key:
+            try:  # the saver goes on in the recovered session's folder (without a damaged part)
+                self.autosaver.adopt(
+                    entry, keep_model=model is not None, keep_corrections=corrections is not None
+                )
+            except Exception as exc:
+                self._warn_autosave(exc)
         self._offered_keys.discard(entry.key)
         self.recoverable, self._recovery_layer = None, None
         self.recovery_changed.emit(None)
@@ -1392,12 +1413,20 @@ class APLController:
             discard_autosave(target)
             self._offered_keys.discard(target.key)
             if self.recoverable is not None and self.recoverable.key == target.key:
+                layer = self._recovery_layer
                 self.recoverable, self._recovery_layer = None, None
                 self.recovery_changed.emit(None)
+                if layer is not None and self._layer_alive(layer):
+                    self.check_recovery(layer)  # another crashed session of the scan is offered next
             self.status.emit("autosaved session discarded")
             return True
 
         return bool(self._guard(run))
+
+    def _mark_own(self, saver: Autosaver) -> None:
+        """Remember that this session saves ``saver``'s image, and into which folder."""
+        self._own_keys.add(saver.key)
+        self._own_folders[saver.key] = saver.folder
 
     def _autosave_blocked(self) -> bool:
         """Whether an unanswered recovery offer for this image forbids overwriting its autosave."""
@@ -1455,7 +1484,7 @@ class APLController:
                 done = self.last_result.iterations_done if self.last_result is not None else None
                 iteration = done if model is not None else None
                 entry = saver.save(corrections, model, meta, iteration=iteration)
-                self._own_keys.add(saver.key)
+                self._mark_own(saver)
                 self.autosaves_written += 1
             self._autosaved_state = state
         except Exception as exc:
@@ -1516,6 +1545,8 @@ class APLController:
             except Exception:  # no usable device any more: nothing was cached on it
                 pass
             self.maybe_autosave(force=True)  # closing without export keeps the work recoverable
+            if self.autosaver is not None:
+                self.autosaver.close()  # the session ends: another viewer may recover it now
             return idle
         finally:
             self._shutting_down = False
