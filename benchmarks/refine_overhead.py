@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     feats = tuple(f.detach() for f in student.features(x))
 
     def teacher_forward() -> None:
-        with torch.inference_mode():
+        """The teacher's forward as the refinement runs it (folded on a CPU, at the teacher's precision)."""
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=teacher_low):
             teacher(x)
 
     def teacher_forward_layers() -> None:
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parts = c.interleaved(
         {
-            "teacher_forward_no_grad": synced(teacher_forward),
+            "teacher_forward_as_the_refinement_runs_it": synced(teacher_forward),
             "teacher_forward_no_grad_batch_norm_layers": synced(teacher_forward_layers),
             "teacher_forward_no_grad_bf16_autocast": synced(teacher_forward_bf16),
             "student_forward_backward": synced(student_forward_backward),
@@ -347,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     components = {k: round(c.median(v) * 1000, 1) for k, v in parts.items()}
     # what an APL iteration adds to a plain step, part by part (medians of paired rounds, one batch)
     extra = {
-        "the teacher's forward": "teacher_forward_no_grad",
+        "the teacher's forward (its precision, folded on a CPU)": "teacher_forward_as_the_refinement_runs_it",
         "the classifier step (both heads on detached features, L_Con, backward, Adam)": "classifier_step",
         "the second pass of both heads (forward; its backward replaces the plain step's)": "heads_forward",
     }

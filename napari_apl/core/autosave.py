@@ -801,5 +801,7 @@ class Autosaver:
                 if self.folder not in self._held and _in_use(self.folder):
                     raise AutosaveError(f"the autosave {self.folder.name} belongs to another open session")
                 _remove_folder(self.folder, held=self.folder in self._held)
+            elif self.folder.is_dir() and not _in_use(self.folder):  # orphans of a killed save
+                _remove_own_files(self.folder, keep=set(), temp_age_s=0.0)
             _let_go(self.folder, self._held.pop(self.folder, None))
             self._seq, self._state = 0, {}
