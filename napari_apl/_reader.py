@@ -72,15 +72,16 @@ def _should_be_lazy(path: Path) -> bool:
     """Whether the file is big enough to be read lazily (slice by slice through dask)."""
     import nibabel as nib
 
+    from .core.volume import has_scaling
+
     try:
-        hdr = nib.load(str(path)).header
-        voxels = math.prod(int(s) for s in hdr.get_data_shape())
-        dtype = np.dtype(hdr.get_data_dtype())
-        slope, inter = hdr.get_slope_inter()
+        img = nib.load(str(path))
+        voxels = math.prod(int(s) for s in img.header.get_data_shape())
+        dtype = np.dtype(img.header.get_data_dtype())
+        unscaled = not has_scaling(img)
     except Exception:  # load_volume will report what is wrong with the file
         return False
-    unscaled = slope in (None, 1.0) and inter in (None, 0.0)
-    nbytes = voxels * dtype.itemsize
+    nbytes = voxels * (dtype.itemsize if unscaled else 8)  # scaled voxels come back as float64
     if LABEL_NAME_HINT.search(path.name) and dtype.kind in "iu" and unscaled and nbytes <= max_voxel_bytes():
         # a label file is held as the smallest integer type (uint8 for organ labels): counted so, it
         # opens as a paintable Labels layer, not as a lazy image (if it can be read whole at all)

@@ -383,6 +383,24 @@ def test_a_big_int32_label_file_opens_as_labels(tmp_path: Path, phantom_files, m
     assert kind == "image" and data.shape == arr.shape[::-1]
 
 
+def test_a_scaled_file_is_sized_as_the_float64_it_becomes(tmp_path: Path, phantom_files, monkeypatch) -> None:
+    """The reader decides lazy or whole from what the file becomes in memory: scaled voxels are float64."""
+    import napari_apl._reader as reader_module
+
+    image_path, _ = phantom_files("RAS")
+    src = nib.load(str(image_path))
+    arr = (np.asarray(src.dataobj) + 1024).astype(np.uint16)
+    img = nib.Nifti1Image(arr, src.affine)
+    img.header.set_slope_inter(1.0, -1024.0)
+    scaled = tmp_path / "scaled_ct.nii.gz"
+    nib.save(img, str(scaled))
+    monkeypatch.setattr(reader_module, "LAZY_BYTES", arr.size * 4)  # 2 bytes a voxel: under; 8: over
+    assert reader_module._should_be_lazy(scaled)
+    plain = tmp_path / "plain_ct.nii.gz"
+    nib.save(nib.Nifti1Image(arr, src.affine), str(plain))
+    assert not reader_module._should_be_lazy(plain)
+
+
 @pytest.mark.parametrize("extra", [(1,), (1, 1)])
 def test_trailing_axes_of_length_one_come_back(tmp_path: Path, phantom_files, extra: tuple) -> None:
     """A scan stored as (X, Y, Z, 1) gets (X, Y, Z, 1) outputs: from predict (streamed, and written at the

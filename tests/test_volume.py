@@ -403,6 +403,22 @@ def test_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_volume(p).data.shape == SHAPE
 
 
+def test_size_limit_counts_scaled_voxels_as_float64(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A uint16 CT with scl_slope/scl_inter is read as float64: the limit counts 8 bytes a voxel, not 2."""
+    data = (_distinct() % 3000).astype(np.uint16)
+    img = nib.Nifti1Image(data, ORIENTATIONS["RAS"])
+    img.header.set_slope_inter(1.0, -1024.0)
+    p = tmp_path / "scaled.nii.gz"
+    nib.save(img, str(p))
+    monkeypatch.setenv(MAX_VOXEL_BYTES_ENV, str(data.size * 4))  # room for 2 bytes a voxel, not for 8
+    with pytest.raises(VolumeError) as exc:
+        load_volume(p)
+    _assert_one_line(exc, MAX_VOXEL_BYTES_ENV)
+    monkeypatch.setenv(MAX_VOXEL_BYTES_ENV, str(data.size * 8))
+    vol = load_volume(p)
+    assert vol.data.dtype == np.float64 and vol.data.min() == -1024.0
+
+
 def test_constant_volume_loads(tmp_path: Path) -> None:
     p = _write(tmp_path / "c.nii.gz", np.full(SHAPE, 7, np.int16), ORIENTATIONS["RAS"])
     assert np.all(load_volume(p).data == 7)

@@ -49,6 +49,7 @@ __all__ = [
     "SliceGrid",
     "Volume",
     "file_looks_whole",
+    "has_scaling",
     "load_volume",
     "max_voxel_bytes",
     "save_canonical",
@@ -404,10 +405,16 @@ def _check_size_on_disk(path: Path, img: Any, nbytes: int) -> None:
         )
 
 
-def _has_scaling(header: Any) -> bool:
-    """Whether the header asks for intensity scaling (so voxels come back as floats)."""
-    slope, inter = header.get_slope_inter()
-    return slope is not None and (slope != 1 or (inter is not None and inter != 0))
+def has_scaling(img: Any) -> bool:
+    """Whether a loaded NIfTI image's voxels are scaled (scl_slope/scl_inter), so they come back as
+    float64 whatever their type on disk.
+
+    Read from the image's data proxy: once nibabel has loaded a file, the header's own slope and
+    intercept read as unset and the scaling lives on ``img.dataobj``.
+    """
+    proxy = img.dataobj
+    slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
+    return slope != 1.0 or inter != 0.0
 
 
 class _CheckpointedGzipReader(io.IOBase):
@@ -662,7 +669,7 @@ def load_volume(path: str | os.PathLike, *, lazy: bool = False) -> Volume:
     affine = _check_affine(affine, label)
     ornt = _orientation(affine, label)
     canonical_affine = affine @ inv_ornt_aff(ornt, shape)
-    out_itemsize = 8 if _has_scaling(header) else disk_dtype.itemsize
+    out_itemsize = 8 if has_scaling(img) else disk_dtype.itemsize
     nbytes = math.prod(shape) * disk_dtype.itemsize
     _check_size_on_disk(path, img, nbytes)
 
