@@ -34,8 +34,18 @@ def check_screenshot_path(path: str | Path, overwrite: bool = False) -> Path:
     return check_output_path(out, overwrite=overwrite)  # folder, writability, an existing file
 
 
-def launch_demo(*, screenshot: str | Path | None = None, quit_after: bool = False, run: bool = True) -> Any:
-    """Open the demo viewer and return it; with ``screenshot``, predict first and save a window PNG."""
+def launch_demo(
+    *,
+    screenshot: str | Path | None = None,
+    quit_after: bool = False,
+    run: bool = True,
+    outcome: dict[str, Any] | None = None,
+) -> Any:
+    """Open the demo viewer and return it; with ``screenshot``, predict first and save a window PNG.
+
+    A screenshot that could not be written is recorded in ``outcome["screenshot_error"]`` (the command
+    then exits with status 2).
+    """
     import napari
     from qtpy.QtCore import QTimer
 
@@ -65,10 +75,10 @@ def launch_demo(*, screenshot: str | Path | None = None, quit_after: bool = Fals
                 atomic_write(out, lambda tmp: viewer.screenshot(str(tmp), canvas_only=False), overwrite=True)
                 print(f"wrote {out}")
             except Exception as exc:
-                print(
-                    f"napari-apl demo: error: the screenshot could not be written to {out}: {exc}",
-                    file=sys.stderr,
-                )
+                message = f"the screenshot could not be written to {out}: {' '.join(str(exc).split())}"
+                print(f"napari-apl demo: error: {message}", file=sys.stderr)
+                if outcome is not None:
+                    outcome["screenshot_error"] = message
             if quit_after:
                 viewer.close()
 

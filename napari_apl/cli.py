@@ -597,11 +597,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Open napari with the sample CT, the demo checkpoint and the APL widget docked."""
     from ._demo import check_display, check_screenshot_path, launch_demo
 
+    if args.quit_after and args.screenshot is None:
+        raise APLError("--quit-after closes napari after the screenshot: give --screenshot FILE.png too")
     check_display()
     if args.screenshot is not None:
         check_screenshot_path(args.screenshot, args.overwrite)
-    launch_demo(screenshot=args.screenshot, quit_after=args.quit_after)
-    return 0
+    outcome: dict[str, str] = {}
+    launch_demo(screenshot=args.screenshot, quit_after=args.quit_after, outcome=outcome)
+    return 2 if outcome.get("screenshot_error") else 0
 
 
 # --- parser -------------------------------------------------------------------------------------------

@@ -564,7 +564,7 @@ def test_a_scheduler_address_it_cannot_parse_is_one_line(tmp_path, tiny_ckpt, ph
     assert not out.exists() or not any(out.rglob("*.nii.gz"))
 
 
-@pytest.mark.parametrize("case", ["no_display", "missing_folder", "exists", "not_png"])
+@pytest.mark.parametrize("case", ["no_display", "missing_folder", "exists", "not_png", "quit_without_shot"])
 def test_demo_refuses_before_napari_starts(tmp_path, capsys, monkeypatch, case):
     """No display (Qt aborted the process), a screenshot folder that does not exist (a traceback, then a
     viewer that never closed), an existing screenshot (silently replaced): one line, exit 2."""
@@ -587,13 +587,33 @@ def test_demo_refuses_before_napari_starts(tmp_path, capsys, monkeypatch, case):
     elif case == "exists":
         shot.write_bytes(b"earlier")
         argv, words = ["demo", "--screenshot", str(shot), "--quit-after"], "exists already: pass overwrite"
-    else:
+    elif case == "not_png":
         argv, words = ["demo", "--screenshot", str(tmp_path / "shot.jpg")], "give a .png file name"
+    else:  # (it opened napari and never closed it)
+        argv, words = ["demo", "--quit-after"], "give --screenshot FILE.png too"
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err
     if case == "exists":
         assert shot.read_bytes() == b"earlier"
+
+
+def test_demo_exits_2_when_its_screenshot_could_not_be_written(tmp_path, monkeypatch):
+    """A screenshot that fails once napari has run (the path passed the early check) is exit status 2."""
+    import napari_apl._demo as demo
+
+    calls = []
+
+    def failing(**kwargs):
+        calls.append(kwargs)
+        kwargs["outcome"]["screenshot_error"] = "the screenshot could not be written to x.png: denied"
+
+    monkeypatch.setattr(demo, "launch_demo", failing)
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
+    argv = ["demo", "--screenshot", str(tmp_path / "shot.png"), "--quit-after"]
+    assert main(argv) == 2 and calls[0]["quit_after"] is True
+    monkeypatch.setattr(demo, "launch_demo", lambda **kwargs: None)
+    assert main(argv) == 0
 
 
 def _tiny_refine_argv(phantom_dir, ckpt, out, extra: str = "") -> list[str]:
