@@ -432,9 +432,10 @@ def _refine_config(args: argparse.Namespace):
         "class_balance_power",
         "augment",
     )
+    unread = {attr for _option, attr, reads, _where in _READ_BY if not reads(args)}  # noted as ignored
     for key in keys:
         val = getattr(args, key)
-        if val is not None:
+        if val is not None and key not in unread:
             setattr(cfg, key, val)
     if args.augment_geometry:
         cfg.augment_geometry = True
@@ -653,8 +654,8 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least ``low``."""
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``low`` (and at most ``high``)."""
 
     def parse(text: str) -> int:
         try:
@@ -663,9 +664,14 @@ def _int_at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
         return value
 
     return parse
+
+
+_MAX_SEED = 2**64 - 1  # torch.manual_seed takes an unsigned 64-bit number
 
 
 def _positive_float(text: str) -> float:
@@ -718,7 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common_model_args(p)
     p.add_argument("--method", "-m", default="apl", help="apl (default), apl-con, threshold, cbst or mrnet")
     p.add_argument("--iterations", "-n", type=_int_at_least(0), default=200)
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--seed", type=_int_at_least(0, _MAX_SEED), default=0)
     p.add_argument("--lr", type=_positive_float, help="learning rate (default: the method's tuned value)")
     p.add_argument("--batch-size", type=_int_at_least(1), help="slices per iteration (default 8)")
     p.add_argument("--weight", choices=("uniform", "confusion"), help="W of the relevance matrix (Eq. 1)")
@@ -811,7 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, nargs=2, default=(160, 160), metavar=("H", "W"))
     p.add_argument("--batch-size", type=_int_at_least(1), default=16, help="slices per step (default 16)")
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="AdamW learning rate (default 0.001)")
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--seed", type=_int_at_least(0, _MAX_SEED), default=0)
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--channels-last", action="store_true", help="channels-last weights and batches (faster convolutions)"
@@ -830,6 +836,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing screenshot file")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says an allocation failed (Python's, torch's CPU allocator, CUDA's)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -852,6 +866,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         _remove_created_empty_dirs()
         print(f"napari-apl {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            _remove_created_empty_dirs()
+            raise
+        _remove_created_empty_dirs()
+        what = " ".join(str(exc).split())[:240] or type(exc).__name__
+        hint = "use a smaller --batch-size or free memory" if hasattr(args, "batch_size") else "free memory"
+        print(f"napari-apl {args.command}: error: out of memory ({what}): {hint}", file=sys.stderr)
+        return 2
     except BaseException:
         _remove_created_empty_dirs()
         raise

@@ -635,6 +635,14 @@ def test_options_this_run_does_not_read_are_named(tmp_path, tiny_ckpt, phantom_d
         "note: --bn-mix applies with --bn adapt only: ignored in this run",
         "note: --corrections-unset applies with --corrections only: ignored in this run",
     ]
+    # an ignored option is ignored even when its value would be wrong for a run that reads it (the run
+    # said "ignored", then failed on it)
+    extra = "--tau 0 --bn frozen --bn-mix 5 --class-balance-power 9 --method cbst --overwrite"
+    assert main(_tiny_refine_argv(phantom_dir, tiny_ckpt, out, extra)) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 3 and all(n.endswith("ignored in this run") for n in notes)
+    assert main(_tiny_refine_argv(phantom_dir, tiny_ckpt, out, "--method threshold --tau 0 --overwrite")) == 2
+    assert "tau" in capsys.readouterr().err  # (read, so checked)
     read = "--method threshold --tau 0.5 --overwrite"  # options the run reads: no note
     assert main(_tiny_refine_argv(phantom_dir, tiny_ckpt, out, read)) == 0
     assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
@@ -686,3 +694,40 @@ def test_predict_says_when_no_organ_was_found(tmp_path, tiny_ckpt, phantom_dir, 
     )
     err = capsys.readouterr().err
     assert "note: the pseudo labels hold no organ" in err
+
+
+def test_out_of_memory_is_one_line_with_a_hint(tmp_path, tiny_ckpt, phantom_dir, capsys, monkeypatch):
+    """A batch too large to allocate (torch's CPU allocator, here simulated) was a traceback, exit 1."""
+    import napari_apl.core.refine as refine_module
+
+    def huge(*args, **kwargs):
+        raise RuntimeError(
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 40960000000 bytes. "
+            "Error code 12 (Cannot allocate memory)"
+        )
+
+    monkeypatch.setattr(refine_module, "refine", huge)
+    out = tmp_path / "out"
+    assert main(_tiny_refine_argv(phantom_dir, tiny_ckpt, out, "--batch-size 100000")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of memory" in err[0] and "smaller --batch-size" in err[0], err
+    assert not out.exists() or not any(out.rglob("*.nii.gz"))
+
+    def other(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(refine_module, "refine", other)
+    with pytest.raises(RuntimeError, match="a bug"):  # any other error is not dressed up as memory
+        main(_tiny_refine_argv(phantom_dir, tiny_ckpt, tmp_path / "out2"))
+
+
+@pytest.mark.parametrize("command", ["refine", "train-source"])
+def test_a_seed_beyond_64_bits_is_refused_by_the_parser(command, capsys):
+    """--seed 2**64 ended in torch.manual_seed's 'Overflow when unpacking long long' traceback."""
+    argv = {
+        "refine": ["refine", "x.nii.gz", "-c", "m.pt", "-o", "out"],
+        "train-source": ["train-source", "--images", "a*", "--labels", "b*", "--out", "m.pt"],
+    }[command]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--seed", str(2**64)])
+    assert exc.value.code == 2 and "must be at most 18446744073709551615" in capsys.readouterr().err
