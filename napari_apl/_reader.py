@@ -6,6 +6,7 @@ convention. A broken file gives a one-line error notification and no layer (neve
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -17,7 +18,7 @@ import numpy as np
 from ._layers import ct_display_window, image_layer_data, labels_layer_data, notify_error
 from .core.errors import APLError
 from .core.preprocess import looks_like_offset_ct
-from .core.volume import Volume, load_volume, max_voxel_bytes
+from .core.volume import Volume, display_data, load_volume, max_voxel_bytes
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 LABEL_NAME_HINT = re.compile(r"(label|seg|mask)", re.IGNORECASE)
@@ -65,7 +66,16 @@ def read_layer_data(path: str | Path) -> tuple:
     limits = _ct_window(volume)
     if limits is not None:
         extra["contrast_limits"] = limits
+    if volume.lazy:  # a slice with NaN/Inf is shown and said once, not a traceback from napari's slicing
+        volume = dataclasses.replace(volume, data=display_data(volume, _warn_nonfinite))
     return image_layer_data(volume, **extra)
+
+
+def _warn_nonfinite(message: str) -> None:
+    """Say (once per layer, from whichever thread napari slices in) that a lazy scan holds NaN/Inf."""
+    from napari.utils.notifications import show_warning
+
+    show_warning(f"napari-apl: {message}")
 
 
 def _should_be_lazy(path: Path) -> bool:

@@ -438,3 +438,37 @@ def test_trailing_axes_of_length_one_come_back(tmp_path: Path, phantom_files, ex
     back = nib.load(str(saved))
     assert back.shape == lab_data.shape + extra
     np.testing.assert_array_equal(np.asarray(back.dataobj).reshape(lab_data.shape), lab_data)
+
+
+def test_a_lazily_read_scan_with_nan_is_shown_with_one_warning(
+    make_napari_viewer, tmp_path: Path, monkeypatch
+):
+    """A NaN slice of a lazily read scan raised inside napari's slicing: a traceback notification each
+    time the slider reached it, and the slice never drawn. It is now drawn and said once."""
+    import napari.utils.notifications as nn
+
+    import napari_apl._reader as reader_module
+
+    warned: list[str] = []
+    monkeypatch.setattr(nn, "show_warning", lambda message: warned.append(str(message)))
+    data = np.linspace(-100, 300, 24 * 20 * 16, dtype=np.float32).reshape(24, 20, 16)
+    data[:, :, 5] = np.nan  # axial slice 5
+    path = tmp_path / "nan_ct.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 3.0, 1.0])), str(path))
+    monkeypatch.setattr(reader_module, "LAZY_BYTES", 1000)  # stands in for a file over 1 GiB
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(path), plugin="napari-apl")
+    assert layer.data.__class__.__name__ == "Array"  # dask: read lazily
+    for z in (4, 5, 6, 5):
+        viewer.dims.set_current_step(0, z)
+    shown = np.asarray(layer.data[5])
+    assert np.isnan(shown).all() and np.array_equal(np.asarray(layer.data[4]), data[:, :, 4].T)
+    assert len(warned) == 1 and "NaN or Inf" in warned[0] and "cannot be predicted" in warned[0]
+    # what computes on the voxels still refuses them
+    from napari_apl._layers import volume_from_layer
+    from napari_apl.core.errors import VolumeError
+    from napari_apl.core.volume import load_volume
+
+    with pytest.raises(VolumeError, match="NaN or Inf"):
+        load_volume(path, lazy=True).data[:, :, 5].compute()
+    assert volume_from_layer(layer).data.shape == (24, 20, 16)

@@ -15,6 +15,7 @@ then). The size limit for eager loading is ``NAPARI_APL_MAX_VOXEL_BYTES`` (bytes
 from __future__ import annotations
 
 import bisect
+import copy
 import gzip
 import io
 import logging
@@ -25,7 +26,7 @@ import sys
 import threading
 import weakref
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ __all__ = [
     "MIN_SPACING_MM",
     "SliceGrid",
     "Volume",
+    "display_data",
     "file_looks_whole",
     "has_scaling",
     "load_volume",
@@ -564,6 +566,23 @@ class _CanonicalSliceReader:
         self.shape = tuple(int(original_shape[int(np.argsort(ornt[:, 0])[j])]) for j in range(3))
         self.ndim = 3
         self._label = label
+        # None: NaN/Inf voxels raise; else they are returned as they are and this is told once (display)
+        self._on_nonfinite: Callable[[str], None] | None = None
+
+    def for_display(self, on_nonfinite: Callable[[str], None]) -> _CanonicalSliceReader:
+        """A copy that returns NaN/Inf voxels as they are and says so once through ``on_nonfinite``:
+        a viewer shows such a slice instead of failing on it. Whatever computes on the voxels (predict,
+        refine) checks them itself and refuses them."""
+        shown = copy.copy(self)
+        told = threading.Event()
+
+        def once(message: str) -> None:
+            if not told.is_set():
+                told.set()
+                on_nonfinite(message)
+
+        shown._on_nonfinite = once
+        return shown
 
     def __getitem__(self, key: Any) -> np.ndarray:
         return np.ascontiguousarray(self._oriented(key))
@@ -597,7 +616,17 @@ class _CanonicalSliceReader:
             raise VolumeError(
                 f"{self._label} cannot be read ({_one_line(exc)}): check it is a complete, uncorrupted file"
             ) from exc
-        block = _check_finite(block, self._label, " (found while reading it lazily)")
+        if self._on_nonfinite is None:
+            block = _check_finite(block, self._label, " (found while reading it lazily)")
+        elif block.dtype.kind == "f" and not np.isfinite(block).all():
+            self._on_nonfinite(
+                str(
+                    _nonfinite_error(
+                        self._label,
+                        " (found while reading it lazily; shown, but it cannot be predicted or refined)",
+                    )
+                )
+            )
         return apply_orientation(block, self._ornt)
 
 
@@ -611,6 +640,25 @@ def axial_reader(data: Any) -> _CanonicalSliceReader | None:
     every dask operation names its result anew)."""
     name = getattr(data, "name", None)
     return _AXIAL_READERS.get(name) if isinstance(name, str) else None
+
+
+def display_data(volume: Volume, on_nonfinite: Callable[[str], None]) -> Any:
+    """A lazy volume's voxels for a viewer: as ``volume.data``, but a slice with NaN/Inf voxels is shown
+    (``on_nonfinite`` is told once) instead of raising inside the viewer's slicing. Other data as it is."""
+    reader = axial_reader(volume.data)
+    if reader is None:
+        return volume.data
+    import dask.array as da
+
+    shown = reader.for_display(on_nonfinite)
+    return da.from_array(
+        shown,
+        chunks=volume.data.chunks,
+        name="apl-display-" + volume.data.name,
+        meta=np.empty((0, 0, 0), dtype=shown.dtype),
+        asarray=False,
+        fancy=False,
+    )
 
 
 def file_looks_whole(volume: Volume) -> bool:
