@@ -865,6 +865,22 @@ def test_inspect_moves_the_slider(setup) -> None:
     assert widget.file_radio.isChecked() and Path(str(widget.checkpoint_file.value)) == ctl_path(widget)
 
 
+def test_inspect_forgets_an_image_removed_from_the_viewer(setup) -> None:
+    """The panel kept showing a deleted scan's curves and info line, its button enabled but doing nothing."""
+    viewer, widget, image, _ = setup("RAS")
+    widget.predict(sync=True)
+    panel = widget.inspect
+    panel.go_to_slice(5)
+    assert panel.profile is not None and panel.next_button.isEnabled() and "slice 5" in panel.info.text()
+    viewer.layers.remove(image)
+    assert panel.profile is None and not panel.next_button.isEnabled()
+    assert panel.noise_plot.length == 0 and panel.area_plot.length == 0 and panel.hist_plot.counts.size == 0
+    assert "removed" in panel.info.text() and "Predict again" in panel.info.text()
+    assert panel.next_least_confident() is None
+    viewer.dims.set_current_step(0, 3)  # (slider events with nothing to inspect change nothing)
+    assert "removed" in panel.info.text()
+
+
 def test_sample_data_and_demo_checkpoint(make_napari_viewer, tiny_checkpoint, monkeypatch) -> None:
     import napari_apl._sample_data as sample_module
     import napari_apl.widgets._controller as controller_module

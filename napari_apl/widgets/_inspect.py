@@ -88,6 +88,7 @@ class InspectPanel(QWidget):
         controller.predicted.connect(self.refresh)
         controller.busy_changed.connect(self._on_busy)
         controller.viewer.dims.events.point.connect(self._on_dims)
+        controller.viewer.layers.events.removed.connect(self._on_layer_removed)
 
     # -- data -----------------------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -162,6 +163,23 @@ class InspectPanel(QWidget):
             if self.current_slice() != before:
                 break
         return self.current_slice()
+
+    def _on_layer_removed(self, event: Any = None) -> None:
+        """The predicted image left the viewer: its curves, histogram and info line go with it."""
+        layer = self.controller.image_layer
+        if self.profile is not None and (layer is None or layer not in self.controller.viewer.layers):
+            self.clear("the predicted image was removed from the viewer: open it and Predict again")
+
+    def clear(self, message: str = "run Predict to inspect the pseudo labels") -> None:
+        """Show nothing (no prediction to inspect) and say ``message``."""
+        self.profile = None
+        self._rank = -1
+        for plot in (self.noise_plot, self.area_plot):
+            plot.set_series({})
+            plot.set_marker(None)
+        self.hist_plot.set_histogram([], [])
+        self.next_button.setEnabled(False)
+        self.info.setText(message)
 
     def _on_busy(self, busy: bool) -> None:
         """Redo the info line: it says when the curves are not those of a running refinement."""
