@@ -442,6 +442,7 @@ def _refine_config(args: argparse.Namespace):
     if args.class_select:
         cfg.class_select = True  # (validated with the rest: an APL option)
     cfg.teacher_bf16 = {"auto": None, "bf16": True, "fp32": False}[args.teacher_precision]
+    cfg.amp = {"auto": None, "bf16": True, "fp32": False}[args.precision]
     return cfg.validate()
 
 
@@ -734,6 +735,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "bf16", "fp32"),
         default="auto",
         help="the teacher's forwards: bf16 autocast where bf16 is native (auto, default), always, or fp32",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="the student's training: bf16 autocast with float32 losses where bf16 is native (auto, "
+        "default: CUDA, CPUs with AVX512-BF16 or AMX), always, or float32 (the teacher follows bf16)",
     )
     p.add_argument("--tau", type=float, help="threshold of the 'threshold' baseline (default 0.9)")
     p.add_argument(

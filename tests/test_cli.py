@@ -731,3 +731,12 @@ def test_a_seed_beyond_64_bits_is_refused_by_the_parser(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*argv, "--seed", str(2**64)])
     assert exc.value.code == 2 and "must be at most 18446744073709551615" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "amp"), [("auto", None), ("bf16", True), ("fp32", False)])
+def test_precision_sets_the_students_training_precision(flag, amp):
+    """--precision: bf16 autocast where native (auto), always, or float32 (RefineConfig.amp)."""
+    from napari_apl import cli
+
+    args = cli.build_parser().parse_args(["refine", "x.nii.gz", "-c", "m.pt", "-o", "o", "--precision", flag])
+    assert cli._refine_config(args).amp is amp

@@ -501,7 +501,9 @@ def test_teacher_bf16_runs_only_the_teachers_forwards_in_bf16(setup, teacher_bf1
     conv.register_forward_hook(
         lambda _m, _i, out: seen.append((torch.is_inference_mode_enabled(), out.dtype))
     )
-    cfg = _cfg(iterations=4, guard_every=2, teacher_bf16=teacher_bf16, teacher_decay=decay, bn="adapt")
+    cfg = _cfg(
+        iterations=4, guard_every=2, teacher_bf16=teacher_bf16, teacher_decay=decay, bn="adapt", amp=False
+    )
     res = run_generator(refine(net, meta, vol, cfg))
     assert res.iterations_done >= 2  # at least one guard check ran (the untrained student may collapse)
     inference = {d for inf, d in seen if inf}
@@ -676,9 +678,11 @@ def test_folded_teacher_gives_the_same_refinement(setup, monkeypatch, method):
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
             m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
-    # float32 teacher: on a CPU with native bf16 the teacher would run under bf16 autocast by default,
-    # where folding changes the rounding by far more (an H100 host's Xeon failed this test that way).
-    cfg = _cfg(method=method, iterations=6, guard_every=3, bn="frozen", rounds=2, teacher_bf16=False)
+    # float32 throughout: on a CPU with native bf16 the refinement would run under bf16 autocast by
+    # default, where folding changes the rounding by far more (an H100 host's Xeon failed this test so)
+    cfg = _cfg(
+        method=method, iterations=6, guard_every=3, bn="frozen", rounds=2, teacher_bf16=False, amp=False
+    )
     folded = run_generator(refine(model, meta, vol, cfg))
     monkeypatch.setattr(refine_module, "_FOLD_BN", False)
     layers = run_generator(refine(model, meta, vol, cfg))
@@ -710,3 +714,19 @@ def test_the_teacher_runs_on_its_folded_copy(setup, monkeypatch):
     run_generator(refine(model, meta, vol, _cfg(iterations=4)))
     # the initial ensemble pass (one batch of 8 slices) and one forward per iteration
     assert calls["forward"] >= 5 and calls["refresh"] >= calls["forward"]
+
+
+def test_amp_by_default_where_bf16_is_native(monkeypatch):
+    """Mixed precision is the default on CUDA and on a CPU with native bf16 (a training step 1.9x
+    faster there, the masks the same), float32 elsewhere; an explicit setting always wins."""
+    import napari_apl.core.refine as refine_module
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native in (False, True):
+        monkeypatch.setattr(refine_module, "_cpu_has_native_bf16", lambda native=native: native)
+        assert refine_module.amp_enabled(None, cpu) is native
+        assert refine_module.amp_enabled(None, cuda) is True
+        assert (
+            refine_module.amp_enabled(False, cuda) is False and refine_module.amp_enabled(True, cpu) is True
+        )
+    assert refine_module.amp_enabled(None, torch.device("mps")) is False
