@@ -358,7 +358,7 @@ def test_fraction_maps_read_back_within_0_and_1(tmp_path, tiny_ckpt, phantom_dir
         (["predict", "IMG", "--batch-size", "0"], "must be 1 or more"),
         (["refine", "IMG", "--seed", "-1"], "must be 0 or more"),
         (["refine", "IMG", "--lr", "0"], "above 0"),
-        (["refine", "IMG", "--tau", "5"], "tau"),
+        (["refine", "IMG", "--method", "threshold", "--tau", "5"], "tau"),
         (["predict", "IMG", "--workers", "0"], "must be 1 or more"),
     ],
 )

@@ -702,9 +702,12 @@ def _refine_loop(
     teacher: DualHeadNet | None = None  # (made below, after the batch-norm adaptation)
     teacher_fast: FoldedNet | None = None  # the teacher with its batch norms folded, for its forwards
 
-    def predict_probs(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return both heads' probabilities for the slices ``x`` on the model grid (inference mode)."""
-        if net is teacher and teacher_fast is not None:
+    def predict_probs(
+        net: torch.nn.Module, x: torch.Tensor, folded: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return both heads' probabilities for the slices ``x`` on the model grid (inference mode); the
+        teacher's on its folded copy unless ``folded`` is False."""
+        if net is teacher and teacher_fast is not None and folded:
             net = fast_teacher()
         was = net.training
         net.eval()
@@ -718,10 +721,14 @@ def _refine_loop(
         return torch.softmax(m.float(), 1), torch.softmax(a.float(), 1)
 
     def label_counts(net: DualHeadNet, idx: Sequence[int]) -> torch.Tensor:
-        """Voxel count per class of ``net``'s merged prediction on the slices ``idx`` (model grid)."""
+        """Voxel count per class of ``net``'s merged prediction on the slices ``idx`` (model grid).
+
+        Always the network itself, never a folded copy: the loaded model's and the returned model's
+        counts are compared, and in bf16 folding rounds differently (an unchanged model must count the
+        same)."""
         counts = torch.zeros(num_classes, dtype=torch.long)
         for s in range(0, len(idx), 16):
-            pm, pa = predict_probs(net, xs[list(idx[s : s + 16])])
+            pm, pa = predict_probs(net, xs[list(idx[s : s + 16])], folded=False)
             counts += _organ_counts(pseudo.class_argmax(pseudo.merge(pm, pa)).cpu(), num_classes)
         return counts
 
