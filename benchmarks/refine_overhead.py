@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from napari_apl.core.infer import prepare
     from napari_apl.core.models.fold import FoldedNet
     from napari_apl.core.phantom import make_phantom
-    from napari_apl.core.refine import RefineConfig, _teacher_bf16, refine
+    from napari_apl.core.refine import RefineConfig, _teacher_bf16, amp_enabled, refine
     from napari_apl.core.volume import volume_from_array
 
     if args.heap_off_child:
@@ -107,13 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     next(gen)  # setup + first iteration
     setup_s = time.perf_counter() - t0
-    # the refinement's precision: on CUDA everything under bf16 autocast (amp), on a CPU the teacher
-    # alone where bf16 is native
-    teacher_low = on_gpu or _teacher_bf16(cfg.teacher_bf16, dev)
-    # the same recipe with the teacher's forward in float32 (what the default is where bf16 is not native;
-    # on CUDA the teacher follows amp, so there is no such variant)
-    gen_fp32 = None if on_gpu else refine(model, meta, volume, replace(cfg, teacher_bf16=False))
-    if gen_fp32 is not None:
+    # the refinement's precision: bf16 autocast (amp) where bf16 is native (CUDA, a CPU with AVX512-BF16
+    # or AMX), the plain step likewise; else float32, with the teacher alone in bf16 if asked
+    amp = amp_enabled(cfg.amp, dev)
+    teacher_low = amp or _teacher_bf16(cfg.teacher_bf16, dev)
+    # on a CPU: with amp, the same recipe and plain step in float32 (the default where bf16 is not native);
+    # without, the teacher's forward in float32 (on CUDA there is no such variant)
+    gen_fp32 = None
+    if not on_gpu:
+        gen_fp32 = refine(model, meta, volume, replace(cfg, amp=False, teacher_bf16=False))
         next(gen_fp32)
     # the paper's Algorithm 1 as written: no EMA teacher, the student labels its own batch (this
     # untrained model collapses without a teacher, so its guard is off: the loop must keep stepping)
@@ -159,10 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         idx = torch.randint(0, 16, (args.batch_size,), generator=g).to(dev)
         return xs[idx], target[idx]
 
-    def plain_step() -> None:
-        """One plain supervised step: forward, cross-entropy on both heads, backward, Adam."""
+    def plain_step(low: bool = amp) -> None:
+        """One plain supervised step: forward, cross-entropy on both heads, backward, Adam (at the
+        refinement's precision unless ``low`` says otherwise)."""
         x, y = batch()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_gpu):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=low):
             m, a = plain_model(x)
         loss = torch.nn.functional.cross_entropy(m.float(), y) + torch.nn.functional.cross_entropy(
             a.float(), y
@@ -174,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     def plain_steps() -> None:
         for _ in range(args.steps):
             plain_step()
+
+    def plain_steps_fp32() -> None:
+        for _ in range(args.steps):
+            plain_step(False)
 
     def steps_of(refinement):
         """A timed side that advances one refinement generator by ``--steps`` iterations."""
@@ -197,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     sides = {
         "plain": synced(plain_steps),
         "apl": synced(steps_of(gen)),
-        "apl_fp32_teacher": synced(steps_of(gen_fp32)) if gen_fp32 is not None else None,
+        "apl_fp32": synced(steps_of(gen_fp32)) if gen_fp32 is not None else None,
+        "plain_fp32": synced(plain_steps_fp32) if amp and not on_gpu else None,
         "apl_own": synced(steps_of(gen_own)),
         "apl_other_fold": synced(steps_of(gen_other_fold)),
         "teacher_forward": synced(teacher_forwards),
@@ -227,10 +235,20 @@ def main(argv: list[str] | None = None) -> int:
         if periodic
         else "no guard or k_c iteration in the timed ones",
     )
-    if "apl_fp32_teacher" in per:
+    if "plain_fp32" in per:
+        rep.add(
+            "APL iteration / plain step, both in float32",
+            c.paired_ratio(per["apl_fp32"], per["plain_fp32"]),
+            "x",
+            goal=GOAL,
+            note="amp=False, teacher_bf16=False: the default where the CPU has no native bf16",
+        )
+        rep.add("  plain step, bf16 autocast / float32", c.paired_ratio(per["plain"], per["plain_fp32"]), "x")
+        rep.add("  APL iteration, bf16 autocast / float32", c.paired_ratio(per["apl"], per["apl_fp32"]), "x")
+    elif "apl_fp32" in per:
         rep.add(
             "APL iteration with the teacher's forward in float32 / plain step",
-            c.paired_ratio(per["apl_fp32_teacher"], per["plain"]),
+            c.paired_ratio(per["apl_fp32"], per["plain"]),
             "x",
             goal=GOAL,
             note="teacher_bf16=False: the default where the CPU has no native bf16"
@@ -312,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             teacher_layers(x)
 
     def student_forward_backward() -> None:
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_gpu):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             m, a = student(x)
         (m.float().mean() + a.float().mean()).backward()
 
@@ -326,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def classifier_step() -> None:
         """APL's classifier step alone: both heads on detached features, L_Con, backward, Adam."""
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_gpu):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             m, a = student.heads(feats, hw)
         loss = pseudo.loss_con(torch.softmax(m.float(), 1), torch.softmax(a.float(), 1), cfg.weight)
         opt_heads.zero_grad(set_to_none=True)
@@ -371,9 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "torch_threads": torch.get_num_threads(),
         "memory_format": "channels_last" if cfg.channels_last else "contiguous",
-        "teacher_precision": "bf16 autocast (amp, as every forward on CUDA)"
-        if on_gpu
-        else "bf16 autocast (native bf16 on this CPU)"
+        "precision": "bf16 autocast, float32 losses (amp: native bf16 here)"
+        if amp
+        else "float32, the teacher in bf16 autocast"
         if teacher_low
         else "float32",
         "device": torch.cuda.get_device_name(dev) if on_gpu else "cpu",
