@@ -378,8 +378,13 @@ def cmd_refine(args: argparse.Namespace) -> int:
         maps["pseudo_label"] = np.where(corrections >= 0, corrections, result.pseudo).astype(np.uint8)
     if args.largest_component:  # (a piece the user painted stays, even away from the organ's largest one)
         maps = _largest_components(maps, corrections)
+    from .core.refine import amp_enabled
+    from .core.utils import resolve_device
+
     log = {
         "config": cfg.to_dict(),
+        # what "auto" meant on this machine
+        "precision": "bf16 autocast" if amp_enabled(cfg.amp, resolve_device(cfg.device)) else "float32",
         "iterations_done": result.iterations_done,
         "stopped": result.stopped,
         "notes": result.notes,

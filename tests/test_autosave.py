@@ -488,3 +488,58 @@ def test_a_session_of_another_process_holds_its_folder_until_that_process_ends(f
     assert not crashed.in_use
     discard(crashed)
     assert not theirs.folder.exists()
+
+
+def test_a_recovered_session_is_held_at_once(files, tmp_path):
+    """Adopting a crashed session locked it only at the next save: meanwhile another viewer was offered
+    it and could discard it, and the refined model it held was lost."""
+    img_path, _ck, model = files
+    crashed = Autosaver(img_path, root=tmp_path, interval=0)
+    crashed.save(_corrections(1), model, _meta(model), iteration=4)
+    crashed.close()
+    (entry,) = find_autosaves(img_path, root=tmp_path)
+    live = Autosaver(img_path, root=tmp_path, interval=0)
+    live.adopt(entry)
+    (again,) = find_autosaves(img_path, root=tmp_path)
+    assert again.in_use  # not offered elsewhere any more
+    with pytest.raises(AutosaveError, match="still open"):
+        discard(again)
+    assert live.save(_corrections(2)).has_model
+
+
+def test_a_session_whose_folder_was_taken_does_not_carry_on_another_crashed_one(files, tmp_path):
+    """Back on an image whose folder another viewer holds now, the session must not resume (and later
+    overwrite) some other crashed session of the scan as if it were its own."""
+    img_path, _ck, model = files
+    mine = Autosaver(img_path, root=tmp_path, interval=0)
+    mine.save(_corrections(1))
+    own_folder = mine.folder
+    mine.close()  # (this viewer shows another image)
+    holder = Autosaver(img_path, root=tmp_path, interval=0, folder=own_folder, resume=True)
+    holder.save(_corrections(2))  # another viewer recovered it and holds it
+    other = Autosaver(img_path, root=tmp_path, interval=0)  # and some session crashed with a model
+    other.save(_corrections(3), model, _meta(model), iteration=7)
+    other.close()
+    back = Autosaver(img_path, root=tmp_path, interval=0, folder=own_folder, resume=True)
+    entry = back.save(_corrections(4))
+    assert entry.folder not in (own_folder, other.folder) and not entry.has_model
+    assert [e.folder for e in find_autosaves(img_path, root=tmp_path) if not e.in_use] == [other.folder]
+
+
+def test_discarding_a_held_folder_releases_it_before_deleting_the_lock(files, tmp_path, monkeypatch):
+    """Windows cannot delete a file that is open: the lock file was deleted while still held, so every
+    discard failed there and the folder stayed held."""
+    img_path, _ck, model = files
+    real_unlink = Path.unlink
+
+    def windows_unlink(self, missing_ok=False):
+        if self.name == autosave.LOCK_FILE and str(self.parent) in autosave._HELD:
+            raise PermissionError(32, "The process cannot access the file: it is being used")
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", windows_unlink)
+    saver = Autosaver(img_path, root=tmp_path, interval=0)
+    entry = saver.save(_corrections(1), model, _meta(model), iteration=3)
+    saver.discard()
+    assert not entry.folder.exists() and str(entry.folder) not in autosave._HELD
+    assert saver.save(_corrections(2)).folder == entry.folder  # and the session saves again

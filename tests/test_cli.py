@@ -86,6 +86,10 @@ def test_chain_phantom_predict_refine_evaluate(tmp_path, tiny_ckpt, phantom_dir,
     log = json.loads((ref_dir / "log.json").read_text())
     assert len(log["history"]) == 3 and log["config"]["method"] == "apl"
     assert log["config"]["teacher_bf16"] is False
+    from napari_apl.core.refine import _cpu_has_native_bf16
+
+    native = _cpu_has_native_bf16()  # "auto" precision, said as what it was here
+    assert log["config"]["amp"] is None and log["precision"] == ("bf16 autocast" if native else "float32")
     assert log["config"]["channels_last"] is True
     assert log["config"]["bn_mix"] == 0.5 and log["largest_component"] is True
     assert log["config"]["class_balance_power"] == 0.25

@@ -75,6 +75,7 @@ _STALE_TEMP_S = 600.0
 _TEMP_FILE = re.compile(r"^\.(corrections-\d+\.npz|model-\d+\.pt|manifest\.json)\..*\.tmp")
 LOCK_FILE = ".lock"
 _MAX_SESSIONS = 32  # folders per image: <stem>-<key>, <stem>-<key>-2, ...
+_HOLD_TRIES = 5  # attempts to lock a folder (another process's probe holds a shared lock for microseconds)
 
 
 class AutosaveError(APLError):
@@ -251,13 +252,17 @@ def _hold(folder: Path) -> int | None:
             return None
         fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return None
-            except OSError:  # a file system without locks: keep this process's sessions apart at least
-                pass
+            for attempt in range(_HOLD_TRIES):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:  # held, or probed for a moment by ``_in_use`` elsewhere: retry
+                    if attempt == _HOLD_TRIES - 1:
+                        os.close(fd)
+                        return None
+                    time.sleep(0.002)
+                except OSError:  # a file system without locks: keep this process's sessions apart at least
+                    break
         _HELD[key] = fd
         return fd
 
@@ -490,12 +495,17 @@ def discard(entry: AutosaveEntry) -> None:
     _remove_folder(folder)
 
 
-def _remove_folder(folder: Path, *, held: bool = False) -> None:
-    """Delete our files (manifest last) and the lock file in ``folder``, then the folder if empty."""
+def _remove_folder(folder: Path, *, let_go: Callable[[], None] | None = None) -> None:
+    """Delete our files (manifest last) in ``folder``, release it (``let_go``: this process holds it),
+    then delete the lock file unless another session holds it, and the folder if it is empty."""
     try:
-        _remove_own_files(folder, keep=set(), temp_age_s=0.0)
-        (folder / MANIFEST).unlink(missing_ok=True)
-        if held or not _in_use(folder):
+        try:
+            _remove_own_files(folder, keep=set(), temp_age_s=0.0)
+            (folder / MANIFEST).unlink(missing_ok=True)
+        finally:
+            if let_go is not None:  # (an open file cannot be deleted on Windows: released first)
+                let_go()
+        if not _in_use(folder):
             (folder / LOCK_FILE).unlink(missing_ok=True)
         if not any(folder.iterdir()):
             folder.rmdir()
@@ -566,7 +576,10 @@ class Autosaver:
         self._held: dict[Path, int] = {}
         weakref.finalize(self, _let_go_all, self._held)
         self._retired: Path | None = None
-        self.folder = self._choose(Path(folder).expanduser().absolute() if folder is not None else None)
+        preferred = Path(folder).expanduser().absolute() if folder is not None else None
+        self.folder = self._choose(preferred)
+        if preferred is not None and self.folder != preferred:
+            resume = False  # its own folder is another session's now: what the chosen one holds is not its
         self.checkpoint = str(Path(checkpoint).expanduser().resolve()) if checkpoint is not None else None
         self.interval = float(interval)
         self._clock = clock
@@ -584,11 +597,20 @@ class Autosaver:
         return [self.root / base, *(self.root / f"{base}-{i}" for i in range(2, _MAX_SESSIONS + 1))]
 
     def _choose(self, preferred: Path | None) -> Path:
-        """The folder to save into: ``preferred`` (a recovered session's) or the first one not held."""
+        """The folder to save into: ``preferred`` (this session's or a recovered one's) if free, else the
+        first one not held; when ``preferred`` was taken, the first that holds no crashed session."""
         candidates = self._candidates()
-        if preferred is not None and preferred in candidates and not _in_use(preferred):
+        if preferred is None:
+            return next((c for c in candidates if not _in_use(c)), candidates[0])
+        if preferred in candidates and not _in_use(preferred):
             return preferred
-        return next((c for c in candidates if not _in_use(c)), candidates[0])
+        return self._free_folder(candidates)
+
+    @staticmethod
+    def _free_folder(candidates: list[Path]) -> Path:
+        """The first candidate no live session holds and no snapshot is in, else the first not held."""
+        free = [c for c in candidates if not _in_use(c)]
+        return next((c for c in free if not (c / MANIFEST).exists()), free[0] if free else candidates[0])
 
     def _load_older(self) -> None:
         """Read the snapshot already in ``self.folder``: it stays until our first save commits."""
@@ -615,7 +637,9 @@ class Autosaver:
         """Make sure this saver holds its folder, moving to the next free one if a live session has it."""
         if self.folder in self._held:
             return
-        tried = [self.folder, *(c for c in self._candidates() if c != self.folder)]
+        others = [c for c in self._candidates() if c != self.folder]
+        empty_first = sorted(others, key=lambda c: (c / MANIFEST).exists())  # (a stable sort)
+        tried = [self.folder, *empty_first]
         for folder in tried:
             try:
                 folder.mkdir(exist_ok=True, mode=0o700)
@@ -647,9 +671,12 @@ class Autosaver:
         with self._lock:
             if entry.key != self._id.key:
                 raise AutosaveError(f"the autosave is of {entry.image_name}, not of {self._id.name}")
-            if folder != self.folder:
-                if folder not in self._candidates() or _in_use(folder):
+            if folder not in self._held:  # held at once: no other viewer may offer or discard it now
+                fd = _hold(folder) if folder in self._candidates() and folder.is_dir() else None
+                if fd is None:
                     raise AutosaveError(f"the autosave {folder.name} is not one this session can carry on")
+                self._held[folder] = fd
+            if folder != self.folder:
                 if self.folder in self._held:
                     self._retired = self.folder
                 self.folder = folder
@@ -783,11 +810,12 @@ class Autosaver:
                 pass
             if self._retired is not None:  # what it held is in the recovered session's snapshot now
                 retired, self._retired = self._retired, None
+                fd = self._held.pop(retired, None)
                 try:
-                    _remove_folder(retired, held=True)
+                    _remove_folder(retired, let_go=lambda: _let_go(retired, fd))
                 except AutosaveError:
                     pass
-                _let_go(retired, self._held.pop(retired, None))
+                _let_go(retired, fd)
             if model_error is not None:
                 raise AutosaveError(f"the refined model was not autosaved ({model_error}); corrections were")
             return _entry(self.folder, self.root, manifest)
@@ -800,8 +828,11 @@ class Autosaver:
                     raise AutosaveError(f"{self.folder} is not an autosave folder under {self.root}")
                 if self.folder not in self._held and _in_use(self.folder):
                     raise AutosaveError(f"the autosave {self.folder.name} belongs to another open session")
-                _remove_folder(self.folder, held=self.folder in self._held)
+                folder, fd = self.folder, self._held.pop(self.folder, None)
+                try:
+                    _remove_folder(folder, let_go=lambda: _let_go(folder, fd))
+                finally:
+                    _let_go(folder, fd)
             elif self.folder.is_dir() and not _in_use(self.folder):  # orphans of a killed save
                 _remove_own_files(self.folder, keep=set(), temp_age_s=0.0)
-            _let_go(self.folder, self._held.pop(self.folder, None))
             self._seq, self._state = 0, {}

@@ -1545,7 +1545,7 @@ class APLController:
             except Exception:  # no usable device any more: nothing was cached on it
                 pass
             self.maybe_autosave(force=True)  # closing without export keeps the work recoverable
-            if self.autosaver is not None:
+            if self.autosaver is not None and idle:  # (a worker still running may save once more)
                 self.autosaver.close()  # the session ends: another viewer may recover it now
             return idle
         finally:
