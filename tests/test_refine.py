@@ -730,3 +730,22 @@ def test_amp_by_default_where_bf16_is_native(monkeypatch):
             refine_module.amp_enabled(False, cuda) is False and refine_module.amp_enabled(True, cpu) is True
         )
     assert refine_module.amp_enabled(None, torch.device("mps")) is False
+
+
+@pytest.mark.parametrize(("teacher_bf16", "expected"), [(False, torch.float32), (None, torch.bfloat16)])
+def test_an_explicit_teacher_precision_wins_over_amp(setup, teacher_bf16, expected):
+    """With the student in bf16 (amp), teacher_bf16=False (--teacher-precision fp32) still keeps the
+    teacher's no-grad forwards in float32; left unset they follow the student into bf16."""
+    model, meta, vol = setup
+    net = build_model("unet-dual", num_classes=5, base=8)
+    net.load_state_dict(model.state_dict())
+    seen: list[tuple[bool, torch.dtype]] = []
+    conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(
+        lambda _m, _i, out: seen.append((torch.is_inference_mode_enabled(), out.dtype))
+    )
+    cfg = _cfg(iterations=2, amp=True, teacher_bf16=teacher_bf16, teacher_decay=0.99)
+    run_generator(refine(net, meta, vol, cfg))
+    assert {d for inf, d in seen if inf} == {expected}
+    assert torch.bfloat16 in {d for inf, d in seen if not inf}  # the student's steps (its batch-norm
+    # re-estimation runs in float32, outside inference mode, too)

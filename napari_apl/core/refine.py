@@ -151,9 +151,9 @@ class RefineConfig:
     contiguous (the iteration waits on the host), while a bf16 training step was 1.17x faster
     channels-last (benchmarks/results/gpu_check.md). The returned model is contiguous again."""
     teacher_bf16: bool | None = None
-    """Run the teacher's no-grad forwards (pseudo labels, guard checks) under bf16 autocast; the
-    student trains in float32 unless ``amp``. ``None`` = where bf16 is native: CUDA with ``amp``, or
-    a CPU whose oneDNN has bf16 kernels (AVX512-BF16 / AMX), where it is ~1.6x faster."""
+    """Run the teacher's no-grad forwards (pseudo labels, guard checks) under bf16 autocast (True) or
+    in float32 (False), whatever ``amp``. ``None`` = in bf16 where the student trains in bf16 (``amp``)
+    or the CPU's oneDNN has bf16 kernels (AVX512-BF16 / AMX, where it is ~1.6x faster)."""
     ensemble_decay: float = 0.7
     """Weight of the past in the per-slice ensemble of merged predictions (step 5 of Algorithm 1)."""
     class_balance: bool = True
@@ -696,7 +696,11 @@ def _refine_loop(
 
     # With a teacher, every no-grad prediction here is the teacher's (or a frozen copy of it, or the
     # loaded model's below) and runs at the teacher's precision (bf16 where native).
-    low = use_amp or (cfg.teacher_decay > 0 and _teacher_bf16(cfg.teacher_bf16, dev))
+    # An explicit teacher_bf16 decides, whatever amp (--teacher-precision fp32 keeps them float32).
+    if cfg.teacher_decay > 0 and cfg.teacher_bf16 is not None:
+        low = bool(cfg.teacher_bf16)
+    else:
+        low = use_amp or (cfg.teacher_decay > 0 and _teacher_bf16(None, dev))
     # (read once: a refinement keeps the setting it started with)
     fold_bn = dev.type == "cpu" if _FOLD_BN is None else _FOLD_BN
     teacher: DualHeadNet | None = None  # (made below, after the batch-norm adaptation)
