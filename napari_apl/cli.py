@@ -378,13 +378,15 @@ def cmd_refine(args: argparse.Namespace) -> int:
         maps["pseudo_label"] = np.where(corrections >= 0, corrections, result.pseudo).astype(np.uint8)
     if args.largest_component:  # (a piece the user painted stays, even away from the organ's largest one)
         maps = _largest_components(maps, corrections)
-    from .core.refine import amp_enabled
+    from .core.refine import amp_enabled, no_grad_bf16
     from .core.utils import resolve_device
 
+    dev = resolve_device(cfg.device)
     log = {
         "config": cfg.to_dict(),
-        # what "auto" meant on this machine
-        "precision": "bf16 autocast" if amp_enabled(cfg.amp, resolve_device(cfg.device)) else "float32",
+        # what "auto" meant on this machine: the student's training and the no-grad forwards
+        "precision": "bf16 autocast" if amp_enabled(cfg.amp, dev) else "float32",
+        "teacher_precision": "bf16 autocast" if no_grad_bf16(cfg, dev) else "float32",
         "iterations_done": result.iterations_done,
         "stopped": result.stopped,
         "notes": result.notes,
@@ -446,7 +448,7 @@ def _refine_config(args: argparse.Namespace):
         cfg.augment_geometry = True
     if args.class_select:
         cfg.class_select = True  # (validated with the rest: an APL option)
-    cfg.teacher_bf16 = {"auto": None, "bf16": True, "fp32": False}[args.teacher_precision]
+    cfg.teacher_bf16 = {None: None, "auto": None, "bf16": True, "fp32": False}[args.teacher_precision]
     cfg.amp = {"auto": None, "bf16": True, "fp32": False}[args.precision]
     return cfg.validate()
 
@@ -467,6 +469,12 @@ _READ_BY: tuple[tuple[str, str, Callable[[argparse.Namespace], bool], str], ...]
         "applies to --method apl and apl-con only",
     ),
     ("--bn-mix", "bn_mix", lambda a: (a.bn or "adapt") == "adapt", "applies with --bn adapt only"),
+    (
+        "--teacher-precision",
+        "teacher_precision",
+        lambda a: a.teacher_decay is None or a.teacher_decay > 0,
+        "applies with a teacher (--teacher-decay above 0) only",
+    ),
     (
         "--corrections-unset",
         "corrections_unset",
@@ -738,8 +746,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--teacher-precision",
         choices=("auto", "bf16", "fp32"),
-        default="auto",
-        help="the teacher's forwards: bf16 autocast where bf16 is native (auto, default), always, or fp32",
+        help="the teacher's forwards: bf16 autocast where bf16 is native or the student trains in bf16 "
+        "(auto, default), always, or fp32",
     )
     p.add_argument(
         "--precision",

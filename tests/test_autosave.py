@@ -543,3 +543,29 @@ def test_discarding_a_held_folder_releases_it_before_deleting_the_lock(files, tm
     saver.discard()
     assert not entry.folder.exists() and str(entry.folder) not in autosave._HELD
     assert saver.save(_corrections(2)).folder == entry.folder  # and the session saves again
+
+
+def test_a_session_saved_after_this_saver_looked_is_never_replaced_or_discarded(files, tmp_path):
+    """A saver created before another session of the scan saved (and crashed) in its folder took that
+    folder at its first save: the crashed session, never offered, was overwritten; a clean export's
+    discard deleted it; and a folder held by a live session made discard raise a false warning."""
+    img_path, _ck, model = files
+    early = Autosaver(img_path, root=tmp_path, interval=0)  # (looked: nothing there yet)
+    crashed = Autosaver(img_path, root=tmp_path, interval=0)
+    crashed.save(_corrections(1), model, _meta(model), iteration=5)
+    crashed.close()
+    assert crashed.folder == early.folder
+    early.discard()  # a clean export of the early session: nothing of its own to delete
+    (entry,) = find_autosaves(img_path, root=tmp_path)
+    assert entry.has_model and not entry.in_use
+    mine = early.save(_corrections(2))
+    assert mine.folder != crashed.folder
+    (kept,) = [e for e in find_autosaves(img_path, root=tmp_path) if e.folder == crashed.folder]
+    assert kept.has_model and not kept.in_use and np.array_equal(restore(kept)[0], _corrections(1))
+    # a discard where a live session holds the folder this saver looked at: quiet, nothing deleted
+    live = Autosaver(img_path, root=tmp_path, interval=0, folder=crashed.folder, resume=True)
+    live.save(_corrections(3))
+    late = Autosaver(img_path, root=tmp_path, interval=0)
+    late.folder = crashed.folder  # (as if it had looked before the live session took it)
+    late.discard()
+    assert np.array_equal(restore(find_autosaves(img_path, root=tmp_path)[0])[0], _corrections(3))

@@ -90,6 +90,7 @@ def test_chain_phantom_predict_refine_evaluate(tmp_path, tiny_ckpt, phantom_dir,
 
     native = _cpu_has_native_bf16()  # "auto" precision, said as what it was here
     assert log["config"]["amp"] is None and log["precision"] == ("bf16 autocast" if native else "float32")
+    assert log["teacher_precision"] == "float32"  # (--teacher-precision fp32 above)
     assert log["config"]["channels_last"] is True
     assert log["config"]["bn_mix"] == 0.5 and log["largest_component"] is True
     assert log["config"]["class_balance_power"] == 0.25
@@ -645,6 +646,12 @@ def test_options_this_run_does_not_read_are_named(tmp_path, tiny_ckpt, phantom_d
     assert main(_tiny_refine_argv(phantom_dir, tiny_ckpt, out, extra)) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
     assert len(notes) == 3 and all(n.endswith("ignored in this run") for n in notes)
+    extra = "--teacher-decay 0 --teacher-precision fp32 --overwrite"  # no teacher: nothing to set
+    assert main(_tiny_refine_argv(phantom_dir, tiny_ckpt, out, extra)) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        "note: --teacher-precision applies with a teacher (--teacher-decay above 0) only: ignored in this run"
+    ]
     assert main(_tiny_refine_argv(phantom_dir, tiny_ckpt, out, "--method threshold --tau 0 --overwrite")) == 2
     assert "tau" in capsys.readouterr().err  # (read, so checked)
     read = "--method threshold --tau 0.5 --overwrite"  # options the run reads: no note

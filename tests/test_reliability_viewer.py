@@ -528,6 +528,43 @@ def test_two_viewers_of_one_scan_autosave_apart(setup, small_image, qtbot) -> No
     assert np.array_equal(restore(entry_b)[0], corrections_b)  # b's snapshot is untouched
 
 
+def entry_key(image_path) -> str:
+    """The autosave key of a scan on disk."""
+    from napari_apl.core.autosave import session_key
+
+    return session_key(image_path)
+
+
+def test_a_session_stays_held_while_its_viewer_shows_another_image(setup, small_image) -> None:
+    """Switching images let the first image's folder go: another viewer was offered that live session and
+    its Discard deleted it. A recovery offer that went out of date is refused and withdrawn."""
+    viewer_b, widget_b, _image_b = setup()
+    ctl_b = widget_b.controller
+    ctl_b.autosave_interval = 0.0
+    assert widget_b.predict(sync=True)
+    viewer_b.layers[LAYER_PSEUDO].paint((4, 20, 20), 2)
+    assert ctl_b.maybe_autosave(force=True) is not None
+    noise = np.random.default_rng(0).normal(40, 100, (8, 48, 48)).astype(np.float32)
+    other = viewer_b.add_image(noise, name="another scan")
+    widget_b.image_combo.set_layer(other)
+    assert widget_b.predict(sync=True)  # (B's saver of the first scan stays open)
+    assert ctl_b.autosaver is not None and ctl_b.autosaver.key != entry_key(small_image)
+    [entry] = find_autosaves(small_image)
+    assert entry.in_use
+    _viewer_d, widget_d, _ = setup()
+    assert widget_d.predict(sync=True) and widget_d.controller.recoverable is None
+    # an offer made while the session was crashed, recovered elsewhere before this viewer answers it
+    _crash(ctl_b)
+    for saver in ctl_b._savers.values():
+        saver.close()
+    _viewer_c, widget_c, _ = setup()
+    ctl_c = widget_c.controller
+    assert widget_c.predict(sync=True) and ctl_c.recoverable is not None
+    assert widget_d.controller.check_recovery() is not None and widget_d.controller.recover(sync=True)
+    assert not ctl_c.recover(sync=True) and ctl_c.recoverable is None and not ctl_c.refined
+    assert ctl_c.corrections is None or not (ctl_c.corrections >= 0).any()
+
+
 def test_a_damaged_model_in_an_autosave_does_not_lose_the_corrections(
     setup, small_image, monkeypatch
 ) -> None:

@@ -59,6 +59,7 @@ __all__ = [
     "discard",
     "find_autosaves",
     "image_digest",
+    "in_use",
     "restore",
     "session_key",
 ]
@@ -280,11 +281,29 @@ def _let_go(folder: Path, fd: int | None) -> None:
                 pass
 
 
+def _snapshot_id(folder: Path) -> tuple[float, int] | None:
+    """Which session wrote the snapshot in ``folder`` (its saver's creation time and process), or
+    ``None`` when there is none (or it cannot be read)."""
+    try:
+        data = _read_manifest(folder)
+    except AutosaveError:
+        return None
+    created, pid = data.get("created_at"), data.get("pid")
+    if isinstance(created, bool) or not isinstance(created, (int, float)) or _int_or_none(pid) is None:
+        return (0.0, -1)  # (an older manifest: some session, not this one)
+    return (float(created), int(pid))
+
+
 def _let_go_all(held: dict[Path, int]) -> None:
     """Release every folder of a saver's ``held`` map (and empty it)."""
     for folder, fd in list(held.items()):
         _let_go(folder, fd)
     held.clear()
+
+
+def in_use(entry: AutosaveEntry) -> bool:
+    """Whether a live session holds ``entry``'s folder now (it may have been taken since it was listed)."""
+    return _in_use(Path(entry.folder))
 
 
 def _write_failure(folder: Path, exc: BaseException) -> str:
@@ -613,8 +632,11 @@ class Autosaver:
         return next((c for c in free if not (c / MANIFEST).exists()), free[0] if free else candidates[0])
 
     def _load_older(self) -> None:
-        """Read the snapshot already in ``self.folder``: it stays until our first save commits."""
+        """Read the snapshot already in ``self.folder``: it stays until our first save commits. It is the
+        one snapshot not written by this saver that it may replace (``_known``): the caller could offer it
+        for recovery before creating the saver; a snapshot saved there later was never offered."""
         self._seq, self._state = 0, {}
+        self._known = _snapshot_id(self.folder)
         if not (self.folder / MANIFEST).is_file():
             return
         try:
@@ -651,6 +673,11 @@ class Autosaver:
                 ) from None
             if fd is None:
                 continue  # another open session's
+            current = _snapshot_id(folder)
+            mine = current in (None, self._own_id()) or (folder == self.folder and current == self._known)
+            if not mine:  # a session saved here after this saver looked, then ended: it is offered, not ours
+                _let_go(folder, fd)
+                continue
             self._held[folder] = fd
             if folder != self.folder:  # (taken meanwhile by a session opened after this saver)
                 self.folder, self._resume = folder, False
@@ -659,6 +686,19 @@ class Autosaver:
         raise AutosaveError(
             f"{len(tried)} sessions of {self._id.name} are open: close one to autosave this one"
         )
+
+    def holds(self, folder: str | os.PathLike) -> bool:
+        """Whether this saver holds ``folder`` (it saved there, or carries that session on)."""
+        return Path(folder) in self._held
+
+    def _own_id(self) -> tuple[float, int]:
+        """What this saver's manifests record as theirs (``_snapshot_id``)."""
+        return (self._created, os.getpid())
+
+    def _may_remove(self) -> bool:
+        """Whether the snapshot in ``self.folder`` is this session's to delete (its own or the one it
+        carries on or was created over), not another session's."""
+        return _snapshot_id(self.folder) in (None, self._own_id(), self._known)
 
     def adopt(self, entry: AutosaveEntry, *, keep_model: bool = True, keep_corrections: bool = True) -> None:
         """Carry on the recovered session ``entry`` in its own folder (this saver's earlier snapshot, if it
@@ -823,11 +863,13 @@ class Autosaver:
     def discard(self) -> None:
         """Delete this session's autosave (after a clean export or when the user declines recovery)."""
         with self._lock:
-            if (self.folder / MANIFEST).is_file() or self.folder in self._held:
+            held = self.folder in self._held
+            if not held and (_in_use(self.folder) or not self._may_remove()):
+                self._seq, self._state = 0, {}
+                return  # another session's (open, or ended without being offered to this one): not ours
+            if (self.folder / MANIFEST).is_file() or held:
                 if not _inside(self.folder, self.root):
                     raise AutosaveError(f"{self.folder} is not an autosave folder under {self.root}")
-                if self.folder not in self._held and _in_use(self.folder):
-                    raise AutosaveError(f"the autosave {self.folder.name} belongs to another open session")
                 folder, fd = self.folder, self._held.pop(self.folder, None)
                 try:
                     _remove_folder(folder, let_go=lambda: _let_go(folder, fd))

@@ -434,6 +434,15 @@ def amp_enabled(setting: bool | None, dev: torch.device) -> bool:
     return dev.type == "cpu" and _cpu_has_native_bf16()
 
 
+def no_grad_bf16(cfg: RefineConfig, dev: torch.device) -> bool:
+    """Whether a refinement's no-grad forwards (the teacher's pseudo labels, guard checks, organ counts)
+    run under bf16 autocast: an explicit ``teacher_bf16`` decides whatever ``amp`` (with a teacher);
+    else they follow the student's precision, or bf16 where the CPU has it natively."""
+    if cfg.teacher_decay > 0 and cfg.teacher_bf16 is not None:
+        return bool(cfg.teacher_bf16)
+    return amp_enabled(cfg.amp, dev) or (cfg.teacher_decay > 0 and _teacher_bf16(None, dev))
+
+
 def _teacher_bf16(setting: bool | None, dev: torch.device) -> bool:
     """Whether the teacher's forwards run under bf16 autocast (``None``: where bf16 is native)."""
     if setting is not None:
@@ -696,11 +705,7 @@ def _refine_loop(
 
     # With a teacher, every no-grad prediction here is the teacher's (or a frozen copy of it, or the
     # loaded model's below) and runs at the teacher's precision (bf16 where native).
-    # An explicit teacher_bf16 decides, whatever amp (--teacher-precision fp32 keeps them float32).
-    if cfg.teacher_decay > 0 and cfg.teacher_bf16 is not None:
-        low = bool(cfg.teacher_bf16)
-    else:
-        low = use_amp or (cfg.teacher_decay > 0 and _teacher_bf16(None, dev))
+    low = no_grad_bf16(cfg, dev)
     # (read once: a refinement keeps the setting it started with)
     fold_bn = dev.type == "cpu" if _FOLD_BN is None else _FOLD_BN
     teacher: DualHeadNet | None = None  # (made below, after the batch-norm adaptation)

@@ -51,7 +51,7 @@ from .._layers import (
     voxel_volume_ml,
 )
 from .._sample_data import demo_checkpoint_path
-from ..core.autosave import AutosaveEntry, Autosaver, find_autosaves, image_digest, session_key
+from ..core.autosave import AutosaveEntry, Autosaver, find_autosaves, image_digest, in_use, session_key
 from ..core.autosave import discard as discard_autosave
 from ..core.autosave import restore as restore_autosave
 from ..core.checkpoint import CheckpointMeta, describe, load_checkpoint, save_checkpoint
@@ -257,6 +257,9 @@ class APLController:
         # the autosave folder of each image this session saved or recovered: its saver goes on there (two
         # viewers of one scan save into folders of their own)
         self._own_folders: dict[str, Path] = {}
+        # each image's saver stays (and holds its folder) while another image is shown: its session is
+        # still open in this viewer, not a crashed one for another viewer to take or discard
+        self._savers: dict[str, Autosaver] = {}
         self._offered_keys: set[str] = set()  # offered for recovery, not yet recovered or discarded
         self._model_version = 0
         self._autosaved_state: tuple[str | None, int | None] = (None, None)
@@ -1284,9 +1287,17 @@ class APLController:
                 return
             volume = volume_from_layer(image_layer) if self._layer_alive(image_layer) else reference
             self.check_recovery(image_layer, volume=volume)
-            if self.autosaver is not None:  # the session of the image shown before lets its folder go
-                self.autosaver.close()
-            self.autosaver = Autosaver(
+            kept = self._savers.get(key)
+            if kept is not None and kept.checkpoint == (
+                str(Path(self.checkpoint_path).expanduser().resolve()) if self.checkpoint_path else None
+            ):
+                self.autosaver = kept  # back to an image of this session: its saver goes on
+                self._autosaved_state = (None, self._model_version if self.refined else None)
+                self._last_autosave_check = -math.inf
+                return
+            if kept is not None:
+                kept.close()
+            self.autosaver = self._savers[key] = Autosaver(
                 reference,
                 checkpoint=self.checkpoint_path,
                 interval=self.autosave_interval,
@@ -1357,6 +1368,14 @@ class APLController:
                 f"the autosave is of {entry.image_name}, not of layer '{layer.name}': choose that image"
             )
         damaged: list[str] = []
+        if in_use(entry) and not (self.autosaver is not None and self.autosaver.holds(entry.folder)):
+            self.recoverable, self._recovery_layer = None, None  # (the offer is out of date)
+            self._offered_keys.discard(entry.key)  # this session autosaves its own work again
+            self.recovery_changed.emit(None)
+            raise APLError(
+                f"the autosaved session of {entry.image_name} was recovered in another viewer meanwhile: "
+                "go on with it there"
+            )
         corrections, model, meta = restore_autosave(entry, damaged=damaged)
         if damaged and corrections is None and model is None:
             raise APLError(damaged[0])  # nothing intact: the offer stays, Discard removes it
@@ -1545,8 +1564,9 @@ class APLController:
             except Exception:  # no usable device any more: nothing was cached on it
                 pass
             self.maybe_autosave(force=True)  # closing without export keeps the work recoverable
-            if self.autosaver is not None and idle:  # (a worker still running may save once more)
-                self.autosaver.close()  # the session ends: another viewer may recover it now
+            if idle:  # (a worker still running may save once more)
+                for saver in self._savers.values():
+                    saver.close()  # the session ends: another viewer may recover its images now
             return idle
         finally:
             self._shutting_down = False
