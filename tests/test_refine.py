@@ -489,18 +489,24 @@ def test_spread_guard_returns_the_same_model(setup, collapse):
         assert not a.stopped and not b.stopped and a.iterations_done == b.iterations_done == 15
 
 
-@pytest.mark.parametrize(("teacher_bf16", "decay"), [(True, 0.99), (False, 0.99), (True, 0.0)])
-def test_teacher_bf16_runs_only_the_teachers_forwards_in_bf16(setup, teacher_bf16, decay):
-    """teacher_bf16 puts the no-grad teacher forwards under bf16 autocast; the student stays float32."""
-    model, meta, vol = setup
+def _recording_first_conv(model) -> tuple[torch.nn.Module, list[tuple[bool, torch.dtype]]]:
+    """A copy of ``model`` whose first convolution records (inference mode?, output dtype) per call;
+    deepcopy carries the hook to the student, the teacher and the guard's frozen copy."""
     net = build_model("unet-dual", num_classes=5, base=8)
     net.load_state_dict(model.state_dict())
     seen: list[tuple[bool, torch.dtype]] = []
     conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
-    # deepcopy carries the hook to the student, the teacher and the guard's frozen copy
     conv.register_forward_hook(
         lambda _m, _i, out: seen.append((torch.is_inference_mode_enabled(), out.dtype))
     )
+    return net, seen
+
+
+@pytest.mark.parametrize(("teacher_bf16", "decay"), [(True, 0.99), (False, 0.99), (True, 0.0)])
+def test_teacher_bf16_runs_only_the_teachers_forwards_in_bf16(setup, teacher_bf16, decay):
+    """teacher_bf16 puts the no-grad teacher forwards under bf16 autocast; the student stays float32."""
+    model, meta, vol = setup
+    net, seen = _recording_first_conv(model)
     cfg = _cfg(
         iterations=4, guard_every=2, teacher_bf16=teacher_bf16, teacher_decay=decay, bn="adapt", amp=False
     )
@@ -737,13 +743,7 @@ def test_an_explicit_teacher_precision_wins_over_amp(setup, teacher_bf16, expect
     """With the student in bf16 (amp), teacher_bf16=False (--teacher-precision fp32) still keeps the
     teacher's no-grad forwards in float32; left unset they follow the student into bf16."""
     model, meta, vol = setup
-    net = build_model("unet-dual", num_classes=5, base=8)
-    net.load_state_dict(model.state_dict())
-    seen: list[tuple[bool, torch.dtype]] = []
-    conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
-    conv.register_forward_hook(
-        lambda _m, _i, out: seen.append((torch.is_inference_mode_enabled(), out.dtype))
-    )
+    net, seen = _recording_first_conv(model)
     cfg = _cfg(iterations=2, amp=True, teacher_bf16=teacher_bf16, teacher_decay=0.99)
     run_generator(refine(net, meta, vol, cfg))
     assert {d for inf, d in seen if inf} == {expected}
