@@ -687,6 +687,11 @@ class Autosaver:
             f"{len(tried)} sessions of {self._id.name} are open: close one to autosave this one"
         )
 
+    @property
+    def digest(self) -> str | None:
+        """The ``image_digest`` of the scan this saver saves (``None``: not known, e.g. read lazily)."""
+        return self._image_digest
+
     def holds(self, folder: str | os.PathLike) -> bool:
         """Whether this saver holds ``folder`` (it saved there, or carries that session on)."""
         return Path(folder) in self._held

@@ -1288,9 +1288,9 @@ class APLController:
             volume = volume_from_layer(image_layer) if self._layer_alive(image_layer) else reference
             self.check_recovery(image_layer, volume=volume)
             kept = self._savers.get(key)
-            if kept is not None and kept.checkpoint == (
-                str(Path(self.checkpoint_path).expanduser().resolve()) if self.checkpoint_path else None
-            ):
+            ck = self.checkpoint_path
+            checkpoint = str(Path(ck).expanduser().resolve()) if ck else None
+            if kept is not None and kept.checkpoint == checkpoint and kept.digest == image_digest(volume):
                 self.autosaver = kept  # back to an image of this session: its saver goes on
                 self._autosaved_state = (None, self._model_version if self.refined else None)
                 self._last_autosave_check = -math.inf
