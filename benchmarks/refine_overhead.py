@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from napari_apl.core.infer import prepare
     from napari_apl.core.models.fold import FoldedNet
     from napari_apl.core.phantom import make_phantom
-    from napari_apl.core.refine import RefineConfig, _teacher_bf16, amp_enabled, refine
+    from napari_apl.core.refine import RefineConfig, amp_enabled, no_grad_bf16, refine
     from napari_apl.core.volume import volume_from_array
 
     if args.heap_off_child:
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     # the refinement's precision: bf16 autocast (amp) where bf16 is native (CUDA, a CPU with AVX512-BF16
     # or AMX), the plain step likewise; else float32, with the teacher alone in bf16 if asked
     amp = amp_enabled(cfg.amp, dev)
-    teacher_low = amp or _teacher_bf16(cfg.teacher_bf16, dev)
+    teacher_low = no_grad_bf16(cfg, dev)  # (the refinement's own rule)
     # on a CPU: with amp, the same recipe and plain step in float32 (the default where bf16 is not native);
     # without, the teacher's forward in float32 (on CUDA there is no such variant)
     gen_fp32 = None
@@ -235,25 +235,18 @@ def main(argv: list[str] | None = None) -> int:
         if periodic
         else "no guard or k_c iteration in the timed ones",
     )
-    if "plain_fp32" in per:
+    if "apl_fp32" in per:  # (without amp the plain step is float32 already)
         rep.add(
-            "APL iteration / plain step, both in float32",
-            c.paired_ratio(per["apl_fp32"], per["plain_fp32"]),
+            "APL iteration / plain step, both in float32 (the teacher too)",
+            c.paired_ratio(per["apl_fp32"], per.get("plain_fp32", per["plain"])),
             "x",
             goal=GOAL,
-            note="amp=False, teacher_bf16=False: the default where the CPU has no native bf16",
-        )
-        rep.add("  plain step, bf16 autocast / float32", c.paired_ratio(per["plain"], per["plain_fp32"]), "x")
-        rep.add("  APL iteration, bf16 autocast / float32", c.paired_ratio(per["apl"], per["apl_fp32"]), "x")
-    elif "apl_fp32" in per:
-        rep.add(
-            "APL iteration with the teacher's forward in float32 / plain step",
-            c.paired_ratio(per["apl_fp32"], per["plain"]),
-            "x",
-            goal=GOAL,
-            note="teacher_bf16=False: the default where the CPU has no native bf16"
+            note="amp=False, teacher_bf16=False: the default where the CPU has no native bf16"
             + ("" if teacher_low else " (this machine)"),
         )
+    if "plain_fp32" in per:
+        rep.add("  plain step, bf16 autocast / float32", c.paired_ratio(per["plain"], per["plain_fp32"]), "x")
+        rep.add("  APL iteration, bf16 autocast / float32", c.paired_ratio(per["apl"], per["apl_fp32"]), "x")
     folded, layers = (per["apl"], per["apl_other_fold"]) if folds else (per["apl_other_fold"], per["apl"])
     rep.add(
         "APL iteration with the teacher's batch norms "

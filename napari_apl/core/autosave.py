@@ -659,9 +659,8 @@ class Autosaver:
         """Make sure this saver holds its folder, moving to the next free one if a live session has it."""
         if self.folder in self._held:
             return
-        others = [c for c in self._candidates() if c != self.folder]
-        empty_first = sorted(others, key=lambda c: (c / MANIFEST).exists())  # (a stable sort)
-        tried = [self.folder, *empty_first]
+        # (a folder with another session's snapshot is passed over below: it is that session's)
+        tried = [self.folder, *(c for c in self._candidates() if c != self.folder)]
         for folder in tried:
             try:
                 folder.mkdir(exist_ok=True, mode=0o700)

@@ -1290,7 +1290,8 @@ class APLController:
             kept = self._savers.get(key)
             ck = self.checkpoint_path
             checkpoint = str(Path(ck).expanduser().resolve()) if ck else None
-            if kept is not None and kept.checkpoint == checkpoint and kept.digest == image_digest(volume):
+            digest = image_digest(volume)  # (a sample of the voxels: computed once here)
+            if kept is not None and kept.checkpoint == checkpoint and kept.digest == digest:
                 self.autosaver = kept  # back to an image of this session: its saver goes on
                 self._autosaved_state = (None, self._model_version if self.refined else None)
                 self._last_autosave_check = -math.inf
@@ -1301,7 +1302,7 @@ class APLController:
                 reference,
                 checkpoint=self.checkpoint_path,
                 interval=self.autosave_interval,
-                digest=image_digest(volume),
+                digest=digest,
                 resume=key in self._own_keys,  # a session this one recovered (or wrote) goes on
                 folder=self._own_folders.get(key),  # ... in its own folder
                 display_name=shown_name,
