@@ -21,7 +21,9 @@ from .core.preprocess import looks_like_offset_ct
 from .core.volume import Volume, display_data, load_volume, max_voxel_bytes
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-LABEL_NAME_HINT = re.compile(r"(label|seg|mask)", re.IGNORECASE)
+# names that say a file holds labels: label(s), seg(mentation), mask, (ground) truth, annotation, and
+# gt as a word of its own (case2_gt.nii.gz, gt-liver.nii; not "length")
+LABEL_NAME_HINT = re.compile(r"(label|seg|mask|truth|annot|(?<![a-z])gt(?![a-z]))", re.IGNORECASE)
 MAX_LABEL_VALUES = 64
 MAX_HINTED_LABEL_VALUES = 1024
 LAZY_BYTES = 1024**3
@@ -80,12 +82,11 @@ def _warn_nonfinite(message: str) -> None:
 
 def _should_be_lazy(path: Path) -> bool:
     """Whether the file is big enough to be read lazily (slice by slice through dask)."""
-    import nibabel as nib
 
-    from .core.volume import has_scaling
+    from .core.volume import has_scaling, nib_load
 
     try:
-        img = nib.load(str(path))
+        img = nib_load(path, keep_file_open=False)
         voxels = math.prod(int(s) for s in img.header.get_data_shape())
         dtype = np.dtype(img.header.get_data_dtype())
         unscaled = not has_scaling(img)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ._layers import META_KEY, smallest_label_dtype, volume_for_writing
-from .core.errors import APLError, OutputExistsError
+from .core.errors import APLError, OutputError, OutputExistsError
 from .core.volume import save_nifti
 
 DEFAULT_SUFFIX = ".nii.gz"
@@ -37,6 +37,7 @@ def write_layer_nifti(
 ) -> Path:
     """Write one layer's data to a NIfTI file on its scan's original grid; return the path written."""
     out = nifti_path(path)
+    _check_complete(data, attributes)
     volume = volume_for_writing(data, attributes)
     canonical = np.asarray(volume.data)
     if labels:
@@ -54,6 +55,20 @@ def write_layer_nifti(
             f"not saved: {out.name} exists already (napari-apl does not replace a file when saving a "
             f"layer): save under another name, or delete {out} first"
         ) from None
+
+
+def _check_complete(data: Any, attributes: dict[str, Any]) -> None:
+    """Refuse a prediction layer still being computed: reading it whole gives zeros for slices not done."""
+    from .core.infer import _LazyMap
+
+    if isinstance(data, _LazyMap):
+        done, total = data.slices_done(), data.predictor.total
+        if done < total:
+            name = attributes.get("name") or "the layer"
+            raise OutputError(
+                f"not saved: '{name}' is still being predicted ({done} of {total} slices done): save it "
+                "when Predict has finished"
+            )
 
 
 def _label_dtype(canonical: np.ndarray, volume: Any) -> np.dtype:

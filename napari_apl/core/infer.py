@@ -717,6 +717,10 @@ class _LazyMap:
     def __len__(self) -> int:
         return self.shape[0]
 
+    def slices_done(self) -> int:
+        """How many of the volume's slices are predicted so far (``len(self)`` once complete)."""
+        return int(self.predictor.done.sum())
+
     def __getitem__(self, key: Any) -> np.ndarray:
         if not isinstance(key, tuple):
             key = (key,)

@@ -322,7 +322,7 @@ def _read_image(path: Path, *, keep_file_open: bool) -> Any:
         raise VolumeError(f"{label} is not a NIfTI file: give a .nii or .nii.gz image")
     with _nibabel_log_held() as held:  # a refused file's error is the only line the user reads
         try:
-            img = nib.load(str(path), keep_file_open=keep_file_open)
+            img = nib_load(path, keep_file_open)
         except _READ_ERRORS as exc:
             raise VolumeError(
                 f"{label} cannot be read as NIfTI ({_one_line(exc)}): check it is a complete, "
@@ -334,6 +334,22 @@ def _read_image(path: Path, *, keep_file_open: bool) -> Any:
     for record in held:  # an accepted file's header repairs are still reported
         nib.imageglobals.logger.handle(record)
     return img
+
+
+def nib_load(path: Path, keep_file_open: bool) -> Any:
+    """``nib.load``, also for a suffix nibabel cannot map (e.g. ``.Nii.Gz``: it looks for ``.nii.Gz``)."""
+    try:
+        return nib.load(str(path), keep_file_open=keep_file_open)
+    except FileNotFoundError:
+        if not path.is_file():
+            raise
+    # one file holds header and voxels: its header size tells NIfTI-1 (348 bytes) from NIfTI-2 (540)
+    with nib.openers.ImageOpener(str(path)) as fh:
+        head = fh.read(4)
+    sizes = {int.from_bytes(head, "little"), int.from_bytes(head, "big")} if len(head) == 4 else set()
+    klass = nib.Nifti2Image if 540 in sizes else nib.Nifti1Image
+    holder = {"image": nib.FileHolder(str(path)), "header": nib.FileHolder(str(path))}
+    return klass.from_file_map(holder, keep_file_open=keep_file_open)
 
 
 @contextmanager

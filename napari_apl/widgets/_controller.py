@@ -186,6 +186,14 @@ def _merge_corrections(older: np.ndarray | None, newer: np.ndarray | None) -> np
     return out
 
 
+def _same_grid(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """Whether two voxel-to-world affines put every corner of a ``shape`` volume within half a voxel."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0]) for j in (0, shape[1]) for k in (0, shape[2])])
+    apart = np.linalg.norm((corners @ (a - b).T)[:, :3], axis=1)
+    return bool(np.all(apart <= 0.5 * float(np.linalg.norm(b[:3, :3], axis=0).min())))
+
+
 class APLController:
     """Model, prediction, corrections and the long-running tasks of the APL widget."""
 
@@ -399,6 +407,10 @@ class APLController:
             raise APLError("no model loaded: choose a checkpoint file or the demo model and load it")
         if image_layer is None:
             raise APLError("no image layer chosen: open a CT scan (File > Open) and choose it")
+        if not self._layer_alive(image_layer):  # (e.g. the last scan used, closed since)
+            raise APLError(
+                f"the image '{image_layer.name}' is no longer in the viewer: open a scan and choose it"
+            )
         self._check_layer_names()
         resolve_device(self.device)
 
@@ -672,11 +684,17 @@ class APLController:
         self._attach_autosaver(image_layer)
         base = {"image": image_layer.name}
         maps = pred.as_dict()
+        absent = [name for name, *_ in _LAYERS if name not in self.viewer.layers]
         for name, key, role, cmap, kind in _LAYERS:
             if key == "pseudo_label":  # the user's corrections go on top of it
                 self._write_pseudo(pred.pseudo, role_extra=base)
             elif name not in done:
                 self._put_map(name, maps[key], role, cmap, kind, base)
+        layers = self.viewer.layers
+        if LAYER_PSEUDO in layers:  # maps added now (e.g. before a background Predict had added them
+            for name in absent:  # all) go below the pseudo labels, as in an all-at-once build
+                if name in layers and layers.index(name) > layers.index(LAYER_PSEUDO):
+                    layers.move(layers.index(name), layers.index(LAYER_PSEUDO))
         self._settle_renamed_lazy_layers(maps)
         self._select_pseudo()
         self.predicted.emit()
@@ -865,7 +883,14 @@ class APLController:
         if layer is not None and role_extra is None and layer.data.shape == data.shape:
             self._set_data(layer, data)  # live update: data only
         else:
-            self._put_labels(LAYER_PSEUDO, to_canonical_order(data), "pseudo-label", **(role_extra or {}))
+            extra = role_extra or {}
+            layer = self._put_labels(LAYER_PSEUDO, to_canonical_order(data), "pseudo-label", **extra)
+        # napari keeps a layer's undo history when its data is replaced: Ctrl+Z would then write the
+        # strokes' old voxels (an earlier prediction's, or another scan's) into these labels, where they
+        # would count as painted corrections
+        reset_history = getattr(unwrap_layer(layer), "_reset_history", None)
+        if callable(reset_history):
+            reset_history()
         # what was written, to tell painted voxels by: ``shown`` is the prediction's own map or a new
         # array, never written in place (last_pseudo is only ever replaced), so it needs no copy (a
         # 512 x 512 x 300 copy held the event loop 60-180 ms)
@@ -1804,11 +1829,19 @@ class APLController:
         names = self.meta.class_names if self.meta else list(CLASS_NAMES)
         scores = None
         if gt_layer is not None:
-            gt = np.asarray(to_canonical_order(gt_layer.data))
+            # the ground truth in the scan's canonical order through its own transform: a layer from
+            # another reader may hold its slices in another order (e.g. reversed under a negative scale)
+            gt_volume = volume_from_layer(gt_layer)
+            gt = np.asarray(gt_volume.data)
             if gt.shape != labels.shape:
                 raise APLError(
                     f"ground-truth layer '{gt_layer.name}' has shape {gt_layer.data.shape}, "
                     f"the prediction {labels.shape[::-1]}: choose labels of the same scan"
+                )
+            if not _same_grid(gt_volume.affine, self.geometry.affine, labels.shape):
+                raise APLError(
+                    f"ground-truth layer '{gt_layer.name}' does not lie on the scan's voxel grid (its "
+                    "position, spacing or orientation differs): choose labels of the same scan"
                 )
             scores = evaluate(labels, gt, spacing)
         organs = []

@@ -1,0 +1,196 @@
+"""Viewer workflows a user meets between the main steps: undo after a new prediction, ground truth
+from another reader, saving a layer still being predicted, a closed scan, the layers' stacking, and
+file names nibabel cannot map. Real napari viewers under Xvfb, small phantoms, the demo model."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_apl._layers import ScanGeometry, to_layer_order, volume_from_layer
+from napari_apl._reader import get_reader
+from napari_apl._writer import LayerNotSaved, write_labels
+from napari_apl.core.infer import SlicePredictor
+from napari_apl.core.utils import run_generator
+from napari_apl.core.volume import load_volume
+from napari_apl.widgets import WIDGET_NAME
+from napari_apl.widgets._controller import (
+    LAYER_AUX,
+    LAYER_CONFIDENCE,
+    LAYER_CONSISTENCY,
+    LAYER_MAIN,
+    LAYER_PSEUDO,
+)
+
+pytestmark = pytest.mark.viewer
+
+
+@pytest.fixture
+def demo_viewer(make_napari_viewer, phantom_files):
+    """Factory: a viewer with two phantom scans (A: RAS, B: LPS) and the widget holding the demo model."""
+
+    def make():
+        viewer = make_napari_viewer()
+        [a] = viewer.open(str(phantom_files("RAS")[0]), plugin="napari-apl", name="A")
+        [b] = viewer.open(str(phantom_files("LPS", seed=1)[0]), plugin="napari-apl", name="B")
+        _, widget = viewer.window.add_plugin_dock_widget("napari-apl", WIDGET_NAME)
+        assert widget.controller.load_checkpoint(None)
+        return viewer, widget, a, b
+
+    return make
+
+
+def _predict(widget, layer) -> None:
+    widget.image_combo.set_layer(layer)
+    assert widget.predict(sync=True)
+
+
+def test_undo_after_a_new_prediction_changes_nothing(demo_viewer) -> None:
+    """A stroke painted on scan A, then scan B predicted: Ctrl+Z must not write A's old labels into B's
+    pseudo labels (napari keeps a layer's undo history when its data is replaced), where they would
+    become painted corrections and hard labels of the next refinement."""
+    viewer, widget, a, b = demo_viewer()
+    ctl = widget.controller
+    _predict(widget, b)
+    labels_b = viewer.layers[LAYER_PSEUDO].data.copy()
+    _predict(widget, a)
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    labels_a = pseudo.data.copy()
+    z, y, x = np.argwhere((labels_a != labels_b) & (labels_a > 0))[0]
+    pseudo.brush_size = 7
+    new = next(k for k in (2, 3, 1, 4) if k not in (labels_a[z, y, x], labels_b[z, y, x]))
+    pseudo.paint((z, y, x), new)  # an undoable stroke on A
+    ctl.collect_corrections()
+    assert ctl.n_corrected > 0
+    _predict(widget, b)
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    shown = pseudo.data.copy()
+    np.testing.assert_array_equal(shown, labels_b)
+    pseudo.undo()
+    np.testing.assert_array_equal(pseudo.data, shown)
+    ctl.collect_corrections()
+    assert ctl.n_corrected == 0
+    _predict(widget, a)  # A's stroke is still A's correction
+    assert ctl.n_corrected > 0 and viewer.layers[LAYER_PSEUDO].data[z, y, x] == new
+
+
+def test_ground_truth_is_read_through_its_own_transform(demo_viewer, phantom_files) -> None:
+    """Scan and ground truth as another reader gives them (slices reversed under a negative scale) score
+    as the plugin's own layers do; ground truth of another grid is refused in one line."""
+    viewer, widget, a, _b = demo_viewer()
+    ctl = widget.controller
+    [gt] = viewer.open(str(phantom_files("RAS")[1]), plugin="napari-apl", name="A gt")
+    _predict(widget, a)
+    ref = ctl.report(gt_layer=gt)
+    assert ref["mean_dice"] > 0.2
+    n = a.data.shape[0]
+    kw = {
+        "scale": (-a.scale[0], a.scale[1], a.scale[2]),
+        "translate": (a.translate[0] + a.scale[0] * (n - 1), a.translate[1], a.translate[2]),
+    }
+    image = viewer.add_image(np.ascontiguousarray(a.data[::-1]), name="flipped", **kw)
+    truth = viewer.add_labels(np.ascontiguousarray(gt.data[::-1]), name="flipped gt", **kw)
+    _predict(widget, image)
+    rep = ctl.report(gt_layer=truth)
+    assert rep["mean_dice"] == pytest.approx(ref["mean_dice"], abs=1e-9)
+    assert [o["dice"] for o in rep["organs"]] == pytest.approx([o["dice"] for o in ref["organs"]], abs=1e-9)
+    # the right voxels, but placed one slice further along: not this scan's ground truth
+    moved = viewer.add_labels(np.asarray(gt.data), name="moved gt", scale=a.scale, translate=a.translate)
+    moved.translate = (a.translate[0] + a.scale[0], a.translate[1], a.translate[2])
+    _predict(widget, a)
+    with pytest.raises(Exception, match="does not lie on the scan's voxel grid"):
+        ctl.report(gt_layer=moved)
+
+
+def test_predict_and_refine_refuse_a_closed_scan(demo_viewer, notifications) -> None:
+    """With the last scan used removed from the viewer, Predict and Refine say so and run nothing."""
+    viewer, widget, a, _b = demo_viewer()
+    ctl = widget.controller
+    _predict(widget, a)
+    for layer in list(viewer.layers):
+        viewer.layers.remove(layer)
+    assert widget.image_combo.layer() is None
+    assert not widget.predict(sync=True)
+    assert notifications[-1] == "the image 'A' is no longer in the viewer: open a scan and choose it"
+    assert not ctl.refine(sync=True)
+    assert notifications[-1] == "the image 'A' is no longer in the viewer: open a scan and choose it"
+    assert len(viewer.layers) == 0 and not ctl.busy
+
+
+def test_maps_added_by_a_finished_prediction_go_below_the_pseudo_labels(demo_viewer) -> None:
+    """When the finished maps arrive before a background Predict added its hidden layers, those layers
+    are stacked below the pseudo labels (as in an all-at-once build), not drawn over them."""
+    viewer, widget, a, _b = demo_viewer()
+    ctl = widget.controller
+    widget.image_combo.set_layer(a)
+    volume = load_volume(Path(a.metadata["napari_apl"]["source_path"]))
+    pred = run_generator(SlicePredictor(ctl.model, ctl.meta, volume).run())
+    geometry = ScanGeometry.from_volume(volume_from_layer(a))
+    with ctl._layers_of(a, geometry):  # the visible layer a background Predict shows at once
+        ctl._add_labels(LAYER_PSEUDO, to_layer_order(pred.pseudo), "pseudo-label", image=a.name)
+    ctl._show_prediction(a, geometry, pred)
+    names = [layer.name for layer in viewer.layers]
+    maps = [LAYER_MAIN, LAYER_AUX, LAYER_CONFIDENCE, LAYER_CONSISTENCY]
+    assert names[-1] == LAYER_PSEUDO and set(maps) <= set(names)
+    assert all(names.index(m) < names.index(LAYER_PSEUDO) for m in maps)
+
+
+def test_a_layer_still_being_predicted_is_not_saved(tmp_path: Path, phantom_files) -> None:
+    """Saving a prediction layer before its slices are done is refused (reading it whole would give
+    zeros for them); once done, it saves the finished prediction."""
+    from napari_apl._sample_data import demo_checkpoint_path
+    from napari_apl.core.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(demo_checkpoint_path())
+    volume = load_volume(phantom_files("RAS")[0])
+    sp = SlicePredictor(model, meta, volume)
+    sp.predict_slices([0, 1])
+    lazy = sp.as_layer_arrays()["pseudo_label"]
+    attributes = {"name": "pseudo-label", "metadata": {}, "scale": (1.0, 1.0, 1.0)}
+    with pytest.raises(
+        LayerNotSaved, match=r"'pseudo-label' is still being predicted \(2 of 12 slices done\)"
+    ):
+        write_labels(str(tmp_path / "early"), lazy, attributes)
+    assert not list(tmp_path.iterdir())
+    pred = run_generator(sp.run())
+    [out] = write_labels(str(tmp_path / "done"), lazy, attributes)
+    saved = np.asarray(nib.load(out).dataobj)
+    np.testing.assert_array_equal(saved.transpose(2, 1, 0), np.asarray(pred.pseudo).transpose(2, 1, 0))
+
+
+@pytest.mark.parametrize("suffix", [".Nii.Gz", ".nii.Gz", ".Nii"])
+def test_mixed_case_suffixes_open(tmp_path: Path, phantom_files, suffix: str) -> None:
+    """A file whose suffix nibabel cannot map to a file name (``.Nii.Gz``) opens like any other."""
+    image = phantom_files("LPS")[0]
+    path = tmp_path / f"scan{suffix}"
+    if suffix.lower() == ".nii":
+        nib.save(nib.load(image), tmp_path / "plain.nii")
+        shutil.copy(tmp_path / "plain.nii", path)
+    else:
+        shutil.copy(image, path)
+    reference = load_volume(image)
+    for lazy in (False, True):
+        vol = load_volume(path, lazy=lazy)
+        np.testing.assert_array_equal(np.asarray(vol.data), np.asarray(reference.data))
+        np.testing.assert_allclose(vol.affine, reference.affine)
+    [(data, _kwargs, kind)] = get_reader(str(path))(str(path))
+    assert kind == "image" and data.shape == reference.shape[::-1]
+
+
+def test_float_ground_truth_named_gt_opens_as_labels(tmp_path: Path, phantom_files) -> None:
+    """A float label file (as CHAOS stores them) named like ground truth opens as a paintable Labels
+    layer; the same voxels under a neutral name stay an image."""
+    labels = nib.load(phantom_files("RAS")[1])
+    floats = nib.Nifti1Image(np.asarray(labels.dataobj).astype(np.float64), labels.affine)
+    for name, kind in (
+        ("case2_gt.nii.gz", "labels"),
+        ("ground_truth.nii.gz", "labels"),
+        ("case2.nii.gz", "image"),
+    ):
+        nib.save(floats, tmp_path / name)
+        [(_data, _kwargs, got)] = get_reader(str(tmp_path / name))(str(tmp_path / name))
+        assert got == kind, name
