@@ -194,3 +194,24 @@ def test_float_ground_truth_named_gt_opens_as_labels(tmp_path: Path, phantom_fil
         nib.save(floats, tmp_path / name)
         [(_data, _kwargs, got)] = get_reader(str(tmp_path / name))(str(tmp_path / name))
         assert got == kind, name
+
+
+def test_inspect_areas_count_the_painted_corrections(demo_viewer) -> None:
+    """The Inspect panel's organ areas are those of the labels shown (and exported): corrections kept on
+    top of a new prediction count, not the model's own labels under them."""
+    viewer, widget, a, _b = demo_viewer()
+    ctl = widget.controller
+    _predict(widget, a)
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    k = int(np.argmax((pseudo.data == 1).sum(axis=(1, 2))))  # the slice with the most liver
+    liver = np.nonzero(pseudo.data[k] == 1)
+    pseudo.data_setitem((np.full(liver[0].size, k), *liver), 0)  # the eraser over the slice's liver
+    _predict(widget, a)  # the corrections go on top of the new labels
+    shown = viewer.layers[LAYER_PSEUDO].data
+    assert not (shown[k] == 1).any() and (ctl.prediction.pseudo[:, :, k] == 1).any()
+    sx, sy, _ = ctl.geometry.spacing
+    profile = widget.inspect.profile
+    for lab in (1, 2, 3, 4):
+        expected = (shown == lab).sum(axis=(1, 2)) * sx * sy / 100.0
+        np.testing.assert_allclose(profile.organ_area_cm2[lab], expected)
+    assert profile.organ_area_cm2[1][k] == 0.0

@@ -866,6 +866,13 @@ class APLController:
                 return layer
         return None
 
+    def shown_pseudo(self) -> np.ndarray | None:
+        """The prediction's pseudo labels with the painted corrections on top (what Export writes)."""
+        if self.prediction is None:
+            return None
+        self.collect_corrections()
+        return self._with_corrections(self.prediction.pseudo)
+
     def _with_corrections(self, pseudo: np.ndarray) -> np.ndarray:
         if self.corrections is None or self.corrections.shape != pseudo.shape:
             return pseudo

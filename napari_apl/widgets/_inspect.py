@@ -40,12 +40,16 @@ class SliceProfile:
         return np.argsort(self.mean_confidence, kind="stable")
 
 
-def slice_profile(pred: Prediction, spacing: tuple[float, float, float]) -> SliceProfile:
-    """Summarise a canonical prediction per axial slice: mean ω, mean disagreement, organ areas."""
+def slice_profile(
+    pred: Prediction, spacing: tuple[float, float, float], labels: np.ndarray | None = None
+) -> SliceProfile:
+    """Summarise a canonical prediction per axial slice: mean ω, mean disagreement, organ areas (of
+    ``labels`` when given: the pseudo labels as shown, painted corrections included)."""
     conf = pred.confidence.astype(np.float32).mean(axis=(0, 1))
     dis = pred.consistency.astype(np.float32).mean(axis=(0, 1))
     pixel_cm2 = spacing[0] * spacing[1] / 100.0
-    areas = {lab: (pred.pseudo == lab).sum(axis=(0, 1)) * pixel_cm2 for lab in ORGANS}
+    shown = pred.pseudo if labels is None else labels
+    areas = {lab: (shown == lab).sum(axis=(0, 1)) * pixel_cm2 for lab in ORGANS}
     return SliceProfile(conf, dis, areas)
 
 
@@ -96,7 +100,9 @@ class InspectPanel(QWidget):
         ctl = self.controller
         if ctl.prediction is None or ctl.geometry is None:
             return
-        self.profile = prof = slice_profile(ctl.prediction, ctl.geometry.spacing)
+        # the areas of what the pseudo-label layer shows and Export writes: the corrections on top
+        labels = ctl.shown_pseudo()
+        self.profile = prof = slice_profile(ctl.prediction, ctl.geometry.spacing, labels)
         self._rank = -1
         self.noise_plot.set_series(
             {
