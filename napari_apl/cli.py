@@ -283,6 +283,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+_REFINEMENT_KEYS = ("refined_from", "method", "iterations", "target", "refined_at")
+
+
 def cmd_refine(args: argparse.Namespace) -> int:
     """Refine a checkpoint on an unlabelled target volume (or each of many) and write the model and maps."""
     from .core import batch
@@ -361,14 +364,22 @@ def cmd_refine(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     new_meta = meta.__class__.from_dict(meta.to_dict())
     new_meta.normalization = norm.to_dict()  # the intensities the refined model was adapted to
-    new_meta.provenance = dict(meta.provenance) | {
-        "source_normalization": dict(meta.normalization),
+    before = dict(meta.provenance)
+    # a refined checkpoint refined again: its refinement is kept under earlier_refinements, and the
+    # intensities its source model was trained with stay the source's
+    earlier = [dict(r) for r in before.get("earlier_refinements", []) if isinstance(r, dict)]
+    if "refined_from" in before:
+        earlier.append({k: before[k] for k in _REFINEMENT_KEYS if k in before})
+    new_meta.provenance = before | {
+        "source_normalization": dict(before.get("source_normalization") or meta.normalization),
         "refined_from": str(Path(args.checkpoint).name),
         "method": cfg.method,
         "iterations": result.iterations_done,
         "target": str(Path(args.image).name),
         "refined_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if earlier:
+        new_meta.provenance["earlier_refinements"] = earlier
     pred = predict_volume(
         result.model, meta, volume, normalization=norm, batch_size=args.batch_size or 8, device=args.device
     )

@@ -263,6 +263,25 @@ def test_refine_reports_organ_size_change(tmp_path, phantom_dir, capsys):
     assert "organ size vs the starting model: liver " in capsys.readouterr().out
 
 
+def test_refining_a_refined_checkpoint_keeps_its_history(tmp_path, tiny_ckpt, phantom_dir):
+    """A refined checkpoint refined again keeps the source's intensity preset as the source's, and the
+    first refinement under earlier_refinements."""
+    from napari_apl.core.checkpoint import load_checkpoint
+
+    image = str(phantom_dir / "image.nii.gz")
+    first, second = tmp_path / "first", tmp_path / "second"
+    base = ["refine", image, "--batch-size", "2", "-q"]
+    assert main([*base, "-c", str(tiny_ckpt), "-o", str(first), "-n", "2"]) == 0
+    assert main([*base, "-c", str(first / "refined.pt"), "-o", str(second), "-n", "1"]) == 0
+    _, meta = load_checkpoint(second / "refined.pt")
+    prov = meta.provenance
+    assert prov["source_normalization"]["kind"] == "percentile"  # the source model's, not the CT window
+    assert prov["refined_from"] == "refined.pt" and prov["iterations"] == 1
+    [earlier] = prov["earlier_refinements"]
+    assert earlier["refined_from"] == tiny_ckpt.name and earlier["iterations"] == 2
+    assert earlier["target"] == "image.nii.gz" and earlier["method"] == "apl"
+
+
 def test_refined_checkpoint_records_the_intensities_it_was_adapted_to(tmp_path, tiny_ckpt, phantom_dir):
     image = str(phantom_dir / "image.nii.gz")  # Hounsfield units: auto picks the CT window
     out = tmp_path / "ref"

@@ -215,3 +215,38 @@ def test_inspect_areas_count_the_painted_corrections(demo_viewer) -> None:
         expected = (shown == lab).sum(axis=(1, 2)) * sx * sy / 100.0
         np.testing.assert_allclose(profile.organ_area_cm2[lab], expected)
     assert profile.organ_area_cm2[1][k] == 0.0
+
+
+def test_a_refined_models_provenance_records_each_refinement(demo_viewer, tmp_path: Path) -> None:
+    """Two refinements in a row, then another scan predicted and the corrections cleared: the exported
+    refined.pt names the scan each refinement adapted to, its own iterations and the voxels painted
+    then, with the first refinement under ``earlier``."""
+    from napari_apl.core.checkpoint import load_checkpoint
+    from napari_apl.core.refine import RefineConfig
+
+    viewer, widget, a, b = demo_viewer()
+    ctl = widget.controller
+
+    def cfg(n: int) -> RefineConfig:
+        return RefineConfig(iterations=n, batch_size=2, guard_every=1000, bn="frozen")
+
+    _predict(widget, a)
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    pseudo.data_setitem((np.array([5, 5, 5]), np.array([30, 31, 32]), np.array([30, 30, 30])), 4)
+    assert ctl.refine(cfg(3), sync=True)
+    assert ctl.refine(cfg(2), sync=True)
+    assert ctl.clear_corrections()
+    # another scan shown when exporting (one with no file: it would be named by its layer)
+    other = viewer.add_image(np.asarray(b.data), name="other scan", scale=b.scale, translate=b.translate)
+    _predict(widget, other)
+    assert ctl.export(tmp_path / "out")
+    [checkpoint] = (tmp_path / "out").glob("*_refined.pt")
+    _, meta = load_checkpoint(checkpoint)
+    refined = meta.provenance["refined"]
+    assert refined["target"] == "image" and refined["iterations_done"] == 2  # A's file: image.nii.gz
+    assert refined["config"]["iterations"] == 2 and refined["corrected_voxels"] == 3
+    [first] = refined["earlier"]
+    assert first["target"] == "image" and first["iterations_done"] == 3 and first["config"]["iterations"] == 3
+    report = ctl.report()
+    assert report["refinement"]["iterations_done"] == 2
+    assert [r["iterations_done"] for r in report["refinement"]["earlier"]] == [3]

@@ -186,6 +186,20 @@ def _merge_corrections(older: np.ndarray | None, newer: np.ndarray | None) -> np
     return out
 
 
+def _scan_name(geometry: ScanGeometry, image_layer: Any) -> str:
+    """A scan's name for provenance: its file name, else its layer's name."""
+    return geometry.name if geometry.path is not None else str(image_layer.name)
+
+
+def _recorded_refinements(refined: Any) -> list[dict[str, Any]]:
+    """The refinements a saved model's ``provenance["refined"]`` records, oldest first."""
+    if not isinstance(refined, dict):
+        return []
+    earlier = [dict(r) for r in refined.get("earlier", []) if isinstance(r, dict)]
+    last = {k: v for k, v in refined.items() if k not in ("from_checkpoint", "earlier", "in_progress")}
+    return [*earlier, last]
+
+
 def _same_grid(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> bool:
     """Whether two voxel-to-world affines put every corner of a ``shape`` volume within half a voxel."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
@@ -220,6 +234,10 @@ class APLController:
         self.checkpoint_path: Path | None = None
         self.summary = ""
         self.refined = False
+        # the refinements the loaded model went through in this session (oldest first), each as its
+        # refined.pt provenance records it; the one running, until it ends
+        self._refinements: list[dict[str, Any]] = []
+        self._refining: dict[str, Any] | None = None
         self.device = "auto"
         self.preset = AUTO_PRESET
         self.image_layer: Any = None
@@ -344,6 +362,7 @@ class APLController:
             return None
         self.model, self.meta, self.checkpoint_path = model, meta, p
         self.refined = False
+        self._refinements = []
         self._adapted_normalization = None
         self._model_version += 1
         self.last_result = None
@@ -746,6 +765,8 @@ class APLController:
                 "notes": list(self.last_result.notes),
                 "organ_voxels_model_grid": dict(self.last_result.organ_voxels),
             }
+            if len(self._refinements) > 1:  # refinements of this model before the last one
+                source["refinement"]["earlier"] = [dict(r) for r in self._refinements[:-1]]
         return source
 
     def _layer_kwargs(self, role: str, extra: dict[str, Any]) -> dict[str, Any]:
@@ -1038,6 +1059,11 @@ class APLController:
         shown = same_layer(image_layer, self.image_layer)  # live overlays only on the image's own layers
         self.last_corrections = None if corrections is None else corrections.copy()
         self.last_config = cfg
+        self._refining = {
+            "target": _scan_name(geometry, image_layer),
+            "config": cfg.to_dict(),
+            "corrected_voxels": 0 if corrections is None else int((corrections >= 0).sum()),
+        }
         self.history = []
         self.live_updates = 0
         self._last_live = 0.0
@@ -1157,6 +1183,11 @@ class APLController:
             self.refined = True
             self._model_version += 1
             self.last_result = result
+            record = dict(
+                self._refining or {}, iterations_done=result.iterations_done, stopped=result.stopped
+            )
+            self._refinements.append(record)
+            self._refining = None
             start = Path(self.checkpoint_path).name if self.checkpoint_path else "the loaded checkpoint"
             self.model_changed.emit(
                 f"refined model ({cfg.method}, {result.iterations_done} iterations), not exported: "
@@ -1423,6 +1454,7 @@ class APLController:
             if entry.checkpoint:  # what it was refined from: Revert and the report name that checkpoint
                 self.checkpoint_path = Path(entry.checkpoint)
             self.refined = True
+            self._refinements = _recorded_refinements(meta.provenance.get("refined"))
             self._model_version += 1
             self.last_result = None
             self.history = []
@@ -1785,17 +1817,28 @@ class APLController:
                     out[kind] = data
         return out
 
-    def _refined_meta(self) -> CheckpointMeta:
+    def _refined_meta(self, running: dict[str, Any] | None = None) -> CheckpointMeta:
+        """The metadata a refined model is saved with: its provenance records each refinement it went
+        through since ``from_checkpoint`` (the last one's settings at the top, the ones before under
+        ``earlier``), and ``running`` (a refinement in progress) last."""
         assert self.meta is not None
         prov = dict(self.meta.provenance)
-        prov["refined"] = {
-            "from_checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
-            "target": self._target_name(),
-            "config": self.last_config.to_dict() if self.last_config else None,
-            "iterations_done": self.last_result.iterations_done if self.last_result else None,
-            "stopped": self.last_result.stopped if self.last_result else None,
-            "corrected_voxels": self.n_corrected,
-        }
+        records = [*self._refinements, *([running] if running is not None else [])]
+        if not records:  # (no refinement recorded: what the session shows now)
+            records = [
+                {
+                    "target": self._target_name(),
+                    "config": None,
+                    "corrected_voxels": self.n_corrected,
+                    "iterations_done": None,
+                    "stopped": None,
+                }
+            ]
+        refined = {"from_checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None}
+        refined.update(records[-1])
+        if len(records) > 1:
+            refined["earlier"] = [dict(r) for r in records[:-1]]
+        prov["refined"] = refined
         if self._adapted_normalization:
             # the intensities the model was adapted to; what it was trained with stays in the provenance
             prov.setdefault("source_normalization", dict(self.meta.normalization))
@@ -1806,7 +1849,7 @@ class APLController:
     def _snapshot_meta(self, cfg: RefineConfig) -> CheckpointMeta:
         """The metadata an autosave of the refinement ``cfg`` in progress records."""
         assert self.meta is not None
-        meta = self._refined_meta()
+        meta = self._refined_meta(running=self._refining)
         prov = dict(meta.provenance)
         refined = dict(prov["refined"], config=cfg.to_dict(), iterations_done=None, stopped=None)
         prov["refined"] = dict(refined, in_progress=True)
