@@ -383,10 +383,11 @@ def cmd_refine(args: argparse.Namespace) -> int:
     pred = predict_volume(
         result.model, meta, volume, normalization=norm, batch_size=args.batch_size or 8, device=args.device
     )
+    # the refined model's own maps, pseudo labels included (its merged heads' labels, as the viewer shows
+    # and exports after a refinement, and as predict with refined.pt gives them)
     maps = pred.as_dict()
-    maps["pseudo_label"] = result.pseudo
     if corrections is not None:  # the user's own labels are written as given (as the viewer shows them)
-        maps["pseudo_label"] = np.where(corrections >= 0, corrections, result.pseudo).astype(np.uint8)
+        maps["pseudo_label"] = np.where(corrections >= 0, corrections, pred.pseudo).astype(np.uint8)
     if args.largest_component:  # (a piece the user painted stays, even away from the organ's largest one)
         maps = _largest_components(maps, corrections)
     from .core.refine import amp_enabled, no_grad_bf16

@@ -309,9 +309,28 @@ def test_refined_checkpoint_records_the_intensities_it_was_adapted_to(tmp_path, 
         "-q",
     ]
     assert main(argv) == 0
-    np.testing.assert_array_equal(
-        np.asarray(nib.load(pred / "main.nii.gz").dataobj), np.asarray(nib.load(out / "main.nii.gz").dataobj)
-    )
+    for name in ("main", "aux", "pseudo_label", "confidence", "consistency"):  # (the viewer's export too)
+        np.testing.assert_array_equal(
+            np.asarray(nib.load(pred / f"{name}.nii.gz").dataobj),
+            np.asarray(nib.load(out / f"{name}.nii.gz").dataobj),
+        )
+
+
+def test_refine_writes_the_refined_models_own_pseudo_labels(tmp_path, phantom_dir):
+    """refine's pseudo_label is the refined model's merged labels (as the viewer exports them and as
+    predict with refined.pt gives them), not the refinement's running ensemble, which differs."""
+    from napari_apl._sample_data import demo_checkpoint_path
+
+    image = str(phantom_dir / "image.nii.gz")
+    out, pred = tmp_path / "ref", tmp_path / "pred"
+    assert main(["refine", image, "-c", str(demo_checkpoint_path()), "-o", str(out), "-n", "4", "-q"]) == 0
+    refined = str(out / "refined.pt")
+    assert main(["predict", image, "-c", refined, "-o", str(pred), "--normalize", "checkpoint", "-q"]) == 0
+    for name in ("main", "aux", "pseudo_label", "confidence", "consistency"):
+        np.testing.assert_array_equal(
+            np.asarray(nib.load(pred / f"{name}.nii.gz").dataobj),
+            np.asarray(nib.load(out / f"{name}.nii.gz").dataobj),
+        )
 
 
 def test_refine_corrections_of_any_integer_type(tmp_path, tiny_ckpt, phantom_dir, capsys):
