@@ -250,3 +250,25 @@ def test_a_refined_models_provenance_records_each_refinement(demo_viewer, tmp_pa
     report = ctl.report()
     assert report["refinement"]["iterations_done"] == 2
     assert [r["iterations_done"] for r in report["refinement"]["earlier"]] == [3]
+
+
+def test_pause_is_off_once_the_refined_model_predicts(demo_viewer) -> None:
+    """When the iterations are over and the refined model predicts the scan, Pause is disabled and a
+    click on it pauses nothing (it used to say 'paused' while the run went on to its end)."""
+    from napari_apl.core.refine import RefineConfig
+
+    _viewer, widget, a, _b = demo_viewer()
+    ctl, panel = widget.controller, widget.refine_panel
+    _predict(widget, a)
+    seen = []
+
+    def on_status(text: str) -> None:
+        if text.startswith("re-predicting") and not seen:
+            panel.toggle_pause()  # the user clicks Pause now
+            seen.append((panel.pause_button.isEnabled(), panel.pause_button.text(), ctl.paused))
+
+    ctl.status.connect(on_status)
+    cfg = RefineConfig(iterations=2, batch_size=2, guard_every=1000, bn="frozen")
+    assert ctl.refine(cfg, sync=True)
+    assert seen == [(False, "Pause", False)]
+    assert not ctl.busy and ctl.last_result.iterations_done == 2

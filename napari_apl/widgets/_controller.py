@@ -220,6 +220,7 @@ class APLController:
     recovery_changed = Signal(object)  # the AutosaveEntry offered for recovery, or None
     autosaved = Signal(object)  # the AutosaveEntry just written
     corrections_changed = Signal()
+    iterations_ended = Signal()  # a refinement's loop is over: the refined model predicts the scan now
 
     def __init__(self, viewer: Any) -> None:
         # torch's first optimiser imports its compiler stack (1.6 s under the GIL): done once, as the
@@ -238,6 +239,7 @@ class APLController:
         # refined.pt provenance records it; the one running, until it ends
         self._refinements: list[dict[str, Any]] = []
         self._refining: dict[str, Any] | None = None
+        self.repredicting = False  # a refinement's final prediction with the refined model is running
         self.device = "auto"
         self.preset = AUTO_PRESET
         self.image_layer: Any = None
@@ -1072,6 +1074,7 @@ class APLController:
         self._live_buffer = None  # a new run's first overlay gives the layer a buffer of its own
         self.maybe_autosave(force=True)  # a crash during the run must not lose what was painted
         control = self.control = RefineControl()
+        self.repredicting = False
         model, meta = self.model, self.meta
         self._set_pseudo_editable(False)
         # a run in progress is autosaved too: the guard-checked weights, from the worker thread
@@ -1173,6 +1176,9 @@ class APLController:
 
                         QTimer.singleShot(_STAGE_PAUSE_MS, stage_done.set)
             else:  # (done, total) of the final re-prediction
+                if not self.repredicting:  # (nothing left to pause)
+                    self.repredicting = True
+                    self.iterations_ended.emit()
                 self.status.emit(f"re-predicting with the refined model: {item[0]}/{item[1]} slices")
 
         def on_return(value: tuple[RefineResult, Prediction | None]) -> None:
@@ -1309,8 +1315,8 @@ class APLController:
         self.maybe_autosave()  # throttled: does nothing until the interval has passed
 
     def pause(self) -> None:
-        """Hold the running refinement after its current step."""
-        if self.control is not None:
+        """Hold the running refinement after its current step (not once its iterations are over)."""
+        if self.control is not None and not self.repredicting:
             self.control.pause()
             self.status.emit(
                 "refinement paused (after the step in progress); pseudo-label stays read-only until the "

@@ -154,6 +154,7 @@ class RefinePanel(QWidget):
         controller.busy_changed.connect(self._on_busy)
         controller.predicted.connect(self._update_corrections)
         controller.corrections_changed.connect(self._update_corrections)
+        controller.iterations_ended.connect(self._on_iterations_ended)
         self._on_busy(False)
 
     def config(self) -> RefineConfig:
@@ -225,6 +226,10 @@ class RefinePanel(QWidget):
         self.class_select.setEnabled(not busy and self.method.currentText() == "apl")  # an APL option
         if not busy:
             self.pause_button.setText("Pause")
+
+    def _on_iterations_ended(self) -> None:
+        """Nothing is left to pause once the refined model predicts the scan."""
+        self.pause_button.setEnabled(False)
 
     def _on_event(self, ev: RefineEvent) -> None:
         history = self.controller.history
