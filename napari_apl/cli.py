@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -890,7 +891,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("predict", "refine"):
             _note_unused_options(args)
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # (here, not at exit: a reader gone away is then the BrokenPipeError below)
+        return status
+    except BrokenPipeError:
+        # the output's reader has gone (e.g. `napari-apl info ... | head -1`): stop quietly, as command
+        # line tools do on SIGPIPE; what is left in the buffer goes nowhere instead of to a traceback
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _remove_created_empty_dirs()
+        return 141
     except APLError as exc:
         _remove_created_empty_dirs()
         print(f"napari-apl {args.command}: error: {exc}", file=sys.stderr)

@@ -789,3 +789,22 @@ def test_precision_sets_the_students_training_precision(flag, amp):
 
     args = cli.build_parser().parse_args(["refine", "x.nii.gz", "-c", "m.pt", "-o", "o", "--precision", flag])
     assert cli._refine_config(args).amp is amp
+
+
+def test_output_read_by_a_closed_pipe_ends_quietly() -> None:
+    """`napari-apl info ... | head -1`: a reader that goes away ends the command quietly (status 141, as
+    SIGPIPE would), not with a BrokenPipeError traceback."""
+    import subprocess
+
+    from napari_apl._sample_data import demo_checkpoint_path
+
+    code = "import sys; from napari_apl.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "info", str(demo_checkpoint_path())],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # the reader is gone before the command writes
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err
