@@ -937,6 +937,11 @@ def test_live_overlays_are_made_in_the_worker_with_corrections_on_top() -> None:
     calls.clear()
     throttled = list(_live_overlays(events(), None, every_s=3600.0))
     assert [isinstance(o, _LiveOverlay) for o in throttled] == [True, False, False, False] and calls == [1]
+    # a pause asked for: the next event gets an overlay whatever the interval, once per pause
+    calls.clear()
+    paused = iter([False, True, True, False])
+    forced = list(_live_overlays(events(), None, every_s=3600.0, force=lambda: next(paused)))
+    assert [isinstance(o, _LiveOverlay) for o in forced] == [True, True, False, False] and calls == [1, 2]
     # closing the wrapper closes the refinement generator (its finally blocks run)
     closed.clear()
     gen = _live_overlays(events(), None, every_s=0.0)

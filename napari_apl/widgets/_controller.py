@@ -1119,7 +1119,8 @@ class APLController:
             events = refine(model, meta, volume, cfg, control=control, corrections=self.last_corrections)
             if saver is not None:
                 events = _autosaving(events, saver, model, snapshot_meta, interval, midrun_saved)
-            result = yield from _live_overlays(events, self.last_corrections)
+            # (a pause asked for shows the labels of the step it holds after, not those of the last overlay)
+            result = yield from _live_overlays(events, self.last_corrections, force=lambda: control.paused)
             if self._closing:  # the viewer or the widget is closing: skip the final re-prediction
                 return result, None
             try:
@@ -2002,22 +2003,31 @@ def _relay(events: Generator[Any, None, Any], step: Callable[[Any], Any]) -> Gen
 
 
 def _live_overlays(
-    events: Generator[Any, None, Any], corrections: np.ndarray | None, every_s: float | None = None
+    events: Generator[Any, None, Any],
+    corrections: np.ndarray | None,
+    every_s: float | None = None,
+    force: Callable[[], bool] | None = None,
 ) -> Generator[Any, None, Any]:
-    """Pass refinement events on, at most every ``every_s`` one with pseudo labels as a ``_LiveOverlay``.
+    """Pass refinement events on, at most every ``every_s`` one with pseudo labels as a ``_LiveOverlay``
+    (also sooner, once, when ``force()`` says so: e.g. a pause asked for, which holds the next step).
 
     Runs in the worker: the corrections overlay and the reordering (whole-volume copies) stay off
     the Qt event loop, which then only swaps the layer's data.
     """
     every_s = LIVE_UPDATE_SECONDS if every_s is None else every_s
     last = -math.inf
+    forced = False  # the forced overlay was sent (until force() turns false again)
 
     def overlay(ev: Any) -> Any:
-        nonlocal last
+        nonlocal last, forced
         now = time.monotonic()
         has_labels = isinstance(ev, RefineEvent) and (ev.pseudo is not None or ev.labels is not None)
-        if not has_labels or now - last < every_s:
+        urgent = force is not None and force()
+        if not urgent:
+            forced = False
+        if not has_labels or (now - last < every_s and (not urgent or forced)):
             return ev
+        forced = urgent
         shown = ev.pseudo if ev.pseudo is not None else ev.labels()  # before the loop resumes
         if corrections is not None and corrections.shape == shown.shape:
             shown = np.where(corrections >= 0, corrections, shown).astype(np.uint8)
