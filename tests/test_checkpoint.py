@@ -258,6 +258,23 @@ def test_describe(saved):
     assert describe((_meta(), model)) == pair
 
 
+@pytest.mark.parametrize(
+    ("kind", "line"),
+    [
+        ("ct_window", "normalization: ct_window (level=40, width=400)"),
+        ("percentile", "normalization: percentile (lower=0.5, upper=99.5)"),
+        ("zscore", "normalization: zscore"),
+    ],
+)
+def test_describe_names_the_settings_the_normalisation_reads(kind: str, line: str) -> None:
+    """A stored recipe holds all four settings; the summary shows only those its kind uses."""
+    norm = {"kind": kind, "level": 40, "width": 400, "lower": 0.5, "upper": 99.5}
+    model = build_model("unet-dual", base=4)
+    text = describe((model, _meta(normalization=norm)))
+    [shown] = [ln for ln in text.splitlines() if "normalization" in ln]
+    assert shown == line
+
+
 # -- loading errors -------------------------------------------------------------------------------
 def test_missing_file(tmp_path):
     missing = tmp_path / "nope.pt"

@@ -680,12 +680,7 @@ def describe(
         f"classes ({meta.num_classes}): {classes}",
         f"input size: {meta.input_size[0]} x {meta.input_size[1]} px",
         f"spacing: {meta.spacing[0]:g} x {meta.spacing[1]:g} mm",
-        f"normalization: {meta.normalization.get('kind')}"
-        + (
-            f" ({_fmt_mapping({k: v for k, v in meta.normalization.items() if k != 'kind'})})"
-            if len(meta.normalization) > 1
-            else ""
-        ),
+        f"normalization: {_fmt_normalization(meta.normalization)}",
     ]
     if meta.provenance:
         lines.append("provenance:")
@@ -696,6 +691,16 @@ def describe(
         lines.append("provenance: (none recorded)")
     lines += [f"format version: {meta.format_version}", file_line]
     return "\n".join(lines)
+
+
+def _fmt_normalization(norm: Mapping[str, Any]) -> str:
+    """A normalisation recipe as one line: its kind and the settings that kind reads."""
+    from .preprocess import USED_FIELDS
+
+    kind = norm.get("kind")
+    used = USED_FIELDS.get(str(kind))
+    shown = {k: v for k, v in norm.items() if k != "kind" and (used is None or k in used)}
+    return f"{kind}" + (f" ({_fmt_mapping(shown)})" if shown else "")
 
 
 def _unwrap_raw(path: Path, obj: Any, accept_checkpoint: bool = True) -> dict[str, torch.Tensor]:

@@ -30,6 +30,8 @@ __all__ = [
 KINDS = ("ct_window", "percentile", "zscore")
 MAX_FIT_VOXELS = 20_000_000
 _FIELDS = ("kind", "level", "width", "lower", "upper")
+USED_FIELDS = {"ct_window": ("level", "width"), "percentile": ("lower", "upper"), "zscore": ()}
+"""The settings each kind reads (a recipe stores all four)."""
 
 
 class NormalizationError(APLError):
