@@ -243,10 +243,11 @@ def test_a_refined_models_provenance_records_each_refinement(demo_viewer, tmp_pa
     [checkpoint] = (tmp_path / "out").glob("*_refined.pt")
     _, meta = load_checkpoint(checkpoint)
     refined = meta.provenance["refined"]
-    assert refined["target"] == "image" and refined["iterations_done"] == 2  # A's file: image.nii.gz
+    assert refined["target"] == "image.nii.gz" and refined["iterations_done"] == 2  # A's file
     assert refined["config"]["iterations"] == 2 and refined["corrected_voxels"] == 3
     [first] = refined["earlier"]
-    assert first["target"] == "image" and first["iterations_done"] == 3 and first["config"]["iterations"] == 3
+    assert first["target"] == "image.nii.gz" and first["iterations_done"] == 3
+    assert first["config"]["iterations"] == 3
     report = ctl.report()
     assert report["refinement"]["iterations_done"] == 2
     assert [r["iterations_done"] for r in report["refinement"]["earlier"]] == [3]

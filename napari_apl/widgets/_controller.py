@@ -187,8 +187,8 @@ def _merge_corrections(older: np.ndarray | None, newer: np.ndarray | None) -> np
 
 
 def _scan_name(geometry: ScanGeometry, image_layer: Any) -> str:
-    """A scan's name for provenance: its file name, else its layer's name."""
-    return geometry.name if geometry.path is not None else str(image_layer.name)
+    """A scan's name for provenance: its file's name (as the command line records it), else its layer's."""
+    return Path(geometry.path).name if geometry.path is not None else str(image_layer.name)
 
 
 def _recorded_refinements(refined: Any) -> list[dict[str, Any]]:
@@ -1868,7 +1868,7 @@ class APLController:
     def _target_name(self) -> str | None:
         """The scan the model was refined on: its file name, else its layer name."""
         if self.geometry is not None and self.geometry.path is not None:
-            return self.geometry.name
+            return Path(self.geometry.path).name
         if self.image_layer is not None:
             return str(self.image_layer.name)
         return self.geometry.name if self.geometry is not None else None
