@@ -869,3 +869,87 @@ def test_the_widgets_masks_are_saved_as_uint8(setup, tmp_path) -> None:
     layer = viewer.layers[LAYER_PSEUDO]  # carries the CT's geometry (an int16 file's header)
     out = write_labels(str(tmp_path / "pseudo.nii.gz"), layer.data, layer.as_layer_data_tuple()[1])[0]
     assert nib.load(out).header.get_data_dtype() == np.uint8
+
+
+def _paint_square(viewer, k: int = 4) -> int:
+    """Change a 4 x 4 square of the pseudo labels on slice ``k`` (each voxel to another label)."""
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    zz, yy, xx = np.meshgrid([k], np.arange(10, 14), np.arange(10, 14), indexing="ij")
+    old = pseudo.data[zz, yy, xx]
+    pseudo.data_setitem((zz.ravel(), yy.ravel(), xx.ravel()), ((old + 1) % 5).ravel())
+    return old.size
+
+
+def test_corrections_follow_the_scan_closed_and_opened_again_or_opened_twice(setup, small_image) -> None:
+    """Painted corrections belong to the scan: closing its layer and opening the file again, or opening
+    it twice, shows them again, and the autosave keeps them (it was overwritten with none)."""
+    viewer, widget, image = setup()
+    ctl = widget.controller
+    assert widget.predict(sync=True)
+    n = _paint_square(viewer)
+    ctl.collect_corrections()
+    assert ctl.n_corrected == n
+    ctl.maybe_autosave(force=True)
+    assert [e.painted_voxels for e in find_autosaves(small_image)] == [n]
+    painted = ctl.corrections.copy()
+    viewer.layers.remove(image)
+    [again] = viewer.open(str(small_image), plugin="napari-apl")
+    widget.image_combo.set_layer(again)
+    assert widget.predict(sync=True)
+    assert ctl.n_corrected == n
+    np.testing.assert_array_equal(ctl.corrections, painted)
+    [twice] = viewer.open(str(small_image), plugin="napari-apl", name="the same file again")
+    widget.image_combo.set_layer(twice)
+    assert widget.predict(sync=True)
+    assert ctl.n_corrected == n
+    ctl.maybe_autosave(force=True)
+    assert [e.painted_voxels for e in find_autosaves(small_image)] == [n]
+
+
+def test_clearing_a_scan_not_shown_clears_its_autosave(setup, small_image, tmp_path) -> None:
+    """Clear corrections on a scan that is not shown also clears its autosaved corrections: they are
+    not offered back after a crash."""
+    viewer, widget, image = setup()
+    ctl = widget.controller
+    assert widget.predict(sync=True)
+    _paint_square(viewer)
+    ctl.maybe_autosave(force=True)
+    other_path, _ = write_phantom(tmp_path / "b", "ct", 7, shape=SHAPE, spacing=SPACING, orientation="LPS")
+    [other] = viewer.open(str(other_path), plugin="napari-apl")
+    widget.image_combo.set_layer(other)
+    assert widget.predict(sync=True)  # the first scan is no longer shown
+    assert ctl.corrections_count(image) > 0
+    assert ctl.clear_corrections(image)
+    assert ctl.corrections_count(image) == 0
+    assert [e.painted_voxels for e in find_autosaves(small_image)] == [0]
+
+
+def test_recover_asks_before_discarding_an_unexported_refined_model(
+    setup, small_image, tmp_path, questions, notifications
+):
+    """Recovering a session with a refined model, while this viewer holds another refined model not
+    exported, asks first (as Load model and Revert do); No keeps the model and recovers nothing."""
+    _viewer, widget, _image = setup()
+    ctl = widget.controller
+    ctl.autosave_interval = 0.0
+    assert widget.predict(sync=True)
+    assert ctl.refine(tiny_refine(2), sync=True)
+    assert find_autosaves(small_image)[0].has_model
+    _crash(ctl)
+    viewer2, widget2, image2 = setup()
+    ctl2 = widget2.controller
+    other_path, _ = write_phantom(tmp_path / "b", "ct", 7, shape=SHAPE, spacing=SPACING, orientation="LPS")
+    [other] = viewer2.open(str(other_path), plugin="napari-apl")
+    widget2.image_combo.set_layer(other)
+    assert widget2.predict(sync=True)
+    assert ctl2.refine(tiny_refine(1), sync=True) and ctl2.unsaved_refinement
+    mine = ctl2.model
+    widget2.image_combo.set_layer(image2)  # the crashed session's scan: its recovery is offered
+    assert ctl2.recoverable is not None and ctl2.recoverable.has_model
+    questions.answer = False
+    assert not ctl2.recover(image_layer=image2, sync=True)
+    assert questions and "has not been exported" in questions[-1], notifications
+    assert ctl2.model is mine
+    questions.answer = True
+    assert ctl2.recover(image_layer=image2, sync=True)
+    assert ctl2.model is not mine and ctl2.refined

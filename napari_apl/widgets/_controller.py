@@ -277,8 +277,11 @@ class APLController:
         self._warned: set[tuple[str, str]] = set()  # (warning, session key): autosave warnings given once
         self._adapted_normalization: dict | None = None  # the intensities the refined model was adapted to
         self._layers_source: dict[str, Any] | None = None  # the model that made the prediction layers
-        self._corrections_owner: weakref.ref | None = None  # the image layer ``corrections`` belong to
-        self._stashed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # other images' corrections
+        # painted corrections belong to a scan (its autosave key and a digest of its voxels), not to a
+        # layer: a scan closed and opened again, or opened twice, has the same ones (and one autosave)
+        self._corrections_owner: tuple[str, str | None] | None = None  # the scan ``corrections`` are of
+        self._stashed: dict[tuple[str, str | None], np.ndarray] = {}  # other scans' corrections
+        self._scan_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (data, scan id)
         self._recovery_layer: Any = None
         self._pending_recovery: np.ndarray | None = None
         self._own_keys: set[str] = set()
@@ -951,24 +954,41 @@ class APLController:
             self.last_pseudo = current.astype(np.uint8, copy=True)
         return self.corrections
 
+    def _scan_id(self, image_layer: Any) -> tuple[str, str | None] | None:
+        """The scan an image layer shows: its autosave key and voxel digest (computed once per data)."""
+        layer = unwrap_layer(image_layer)
+        if layer is None:
+            return None
+        data = layer.data
+        cached = self._scan_ids.get(layer)
+        if cached is not None and cached[0] is data:
+            return cached[1]
+        try:
+            volume = volume_from_layer(layer)
+            sid: tuple[str, str | None] = (session_key(volume), image_digest(volume))
+        except Exception:  # (not a 3-D scan: its own, unshared identity)
+            sid = (f"layer-{id(layer)}", None)
+        self._scan_ids[layer] = (data, sid)
+        return sid
+
     def _corrections_of(self, image_layer: Any) -> np.ndarray | None:
-        """The corrections of ``image_layer``: the current ones if it owns them, else its stashed ones."""
-        target = unwrap_layer(image_layer)
-        owner = self._corrections_owner() if self._corrections_owner is not None else None
-        if owner is None or owner is target:
+        """The corrections of ``image_layer``'s scan: the current ones if they are its, else stashed ones."""
+        sid = self._scan_id(image_layer)
+        owner = self._corrections_owner
+        if owner is None or owner == sid:
             return self.corrections
-        return self._stashed.get(target)
+        return self._stashed.get(sid) if sid is not None else None
 
     def _switch_corrections(self, image_layer: Any) -> None:
-        """Make ``image_layer``'s corrections current, keeping the previous image's for when it returns."""
-        new = unwrap_layer(image_layer)
-        owner = self._corrections_owner() if self._corrections_owner is not None else None
-        if owner is new:
+        """Make ``image_layer``'s scan's corrections current, keeping the previous scan's for its return."""
+        sid = self._scan_id(image_layer)
+        owner = self._corrections_owner
+        if owner == sid and owner is not None:
             return
         if owner is not None and self.n_corrected:
             self._stashed[owner] = self.corrections
-        self.corrections = self._stashed.pop(new, None) if new is not None else None
-        self._corrections_owner = weakref.ref(new) if new is not None else None
+        self.corrections = self._stashed.pop(sid, None) if sid is not None else None
+        self._corrections_owner = sid
         self.corrections_changed.emit()
 
     @property
@@ -987,9 +1007,9 @@ class APLController:
         """Forget the painted corrections (of ``image_layer``, else of the shown scan) if ``confirm`` agrees
         (the layer keeps what it shows)."""
         self.collect_corrections()
-        target = unwrap_layer(image_layer) if image_layer is not None else None
-        owner = self._corrections_owner() if self._corrections_owner is not None else None
-        if target is not None and owner is not target:  # a scan not shown: its kept corrections
+        target = self._scan_id(image_layer) if image_layer is not None else None
+        owner = self._corrections_owner
+        if target is not None and owner is not None and owner != target:  # a scan not shown: its kept ones
             n = self.corrections_count(image_layer)
             question = (
                 f"Forget the {n} voxels painted on '{image_layer.name}'? "
@@ -997,7 +1017,8 @@ class APLController:
             )
             if n and not self.confirm(question):
                 return False
-            self._stashed.pop(target, None)
+            kept = self._stashed.pop(target, None)
+            self._clear_autosaved_corrections(target, kept)
             self.status.emit(f"corrections of {image_layer.name} cleared")
             self.corrections_changed.emit()
             return True
@@ -1447,6 +1468,14 @@ class APLController:
                 f"the autosaved session of {entry.image_name} was recovered in another viewer meanwhile: "
                 "go on with it there"
             )
+        if entry.model_file and self.unsaved_refinement:  # (as Load model and Revert ask)
+            question = (
+                f"The refined model has not been exported. Discard it and recover the autosaved session of "
+                f"{entry.image_name} with its refined model?"
+            )
+            if not self.confirm(question):
+                self.status.emit("kept the refined model: the autosaved session was not recovered")
+                return False
         corrections, model, meta = restore_autosave(entry, damaged=damaged)
         if damaged and corrections is None and model is None:
             raise APLError(damaged[0])  # nothing intact: the offer stays, Discard removes it
@@ -1534,6 +1563,19 @@ class APLController:
     def autosave_wait(self) -> float:
         """Seconds until the next autosave may be written (0 = now)."""
         return max(0.0, self.autosave_interval - (time.monotonic() - self._last_autosave_check))
+
+    def _clear_autosaved_corrections(self, scan: tuple[str, str | None], kept: np.ndarray | None) -> None:
+        """After a Clear of a scan not shown: its autosave's corrections are cleared too (they would be
+        offered back after a crash)."""
+        saver = self._savers.get(scan[0])
+        if saver is None or saver is self.autosaver or kept is None or not self.autosave_enabled:
+            return
+        if saver.digest is not None and scan[1] is not None and saver.digest != scan[1]:
+            return  # (the key's saver is another scan's under the same path)
+        try:
+            saver.save(np.full(kept.shape, -1, dtype=np.int16))
+        except Exception as exc:
+            self._warn_autosave(exc)
 
     def maybe_autosave(self, force: bool = False, corrections_only: bool = False) -> AutosaveEntry | None:
         """Autosave corrections and refined model if changed and the interval passed (or ``force``)."""
