@@ -273,3 +273,22 @@ def test_pause_is_off_once_the_refined_model_predicts(demo_viewer) -> None:
     assert ctl.refine(cfg, sync=True)
     assert seen == [(False, "Pause", False)]
     assert not ctl.busy and ctl.last_result.iterations_done == 2
+
+
+def test_painting_in_a_renamed_pseudo_label_layer_says_it_is_not_used(demo_viewer, monkeypatch) -> None:
+    """A pseudo-label layer the user renamed (to keep scan A's result while B is predicted) is the user's
+    own: its strokes are not corrections, and the first one says so, once."""
+    import napari_apl.widgets._main as main_module
+
+    warned: list[str] = []
+    monkeypatch.setattr(main_module, "show_warning", warned.append)
+    viewer, widget, a, b = demo_viewer()
+    _predict(widget, a)
+    kept = viewer.layers[LAYER_PSEUDO]
+    kept.name = "A labels"
+    _predict(widget, b)  # a new pseudo-label layer, for B
+    viewer.layers[LAYER_PSEUDO].paint((5, 30, 30), 2)  # strokes in the real one: nothing to say
+    assert warned == []
+    kept.paint((5, 30, 30), 3)
+    kept.paint((6, 30, 30), 3)
+    assert len(warned) == 1 and "'A labels' are not used as corrections" in warned[0]

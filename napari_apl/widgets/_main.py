@@ -9,6 +9,7 @@ from typing import Any
 
 from magicgui.widgets import FileEdit
 from napari.layers import Image
+from napari.utils.notifications import show_warning
 from qtpy.QtCore import QEvent, QObject, QSize, Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -28,10 +29,11 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from .._layers import META_KEY, unwrap_layer
 from ..core.preprocess import PRESETS
 from ..core.utils import DEVICES
 from ._common import LayerCombo
-from ._controller import AUTO_PRESET, CHECKPOINT_PRESET, APLController, is_prediction_layer
+from ._controller import AUTO_PRESET, CHECKPOINT_PRESET, LAYER_PSEUDO, APLController, is_prediction_layer
 from ._export import ExportPanel
 from ._inspect import InspectPanel
 from ._refine import RefinePanel
@@ -487,6 +489,9 @@ class APLWidget(QWidget):
     def _refresh_layers(self, event: Any = None) -> None:
         self.image_combo.refresh()
         self.export_panel.gt_combo.refresh()
+        for layer in self.viewer.layers:  # (a pseudo-label layer the user renamed: its strokes go unused)
+            if layer.name != LAYER_PSEUDO and _role(layer) == "pseudo-label":
+                _warn_on_paint(layer)
 
     def _on_busy(self, busy: bool) -> None:
         for w in (
@@ -500,6 +505,38 @@ class APLWidget(QWidget):
             self.checkpoint_file.native,
         ):
             w.setEnabled(not busy)
+
+
+def _role(layer: Any) -> str | None:
+    """The napari-apl role recorded in a layer's metadata (``None`` for the user's own layers)."""
+    record = (getattr(layer, "metadata", None) or {}).get(META_KEY)
+    return record.get("role") if isinstance(record, dict) else None
+
+
+_RENAMED_WATCHED: weakref.WeakSet = weakref.WeakSet()  # renamed pseudo-label layers followed (once each)
+_RENAMED_WARNED: weakref.WeakSet = weakref.WeakSet()  # ... and those already told about
+
+
+def _warn_on_paint(layer: Any) -> None:
+    """Say once, at the first stroke in a renamed pseudo-label layer, that its strokes are not corrections
+    (Refine, Export and autosave read the layer named pseudo-label). No widget is referenced: the
+    layer may outlive it."""
+    layer = unwrap_layer(layer)
+    if layer in _RENAMED_WATCHED:
+        return
+    _RENAMED_WATCHED.add(layer)
+
+    def on_paint(event: Any = None) -> None:
+        target = unwrap_layer(getattr(event, "source", None) or layer)
+        if target.name == LAYER_PSEUDO or target in _RENAMED_WARNED:
+            return
+        _RENAMED_WARNED.add(target)
+        show_warning(
+            f"napari-apl: strokes in '{target.name}' are not used as corrections: Refine, Export and "
+            f"autosave read the '{LAYER_PSEUDO}' layer (give this layer that name again, or paint there)"
+        )
+
+    layer.events.paint.connect(on_paint)
 
 
 def _weak_question(widget: APLWidget, method: str = "ask_close_during_refinement") -> Any:
