@@ -1059,6 +1059,8 @@ def test_each_images_corrections_are_kept(setup, phantom_files, questions) -> No
     assert f"{painted} painted voxels" in questions[-1]
     questions.answer = True
     assert ctl.clear_corrections() is True and ctl.n_corrected == 0
+    # the layer shows the model's labels again (the strokes forgotten are no longer drawn)
+    np.testing.assert_array_equal(viewer.layers[LAYER_PSEUDO].data, to_layer_order(ctl.prediction.pseudo))
 
 
 def test_the_users_layers_with_prediction_names_are_left_alone(setup, notifications) -> None:

@@ -1004,8 +1004,8 @@ class APLController:
         return 0 if corr is None else int((corr >= 0).sum())
 
     def clear_corrections(self, image_layer: Any = None) -> bool:
-        """Forget the painted corrections (of ``image_layer``, else of the shown scan) if ``confirm`` agrees
-        (the layer keeps what it shows)."""
+        """Forget the painted corrections (of ``image_layer``, else of the shown scan) if ``confirm`` agrees;
+        the shown scan's pseudo-label layer goes back to the model's labels."""
         self.collect_corrections()
         target = self._scan_id(image_layer) if image_layer is not None else None
         owner = self._corrections_owner
@@ -1028,8 +1028,12 @@ class APLController:
             return False
         self.corrections = None
         layer = self.pseudo_layer()
+        pred = self.prediction
         if layer is not None and isinstance(layer.data, np.ndarray):
-            self.last_pseudo = np.array(to_canonical_order(layer.data), dtype=np.uint8)
+            if pred is not None and tuple(pred.pseudo.shape) == tuple(layer.data.shape[::-1]):
+                self._write_pseudo(pred.pseudo)  # the layer shows the model's labels again
+            else:
+                self.last_pseudo = np.array(to_canonical_order(layer.data), dtype=np.uint8)
         self.status.emit("corrections cleared")
         self.corrections_changed.emit()
         return True
