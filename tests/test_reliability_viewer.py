@@ -924,6 +924,18 @@ def test_clearing_a_scan_not_shown_clears_its_autosave(setup, small_image, tmp_p
     assert [e.painted_voxels for e in find_autosaves(small_image)] == [0]
 
 
+def test_clearing_the_shown_scan_clears_its_autosave(setup, small_image) -> None:
+    """Clear corrections on the scan shown also empties its autosaved corrections at once."""
+    viewer, widget, _image = setup()
+    ctl = widget.controller
+    assert widget.predict(sync=True)
+    n = _paint_square(viewer)
+    ctl.maybe_autosave(force=True)
+    assert [e.painted_voxels for e in find_autosaves(small_image)] == [n]
+    assert ctl.clear_corrections()
+    assert [e.painted_voxels for e in find_autosaves(small_image)] == [0]
+
+
 def test_recover_asks_before_discarding_an_unexported_refined_model(
     setup, small_image, tmp_path, questions, notifications
 ):

@@ -292,3 +292,58 @@ def test_painting_in_a_renamed_pseudo_label_layer_says_it_is_not_used(demo_viewe
     kept.paint((5, 30, 30), 3)
     kept.paint((6, 30, 30), 3)
     assert len(warned) == 1 and "'A labels' are not used as corrections" in warned[0]
+
+
+def test_another_scans_labels_renamed_back_are_not_corrections(demo_viewer) -> None:
+    """Scan A's pseudo labels, renamed, then named pseudo-label again while B is shown: their voxels
+    (A's prediction) must not become B's corrections."""
+    viewer, widget, a, b = demo_viewer()
+    ctl = widget.controller
+    _predict(widget, a)
+    kept = viewer.layers[LAYER_PSEUDO]
+    kept.name = "A labels"
+    _predict(widget, b)
+    viewer.layers.remove(LAYER_PSEUDO)  # B's own layer goes, A's takes its name
+    kept.name = LAYER_PSEUDO
+    ctl.collect_corrections()
+    assert ctl.n_corrected == 0
+
+
+def test_a_pause_asked_in_the_last_iteration_ends_with_the_run(demo_viewer) -> None:
+    """A pause asked for while the last iteration runs holds nothing (the loop is over): the run ends,
+    the controller is not left paused and Pause reads Pause, disabled."""
+    from napari_apl.core.refine import RefineConfig
+
+    _viewer, widget, a, _b = demo_viewer()
+    ctl, panel = widget.controller, widget.refine_panel
+    _predict(widget, a)
+    seen = []
+
+    def on_event(ev) -> None:
+        if ev.iteration == ev.total and not seen:
+            panel.toggle_pause()
+            seen.append(ctl.paused)
+
+    ctl.refine_event.connect(on_event)
+    ended = []
+    ctl.iterations_ended.connect(lambda: ended.append((ctl.paused, panel.pause_button.text())))
+    assert ctl.refine(RefineConfig(iterations=2, batch_size=2, guard_every=1000, bn="frozen"), sync=True)
+    assert seen == [True] and ended == [(False, "Pause")]
+    assert ctl.last_result.iterations_done == 2 and not ctl.paused
+
+
+def test_inspect_follows_a_clear_of_the_corrections(demo_viewer) -> None:
+    """After Clear corrections the layer shows the model's labels again, and the Inspect areas too."""
+    viewer, widget, a, _b = demo_viewer()
+    ctl = widget.controller
+    _predict(widget, a)
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    k = int(np.argmax((pseudo.data == 1).sum(axis=(1, 2))))
+    liver = np.nonzero(pseudo.data[k] == 1)
+    pseudo.data_setitem((np.full(liver[0].size, k), *liver), 0)
+    _predict(widget, a)
+    assert widget.inspect.profile.organ_area_cm2[1][k] == 0.0
+    assert ctl.clear_corrections()
+    sx, sy, _ = ctl.geometry.spacing
+    expected = (viewer.layers[LAYER_PSEUDO].data[k] == 1).sum() * sx * sy / 100.0
+    assert expected > 0 and widget.inspect.profile.organ_area_cm2[1][k] == pytest.approx(expected)

@@ -37,6 +37,7 @@ from .._layers import (
     ScanGeometry,
     canonical_transform_kwargs,
     confidence_colormap,
+    geometry_of,
     label_colormap,
     label_features,
     make_metadata,
@@ -200,6 +201,9 @@ def _recorded_refinements(refined: Any) -> list[dict[str, Any]]:
     return [*earlier, last]
 
 
+_ITERATIONS_OVER = object()  # what a refinement's worker yields when its loop has ended
+
+
 def _same_grid(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> bool:
     """Whether two voxel-to-world affines put every corner of a ``shape`` volume within half a voxel."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
@@ -221,6 +225,7 @@ class APLController:
     autosaved = Signal(object)  # the AutosaveEntry just written
     corrections_changed = Signal()
     iterations_ended = Signal()  # a refinement's loop is over: the refined model predicts the scan now
+    labels_reset = Signal()  # the pseudo-label layer shows the model's labels again (corrections cleared)
 
     def __init__(self, viewer: Any) -> None:
         # torch's first optimiser imports its compiler stack (1.6 s under the GIL): done once, as the
@@ -936,6 +941,8 @@ class APLController:
             return self.corrections  # nothing written yet, or a prediction still being shown lazily
         if self._holds_live_buffer(layer) and not layer.editable:
             return self.corrections  # a refinement's live overlay, locked since it was written
+        if geometry_of(layer.metadata) is not self.geometry:
+            return self.corrections  # another scan's labels (a layer renamed back, say): not its strokes
         current = np.asarray(to_canonical_order(layer.data))
         if current.shape != self.last_pseudo.shape:
             return self.corrections
@@ -1034,6 +1041,8 @@ class APLController:
                 self._write_pseudo(pred.pseudo)  # the layer shows the model's labels again
             else:
                 self.last_pseudo = np.array(to_canonical_order(layer.data), dtype=np.uint8)
+        self.maybe_autosave(force=True, corrections_only=True)  # the autosave must not offer them back
+        self.labels_reset.emit()
         self.status.emit("corrections cleared")
         self.corrections_changed.emit()
         return True
@@ -1146,6 +1155,11 @@ class APLController:
                 events = _autosaving(events, saver, model, snapshot_meta, interval, midrun_saved)
             # (a pause asked for shows the labels of the step it holds after, not those of the last overlay)
             result = yield from _live_overlays(events, self.last_corrections, force=lambda: control.paused)
+            # the iterations are over: a pause asked for in the last one holds nothing (the loop checks
+            # for one before each step), and the final prediction cannot be paused
+            self.repredicting = True
+            control.resume()
+            yield _ITERATIONS_OVER
             if self._closing:  # the viewer or the widget is closing: skip the final re-prediction
                 return result, None
             try:
@@ -1201,10 +1215,9 @@ class APLController:
                         from qtpy.QtCore import QTimer
 
                         QTimer.singleShot(_STAGE_PAUSE_MS, stage_done.set)
+            elif item is _ITERATIONS_OVER:
+                self.iterations_ended.emit()  # (nothing left to pause)
             else:  # (done, total) of the final re-prediction
-                if not self.repredicting:  # (nothing left to pause)
-                    self.repredicting = True
-                    self.iterations_ended.emit()
                 self.status.emit(f"re-predicting with the refined model: {item[0]}/{item[1]} slices")
 
         def on_return(value: tuple[RefineResult, Prediction | None]) -> None:

@@ -90,6 +90,7 @@ class InspectPanel(QWidget):
         self.area_plot.clicked.connect(self.go_to_slice)
         self.next_button.clicked.connect(self.next_least_confident)
         controller.predicted.connect(self.refresh)
+        controller.labels_reset.connect(self.refresh)
         controller.busy_changed.connect(self._on_busy)
         controller.viewer.dims.events.point.connect(self._on_dims)
         controller.viewer.layers.events.removed.connect(self._on_layer_removed)

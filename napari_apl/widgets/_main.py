@@ -533,7 +533,7 @@ def _warn_on_paint(layer: Any) -> None:
         _RENAMED_WARNED.add(target)
         show_warning(
             f"napari-apl: strokes in '{target.name}' are not used as corrections: Refine, Export and "
-            f"autosave read the '{LAYER_PSEUDO}' layer (give this layer that name again, or paint there)"
+            f"autosave read the '{LAYER_PSEUDO}' layer of the scan shown (paint there)"
         )
 
     layer.events.paint.connect(on_paint)

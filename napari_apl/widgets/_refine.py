@@ -230,6 +230,7 @@ class RefinePanel(QWidget):
     def _on_iterations_ended(self) -> None:
         """Nothing is left to pause once the refined model predicts the scan."""
         self.pause_button.setEnabled(False)
+        self.pause_button.setText("Pause")
 
     def _on_event(self, ev: RefineEvent) -> None:
         history = self.controller.history
