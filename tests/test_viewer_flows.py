@@ -347,3 +347,18 @@ def test_inspect_follows_a_clear_of_the_corrections(demo_viewer) -> None:
     sx, sy, _ = ctl.geometry.spacing
     expected = (viewer.layers[LAYER_PSEUDO].data[k] == 1).sum() * sx * sy / 100.0
     assert expected > 0 and widget.inspect.profile.organ_area_cm2[1][k] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_stashed_corrections_keep_only_the_painted_voxels(order: str) -> None:
+    """Another scan's corrections are kept as their painted voxels (a closed scan's stay for the
+    session) and come back exactly, in their memory order."""
+    from napari_apl.widgets._controller import _SparseCorrections
+
+    corrections = np.full((40, 30, 20), -1, dtype=np.int16, order=order)
+    corrections[3, 4, 5], corrections[10:12, 2, 7], corrections[39, 29, 19] = 4, 0, 2
+    kept = _SparseCorrections(corrections)
+    assert kept.values.size == 4 and kept.index.nbytes + kept.values.nbytes < 64
+    back = kept.dense()
+    np.testing.assert_array_equal(back, corrections)
+    assert back.flags.f_contiguous == (order == "F") and back.dtype == np.int16

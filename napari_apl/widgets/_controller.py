@@ -204,6 +204,23 @@ def _recorded_refinements(refined: Any) -> list[dict[str, Any]]:
 _ITERATIONS_OVER = object()  # what a refinement's worker yields when its loop has ended
 
 
+class _SparseCorrections:
+    """A corrections volume (-1 = not painted) kept as its painted voxels only."""
+
+    def __init__(self, corrections: np.ndarray) -> None:
+        self.shape = tuple(corrections.shape)
+        self.order = "F" if corrections.flags.f_contiguous and not corrections.flags.c_contiguous else "C"
+        where = np.nonzero(corrections >= 0)
+        self.index = np.ravel_multi_index(where, self.shape)
+        self.values = corrections[where].astype(np.int16)
+
+    def dense(self) -> np.ndarray:
+        """The full volume again (in its memory order)."""
+        out = np.full(self.shape, -1, dtype=np.int16, order=self.order)
+        out[np.unravel_index(self.index, self.shape)] = self.values
+        return out
+
+
 def _same_grid(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> bool:
     """Whether two voxel-to-world affines put every corner of a ``shape`` volume within half a voxel."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
@@ -285,7 +302,8 @@ class APLController:
         # painted corrections belong to a scan (its autosave key and a digest of its voxels), not to a
         # layer: a scan closed and opened again, or opened twice, has the same ones (and one autosave)
         self._corrections_owner: tuple[str, str | None] | None = None  # the scan ``corrections`` are of
-        self._stashed: dict[tuple[str, str | None], np.ndarray] = {}  # other scans' corrections
+        # other scans' corrections, kept sparse (their painted voxels only: a closed scan's stay too)
+        self._stashed: dict[tuple[str, str | None], _SparseCorrections] = {}
         self._scan_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (data, scan id)
         self._recovery_layer: Any = None
         self._pending_recovery: np.ndarray | None = None
@@ -968,14 +986,18 @@ class APLController:
             return None
         data = layer.data
         cached = self._scan_ids.get(layer)
-        if cached is not None and cached[0] is data:
+        if cached is not None and cached[0]() is data:
             return cached[1]
         try:
             volume = volume_from_layer(layer)
             sid: tuple[str, str | None] = (session_key(volume), image_digest(volume))
         except Exception:  # (not a 3-D scan: its own, unshared identity)
             sid = (f"layer-{id(layer)}", None)
-        self._scan_ids[layer] = (data, sid)
+        try:
+            ref: Callable[[], Any] = weakref.ref(data)  # (the cache must not keep replaced voxels alive)
+        except TypeError:
+            ref = lambda: None  # noqa: E731  (not weakly referable: computed again next time)
+        self._scan_ids[layer] = (ref, sid)
         return sid
 
     def _corrections_of(self, image_layer: Any) -> np.ndarray | None:
@@ -984,7 +1006,8 @@ class APLController:
         owner = self._corrections_owner
         if owner is None or owner == sid:
             return self.corrections
-        return self._stashed.get(sid) if sid is not None else None
+        kept = self._stashed.get(sid) if sid is not None else None
+        return kept.dense() if kept is not None else None
 
     def _switch_corrections(self, image_layer: Any) -> None:
         """Make ``image_layer``'s scan's corrections current, keeping the previous scan's for its return."""
@@ -993,8 +1016,9 @@ class APLController:
         if owner == sid and owner is not None:
             return
         if owner is not None and self.n_corrected:
-            self._stashed[owner] = self.corrections
-        self.corrections = self._stashed.pop(sid, None) if sid is not None else None
+            self._stashed[owner] = _SparseCorrections(self.corrections)
+        kept = self._stashed.pop(sid, None) if sid is not None else None
+        self.corrections = kept.dense() if kept is not None else None
         self._corrections_owner = sid
         self.corrections_changed.emit()
 
@@ -1007,8 +1031,11 @@ class APLController:
         """Voxels corrected on ``image_layer`` (what a refinement of it uses); the shown scan's if None."""
         if image_layer is None:
             return self.n_corrected
-        corr = self._corrections_of(image_layer)
-        return 0 if corr is None else int((corr >= 0).sum())
+        sid = self._scan_id(image_layer)
+        if self._corrections_owner is not None and sid != self._corrections_owner:
+            kept = self._stashed.get(sid) if sid is not None else None
+            return 0 if kept is None else int(kept.values.size)
+        return self.n_corrected
 
     def clear_corrections(self, image_layer: Any = None) -> bool:
         """Forget the painted corrections (of ``image_layer``, else of the shown scan) if ``confirm`` agrees;
@@ -1025,7 +1052,7 @@ class APLController:
             if n and not self.confirm(question):
                 return False
             kept = self._stashed.pop(target, None)
-            self._clear_autosaved_corrections(target, kept)
+            self._clear_autosaved_corrections(target, kept.shape if kept is not None else None)
             self.status.emit(f"corrections of {image_layer.name} cleared")
             self.corrections_changed.emit()
             return True
@@ -1581,16 +1608,18 @@ class APLController:
         """Seconds until the next autosave may be written (0 = now)."""
         return max(0.0, self.autosave_interval - (time.monotonic() - self._last_autosave_check))
 
-    def _clear_autosaved_corrections(self, scan: tuple[str, str | None], kept: np.ndarray | None) -> None:
+    def _clear_autosaved_corrections(
+        self, scan: tuple[str, str | None], shape: tuple[int, ...] | None
+    ) -> None:
         """After a Clear of a scan not shown: its autosave's corrections are cleared too (they would be
         offered back after a crash)."""
         saver = self._savers.get(scan[0])
-        if saver is None or saver is self.autosaver or kept is None or not self.autosave_enabled:
+        if saver is None or saver is self.autosaver or shape is None or not self.autosave_enabled:
             return
         if saver.digest is not None and scan[1] is not None and saver.digest != scan[1]:
             return  # (the key's saver is another scan's under the same path)
         try:
-            saver.save(np.full(kept.shape, -1, dtype=np.int16))
+            saver.save(np.full(shape, -1, dtype=np.int16))
         except Exception as exc:
             self._warn_autosave(exc)
 
