@@ -21,9 +21,11 @@ from .core.preprocess import looks_like_offset_ct
 from .core.volume import Volume, display_data, load_volume, max_voxel_bytes
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-# names that say a file holds labels: label(s), seg(mentation), mask, (ground) truth, annotation, and
-# gt as a word of its own (case2_gt.nii.gz, gt-liver.nii; not "length")
-LABEL_NAME_HINT = re.compile(r"(label|seg|mask|truth|annot|(?<![a-z])gt(?![a-z]))", re.IGNORECASE)
+# names that say a file holds labels: label(s), seg(mentation), mask, (ground)truth, annotation(s), and
+# gt as a word of its own (case2_gt.nii.gz, gt-liver.nii; not "length", "truthful" or "unannotated")
+LABEL_NAME_HINT = re.compile(
+    r"(label|seg|mask|truth(?![a-z])|(?<![a-z])annot|(?<![a-z])gt(?![a-z]))", re.IGNORECASE
+)
 MAX_LABEL_VALUES = 64
 MAX_HINTED_LABEL_VALUES = 1024
 LAZY_BYTES = 1024**3

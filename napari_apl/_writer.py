@@ -12,6 +12,7 @@ switch).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +60,8 @@ def write_layer_nifti(
 
 def _check_complete(data: Any, attributes: dict[str, Any]) -> None:
     """Refuse a prediction layer still being computed: reading it whole gives zeros for slices not done."""
-    from .core.infer import _LazyMap
-
-    if isinstance(data, _LazyMap):
+    infer = sys.modules.get("napari_apl.core.infer")  # (not imported: no prediction can exist yet)
+    if infer is not None and isinstance(data, infer._LazyMap):
         done, total = data.slices_done(), data.predictor.total
         if done < total:
             name = attributes.get("name") or "the layer"

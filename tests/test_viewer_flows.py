@@ -5,6 +5,7 @@ file names nibabel cannot map. Real napari viewers under Xvfb, small phantoms, t
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -190,6 +191,7 @@ def test_float_ground_truth_named_gt_opens_as_labels(tmp_path: Path, phantom_fil
         ("case2_gt.nii.gz", "labels"),
         ("ground_truth.nii.gz", "labels"),
         ("case2.nii.gz", "image"),
+        ("case2_unannotated.nii.gz", "image"),  # (a hint inside another word is none)
     ):
         nib.save(floats, tmp_path / name)
         [(_data, _kwargs, got)] = get_reader(str(tmp_path / name))(str(tmp_path / name))
@@ -362,3 +364,29 @@ def test_stashed_corrections_keep_only_the_painted_voxels(order: str) -> None:
     back = kept.dense()
     np.testing.assert_array_equal(back, corrections)
     assert back.flags.f_contiguous == (order == "F") and back.dtype == np.int16
+
+
+def test_a_ground_truth_layer_that_is_not_3d_is_refused_as_such(demo_viewer) -> None:
+    """A 2-D layer chosen as ground truth: one line that names it as ground truth."""
+    viewer, widget, a, _b = demo_viewer()
+    _predict(widget, a)
+    flat = viewer.add_labels(np.zeros((64, 64), np.uint8), name="flat")
+    with pytest.raises(Exception, match=r"^ground-truth layer 'flat' is not a 3-D labels volume"):
+        widget.controller.report(gt_layer=flat)
+
+
+def test_the_writer_does_not_import_the_compute_core() -> None:
+    """Saving a layer through the napari-apl writer does not import torch (a stall on the event loop
+    of a session that never predicted)."""
+    import subprocess
+
+    code = (
+        "import sys, tempfile, numpy as np\n"
+        "from napari_apl._writer import write_labels\n"
+        "d = tempfile.mkdtemp()\n"
+        "write_labels(d + '/x', np.zeros((4, 5, 6), np.uint8), {'name': 'x', 'metadata': {}})\n"
+        "print('torch' in sys.modules, 'napari_apl.core.infer' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]

@@ -1976,7 +1976,13 @@ class APLController:
         if gt_layer is not None:
             # the ground truth in the scan's canonical order through its own transform: a layer from
             # another reader may hold its slices in another order (e.g. reversed under a negative scale)
-            gt_volume = volume_from_layer(gt_layer)
+            try:
+                gt_volume = volume_from_layer(gt_layer)
+            except APLError:
+                raise APLError(
+                    f"ground-truth layer '{gt_layer.name}' is not a 3-D labels volume (shape "
+                    f"{tuple(gt_layer.data.shape)}): choose labels of the same scan"
+                ) from None
             gt = np.asarray(gt_volume.data)
             if gt.shape != labels.shape:
                 raise APLError(
