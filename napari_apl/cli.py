@@ -284,9 +284,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-_REFINEMENT_KEYS = ("refined_from", "method", "iterations", "target", "refined_at")
-
-
 def cmd_refine(args: argparse.Namespace) -> int:
     """Refine a checkpoint on an unlabelled target volume (or each of many) and write the model and maps."""
     from .core import batch
@@ -304,7 +301,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
         )
     import numpy as np
 
-    from .core.checkpoint import save_checkpoint
+    from .core.checkpoint import refinement_history, save_checkpoint
     from .core.infer import predict_volume
     from .core.refine import RefineControl, check_corrections, organ_size_change, refine
     from .core.volume import load_volume
@@ -368,9 +365,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     before = dict(meta.provenance)
     # a refined checkpoint refined again: its refinement is kept under earlier_refinements, and the
     # intensities its source model was trained with stay the source's
-    earlier = [dict(r) for r in before.get("earlier_refinements", []) if isinstance(r, dict)]
-    if "refined_from" in before:
-        earlier.append({k: before[k] for k in _REFINEMENT_KEYS if k in before})
+    earlier = refinement_history(before)  # (the viewer's refinements too)
     new_meta.provenance = before | {
         "source_normalization": dict(before.get("source_normalization") or meta.normalization),
         "refined_from": str(Path(args.checkpoint).name),

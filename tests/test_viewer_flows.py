@@ -390,3 +390,39 @@ def test_the_writer_does_not_import_the_compute_core() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_a_refined_checkpoint_refined_again_keeps_its_history(demo_viewer, tmp_path: Path) -> None:
+    """refined.pt loaded and refined again in the widget, then once more on the command line: each
+    export names every refinement before it, oldest first."""
+    from napari_apl.cli import main
+    from napari_apl.core.checkpoint import load_checkpoint, refinement_history
+    from napari_apl.core.refine import RefineConfig
+
+    _viewer, widget, a, _b = demo_viewer()
+    ctl = widget.controller
+
+    def cfg(n: int) -> RefineConfig:
+        return RefineConfig(iterations=n, batch_size=2, guard_every=1000, bn="frozen")
+
+    _predict(widget, a)
+    assert ctl.refine(cfg(3), sync=True)
+    assert ctl.export(tmp_path / "one")
+    [first] = (tmp_path / "one").glob("*_refined.pt")
+    assert ctl.load_checkpoint(first)
+    _predict(widget, a)
+    assert ctl.refine(cfg(2), sync=True)
+    assert ctl.export(tmp_path / "two")
+    [second] = (tmp_path / "two").glob("*_refined.pt")
+    _, meta = load_checkpoint(second)
+    history = refinement_history(meta.provenance)
+    assert [r["iterations_done"] for r in history] == [3, 2]
+    assert meta.provenance["refined"]["from_checkpoint"] == str(first)
+    image = str(a.metadata["napari_apl"]["source_path"])
+    out = tmp_path / "three"
+    argv = ["refine", image, "-c", str(second), "-o", str(out), "-n", "1", "--batch-size", "2", "-q"]
+    assert main(argv) == 0
+    _, meta = load_checkpoint(out / "refined.pt")
+    history = refinement_history(meta.provenance)
+    assert [r.get("iterations_done", r.get("iterations")) for r in history] == [3, 2, 1]
+    assert history[-1]["refined_from"] == second.name

@@ -693,6 +693,32 @@ def describe(
     return "\n".join(lines)
 
 
+CLI_REFINEMENT_KEYS = ("refined_from", "method", "iterations", "target", "refined_at")
+"""What ``napari-apl refine`` records of its refinement at the top of a refined model's provenance."""
+
+
+def refinement_history(provenance: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The refinements a model's provenance records, oldest first.
+
+    The command line keeps its refinement at the top (``refined_from``, ...) and the ones before it under
+    ``earlier_refinements``; the widget keeps its refinement under ``refined`` and the ones before under
+    ``refined["earlier"]``. Each writes the whole history it was given, so when both are present the
+    one written last (the later ``refined_at``) holds all of it.
+    """
+    cli = widget = None
+    if "refined_from" in provenance:
+        earlier = [dict(r) for r in provenance.get("earlier_refinements", []) if isinstance(r, Mapping)]
+        cli = [*earlier, {k: provenance[k] for k in CLI_REFINEMENT_KEYS if k in provenance}]
+    rec = provenance.get("refined")
+    if isinstance(rec, Mapping):
+        earlier = [dict(r) for r in rec.get("earlier", []) if isinstance(r, Mapping)]
+        widget = [*earlier, {k: v for k, v in rec.items() if k not in ("earlier", "in_progress")}]
+    if cli and widget:
+        cli_newer = str(provenance.get("refined_at") or "") >= str(rec.get("refined_at") or "")
+        return cli if cli_newer else widget
+    return cli or widget or []
+
+
 def _fmt_normalization(norm: Mapping[str, Any]) -> str:
     """A normalisation recipe as one line: its kind and the settings that kind reads."""
     from .preprocess import USED_FIELDS

@@ -55,7 +55,13 @@ from .._sample_data import demo_checkpoint_path
 from ..core.autosave import AutosaveEntry, Autosaver, find_autosaves, image_digest, in_use, session_key
 from ..core.autosave import discard as discard_autosave
 from ..core.autosave import restore as restore_autosave
-from ..core.checkpoint import CheckpointMeta, describe, load_checkpoint, save_checkpoint
+from ..core.checkpoint import (
+    CheckpointMeta,
+    describe,
+    load_checkpoint,
+    refinement_history,
+    save_checkpoint,
+)
 from ..core.errors import APLError, CheckpointError, OutputError, OutputExistsError
 from ..core.infer import Prediction, SlicePredictor, iter_predict, write_map
 from ..core.io_utils import atomic_write, check_output_path, staged_outputs
@@ -192,15 +198,6 @@ def _scan_name(geometry: ScanGeometry, image_layer: Any) -> str:
     return Path(geometry.path).name if geometry.path is not None else str(image_layer.name)
 
 
-def _recorded_refinements(refined: Any) -> list[dict[str, Any]]:
-    """The refinements a saved model's ``provenance["refined"]`` records, oldest first."""
-    if not isinstance(refined, dict):
-        return []
-    earlier = [dict(r) for r in refined.get("earlier", []) if isinstance(r, dict)]
-    last = {k: v for k, v in refined.items() if k not in ("from_checkpoint", "earlier", "in_progress")}
-    return [*earlier, last]
-
-
 _ITERATIONS_OVER = object()  # what a refinement's worker yields when its loop has ended
 
 
@@ -261,6 +258,7 @@ class APLController:
         # refined.pt provenance records it; the one running, until it ends
         self._refinements: list[dict[str, Any]] = []
         self._refining: dict[str, Any] | None = None
+        self._loaded_history: list[dict[str, Any]] = []  # the refinements the loaded checkpoint went through
         self.repredicting = False  # a refinement's final prediction with the refined model is running
         self.device = "auto"
         self.preset = AUTO_PRESET
@@ -391,6 +389,7 @@ class APLController:
         self.model, self.meta, self.checkpoint_path = model, meta, p
         self.refined = False
         self._refinements = []
+        self._loaded_history = refinement_history(meta.provenance)  # (a refined model's refinements)
         self._adapted_normalization = None
         self._model_version += 1
         self.last_result = None
@@ -1256,7 +1255,10 @@ class APLController:
             self._model_version += 1
             self.last_result = result
             record = dict(
-                self._refining or {}, iterations_done=result.iterations_done, stopped=result.stopped
+                self._refining or {},
+                iterations_done=result.iterations_done,
+                stopped=result.stopped,
+                refined_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
             )
             self._refinements.append(record)
             self._refining = None
@@ -1534,7 +1536,8 @@ class APLController:
             if entry.checkpoint:  # what it was refined from: Revert and the report name that checkpoint
                 self.checkpoint_path = Path(entry.checkpoint)
             self.refined = True
-            self._refinements = _recorded_refinements(meta.provenance.get("refined"))
+            self._refinements = refinement_history(meta.provenance)
+            self._loaded_history = []  # (the recovered provenance holds them all)
             self._model_version += 1
             self.last_result = None
             self.history = []
@@ -1919,6 +1922,8 @@ class APLController:
         assert self.meta is not None
         prov = dict(self.meta.provenance)
         records = [*self._refinements, *([running] if running is not None else [])]
+        if records:  # those of the checkpoint loaded come before
+            records = [*self._loaded_history, *records]
         if not records:  # (no refinement recorded: what the session shows now)
             records = [
                 {
