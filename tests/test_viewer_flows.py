@@ -426,3 +426,26 @@ def test_a_refined_checkpoint_refined_again_keeps_its_history(demo_viewer, tmp_p
     history = refinement_history(meta.provenance)
     assert [r.get("iterations_done", r.get("iterations")) for r in history] == [3, 2, 1]
     assert history[-1]["refined_from"] == second.name
+
+
+def test_voxels_edited_in_place_are_another_scans(demo_viewer) -> None:
+    """An image layer whose voxels are overwritten in place with another scan's does not keep the first
+    scan's corrections (and gets them back when its voxels are put back)."""
+    viewer, widget, a, b = demo_viewer()
+    ctl = widget.controller
+    mine = viewer.add_image(np.array(a.data), name="in memory", scale=a.scale, translate=a.translate)
+    _predict(widget, mine)
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    pseudo.data_setitem((np.array([5, 5]), np.array([30, 31]), np.array([30, 30])), 4)
+    ctl.collect_corrections()
+    assert ctl.n_corrected == 2
+    _predict(widget, b)
+    original = np.array(mine.data)
+    mine.data[...] = np.asarray(b.data)  # another scan's voxels, in the same array
+    mine.refresh()
+    assert ctl.corrections_count(mine) == 0
+    _predict(widget, mine)
+    assert ctl.n_corrected == 0
+    _predict(widget, b)
+    mine.data[...] = original
+    assert ctl.corrections_count(mine) == 2

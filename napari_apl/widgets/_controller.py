@@ -302,7 +302,6 @@ class APLController:
         self._corrections_owner: tuple[str, str | None] | None = None  # the scan ``corrections`` are of
         # other scans' corrections, kept sparse (their painted voxels only: a closed scan's stay too)
         self._stashed: dict[tuple[str, str | None], _SparseCorrections] = {}
-        self._scan_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (data, scan id)
         self._recovery_layer: Any = None
         self._pending_recovery: np.ndarray | None = None
         self._own_keys: set[str] = set()
@@ -979,25 +978,16 @@ class APLController:
         return self.corrections
 
     def _scan_id(self, image_layer: Any) -> tuple[str, str | None] | None:
-        """The scan an image layer shows: its autosave key and voxel digest (computed once per data)."""
+        """The scan an image layer shows: its autosave key and voxel digest, computed each time (a few
+        ms: voxels edited in place make another scan)."""
         layer = unwrap_layer(image_layer)
         if layer is None:
             return None
-        data = layer.data
-        cached = self._scan_ids.get(layer)
-        if cached is not None and cached[0]() is data:
-            return cached[1]
         try:
             volume = volume_from_layer(layer)
-            sid: tuple[str, str | None] = (session_key(volume), image_digest(volume))
+            return (session_key(volume), image_digest(volume))
         except Exception:  # (not a 3-D scan: its own, unshared identity)
-            sid = (f"layer-{id(layer)}", None)
-        try:
-            ref: Callable[[], Any] = weakref.ref(data)  # (the cache must not keep replaced voxels alive)
-        except TypeError:
-            ref = lambda: None  # noqa: E731  (not weakly referable: computed again next time)
-        self._scan_ids[layer] = (ref, sid)
-        return sid
+            return (f"layer-{id(layer)}", None)
 
     def _corrections_of(self, image_layer: Any) -> np.ndarray | None:
         """The corrections of ``image_layer``'s scan: the current ones if they are its, else stashed ones."""
