@@ -193,9 +193,13 @@ def _merge_corrections(older: np.ndarray | None, newer: np.ndarray | None) -> np
     return out
 
 
-def _scan_name(geometry: ScanGeometry, image_layer: Any) -> str:
+def _scan_name(geometry: ScanGeometry | None, image_layer: Any) -> str | None:
     """A scan's name for provenance: its file's name (as the command line records it), else its layer's."""
-    return Path(geometry.path).name if geometry.path is not None else str(image_layer.name)
+    if geometry is not None and geometry.path is not None:
+        return Path(geometry.path).name
+    if image_layer is not None:
+        return str(image_layer.name)
+    return geometry.name if geometry is not None else None
 
 
 _ITERATIONS_OVER = object()  # what a refinement's worker yields when its loop has ended
@@ -1917,7 +1921,7 @@ class APLController:
         if not records:  # (no refinement recorded: what the session shows now)
             records = [
                 {
-                    "target": self._target_name(),
+                    "target": _scan_name(self.geometry, self.image_layer),
                     "config": None,
                     "corrected_voxels": self.n_corrected,
                     "iterations_done": None,
@@ -1947,14 +1951,6 @@ class APLController:
         if norm != self.meta.normalization:
             prov.setdefault("source_normalization", dict(self.meta.normalization))
         return dataclasses.replace(meta, normalization=norm, provenance=prov)
-
-    def _target_name(self) -> str | None:
-        """The scan the model was refined on: its file name, else its layer name."""
-        if self.geometry is not None and self.geometry.path is not None:
-            return Path(self.geometry.path).name
-        if self.image_layer is not None:
-            return str(self.image_layer.name)
-        return self.geometry.name if self.geometry is not None else None
 
     def report(self, labels: np.ndarray | None = None, gt_layer: Any = None) -> dict[str, Any]:
         """Per-organ volume (mL), mean ω, and Dice/ASSD against a ground-truth labels layer when given."""
@@ -2200,7 +2196,12 @@ def _report_csv(report: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
+def layer_role(layer: Any) -> str | None:
+    """The napari-apl role recorded in a layer's metadata (``None`` for the user's own layers)."""
+    record = (getattr(layer, "metadata", None) or {}).get(META_KEY)
+    return record.get("role") if isinstance(record, dict) else None
+
+
 def is_prediction_layer(layer: Any) -> bool:
     """Whether ``layer`` is one of the prediction layers napari-apl made (by its metadata, not its name)."""
-    record = (getattr(layer, "metadata", None) or {}).get(META_KEY)
-    return isinstance(record, dict) and record.get("role") in PREDICTION_ROLES
+    return layer_role(layer) in PREDICTION_ROLES

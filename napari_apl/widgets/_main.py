@@ -29,11 +29,18 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._layers import META_KEY, unwrap_layer
+from .._layers import unwrap_layer
 from ..core.preprocess import PRESETS
 from ..core.utils import DEVICES
 from ._common import LayerCombo
-from ._controller import AUTO_PRESET, CHECKPOINT_PRESET, LAYER_PSEUDO, APLController, is_prediction_layer
+from ._controller import (
+    AUTO_PRESET,
+    CHECKPOINT_PRESET,
+    LAYER_PSEUDO,
+    APLController,
+    is_prediction_layer,
+    layer_role,
+)
 from ._export import ExportPanel
 from ._inspect import InspectPanel
 from ._refine import RefinePanel
@@ -490,7 +497,7 @@ class APLWidget(QWidget):
         self.image_combo.refresh()
         self.export_panel.gt_combo.refresh()
         for layer in self.viewer.layers:  # (a pseudo-label layer the user renamed: its strokes go unused)
-            if layer.name != LAYER_PSEUDO and _role(layer) == "pseudo-label":
+            if layer.name != LAYER_PSEUDO and layer_role(layer) == "pseudo-label":
                 _warn_on_paint(layer)
 
     def _on_busy(self, busy: bool) -> None:
@@ -505,12 +512,6 @@ class APLWidget(QWidget):
             self.checkpoint_file.native,
         ):
             w.setEnabled(not busy)
-
-
-def _role(layer: Any) -> str | None:
-    """The napari-apl role recorded in a layer's metadata (``None`` for the user's own layers)."""
-    record = (getattr(layer, "metadata", None) or {}).get(META_KEY)
-    return record.get("role") if isinstance(record, dict) else None
 
 
 _RENAMED_WATCHED: weakref.WeakSet = weakref.WeakSet()  # renamed pseudo-label layers followed (once each)
