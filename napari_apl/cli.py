@@ -904,6 +904,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _remove_created_empty_dirs()
         print(f"napari-apl {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the file system's refusal (permissions, I/O, a name too long): one line
+        _remove_created_empty_dirs()
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"napari-apl {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except (MemoryError, RuntimeError) as exc:
         if not _out_of_memory(exc):
             _remove_created_empty_dirs()

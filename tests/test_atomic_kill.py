@@ -295,3 +295,51 @@ def test_staged_outputs_undo_the_new_files_when_a_rename_fails(tmp_path, monkeyp
     assert calls == ["a.json", "b.json", "c.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
     assert (tmp_path / "a.json").read_text() == "new"
+
+
+def test_a_name_near_the_length_limit_is_written(tmp_path):
+    """A legal 248-byte file name failed: the temporary name added ~20 bytes and went past 255."""
+    out = tmp_path / ("n" * 245 + ".pt")
+    atomic_write(out, lambda p: p.write_bytes(b"model"))
+    assert out.read_bytes() == b"model" and [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_a_linked_output_is_written_through_the_link(tmp_path):
+    """With overwrite, the file a link names is replaced and the link stays; without it, a link (even
+    one naming no file yet) counts as an existing output."""
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "labels.json").write_text("old")
+    link = tmp_path / "labels.json"
+    link.symlink_to(store / "labels.json")
+    with pytest.raises(OutputExistsError, match="a link"):
+        atomic_write(link, lambda p: p.write_text("new"))
+    atomic_write(link, lambda p: p.write_text("new"), overwrite=True)
+    assert link.is_symlink() and (store / "labels.json").read_text() == "new"
+    dangling = tmp_path / "later.json"
+    dangling.symlink_to(store / "not_yet.json")
+    with pytest.raises(OutputExistsError):
+        atomic_write(dangling, lambda p: p.write_text("new"))
+    assert dangling.is_symlink() and not (store / "not_yet.json").exists()
+    assert sorted(p.name for p in store.iterdir()) == ["labels.json"]
+
+
+def test_a_file_made_at_the_last_moment_is_not_replaced(tmp_path, monkeypatch):
+    """Without overwrite there is no window between a check and the rename: a file another process makes
+    just before the move is kept and the write refused."""
+    import napari_apl.core.io_utils as io_utils
+
+    out = tmp_path / "result.json"
+
+    def rival_first(real):
+        def op(src, dst, *a, **k):
+            Path(dst).write_text("someone else's")
+            return real(src, dst, *a, **k)
+
+        return op
+
+    monkeypatch.setattr(io_utils.os, "replace", rival_first(os.replace))
+    monkeypatch.setattr(io_utils.os, "link", rival_first(os.link))
+    with pytest.raises(OutputExistsError, match="appeared while writing"):
+        atomic_write(out, lambda p: p.write_text("ours"))
+    assert out.read_text() == "someone else's" and [p.name for p in tmp_path.iterdir()] == [out.name]

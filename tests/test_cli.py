@@ -808,3 +808,18 @@ def test_output_read_by_a_closed_pipe_ends_quietly() -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141
     assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_a_file_system_error_is_one_line(tmp_path, tiny_ckpt, capsys, monkeypatch):
+    """An OSError of the file system (here an I/O error reading the checkpoint) was a traceback."""
+    import errno
+
+    import napari_apl.core.checkpoint as checkpoint
+
+    def failing(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error", str(tiny_ckpt))
+
+    monkeypatch.setattr(checkpoint, "describe", failing)
+    assert main(["info", str(tiny_ckpt)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"napari-apl info: error: Input/output error: {tiny_ckpt}"

@@ -99,8 +99,13 @@ def test_threshold_and_cbst_labels():
     )
     lab = pseudo.threshold_labels(prob, 0.9).flatten().tolist()
     assert lab == [0, pseudo.IGNORE, pseudo.IGNORE, pseudo.IGNORE]
-    # class 0 predicted at .95 and .6: top-50% threshold -> k0 = .6; class 2 only .9 -> k2 = .9; class 1 .7
+    # class 0 predicted at .95 and .6: its top 50% is one pixel -> k0 = .95; classes 1 and 2 have one
+    # pixel each, of which 50% selects none -> k = 1 (CRST's kc_parameters)
     k = pseudo.cbst_thresholds(prob, 0.5)
+    assert torch.allclose(k, torch.tensor([0.95, 1.0, 1.0]))
+    assert pseudo.cbst_labels(prob, k).flatten().tolist() == [0] + [pseudo.IGNORE] * 3
+    # the top 100%: each class's lowest value (class 0 .6, class 1 .7, class 2 .9)
+    k = pseudo.cbst_thresholds(prob, 1.0)
     assert torch.allclose(k, torch.tensor([0.6, 0.7, 0.9]))
     assert pseudo.cbst_labels(prob, k).flatten().tolist() == [0, 0, 2, 1]
     k_strict = torch.tensor([0.96, 0.7, 0.95])

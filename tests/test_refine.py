@@ -434,8 +434,19 @@ def test_fast_class_maths_equal_their_definitions():
         k = pseudo.cbst_thresholds(prob, portion)
         for c in range(5):
             vals = torch.sort(top[lab == c], descending=True).values
-            want = vals[min(round(portion * len(vals)), len(vals) - 1)] if len(vals) else torch.tensor(1.0)
+            m = int(portion * len(vals))  # CRST: floor(p n) pixels selected, k_c = 1 when none
+            want = vals[m - 1] if m else torch.tensor(1.0)
             assert k[c] == want
+    # small classes, as CRST's kc_parameters: 10 pixels at p = 0.2 select 2; 3 pixels select none
+    top = torch.tensor([0.99, 0.97, 0.95, 0.9, 0.8, 0.7, 0.6, 0.55, 0.5, 0.45, 0.9, 0.8, 0.7])
+    lab = torch.tensor([1] * 10 + [2] * 3)
+    k = pseudo.class_quantiles(top, lab, 3, 0.2)
+    assert k.tolist() == pytest.approx([1.0, 0.97, 1.0])
+    assert int((top[lab == 1] >= k[1]).sum()) == 2
+    assert torch.equal(
+        pseudo.class_quantiles_f16(top.half(), lab, 3, 0.2),
+        pseudo.class_quantiles(top.half().float(), lab, 3, 0.2),
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -749,3 +760,32 @@ def test_an_explicit_teacher_precision_wins_over_amp(setup, teacher_bf16, expect
     assert {d for inf, d in seen if inf} == {expected}
     assert torch.bfloat16 in {d for inf, d in seen if not inf}  # the student's steps (its batch-norm
     # re-estimation runs in float32, outside inference mode, too)
+
+
+@pytest.mark.parametrize("guard_every", [1, 3])
+def test_class_thresholds_refresh_every_guard_every_iterations(setup, monkeypatch, guard_every):
+    """k_c and the volume's class balance are recomputed at iterations 1, 1 + g, 1 + 2g, ... (g = 1 too)."""
+    from napari_apl.core import pseudo
+    from napari_apl.core import refine as refine_mod
+
+    model, meta, vol = setup
+    counts = {"k": 0, "cw": 0}
+    thresholds, weights = refine_mod._Ensemble.class_thresholds, pseudo.class_balance_weights
+
+    def count_k(self, portion):
+        counts["k"] += 1
+        return thresholds(self, portion)
+
+    def count_cw(label, num_classes):
+        counts["cw"] += 1
+        return weights(label, num_classes)
+
+    monkeypatch.setattr(refine_mod._Ensemble, "class_thresholds", count_k)
+    monkeypatch.setattr(pseudo, "class_balance_weights", count_cw)
+    cfg = _cfg(
+        iterations=6, guard_every=guard_every, augment="none", class_norm=0.5, class_balance_volume=True
+    )
+    assert cfg.class_balance  # (the default this test counts through)
+    run_generator(refine(model, meta, vol, cfg))
+    want = len(range(1, 7, guard_every))  # 6 for g = 1, 2 (iterations 1 and 4) for g = 3
+    assert counts == {"k": want, "cw": want}

@@ -37,6 +37,12 @@ _UMASK = _read_umask()
 def check_output_path(path: str | os.PathLike, *, overwrite: bool = False, inputs: tuple = ()) -> Path:
     """Validate an output path before any work starts; return it as an absolute ``Path``."""
     out = Path(path).expanduser().absolute()
+    if out.is_symlink():  # (a dangling link is an existing entry too: ``exists()`` says no)
+        if not overwrite:
+            raise OutputExistsError(
+                f"{out} exists already (a link): pass overwrite (--overwrite) to replace the file it names"
+            )
+        out = out.resolve()  # the link stays; the file it names is replaced
     for src in inputs:
         if src is None:
             continue
@@ -147,11 +153,28 @@ def gzip_writer(raw: IO[bytes]) -> IO[bytes]:
     return _FixedBlocks(IGzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1, mtime=0))
 
 
+# errors of a file system that cannot make hard links (the no-overwrite publish then checks and renames)
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
+
+
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename a finished temporary file onto ``out`` and sync the folder."""
-    if out.exists() and not overwrite:  # appeared while we were writing
-        raise OutputExistsError(f"{out} appeared while writing: pass overwrite to replace it")
-    os.replace(tmp, out)
+    """Move a finished temporary file onto ``out`` (never over a file that appeared, unless ``overwrite``)."""
+    appeared = f"{out} appeared while writing: move it away or pass overwrite to replace it"
+    if overwrite:
+        os.replace(tmp, out)
+    else:
+        try:  # a hard link is made only where no entry exists: no window between a check and the rename
+            os.link(tmp, out)
+        except FileExistsError:
+            raise OutputExistsError(appeared) from None
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            if out.exists() or out.is_symlink():
+                raise OutputExistsError(appeared) from None
+            os.replace(tmp, out)
+        else:
+            tmp.unlink()
     try:
         dfd = os.open(out.parent, os.O_RDONLY)
         try:
@@ -207,7 +230,7 @@ def staged_outputs() -> Iterator[Callable[[Callable[..., T]], Callable[..., T]]]
 
 def _publish_all(pending: list[tuple[Path, Path, bool]]) -> None:
     """Rename staged temporaries onto their outputs, all or none: a refusal or failure undoes the new ones."""
-    appeared = [out for _, out, overwrite in pending if not overwrite and out.exists()]
+    appeared = [out for _, out, overwrite in pending if not overwrite and (out.exists() or out.is_symlink())]
     if appeared:  # (a file made while the block ran) refused before anything is renamed
         for tmp, _, _ in pending:
             tmp.unlink(missing_ok=True)
@@ -248,7 +271,12 @@ def atomic_write(
     only replaced when ``overwrite`` is true.
     """
     out = check_output_path(path, overwrite=overwrite, inputs=inputs)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp" + _suffix(out), dir=out.parent)
+    try:  # (the name's start only: a name near the file system's limit leaves no room for more)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{out.name[:64]}.", suffix=".tmp" + _suffix(out), dir=out.parent
+        )
+    except OSError as exc:
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -24,6 +24,7 @@ Conventions, stated once:
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -162,20 +163,26 @@ def cbst_thresholds(prob: torch.Tensor, portion: float) -> torch.Tensor:
 
 
 def class_quantiles(top: torch.Tensor, lab: torch.Tensor, num_classes: int, portion: float) -> torch.Tensor:
-    """Return per class c the top-``portion`` value of ``top`` over the pixels ``lab`` puts in c (1 if none).
+    """Return per class c the top-``portion`` value of ``top`` over the pixels ``lab`` puts in c.
 
-    The value is the one at position ``round(portion · n)`` of the n values sorted in descending order
-    (read with ``kthvalue``, no full sort); ``top``/``lab`` are the max probability and its class.
+    As CRST's ``kc_parameters``: of the n values sorted in descending order, the one at position
+    ``floor(portion · n)`` counted from 1, so that exactly that many pixels reach it (ties aside); 1
+    where that count is 0 (no pixel of the class, or fewer than 1 / portion). Read with ``kthvalue``,
+    no full sort; ``top``/``lab`` are the max probability and its class.
     """
     k = torch.ones(num_classes, dtype=top.dtype, device=top.device)
     for cls in range(num_classes):
         vals = top[lab == cls]
         n = vals.numel()
-        if n == 0:
-            continue
-        idx = min(round(portion * n), n - 1)
-        k[cls] = torch.kthvalue(vals, n - idx).values
+        m = _selected_count(portion, n)
+        if m:
+            k[cls] = torch.kthvalue(vals, n - m + 1).values
     return k
+
+
+def _selected_count(portion: float, n: int) -> int:
+    """How many of a class's n pixels the top-``portion`` selects (CRST: ``floor(portion · n)``)."""
+    return min(math.floor(portion * n), n)
 
 
 def class_quantiles_f16(
@@ -194,10 +201,10 @@ def class_quantiles_f16(
     k = torch.ones(num_classes, dtype=torch.float32, device=top.device)
     for cls in range(num_classes):
         n = int(cum[cls, -1])
-        if n == 0:
+        m = _selected_count(portion, n)
+        if not m:
             continue
-        idx = min(round(portion * n), n - 1)
-        rank = n - idx  # as ``class_quantiles``: the (n - idx)-th smallest value
+        rank = n - m + 1  # as ``class_quantiles``: the m-th largest value
         pattern = int(torch.searchsorted(cum[cls], torch.tensor(rank, device=cum.device)))
         k[cls] = torch.tensor(pattern, dtype=torch.int16).view(torch.float16).float()
     return k

@@ -976,7 +976,7 @@ def _refine_loop(
             ens = ensemble.get(idx, dev)
             omega = pseudo.confidence(ens)
             if cfg.class_norm > 0:
-                if class_k is None or it % cfg.guard_every == 1:
+                if class_k is None or (it - 1) % cfg.guard_every == 0:
                     class_k = ensemble.class_thresholds(cfg.class_norm).to(dev)
                 select = "all" if cfg.class_select else "background" if cfg.background_select else "none"
                 target = pseudo.class_normalised_labels(ens, class_k, select)
@@ -991,7 +991,7 @@ def _refine_loop(
                 cw = None
                 if cfg.class_balance:
                     if cfg.class_balance_volume:  # the whole ensemble's frequencies, for the batch's classes
-                        if volume_cw is None or it % cfg.guard_every == 1:
+                        if volume_cw is None or (it - 1) % cfg.guard_every == 0:
                             volume_cw = pseudo.class_balance_weights(ensemble.label, num_classes).to(dev)
                         present = _organ_counts(target, num_classes) > 0
                         cw = torch.where(present, volume_cw, 0.0)
