@@ -449,3 +449,26 @@ def test_voxels_edited_in_place_are_another_scans(demo_viewer) -> None:
     _predict(widget, b)
     mine.data[...] = original
     assert ctl.corrections_count(mine) == 2
+
+
+def test_inspect_areas_follow_strokes_and_undo(demo_viewer, qtbot) -> None:
+    """The organ areas and the corrections count follow a stroke once the strokes pause, and an undo
+    too (napari sends no paint event for an undo), without a new Predict."""
+    viewer, widget, a, _b = demo_viewer()
+    ctl = widget.controller
+    _predict(widget, a)
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    k = int(np.argmax((pseudo.data == 1).sum(axis=(1, 2))))
+    sx, sy, _ = ctl.geometry.spacing
+    before = widget.inspect.profile.organ_area_cm2[1][k]
+    liver = np.nonzero(pseudo.data[k] == 1)
+    assert before == pytest.approx(liver[0].size * sx * sy / 100.0) and before > 0
+    pseudo.data_setitem((np.full(liver[0].size, k), *liver), 0)  # one erasing stroke over the liver
+    qtbot.waitUntil(lambda: widget.inspect.profile.organ_area_cm2[1][k] == 0.0, timeout=5000)
+    assert f"corrections on 'A': {liver[0].size} voxels" in widget.refine_panel.corrections_label.text()
+    pseudo.undo()
+    qtbot.waitUntil(
+        lambda: widget.inspect.profile.organ_area_cm2[1][k] == pytest.approx(before), timeout=5000
+    )
+    qtbot.waitUntil(lambda: "none" in widget.refine_panel.corrections_label.text(), timeout=5000)
+    assert ctl.n_corrected == 0

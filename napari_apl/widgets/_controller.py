@@ -271,6 +271,7 @@ class APLController:
         self.prediction: Prediction | None = None
         self.last_pseudo: np.ndarray | None = None
         self.corrections: np.ndarray | None = None
+        self.strokes_folded = 0  # counts the times collect_corrections found the layer changed
         self.last_corrections: np.ndarray | None = None
         self.history: list[dict[str, Any]] = []
         self.last_result: RefineResult | None = None
@@ -979,6 +980,7 @@ class APLController:
                 back = values == model[where]
                 self.corrections[tuple(axis[back] for axis in where)] = -1
             self.last_pseudo = current.astype(np.uint8, copy=True)
+            self.strokes_folded += 1
         return self.corrections
 
     def _scan_id(self, image_layer: Any) -> tuple[str, str | None] | None:

@@ -47,10 +47,13 @@ def slice_profile(
     ``labels`` when given: the pseudo labels as shown, painted corrections included)."""
     conf = pred.confidence.astype(np.float32).mean(axis=(0, 1))
     dis = pred.consistency.astype(np.float32).mean(axis=(0, 1))
+    return SliceProfile(conf, dis, organ_areas(pred.pseudo if labels is None else labels, spacing))
+
+
+def organ_areas(labels: np.ndarray, spacing: tuple[float, float, float]) -> dict[int, np.ndarray]:
+    """Each organ's area in cm² per axial slice of canonical labels ``(X, Y, Z)``."""
     pixel_cm2 = spacing[0] * spacing[1] / 100.0
-    shown = pred.pseudo if labels is None else labels
-    areas = {lab: (shown == lab).sum(axis=(0, 1)) * pixel_cm2 for lab in ORGANS}
-    return SliceProfile(conf, dis, areas)
+    return {lab: (labels == lab).sum(axis=(0, 1)) * pixel_cm2 for lab in ORGANS}
 
 
 def omega_histogram(pred: Prediction, k: int, bins: int = HIST_BINS) -> tuple[np.ndarray, np.ndarray]:
@@ -65,6 +68,7 @@ class InspectPanel(QWidget):
         super().__init__(parent)
         self.controller = controller
         self.profile: SliceProfile | None = None
+        self._strokes_seen = -1  # the controller's strokes_folded the areas were counted at
         self._rank = -1
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -103,6 +107,7 @@ class InspectPanel(QWidget):
             return
         # the areas of what the pseudo-label layer shows and Export writes: the corrections on top
         labels = ctl.shown_pseudo()
+        self._strokes_seen = ctl.strokes_folded
         self.profile = prof = slice_profile(ctl.prediction, ctl.geometry.spacing, labels)
         self._rank = -1
         self.noise_plot.set_series(
@@ -112,15 +117,37 @@ class InspectPanel(QWidget):
             },
             own_scales=True,  # ω near 1 and disagreement near 0 on one axis were two flat lines
         )
-        self.area_plot.set_series(
-            {CLASS_NAMES[lab]: (prof.organ_area_cm2[lab], LABEL_COLORS[lab]) for lab in ORGANS}
-        )
+        self._draw_areas()
         self.next_button.setEnabled(prof.n_slices > 0)
         if prof.n_slices and self.current_slice() is None:
             # the slider shows none of this scan's slices (a scan placed elsewhere in the world, or
             # past its end): show its middle slice, or its new layers would be nowhere to be seen
             self.go_to_slice(prof.n_slices // 2)
         self._on_dims()
+
+    def refresh_areas(self) -> None:
+        """Recount the organ areas after strokes or an undo in the pseudo-label layer (the ω and
+        disagreement curves are the model's and stay)."""
+        ctl = self.controller
+        if self.profile is None or ctl.prediction is None or ctl.geometry is None:
+            return
+        ctl.collect_corrections()  # (folds the strokes in)
+        if ctl.strokes_folded == self._strokes_seen:
+            return
+        labels = ctl.shown_pseudo()
+        if labels is None or labels.shape[2] != self.profile.n_slices:
+            return
+        self._strokes_seen = ctl.strokes_folded
+        self.profile.organ_area_cm2 = organ_areas(labels, ctl.geometry.spacing)
+        self._draw_areas()
+        self._on_dims()
+
+    def _draw_areas(self) -> None:
+        prof = self.profile
+        if prof is not None:
+            self.area_plot.set_series(
+                {CLASS_NAMES[lab]: (prof.organ_area_cm2[lab], LABEL_COLORS[lab]) for lab in ORGANS}
+            )
 
     def current_slice(self) -> int | None:
         """The axial slice of the predicted image that napari shows (``None`` if none, e.g. the slider

@@ -93,12 +93,14 @@ class _PaintWatcher:
         self.layer = layer
         if layer is not None:
             layer.events.paint.connect(self.on_paint)
+            layer.events.set_data.connect(self.on_set_data)  # (undo and redo: no paint event)
 
     def disconnect(self) -> None:
         """Stop following paint events."""
         if self.layer is not None:
             try:
                 self.layer.events.paint.disconnect(self.on_paint)
+                self.layer.events.set_data.disconnect(self.on_set_data)
             except Exception:  # the layer is gone already
                 pass
         self.layer = None
@@ -112,6 +114,14 @@ class _PaintWatcher:
             if self.count_timer is not None:
                 self.count_timer.start(CORRECTIONS_COUNT_DEBOUNCE_MS)
         except RuntimeError:  # the widget (and its timer) was deleted
+            self.disconnect()
+
+    def on_set_data(self, event: Any = None) -> None:
+        """Recount the corrections after an undo or redo (or a new prediction) once things settle."""
+        try:
+            if self.count_timer is not None:
+                self.count_timer.start(CORRECTIONS_COUNT_DEBOUNCE_MS)
+        except RuntimeError:
             self.disconnect()
 
 
@@ -331,10 +341,11 @@ class APLWidget(QWidget):
         return summary
 
     def _count_corrections(self) -> None:
-        """Count the painted voxels for the Refine panel once the strokes have paused."""
+        """Count the painted voxels for the Refine panel, and the Inspect areas, once the strokes pause."""
         if not self.controller.busy:
             self.controller.collect_corrections()
             self.refine_panel._update_corrections()
+            self.inspect.refresh_areas()
 
     def _forget_stale_error(self) -> None:
         """A new image choice clears an error line about the previous one (e.g. 'no image layer')."""
