@@ -313,7 +313,8 @@ def test_another_scans_labels_renamed_back_are_not_corrections(demo_viewer) -> N
 
 def test_a_pause_asked_in_the_last_iteration_ends_with_the_run(demo_viewer) -> None:
     """A pause asked for while the last iteration runs holds nothing (the loop is over): the run ends,
-    the controller is not left paused and Pause reads Pause, disabled."""
+    the controller is not left paused and Pause reads Pause, disabled; Stop, which has nothing left to
+    stop during the final prediction, is disabled too."""
     from napari_apl.core.refine import RefineConfig
 
     _viewer, widget, a, _b = demo_viewer()
@@ -328,9 +329,11 @@ def test_a_pause_asked_in_the_last_iteration_ends_with_the_run(demo_viewer) -> N
 
     ctl.refine_event.connect(on_event)
     ended = []
-    ctl.iterations_ended.connect(lambda: ended.append((ctl.paused, panel.pause_button.text())))
+    ctl.iterations_ended.connect(
+        lambda: ended.append((ctl.paused, panel.pause_button.text(), panel.stop_button.isEnabled()))
+    )
     assert ctl.refine(RefineConfig(iterations=2, batch_size=2, guard_every=1000, bn="frozen"), sync=True)
-    assert seen == [True] and ended == [(False, "Pause")]
+    assert seen == [True] and ended == [(False, "Pause", False)]
     assert ctl.last_result.iterations_done == 2 and not ctl.paused
 
 
@@ -472,3 +475,64 @@ def test_inspect_areas_follow_strokes_and_undo(demo_viewer, qtbot) -> None:
     )
     qtbot.waitUntil(lambda: "none" in widget.refine_panel.corrections_label.text(), timeout=5000)
     assert ctl.n_corrected == 0
+
+
+def test_a_scan_closed_during_predict_gets_no_layers(demo_viewer, qtbot) -> None:
+    """Predict of a scan closed before it ended added its five layers back for a scan no longer there."""
+    from napari_apl.widgets._controller import is_prediction_layer
+
+    viewer, widget, a, _b = demo_viewer()
+    ctl = widget.controller
+    widget.image_combo.set_layer(a)
+    assert widget.predict()  # in the background: its result comes through the event loop, after this
+    viewer.layers.remove(a)
+    qtbot.waitUntil(lambda: not ctl.busy, timeout=60000)
+    assert [layer.name for layer in viewer.layers] == ["B"]
+    assert not any(is_prediction_layer(layer) for layer in viewer.layers)
+    assert "'A' was closed during Predict" in widget.status.text()
+
+
+def test_a_scan_closed_during_refine_keeps_the_model_and_its_last_layers(demo_viewer, qtbot) -> None:
+    """The refined model is kept, and the layers of a scan closed during the run are not given its maps."""
+    from napari_apl.core.refine import RefineConfig
+
+    viewer, widget, a, _b = demo_viewer()
+    ctl = widget.controller
+    _predict(widget, a)
+    before, labels = ctl.prediction, viewer.layers[LAYER_PSEUDO].data.copy()
+    assert ctl.refine(RefineConfig(iterations=2, batch_size=2, guard_every=1000, bn="frozen"))
+    viewer.layers.remove(a)
+    qtbot.waitUntil(lambda: not ctl.busy, timeout=60000)
+    assert ctl.refined and ctl.last_result.iterations_done == 2
+    assert ctl.prediction is before
+    np.testing.assert_array_equal(viewer.layers[LAYER_PSEUDO].data, labels)
+    assert "refinement finished after 2 iterations; 'A' was closed" in widget.status.text()
+
+
+def test_closing_during_predict_lets_the_prediction_go(demo_viewer, qtbot) -> None:
+    """A Predict quit by closing left its generator suspended: the predictor (model, map stores) and its
+    helper thread stayed for the rest of the session."""
+    import gc
+    import threading
+    import weakref
+
+    _viewer, widget, a, _b = demo_viewer()
+    ctl = widget.controller
+    made: list[weakref.ref] = []
+    init = SlicePredictor.__init__
+
+    def tracked(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    SlicePredictor.__init__ = tracked
+    try:
+        widget.image_combo.set_layer(a)
+        assert widget.predict()
+    finally:
+        SlicePredictor.__init__ = init
+    assert ctl.shutdown()
+    qtbot.wait(50)
+    gc.collect()
+    assert len(made) == 1 and made[0]() is None
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("napari-apl-predict")]

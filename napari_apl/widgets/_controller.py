@@ -531,11 +531,23 @@ class APLController:
 
         from napari.qt.threading import create_worker
 
-        worker = create_worker(body, _start_thread=False, _ignore_errors=True)
+        gen = body()
+
+        def drive() -> Generator[Any, None, Any]:
+            return (yield from gen)
+
+        def finished() -> None:
+            # a quit worker (viewer or panel closed) leaves its generator suspended, not closed: its
+            # finally blocks (the predictor's helper thread, device memory) would wait for a garbage
+            # collection that never comes while anything holds the worker. It is done now, here.
+            self._guard(gen.close)
+            self._finish(on_done)
+
+        worker = create_worker(drive, _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(lambda item: self._guard(lambda: on_yield(item)))
         worker.returned.connect(lambda value: self._guard(lambda: on_return(value)))
         worker.errored.connect(self.error)
-        worker.finished.connect(lambda: self._finish(on_done))
+        worker.finished.connect(finished)
         self.worker = worker
         worker.start()
 
@@ -593,6 +605,9 @@ class APLController:
             self._progress(*item)
 
         def on_return(pred: Prediction) -> None:
+            if not self._layer_alive(image_layer):  # closed while it was predicted: no layers come back
+                self.status.emit(f"'{image_layer.name}' was closed during Predict: its prediction is dropped")
+                return
             self._show_prediction(image_layer, geometry, pred, source)
             self.status.emit(f"predicted {image_layer.name}")
 
@@ -1263,7 +1278,9 @@ class APLController:
                 f"refined model ({cfg.method}, {result.iterations_done} iterations), not exported: "
                 f"Export writes it, Revert goes back to {start}\n{self.summary}"
             )
-            if pred is None:  # closing, or no prediction: keep the layers as the last full prediction
+            closed = pred is not None and not self._layer_alive(image_layer)
+            if pred is None or closed:  # closing, no prediction, or the scan closed: the layers stay as
+                # the last full prediction (a closed scan gets none)
                 _unstage(staged)
                 if self.prediction is not None and self.pseudo_layer() is not None:
                     self._write_pseudo(self.prediction.pseudo)
@@ -1277,10 +1294,11 @@ class APLController:
                         f"({reason[:200]}): the layers still show the model before the run; free memory "
                         "(close other layers or viewers) and press Predict"
                     )
-                how = "stopped" if result.stopped or failed is None else "finished"
+                how = "stopped" if result.stopped or (pred is None and failed is None) else "finished"
                 self.status.emit(
                     f"refinement {how} after {result.iterations_done} iterations"
                     + ("; predicting with the refined model failed" if failed is not None else "")
+                    + (f"; '{image_layer.name}' was closed, so no layers show its result" if closed else "")
                 )
                 self.refine_finished.emit(result)
                 return

@@ -228,9 +228,10 @@ class RefinePanel(QWidget):
             self.pause_button.setText("Pause")
 
     def _on_iterations_ended(self) -> None:
-        """Nothing is left to pause once the refined model predicts the scan."""
+        """Nothing is left to pause or stop once the refined model predicts the scan."""
         self.pause_button.setEnabled(False)
         self.pause_button.setText("Pause")
+        self.stop_button.setEnabled(False)
 
     def _on_event(self, ev: RefineEvent) -> None:
         history = self.controller.history
