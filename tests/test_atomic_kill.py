@@ -15,6 +15,7 @@ run) and ``NAPARI_APL_KILL_SEED`` the random kill times.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import multiprocessing as mp
@@ -274,7 +275,8 @@ def test_staged_outputs_refuse_a_file_that_appeared_before_renaming_any(tmp_path
 
 def test_staged_outputs_undo_the_new_files_when_a_rename_fails(tmp_path, monkeypatch):
     """A rename failing midway removes the outputs the block had already published (and the rest's
-    temporaries); a file the block replaced with overwrite stays replaced."""
+    temporaries), and a file the block had replaced with overwrite gets its old version back (it stayed
+    new: a set of maps half of one scan and half of another)."""
     import napari_apl.core.io_utils as io_utils
 
     (tmp_path / "a.json").write_text("old")
@@ -288,13 +290,42 @@ def test_staged_outputs_undo_the_new_files_when_a_rename_fails(tmp_path, monkeyp
         real(src, dst)
 
     monkeypatch.setattr(io_utils.os, "replace", flaky_replace)
-    with pytest.raises(OutputError, match="cannot finish writing the outputs: Input/output error"):
+    with pytest.raises(OutputError, match="Input/output error; the files that were there are kept"):
         with staged_outputs():
             for name in ("a.json", "b.json", "c.json", "d.json"):
                 atomic_write(tmp_path / name, lambda p: p.write_text("new"), overwrite=True)
-    assert calls == ["a.json", "b.json", "c.json"]
+    assert calls[:3] == ["a.json", "b.json", "c.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
-    assert (tmp_path / "a.json").read_text() == "new"
+    assert (tmp_path / "a.json").read_text() == "old"
+
+
+def test_a_failed_set_says_which_files_it_replaced_where_none_can_come_back(tmp_path, monkeypatch):
+    """On a file system without hard links the old versions cannot be kept aside: the error names the
+    files already replaced."""
+    import napari_apl.core.io_utils as io_utils
+
+    for name in ("a.json", "b.json"):
+        (tmp_path / name).write_text("old")
+    real = io_utils.os.replace
+    calls = []
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    def flaky_replace(src, dst):
+        calls.append(Path(dst).name)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        real(src, dst)
+
+    monkeypatch.setattr(io_utils.os, "link", no_links)
+    monkeypatch.setattr(io_utils.os, "replace", flaky_replace)
+    with pytest.raises(OutputError, match=r"Input/output error; replaced already: a\.json$"):
+        with staged_outputs():
+            for name in ("a.json", "b.json"):
+                atomic_write(tmp_path / name, lambda p: p.write_text("new"), overwrite=True)
+    assert [(tmp_path / n).read_text() for n in ("a.json", "b.json")] == ["new", "old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
 
 
 def test_a_name_near_the_length_limit_is_written(tmp_path):

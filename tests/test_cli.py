@@ -823,3 +823,26 @@ def test_a_file_system_error_is_one_line(tmp_path, tiny_ckpt, capsys, monkeypatc
     assert main(["info", str(tiny_ckpt)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"napari-apl info: error: Input/output error: {tiny_ckpt}"
+
+
+def test_maps_do_not_take_the_scans_intent(tmp_path, tiny_ckpt, phantom_dir):
+    """A scan whose header declares a statistic (intent 't test') and a colour-table file gave its label
+    and fraction maps the same declaration; refine's model labels (written another way) too."""
+    src = nib.load(phantom_dir / "image.nii.gz")
+    img = nib.Nifti1Image(np.asanyarray(src.dataobj), src.affine, src.header)
+    img.header.set_intent("t test", (10,), name="tstat")
+    img.header["aux_file"] = b"ct.lut"
+    nib.save(img, tmp_path / "in.nii.gz")
+    assert (
+        main(["predict", str(tmp_path / "in.nii.gz"), "-c", str(tiny_ckpt), "-o", str(tmp_path / "p"), "-q"])
+        == 0
+    )
+    argv = ["refine", str(tmp_path / "in.nii.gz"), "-c", str(tiny_ckpt), "-o", str(tmp_path / "r"), "-q",
+            "--iterations", "1", "--batch-size", "2"]  # fmt: skip
+    assert main(argv) == 0
+    written = [tmp_path / "p" / f"{name}.nii.gz" for name in MAPS] + list((tmp_path / "r").glob("*.nii.gz"))
+    assert len(written) > len(MAPS)
+    for path in written:
+        hdr = nib.load(path).header
+        assert hdr.get_intent() == ("none", (), "") and hdr["aux_file"] == b"", path.name
+    assert nib.load(tmp_path / "in.nii.gz").header.get_intent()[0] == "t test"  # (the input's, as set)

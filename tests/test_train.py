@@ -244,6 +244,70 @@ def test_resume_with_other_settings_is_refused(tmp_path, mri_pairs):
     assert next(train_source(mri_pairs, out, _cfg())).epoch == 2
 
 
+def test_resume_on_other_voxels_of_the_same_size_is_refused(tmp_path, mri_pairs):
+    """Uncompressed files of one shape have one size: the volumes were told apart by name and size only,
+    so a run on other voxels under the same names resumed from the first one's weights."""
+    import nibabel as nib
+
+    def copy_as_nii(folder: Path, change: bool) -> list[tuple[str, str]]:
+        folder.mkdir()
+        pairs = []
+        for image, labels in mri_pairs:
+            img = nib.load(image)
+            data = np.asarray(img.dataobj).copy()
+            if change:
+                data[: data.shape[0] // 2] = data[: data.shape[0] // 2][::-1]  # other voxels, same size
+            names = (
+                Path(image).name.replace(".nii.gz", ".nii"),
+                Path(labels).name.replace(".nii.gz", ".nii"),
+            )
+            nib.save(nib.Nifti1Image(data, img.affine, img.header), folder / names[0])
+            nib.save(nib.load(labels), folder / names[1])
+            pairs.append((str(folder / names[0]), str(folder / names[1])))
+        return pairs
+
+    first, other = copy_as_nii(tmp_path / "a", False), copy_as_nii(tmp_path / "b", True)
+    assert [Path(f).stat().st_size for p in first for f in p] == [
+        Path(f).stat().st_size for p in other for f in p
+    ]
+    out = tmp_path / "m.pt"
+    seen = []
+    gen = train_source(first, out, _cfg(), stop=lambda: len(seen) >= 3)  # epoch 1 finished and kept
+    with pytest.raises(StopIteration):
+        while True:
+            seen.append(next(gen))
+    with pytest.raises(APLError, match="other volumes"):
+        next(train_source(other, out, _cfg()))
+    moved = tmp_path / "moved"
+    (tmp_path / "a").rename(moved)  # the same files in another folder still resume
+    pairs = [tuple(str(moved / Path(f).name) for f in p) for p in first]
+    assert next(train_source(pairs, out, _cfg())).epoch == 2
+
+
+def test_an_interrupt_names_the_epoch_that_was_running(tmp_path, mri_pairs, capsys, monkeypatch):
+    """Ctrl-C just after an epoch was kept named the epoch before it (that of the last step shown)."""
+    import napari_apl.core.train as train_mod
+    from napari_apl.cli import main
+
+    real = train_mod.atomic_write
+
+    def interrupted_after_saving(path, *args, **kwargs):
+        out = real(path, *args, **kwargs)
+        if str(path).endswith(".train-state"):
+            raise KeyboardInterrupt  # as a Ctrl-C arriving once epoch 1 is on disk
+        return out
+
+    monkeypatch.setattr(train_mod, "atomic_write", interrupted_after_saving)
+    image, labels = (Path(f) for f in mri_pairs[0])
+    argv = ["train-source", "--images", str(image.parent.parent / "*" / image.name),
+            "--labels", str(labels.parent.parent / "*" / labels.name)]  # fmt: skip
+    rc = main([*argv, "--epochs", "3", "--input-size", "32", "32", "--spacing", "9", "9", "-q",
+               "--out", str(tmp_path / "m.pt")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 130
+    assert "interrupted in epoch 2: the 1 finished epoch is kept in" in err
+
+
 @pytest.mark.parametrize(
     "bad, words",
     [

@@ -40,7 +40,7 @@ from .models import DualHeadNet
 from .models.fold import FoldedNet
 from .preprocess import FittedNormalization, Normalization, constant_volume_error
 from .utils import resolve_device, run_generator
-from .volume import SliceGrid, Volume, axial_reader, written_shape
+from .volume import SliceGrid, Volume, axial_reader, derived_header, written_shape
 
 __all__ = [
     "FRACTION_MAPS",
@@ -846,10 +846,7 @@ def _nifti_header_bytes(reference: Volume, name: str) -> bytes:
     from nibabel.fileholders import FileHolder
 
     dtype = np.dtype(np.uint8)
-    hdr = reference.header.copy()
-    hdr.set_data_dtype(dtype)
-    hdr["cal_min"] = 0.0
-    hdr["cal_max"] = 0.0
+    hdr = derived_header(reference.header, dtype)
     image_class = nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
     fake = np.broadcast_to(np.zeros((), dtype), written_shape(reference))
     img = image_class(fake, reference.original_affine, header=hdr)

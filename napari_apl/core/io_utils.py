@@ -239,10 +239,13 @@ def _publish_all(pending: list[tuple[Path, Path, bool]]) -> None:
             f"{appeared[0]}{more} appeared while writing: move it away or pass overwrite to replace it"
         )
     published: list[Path] = []  # outputs that did not exist before this block: removed again on failure
+    replaced: list[tuple[Path, Path | None]] = []  # outputs replaced, and a link to their old file
     done = 0
     try:
         for tmp, out, overwrite in pending:
             existed = out.exists()
+            if existed and overwrite:
+                replaced.append((out, _link_aside(out)))
             _publish(tmp, out, overwrite)
             done += 1
             if not existed:
@@ -250,12 +253,46 @@ def _publish_all(pending: list[tuple[Path, Path, bool]]) -> None:
     except BaseException as exc:
         for tmp, _, _ in pending[done:]:
             tmp.unlink(missing_ok=True)
-        for out in published:  # (a replaced file cannot come back: those stay new)
+        for out in published:
             with contextlib.suppress(OSError):
                 out.unlink()
+        lost = []  # replaced files whose old version cannot come back
+        for out, old in replaced:
+            try:
+                if old is None:
+                    raise OSError(errno.ENOENT, "no link to the old file")
+                os.replace(old, out)
+            except OSError:
+                if any(o == out for _, o, _ in pending[:done]):
+                    lost.append(out.name)
+                if old is not None:
+                    with contextlib.suppress(OSError):
+                        old.unlink()
         if isinstance(exc, OSError):
-            raise OutputError(f"cannot finish writing the outputs: {exc.strerror or exc}") from exc
+            kept = (
+                f"; replaced already: {', '.join(lost)}" if lost else "; the files that were there are kept"
+            )
+            raise OutputError(f"cannot finish writing the outputs: {exc.strerror or exc}{kept}") from exc
         raise
+    for _, old in replaced:
+        if old is not None:
+            with contextlib.suppress(OSError):
+                old.unlink()
+
+
+def _link_aside(path: Path) -> Path | None:
+    """A hidden hard link to ``path``'s file in its folder (its old version, if it is replaced and the
+    block then fails), or ``None`` where the file system makes none."""
+    for _ in range(8):
+        aside = path.with_name(f".{path.name[:64]}.{os.urandom(4).hex()}.old")
+        try:
+            os.link(path, aside)
+            return aside
+        except FileExistsError:
+            continue
+        except OSError:
+            return None
+    return None
 
 
 def atomic_write(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Generator, Sequence
@@ -454,6 +455,14 @@ def train_source(
     return model, meta
 
 
+def _epochs_done(state_file: Path) -> int | None:
+    """The finished epochs a resumable training state holds (``None`` if there is no readable one)."""
+    try:
+        return int(torch.load(state_file, map_location="cpu", weights_only=True)["epoch"])
+    except Exception:
+        return None
+
+
 def _refuse_diverged(model: torch.nn.Module, out: Path, state_file: Path) -> None:
     """Stop a run whose weights are no longer finite; its resume state goes too (resuming it would
     diverge again, and a state of other settings would refuse the lower learning rate the error asks for)."""
@@ -469,16 +478,27 @@ def _refuse_diverged(model: torch.nn.Module, out: Path, state_file: Path) -> Non
 def _cfg_key(cfg: TrainConfig, pairs: Sequence[tuple[str, str]] = ()) -> str:
     """Return what must match for a resumed run (the settings and the volumes), as a string.
 
-    The volumes count by file name and size, so a data folder that moved still resumes.
+    The volumes count by file name, size and a digest of their bytes (not by folder, so a data folder
+    that moved still resumes; uncompressed files of one shape all have one size).
     """
     import json
-    import os
 
     d = asdict(cfg)
     d.pop("device", None)
     d.pop("epochs", None)
-    d["volumes"] = [[Path(f).name, os.path.getsize(f)] for pair in pairs for f in pair]
+    d["volumes"] = [[Path(f).name, os.path.getsize(f), _file_digest(f)] for pair in pairs for f in pair]
     return json.dumps(d, sort_keys=True, default=list)
+
+
+def _file_digest(path: str | os.PathLike) -> str:
+    """A digest of a file's bytes (BLAKE2b, 128 bits; about a second per GB)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _meta(
@@ -530,7 +550,6 @@ def train_source_cli(args: Any) -> int:
     )
     gen = train_source(pairs, args.out, cfg, overwrite=args.overwrite)
     bar = None
-    epoch = 0
     try:
         while True:
             ev = next(gen)
@@ -544,17 +563,17 @@ def train_source_cli(args: Any) -> int:
                 )
                 if ev.epoch > 1:
                     print(f"resuming at epoch {ev.epoch} from {_state_path(Path(args.out))}", file=sys.stderr)
-            epoch = ev.epoch
             bar.update(1)
             bar.set_postfix(epoch=ev.epoch, loss=f"{ev.loss:.3f}")
     except StopIteration:
         pass
     except KeyboardInterrupt:
         state = _state_path(Path(args.out))
-        if state.exists():
+        done = _epochs_done(state)  # (what the state holds: the last event shown may be a step behind)
+        if done:
             print(
-                f"interrupted in epoch {epoch}: the finished epochs are kept in {state}; the same command "
-                "resumes from there (delete that file to start afresh)",
+                f"interrupted in epoch {done + 1}: the {done} finished epoch{'s are' if done > 1 else ' is'} "
+                f"kept in {state}; the same command resumes from there (delete that file to start afresh)",
                 file=sys.stderr,
             )
         raise

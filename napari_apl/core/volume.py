@@ -49,6 +49,7 @@ __all__ = [
     "MIN_SPACING_MM",
     "SliceGrid",
     "Volume",
+    "derived_header",
     "display_data",
     "file_looks_whole",
     "has_scaling",
@@ -900,6 +901,18 @@ def _cast(arr: np.ndarray, dtype: np.dtype, out: Path) -> np.ndarray:
     return arr.astype(dtype)
 
 
+def derived_header(header: Any, dtype: Any) -> Any:
+    """A copy of a scan's NIfTI header for new voxels on its grid: the voxel type set, and what described
+    the scan's own values cleared (display range, intent such as a statistic, colour-table file)."""
+    hdr = header.copy()
+    hdr.set_data_dtype(dtype)
+    hdr["cal_min"] = 0.0
+    hdr["cal_max"] = 0.0
+    hdr.set_intent("none", (), name="")
+    hdr["aux_file"] = b""
+    return hdr
+
+
 def save_nifti(
     arr_original_order: Any,
     path: str | os.PathLike,
@@ -928,13 +941,10 @@ def save_nifti(
     arr = _cast(arr, out_dtype, out)
     if arr.ndim == 3:
         arr = arr.reshape(written_shape(reference))  # the file's trailing axes of length 1 come back
-    hdr = reference.header.copy()
     try:
-        hdr.set_data_dtype(out_dtype)
+        hdr = derived_header(reference.header, out_dtype)
     except HeaderDataError as exc:
         raise OutputError(f"cannot write {out}: NIfTI does not support voxel type {out_dtype}") from exc
-    hdr["cal_min"] = 0.0  # display range of the reference's intensities does not apply to new data
-    hdr["cal_max"] = 0.0
     image_class = nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
     img = image_class(arr, reference.original_affine, header=hdr)
     img.set_data_dtype(out_dtype)
