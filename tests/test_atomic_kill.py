@@ -277,19 +277,9 @@ def test_staged_outputs_undo_the_new_files_when_a_rename_fails(tmp_path, monkeyp
     """A rename failing midway removes the outputs the block had already published (and the rest's
     temporaries), and a file the block had replaced with overwrite gets its old version back (it stayed
     new: a set of maps half of one scan and half of another)."""
-    import napari_apl.core.io_utils as io_utils
 
     (tmp_path / "a.json").write_text("old")
-    real = io_utils.os.replace
-    calls = []
-
-    def flaky_replace(src, dst):
-        calls.append(Path(dst).name)
-        if len(calls) == 3:
-            raise OSError(5, "Input/output error")
-        real(src, dst)
-
-    monkeypatch.setattr(io_utils.os, "replace", flaky_replace)
+    calls = _replace_failing_at(3, monkeypatch)
     with pytest.raises(OutputError, match="Input/output error; the files that were there are kept"):
         with staged_outputs():
             for name in ("a.json", "b.json", "c.json", "d.json"):
@@ -306,20 +296,12 @@ def test_a_failed_set_says_which_files_it_replaced_where_none_can_come_back(tmp_
 
     for name in ("a.json", "b.json"):
         (tmp_path / name).write_text("old")
-    real = io_utils.os.replace
-    calls = []
 
     def no_links(src, dst):
         raise OSError(errno.EPERM, "Operation not permitted")
 
-    def flaky_replace(src, dst):
-        calls.append(Path(dst).name)
-        if len(calls) == 2:
-            raise OSError(5, "Input/output error")
-        real(src, dst)
-
     monkeypatch.setattr(io_utils.os, "link", no_links)
-    monkeypatch.setattr(io_utils.os, "replace", flaky_replace)
+    _replace_failing_at(2, monkeypatch)
     with pytest.raises(OutputError, match=r"Input/output error; replaced already: a\.json$"):
         with staged_outputs():
             for name in ("a.json", "b.json"):
@@ -374,3 +356,19 @@ def test_a_file_made_at_the_last_moment_is_not_replaced(tmp_path, monkeypatch):
     with pytest.raises(OutputExistsError, match="appeared while writing"):
         atomic_write(out, lambda p: p.write_text("ours"))
     assert out.read_text() == "someone else's" and [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def _replace_failing_at(n: int, monkeypatch) -> list[str]:
+    """Make io_utils' n-th ``os.replace`` fail with an I/O error; returns the names it is called for."""
+    import napari_apl.core.io_utils as io_utils
+
+    real, calls = io_utils.os.replace, []
+
+    def flaky_replace(src, dst):
+        calls.append(Path(dst).name)
+        if len(calls) == n:
+            raise OSError(5, "Input/output error")
+        real(src, dst)
+
+    monkeypatch.setattr(io_utils.os, "replace", flaky_replace)
+    return calls

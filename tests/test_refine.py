@@ -715,19 +715,7 @@ def test_the_teacher_runs_on_its_folded_copy(setup, monkeypatch):
     from napari_apl.core.models.fold import FoldedNet
 
     model, meta, vol = setup
-    calls = {"forward": 0, "refresh": 0}
-    forward, refresh = FoldedNet.forward, FoldedNet.refresh
-
-    def counting_forward(self, x):
-        calls["forward"] += 1
-        return forward(self, x)
-
-    def counting_refresh(self, state):
-        calls["refresh"] += 1
-        return refresh(self, state)
-
-    monkeypatch.setattr(FoldedNet, "forward", counting_forward)
-    monkeypatch.setattr(FoldedNet, "refresh", counting_refresh)
+    calls = _count_calls(monkeypatch, forward=(FoldedNet, "forward"), refresh=(FoldedNet, "refresh"))
     run_generator(refine(model, meta, vol, _cfg(iterations=4)))
     # the initial ensemble pass (one batch of 8 slices) and one forward per iteration
     assert calls["forward"] >= 5 and calls["refresh"] >= calls["forward"]
@@ -769,19 +757,9 @@ def test_class_thresholds_refresh_every_guard_every_iterations(setup, monkeypatc
     from napari_apl.core import refine as refine_mod
 
     model, meta, vol = setup
-    counts = {"k": 0, "cw": 0}
-    thresholds, weights = refine_mod._Ensemble.class_thresholds, pseudo.class_balance_weights
-
-    def count_k(self, portion):
-        counts["k"] += 1
-        return thresholds(self, portion)
-
-    def count_cw(label, num_classes):
-        counts["cw"] += 1
-        return weights(label, num_classes)
-
-    monkeypatch.setattr(refine_mod._Ensemble, "class_thresholds", count_k)
-    monkeypatch.setattr(pseudo, "class_balance_weights", count_cw)
+    counts = _count_calls(
+        monkeypatch, k=(refine_mod._Ensemble, "class_thresholds"), cw=(pseudo, "class_balance_weights")
+    )
     cfg = _cfg(
         iterations=6, guard_every=guard_every, augment="none", class_norm=0.5, class_balance_volume=True
     )
@@ -789,3 +767,17 @@ def test_class_thresholds_refresh_every_guard_every_iterations(setup, monkeypatc
     run_generator(refine(model, meta, vol, cfg))
     want = len(range(1, 7, guard_every))  # 6 for g = 1, 2 (iterations 1 and 4) for g = 3
     assert counts == {"k": want, "cw": want}
+
+
+def _count_calls(monkeypatch, **targets: tuple) -> dict[str, int]:
+    """Count the calls of each ``key=(owner, attribute)`` (the originals still run)."""
+    counts = dict.fromkeys(targets, 0)
+    for key, (owner, name) in targets.items():
+        original = getattr(owner, name)
+
+        def counting(*args, _key=key, _original=original, **kwargs):
+            counts[_key] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counting)
+    return counts
