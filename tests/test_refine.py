@@ -154,8 +154,18 @@ def test_bad_config_is_one_line_error(setup):
         dict(weight="x"),
         dict(amp="off"),
         dict(teacher_bf16="auto"),
+        # settings validate() let through and the loop then broke on, or read otherwise
+        dict(foreground_sampling=1.5),
+        dict(foreground_sampling=-0.5),
+        dict(lr_classifier=-1e-4),
+        dict(lr_classifier=float("nan")),
+        dict(augment_geometry="false"),
+        dict(class_balance_volume="no"),
+        dict(seed=2**64),
+        dict(tau=1.0),
+        dict(collapse_guard=-1.0),
     ):
-        with pytest.raises(ValueError) as err:
+        with pytest.raises(APLError) as err:
             run_generator(refine(model, meta, vol, _cfg(**bad)))
         assert "\n" not in str(err.value)
 
@@ -463,12 +473,16 @@ def test_frozen_batch_norm_stays_frozen_without_a_teacher(setup, method):
 
 @pytest.mark.parametrize("method", ["apl", "apl-con"])
 @pytest.mark.parametrize("bn", ["frozen", "adapt"])
-def test_labels_from_the_students_own_forward_change_nothing(setup, monkeypatch, method, bn):
-    """Without a teacher the pseudo labels come from the classifier step's forward: bit-identical."""
+@pytest.mark.parametrize("geometry", [False, True])
+def test_labels_from_the_students_own_forward_change_nothing(setup, monkeypatch, method, bn, geometry):
+    """Without a teacher the pseudo labels come from the classifier step's forward: bit-identical (and
+    not so with a geometric view, whose forward is of another image than the slice's)."""
     import napari_apl.core.refine as refine_module
 
     model, meta, vol = setup
-    cfg = _cfg(method=method, bn=bn, teacher_decay=0.0, iterations=4)
+    cfg = _cfg(
+        method=method, bn=bn, teacher_decay=0.0, iterations=4, augment="none", augment_geometry=geometry
+    )
     fast = run_generator(refine(model, meta, vol, cfg))
     monkeypatch.setattr(refine_module, "_REUSE_OWN_FORWARD", False)
     slow = run_generator(refine(model, meta, vol, cfg))
@@ -781,3 +795,92 @@ def _count_calls(monkeypatch, **targets: tuple) -> dict[str, int]:
 
         monkeypatch.setattr(owner, name, counting)
     return counts
+
+
+def test_cbst_regenerates_its_labels_rounds_times(setup):
+    """Iterations left over after rounds equal parts made extra rounds (10 iterations in 4 rounds: 5)."""
+    model, meta, vol = setup
+    for iterations, rounds in ((10, 4), (7, 4), (14, 3)):
+        result = run_generator(
+            refine(model, meta, vol, _cfg(method="cbst", iterations=iterations, rounds=rounds))
+        )
+        portions = [h["portion"] for h in result.history if "portion" in h]
+        assert portions == pytest.approx([0.2 + 0.05 * r for r in range(rounds)]), (iterations, rounds)
+
+
+def test_adapted_batch_norm_has_the_whole_volumes_statistics():
+    """AdaBN weighed each batch alike (a last batch of 4 slices as much as one of 16) and ran with
+    dropout on; the first batch norm's running mean is now its input's mean over every slice."""
+    from napari_apl.core.models import build_model
+    from napari_apl.core.refine import _adapt_bn
+
+    torch.manual_seed(0)
+    xs = torch.randn(20, 1, 32, 32) * torch.linspace(0.5, 3, 20).reshape(-1, 1, 1, 1)  # slices unlike
+    stats = {}
+    for dropout in (0.0, 0.5):
+        torch.manual_seed(1)
+        model = build_model("unet-dual", num_classes=5, base=4, dropout=dropout)
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        seen: list[torch.Tensor] = []
+        hook = bns[0].register_forward_hook(lambda m, inp, out, seen=seen: seen.append(inp[0].detach()))
+        with torch.no_grad():
+            model.eval()
+            model(xs)
+            hook.remove()
+            _adapt_bn(model, xs, torch.device("cpu"), mix=1.0, batch=16)
+        want = seen[0].mean(dim=(0, 2, 3))
+        torch.testing.assert_close(bns[0].running_mean, want, rtol=1e-4, atol=1e-5)
+        assert all(m.momentum == 0.1 for m in bns) and not model.training
+        stats[dropout] = [m.running_var.clone() for m in bns]
+    for a, b in zip(stats[0.0], stats[0.5], strict=True):  # dropout off while the statistics are read
+        torch.testing.assert_close(a, b)
+
+
+def test_painted_classes_weigh_with_the_volumes_class_balance(setup, monkeypatch):
+    """A class only the user's corrections hold weighed 0 under class_balance_volume: no gradient."""
+    from napari_apl.core import pseudo
+
+    model, meta, vol = setup
+    start = run_generator(refine(model, meta, vol, _cfg(iterations=0, class_norm=0)))
+    painted = next(c for c in range(1, 5) if not (start.pseudo == c).any())
+    corr = np.full(vol.data.shape, -1, np.int16)
+    corr[4:12, 4:12, :] = painted
+    weights = []
+    loss_ssl = pseudo.loss_ssl
+
+    def spy(logits, target, omega, class_weight=None, **kw):
+        if class_weight is not None and (target == painted).any():
+            weights.append(float(class_weight[painted]))
+        return loss_ssl(logits, target, omega, class_weight, **kw)
+
+    monkeypatch.setattr(pseudo, "loss_ssl", spy)
+    cfg = _cfg(iterations=3, class_norm=0, class_balance_power=0.5, class_balance_volume=True)
+    run_generator(refine(model, meta, vol, cfg, corrections=corr))
+    assert weights and min(weights) > 0
+
+
+def test_the_students_view_of_z_scores_stays_on_their_scale():
+    """The intensity augmentation works on slices stretched to [0, 1]: clipped slices stay so, z-scores
+    went on to the student on [0, 1] while the teacher and every prediction read z-scores."""
+    from napari_apl.core.train import _intensity_transforms, augment_intensity
+
+    torch.manual_seed(0)
+    z = torch.randn(4, 1, 32, 32) * 1.5 + 0.3
+    clipped = torch.rand(4, 1, 32, 32) * 0.8
+    for x in (z, clipped):
+        lo, hi = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
+        out = augment_intensity(x, torch.Generator().manual_seed(3), 0.5, 0.5)
+        base = _intensity_transforms((x - lo) / (hi - lo), torch.Generator().manual_seed(3), 0.5, 0.5)
+        want = base * (hi - lo) + lo if x is z else base
+        torch.testing.assert_close(out, want)
+    assert float(out.min()) < 0  # (z-scores: back on their own scale, not on [0, 1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_domain_augmentation_runs_on_cuda():
+    """GIN drew its kernel sizes with a CUDA generator but no device: an error on every CUDA run."""
+    from napari_apl.core.train import augment_intensity
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    out = augment_intensity(torch.rand(2, 1, 32, 32, device="cuda"), gen, 1.0, 1.0)
+    assert out.is_cuda and torch.isfinite(out).all()

@@ -218,6 +218,12 @@ class RefineConfig:
             raise APLError("batch size must be at least 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise APLError(f"learning rate must be a positive number, got {self.lr}")
+        if self.lr_classifier is not None and not (
+            self.lr_classifier > 0 and math.isfinite(self.lr_classifier)
+        ):
+            raise APLError(f"lr_classifier must be a positive number or unset, got {self.lr_classifier}")
+        if not 0 <= self.foreground_sampling <= 1:
+            raise APLError(f"foreground_sampling is a fraction in [0, 1], got {self.foreground_sampling}")
         if self.weight not in ("uniform", "confusion"):
             raise APLError(f"unknown weight '{self.weight}': choose uniform or confusion")
         if self.bn not in BN_MODES:
@@ -226,8 +232,10 @@ class RefineConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise APLError(f"{name} must be true, false or unset (auto), got {value!r}")
-        if not isinstance(self.channels_last, bool):
-            raise APLError(f"channels_last must be true or false, got {self.channels_last!r}")
+        for name in ("channels_last", "augment_geometry", "class_balance", "class_balance_volume",
+                     "both_heads_ssl", "guard_spread"):  # fmt: skip
+            if not isinstance(getattr(self, name), bool):  # ("false" would read as true)
+                raise APLError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.augment not in AUGMENT_MODES:
             raise APLError(f"unknown augment '{self.augment}': choose one of {', '.join(AUGMENT_MODES)}")
         if not 0 <= self.bn_mix <= 1:
@@ -236,10 +244,10 @@ class RefineConfig:
             raise APLError(f"class_balance_power must be in [0, 4], got {self.class_balance_power}")
         if not 0 <= self.teacher_decay < 1 or not 0 <= self.ensemble_decay < 1:
             raise APLError("teacher and ensemble decays must be in [0, 1)")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise APLError(f"seed must be a whole number, 0 or more, got {self.seed!r}")
-        if not 0 < self.tau <= 1:
-            raise APLError(f"tau is a probability threshold in (0, 1], got {self.tau}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
+            raise APLError(f"seed must be a whole number from 0 to 2**64 - 1, got {self.seed!r}")
+        if not 0 < self.tau < 1:  # (a pixel passes where its top probability is above tau)
+            raise APLError(f"tau is a probability threshold in (0, 1), got {self.tau}")
         if not 0 <= self.class_norm <= 1:
             raise APLError(f"class_norm is a portion in [0, 1], got {self.class_norm}")
         if not (0 < self.cbst_portion <= self.cbst_max <= 1 and 0 <= self.cbst_step <= 1):
@@ -255,6 +263,10 @@ class RefineConfig:
             raise APLError("rounds and guard_every must be 1 or more")
         if self.mrnet_memory < 0:
             raise APLError(f"mrnet_memory must be 0 or more, got {self.mrnet_memory}")
+        if not 0 <= self.collapse_guard <= 1:
+            raise APLError(f"collapse_guard is a fraction in [0, 1], got {self.collapse_guard}")
+        if self.guard_min_pixels < 0 or self.emit_every < 0:
+            raise APLError("guard_min_pixels and emit_every must be 0 or more")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -410,14 +422,21 @@ def _adapt_bn(
     if not bns:
         return
     source = [(m.running_mean.clone(), m.running_var.clone()) if mix < 1 else None for m in bns]
+    momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
-        m.momentum = None  # cumulative average over all target batches
-    model.train()
+    model.eval()  # (dropout off: the statistics are those of the forward that predicts)
+    for m in bns:
+        m.train()
+    seen = 0
     for s in range(0, xs.shape[0], batch):
-        model(xs[s : s + batch].to(dev))
-    for m, kept in zip(bns, source):
-        m.momentum = 0.1
+        x = xs[s : s + batch]
+        for m in bns:  # each batch weighs as its slices: a short last batch counts for what it holds
+            m.momentum = x.shape[0] / (seen + x.shape[0])
+        model(x.to(dev))
+        seen += x.shape[0]
+    for m, kept, momentum in zip(bns, source, momenta, strict=True):
+        m.momentum = momentum
         if kept is not None:
             m.running_mean.mul_(mix).add_(kept[0], alpha=1 - mix)
             m.running_var.mul_(mix).add_(kept[1], alpha=1 - mix)
@@ -768,6 +787,7 @@ def _refine_loop(
         _REUSE_OWN_FORWARD
         and teacher is None
         and cfg.augment == "none"
+        and not cfg.augment_geometry  # (the student's forward is then of another view than the plain slice)
         and cfg.bn in ("adapt", "frozen")
         and not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in student.modules())
     )
@@ -994,7 +1014,10 @@ def _refine_loop(
                         if volume_cw is None or (it - 1) % cfg.guard_every == 0:
                             volume_cw = pseudo.class_balance_weights(ensemble.label, num_classes).to(dev)
                         present = _organ_counts(target, num_classes) > 0
-                        cw = torch.where(present, volume_cw, 0.0)
+                        # a class none of the ensemble's labels hold (painted by the user only) weighs as
+                        # the rarest one, not 0: corrections count at full weight
+                        seen_cw = torch.where(volume_cw > 0, volume_cw, volume_cw.max())
+                        cw = torch.where(present, seen_cw, 0.0)
                     else:
                         cw = pseudo.class_balance_weights(target, num_classes)
                     cw = cw ** (2 * cfg.class_balance_power)
@@ -1025,8 +1048,8 @@ def _refine_loop(
                 target, w = to_view(target, ones)
                 loss = 0.5 * (pseudo.loss_ssl(m_log, target, w) + pseudo.loss_ssl(a_log, target, w))
             elif cfg.method == "cbst":
-                if cbst_k is None or (it - 1) % round_len == 0:
-                    rnd = (it - 1) // round_len
+                rnd = min((it - 1) // round_len, cfg.rounds - 1)  # (the iterations left over: the last round)
+                if cbst_k is None or (it - 1) == rnd * round_len:
                     portion = min(cfg.cbst_portion + cfg.cbst_step * rnd, cfg.cbst_max)
                     probs_all = []
                     for s in range(0, n_slices, 16):

@@ -233,7 +233,7 @@ def gin(x: torch.Tensor, gen: torch.Generator, layers: int = 4, width: int = 2) 
     out = x
     cin = 1
     for i in range(layers):
-        k = 1 if i == layers - 1 else int(torch.randint(1, 3, (1,), generator=gen)) * 2 + 1
+        k = 1 if i == layers - 1 else int(torch.randint(1, 3, (1,), generator=gen, device=gen.device)) * 2 + 1
         cout = 1 if i == layers - 1 else width
         w = torch.randn((n * cout, cin, k, k), generator=gen, device=x.device)
         out = F.conv2d(out.reshape(1, n * cin, *out.shape[-2:]), w, padding=k // 2, groups=n).reshape(
@@ -286,12 +286,25 @@ def warp_labels(y: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 def augment_intensity(
     x: torch.Tensor, gen: torch.Generator, remap_prob: float, gin_prob: float
 ) -> torch.Tensor:
-    """Domain-randomise the intensities of a batch: remap, GIN, gamma, bias field, blur, noise."""
-    n, _, h, w = x.shape
-    dev = x.device
+    """Domain-randomise the intensities of a batch: remap, GIN, gamma, bias field, blur, noise.
+
+    The transforms work on each slice stretched to [0, 1]. Slices of a clipped normalisation (within
+    [0, 1]) stay so stretched; others (z-scores) go back to their own range, the one the model predicts on.
+    """
     lo = x.amin(dim=(1, 2, 3), keepdim=True)
     hi = x.amax(dim=(1, 2, 3), keepdim=True)
     x = (x - lo) / (hi - lo).clamp_min(1e-6)
+    x = _intensity_transforms(x, gen, remap_prob, gin_prob)
+    unclipped = (lo < 0) | (hi > 1)
+    return torch.where(unclipped, x * (hi - lo) + lo, x) if bool(unclipped.any()) else x
+
+
+def _intensity_transforms(
+    x: torch.Tensor, gen: torch.Generator, remap_prob: float, gin_prob: float
+) -> torch.Tensor:
+    """``augment_intensity``'s transforms of slices on [0, 1]."""
+    n, _, h, w = x.shape
+    dev = x.device
     # (both transforms are computed for the whole batch, then picked per image; skipped when never picked)
     if remap_prob > 0:
         r = torch.rand((n, 1, 1, 1), generator=gen, device=dev)
