@@ -10,6 +10,7 @@ from typing import Any
 from .core.errors import APLError
 from .core.io_utils import atomic_write, check_output_path
 
+SCREENSHOT_SIZE = (1500, 950)  # window size of --screenshot (and of scripts/screenshots.py)
 SCREENSHOT_DELAY_MS = 800
 FIT_DELAY_MS = 200  # the scan is fitted this long after the canvas last changed size
 FIT_WINDOW_MS = 3000  # ... during this long after start (later resizes are the user's: zoom kept)
@@ -68,6 +69,9 @@ def launch_demo(
 
     if screenshot is not None:
         out = Path(screenshot).expanduser()
+        # the size of the README's figures: napari's own default (about 1190 x 630 under Xvfb) shows three
+        # of the seven layers, half the Inspect tab and a canvas a quarter of the window wide
+        viewer.window.resize(*SCREENSHOT_SIZE)
 
         def shoot() -> None:
             # no half-written PNG, and a failure is one line (the path was checked before napari started)

@@ -33,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     import napari
     from qtpy.QtCore import QTimer
 
-    from napari_apl._demo import launch_demo
+    from napari_apl._demo import SCREENSHOT_SIZE, launch_demo
 
     viewer = launch_demo(run=False)
-    viewer.window.resize(1500, 950)
+    viewer.window.resize(*SCREENSHOT_SIZE)
     widget = next(w for w in viewer.window.dock_widgets.values() if hasattr(w, "controller"))
     ctl = widget.controller
     if not widget.predict(sync=True):

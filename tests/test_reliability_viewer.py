@@ -752,6 +752,52 @@ def test_a_refinement_in_progress_is_autosaved(setup, small_image, qtbot) -> Non
     qtbot.waitUntil(lambda: not ctl.busy, timeout=60000)
 
 
+def test_a_model_recovered_from_a_run_in_progress_records_how_far_it_got(setup, small_image, qtbot) -> None:
+    """Exported, a model recovered from a snapshot of a running refinement said nothing of its run:
+    iterations_done and stopped were None and the report's refinement null."""
+    _viewer, widget, _image = setup()
+    ctl = widget.controller
+    ctl.autosave_interval = 0.0
+    assert widget.predict(sync=True)
+    assert ctl.refine(RefineConfig(iterations=5000, batch_size=2, bn="frozen", guard_every=2))
+    qtbot.waitUntil(lambda: any(e.has_model for e in find_autosaves(small_image)), timeout=60000)
+    _crash(ctl)
+    ctl.stop()
+    qtbot.waitUntil(lambda: not ctl.busy, timeout=60000)
+    [entry] = find_autosaves(small_image)
+    assert entry.iteration and restore(entry)[2].provenance["refined"]["in_progress"]
+    _viewer2, widget2, _image2 = setup()
+    ctl2 = widget2.controller
+    assert widget2.predict(sync=True) and ctl2.recoverable is not None
+    assert ctl2.recover(sync=True) and ctl2.refined
+    [record] = ctl2._refinements
+    assert record["iterations_done"] == entry.iteration and record["stopped"] is True
+    assert "autosave" in record["interrupted"] and record["config"]["iterations"] == 5000
+    assert ctl2.report()["refinement"]["iterations_done"] == entry.iteration
+    refined = ctl2._refined_meta().provenance["refined"]  # what an export writes
+    assert refined["iterations_done"] == entry.iteration and "in_progress" not in refined
+
+
+def test_revert_lets_the_autosaved_refined_model_go(setup, small_image) -> None:
+    """After Revert (or Load model) a crash offered the discarded refined model back, and Recover
+    restored it: the autosave kept it until the next stroke or run."""
+    viewer, widget, _image = setup()
+    ctl = widget.controller
+    ctl.autosave_interval = 0.0
+    ctl.confirm = lambda question: True  # "discard the refined model?"
+    assert widget.predict(sync=True)
+    viewer.layers[LAYER_PSEUDO].paint((4, 20, 20), 2)
+    assert ctl.refine(tiny_refine(2), sync=True)
+    [entry] = find_autosaves(small_image)
+    assert entry.has_model and entry.has_corrections
+    assert ctl.revert(sync=True) and not ctl.refined
+    [entry] = find_autosaves(small_image)
+    assert not entry.has_model and entry.painted_voxels == ctl.n_corrected > 0
+    assert ctl.refine(tiny_refine(2), sync=True) and find_autosaves(small_image)[0].has_model
+    assert ctl.load_checkpoint(ctl.checkpoint_path) is not None
+    assert not find_autosaves(small_image)[0].has_model
+
+
 def _failing_after(n: int):
     """``refine`` that fails in the worker after ``n`` iterations (an APLError: no logged traceback)."""
     import napari_apl.widgets._controller as controller_module

@@ -76,7 +76,8 @@ note and ``benchmarks/results/mri_to_ct.md``):
 * ``teacher_bf16`` (auto): the teacher's forwards in bf16 on a CPU with native bf16 gave the same
   Dice within 0.2 on all three targets and cut its cost from 0.30 to 0.17 of a training step.
 * ``amp`` (auto): on such a CPU the student trains under bf16 autocast too, as on CUDA: a training
-  step 1.9x faster, and over 3 seeds the same average Dice to 0.1 on all three targets (CT 70.8,
+  step in 0.61x its float32 time (benchmarks/results/refine_overhead.md), and over 3 seeds the
+  same average Dice to 0.1 on all three targets (CT 70.8,
   synthetic pair 60.7, mr_sm 66.4; every organ within 0.1; benchmarks/results/mri_to_ct_cpu_bf16_student.md).
 * the collapse guard checks the returned model's own prediction every ``guard_every`` iterations
   and once more at the end; it restores the last checked state, or the start model.
@@ -132,8 +133,8 @@ class RefineConfig:
     device: str = "auto"
     amp: bool | None = None
     """Mixed precision (bf16 autocast, float32 losses); ``None`` = where bf16 is native: CUDA, or a CPU
-    whose oneDNN has bf16 kernels (AVX512-BF16 / AMX; there a training step was 1.9x faster and the
-    masks the same: benchmarks/results/mri_to_ct_cpu_bf16_student.md), else off (float32)."""
+    whose oneDNN has bf16 kernels (AVX512-BF16 / AMX; there a training step took 0.61x its float32
+    time and the masks were the same: benchmarks/results/mri_to_ct_cpu_bf16_student.md), else off."""
     bn: str = "adapt"
     """Batch-norm handling: ``frozen`` (source statistics kept), ``train`` (target batch statistics) or
     ``adapt`` (statistics re-estimated once on the whole target volume, AdaBN, mixed with the

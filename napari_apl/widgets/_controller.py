@@ -403,6 +403,9 @@ class APLController:
         self.summary = "\n".join(lines)
         self.model_changed.emit(self.summary)
         self.status.emit(f"loaded {p.name}")
+        # an autosaved refined model is let go of now: a crash before the next stroke or run would
+        # otherwise offer back the model just discarded
+        self.maybe_autosave(force=True)
         return self.summary
 
     def revert(self, sync: bool = False) -> bool:
@@ -812,6 +815,10 @@ class APLController:
                 "organ_voxels_model_grid": dict(self.last_result.organ_voxels),
             }
             if len(self._refinements) > 1:  # refinements of this model before the last one
+                source["refinement"]["earlier"] = [dict(r) for r in self._refinements[:-1]]
+        elif self.refined and self._refinements:  # (a recovered model: its recorded refinements)
+            source["refinement"] = dict(self._refinements[-1])
+            if len(self._refinements) > 1:
                 source["refinement"]["earlier"] = [dict(r) for r in self._refinements[:-1]]
         return source
 
@@ -1551,6 +1558,15 @@ class APLController:
                 self.checkpoint_path = Path(entry.checkpoint)
             self.refined = True
             self._refinements = refinement_history(meta.provenance)
+            running = meta.provenance.get("refined")
+            if isinstance(running, dict) and running.get("in_progress") and self._refinements:
+                # an autosave of a run in progress: how far it got is the autosave's iteration
+                self._refinements[-1] = dict(
+                    self._refinements[-1],
+                    iterations_done=entry.iteration,
+                    stopped=True,
+                    interrupted="recovered from an autosave made while the refinement ran",
+                )
             self._loaded_history = []  # (the recovered provenance holds them all)
             self._model_version += 1
             self.last_result = None
