@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             QTimer.singleShot(300, shoot)
 
     def shoot() -> None:
+        bar = widget.scroll.verticalScrollBar()  # the panel scrolled down to its live plots
+        bar.setValue(bar.maximum())
+        napari.qt.get_qapp().processEvents()
         viewer.screenshot(str(out / "demo_refine.png"), canvas_only=False)
         print(f"wrote {out / 'demo_refine.png'}")
         ctl.stop()
