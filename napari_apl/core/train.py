@@ -398,10 +398,11 @@ def train_source(
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     start_epoch = 0
     state_file = _state_path(out)
+    config_key = _cfg_key(cfg, pairs)  # (once: it reads every volume's bytes)
     if resume and state_file.exists():
         try:
             st = torch.load(state_file, map_location="cpu", weights_only=True)
-            if st.get("config") != _cfg_key(cfg, pairs):
+            if st.get("config") != config_key:
                 raise CheckpointError(
                     f"{state_file} was left by a run with other settings or other volumes: delete it "
                     "to start afresh, or resume with the same settings and volumes"
@@ -451,7 +452,7 @@ def train_source(
                     return model, _meta(cfg, norm, pairs, epoch)
             _refuse_diverged(model, out, state_file)  # before its weights become the state to resume from
             state = {
-                "config": _cfg_key(cfg, pairs),
+                "config": config_key,
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
