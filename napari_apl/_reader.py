@@ -95,9 +95,10 @@ def _should_be_lazy(path: Path) -> bool:
     except Exception:  # load_volume will report what is wrong with the file
         return False
     nbytes = voxels * (dtype.itemsize if unscaled else 8)  # scaled voxels come back as float64
-    if LABEL_NAME_HINT.search(path.name) and dtype.kind in "iu" and unscaled and nbytes <= max_voxel_bytes():
-        # a label file is held as the smallest integer type (uint8 for organ labels): counted so, it
-        # opens as a paintable Labels layer, not as a lazy image (if it can be read whole at all)
+    if LABEL_NAME_HINT.search(path.name) and nbytes <= max_voxel_bytes():
+        # a label file is held as the smallest integer type (uint8 for organ labels), also one stored as
+        # floats (as CHAOS stores them): counted so, it opens as a paintable Labels layer, not as a lazy
+        # image (if it can be read whole at all)
         return voxels > LAZY_BYTES
     return nbytes > LAZY_BYTES
 
@@ -132,8 +133,8 @@ def _ct_window(volume: Volume) -> tuple[float, float] | None:
     data = np.asarray(volume.data)
     if data.size == 0:
         return None
+    if looks_like_offset_ct(data):  # (first: a scanner's padding of -2000 is no air in Hounsfield units)
+        return ct_display_window("ct-abdomen-offset")
     if float(data.min()) <= -500 and float(data.max()) >= 200:
         return ct_display_window()
-    if looks_like_offset_ct(data):
-        return ct_display_window("ct-abdomen-offset")
     return None

@@ -213,6 +213,29 @@ def test_auto_preset_takes_the_shifted_window_for_ct_stored_as_hu_plus_1024() ->
             assert notes == []
 
 
+def test_a_scanners_padding_does_not_decide_the_ct_window() -> None:
+    """CT stored as HU + 1024 that keeps the scanner's raw padding (-2000 outside the field of view, so
+    -3024 HU) was taken for Hounsfield units: its whole body normalised to 1. HU files with padding
+    stay HU."""
+    from napari_apl.core.phantom import make_phantom
+    from napari_apl.core.preprocess import choose_normalization, looks_like_ct, looks_like_offset_ct
+
+    source = {"kind": "percentile", "lower": 0.5, "upper": 99.5}
+    ct, _, _ = make_phantom("ct", 0, shape=(64, 64, 8))
+    yy, xx = np.mgrid[:64, :64]
+    outside = ((yy - 31.5) ** 2 + (xx - 31.5) ** 2 > 31**2)[:, :, None].repeat(8, axis=2)  # a round FOV
+    for pad in (-2000, -1000):
+        raw = (ct + 1024).astype(np.int16)
+        raw[outside] = pad
+        assert looks_like_offset_ct(raw) and not looks_like_ct(raw), pad
+        assert choose_normalization("auto", source, raw, []) == PRESETS["ct-abdomen-offset"], pad
+    for pad in (-3024, -2048):
+        hu = ct.astype(np.int16)
+        hu[outside] = pad
+        assert looks_like_ct(hu) and not looks_like_offset_ct(hu), pad
+        assert choose_normalization("auto", source, hu, []) == PRESETS["ct-abdomen"], pad
+
+
 def test_offset_ct_detection_on_the_real_scans(data_dir) -> None:
     """The real MRI scans are never taken for offset CT, the real CT stored as HU + 1024 always is
     (whichever four slices the probe sees)."""

@@ -383,6 +383,21 @@ def test_a_big_int32_label_file_opens_as_labels(tmp_path: Path, phantom_files, m
     assert kind == "image" and data.shape == arr.shape[::-1]
 
 
+def test_a_big_float_label_file_opens_as_labels(tmp_path: Path, phantom_files, monkeypatch) -> None:
+    """Float labels (as CHAOS stores them) over the lazy size opened as a lazy image, not as Labels."""
+    import napari_apl._reader as reader_module
+
+    _, labels_path = phantom_files("RAS")
+    src = nib.load(str(labels_path))
+    arr = np.asarray(src.dataobj).astype(np.float64)
+    monkeypatch.setattr(reader_module, "LAZY_BYTES", arr.size + 1)  # 8 bytes a voxel: over; 1 byte: under
+    seg = tmp_path / "label_case.nii.gz"
+    nib.save(nib.Nifti1Image(arr, src.affine), seg)
+    data, _kwargs, kind = read_layer_data(seg)
+    assert kind == "labels" and data.dtype == np.uint8
+    np.testing.assert_array_equal(np.asarray(data).transpose(2, 1, 0), arr.astype(np.uint8))
+
+
 def test_a_scaled_file_is_sized_as_the_float64_it_becomes(tmp_path: Path, phantom_files, monkeypatch) -> None:
     """The reader decides lazy or whole from what the file becomes in memory: scaled voxels are float64."""
     import napari_apl._reader as reader_module

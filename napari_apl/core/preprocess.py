@@ -250,7 +250,8 @@ def looks_like_ct(data: Any) -> bool:
     Every CT slice shows air (or the scanner's padding) below -500 HU, so the first few axial slices
     decide: they are the cheap ones to read from a compressed file that is streamed slice by slice.
     """
-    return _hu_sample(_probe(data))
+    sample = _probe(data)
+    return _hu_sample(sample) and not _offset_ct_sample(sample)
 
 
 CT_STORED_OFFSET = 1024.0  # stored value of 0 HU in CT files written without the rescale intercept
@@ -269,8 +270,22 @@ def _hu_sample(sample: np.ndarray) -> bool:
     return bool(sample.size and sample.min() < -500 and np.percentile(sample, 99) < 4000)
 
 
+def _without_padding(sample: np.ndarray) -> np.ndarray:
+    """Probed voxels without a scanner's padding: the minimum, when at least 1 % of the voxels hold it
+    and the next value lies 100 or more above it (-2000 raw or -3024 HU outside the field of view)."""
+    if sample.size < 100:
+        return sample
+    lowest = float(sample.min())
+    at = sample == lowest
+    if at.mean() < 0.01 or at.all():
+        return sample
+    rest = sample[~at]
+    return rest if float(rest.min()) - lowest >= 100 else sample
+
+
 def _offset_ct_sample(sample: np.ndarray) -> bool:
-    """``looks_like_offset_ct`` on probed voxels."""
+    """``looks_like_offset_ct`` on probed voxels (a scanner's padding value set aside)."""
+    sample = _without_padding(sample)
     if not sample.size or not -200 <= float(sample.min()) < 124 or np.percentile(sample, 99) >= 5024:
         return False
     air = sample < 124  # below -900 HU
@@ -304,8 +319,8 @@ def choose_normalization(
         return Normalization.from_dict(checkpoint_normalization)
     if name == "auto":
         sample = _probe(data)  # read once for both tests
-        if _hu_sample(sample):
-            return PRESETS["ct-abdomen"]
+        # the shifted twin first: its padding (e.g. -2000 raw outside the field of view) is below -500
+        # too, but its body sits near 1024, not near 0 (a padding in HU leaves air below -500)
         if _offset_ct_sample(sample):
             if notes is not None:
                 notes.append(
@@ -313,6 +328,8 @@ def choose_normalization(
                     "normalised with 'ct-abdomen-offset'; choose 'checkpoint' if it is not CT"
                 )
             return PRESETS["ct-abdomen-offset"]
+        if _hu_sample(sample):
+            return PRESETS["ct-abdomen"]
         return Normalization.from_dict(checkpoint_normalization)
     check_preset_name(name)
     return get_preset(name)
