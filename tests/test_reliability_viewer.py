@@ -854,9 +854,13 @@ def test_a_snapshot_records_the_intensities_of_its_own_run(setup, small_image, m
         return real_save(self, corrections, model, meta, **kwargs)
 
     monkeypatch.setattr(controller_module.Autosaver, "save", spy)
-    ctl.preset = controller_module.CHECKPOINT_PRESET  # run 2 with the checkpoint's own preset
+    ctl.preset = "ct-abdomen"  # run 2 with other intensities than those run 1 adapted the model to
     assert ctl.refine(RefineConfig(iterations=8, batch_size=1, guard_every=2, bn="frozen"), sync=True)
-    assert snapshots and all(n == ctl.meta.normalization for n in snapshots)
+    assert snapshots and all(n == ctl.last_config.normalization for n in snapshots)
+    assert snapshots[0]["kind"] == "ct_window"
+    # 'from checkpoint' is the model's own: for a refined one, what it was adapted to (its export says so)
+    ctl.preset = controller_module.CHECKPOINT_PRESET
+    assert ctl.normalization().to_dict() == ctl._refined_meta().normalization == snapshots[0]
 
 
 def test_a_recovered_model_stays_in_its_own_session(setup, small_image, tmp_path) -> None:

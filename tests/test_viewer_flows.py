@@ -4,6 +4,7 @@ file names nibabel cannot map. Real napari viewers under Xvfb, small phantoms, t
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 from pathlib import Path
@@ -536,3 +537,133 @@ def test_closing_during_predict_lets_the_prediction_go(demo_viewer, qtbot) -> No
     gc.collect()
     assert len(made) == 1 and made[0]() is None
     assert not [t.name for t in threading.enumerate() if t.name.startswith("napari-apl-predict")]
+
+
+def _tiny_refine(iterations: int = 2):
+    from napari_apl.core.refine import RefineConfig
+
+    return RefineConfig(iterations=iterations, batch_size=2, guard_every=1000, bn="frozen")
+
+
+def _autosaves_of(layer) -> list:
+    from napari_apl.core.autosave import find_autosaves
+
+    return find_autosaves(volume_from_layer(layer))
+
+
+def test_autosaves_name_the_checkpoint_loaded_and_forget_a_discarded_model(demo_viewer, tmp_path) -> None:
+    """Load model kept the first checkpoint in the shown scan's autosave (Recover and Revert then went to
+    it), and Revert with another scan shown left the refined model in the refined scan's autosave."""
+    viewer, widget, a, b = demo_viewer()
+    ctl = widget.controller
+    ctl.autosave_interval = 0.0
+    ctl.confirm = lambda question: True
+    _predict(widget, a)
+    other = shutil.copy(ctl.checkpoint_path, tmp_path / "other_model.pt")
+    assert ctl.load_checkpoint(other) is not None
+    _predict(widget, a)
+    viewer.layers[LAYER_PSEUDO].paint((4, 20, 20), 2)
+    assert ctl.refine(_tiny_refine(), sync=True)
+    [entry] = _autosaves_of(a)
+    assert entry.has_model and Path(entry.checkpoint) == Path(other).resolve()
+    _predict(widget, b)  # the refined model looks at B; then the user discards it
+    assert ctl.revert(sync=True) and not ctl.refined
+    [entry] = _autosaves_of(a)
+    assert not entry.has_model and entry.has_corrections  # A's strokes stay, its refined model goes
+
+
+def test_the_report_describes_the_run_that_made_the_model(demo_viewer, monkeypatch) -> None:
+    """A second run that failed left its settings in the report as those of the model in use."""
+    import napari_apl.widgets._controller as controller_module
+
+    _viewer, widget, a, _b = demo_viewer()
+    ctl = widget.controller
+    _predict(widget, a)
+    assert ctl.refine(_tiny_refine(2), sync=True)
+    real = controller_module.refine
+
+    def failing(*args, **kwargs):
+        gen = real(*args, **kwargs)
+        yield next(gen)
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(controller_module, "refine", failing)
+    ctl.refine(dataclasses.replace(_tiny_refine(4), method="threshold"), sync=True)
+    assert ctl.last_result.iterations_done == 2
+    _predict(widget, a)  # the layers of the model in use (the first run's)
+    refinement = ctl.report()["refinement"]
+    assert refinement["config"]["method"] == "apl" and refinement["config"]["iterations"] == 2
+
+
+def test_the_report_counts_strokes_not_yet_counted(demo_viewer) -> None:
+    """A stroke exported at once (before the panel's count) was missing from corrected_voxels."""
+    viewer, widget, a, _b = demo_viewer()
+    ctl = widget.controller
+    _predict(widget, a)
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    pseudo.brush_size = 5
+    before = pseudo.data.copy()
+    pseudo.paint((4, 20, 20), 3)
+    painted = int((pseudo.data != before).sum())
+    assert painted > 0 and ctl.report()["corrected_voxels"] == painted
+
+
+def test_inspect_areas_follow_recovered_corrections(demo_viewer, qtbot) -> None:
+    """Corrections recovered onto a scan already predicted were on the layer but not in the areas."""
+    viewer, widget, a, _b = demo_viewer()
+    ctl = widget.controller
+    ctl.autosave_interval = 0.0
+    _predict(widget, a)
+    pseudo = viewer.layers[LAYER_PSEUDO]
+    k = int(np.argmax((pseudo.data == 1).sum(axis=(1, 2))))
+    liver = np.nonzero(pseudo.data[k] == 1)
+    pseudo.data_setitem((np.full(liver[0].size, k), *liver), 0)
+    assert ctl.maybe_autosave(force=True) is not None
+    ctl.autosave_enabled = False  # the "crash"
+    ctl.autosaver.close()
+    viewer2, widget2, a2, _b2 = demo_viewer()
+    ctl2 = widget2.controller
+    _predict(widget2, a2)
+    assert widget2.inspect.profile.organ_area_cm2[1][k] > 0 and ctl2.recoverable is not None
+    assert ctl2.recover(sync=True)
+    assert not (viewer2.layers[LAYER_PSEUDO].data[k] == 1).any()
+    assert widget2.inspect.profile.organ_area_cm2[1][k] == 0.0
+
+
+def test_from_checkpoint_is_the_refined_models_own_normalisation(demo_viewer) -> None:
+    """After a refinement, 'from checkpoint' took the source's intensities, not those the model was
+    adapted to (and that its export records): the same weights and preset gave other labels."""
+    from napari_apl.widgets._controller import CHECKPOINT_PRESET
+
+    _viewer, widget, a, _b = demo_viewer()
+    ctl = widget.controller
+    ctl.preset = "ct-abdomen"
+    _predict(widget, a)
+    assert ctl.refine(_tiny_refine(), sync=True)
+    adapted = ctl._refined_meta().normalization
+    assert adapted != ctl.meta.normalization  # (the demo model's own is percentile)
+    ctl.preset = CHECKPOINT_PRESET
+    assert ctl.normalization().to_dict() == adapted
+
+
+def test_a_model_refined_on_a_scan_not_shown_is_autosaved_there(demo_viewer, monkeypatch) -> None:
+    """Its final prediction failed, then Predict of that scan: its autosave never got the model."""
+    import napari_apl.widgets._controller as controller_module
+
+    _viewer, widget, a, b = demo_viewer()
+    ctl = widget.controller
+    ctl.autosave_interval = 0.0
+    _predict(widget, a)
+    widget.image_combo.set_layer(b)
+
+    def failing_predict(*args, **kwargs):
+        raise MemoryError("out of memory")
+        yield  # (a generator, as iter_predict)
+
+    monkeypatch.setattr(controller_module, "iter_predict", failing_predict)
+    assert ctl.refine(_tiny_refine(), image_layer=b, sync=True) and ctl.refined
+    monkeypatch.undo()
+    _predict(widget, b)  # as the warning says
+    ctl.maybe_autosave(force=True)  # (the next autosave tick)
+    [entry] = _autosaves_of(b)
+    assert entry.has_model

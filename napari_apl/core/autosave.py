@@ -820,38 +820,7 @@ class Autosaver:
                         model_error = _write_failure(self.folder, exc)
             if iteration is not None and model_error is None:  # the iteration of the model on disk
                 state["iteration"] = int(iteration)
-            now = time.time()
-            manifest = {
-                FORMAT_KEY: FORMAT_VERSION,
-                "key": self._id.key,
-                "seq": seq,
-                "saved_at": now,
-                "saved_at_iso": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)),
-                "created_at": self._created,
-                "image_path": self._id.path,
-                "image_name": self._display_name,
-                "image_digest": self._image_digest,
-                "shape": list(self._id.shape),
-                "affine": [list(r) for r in self._id.affine],
-                "checkpoint": self.checkpoint,
-                "iteration": state.get("iteration"),
-                "corrections": state.get("corrections"),
-                "corrections_digest": state.get("corrections_digest"),
-                "painted_voxels": state.get("painted_voxels", 0),
-                "model": state.get("model"),
-                "model_digest": state.get("model_digest"),
-                "pid": os.getpid(),
-            }
-            text = json.dumps(manifest, indent=1)
-            atomic_write(
-                self.folder / MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=True
-            )
-            self._seq, self._state, self._last = seq, state, self._clock()
-            keep = {n for n in (state.get("corrections"), state.get("model")) if n}
-            try:
-                _remove_own_files(self.folder, keep)
-            except OSError:  # old snapshots are only clutter: the new one is committed
-                pass
+            manifest = self._commit(seq, state)
             if self._retired is not None:  # what it held is in the recovered session's snapshot now
                 retired, self._retired = self._retired, None
                 fd = self._held.pop(retired, None)
@@ -863,6 +832,53 @@ class Autosaver:
             if model_error is not None:
                 raise AutosaveError(f"the refined model was not autosaved ({model_error}); corrections were")
             return _entry(self.folder, self.root, manifest)
+
+    def _commit(self, seq: int, state: dict[str, Any]) -> dict[str, Any]:
+        """Write the manifest of snapshot ``seq`` (its data files are written) and drop older files."""
+        now = time.time()
+        manifest = {
+            FORMAT_KEY: FORMAT_VERSION,
+            "key": self._id.key,
+            "seq": seq,
+            "saved_at": now,
+            "saved_at_iso": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)),
+            "created_at": self._created,
+            "image_path": self._id.path,
+            "image_name": self._display_name,
+            "image_digest": self._image_digest,
+            "shape": list(self._id.shape),
+            "affine": [list(r) for r in self._id.affine],
+            "checkpoint": self.checkpoint,
+            "iteration": state.get("iteration"),
+            "corrections": state.get("corrections"),
+            "corrections_digest": state.get("corrections_digest"),
+            "painted_voxels": state.get("painted_voxels", 0),
+            "model": state.get("model"),
+            "model_digest": state.get("model_digest"),
+            "pid": os.getpid(),
+        }
+        text = json.dumps(manifest, indent=1)
+        atomic_write(
+            self.folder / MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=True
+        )
+        self._seq, self._state, self._last = seq, state, self._clock()
+        keep = {n for n in (state.get("corrections"), state.get("model")) if n}
+        try:
+            _remove_own_files(self.folder, keep)
+        except OSError:  # old snapshots are only clutter: the new one is committed
+            pass
+        return manifest
+
+    def drop_model(self, checkpoint: str | os.PathLike | None = None) -> None:
+        """Forget the refined model of the last snapshot (the user discarded it), keeping its corrections;
+        with ``checkpoint``, the session's model now comes from that file."""
+        with self._lock:
+            if checkpoint is not None:
+                self.checkpoint = str(Path(checkpoint).expanduser().resolve())
+            if not self._state.get("model"):
+                return
+            state = {k: v for k, v in self._state.items() if k not in ("model", "model_digest", "iteration")}
+            self._commit(self._seq + 1, state)
 
     def discard(self) -> None:
         """Delete this session's autosave (after a clean export or when the user declines recovery)."""

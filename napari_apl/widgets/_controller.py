@@ -271,7 +271,8 @@ class APLController:
         self.prediction: Prediction | None = None
         self.last_pseudo: np.ndarray | None = None
         self.corrections: np.ndarray | None = None
-        self.strokes_folded = 0  # counts the times collect_corrections found the layer changed
+        self.shown_version = 0  # changes whenever the pseudo-label layer shows other labels
+        self._refined_on: str | None = None  # autosave key of the scan the refined model was made on
         self.last_corrections: np.ndarray | None = None
         self.history: list[dict[str, Any]] = []
         self.last_result: RefineResult | None = None
@@ -392,6 +393,7 @@ class APLController:
             return None
         self.model, self.meta, self.checkpoint_path = model, meta, p
         self.refined = False
+        self._refined_on = None
         self._refinements = []
         self._loaded_history = refinement_history(meta.provenance)  # (a refined model's refinements)
         self._adapted_normalization = None
@@ -403,8 +405,14 @@ class APLController:
         self.summary = "\n".join(lines)
         self.model_changed.emit(self.summary)
         self.status.emit(f"loaded {p.name}")
-        # an autosaved refined model is let go of now: a crash before the next stroke or run would
-        # otherwise offer back the model just discarded
+        # an autosaved refined model is let go of now, of every scan of the session: a crash before the
+        # next stroke or run would otherwise offer back the model just discarded; and the scans' snapshots
+        # name the checkpoint now loaded (what Recover loads and Revert goes back to)
+        for saver in list(self._savers.values()):
+            try:
+                saver.drop_model(checkpoint=p)
+            except Exception as exc:
+                self._warn_autosave(exc)
         self.maybe_autosave(force=True)
         return self.summary
 
@@ -428,13 +436,15 @@ class APLController:
         A note of ``auto`` (e.g. CT stored as HU + 1024) is shown once per ``source`` layer, not at
         every Predict and Refine of the same scan.
         """
+        # the model's own: a refined model's is the one it was adapted to (what its export records)
+        own = self._adapted_normalization
         if self.preset in (None, "", CHECKPOINT_PRESET):
-            return None
+            return Normalization.from_dict(own) if own else None
         if self.preset == AUTO_PRESET:
             if data is None or self.meta is None:
                 return None
             notes: list[str] = []
-            norm = choose_normalization(AUTO_PRESET, self.meta.normalization, data, notes)
+            norm = choose_normalization(AUTO_PRESET, own or self.meta.normalization, data, notes)
             shown: set[str] = set()
             if source is not None:
                 try:
@@ -808,7 +818,8 @@ class APLController:
         }
         if self.refined and self.last_result is not None:
             source["refinement"] = {
-                "config": self.last_config.to_dict() if self.last_config else None,
+                # (the settings of the run that made this model: a later run that failed has its own)
+                "config": self._refinements[-1].get("config") if self._refinements else None,
                 "iterations_done": self.last_result.iterations_done,
                 "stopped": self.last_result.stopped,
                 "notes": list(self.last_result.notes),
@@ -976,6 +987,7 @@ class APLController:
         # array, never written in place (last_pseudo is only ever replaced), so it needs no copy (a
         # 512 x 512 x 300 copy held the event loop 60-180 ms)
         self.last_pseudo = shown
+        self.shown_version += 1
 
     def collect_corrections(self) -> np.ndarray | None:
         """Fold voxels painted or erased in the pseudo-label layer since the last write into corrections."""
@@ -1002,7 +1014,7 @@ class APLController:
                 back = values == model[where]
                 self.corrections[tuple(axis[back] for axis in where)] = -1
             self.last_pseudo = current.astype(np.uint8, copy=True)
-            self.strokes_folded += 1
+            self.shown_version += 1
         return self.corrections
 
     def _scan_id(self, image_layer: Any) -> tuple[str, str | None] | None:
@@ -1280,6 +1292,7 @@ class APLController:
             )
             self._refinements.append(record)
             self._refining = None
+            self._refined_on = _session_key_or_none(geometry)  # (its scan's autosave takes the model)
             start = Path(self.checkpoint_path).name if self.checkpoint_path else "the loaded checkpoint"
             self.model_changed.emit(
                 f"refined model ({cfg.method}, {result.iterations_done} iterations), not exported: "
@@ -1451,7 +1464,7 @@ class APLController:
             digest = image_digest(volume)  # (a sample of the voxels: computed once here)
             if kept is not None and kept.checkpoint == checkpoint and kept.digest == digest:
                 self.autosaver = kept  # back to an image of this session: its saver goes on
-                self._autosaved_state = (None, self._model_version if self.refined else None)
+                self._autosaved_state = (None, self._model_saved_elsewhere(key))
                 self._last_autosave_check = -math.inf
                 return
             if kept is not None:
@@ -1470,8 +1483,16 @@ class APLController:
             self._warn_autosave(exc)
             return
         # a new image: only what is done on it from now on (painting, refining) is worth saving (a
-        # recovered session's saver carries the model of the session it continues)
-        self._autosaved_state = (None, self._model_version if self.refined else None)
+        # recovered session's saver carries the model of the session it continues), and a refined model
+        # made on it whose snapshot is still to be written (its final prediction failed, say)
+        self._autosaved_state = (None, self._model_saved_elsewhere(key))
+
+    def _model_saved_elsewhere(self, key: str) -> int | None:
+        """The model version an image's autosave counts as not its own: the refined model, unless it was
+        made on that image (then it is to be saved there); ``None`` where there is none."""
+        if not self.refined or key == self._refined_on:
+            return None
+        return self._model_version
         self._last_autosave_check = -math.inf
 
     def check_recovery(self, image_layer: Any = None, volume: Any = None) -> AutosaveEntry | None:
@@ -1557,6 +1578,7 @@ class APLController:
             if entry.checkpoint:  # what it was refined from: Revert and the report name that checkpoint
                 self.checkpoint_path = Path(entry.checkpoint)
             self.refined = True
+            self._refined_on = entry.key
             self._refinements = refinement_history(meta.provenance)
             running = meta.provenance.get("refined")
             if isinstance(running, dict) and running.get("in_progress") and self._refinements:
@@ -1992,6 +2014,8 @@ class APLController:
         """Per-organ volume (mL), mean ω, and Dice/ASSD against a ground-truth labels layer when given."""
         if self.prediction is None or self.geometry is None:
             raise APLError("nothing to report yet: run Predict first")
+        if not self.busy:
+            self.collect_corrections()  # (strokes painted since the last count: corrected_voxels below)
         labels = self.prediction.pseudo if labels is None else labels
         source = self._layers_source or self._model_source()  # the model that made the layers
         spacing = self.geometry.spacing
@@ -2230,6 +2254,14 @@ def _report_csv(report: dict[str, Any]) -> str:
     for row in report["organs"]:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
     return buf.getvalue()
+
+
+def _session_key_or_none(geometry: Any) -> str | None:
+    """The autosave key of a scan's geometry (``None`` when it has none)."""
+    try:
+        return session_key(geometry.reference)
+    except Exception:
+        return None
 
 
 def layer_role(layer: Any) -> str | None:

@@ -68,7 +68,7 @@ class InspectPanel(QWidget):
         super().__init__(parent)
         self.controller = controller
         self.profile: SliceProfile | None = None
-        self._strokes_seen = -1  # the controller's strokes_folded the areas were counted at
+        self._version_seen = -1  # the controller's shown_version the areas were counted at
         self._rank = -1
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -95,6 +95,7 @@ class InspectPanel(QWidget):
         self.next_button.clicked.connect(self.next_least_confident)
         controller.predicted.connect(self.refresh)
         controller.labels_reset.connect(self.refresh)
+        controller.corrections_changed.connect(self.refresh_areas)  # (e.g. corrections recovered)
         controller.busy_changed.connect(self._on_busy)
         controller.viewer.dims.events.point.connect(self._on_dims)
         controller.viewer.layers.events.removed.connect(self._on_layer_removed)
@@ -107,7 +108,7 @@ class InspectPanel(QWidget):
             return
         # the areas of what the pseudo-label layer shows and Export writes: the corrections on top
         labels = ctl.shown_pseudo()
-        self._strokes_seen = ctl.strokes_folded
+        self._version_seen = ctl.shown_version
         self.profile = prof = slice_profile(ctl.prediction, ctl.geometry.spacing, labels)
         self._rank = -1
         self.noise_plot.set_series(
@@ -132,12 +133,12 @@ class InspectPanel(QWidget):
         if self.profile is None or ctl.prediction is None or ctl.geometry is None:
             return
         ctl.collect_corrections()  # (folds the strokes in)
-        if ctl.strokes_folded == self._strokes_seen:
+        if ctl.shown_version == self._version_seen:
             return
         labels = ctl.shown_pseudo()
         if labels is None or labels.shape[2] != self.profile.n_slices:
             return
-        self._strokes_seen = ctl.strokes_folded
+        self._version_seen = ctl.shown_version
         self.profile.organ_area_cm2 = organ_areas(labels, ctl.geometry.spacing)
         self._draw_areas()
         self._on_dims()
