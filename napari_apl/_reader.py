@@ -95,12 +95,26 @@ def _should_be_lazy(path: Path) -> bool:
     except Exception:  # load_volume will report what is wrong with the file
         return False
     nbytes = voxels * (dtype.itemsize if unscaled else 8)  # scaled voxels come back as float64
-    if LABEL_NAME_HINT.search(path.name) and nbytes <= max_voxel_bytes():
+    if (
+        LABEL_NAME_HINT.search(path.name)
+        and nbytes <= max_voxel_bytes()
+        and ((dtype.kind in "iu" and unscaled) or _first_slices_look_like_labels(img))
+    ):
         # a label file is held as the smallest integer type (uint8 for organ labels), also one stored as
         # floats (as CHAOS stores them): counted so, it opens as a paintable Labels layer, not as a lazy
         # image (if it can be read whole at all)
         return voxels > LAZY_BYTES
     return nbytes > LAZY_BYTES
+
+
+def _first_slices_look_like_labels(img: Any) -> bool:
+    """Whether a float (or scaled) file's first axial slices hold few whole numbers (cheap to read: they
+    come first in the file), so that reading it whole for a Labels layer is worth it."""
+    try:
+        sample = np.asarray(img.dataobj[:, :, : min(4, int(img.shape[2]))])
+    except Exception:
+        return False
+    return sample.size > 0 and _is_integral(sample) and np.unique(sample).size <= MAX_HINTED_LABEL_VALUES
 
 
 def _is_integral(arr: np.ndarray) -> bool:

@@ -372,3 +372,35 @@ def _replace_failing_at(n: int, monkeypatch) -> list[str]:
 
     monkeypatch.setattr(io_utils.os, "replace", flaky_replace)
     return calls
+
+
+def test_a_failed_set_leaves_no_link_aside_and_restores_the_first_version(tmp_path, monkeypatch):
+    """The output whose own rename failed kept its hidden link aside (renaming a link onto another link
+    of the same file does nothing), and an output written twice in one set got its middle version back."""
+    (tmp_path / "a.txt").write_text("old")
+    (tmp_path / "b.txt").write_text("old")
+    _replace_failing_at(2, monkeypatch)
+    with pytest.raises(OutputError, match="the files that were there are kept"):
+        with staged_outputs():
+            for name in ("a.txt", "b.txt"):
+                atomic_write(tmp_path / name, lambda p: p.write_text("new"), overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+    assert [(tmp_path / n).read_text() for n in ("a.txt", "b.txt")] == ["old", "old"]
+    monkeypatch.undo()
+    _replace_failing_at(3, monkeypatch)
+    with pytest.raises(OutputError):
+        with staged_outputs():
+            for text in ("new1", "new2"):
+                atomic_write(tmp_path / "a.txt", lambda p, t=text: p.write_text(t), overwrite=True)
+            atomic_write(tmp_path / "b.txt", lambda p: p.write_text("new"), overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+    assert (tmp_path / "a.txt").read_text() == "old"
+
+
+def test_a_loop_of_links_as_output_is_one_line(tmp_path):
+    """An output that is a link to itself raised a RuntimeError traceback."""
+    loop = tmp_path / "image.nii.gz"
+    loop.symlink_to(loop)
+    with pytest.raises(OutputError, match="a link that names no file") as err:
+        atomic_write(loop, lambda p: p.write_text("x"), overwrite=True)
+    assert "\n" not in str(err.value)

@@ -234,6 +234,10 @@ def test_a_scanners_padding_does_not_decide_the_ct_window() -> None:
         hu[outside] = pad
         assert looks_like_ct(hu) and not looks_like_offset_ct(hu), pad
         assert choose_normalization("auto", source, hu, []) == PRESETS["ct-abdomen"], pad
+    # air masked to exactly 0 outside the body (HU + 1024) is air, not padding: it stays offset CT
+    masked = (ct + 1024).astype(np.int16)
+    masked[masked < 300] = 0
+    assert looks_like_offset_ct(masked) and not looks_like_ct(masked)
 
 
 def test_offset_ct_detection_on_the_real_scans(data_dir) -> None:

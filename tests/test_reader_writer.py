@@ -396,6 +396,12 @@ def test_a_big_float_label_file_opens_as_labels(tmp_path: Path, phantom_files, m
     data, _kwargs, kind = read_layer_data(seg)
     assert kind == "labels" and data.dtype == np.uint8
     np.testing.assert_array_equal(np.asarray(data).transpose(2, 1, 0), arr.astype(np.uint8))
+    # a float image whose name only hints labels stays lazy (its first slices are no labels)
+    image_path, _ = phantom_files("RAS")
+    ct = np.asarray(nib.load(str(image_path)).dataobj).astype(np.float64) + 0.5
+    masked = tmp_path / "ct_masked.nii.gz"
+    nib.save(nib.Nifti1Image(ct, src.affine), masked)
+    assert reader_module._should_be_lazy(masked)
 
 
 def test_a_scaled_file_is_sized_as_the_float64_it_becomes(tmp_path: Path, phantom_files, monkeypatch) -> None:

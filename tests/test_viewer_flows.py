@@ -667,3 +667,22 @@ def test_a_model_refined_on_a_scan_not_shown_is_autosaved_there(demo_viewer, mon
     ctl.maybe_autosave(force=True)  # (the next autosave tick)
     [entry] = _autosaves_of(b)
     assert entry.has_model
+
+
+def test_a_new_scans_first_strokes_are_autosaved_at_once_and_name_the_checkpoint(
+    demo_viewer, tmp_path
+) -> None:
+    """A scan predicted after another waited a whole autosave interval before its first snapshot, and Load
+    model left a snapshot holding corrections only naming the checkpoint before."""
+    viewer, widget, a, b = demo_viewer()
+    ctl = widget.controller
+    ctl.autosave_interval = 30.0
+    _predict(widget, a)
+    _predict(widget, b)
+    assert ctl.autosave_wait() == 0
+    viewer.layers[LAYER_PSEUDO].paint((4, 20, 20), 2)
+    assert ctl.maybe_autosave() is not None
+    other = shutil.copy(ctl.checkpoint_path, tmp_path / "other_model.pt")
+    assert ctl.load_checkpoint(other) is not None
+    [entry] = _autosaves_of(b)
+    assert entry.has_corrections and Path(entry.checkpoint) == Path(other).resolve()

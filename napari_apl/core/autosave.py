@@ -873,10 +873,12 @@ class Autosaver:
         """Forget the refined model of the last snapshot (the user discarded it), keeping its corrections;
         with ``checkpoint``, the session's model now comes from that file."""
         with self._lock:
+            renamed = False
             if checkpoint is not None:
-                self.checkpoint = str(Path(checkpoint).expanduser().resolve())
-            if not self._state.get("model"):
-                return
+                named = str(Path(checkpoint).expanduser().resolve())
+                renamed, self.checkpoint = named != self.checkpoint, named
+            if not self._state or not (self._state.get("model") or renamed):
+                return  # (nothing saved yet, or nothing to change)
             state = {k: v for k, v in self._state.items() if k not in ("model", "model_digest", "iteration")}
             self._commit(self._seq + 1, state)
 

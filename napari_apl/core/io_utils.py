@@ -42,7 +42,10 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False, input
             raise OutputExistsError(
                 f"{out} exists already (a link): pass overwrite (--overwrite) to replace the file it names"
             )
-        out = out.resolve()  # the link stays; the file it names is replaced
+        try:
+            out = out.resolve()  # the link stays; the file it names is replaced
+        except (OSError, RuntimeError) as exc:  # (a loop of links)
+            raise OutputError(f"output {out} is a link that names no file: {exc}") from exc
     for src in inputs:
         if src is None:
             continue
@@ -257,7 +260,7 @@ def _publish_all(pending: list[tuple[Path, Path, bool]]) -> None:
             with contextlib.suppress(OSError):
                 out.unlink()
         lost = []  # replaced files whose old version cannot come back
-        for out, old in replaced:
+        for out, old in reversed(replaced):  # (newest first: an output written twice gets its first back)
             try:
                 if old is None:
                     raise OSError(errno.ENOENT, "no link to the old file")
@@ -265,6 +268,7 @@ def _publish_all(pending: list[tuple[Path, Path, bool]]) -> None:
             except OSError:
                 if any(o == out for _, o, _ in pending[:done]):
                     lost.append(out.name)
+            finally:  # (a rename between two links of one file does nothing: the aside link stays)
                 if old is not None:
                     with contextlib.suppress(OSError):
                         old.unlink()

@@ -271,11 +271,14 @@ def _hu_sample(sample: np.ndarray) -> bool:
 
 
 def _without_padding(sample: np.ndarray) -> np.ndarray:
-    """Probed voxels without a scanner's padding: the minimum, when at least 1 % of the voxels hold it
-    and the next value lies 100 or more above it (-2000 raw or -3024 HU outside the field of view)."""
+    """Probed voxels without a scanner's padding: the minimum, when it is below -500, at least 1 % of the
+    voxels hold it and the next value lies 100 or more above it (-2000 raw or -3024 HU outside the field
+    of view; not the air of a file stored as HU + 1024, masked to exactly 0 outside the body)."""
     if sample.size < 100:
         return sample
     lowest = float(sample.min())
+    if lowest >= -500:
+        return sample
     at = sample == lowest
     if at.mean() < 0.01 or at.all():
         return sample

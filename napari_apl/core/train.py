@@ -404,8 +404,9 @@ def train_source(
             st = torch.load(state_file, map_location="cpu", weights_only=True)
             if st.get("config") != config_key:
                 raise CheckpointError(
-                    f"{state_file} was left by a run with other settings or other volumes: delete it "
-                    "to start afresh, or resume with the same settings and volumes"
+                    f"{state_file} was left by a run with other settings or other volumes (or by an "
+                    "earlier napari-apl): delete it to start afresh, or resume with the same settings "
+                    "and volumes"
                 )
             planned = st.get("epochs")  # (absent from the state files of earlier versions)
             if planned is not None and int(planned) != cfg.epochs:

@@ -1486,6 +1486,7 @@ class APLController:
         # recovered session's saver carries the model of the session it continues), and a refined model
         # made on it whose snapshot is still to be written (its final prediction failed, say)
         self._autosaved_state = (None, self._model_saved_elsewhere(key))
+        self._last_autosave_check = -math.inf
 
     def _model_saved_elsewhere(self, key: str) -> int | None:
         """The model version an image's autosave counts as not its own: the refined model, unless it was
@@ -1493,7 +1494,6 @@ class APLController:
         if not self.refined or key == self._refined_on:
             return None
         return self._model_version
-        self._last_autosave_check = -math.inf
 
     def check_recovery(self, image_layer: Any = None, volume: Any = None) -> AutosaveEntry | None:
         """Look for an autosaved session of the image (not one this controller wrote); offer the newest."""
