@@ -363,45 +363,33 @@ def test_open_and_save_through_napari(
     assert len(viewer.layers) == 2 and "not_a_scan" in notifications[-1]
 
 
-def test_a_big_int32_label_file_opens_as_labels(tmp_path: Path, phantom_files, monkeypatch) -> None:
+@pytest.mark.parametrize("dtype", [np.int32, np.float64])
+def test_a_big_label_file_opens_as_labels(tmp_path: Path, phantom_files, monkeypatch, dtype) -> None:
+    """A label file over the lazy size opens as Labels (held as uint8), float ones (as CHAOS stores them)
+    too: those opened as a lazy image."""
     import napari_apl._reader as reader_module
 
-    _, labels_path = phantom_files("RAS")
+    image_path, labels_path = phantom_files("RAS")
     src = nib.load(str(labels_path))
-    arr = np.asarray(src.dataobj).astype(np.int32)
-    monkeypatch.setattr(reader_module, "LAZY_BYTES", arr.size + 1)  # 4 bytes a voxel: over; 1 byte: under
+    arr = np.asarray(src.dataobj).astype(dtype)
+    monkeypatch.setattr(reader_module, "LAZY_BYTES", arr.size + 1)  # its own type: over; 1 byte: under
     seg = tmp_path / "case_seg.nii.gz"
     nib.save(nib.Nifti1Image(arr, src.affine), seg)
     data, _kwargs, kind = read_layer_data(seg)
     assert kind == "labels" and data.dtype == np.uint8
+    np.testing.assert_array_equal(np.asarray(data).transpose(2, 1, 0), arr.astype(np.uint8))
     image = tmp_path / "case_ct.nii.gz"  # the same voxels without a label-like name stay a lazy image
     nib.save(nib.Nifti1Image(arr, src.affine), image)
     assert read_layer_data(image)[2] == "image"
+    if dtype == np.float64:  # a float image whose name only hints labels stays lazy (no labels in it)
+        ct = np.asarray(nib.load(str(image_path)).dataobj).astype(np.float64) + 0.5
+        masked = tmp_path / "ct_masked.nii.gz"
+        nib.save(nib.Nifti1Image(ct, src.affine), masked)
+        assert reader_module._should_be_lazy(masked)
     # one that cannot be read whole at its own size still opens (lazily), as before
     monkeypatch.setenv("NAPARI_APL_MAX_VOXEL_BYTES", str(2 * arr.size))
     data, _kwargs, kind = read_layer_data(seg)
     assert kind == "image" and data.shape == arr.shape[::-1]
-
-
-def test_a_big_float_label_file_opens_as_labels(tmp_path: Path, phantom_files, monkeypatch) -> None:
-    """Float labels (as CHAOS stores them) over the lazy size opened as a lazy image, not as Labels."""
-    import napari_apl._reader as reader_module
-
-    _, labels_path = phantom_files("RAS")
-    src = nib.load(str(labels_path))
-    arr = np.asarray(src.dataobj).astype(np.float64)
-    monkeypatch.setattr(reader_module, "LAZY_BYTES", arr.size + 1)  # 8 bytes a voxel: over; 1 byte: under
-    seg = tmp_path / "label_case.nii.gz"
-    nib.save(nib.Nifti1Image(arr, src.affine), seg)
-    data, _kwargs, kind = read_layer_data(seg)
-    assert kind == "labels" and data.dtype == np.uint8
-    np.testing.assert_array_equal(np.asarray(data).transpose(2, 1, 0), arr.astype(np.uint8))
-    # a float image whose name only hints labels stays lazy (its first slices are no labels)
-    image_path, _ = phantom_files("RAS")
-    ct = np.asarray(nib.load(str(image_path)).dataobj).astype(np.float64) + 0.5
-    masked = tmp_path / "ct_masked.nii.gz"
-    nib.save(nib.Nifti1Image(ct, src.affine), masked)
-    assert reader_module._should_be_lazy(masked)
 
 
 def test_a_scaled_file_is_sized_as_the_float64_it_becomes(tmp_path: Path, phantom_files, monkeypatch) -> None:
