@@ -644,6 +644,9 @@ def test_from_checkpoint_is_the_refined_models_own_normalisation(demo_viewer) ->
     assert adapted != ctl.meta.normalization  # (the demo model's own is percentile)
     ctl.preset = CHECKPOINT_PRESET
     assert ctl.normalization().to_dict() == adapted
+    # and the model summary says so (it kept the source checkpoint's percentile line)
+    [line] = [ln for ln in widget.summary.toPlainText().splitlines() if ln.startswith("normalization:")]
+    assert line.startswith("normalization: ct_window") and "percentile" not in ctl.summary
 
 
 def test_a_model_refined_on_a_scan_not_shown_is_autosaved_there(demo_viewer, monkeypatch) -> None:

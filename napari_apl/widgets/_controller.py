@@ -1281,6 +1281,7 @@ class APLController:
             result, pred = value
             self.model = result.model
             self._adapted_normalization = cfg.normalization
+            self.summary = self._with_model_normalization(self.summary)
             self.refined = True
             self._model_version += 1
             self.last_result = result
@@ -1487,6 +1488,17 @@ class APLController:
         # made on it whose snapshot is still to be written (its final prediction failed, say)
         self._autosaved_state = (None, self._model_saved_elsewhere(key))
         self._last_autosave_check = -math.inf
+
+    def _with_model_normalization(self, summary: str) -> str:
+        """The model summary with the normalisation of the model in use (a refined model's, adapted)."""
+        if not self._adapted_normalization or self.meta is None or self.model is None:
+            return summary
+        meta = dataclasses.replace(self.meta, normalization=dict(self._adapted_normalization))
+        lines = describe((self.model, meta)).splitlines()
+        new = next((ln for ln in lines if ln.startswith("normalization:")), None)
+        if new is None:
+            return summary
+        return "\n".join(new if ln.startswith("normalization:") else ln for ln in summary.splitlines())
 
     def _model_saved_elsewhere(self, key: str) -> int | None:
         """The model version an image's autosave counts as not its own: the refined model, unless it was
