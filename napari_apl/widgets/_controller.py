@@ -816,8 +816,9 @@ class APLController:
             "refinement": None,
             "version": self._model_version,
         }
+        refinement: dict[str, Any] | None = None
         if self.refined and self.last_result is not None:
-            source["refinement"] = {
+            refinement = {
                 # (the settings of the run that made this model: a later run that failed has its own)
                 "config": self._refinements[-1].get("config") if self._refinements else None,
                 "iterations_done": self.last_result.iterations_done,
@@ -825,12 +826,11 @@ class APLController:
                 "notes": list(self.last_result.notes),
                 "organ_voxels_model_grid": dict(self.last_result.organ_voxels),
             }
-            if len(self._refinements) > 1:  # refinements of this model before the last one
-                source["refinement"]["earlier"] = [dict(r) for r in self._refinements[:-1]]
         elif self.refined and self._refinements:  # (a recovered model: its recorded refinements)
-            source["refinement"] = dict(self._refinements[-1])
-            if len(self._refinements) > 1:
-                source["refinement"]["earlier"] = [dict(r) for r in self._refinements[:-1]]
+            refinement = dict(self._refinements[-1])
+        if refinement is not None and len(self._refinements) > 1:  # this model's refinements before
+            refinement["earlier"] = [dict(r) for r in self._refinements[:-1]]
+        source["refinement"] = refinement
         return source
 
     def _layer_kwargs(self, role: str, extra: dict[str, Any]) -> dict[str, Any]:
