@@ -476,6 +476,10 @@ def test_inspect_areas_follow_strokes_and_undo(demo_viewer, qtbot) -> None:
     )
     qtbot.waitUntil(lambda: "none" in widget.refine_panel.corrections_label.text(), timeout=5000)
     assert ctl.n_corrected == 0
+    # a slice change (napari sends set_data for it too) does not set off a recount of the whole volume
+    qtbot.waitUntil(lambda: not widget._count_timer.isActive(), timeout=5000)
+    viewer.dims.set_current_step(0, (k + 1) % pseudo.data.shape[0])
+    assert not widget._count_timer.isActive()
 
 
 def test_a_scan_closed_during_predict_gets_no_layers(demo_viewer, qtbot) -> None:

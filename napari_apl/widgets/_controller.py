@@ -951,11 +951,13 @@ class APLController:
                 return layer
         return None
 
-    def shown_pseudo(self) -> np.ndarray | None:
-        """The prediction's pseudo labels with the painted corrections on top (what Export writes)."""
+    def shown_pseudo(self, collect: bool = True) -> np.ndarray | None:
+        """The prediction's pseudo labels with the painted corrections on top (what Export writes);
+        ``collect=False`` when the strokes were just folded in."""
         if self.prediction is None:
             return None
-        self.collect_corrections()
+        if collect:
+            self.collect_corrections()
         return self._with_corrections(self.prediction.pseudo)
 
     def _with_corrections(self, pseudo: np.ndarray) -> np.ndarray:

@@ -135,7 +135,7 @@ class InspectPanel(QWidget):
         ctl.collect_corrections()  # (folds the strokes in)
         if ctl.shown_version == self._version_seen:
             return
-        labels = ctl.shown_pseudo()
+        labels = ctl.shown_pseudo(collect=False)
         if labels is None or labels.shape[2] != self.profile.n_slices:
             return
         self._version_seen = ctl.shown_version

@@ -84,6 +84,7 @@ class _PaintWatcher:
         self.controller = controller
         self.count_timer = count_timer  # restarted on each stroke: the corrections are counted after them
         self.layer: Any = None
+        self.history: tuple[int, int] | None = None  # the layer's undo/redo lengths at the last count
 
     def watch(self, layer: Any) -> None:
         """Follow ``layer``'s paint events (and stop following the previous layer's)."""
@@ -91,6 +92,7 @@ class _PaintWatcher:
             return
         self.disconnect()
         self.layer = layer
+        self.history = _history_lengths(layer)
         if layer is not None:
             layer.events.paint.connect(self.on_paint)
             layer.events.set_data.connect(self.on_set_data)  # (undo and redo: no paint event)
@@ -117,12 +119,25 @@ class _PaintWatcher:
             self.disconnect()
 
     def on_set_data(self, event: Any = None) -> None:
-        """Recount the corrections after an undo or redo (or a new prediction) once things settle."""
+        """Recount the corrections after an undo or redo once things settle (napari sends ``set_data`` on
+        every slice change too: only a change of the layer's undo/redo history counts)."""
+        history = _history_lengths(self.layer)
+        if history is not None and history == self.history:
+            return
+        self.history = history
         try:
             if self.count_timer is not None:
                 self.count_timer.start(CORRECTIONS_COUNT_DEBOUNCE_MS)
         except RuntimeError:
             self.disconnect()
+
+
+def _history_lengths(layer: Any) -> tuple[int, int] | None:
+    """The lengths of a Labels layer's undo and redo histories (``None`` where napari keeps none)."""
+    undo, redo = getattr(layer, "_undo_history", None), getattr(layer, "_redo_history", None)
+    if undo is None or redo is None:
+        return None
+    return len(undo), len(redo)
 
 
 class _VerticalScroll(QScrollArea):
