@@ -134,6 +134,7 @@ class _PaintWatcher:
 
 def _history_lengths(layer: Any) -> tuple[int, int] | None:
     """The lengths of a Labels layer's undo and redo histories (``None`` where napari keeps none)."""
+    layer = unwrap_layer(layer)  # (as the controller's history reset: napari's proxy refuses private names)
     undo, redo = getattr(layer, "_undo_history", None), getattr(layer, "_redo_history", None)
     if undo is None or redo is None:
         return None
