@@ -23,7 +23,7 @@ collapsed to background.
 
 Why these defaults (measured on the real CT ``totalseg/ct_sm`` with a CHAOS-trained source model, on
 ``totalseg/mr_sm`` and on a CT phantom with the phantom-trained demo model; figures in the issue
-note and ``benchmarks/results/mri_to_ct.md``):
+note and ``benchmarks/results/mri_to_ct_ablations.md``):
 
 * ``bn="adapt"`` with ``bn_mix=0.25``: with the earlier, under-trained CHAOS source model (14 epochs
   at 3 mm) re-estimating the batch-norm statistics on the target raised the start model's average
