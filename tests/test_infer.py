@@ -364,6 +364,33 @@ def test_layer_arrays_predict_small_reads_and_show_what_is_done_for_large_ones(c
     )
 
 
+def test_layer_arrays_read_an_ellipsis_index_as_numpy_does(case) -> None:
+    """``lm[..., 4]`` is the last axis's index 4 (it was read as the middle axis's, and the slice to
+    predict was taken from the wrong entry)."""
+    model, meta, vol = case
+    full = np.asarray(
+        SlicePredictor(model, meta, vol, device="cpu").as_layer_arrays(predict_at_most=None)["main"]
+    )
+    for order in ("zyx", "xyz"):
+        sp = SlicePredictor(model, meta, vol, device="cpu")
+        lm = (
+            sp.as_layer_arrays(predict_at_most=None)["main"] if order == "zyx" else infer._LazyMap(sp, "main")
+        )
+        want = full if order == "zyx" else full.T
+        for key in [
+            (Ellipsis, 4),
+            (Ellipsis, 3, 4),
+            (2, Ellipsis),
+            (2, Ellipsis, 4),
+            Ellipsis,
+            (1, 2, 3, Ellipsis),
+        ]:
+            np.testing.assert_array_equal(lm[key], want[key], err_msg=f"{order} {key}")
+        for key in [(Ellipsis, 1, Ellipsis), (None, 1), (1, 2, 3, 4)]:
+            with pytest.raises(IndexError):
+                lm[key]
+
+
 def test_iter_predict_progress_restores_training_mode_and_checks_amp(case) -> None:
     _, meta, vol = case
     torch.manual_seed(0)

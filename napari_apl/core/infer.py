@@ -722,9 +722,7 @@ class _LazyMap:
         return int(self.predictor.done.sum())
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        if not isinstance(key, tuple):
-            key = (key,)
-        key = key + (slice(None),) * (3 - len(key))
+        key = _three_axis_key(key)
         zkey = key[2] if self.order == "xyz" else key[0]
         zs = np.atleast_1d(np.arange(self.predictor.total)[zkey])
         if self.predict_at_most is None or zs.size <= self.predict_at_most:
@@ -735,6 +733,22 @@ class _LazyMap:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = self[:, :, :]
         return out if dtype is None else out.astype(dtype)
+
+
+def _three_axis_key(key: Any) -> tuple:
+    """A basic index of a 3-D array, one entry per axis (``...`` expanded as numpy reads it)."""
+    key = key if isinstance(key, tuple) else (key,)
+    if any(k is None for k in key):
+        raise IndexError("a prediction map takes no new axes (None) in its index")
+    ellipses = [i for i, k in enumerate(key) if k is Ellipsis]
+    if len(ellipses) > 1:
+        raise IndexError("an index can only have a single ellipsis ('...')")
+    if ellipses:
+        i = ellipses[0]
+        key = key[:i] + (slice(None),) * (3 - (len(key) - 1)) + key[i + 1 :]
+    if len(key) > 3:
+        raise IndexError(f"too many indices for a 3-D prediction map: {len(key)}")
+    return key + (slice(None),) * (3 - len(key))
 
 
 def iter_predict(
