@@ -827,11 +827,13 @@ def test_a_file_system_error_is_one_line(tmp_path, tiny_ckpt, capsys, monkeypatc
 
 def test_maps_do_not_take_the_scans_intent(tmp_path, tiny_ckpt, phantom_dir):
     """A scan whose header declares a statistic (intent 't test') and a colour-table file gave its label
-    and fraction maps the same declaration; refine's model labels (written another way) too."""
+    and fraction maps the same declaration; refine's model labels (written another way) too. Header
+    extensions (here a comment; DICOM or JSON metadata alike) describe the scan: the maps carry none."""
     src = nib.load(phantom_dir / "image.nii.gz")
     img = nib.Nifti1Image(np.asanyarray(src.dataobj), src.affine, src.header)
     img.header.set_intent("t test", (10,), name="tstat")
     img.header["aux_file"] = b"ct.lut"
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"acquired on scanner 3"))
     nib.save(img, tmp_path / "in.nii.gz")
     assert (
         main(["predict", str(tmp_path / "in.nii.gz"), "-c", str(tiny_ckpt), "-o", str(tmp_path / "p"), "-q"])
@@ -845,4 +847,6 @@ def test_maps_do_not_take_the_scans_intent(tmp_path, tiny_ckpt, phantom_dir):
     for path in written:
         hdr = nib.load(path).header
         assert hdr.get_intent() == ("none", (), "") and hdr["aux_file"] == b"", path.name
+        assert len(hdr.extensions) == 0, path.name
     assert nib.load(tmp_path / "in.nii.gz").header.get_intent()[0] == "t test"  # (the input's, as set)
+    assert len(nib.load(tmp_path / "in.nii.gz").header.extensions) == 1

@@ -903,8 +903,11 @@ def _cast(arr: np.ndarray, dtype: np.dtype, out: Path) -> np.ndarray:
 
 def derived_header(header: Any, dtype: Any) -> Any:
     """A copy of a scan's NIfTI header for new voxels on its grid: the voxel type set, and what described
-    the scan's own values cleared (display range, intent such as a statistic, colour-table file)."""
-    hdr = header.copy()
+    the scan's own values cleared (display range, intent such as a statistic, colour-table file, header
+    extensions such as DICOM or JSON metadata)."""
+    hdr = header.copy()  # (its extensions a new list: the scan's header keeps its own)
+    if hasattr(hdr, "extensions"):
+        hdr.extensions.clear()
     hdr.set_data_dtype(dtype)
     hdr["cal_min"] = 0.0
     hdr["cal_max"] = 0.0
