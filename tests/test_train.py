@@ -413,3 +413,121 @@ def test_training_keeps_freed_memory_while_it_runs(mri_pairs, tmp_path, monkeypa
     run_generator(gen)
     assert memory._retained == 0 and calls[-1] == "malloc_trim"
     assert (tmp_path / "m.pt").is_file()
+
+
+def test_volumes_of_a_wider_field_of_view_are_padded_not_cropped(tmp_path):
+    """Every slice went to the first volume's grid size: a later, wider scan lost the organs at its edges
+    (which depended on the files' order). All are padded to the widest now, and no labelled voxel is lost."""
+    from napari_apl.core.preprocess import get_preset
+    from napari_apl.core.train import load_slice_set
+
+    narrow = write_phantom(tmp_path / "narrow", "mri", 0, shape=(16, 16, 8), spacing=(6.0, 6.0, 10.0))
+    wide = write_phantom(tmp_path / "wide", "mri", 1, shape=(48, 48, 8), spacing=(6.0, 6.0, 10.0))
+    counts = np.bincount(np.asarray(nib.load(wide[1]).dataobj).round().astype(int).ravel(), minlength=5)
+    assert counts[1:].sum() > 0
+    for order in ([narrow, wide], [wide, narrow]):
+        pairs = [(str(a), str(b)) for a, b in order]
+        data = load_slice_set(pairs, get_preset("mri"), (6.0, 6.0), (16, 16), 16)
+        k = next(i for i, (a, _) in enumerate(pairs) if Path(a).parent.name == "wide")
+        got = np.bincount(data.labels[data.volume_index == k].numpy().ravel(), minlength=5)
+        np.testing.assert_array_equal(got[1:], counts[1:])
+
+
+def test_a_spacing_a_checkpoint_cannot_hold_is_refused_before_training(tmp_path, mri_pairs):
+    """150 mm passed the checks, trained every epoch and failed when the checkpoint was written."""
+    with pytest.raises(APLError, match=r"spacing must be two sizes in 0.01..100 mm"):
+        next(train_source(mri_pairs, tmp_path / "m.pt", _cfg(spacing=(150.0, 150.0))))
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_spacing_too_fine_for_the_scans_names_the_spacing(tmp_path, mri_pairs):
+    """It was reported as a checkpoint's spacing unfit for the scan, though no checkpoint is involved."""
+    with pytest.raises(APLError, match=r"--spacing 0.05 0.05 mm would be .* choose a coarser --spacing"):
+        next(train_source(mri_pairs, tmp_path / "m.pt", _cfg(spacing=(0.05, 0.05))))
+
+
+def test_pairs_of_different_case_numbers_are_refused(tmp_path):
+    """Images 1..3 with labels 1, 2, 4 paired case 3's image with case 4's labels, silently."""
+    for i in (1, 2, 3):
+        (tmp_path / f"case{i}_img.nii.gz").touch()
+    for i in (1, 2, 4):
+        (tmp_path / f"case{i}_seg.nii.gz").touch()
+    with pytest.raises(APLError, match=r"case3_img.nii.gz would pair with case4_seg.nii.gz"):
+        pair_files(str(tmp_path / "*_img.nii.gz"), str(tmp_path / "*_seg.nii.gz"))
+    # nnU-Net's names (a channel number after the case's) and names without numbers pair as before
+    for i in (7, 8):
+        (tmp_path / f"ct_{i:03d}_0000.nii.gz").touch()
+        (tmp_path / f"lab_ct_{i:03d}.nii.gz").touch()
+    pairs = pair_files(str(tmp_path / "ct_*_0000.nii.gz"), str(tmp_path / "lab_ct_*.nii.gz"))
+    assert [Path(b).name for _, b in pairs] == ["lab_ct_007.nii.gz", "lab_ct_008.nii.gz"]
+
+
+def test_a_home_glob_and_a_file_name_with_brackets_are_found(tmp_path, monkeypatch):
+    """``~`` was not expanded, and an existing file named ``case[1].nii.gz`` could not be given."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "img_1.nii.gz").touch()
+    (tmp_path / "lab_1.nii.gz").touch()
+    assert pair_files("~/img_*.nii.gz", "~/lab_*.nii.gz") == [
+        (str(tmp_path / "img_1.nii.gz"), str(tmp_path / "lab_1.nii.gz"))
+    ]
+    (tmp_path / "case[1]_img.nii.gz").touch()
+    (tmp_path / "case[1]_seg.nii.gz").touch()
+    a, b = str(tmp_path / "case[1]_img.nii.gz"), str(tmp_path / "case[1]_seg.nii.gz")
+    assert pair_files(a, b) == [(a, b)]
+
+
+def test_a_resumed_run_with_dropout_equals_an_uninterrupted_one(tmp_path, mri_pairs):
+    """Dropout draws from torch's global generator, which the resume state did not keep."""
+    cfg = _cfg(arch_args={"base": 4, "dropout": 0.3})
+    ref, _ = run_generator(train_source(mri_pairs, tmp_path / "straight.pt", cfg))
+    seen = []
+    gen = train_source(mri_pairs, tmp_path / "resumed.pt", cfg, stop=lambda: len(seen) >= 3)
+    with pytest.raises(StopIteration):
+        while True:
+            seen.append(next(gen))
+    torch.manual_seed(1234)  # whatever the global generator holds when the run resumes
+    resumed, _ = run_generator(train_source(mri_pairs, tmp_path / "resumed.pt", cfg))
+    for (k, v), w in zip(resumed.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def test_an_interrupt_while_the_model_is_written_says_so(tmp_path, mri_pairs, capsys, monkeypatch):
+    """Ctrl-C after the last epoch named an epoch that does not exist ("interrupted in epoch 3" of 2)."""
+    import napari_apl.core.train as train_mod
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", interrupted)
+    image, labels = mri_pairs[0]
+    out = tmp_path / "m.pt"
+    argv = ["train-source", "--images", image, "--labels", labels, "--epochs", "2", "--input-size", "32",
+            "32", "--spacing", "9", "9", "-q", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted while writing {out}: all 2 epochs are kept in" in err and "epoch 3" not in err
+    monkeypatch.undo()
+    assert main(argv) == 0 and out.is_file()  # the same command writes it
+    assert "resuming at epoch 3" not in capsys.readouterr().err
+
+
+def test_the_resume_line_is_not_glued_to_the_progress_bar(tmp_path, mri_pairs, capsys, monkeypatch):
+    """It was printed after the bar without a line break (``...?it/s]resuming at epoch 2``)."""
+    import napari_apl.core.train as train_mod
+
+    real = train_mod.atomic_write
+
+    def interrupted_after_saving(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        raise KeyboardInterrupt  # once epoch 1 is on disk
+
+    monkeypatch.setattr(train_mod, "atomic_write", interrupted_after_saving)
+    image, labels = mri_pairs[0]
+    argv = ["train-source", "--images", image, "--labels", labels, "--epochs", "2", "--input-size", "32",
+            "32", "--spacing", "9", "9", "--batch-size", "4", "--out", str(tmp_path / "m.pt")]  # fmt: skip
+    assert main(argv) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(argv) == 0
+    pieces = [p.strip() for line in capsys.readouterr().err.split("\n") for p in line.split("\r")]
+    assert any(p.startswith("resuming at epoch 2 from") for p in pieces), pieces

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from .checkpoint import (
     FORMAT_VERSION,
     MAX_INPUT_SIZE,
+    MAX_SPACING_MM,
     MIN_INPUT_SIZE,
+    MIN_SPACING_MM,
     CheckpointMeta,
     save_checkpoint,
     torch_save_file,
@@ -37,7 +39,7 @@ from .memory import retained_heap
 from .models import DualHeadNet, build_model
 from .preprocess import Normalization, get_preset
 from .utils import resolve_device, seed_everything
-from .volume import SliceGrid, Volume, load_volume
+from .volume import MAX_GRID_PX, GridTooLargeError, SliceGrid, Volume, load_volume
 
 
 @dataclass
@@ -77,8 +79,13 @@ class TrainConfig:
             raise APLError(f"learning rate must be a positive number, got {self.lr}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise APLError(f"seed must be 0 or more, got {self.seed}")
-        if len(self.spacing) != 2 or not all(v > 0 and math.isfinite(v) for v in self.spacing):
-            raise APLError(f"spacing must be two positive sizes in mm, got {tuple(self.spacing)}")
+        if len(self.spacing) != 2 or not all(
+            MIN_SPACING_MM <= v <= MAX_SPACING_MM and math.isfinite(v) for v in self.spacing
+        ):
+            raise APLError(
+                f"spacing must be two sizes in {MIN_SPACING_MM:g}..{MAX_SPACING_MM:g} mm, "
+                f"got {tuple(self.spacing)}"
+            )
         if len(self.input_size) != 2 or not all(
             MIN_INPUT_SIZE <= int(v) <= MAX_INPUT_SIZE for v in self.input_size
         ):
@@ -99,10 +106,20 @@ class TrainConfig:
 
 
 def pair_files(images: str | Sequence[str], labels: str | Sequence[str]) -> list[tuple[str, str]]:
-    """Pair image and label files (globs or lists) after sorting them naturally."""
+    """Pair image and label files (globs or lists) after sorting them naturally.
+
+    A glob may start with ``~``, and a file that exists is taken as named (``[1]`` in its name is not a
+    pattern). Where both names of a pair hold numbers, they must share one (``case_3_0000.nii.gz`` pairs
+    with ``case_3.nii.gz``, not with ``case_4.nii.gz``): a case missing on one side would otherwise shift
+    every later pair onto another case's labels.
+    """
 
     def expand(spec: str | Sequence[str]) -> list[str]:
-        items = sorted(glob.glob(spec)) if isinstance(spec, str) else [str(s) for s in spec]
+        if isinstance(spec, str):
+            path = os.path.expanduser(spec)
+            items = [path] if os.path.isfile(path) else glob.glob(path)
+        else:
+            items = [str(s) for s in spec]
         return sorted(items, key=_natural_key)
 
     imgs, labs = expand(images), expand(labels)
@@ -110,7 +127,22 @@ def pair_files(images: str | Sequence[str], labels: str | Sequence[str]) -> list
         raise APLError(f"no image files match {images!r}: check the --images glob")
     if len(imgs) != len(labs):
         raise APLError(f"{len(imgs)} images but {len(labs)} label files: the globs must pair one to one")
+    for im, lab in zip(imgs, labs):
+        a, b = _name_numbers(im), _name_numbers(lab)
+        if a and b and not a & b:
+            raise APLError(
+                f"{Path(im).name} would pair with {Path(lab).name}, another case by its number: give the "
+                "same cases to --images and --labels"
+            )
     return list(zip(imgs, labs))
+
+
+def _name_numbers(path: str) -> set[int]:
+    """The numbers in a file name without its NIfTI suffix (``case_12_0000.nii.gz`` -> {12, 0})."""
+    import re
+
+    name = re.sub(r"\.nii(\.gz)?$", "", Path(path).name, flags=re.IGNORECASE)
+    return {int(d) for d in re.findall(r"\d+", name)}
 
 
 def _natural_key(s: str) -> list:
@@ -172,7 +204,6 @@ def load_slice_set(
 ) -> SliceSet:
     """Load paired volumes (checking shapes and affines) into one set of model-grid slices."""
     xs, ys, vi = [], [], []
-    target = None
     for k, (ip, lp) in enumerate(pairs):
         img, lab = load_volume(ip), load_volume(lp)
         # compared in canonical (RAS+) order: the same grid stored in another voxel order is one grid
@@ -183,26 +214,32 @@ def load_slice_set(
         if not np.allclose(img.affine, lab.affine, atol=1e-3):
             raise APLError(f"{Path(ip).name} and {Path(lp).name} differ in affine: they are not on one grid")
         _check_labels(lab, Path(lp).name)
-        x, y = volume_slices(img, lab, norm, spacing, size, stride)
-        if target is None:
-            target = tuple(x.shape[-2:])
-        x, y = _fit_hw(x, target, float(x.min())), _fit_hw(y.unsqueeze(1).float(), target, 0.0)[:, 0].long()
+        try:
+            x, y = volume_slices(img, lab, norm, spacing, size, stride)
+        except GridTooLargeError as exc:  # (worded for a checkpoint; here the spacing is the user's)
+            raise APLError(
+                f"{Path(ip).name} resampled to --spacing {spacing[0]:g} {spacing[1]:g} mm would be "
+                f"{exc.shape[0]} x {exc.shape[1]} px per slice (at most {MAX_GRID_PX}): choose a coarser "
+                "--spacing"
+            ) from None
         xs.append(x)
         ys.append(y)
         vi.append(torch.full((x.shape[0],), k, dtype=torch.long))
+    # volumes whose field of view spans more of the model grid are never cropped: every slice is padded
+    # to the largest (a crop would drop labelled organs at the edges of the larger scans)
+    target = (max(x.shape[-2] for x in xs), max(x.shape[-1] for x in xs))
+    xs = [_pad_hw(x, target, float(x.min())) for x in xs]
+    ys = [_pad_hw(y.unsqueeze(1).float(), target, 0.0)[:, 0].long() for y in ys]
     return SliceSet(torch.cat(xs), torch.cat(ys), torch.cat(vi))
 
 
-def _fit_hw(t: torch.Tensor, hw: tuple[int, int], pad: float) -> torch.Tensor:
-    """Centre-pad or centre-crop ``(N, C, H, W)`` to ``hw`` (training only: volumes of different sizes)."""
+def _pad_hw(t: torch.Tensor, hw: tuple[int, int], pad: float) -> torch.Tensor:
+    """Centre-pad ``(N, C, H, W)`` up to ``hw`` (training only: volumes of different sizes)."""
     _, _, h, w = t.shape
-    th, tw = hw
-    if h < th or w < tw:
-        ph, pw = max(0, th - h), max(0, tw - w)
-        t = F.pad(t, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=pad)
-        h, w = t.shape[-2:]
-    y0, x0 = (h - th) // 2, (w - tw) // 2
-    return t[..., y0 : y0 + th, x0 : x0 + tw]
+    ph, pw = hw[0] - h, hw[1] - w
+    if ph == 0 and pw == 0:
+        return t
+    return F.pad(t, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=pad)
 
 
 # --- augmentation -------------------------------------------------------------------------------------
@@ -419,6 +456,11 @@ def train_source(
             opt.load_state_dict(st["optimizer"])
             sched.load_state_dict(st["scheduler"])
             gen.set_state(st["rng"])
+            # the global generators (dropout draws from them): absent from earlier versions' state files
+            if "torch_rng" in st:
+                torch.set_rng_state(st["torch_rng"])
+            if "cuda_rng" in st and dev.type == "cuda":
+                torch.cuda.set_rng_state(st["cuda_rng"], dev)
             start_epoch = int(st["epoch"])
         except CheckpointError:
             raise
@@ -458,6 +500,8 @@ def train_source(
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "rng": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                **({"cuda_rng": torch.cuda.get_rng_state(dev)} if dev.type == "cuda" else {}),
                 "epoch": epoch + 1,
                 "epochs": cfg.epochs,
             }
@@ -576,16 +620,26 @@ def train_source_cli(args: Any) -> int:
                     disable=args.quiet,
                     file=sys.stderr,
                 )
-                if ev.epoch > 1:
-                    print(f"resuming at epoch {ev.epoch} from {_state_path(Path(args.out))}", file=sys.stderr)
+                if ev.epoch > 1:  # (on its own line, above the bar)
+                    state = _state_path(Path(args.out))
+                    bar.write(f"resuming at epoch {ev.epoch} from {state}", file=sys.stderr)
             bar.update(1)
             bar.set_postfix(epoch=ev.epoch, loss=f"{ev.loss:.3f}")
     except StopIteration:
         pass
     except KeyboardInterrupt:
+        if bar is not None:  # the message goes on its own line, below the bar
+            bar.close()
+            bar = None
         state = _state_path(Path(args.out))
         done = _epochs_done(state)  # (what the state holds: the last event shown may be a step behind)
-        if done:
+        if done is not None and done >= cfg.epochs:  # after the last epoch, while the model was written
+            print(
+                f"interrupted while writing {args.out}: all {done} epochs are kept in {state}; the same "
+                "command writes the model from there",
+                file=sys.stderr,
+            )
+        elif done:
             print(
                 f"interrupted in epoch {done + 1}: the {done} finished epoch{'s are' if done > 1 else ' is'} "
                 f"kept in {state}; the same command resumes from there (delete that file to start afresh)",

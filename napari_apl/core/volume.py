@@ -1026,6 +1026,14 @@ def _pair(value: Any, name: str, *, positive_int: bool = False) -> tuple:
     return tuple(out)
 
 
+class GridTooLargeError(VolumeError):
+    """The slices resampled to the model's spacing would exceed ``MAX_GRID_PX`` (a spacing too fine)."""
+
+    def __init__(self, message: str, shape: tuple[int, int] = (0, 0)) -> None:  # (default: unpickling)
+        super().__init__(message)
+        self.shape = shape
+
+
 class SliceGrid:
     """In-plane geometry between axial slices ``(X, Y)`` of a volume and the network grid ``(H', W')``.
 
@@ -1066,11 +1074,12 @@ class SliceGrid:
             )
         if max(self.padded_shape) > MAX_GRID_PX:
             h, w = self.padded_shape
-            raise VolumeError(
+            raise GridTooLargeError(
                 f"the slices resampled to the model's spacing of {self.spacing[0]:g} x "
                 f"{self.spacing[1]:g} mm would be {h} x {w} px (at most {MAX_GRID_PX}): this checkpoint's "
                 f"spacing does not suit a scan {self.in_shape[0] * self.in_spacing[0]:.0f} mm across: "
-                "use a model made for such scans"
+                "use a model made for such scans",
+                (h, w),
             )
         self.pad_before: tuple[int, int] = tuple(  # type: ignore[assignment]
             (p - n) // 2 for p, n in zip(self.padded_shape, self.resampled_shape)
