@@ -258,6 +258,33 @@ def test_describe(saved):
     assert describe((_meta(), model)) == pair
 
 
+def test_describe_shows_the_files_text_as_text(tmp_path):
+    """A newline or a terminal escape in the provenance forged or hid lines of ``info``'s summary."""
+    forged = "train-source\nfile: /opt/models/official.pt (7.0 MB)\x1b[8m"
+    meta = CheckpointMeta(
+        arch="unet-dual", input_size=(32, 32), spacing=(2.0, 2.0), provenance={"by": forged}
+    )
+    save_checkpoint(tmp_path / "m.pt", build_model("unet-dual", base=4), meta)
+    text = describe(tmp_path / "m.pt")
+    assert "\x1b" not in text and [ln for ln in text.splitlines() if ln.startswith("file:")] == [
+        f"file: {tmp_path / 'm.pt'} ({text.rsplit('(', 1)[1]}"
+    ]
+    assert "  by: train-source\\nfile: /opt/models/official.pt (7.0 MB)\\x1b[8m" in text
+
+
+def test_deeply_nested_metadata_is_refused_in_one_line(tmp_path):
+    """JSON nested past Python's recursion limit ended ``info`` in a RecursionError traceback."""
+    deep = "[" * 100_000 + "]" * 100_000
+    text = json.dumps(_meta().to_dict())[:-1] + ', "deep": ' + deep + "}"
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        CheckpointMeta.from_json(text)
+    nested: list = []
+    for _ in range(100_000):
+        nested = [nested]
+    with pytest.raises(CheckpointError, match="not JSON-serialisable"):
+        CheckpointMeta(arch="unet-dual", input_size=(32, 32), spacing=(2.0, 2.0), provenance={"x": nested})
+
+
 @pytest.mark.parametrize(
     ("kind", "line"),
     [

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ def _json_check(value: Any, what: str) -> None:
     """Raise CheckpointError when ``value`` cannot be stored as JSON."""
     try:
         json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:  # (RecursionError: nested too deep)
         raise CheckpointError(f"checkpoint metadata {what} is not JSON-serialisable: {exc}") from None
 
 
@@ -120,7 +121,7 @@ class CheckpointMeta:
                 f"checkpoint metadata class_names must be a list of at least 2 names, got {names!r}"
             )
         if len(set(names)) < len(names):
-            twice = sorted({n for n in names if list(names).count(n) > 1})
+            twice = sorted(n for n, k in Counter(names).items() if k > 1)
             raise CheckpointError(
                 f"checkpoint metadata class_names name {', '.join(twice)} twice: each class once"
             )
@@ -187,7 +188,7 @@ class CheckpointMeta:
         """Parse metadata written by ``to_json``."""
         try:
             data = json.loads(text)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:  # (RecursionError: nested too deep)
             raise CheckpointError(f"checkpoint metadata is not valid JSON: {exc}") from None
         return cls.from_dict(data)
 
@@ -690,7 +691,14 @@ def describe(
     else:
         lines.append("provenance: (none recorded)")
     lines += [f"format version: {meta.format_version}", file_line]
-    return "\n".join(lines)
+    # the file's own text, shown as text: a newline or a terminal control sequence in a name or in the
+    # provenance could otherwise forge or hide lines of this summary
+    return "\n".join(_printable(line) for line in lines)
+
+
+def _printable(text: str) -> str:
+    """``text`` with every non-printable character (newline, escape, ...) written as its escape."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 CLI_REFINEMENT_KEYS = ("refined_from", "method", "iterations", "target", "refined_at")
