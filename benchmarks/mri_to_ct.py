@@ -627,6 +627,7 @@ def main(argv=None) -> int:
         train = [full_job] if {"ct", "mr"} & set(targets) else []
         train += [] if args.skip_cv else cv_jobs(pairs, folds, cv_cfg)
         training = start_training(train, pool, threads)
+        results["settings"] |= {"trained_here": sorted(training), "models_planned": len(train)}
         if train and train[0] is full_job:
             if full_job[0] in training:
                 training[full_job[0]].result()
@@ -691,6 +692,23 @@ def finish(results: dict, full_ck: Path | None, t_start: float, quick: bool, ste
         m["refinement_compute_seconds"] + m["source_training_seconds"] + m["cv_training_seconds"]
     )
     write_results(results, f"{stem}_quick" if quick else stem)
+
+
+def reuse_words(results: dict) -> str:
+    """What this invocation took from the cache: 'nothing cached' when it trained and ran everything."""
+    runs = [
+        r
+        for t in results["targets"].values()
+        for m, rs in t["runs"].items()
+        if m != "no adaptation"
+        for r in rs
+    ]
+    trained = results["settings"].get("trained_here")
+    if trained is None:  # (results files written before this record)
+        return "cached parts reused"
+    if len(trained) == results["settings"]["models_planned"] and not any(r.get("cached") for r in runs):
+        return "nothing cached: every model trained and every run made in it"
+    return "cached parts reused"
 
 
 def rerun_lines(results: dict) -> list[str]:
@@ -791,7 +809,7 @@ def write_results(results: dict, stem: str) -> None:
         f"{m['cv_training_seconds'] / 60:.1f} min, refinement runs "
         f"{m['refinement_compute_seconds'] / 60:.1f} min; "
         f"total {m['total_compute_seconds'] / 60:.1f} min from scratch "
-        f"(this invocation: {m['wall_seconds_this_invocation'] / 60:.1f} min wall, cached parts reused). "
+        f"(this invocation: {m['wall_seconds_this_invocation'] / 60:.1f} min wall, {reuse_words(results)}). "
         f"{st.get('jobs', 1)} worker process(es) side by side, {st['threads']} torch thread(s) each. The "
         "machine was shared with other jobs, so times are upper bounds.",
         "",
