@@ -71,14 +71,14 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check the settings and raise a one-line ``APLError`` naming a bad one."""
-        if not isinstance(self.epochs, int) or self.epochs < 1:
+        if not _is_count(self.epochs) or self.epochs < 1:
             raise APLError(f"epochs must be 1 or more, got {self.epochs}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if not _is_count(self.batch_size) or self.batch_size < 1:
             raise APLError(f"batch size must be 1 or more, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise APLError(f"learning rate must be a positive number, got {self.lr}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise APLError(f"seed must be 0 or more, got {self.seed}")
+        if not _is_count(self.seed) or not 0 <= self.seed < 2**64:
+            raise APLError(f"seed must be a whole number from 0 to 2**64 - 1, got {self.seed!r}")
         if len(self.spacing) != 2 or not all(
             MIN_SPACING_MM <= v <= MAX_SPACING_MM and math.isfinite(v) for v in self.spacing
         ):
@@ -93,13 +93,20 @@ class TrainConfig:
                 f"input size must be two sizes in {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE} px, "
                 f"got {tuple(self.input_size)}"
             )
-        if self.iters_per_epoch is not None and self.iters_per_epoch < 1:
+        if self.iters_per_epoch is not None and (
+            not _is_count(self.iters_per_epoch) or self.iters_per_epoch < 1
+        ):
             raise APLError(f"iterations per epoch must be 1 or more, got {self.iters_per_epoch}")
         if not self.aux_weight >= 0:
             raise APLError(f"aux_weight must be 0 or more, got {self.aux_weight}")
         if not (0 <= self.gin_prob <= 1 and 0 <= self.remap_prob <= 1):
             raise APLError("gin_prob and remap_prob are probabilities in [0, 1]")
         return self
+
+
+def _is_count(value: Any) -> bool:
+    """Whether ``value`` is a whole number given as an int (``True`` and ``2.5`` are not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # --- data ---------------------------------------------------------------------------------------------
