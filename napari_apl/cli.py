@@ -839,6 +839,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-source", help="train a dual-head model on labelled source volumes")
     p.add_argument("--images", required=True, help="glob of source images")
     p.add_argument("--labels", required=True, help="glob of label volumes (paired after sorting)")
+    p.add_argument(
+        "--pair-by-order",
+        action="store_true",
+        help="pair images and labels as sorted without comparing their case numbers",
+    )
     p.add_argument("--arch", default="unet-dual", help="network: unet-dual (default) or deeplabv2")
     p.add_argument("--epochs", type=_int_at_least(1), default=45, help="passes over the slices (default 45)")
     p.add_argument("--normalize", default="mri", help="source intensity preset (default mri)")

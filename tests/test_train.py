@@ -450,20 +450,54 @@ def test_a_spacing_too_fine_for_the_scans_names_the_spacing(tmp_path, mri_pairs)
         next(train_source(mri_pairs, tmp_path / "m.pt", _cfg(spacing=(0.05, 0.05))))
 
 
-def test_pairs_of_different_case_numbers_are_refused(tmp_path):
+@pytest.mark.parametrize(
+    ("images", "labels", "wrong"),
+    [
+        (["case1_img", "case2_img", "case3_img"], ["case1_seg", "case2_seg", "case4_seg"], "case3_img"),
+        # a number every name holds is no case number: FLARE22, nnU-Net's channel, T2w, a year
+        (["FLARE22_Tr_0001_0000", "FLARE22_Tr_0003_0000"], ["FLARE22_Tr_0001", "FLARE22_Tr_0002"], "0003"),
+        (["sub-01_T2w", "sub-03_T2w"], ["sub-01_dseg", "sub-02_dseg"], "sub-03_T2w"),
+        (
+            ["BraTS2021_00001_t1", "BraTS2021_00003_t1"],
+            ["BraTS2021_00001_seg", "BraTS2021_00002_seg"],
+            "00003",
+        ),
+        # one folder per case, the same file names
+        (["s0011/ct", "s0013/ct"], ["s0011/seg", "s0012/seg"], "s0013/ct"),
+    ],
+)
+def test_pairs_of_different_case_numbers_are_refused(tmp_path, images, labels, wrong):
     """Images 1..3 with labels 1, 2, 4 paired case 3's image with case 4's labels, silently."""
-    for i in (1, 2, 3):
-        (tmp_path / f"case{i}_img.nii.gz").touch()
-    for i in (1, 2, 4):
-        (tmp_path / f"case{i}_seg.nii.gz").touch()
-    with pytest.raises(APLError, match=r"case3_img.nii.gz would pair with case4_seg.nii.gz"):
-        pair_files(str(tmp_path / "*_img.nii.gz"), str(tmp_path / "*_seg.nii.gz"))
-    # nnU-Net's names (a channel number after the case's) and names without numbers pair as before
-    for i in (7, 8):
-        (tmp_path / f"ct_{i:03d}_0000.nii.gz").touch()
-        (tmp_path / f"lab_ct_{i:03d}.nii.gz").touch()
-    pairs = pair_files(str(tmp_path / "ct_*_0000.nii.gz"), str(tmp_path / "lab_ct_*.nii.gz"))
-    assert [Path(b).name for _, b in pairs] == ["lab_ct_007.nii.gz", "lab_ct_008.nii.gz"]
+    for side, names in (("i", images), ("l", labels)):
+        for n in names:
+            f = tmp_path / side / f"{n}.nii.gz"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.touch()
+    globs = [str(tmp_path / side / ("*/*.nii.gz" if "/" in images[0] else "*.nii.gz")) for side in "il"]
+    with pytest.raises(APLError, match=rf"{wrong}.* would pair with .*--pair-by-order"):
+        pair_files(*globs)
+    assert len(pair_files(*globs, check_names=False)) == len(images)
+
+
+@pytest.mark.parametrize(
+    ("images", "labels"),
+    [
+        (["la_003_0000", "la_010_0000"], ["la_003", "la_010"]),  # nnU-Net
+        (["img0001", "img0002"], ["label0001", "label0002"]),  # BTCV
+        (["volume-0", "volume-10"], ["segmentation-0", "segmentation-10"]),  # LiTS
+        (["s0011/ct", "s0012/ct"], ["s0011/seg", "s0012/seg"]),  # TotalSegmentator
+        (["t2_haste_abdomen"], ["segmentation_v3"]),  # one pair: nothing can shift
+        (["patient001_frame01"], ["patient001_frame01_gt"]),  # ACDC
+    ],
+)
+def test_common_dataset_names_pair(tmp_path, images, labels):
+    for side, names in (("i", images), ("l", labels)):
+        for n in names:
+            f = tmp_path / side / f"{n}.nii.gz"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.touch()
+    globs = [str(tmp_path / side / ("*/*.nii.gz" if "/" in images[0] else "*.nii.gz")) for side in "il"]
+    assert len(pair_files(*globs)) == len(images)
 
 
 def test_a_home_glob_and_a_file_name_with_brackets_are_found(tmp_path, monkeypatch):

@@ -112,13 +112,15 @@ def _is_count(value: Any) -> bool:
 # --- data ---------------------------------------------------------------------------------------------
 
 
-def pair_files(images: str | Sequence[str], labels: str | Sequence[str]) -> list[tuple[str, str]]:
+def pair_files(
+    images: str | Sequence[str], labels: str | Sequence[str], check_names: bool = True
+) -> list[tuple[str, str]]:
     """Pair image and label files (globs or lists) after sorting them naturally.
 
     A glob may start with ``~``, and a file that exists is taken as named (``[1]`` in its name is not a
-    pattern). Where both names of a pair hold numbers, they must share one (``case_3_0000.nii.gz`` pairs
-    with ``case_3.nii.gz``, not with ``case_4.nii.gz``): a case missing on one side would otherwise shift
-    every later pair onto another case's labels.
+    pattern). With ``check_names`` and several pairs, the case numbers of each pair must agree: a case
+    missing on one side would otherwise shift every later pair onto another case's labels (see
+    ``_case_numbers`` for what counts as a case number).
     """
 
     def expand(spec: str | Sequence[str]) -> list[str]:
@@ -134,22 +136,37 @@ def pair_files(images: str | Sequence[str], labels: str | Sequence[str]) -> list
         raise APLError(f"no image files match {images!r}: check the --images glob")
     if len(imgs) != len(labs):
         raise APLError(f"{len(imgs)} images but {len(labs)} label files: the globs must pair one to one")
-    for im, lab in zip(imgs, labs):
-        a, b = _name_numbers(im), _name_numbers(lab)
-        if a and b and not a & b:
-            raise APLError(
-                f"{Path(im).name} would pair with {Path(lab).name}, another case by its number: give the "
-                "same cases to --images and --labels"
-            )
+    if check_names and len(imgs) > 1:
+        for im, lab, a, b in zip(imgs, labs, _case_numbers(imgs), _case_numbers(labs)):
+            if a and b and not a & b:
+                named = [f"{Path(f).parent.name}/{Path(f).name}" for f in (im, lab)]
+                raise APLError(
+                    f"{named[0]} would pair with {named[1]}, another case by their numbers: give the same "
+                    "cases to --images and --labels (or --pair-by-order to pair them as sorted)"
+                )
     return list(zip(imgs, labs))
 
 
-def _name_numbers(path: str) -> set[int]:
-    """The numbers in a file name without its NIfTI suffix (``case_12_0000.nii.gz`` -> {12, 0})."""
+def _case_numbers(paths: Sequence[str]) -> list[set[int]]:
+    """Each file's case numbers: the numbers in its folder's and its own name that vary across ``paths``.
+
+    A number every file has at the same place is not a case number: a dataset's year or name
+    (FLARE22, BraTS2021), a sequence (T2w), nnU-Net's channel suffix (``_0000``). Where the files hold
+    different counts of numbers, those present in every file are dropped instead.
+    """
     import re
 
-    name = re.sub(r"\.nii(\.gz)?$", "", Path(path).name, flags=re.IGNORECASE)
-    return {int(d) for d in re.findall(r"\d+", name)}
+    def numbers(path: str) -> list[int]:
+        p = Path(path)
+        name = re.sub(r"\.nii(\.gz)?$", "", p.name, flags=re.IGNORECASE)
+        return [int(d) for d in re.findall(r"\d+", f"{p.parent.name}/{name}")]
+
+    lists = [numbers(p) for p in paths]
+    if len({len(n) for n in lists}) == 1:
+        varying = [k for k in range(len(lists[0])) if len({n[k] for n in lists}) > 1]
+        return [{n[k] for k in varying} for n in lists]
+    common = set.intersection(*(set(n) for n in lists))
+    return [set(n) - common for n in lists]
 
 
 def _natural_key(s: str) -> list:
@@ -600,7 +617,7 @@ def train_source_cli(args: Any) -> int:
     """Run ``napari-apl train-source`` with a progress bar."""
     from tqdm import tqdm
 
-    pairs = pair_files(args.images, args.labels)
+    pairs = pair_files(args.images, args.labels, check_names=not args.pair_by_order)
     cfg = TrainConfig(
         arch=args.arch,
         epochs=args.epochs,
