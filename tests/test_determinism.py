@@ -139,3 +139,18 @@ def test_cli_outputs_identical_across_runs_and_processes(setup, tmp_path):
         assert (runs[1] / "p" / f"{name}.nii.gz").read_bytes() == (
             first / "p" / f"{name}.nii.gz"
         ).read_bytes()
+
+
+def test_a_large_seed_leaves_child_pythons_startable(monkeypatch):
+    """A seed of 2**32 or more went to PYTHONHASHSEED as given, and every Python started afterwards (a
+    spawn worker, pip) died with "PYTHONHASHSEED must be ... [0; 4294967295]"."""
+    import os
+    import subprocess
+    import sys
+
+    from napari_apl.core.utils import seed_everything
+
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    seed_everything(2**40 + 5)
+    assert os.environ["PYTHONHASHSEED"] == "5"
+    assert subprocess.run([sys.executable, "-c", "pass"], timeout=60).returncode == 0
