@@ -19,9 +19,9 @@ What it does (every figure it writes is measured by this run):
 Run: ``python benchmarks/mri_to_ct.py`` (``--quick`` for a smoke run with tiny budgets; results of a
 quick run go to ``mri_to_ct_quick.*``). Data: ``$NAPARI_APL_DATA`` or ``../shared/data``. Models to
 train and refinement runs go to ``--jobs`` worker processes side by side (one per core by default,
-each with its share of the cores as torch threads; a target's runs start as soon as its start model
-is trained, while the cross-validation models still train); ``--runs-dir`` redoes the refinement runs
-in another cache and compares each with the cached one.
+each with its share of the cores as torch threads; a target's runs are queued as soon as its start
+model is trained, behind the cross-validation models already queued); ``--runs-dir`` redoes the
+refinement runs in another cache and compares each with the cached one.
 """
 
 from __future__ import annotations
@@ -280,8 +280,8 @@ EXPLORE: dict[str, tuple[str, dict]] = {
 # cbst and mrnet lost 1.2 to 5.0 points on the CT and the synthetic pair (threshold and mrnet gained 0.7
 # and 0.4 on mr_sm), apl-con tied; the geometric view helped threshold on that source model's CT (+2.0)
 # and cost it 2.3 with the next model's (mri_to_ct_cpu_model2.md). The ablation rows (``VARIANTS``) run
-# with ``--methods ablations``; they nearly triple the run time, and the issue allows the benchmark an
-# hour.
+# with ``--methods ablations``; they took 2.3x the refinement compute of these rows (1.5x the whole
+# run's), and the issue allows the benchmark an hour.
 ROWS = tuple(METHODS)
 ABLATIONS = tuple(VARIANTS)
 VARIANTS |= EXPLORE  # every row name, on request or not, resolves through VARIANTS
@@ -621,8 +621,9 @@ def main(argv=None) -> int:
 
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
     try:
-        # 1. the source models, side by side (longest first); the refinement runs queue behind them as
-        # soon as their start model exists, so that no worker waits for the cross-validation models
+        # 1. the source models, side by side (longest first); a target's refinement runs are queued as
+        # soon as their start model exists, behind the models already queued, so that no worker idles
+        # while the last cross-validation model trains
         full_job = ("chaos_full" + ("_quick" if args.quick else ""), src_cfg, pairs)
         train = [full_job] if {"ct", "mr"} & set(targets) else []
         train += [] if args.skip_cv else cv_jobs(pairs, folds, cv_cfg)
@@ -766,9 +767,11 @@ def rows_lines(results: dict) -> list[str]:
         )
     else:
         line += (
-            ", each baseline's better setting in the full runs with the ablation rows "
-            "(`--methods ablations`: each baseline without the augmentation, the geometric view; "
-            "`benchmarks/results/mri_to_ct_ablations.md`)"
+            ". In the full run with the ablation rows (`--methods ablations`, another source model: "
+            "`benchmarks/results/mri_to_ct_ablations.md`) that recipe was each baseline's better setting on "
+            "the CT and the synthetic pair, except that the geometric view lifted `threshold` on that CT "
+            "(+2.0; it cost 2.3 with this model's, `mri_to_ct_cpu_model2.md`); on mr_sm `threshold` and "
+            "`mrnet` did 0.7 and 0.4 better without the augmentation"
         )
     return [line + ". The issue's checks are made for the default `apl` row against every baseline row.", ""]
 
@@ -804,7 +807,13 @@ def write_results(results: dict, stem: str) -> None:
         "",
         f"Written by "
         f"`benchmarks/mri_to_ct.py`{' --quick (smoke run: NOT the benchmark)' if st['quick'] else ''} on "
-        f"{m['date']}, commit {m['commit']}, {m['machine']}.",
+        f"{m['date']}, commit {m['commit']}, {m['machine']}."
+        + (
+            f" This file was rendered again from the run's JSON at commit {m['rendered_again']['commit']}: "
+            f"{m['rendered_again']['why']}."
+            if m.get("rendered_again")
+            else ""
+        ),
         f"Compute: source model {m['source_training_seconds'] / 60:.1f} min, CV models "
         f"{m['cv_training_seconds'] / 60:.1f} min, refinement runs "
         f"{m['refinement_compute_seconds'] / 60:.1f} min; "
