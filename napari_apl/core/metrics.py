@@ -24,13 +24,14 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from .errors import APLError
 from .labels import CLASS_NAMES, ORGANS
 
 __all__ = ["assd", "dice", "evaluate", "label_name"]
 
-_MARGIN = 1  # voxels of padding around the bounding box used for the distance transforms
+_MARGIN = 1  # voxels of padding around a mask's bounding box, where its surface is found
 
 
 def label_name(label: int) -> str:
@@ -97,6 +98,16 @@ def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
     return tuple(out)
 
 
+def _surface_points(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """The surface voxels' centres of ``mask`` (which has some) in mm, ``(n, ndim)``."""
+    # Cropping to the mask's own box (one voxel of margin, or the array's edge) is exact: the erosion
+    # sees the same neighbours there as in the whole array
+    box = bounding_box(mask, _MARGIN)
+    surface = _surface(mask[box])
+    offset = np.array([b.start for b in box], dtype=np.float64)
+    return (np.argwhere(surface) + offset) * np.asarray(spacing, dtype=np.float64)
+
+
 def _assd_masks(pm: np.ndarray, gm: np.ndarray, spacing: Sequence[float]) -> float:
     """ASSD of two boolean masks (conventions in the module docstring)."""
     has_p, has_g = bool(pm.any()), bool(gm.any())
@@ -104,15 +115,13 @@ def _assd_masks(pm: np.ndarray, gm: np.ndarray, spacing: Sequence[float]) -> flo
         return math.nan
     if has_p != has_g:
         return math.inf
-    # Cropping is exact: every surface voxel lies in the union's bounding box, the outside of the
-    # box holds no mask voxel (so erosion sees the same neighbours, padded or not), and the
-    # Euclidean distance transform measures straight-line distances, not paths inside the box.
-    box = bounding_box(pm | gm, _MARGIN)
-    sp_, sg_ = _surface(pm[box]), _surface(gm[box])
-    d_to_g = ndimage.distance_transform_edt(~sg_, sampling=spacing)
-    d_to_p = ndimage.distance_transform_edt(~sp_, sampling=spacing)
-    total = float(d_to_g[sp_].sum(dtype=np.float64)) + float(d_to_p[sg_].sum(dtype=np.float64))
-    return total / (int(np.count_nonzero(sp_)) + int(np.count_nonzero(sg_)))
+    # Exact nearest-surface distances between the two sets of surface points (k-d trees): time and memory
+    # follow the surfaces, not the box around both masks (a distance transform over that box took two
+    # minutes and 4 GB for a 512 x 512 x 300 CT with one stray voxel in a corner)
+    sp_, sg_ = _surface_points(pm, spacing), _surface_points(gm, spacing)
+    to_g = cKDTree(sg_).query(sp_, workers=1)[0]
+    to_p = cKDTree(sp_).query(sg_, workers=1)[0]
+    return (float(to_g.sum(dtype=np.float64)) + float(to_p.sum(dtype=np.float64))) / (len(sp_) + len(sg_))
 
 
 def assd(pred, gt, spacing: Sequence[float], labels: Iterable[int] = ORGANS) -> dict[int, float]:
