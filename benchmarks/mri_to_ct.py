@@ -47,7 +47,7 @@ import _common
 from napari_apl.core.checkpoint import load_checkpoint
 from napari_apl.core.infer import predict_volume
 from napari_apl.core.labels import CLASS_NAMES
-from napari_apl.core.metrics import evaluate
+from napari_apl.core.metrics import evaluate, json_safe
 from napari_apl.core.postprocess import largest_components
 from napari_apl.core.preprocess import get_preset
 from napari_apl.core.refine import METHODS, RefineConfig, _cpu_has_native_bf16, refine
@@ -445,7 +445,10 @@ def collect_target(
                     row["largest"] = score(largest_components(z["labels"]), gt, vol.spacing, False)
             old = reference / path.name
             if runs_dir.resolve() != reference.resolve() and old.exists():  # the same run cached earlier
-                row["same_as_cached"] = json.loads(old.read_text())["dice"] == row["dice"]
+                # (through strict JSON: an organ absent on both sides is NaN, which equals nothing)
+                row["same_as_cached"] = json_safe(json.loads(old.read_text())["dice"]) == json_safe(
+                    row["dice"]
+                )
             log(f"{name}: {method} seed {cfg.seed}: avg Dice {row['avg']:.1f} ({row['seconds']:.0f} s)")
             got.append(row)
         if not got:
@@ -798,7 +801,10 @@ def explore_lines(results: dict) -> list[str]:
 def write_results(results: dict, stem: str) -> None:
     """Write ``benchmarks/results/<stem>.json`` and ``.md``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
+    # strict JSON for other tools: an organ absent on both sides is null, a missed one "inf"
+    (RESULTS / f"{stem}.json").write_text(
+        json.dumps(json_safe(results), indent=1, default=str, allow_nan=False)
+    )
     m = results["meta"]
     st = results["settings"]
     src = st["source"]

@@ -78,3 +78,22 @@ def test_refine_overhead_refuses_an_unknown_or_absent_device_in_one_line(capsys)
         assert mod.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
+
+
+def test_results_are_strict_json_when_an_organ_is_missed(mri_to_ct, tmp_path, monkeypatch):
+    """A missed organ's ASSD (inf) and an absent one's Dice (nan) were written as Infinity / NaN, which
+    other JSON readers refuse; the Markdown still shows them."""
+    results = json.loads((BENCH.parent / "results" / "mri_to_ct.json").read_text())
+    run = results["targets"]["ct"]["runs"]["apl"][0]
+    run["dice"]["spleen"] = float("nan")
+    run["assd"] = float("inf")
+    monkeypatch.setattr(mri_to_ct, "RESULTS", tmp_path)
+    mri_to_ct.write_results(results, "strict")
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    back = json.loads((tmp_path / "strict.json").read_text(), parse_constant=refuse)
+    run = back["targets"]["ct"]["runs"]["apl"][0]
+    assert run["dice"]["spleen"] is None and run["assd"] == "inf"
+    assert "inf" in (tmp_path / "strict.md").read_text()
