@@ -514,7 +514,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .core.labels import CLASS_NAMES
-    from .core.metrics import evaluate, json_safe
+    from .core.metrics import evaluate, json_safe, label_volume
     from .core.volume import load_volume
 
     if args.json:
@@ -530,24 +530,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise APLError(
             "--pred and --gt have different affines: resample the prediction onto the reference grid"
         )
-    arrays = {}
-    for flag, vol in (("--pred", pred), ("--gt", gt)):
-        arr = np.asarray(vol.data)
-        whole = np.array_equal(arr, np.round(arr))
-        if not whole or arr.min() < 0 or arr.max() >= len(CLASS_NAMES):
-            values = np.unique(arr) if whole and arr.min() >= 0 else None
-            if values is not None and len(values) <= 256:  # a label map of another scheme
-                shown = ", ".join(str(int(v)) for v in values[:12]) + (", ..." if len(values) > 12 else "")
-                raise APLError(
-                    f"{flag} holds labels {shown}, not only 0..{len(CLASS_NAMES) - 1} "
-                    f"({', '.join(f'{i} {n}' for i, n in enumerate(CLASS_NAMES))}): "
-                    "remap its labels to these (others to 0) first"
-                )
-            raise APLError(
-                f"{flag} is not a label volume (labels 0..{len(CLASS_NAMES) - 1} expected): "
-                "did you pass the image instead of its labels?"
-            )
-        arrays[flag] = arr.astype(np.int16)
+    arrays = {flag: label_volume(vol.data, flag) for flag, vol in (("--pred", pred), ("--gt", gt))}
     res = evaluate(arrays["--pred"], arrays["--gt"], gt.spacing)
     print(f"{'organ':<14}{'Dice %':>9}{'ASSD mm':>10}")
     for name in CLASS_NAMES[1:]:

@@ -379,6 +379,19 @@ def test_a_ground_truth_layer_that_is_not_3d_is_refused_as_such(demo_viewer) -> 
         widget.controller.report(gt_layer=flat)
 
 
+def test_a_ground_truth_of_another_label_scheme_is_refused(demo_viewer) -> None:
+    """Labels of another scheme (TotalSegmentator's 1 is the spleen) were scored as if they were these:
+    one line naming the labels found, as ``napari-apl evaluate`` says."""
+    viewer, widget, a, _b = demo_viewer()
+    _predict(widget, a)
+    other = np.zeros(a.data.shape, np.uint8)
+    other[2:4, 10:20, 10:20] = 7
+    other[5, 30:40, 30:40] = 1
+    layer = viewer.add_labels(other, name="ts gt", scale=a.scale, translate=a.translate)
+    with pytest.raises(Exception, match=r"^ground-truth layer 'ts gt' holds labels 0, 1, 7, not only 0..4"):
+        widget.controller.report(gt_layer=layer)
+
+
 def test_the_writer_does_not_import_the_compute_core() -> None:
     """Saving a layer through the napari-apl writer does not import torch (a stall on the event loop
     of a session that never predicted)."""

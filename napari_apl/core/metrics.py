@@ -154,6 +154,30 @@ def evaluate(pred, gt, spacing: Sequence[float], labels: Iterable[int] = ORGANS)
     }
 
 
+def label_volume(arr: Any, what: str) -> np.ndarray:
+    """``arr`` as int16 labels, refused in one line unless it holds only the scheme's labels 0..4.
+
+    ``what`` names the volume in the message (a command-line flag, a layer).
+    """
+    arr = np.asarray(arr)
+    top = len(CLASS_NAMES) - 1
+    whole = arr.dtype.kind in "biu" or bool(np.array_equal(arr, np.round(arr)))
+    if arr.size and (not whole or arr.min() < 0 or arr.max() > top):
+        values = np.unique(arr) if whole and arr.min() >= 0 else None
+        if values is not None and len(values) <= 256:  # a label map of another scheme
+            shown = ", ".join(str(int(v)) for v in values[:12]) + (", ..." if len(values) > 12 else "")
+            raise APLError(
+                f"{what} holds labels {shown}, not only 0..{top} "
+                f"({', '.join(f'{i} {n}' for i, n in enumerate(CLASS_NAMES))}): "
+                "remap its labels to these (others to 0) first"
+            )
+        raise APLError(
+            f"{what} is not a label volume (labels 0..{top} expected): did you pass the image instead of "
+            "its labels?"
+        )
+    return arr.astype(np.int16)
+
+
 def json_number(value: Any) -> float | str | None:
     """A score as strict JSON: NaN (an organ absent on both sides) -> None, ±inf (one missed) -> "inf"."""
     if value is None or (isinstance(value, float) and math.isnan(value)):

@@ -67,7 +67,7 @@ from ..core.infer import Prediction, SlicePredictor, iter_predict, write_map
 from ..core.io_utils import atomic_write, check_output_path, staged_outputs
 from ..core.labels import CLASS_NAMES, ORGANS
 from ..core.memory import release_in_background
-from ..core.metrics import evaluate, json_number, label_name
+from ..core.metrics import evaluate, json_number, label_name, label_volume
 from ..core.postprocess import clean_masks, removal_warnings
 from ..core.preprocess import PRESETS, Normalization, choose_normalization
 from ..core.refine import (
@@ -2059,6 +2059,7 @@ class APLController:
                     f"ground-truth layer '{gt_layer.name}' does not lie on the scan's voxel grid (its "
                     "position, spacing or orientation differs): choose labels of the same scan"
                 )
+            gt = label_volume(gt, f"ground-truth layer '{gt_layer.name}'")
             scores = evaluate(labels, gt, spacing)
         organs = []
         for lab in ORGANS:
