@@ -562,6 +562,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     from .core.preprocess import get_preset
 
     _check_outputs([Path(args.out)], args.overwrite, [args.state_dict])
+    if args.aspp_branches != 4 and args.arch != "deeplabv2":
+        raise APLError(f"--aspp-branches is a deeplabv2 setting: {args.arch} has no ASPP classifier")
     names = [n.strip() for n in args.classes.split(",")] if args.classes else list(CLASS_NAMES)
     # every command writes masks in napari-apl's label scheme: a model whose channels are its classes
     # in another order has them reordered here; other classes are refused
@@ -571,7 +573,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     meta = CheckpointMeta(
         format_version=FORMAT_VERSION,
         arch=args.arch,
-        arch_args={"num_classes": len(names)},
+        arch_args={"num_classes": len(names)}
+        | ({"aspp_branches": args.aspp_branches} if args.aspp_branches != 4 else {}),
         class_names=names,
         input_size=tuple(args.input_size),
         spacing=tuple(args.spacing),
@@ -810,6 +813,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated names of the file's output channels, in their order (default: "
         "background,liver,right kidney,left kidney,spleen); the same five in another order are "
         "reordered to napari-apl's labels",
+    )
+    p.add_argument(
+        "--aspp-branches",
+        type=int,
+        choices=(2, 4),
+        default=4,
+        help="deeplabv2: the dilated branches each classifier sums: 4 (ADVENT, the default) or 2 "
+        "(models trained with AdaptSegNet's released code, whose classifier stops after two)",
     )
     p.add_argument("--input-size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"))
     p.add_argument("--spacing", type=float, nargs=2, default=(1.5, 1.5), metavar=("MX", "MY"))

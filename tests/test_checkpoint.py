@@ -552,6 +552,30 @@ def test_import_advent_state_dict(tmp_path, deeplab, form):
         assert torch.equal(again(_x((64, 64)))[0], expected[0])
 
 
+def test_an_adaptsegnet_model_runs_with_the_two_branches_it_was_trained_with(tmp_path, deeplab):
+    """AdaptSegNet's released classifier sums ASPP branches 0 and 1 only (it returns inside its loop):
+    its models imported as ADVENT's summed all four, two of them never trained."""
+    model, _ = deeplab
+    raw = tmp_path / "adaptsegnet.pth"
+    torch.save(model.state_dict(), raw)
+    meta = _meta(
+        arch="deeplabv2", arch_args={"layers": [1, 1, 1, 1], "aspp_branches": 2}, input_size=(64, 64)
+    )
+    imported = import_state_dict(raw, meta)
+    x = _x((64, 64))
+    with torch.no_grad():
+        feats = model.features(x)
+        want = [sum(head.conv2d_list[k](f) for k in (0, 1)) for head, f in ((model.layer6, feats[-1]),)]
+        main, _aux = imported(x)
+        hw = x.shape[-2:]
+        ref = torch.nn.functional.interpolate(want[0], size=hw, mode="bilinear", align_corners=True)
+    assert torch.allclose(main, ref, atol=1e-5) and not torch.allclose(main, model(x)[0], atol=1e-3)
+    again, meta2 = load_checkpoint(save_checkpoint(tmp_path / "asn.pt", imported, meta))
+    assert meta2.arch_args["aspp_branches"] == 2
+    with torch.no_grad():
+        assert torch.equal(again(x)[0], main)
+
+
 def test_import_errors(tmp_path, deeplab):
     model, _ = deeplab
     sd = model.state_dict()

@@ -460,6 +460,11 @@ def test_import_reads_a_unet_width_from_the_file(tmp_path, capsys):
         assert torch.equal(a, b)
     assert main([*argv[:-2], "--input-size", "100000", "100000", "--out", str(tmp_path / "huge.pt")]) == 2
     assert "input_size" in capsys.readouterr().err and not (tmp_path / "huge.pt").exists()
+    assert main([*argv[:-2], "--aspp-branches", "2", "--out", str(tmp_path / "b.pt")]) == 2
+    assert (
+        "--aspp-branches is a deeplabv2 setting" in capsys.readouterr().err
+        and not (tmp_path / "b.pt").exists()
+    )
     # a file whose channels are the five classes in another order (spleen first) is reordered to
     # napari-apl's labels: the imported model's channel 1 is the file's liver channel (2), and so on
     capsys.readouterr()

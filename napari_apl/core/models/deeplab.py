@@ -52,10 +52,18 @@ class Bottleneck(nn.Module):
 
 
 class ClassifierModule(nn.Module):
-    """ASPP classifier: the sum of four dilated 3x3 convolutions (rates 6, 12, 18, 24)."""
+    """ASPP classifier: the sum of four dilated 3x3 convolutions (rates 6, 12, 18, 24).
 
-    def __init__(self, inplanes: int, num_classes: int, rates: Sequence[int] = ASPP_RATES) -> None:
+    ``branches`` < 4 sums only the first ones (all four are kept, so the state dict is the same):
+    AdaptSegNet's released classifier returns inside its loop, after branches 0 and 1, so its trained
+    models were trained, and must be run, with two.
+    """
+
+    def __init__(
+        self, inplanes: int, num_classes: int, rates: Sequence[int] = ASPP_RATES, branches: int = 4
+    ) -> None:
         super().__init__()
+        self.branches = branches
         self.conv2d_list = nn.ModuleList(
             nn.Conv2d(inplanes, num_classes, 3, stride=1, padding=r, dilation=r, bias=True) for r in rates
         )
@@ -64,9 +72,9 @@ class ClassifierModule(nn.Module):
             nn.init.zeros_(conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the summed logits of the four branches."""
+        """Return the summed logits of the branches in use."""
         out = self.conv2d_list[0](x)
-        for conv in self.conv2d_list[1:]:
+        for conv in self.conv2d_list[1 : self.branches]:
             out = out + conv(x)
         return out
 
@@ -85,9 +93,19 @@ class DeepLabV2(DualHeadNet):
     logit_prefixes = ("layer5.conv2d_list.", "layer6.conv2d_list.")  # four summed branches per head
 
     def __init__(
-        self, num_classes: int = 5, layers: Sequence[int] = (3, 4, 23, 3), in_channels: int = 1
+        self,
+        num_classes: int = 5,
+        layers: Sequence[int] = (3, 4, 23, 3),
+        in_channels: int = 1,
+        aspp_branches: int = 4,
     ) -> None:
         super().__init__(num_classes=num_classes, in_channels=in_channels)
+        if isinstance(aspp_branches, bool) or aspp_branches not in (1, 2, 3, 4):
+            raise ValueError(
+                f"aspp_branches must be 1 to 4 (ADVENT: 4, AdaptSegNet: 2), got {aspp_branches!r}"
+            )
+        if aspp_branches != 4:  # (recorded only when it differs: earlier checkpoints stay as they were)
+            self.arch_args["aspp_branches"] = int(aspp_branches)
         if in_channels not in (1, 3):
             raise ValueError(f"deeplabv2 takes in_channels 1 (grey, repeated) or 3, got {in_channels!r}")
         if (
@@ -107,8 +125,8 @@ class DeepLabV2(DualHeadNet):
         self.layer2 = self._make_layer(128, layers[1], stride=2)
         self.layer3 = self._make_layer(256, layers[2], dilation=2)
         self.layer4 = self._make_layer(512, layers[3], dilation=4)
-        self.layer5 = ClassifierModule(1024, num_classes)
-        self.layer6 = ClassifierModule(2048, num_classes)
+        self.layer5 = ClassifierModule(1024, num_classes, branches=aspp_branches)
+        self.layer6 = ClassifierModule(2048, num_classes, branches=aspp_branches)
         for name, m in self.named_modules():
             if name.startswith(self.classifier_modules):
                 continue
