@@ -450,6 +450,16 @@ def test_a_spacing_too_fine_for_the_scans_names_the_spacing(tmp_path, mri_pairs)
         next(train_source(mri_pairs, tmp_path / "m.pt", _cfg(spacing=(0.05, 0.05))))
 
 
+def _touch_pairs(root: Path, images: list[str], labels: list[str]) -> list[str]:
+    """Empty files named ``images`` under ``root/i`` and ``labels`` under ``root/l``; their two globs."""
+    for side, names in (("i", images), ("l", labels)):
+        for n in names:
+            f = root / side / f"{n}.nii.gz"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.touch()
+    return [str(root / side / ("*/*.nii.gz" if "/" in images[0] else "*.nii.gz")) for side in "il"]
+
+
 @pytest.mark.parametrize(
     ("images", "labels", "wrong"),
     [
@@ -468,12 +478,7 @@ def test_a_spacing_too_fine_for_the_scans_names_the_spacing(tmp_path, mri_pairs)
 )
 def test_pairs_of_different_case_numbers_are_refused(tmp_path, images, labels, wrong):
     """Images 1..3 with labels 1, 2, 4 paired case 3's image with case 4's labels, silently."""
-    for side, names in (("i", images), ("l", labels)):
-        for n in names:
-            f = tmp_path / side / f"{n}.nii.gz"
-            f.parent.mkdir(parents=True, exist_ok=True)
-            f.touch()
-    globs = [str(tmp_path / side / ("*/*.nii.gz" if "/" in images[0] else "*.nii.gz")) for side in "il"]
+    globs = _touch_pairs(tmp_path, images, labels)
     with pytest.raises(APLError, match=rf"{wrong}.* would pair with .*--pair-by-order"):
         pair_files(*globs)
     assert len(pair_files(*globs, check_names=False)) == len(images)
@@ -491,12 +496,7 @@ def test_pairs_of_different_case_numbers_are_refused(tmp_path, images, labels, w
     ],
 )
 def test_common_dataset_names_pair(tmp_path, images, labels):
-    for side, names in (("i", images), ("l", labels)):
-        for n in names:
-            f = tmp_path / side / f"{n}.nii.gz"
-            f.parent.mkdir(parents=True, exist_ok=True)
-            f.touch()
-    globs = [str(tmp_path / side / ("*/*.nii.gz" if "/" in images[0] else "*.nii.gz")) for side in "il"]
+    globs = _touch_pairs(tmp_path, images, labels)
     assert len(pair_files(*globs)) == len(images)
 
 
