@@ -155,7 +155,8 @@ def evaluate(pred, gt, spacing: Sequence[float], labels: Iterable[int] = ORGANS)
 
 
 def label_volume(arr: Any, what: str) -> np.ndarray:
-    """``arr`` as int16 labels, refused in one line unless it holds only the scheme's labels 0..4.
+    """``arr`` as integer labels (as it is when it is so already), refused in one line unless it holds
+    only the scheme's labels 0..4.
 
     ``what`` names the volume in the message (a command-line flag, a layer).
     """
@@ -175,7 +176,7 @@ def label_volume(arr: Any, what: str) -> np.ndarray:
             f"{what} is not a label volume (labels 0..{top} expected): did you pass the image instead of "
             "its labels?"
         )
-    return arr.astype(np.int16)
+    return arr if arr.dtype.kind in "iu" else arr.astype(np.int16)  # (no copy of a large integer volume)
 
 
 def json_number(value: Any) -> float | str | None:
