@@ -97,3 +97,16 @@ def test_results_are_strict_json_when_an_organ_is_missed(mri_to_ct, tmp_path, mo
     run = back["targets"]["ct"]["runs"]["apl"][0]
     assert run["dice"]["spleen"] is None and run["assd"] == "inf"
     assert "inf" in (tmp_path / "strict.md").read_text()
+
+
+@pytest.mark.parametrize("group", ["ablations", "all"])
+def test_row_groups_are_known(mri_to_ct, group, capsys, tmp_path, monkeypatch):
+    """``--methods ablations`` / ``all`` name row groups (the argument check passes; the data check then
+    stops the run in this test)."""
+    monkeypatch.setenv("NAPARI_APL_DATA", str(tmp_path))
+    assert mri_to_ct.main(["--methods", group]) == 2
+    err = capsys.readouterr().err
+    assert "unknown row" not in err and "real data folder" in err
+    assert set(mri_to_ct.ABLATIONS) <= set(mri_to_ct.VARIANTS) and not set(mri_to_ct.ABLATIONS) & set(
+        mri_to_ct.EXPLORE
+    )
