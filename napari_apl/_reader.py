@@ -15,7 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from ._layers import ct_display_window, image_layer_data, labels_layer_data, notify_error
+from ._layers import (
+    confidence_colormap,
+    ct_display_window,
+    image_layer_data,
+    labels_layer_data,
+    notify_error,
+)
 from .core.errors import APLError
 from .core.preprocess import looks_like_offset_ct
 from .core.volume import Volume, display_data, load_volume, max_voxel_bytes
@@ -64,6 +70,18 @@ def read_layer_data(path: str | Path) -> tuple:
     """Read a NIfTI file as an image or a labels layer data tuple (raises ``APLError`` on bad files)."""
     path = Path(path)
     volume = load_volume(path, lazy=_should_be_lazy(path))
+    kind = exported_map_kind(path.name)
+    if kind is not None and np.dtype(volume.data.dtype).kind == "f":
+        # a map napari-apl wrote: shown as the session showed it (over the scan, not an opaque grey
+        # image hiding it), and kept out of the widget's image choice (MAP_FILE_ROLES)
+        return image_layer_data(
+            volume,
+            role=f"{kind} map",
+            colormap=confidence_colormap() if kind == "confidence" else "inferno",
+            contrast_limits=(0.0, 1.0),
+            blending="additive",
+            opacity=0.6,
+        )
     if looks_like_labels(volume, path.name):
         return labels_layer_data(volume)
     extra: dict[str, Any] = {}
@@ -73,6 +91,16 @@ def read_layer_data(path: str | Path) -> tuple:
     if volume.lazy:  # a slice with NaN/Inf is shown and said once, not a traceback from napari's slicing
         volume = dataclasses.replace(volume, data=display_data(volume, _warn_nonfinite))
     return image_layer_data(volume, **extra)
+
+
+def exported_map_kind(name: str) -> str | None:
+    """``"confidence"`` or ``"consistency"`` for a map file napari-apl writes (``confidence.nii.gz``
+    from ``predict``, ``<scan>_consistency.nii.gz`` from the widget's export), else ``None``."""
+    stem = re.sub(r"\.nii(\.gz)?$", "", name, flags=re.IGNORECASE).lower()
+    for kind in ("confidence", "consistency"):
+        if stem == kind or stem.endswith(f"_{kind}"):
+            return kind
+    return None
 
 
 def _warn_nonfinite(message: str) -> None:

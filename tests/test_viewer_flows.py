@@ -392,6 +392,27 @@ def test_a_ground_truth_of_another_label_scheme_is_refused(demo_viewer) -> None:
         widget.controller.report(gt_layer=layer)
 
 
+def test_exported_maps_reopen_as_shown_and_are_not_offered_as_scans(demo_viewer, tmp_path) -> None:
+    """Exported confidence / consistency files reopened as opaque grey images over the scan, and the
+    image choice offered them (removing the scan made one the image to refine)."""
+    viewer, widget, a, _b = demo_viewer()
+    _predict(widget, a)
+    assert widget.controller.export(tmp_path / "out")
+    opened = {}
+    for kind in ("confidence", "consistency"):
+        [layer] = viewer.open(str(tmp_path / "out" / f"A_{kind}.nii.gz"), plugin="napari-apl")
+        opened[kind] = layer
+        assert layer.blending == "additive" and tuple(layer.contrast_limits) == (0.0, 1.0)
+        assert layer.opacity == pytest.approx(0.6)
+    assert opened["confidence"].colormap.name.startswith("ω doubt")
+    assert opened["consistency"].colormap.name == "inferno"
+    offered = widget.image_combo.layers()
+    assert a in offered and not set(opened.values()) & set(offered)
+    viewer.layers.remove(a)
+    assert widget.image_combo.layer() is not opened["confidence"]
+    assert widget.image_combo.layer() is not opened["consistency"]
+
+
 def test_the_writer_does_not_import_the_compute_core() -> None:
     """Saving a layer through the napari-apl writer does not import torch (a stall on the event loop
     of a session that never predicted)."""

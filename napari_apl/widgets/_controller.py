@@ -94,6 +94,7 @@ LAYER_CONFIDENCE = "confidence ω"
 LAYER_CONSISTENCY = "consistency"
 PREDICTION_LAYERS = (LAYER_MAIN, LAYER_AUX, LAYER_PSEUDO, LAYER_CONFIDENCE, LAYER_CONSISTENCY)
 PREDICTION_ROLES = ("main", "auxiliary", "pseudo-label", "confidence", "consistency")
+MAP_FILE_ROLES = ("confidence map", "consistency map")  # (the reader's roles of reopened map files)
 _OMEGA_COLORMAP = "ω doubt"  # stands for _layers.confidence_colormap(): unsure voxels bright
 # (layer name, map name, metadata role, colormap, layer type) of the five prediction layers
 _LAYERS = (
@@ -1881,9 +1882,9 @@ class APLController:
         existing = [p for p in paths.values() if p.exists()]
         if existing and not overwrite:
             more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-            raise OutputExistsError(
-                f"{existing[0]} exists already{more}: tick 'overwrite' or choose another folder; "
-                "nothing was written"
+            raise OutputExistsError(  # (the reason first: a toast shows a long message's start)
+                f"nothing was written: {existing[0].name} exists already{more} in {out_dir}; tick "
+                "'overwrite' or choose another folder"
             )
         created = not out_dir.exists()
         if created:
@@ -2288,3 +2289,8 @@ def layer_role(layer: Any) -> str | None:
 def is_prediction_layer(layer: Any) -> bool:
     """Whether ``layer`` is one of the prediction layers napari-apl made (by its metadata, not its name)."""
     return layer_role(layer) in PREDICTION_ROLES
+
+
+def is_map_layer(layer: Any) -> bool:
+    """Whether ``layer`` is a prediction layer or a map file napari-apl wrote, reopened (not a scan)."""
+    return is_prediction_layer(layer) or layer_role(layer) in MAP_FILE_ROLES

@@ -38,7 +38,7 @@ from ._controller import (
     CHECKPOINT_PRESET,
     LAYER_PSEUDO,
     APLController,
-    is_prediction_layer,
+    is_map_layer,
     layer_role,
 )
 from ._export import ExportPanel
@@ -187,7 +187,7 @@ class APLWidget(QWidget):
         self._orientation_before = tuple(_camera(napari_viewer).orientation2d)
 
         # -- model and image ---------
-        self.image_combo = LayerCombo(napari_viewer, Image, exclude=is_prediction_layer)
+        self.image_combo = LayerCombo(napari_viewer, Image, exclude=is_map_layer)
         self.demo_radio = QRadioButton("bundled demo model")
         self.file_radio = QRadioButton("checkpoint file")
         self.demo_radio.setChecked(True)
