@@ -113,9 +113,12 @@ def test_predict_and_refine_refuse_a_closed_scan(demo_viewer, notifications) -> 
     viewer, widget, a, _b = demo_viewer()
     ctl = widget.controller
     _predict(widget, a)
+    assert widget.predict_button.isEnabled() and widget.refine_panel.start_button.isEnabled()
     for layer in list(viewer.layers):
         viewer.layers.remove(layer)
     assert widget.image_combo.layer() is None
+    # with no scan to act on the buttons are off; a call from code still refuses in one line
+    assert not widget.predict_button.isEnabled() and not widget.refine_panel.start_button.isEnabled()
     assert not widget.predict(sync=True)
     assert notifications[-1] == "the image 'A' is no longer in the viewer: open a scan and choose it"
     assert not ctl.refine(sync=True)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from .._layers import canonical_world_matrix
@@ -80,6 +81,9 @@ class InspectPanel(QWidget):
         self.hist_plot = HistogramPlot("ω in this slice", "ω")
         self.info = QLabel("run Predict to inspect the pseudo labels")
         self.info.setWordWrap(True)
+        # at the top of the room it gets (a wrapped label is given the height of more lines than it has,
+        # and centred in it the text slid below the panel's fold)
+        self.info.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
         self.next_button = QPushButton("Next least confident slice")
         self.next_button.setToolTip("jump to the slices in order of increasing mean ω")
         self.next_button.setEnabled(False)

@@ -294,6 +294,10 @@ class APLWidget(QWidget):
         self.image_combo.currentIndexChanged.connect(lambda *_: self._check_recovery())
         self.image_combo.currentIndexChanged.connect(lambda *_: self._forget_stale_error())
         self.image_combo.currentIndexChanged.connect(lambda *_: self.refine_panel._update_corrections())
+        # Predict and Refine act on the chosen scan: with none chosen they are off (not a click that fails)
+        self.refine_panel.image_chosen = lambda: self.image_combo.layer() is not None
+        self.image_combo.currentIndexChanged.connect(lambda *_: self._on_busy(self.controller.busy))
+        self._on_busy(self.controller.busy)
         ctl.confirm_close = _weak_question(self)  # no reference cycle controller -> widget
         ctl.confirm = _weak_question(self, "ask")
         self._layer_events = (
@@ -523,6 +527,7 @@ class APLWidget(QWidget):
     def _refresh_layers(self, event: Any = None) -> None:
         self.image_combo.refresh()
         self.export_panel.gt_combo.refresh()
+        self._on_busy(self.controller.busy)  # (the chosen scan may have left the viewer)
         for layer in self.viewer.layers:  # (a pseudo-label layer the user renamed: its strokes go unused)
             if layer.name != LAYER_PSEUDO and layer_role(layer) == "pseudo-label":
                 _warn_on_paint(layer)
@@ -539,6 +544,9 @@ class APLWidget(QWidget):
             self.checkpoint_file.native,
         ):
             w.setEnabled(not busy)
+        chosen = self.image_combo.layer() is not None
+        self.predict_button.setEnabled(not busy and chosen)
+        self.refine_panel.start_button.setEnabled(not busy and chosen)
 
 
 _RENAMED_WATCHED: weakref.WeakSet = weakref.WeakSet()  # renamed pseudo-label layers followed (once each)

@@ -109,6 +109,7 @@ class RefinePanel(QWidget):
             "compare with a default run"
         )
         self.start_button = QPushButton("Refine")
+        self.image_chosen: Callable[[], bool] = lambda: True  # (the main panel says whether a scan is chosen)
         self.pause_button = QPushButton("Pause")
         self.stop_button = QPushButton("Stop")
         self.revert_button = QPushButton("Revert")
@@ -214,7 +215,7 @@ class RefinePanel(QWidget):
 
     def _on_busy(self, busy: bool) -> None:
         refining = busy and self.controller.task == "refine"
-        self.start_button.setEnabled(not busy)
+        self.start_button.setEnabled(not busy and self.image_chosen())
         self.revert_button.setEnabled(not busy and self.controller.refined)  # nothing to revert before
         self.clear_button.setEnabled(not busy)
         self.pause_button.setEnabled(refining)
