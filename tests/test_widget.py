@@ -73,6 +73,32 @@ def test_widget_opens_from_the_manifest(make_napari_viewer) -> None:
     assert widget.minimumSizeHint().width() >= content.minimumSizeHint().width()
 
 
+def test_every_control_says_what_it_does(make_napari_viewer) -> None:
+    """A hover over any button, box or choice of the panel shows what it is for (most had nothing)."""
+    from qtpy.QtWidgets import QAbstractButton, QAbstractSpinBox, QComboBox, QLineEdit, QTabBar
+
+    viewer = make_napari_viewer()
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-apl", WIDGET_NAME)
+
+    def tip(w) -> str:  # Qt shows the nearest ancestor's tooltip where a widget has none
+        while w is not None and w is not widget:
+            if w.toolTip():
+                return w.toolTip()
+            w = w.parentWidget()
+        return ""
+
+    controls = [
+        w
+        for kind in (QAbstractButton, QAbstractSpinBox, QComboBox, QLineEdit)
+        for w in widget.findChildren(kind)
+        # (inner parts of spin boxes and combos, and the tab bar's own scroll arrows)
+        if not isinstance(w.parentWidget(), (QAbstractSpinBox, QComboBox, QTabBar))
+    ]
+    assert len(controls) > 20
+    silent = sorted({getattr(w, "text", lambda: "")() or type(w).__name__ for w in controls if not tip(w)})
+    assert not silent, silent
+
+
 def assert_aligned(viewer, image, widget) -> None:
     """The five prediction layers have the image's shape, dtypes and exact transform."""
     for name in PREDICTION_LAYERS:

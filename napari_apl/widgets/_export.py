@@ -32,9 +32,16 @@ class ExportPanel(QWidget):
             "background (the layers in the viewer are not changed)"
         )
         self.largest.setChecked(False)
+        self.folder.native.setToolTip("the folder the files go to (created if its parent exists)")
         self.overwrite = QCheckBox("overwrite existing files")
         self.overwrite.setChecked(False)
+        self.overwrite.setToolTip(
+            "replace files of an earlier export; never the loaded checkpoint or a file open as a layer"
+        )
         self.export_button = QPushButton("Export")
+        self.export_button.setToolTip(
+            "write the masks and maps on the scan's own grid, the refined model and a JSON/CSV report"
+        )
         self.result = QLabel("")
         self.result.setWordWrap(True)
         form = QFormLayout()

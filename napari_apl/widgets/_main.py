@@ -192,7 +192,12 @@ class APLWidget(QWidget):
         self.file_radio = QRadioButton("checkpoint file")
         self.demo_radio.setChecked(True)
         self.checkpoint_file = FileEdit(mode="r", filter="*.pt *.pth", value="")
+        self.image_combo.setToolTip("the scan to predict and refine (an image layer of the viewer)")
+        self.demo_radio.setToolTip("the small model shipped with napari-apl, trained on synthetic MRI only")
+        self.file_radio.setToolTip("a napari-apl checkpoint (.pt), e.g. from train-source or import")
+        self.checkpoint_file.native.setToolTip("the checkpoint file to load")
         self.load_button = QPushButton("Load model")
+        self.load_button.setToolTip("load the chosen model (checked safely: no code in the file runs)")
         self.summary = QPlainTextEdit()
         self.summary.setReadOnly(True)
         line = self.summary.fontMetrics().lineSpacing()
@@ -201,6 +206,7 @@ class APLWidget(QWidget):
         self.summary.setPlaceholderText("no model loaded")
         self.device_combo = QComboBox()
         self.device_combo.addItems(list(DEVICES))
+        self.device_combo.setToolTip("where the model runs: auto takes a GPU when there is one")
         self.preset_combo = QComboBox()
         self.preset_combo.addItems([AUTO_PRESET, CHECKPOINT_PRESET, *PRESETS])
         self.preset_combo.setToolTip(
@@ -212,6 +218,9 @@ class APLWidget(QWidget):
             "anterior up and the patient's right on the left of the screen (2-D view)"
         )
         self.predict_button = QPushButton("Predict")
+        self.predict_button.setToolTip(
+            "predict both heads, ω and the disagreement map; the slice in view comes first"
+        )
         self.status = QLabel("")
         self.status.setWordWrap(True)
         # -- crash recovery: shown when an autosaved session of the chosen image exists ---------
