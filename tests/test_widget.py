@@ -365,7 +365,7 @@ def test_live_updates_rewrite_the_pseudo_labels(setup, qtbot, monkeypatch) -> No
     # the first overlay gives the layer a buffer of the run's own; the next ones are copied into it
     assert seen[0][1] is seen[1][1] is seen[2][1]
     assert ctl._live_buffer is None  # not kept once the run has ended
-    assert widget.refine_panel.loss_plot.series("con").tolist() == [1.0, 0.5, 1.0 / 3]
+    assert widget.refine_panel.loss_plot.series("L_Con").tolist() == [1.0, 0.5, 1.0 / 3]
 
     # with the real throttle, 20 quick events give at most ~2 layer updates per second
     def fast_refine(model, meta, volume, config, *, control=None, corrections=None):

@@ -41,6 +41,11 @@ METHOD_HELP = {
 }
 
 
+# The loss plot's legend: the engine's loss keys as the paper names them (the plot's tooltip says what
+# each is; longer names pushed the second one's range out of the plot)
+LOSS_NAMES = {"con": "L_Con", "ssl": "L_SSL", "total": "loss", "rectified": "rectified", "memory": "memory"}
+
+
 def _step_box(top: float, value: float, tip: str) -> QDoubleSpinBox:
     """A spin box for a setting in [0, ``top``] with steps of 0.05."""
     box = QDoubleSpinBox()
@@ -131,6 +136,11 @@ class RefinePanel(QWidget):
         self.corrections_label = QLabel("corrections: none (paint in 'pseudo-label' to add)")
         self.corrections_label.setWordWrap(True)
         self.loss_plot = LinePlot("losses", "iteration")
+        self.loss_plot.setToolTip(
+            "each loss on its own scale (its range in the legend): L_Con = the two heads' disagreement, "
+            "which the classifiers minimise; L_SSL = the ω-weighted cross-entropy on the pseudo labels the "
+            "encoder learns from; a baseline shows its own training loss"
+        )
         self.omega_plot = LinePlot("mean ω", "iteration")
         self.loss_plot.first_index = self.omega_plot.first_index = 1  # the history's first is iteration 1
 
@@ -252,7 +262,10 @@ class RefinePanel(QWidget):
         keys = [k for k in ev.losses if k != "portion"]
         self.loss_plot.set_series(
             {
-                k: ([h.get(k, float("nan")) for h in history], _SERIES_COLORS[i % len(_SERIES_COLORS)])
+                LOSS_NAMES.get(k, k): (
+                    [h.get(k, float("nan")) for h in history],
+                    _SERIES_COLORS[i % len(_SERIES_COLORS)],
+                )
                 for i, k in enumerate(keys)
             },
             own_scales=True,  # the losses differ in size
