@@ -22,6 +22,7 @@ from ._layers import (
     labels_layer_data,
     notify_error,
 )
+from .core.batch import volume_name
 from .core.errors import APLError
 from .core.preprocess import looks_like_offset_ct
 from .core.volume import Volume, display_data, load_volume, max_voxel_bytes
@@ -96,7 +97,7 @@ def read_layer_data(path: str | Path) -> tuple:
 def exported_map_kind(name: str) -> str | None:
     """``"confidence"`` or ``"consistency"`` for a map file napari-apl writes (``confidence.nii.gz``
     from ``predict``, ``<scan>_consistency.nii.gz`` from the widget's export), else ``None``."""
-    stem = re.sub(r"\.nii(\.gz)?$", "", name, flags=re.IGNORECASE).lower()
+    stem = volume_name(name).lower()
     for kind in ("confidence", "consistency"):
         if stem == kind or stem.endswith(f"_{kind}"):
             return kind

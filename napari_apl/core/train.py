@@ -156,10 +156,10 @@ def _case_numbers(paths: Sequence[str]) -> list[set[int]]:
     """
     import re
 
+    from .batch import volume_name
+
     def numbers(path: str) -> list[int]:
-        p = Path(path)
-        name = re.sub(r"\.nii(\.gz)?$", "", p.name, flags=re.IGNORECASE)
-        return [int(d) for d in re.findall(r"\d+", f"{p.parent.name}/{name}")]
+        return [int(d) for d in re.findall(r"\d+", f"{Path(path).parent.name}/{volume_name(path)}")]
 
     lists = [numbers(p) for p in paths]
     if len({len(n) for n in lists}) == 1:

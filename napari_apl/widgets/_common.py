@@ -46,6 +46,9 @@ class LayerCombo(QComboBox):
     def refresh(self, event: Any = None) -> None:
         """Re-list the layers (and their current names), keeping the current choice when it still exists."""
         current = self.layer()
+        index = self.currentIndex() - (1 if self.allow_none else 0)
+        # what the list showed as chosen, even if it has left the viewer since: its leaving is a change
+        shown = self._choices[index] if 0 <= index < len(self._choices) else None
         none_chosen = self.allow_none and self.currentText() == NONE_TEXT
         self._choices = self.layers()
         self.blockSignals(True)
@@ -60,7 +63,7 @@ class LayerCombo(QComboBox):
         elif none_chosen:
             self.setCurrentIndex(0)
         self.blockSignals(False)
-        if not same_layer(self.layer(), current):
+        if not same_layer(self.layer(), shown):
             self.currentIndexChanged.emit(self.currentIndex())
 
     def showPopup(self) -> None:

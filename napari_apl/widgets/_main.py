@@ -536,7 +536,6 @@ class APLWidget(QWidget):
     def _refresh_layers(self, event: Any = None) -> None:
         self.image_combo.refresh()
         self.export_panel.gt_combo.refresh()
-        self._on_busy(self.controller.busy)  # (the chosen scan may have left the viewer)
         for layer in self.viewer.layers:  # (a pseudo-label layer the user renamed: its strokes go unused)
             if layer.name != LAYER_PSEUDO and layer_role(layer) == "pseudo-label":
                 _warn_on_paint(layer)
