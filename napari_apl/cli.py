@@ -619,6 +619,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --- parser -------------------------------------------------------------------------------------------
 
 
+def _checkpoint_arg(value: str) -> str:
+    """A checkpoint argument: a path, or ``demo`` for the bundled demo model (no file of that name here)."""
+    if value == "demo" and not Path(value).exists():
+        from ._sample_data import demo_checkpoint_path
+
+        demo = demo_checkpoint_path()
+        if demo is None:
+            raise argparse.ArgumentTypeError("the bundled demo checkpoint is missing from this installation")
+        return str(demo)
+    return value
+
+
 def _common_model_args(p: argparse.ArgumentParser) -> None:
     """Add the options shared by predict and refine."""
     p.add_argument(
@@ -626,7 +638,13 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
         help="input volume (.nii / .nii.gz), or a folder or quoted glob of volumes: each is then "
         "processed on dask.distributed and written to OUT_DIR/<volume name>/",
     )
-    p.add_argument("--checkpoint", "-c", required=True, help="napari-apl checkpoint (.pt)")
+    p.add_argument(
+        "--checkpoint",
+        "-c",
+        required=True,
+        type=_checkpoint_arg,
+        help="napari-apl checkpoint (.pt), or 'demo' for the bundled demo model",
+    )
     p.add_argument("--out-dir", "-o", required=True, help="output folder (created if its parent exists)")
     p.add_argument(
         "--normalize",
@@ -718,7 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_phantom)
 
     p = sub.add_parser("info", help="print a checkpoint's summary")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", type=_checkpoint_arg, help="checkpoint (.pt), or 'demo' (the bundled model)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("predict", help="predict both heads and the confidence / consistency maps")

@@ -859,3 +859,13 @@ def test_maps_do_not_take_the_scans_intent(tmp_path, tiny_ckpt, phantom_dir):
 
     scan = load_volume(tmp_path / "in.nii.gz")
     assert len(derived_header(scan.header, np.uint8).extensions) == 0 and len(scan.header.extensions) == 1
+
+
+def test_demo_names_the_bundled_checkpoint_unless_a_file_has_that_name(tmp_path, monkeypatch, capsys):
+    """`-c demo` / `info demo` reach the demo model from any folder (wheel installs have no resources/)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["info", "demo"]) == 0
+    assert "unet-dual" in capsys.readouterr().out
+    (tmp_path / "demo").write_bytes(b"not a checkpoint")  # a file of that name is what the user means
+    assert main(["info", "demo"]) == 2
+    assert "demo is not a PyTorch checkpoint" in capsys.readouterr().err
