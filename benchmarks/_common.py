@@ -79,7 +79,7 @@ def machine() -> dict[str, Any]:
     try:
         import psutil
 
-        info["memory_gb"] = round(psutil.virtual_memory().total / 1024**3, 1)
+        info["memory_gib"] = round(psutil.virtual_memory().total / 1024**3, 1)
     except ImportError:
         pass
     return info
@@ -322,11 +322,21 @@ def demo_like_model(base: int = 12, seed: int = 0) -> tuple[Any, Any, str]:
 
 
 def peak_rss_gb() -> float:
-    """This process's peak resident set size in GB (``ru_maxrss``)."""
+    """This process's own peak resident set size in GB (10^9 bytes).
+
+    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this process's memory since its exec
+    (``ru_maxrss`` would also carry the peak of the parent that started it). Elsewhere ``ru_maxrss``.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
     import resource
 
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb * (1 if sys.platform != "darwin" else 1 / 1024) / 1024**2
+    return kb * (1 if sys.platform != "darwin" else 1 / 1024) * 1024 / 1e9
 
 
 # --- viewer helpers ----------------------------------------------------------------------------------------
@@ -357,6 +367,13 @@ def ensure_display() -> Any:
             atexit.register(proc.terminate)
             return proc
     raise RuntimeError("could not start Xvfb")
+
+
+def display_kind() -> str:
+    """Which display the viewer figures were measured on (an X display, or Qt's offscreen platform)."""
+    if os.environ.get("QT_QPA_PLATFORM") == "offscreen":
+        return "Qt offscreen platform (no X display: not the goal's real viewer under Xvfb)"
+    return f"X display {os.environ.get('DISPLAY', '?')}"
 
 
 def viewer_with_ct(path: Path, name: str = "CT") -> tuple[Any, Any]:
@@ -422,7 +439,7 @@ def process_events(seconds: float = 0.0) -> None:
 
 
 def rss_gb() -> float:
-    """This process's current resident set size in GB."""
+    """This process's current resident set size in GB (10^9 bytes)."""
     import psutil
 
-    return psutil.Process().memory_info().rss / 1024**3
+    return psutil.Process().memory_info().rss / 1e9
