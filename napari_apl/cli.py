@@ -99,11 +99,13 @@ def _check_shared_inputs(args: argparse.Namespace) -> None:
     starts: a bad one is one line, not one error per volume."""
     from .core.checkpoint import load_checkpoint
     from .core.preprocess import check_preset_name
-    from .core.utils import resolve_device
+    from .core.utils import check_device_name, resolve_device
 
     check_preset_name(args.normalize)
     if not getattr(args, "scheduler", None):  # a local cluster runs on this machine's devices
         resolve_device(args.device)
+    else:  # the scheduler's workers have their own devices: only the name can be checked here
+        check_device_name(args.device)
     load_checkpoint(args.checkpoint, class_names=CLASS_NAMES)
 
 
@@ -501,6 +503,8 @@ def _note_unused_options(args: argparse.Namespace) -> None:
         for opt in ("scheduler", "workers"):
             if getattr(args, opt, None) is not None:
                 notes.append(f"--{opt} is for many volumes (a folder or a quoted glob): this one runs here")
+    elif getattr(args, "scheduler", None) and getattr(args, "workers", None) is not None:
+        notes.append("--workers sizes a local cluster: the scheduler's own workers run this batch")
     if args.command == "refine":
         for option, attr, reads, who in _READ_BY:
             if getattr(args, attr, None) is not None and not reads(args):

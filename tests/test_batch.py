@@ -120,23 +120,49 @@ def test_many_checks_every_output_before_work(
     assert rc == 2
 
 
+def test_a_rerun_over_its_own_output_folder_leaves_earlier_outputs_out(
+    phantom_folder: Path, tiny_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    """A recursive glob run again with the output folder among its inputs: the outputs of the first run
+    are not volumes (they were read as five more scans per case, and the real scans went to new folders
+    named after their paths, past the existing-output check)."""
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for k in (0, 1):
+        shutil.copy(phantom_folder / f"case{k}.nii.gz", cases / f"case{k}.nii.gz")
+    argv = ["predict", str(cases / "**" / "*.nii.gz"), "-c", str(tiny_checkpoint), "-o", str(cases), "-q"]
+    assert cli.main(argv) == 0
+    first = {p: p.read_bytes() for p in sorted(cases.rglob("*.nii.gz"))}
+    assert sorted(p.name for p in cases.iterdir()) == ["case0", "case0.nii.gz", "case1", "case1.nii.gz"]
+    capsys.readouterr()
+    assert cli.main(argv) == 2  # the same two volumes, whose outputs exist
+    err = capsys.readouterr().err
+    assert "10 file(s) under" in err and "left out" in err and "exists already" in err, err
+    assert {p: p.read_bytes() for p in sorted(cases.rglob("*.nii.gz"))} == first
+    assert cli.main([*argv, "--overwrite"]) == 0
+    assert sorted(p.name for p in cases.iterdir()) == ["case0", "case0.nii.gz", "case1", "case1.nii.gz"]
+    assert sorted(cases.rglob("*.nii.gz")) == list(first)
+
+
 def test_many_refuses_an_output_that_is_another_volumes_input(
     phantom_folder: Path, tiny_checkpoint: Path, tmp_path: Path, capsys
 ) -> None:
-    """A recursive glob run again over its own output folder must not overwrite one input with another
-    volume's output (here case0's main.nii.gz is also read as the volume "main")."""
-    cases = tmp_path / "cases"
-    (cases / "case0").mkdir(parents=True)
-    shutil.copy(phantom_folder / "case0.nii.gz", cases / "case0.nii.gz")
-    shutil.copy(phantom_folder / "case1.nii.gz", cases / "case0" / "main.nii.gz")
-    before = (cases / "case0" / "main.nii.gz").read_bytes()
-    argv = ["predict", str(cases / "**" / "*.nii.gz"), "-c", str(tiny_checkpoint), "-o", str(cases)]
+    """An output that is, by a hard link, another input of the batch must not overwrite that input."""
+    scans = tmp_path / "scans"
+    (tmp_path / "out" / "case0").mkdir(parents=True)
+    scans.mkdir()
+    shutil.copy(phantom_folder / "case0.nii.gz", scans / "case0.nii.gz")
+    shutil.copy(phantom_folder / "case1.nii.gz", scans / "other.nii.gz")
+    (tmp_path / "out" / "case0" / "main.nii.gz").hardlink_to(scans / "other.nii.gz")
+    before = (scans / "other.nii.gz").read_bytes()
+    out = tmp_path / "out"
+    argv = ["predict", str(scans), "-c", str(tiny_checkpoint), "-o", str(out), "--overwrite", "-q"]
     capsys.readouterr()
-    assert cli.main([*argv, "--overwrite", "-q"]) == 2
+    assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "an input of this batch" in err[0] and "main.nii.gz" in err[0], err
-    assert (cases / "case0" / "main.nii.gz").read_bytes() == before
-    assert sorted(p.name for p in cases.iterdir()) == ["case0", "case0.nii.gz"]  # nothing was made
+    assert (scans / "other.nii.gz").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case0"]  # nothing was made
 
 
 def _square(x: int) -> int:
@@ -233,3 +259,77 @@ def test_ctrl_c_stops_the_tasks_running_on_a_remote_cluster(tmp_path: Path) -> N
     texts = sorted(m.read_text() for m in markers if m.exists())
     assert texts == ["stopped by TaskStopped"]  # the running one stopped; the queued one never began
     assert stopped_after < 30 and warnings == []
+
+
+@pytest.mark.parametrize("greeting", [None, b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n"])
+def test_a_port_that_is_not_a_dask_scheduler_is_one_line_and_bounded(
+    phantom_folder: Path, tiny_checkpoint: Path, tmp_path: Path, capsys, monkeypatch, greeting
+) -> None:
+    """A port that accepts the connection and then stays silent (a dashboard or web server waiting for
+    a request) held the client for ever; one that greets first (SSH) was read as a message length and
+    reported as out of memory. Both are now the one-line 'cannot reach', before any folder is made."""
+    import socket
+    import threading
+    import time
+
+    from napari_apl.core import batch
+
+    monkeypatch.setattr(batch, "SCHEDULER_TIMEOUT_S", 2)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    held = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                held.append(conn)
+                if greeting:
+                    conn.sendall(greeting)
+
+    threading.Thread(target=serve, daemon=True).start()
+    out = tmp_path / "out"
+    address = f"tcp://127.0.0.1:{server.getsockname()[1]}"
+    argv = ["predict", str(phantom_folder), "-c", str(tiny_checkpoint), "-o", str(out), "-q"]
+    t0 = time.monotonic()
+    try:
+        rc = cli.main([*argv, "--scheduler", address, "--workers", "3"])
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+    took = time.monotonic() - t0
+    out_text, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert rc == 2 and took < 20, took
+    assert lines[0] == "note: --workers sizes a local cluster: the scheduler's own workers run this batch"
+    assert len(lines) == 2 and "cannot reach the dask scheduler at " + address in lines[1], lines
+    assert "memory" not in lines[1] and out_text == "" and not out.exists()
+
+
+def test_a_device_name_no_machine_has_is_refused_once_before_a_remote_batch(
+    phantom_folder: Path, tiny_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    argv = ["predict", str(phantom_folder), "-c", str(tiny_checkpoint), "-o", str(tmp_path / "o"), "-q"]
+    assert cli.main([*argv, "--scheduler", "tcp://127.0.0.1:9", "--device", "bogus"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown device 'bogus'" in err[0]
+
+
+def test_no_more_local_workers_than_volumes(phantom_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    """--workers 12 for three volumes started twelve processes, nine of them idle (and slower)."""
+    from napari_apl.core import batch
+
+    seen = []
+
+    def fake_run_many(fn, items, *, scheduler=None, workers=2, **kw):
+        seen.append(workers)
+        return []
+
+    monkeypatch.setattr(batch, "run_many", fake_run_many)
+    args = cli.build_parser().parse_args(
+        ["predict", str(phantom_folder), "-c", "x.pt", "-o", str(tmp_path / "o"), "--workers", "12"]
+    )
+    batch.run_command_many(lambda a: 0, args, outputs=["main.nii.gz"], echo=lambda t: None)
+    assert seen == [3]

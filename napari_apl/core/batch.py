@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import io
+import logging
 import os
 import re
 import threading
@@ -317,6 +318,58 @@ def _distributed() -> Any:
     return distributed
 
 
+SCHEDULER_TIMEOUT_S = 20
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    """``text`` on one line, shortened to ``limit`` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _probe_scheduler(address: str, timeout: float) -> None:
+    """Connect to ``address`` and ask its identity, all within ``timeout`` seconds; raise if that fails.
+
+    A port that accepts the connection but is not a dask scheduler (its dashboard, a web or SSH server)
+    otherwise holds the client in its handshake for ever, or has it read a banner as a message length.
+    """
+    import asyncio
+
+    from distributed.comm import connect
+
+    async def ask() -> None:
+        comm = await connect(address, timeout=timeout)
+        try:
+            await comm.write({"op": "identity"})
+            reply = await comm.read()
+        finally:
+            comm.abort()
+        if not (isinstance(reply, dict) and reply.get("type") == "Scheduler"):
+            raise ValueError("the program there is not a dask scheduler")
+
+    try:
+        asyncio.run(asyncio.wait_for(ask(), timeout))
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"no dask scheduler answered within {timeout:g} s") from None
+    except MemoryError:  # (another protocol's greeting read as the length of a message)
+        raise ValueError("the program there does not speak dask's protocol") from None
+
+
+def reach_scheduler(address: str, then: Callable[[], Any] | None = None) -> Any:
+    """Check that a dask scheduler answers at ``address`` (and return ``then()``); ``APLError`` in one
+    line for whatever goes wrong: an address it cannot parse, a refused or silent port, another protocol."""
+    try:
+        _probe_scheduler(address, SCHEDULER_TIMEOUT_S)
+        return then() if then is not None else None
+    except Exception as exc:
+        what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise APLError(
+            f"cannot reach the dask scheduler at {address} ({_one_line(what)}): give its address as "
+            "tcp://host:port (8786 by default, not the dashboard's), start it (dask scheduler) or leave "
+            "out --scheduler for a local cluster"
+        ) from None
+
+
 @contextlib.contextmanager
 def cluster_client(
     scheduler: str | None = None, workers: int = 2, threads_per_worker: int = 1
@@ -325,17 +378,18 @@ def cluster_client(
     dist = _distributed()
     Client, LocalCluster = dist.Client, dist.LocalCluster
     if scheduler:
-        try:
-            client = Client(scheduler, timeout="20s")
-        except (OSError, TimeoutError, ValueError) as exc:  # (ValueError: an address it cannot parse)
-            raise APLError(
-                f"cannot reach the dask scheduler at {scheduler} ({exc}): give its address as "
-                "tcp://host:port, start it (dask scheduler) or leave out --scheduler for a local cluster"
-            ) from None
+        client = reach_scheduler(scheduler, lambda: Client(scheduler, timeout=f"{SCHEDULER_TIMEOUT_S}s"))
+        # a scheduler lost mid-run is reported once per volume it held (run_many), not by dask's own
+        # log records and tracebacks on stderr
+        log = logging.getLogger("distributed")
+        level = log.level
+        log.setLevel(logging.CRITICAL)
         try:
             yield client
         finally:
-            client.close()
+            with contextlib.suppress(Exception):
+                client.close()
+            log.setLevel(level)
         return
     if workers < 1:
         raise APLError(f"--workers must be at least 1, got {workers}")
@@ -410,7 +464,7 @@ def run_many(
                 try:
                     res = future.result()
                 except Exception as exc:  # the worker died or the task could not be sent
-                    res = TaskResult(item=items[i], error=f"{type(exc).__name__}: {exc}")
+                    res = TaskResult(item=items[i], error=_one_line(f"{type(exc).__name__}: {exc}", 400))
                 results[i] = res
                 if on_result is not None:
                     on_result(res)
@@ -499,6 +553,11 @@ def _file_identities(paths: Sequence[Path]) -> dict[Any, Path]:
     return found
 
 
+def _earlier_output(path: Path, out: Path, outputs: Sequence[str]) -> bool:
+    """Whether ``path`` is where a run writes an output: a file named as one, in a folder of ``out``."""
+    return path.name in outputs and path.absolute().parent.parent == out.absolute()
+
+
 def run_command_many(
     command: Callable[[Any], int],
     args: Any,
@@ -537,8 +596,17 @@ def run_command_many(
     if not scheduler and int(workers) < 1:
         raise APLError(f"--workers must be at least 1, got {workers}")
     images = expand_inputs(args.image)
-    dirs = output_dirs(images, args.out_dir)
     out = Path(args.out_dir).expanduser()
+    earlier = [p for p in images if _earlier_output(p, out, outputs)]
+    if earlier:
+        images = [p for p in images if p not in earlier]
+        warn(
+            f"note: {len(earlier)} file(s) under {out} named as this command's outputs are left out: "
+            "outputs of an earlier run, not volumes"
+        )
+        if not images:
+            raise APLError(f"{args.image} names only outputs of an earlier run (under {out}): no volume")
+    dirs = output_dirs(images, args.out_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out-dir {out} is a file, not a folder: choose a folder")
     if not out.parent.is_dir():
@@ -569,6 +637,10 @@ def run_command_many(
                         "--out-dir (or leave earlier outputs out of the inputs)"
                     )
 
+    if not scheduler and int(workers) > len(images):  # a process per volume at most: more would only idle
+        workers = len(images)
+    if scheduler:  # reachable before any folder is made or the run is announced
+        reach_scheduler(scheduler)
     check_all(only_existing=True)  # before any folder is made: a refused run leaves nothing behind
     items = []
     for image, folder in dirs.items():
@@ -605,7 +677,8 @@ def run_command_many(
     except KeyboardInterrupt:
         done = set(finished) | set(failed)
         unfinished = [Path(one.out_dir).name for one in items if Path(one.out_dir).name not in done]
-        warn(f"interrupted: {len(finished)} of {len(items)} volumes finished, outputs in {out}/<volume>/")
+        where_out = f", outputs in {out}/<volume>/" if finished else ""
+        warn(f"interrupted: {len(finished)} of {len(items)} volumes finished{where_out}")
         warn(f"finished: {', '.join(finished) or 'none'}")
         if failed:
             warn(f"failed: {', '.join(failed)}")
@@ -617,5 +690,6 @@ def run_command_many(
                 _remove_temporaries(Path(one.out_dir), outputs)
         _remove_empty(created)
     bad = [r for r in results if not r.ok or r.value not in (0, None)]
-    echo(f"{len(results) - len(bad)} of {len(results)} volumes done, outputs in {out}/<volume>/")
+    where_out = f", outputs in {out}/<volume>/" if len(bad) < len(results) else ""
+    echo(f"{len(results) - len(bad)} of {len(results)} volumes done{where_out}")
     return 2 if bad else 0

@@ -42,6 +42,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     raise APLError(f"unknown device '{device}': choose one of {', '.join(DEVICES)}")
 
 
+def check_device_name(device: str) -> None:
+    """Refuse a device name ``resolve_device`` could never accept, whatever the machine."""
+    name = str(device).lower()
+    if name in DEVICES or (name.startswith("cuda:") and name[5:].isdigit()):
+        return
+    raise APLError(f"unknown device '{device}': choose one of {', '.join(DEVICES)} (or cuda:N)")
+
+
 def seed_everything(seed: int) -> np.random.Generator:
     """Seed python, numpy and torch for a reproducible run and return a numpy generator."""
     random.seed(seed)
