@@ -263,6 +263,9 @@ EXPLORE: dict[str, tuple[str, dict]] = {
     "apl (teacher decay 0.95)": ("apl", {"teacher_decay": 0.95}),
     "apl (ensemble decay 0.9)": ("apl", {"ensemble_decay": 0.9}),
     "apl (batch 16)": ("apl", {"batch_size": 16}),
+    # the iteration budget (every method shares it: a longer budget for APL is judged against the
+    # baselines at the same budget)
+    **{f"{m} ({n} iterations)": (m, {"iterations": n}) for m in METHODS for n in (100, 400, 800)},
     # the student in bf16 autocast too (float32 losses), as on CUDA: ~1.9x faster training steps on a CPU
     # with native bf16; whether it changes the masks
     "apl (bf16 student)": ("apl", {"amp": True}),
