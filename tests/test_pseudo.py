@@ -181,8 +181,27 @@ def test_mrnet_loss_matches_formula():
     assert parts["memory"] == 0.0
 
 
+def test_mrnet_memory_term_pulls_both_heads():
+    """The memory term is 0.1 x (KL(mem || p_main) + KL(mem || p_aux)), both heads, not the main one alone."""
+    torch.manual_seed(1)
+    m = torch.randn(1, 3, 2, 2)
+    a = 3 * torch.randn(1, 3, 2, 2)
+    y = torch.tensor([[[0, 1], [2, 1]]])
+    pm, pa = torch.softmax(m, 1), torch.softmax(a, 1)
+    mem = pseudo.merge(pm, pa)
+    _, parts = pseudo.mrnet_loss(m, a, y, memory=mem)
+
+    def kl(p: torch.Tensor, q: torch.Tensor) -> float:
+        return float((p * (p.log() - q.log())).sum(1).mean())
+
+    assert parts["memory"] == pytest.approx(0.1 * (kl(mem, pm) + kl(mem, pa)), rel=1e-5)
+    assert parts["memory"] > 0.1 * kl(mem, pm) * 1.05  # the auxiliary head's share is there
+
+
 def test_class_balance_weights():
     lab = torch.tensor([0] * 16 + [1] * 4)
     w = pseudo.class_balance_weights(lab, 3)
     # 1/sqrt(16) = .25, 1/sqrt(4) = .5, mean of present = .375
     assert torch.allclose(w, torch.tensor([0.25 / 0.375, 0.5 / 0.375, 0.0]))
+    ignored = torch.cat([lab, torch.full((50,), pseudo.IGNORE)])  # left-out pixels do not count
+    assert torch.equal(pseudo.class_balance_weights(ignored, 3), w)
