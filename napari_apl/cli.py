@@ -437,7 +437,9 @@ def _refine_config(args: argparse.Namespace):
     validated: a bad one is one line before any file is read."""
     from .core.refine import RefineConfig
 
-    cfg = RefineConfig.for_method(args.method, iterations=args.iterations, seed=args.seed, device=args.device)
+    cfg = RefineConfig.for_method(args.method, seed=args.seed, device=args.device)
+    if args.iterations is not None:
+        cfg.iterations = args.iterations
     keys = (
         "lr",
         "batch_size",
@@ -753,7 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("refine", help="adapt a checkpoint to an unlabelled target volume (APL or a baseline)")
     _common_model_args(p)
     p.add_argument("--method", "-m", default="apl", help="apl (default), apl-con, threshold, cbst or mrnet")
-    p.add_argument("--iterations", "-n", type=_int_at_least(0), default=200)
+    p.add_argument("--iterations", "-n", type=_int_at_least(0), help="training steps (default 400)")
     p.add_argument("--seed", type=_int_at_least(0, _MAX_SEED), default=0)
     p.add_argument("--lr", type=_positive_float, help="learning rate (default: the method's tuned value)")
     p.add_argument("--batch-size", type=_int_at_least(1), help="slices per iteration (default 8)")

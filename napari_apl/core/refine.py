@@ -121,7 +121,9 @@ class RefineConfig:
     """Settings of one refinement run; defaults are the tuned APL recipe."""
 
     method: str = "apl"
-    iterations: int = 200
+    iterations: int = 400
+    """Training steps. 400 beat 200 (and 100, 800) for APL on the CT, the synthetic pair and mr_sm
+    (benchmarks/results/explore_iterations*.md); every method shares the budget."""
     batch_size: int = 8
     lr: float = 2e-5
     """Learning rate of the encoder step (and of all parameters for the baselines)."""
