@@ -122,8 +122,9 @@ class RefineConfig:
 
     method: str = "apl"
     iterations: int = 400
-    """Training steps. 400 beat 200 (and 100, 800) for APL on the CT, the synthetic pair and mr_sm
-    (benchmarks/results/explore_iterations*.md); every method shares the budget."""
+    """Training steps. For APL 400 beat 100 and 200 on the CT, the synthetic pair and mr_sm, and 800 was
+    better on the synthetic pair only, at twice the time (benchmarks/results/explore_iterations*.md);
+    every method shares the budget."""
     batch_size: int = 8
     lr: float = 2e-5
     """Learning rate of the encoder step (and of all parameters for the baselines)."""
