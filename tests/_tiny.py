@@ -6,6 +6,7 @@ from pathlib import Path
 
 import nibabel as nib
 import torch
+from torch import nn
 
 from napari_apl.core.checkpoint import CheckpointMeta, save_checkpoint
 from napari_apl.core.models import DualHeadNet, build_model
@@ -60,3 +61,35 @@ def tiny_ct_case(base: int = 8) -> tuple[DualHeadNet, CheckpointMeta, Volume]:
         normalization=dict(CT_WINDOW),
     )
     return model, meta, volume_from_array(image, affine)
+
+
+class BandNet(DualHeadNet):
+    """A tiny dual-head net whose classes are intensity bands: many label boundaries, known probabilities.
+
+    The auxiliary head's bands are the main head's shifted by ``aux_shift``, or, with ``aux_reversed``,
+    in the opposite order (the two heads then disagree almost everywhere).
+    """
+
+    arch = "band"
+    stride = 16
+    classifier_modules = ("head_main", "head_aux")
+
+    def __init__(self, aux_shift: float = 0.04, aux_reversed: bool = False) -> None:
+        super().__init__(num_classes=5, in_channels=1)
+        self.head_main = nn.Conv2d(2, 5, 1)
+        self.head_aux = nn.Conv2d(2, 5, 1)
+        centres = torch.tensor([0.0, 0.3, 0.45, 0.6, 0.8])
+        aux = centres.flip(0) if aux_reversed else centres + aux_shift
+        with torch.no_grad():
+            for head, c in ((self.head_main, centres), (self.head_aux, aux)):
+                # logit_c = -40 (x - c)^2 = -40 x^2 + 80 c x - 40 c^2
+                head.weight.copy_(torch.stack([80 * c, torch.full_like(c, -40.0)], 1).view(5, 2, 1, 1))
+                head.bias.copy_(-40 * c**2)
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Intensity and its square."""
+        return (torch.cat([x, x * x], 1),)
+
+    def heads(self, feats: tuple[torch.Tensor, ...], out_hw: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both heads' logits."""
+        return self.head_main(feats[0]), self.head_aux(feats[0])

@@ -8,45 +8,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _tiny import BandNet
 from torch import nn
 
 from napari_apl.core import infer
 from napari_apl.core.checkpoint import CheckpointMeta
 from napari_apl.core.errors import APLError
 from napari_apl.core.infer import Prediction, SlicePredictor, iter_predict, predict_volume
-from napari_apl.core.models import DualHeadNet, build_model
+from napari_apl.core.models import build_model
 from napari_apl.core.phantom import make_phantom
 from napari_apl.core.utils import run_generator
 from napari_apl.core.volume import volume_from_array
 
 FIELDS = ("main", "aux", "pseudo", "confidence", "consistency")
-
-
-class BandNet(DualHeadNet):
-    """A tiny dual-head net whose classes are intensity bands: many label boundaries, known probabilities."""
-
-    arch = "band"
-    stride = 16
-    classifier_modules = ("head_main", "head_aux")
-
-    def __init__(self) -> None:
-        super().__init__(num_classes=5, in_channels=1)
-        self.head_main = nn.Conv2d(2, 5, 1)
-        self.head_aux = nn.Conv2d(2, 5, 1)
-        centres = torch.tensor([0.0, 0.3, 0.45, 0.6, 0.8])
-        with torch.no_grad():
-            for head, shift in ((self.head_main, 0.0), (self.head_aux, 0.04)):
-                c = centres + shift  # logit_c = -40 (x - c)^2 = -40 x^2 + 80 c x - 40 c^2
-                head.weight.copy_(torch.stack([80 * c, torch.full_like(c, -40.0)], 1).view(5, 2, 1, 1))
-                head.bias.copy_(-40 * c**2)
-
-    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Intensity and its square."""
-        return (torch.cat([x, x * x], 1),)
-
-    def heads(self, feats: tuple[torch.Tensor, ...], out_hw) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both bands' logits."""
-        return self.head_main(feats[0]), self.head_aux(feats[0])
 
 
 def _meta(size: int = 48, spacing: float = 4.0) -> CheckpointMeta:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _tiny import tiny_ct_case
+from _tiny import BandNet, tiny_ct_case
 from torch import nn
 
 import napari_apl.core.refine as refine_mod
@@ -322,33 +322,6 @@ def test_a_guard_that_rejects_every_state_returns_the_start_model(
 # --- each head's own map (I03) ------------------------------------------------------------------------------
 
 
-class CrossedBandNet(DualHeadNet):
-    """Classes as intensity bands; the aux head orders the bands the other way round from the main head."""
-
-    arch = "crossed-band"
-    stride = 16
-    classifier_modules = ("head_main", "head_aux")
-
-    def __init__(self) -> None:
-        super().__init__(num_classes=5, in_channels=1)
-        self.head_main = nn.Conv2d(2, 5, 1)
-        self.head_aux = nn.Conv2d(2, 5, 1)
-        centres = torch.tensor([0.0, 0.3, 0.45, 0.6, 0.8])
-        with torch.no_grad():
-            for head, c in ((self.head_main, centres), (self.head_aux, centres.flip(0))):
-                # logit_c = -40 (x - c)^2 = -40 x^2 + 80 c x - 40 c^2
-                head.weight.copy_(torch.stack([80 * c, torch.full_like(c, -40.0)], 1).view(5, 2, 1, 1))
-                head.bias.copy_(-40 * c**2)
-
-    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Intensity and its square."""
-        return (torch.cat([x, x * x], 1),)
-
-    def heads(self, feats: tuple[torch.Tensor, ...], out_hw: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both heads' logits."""
-        return self.head_main(feats[0]), self.head_aux(feats[0])
-
-
 def test_the_main_and_aux_maps_are_each_heads_own_labels() -> None:
     """The "main" map is the main head's argmax and "aux" the aux head's, also where the two disagree."""
     image, _, affine = make_phantom("ct", 1, shape=(72, 60, 10), spacing=(2.5, 3.0, 8.0))
@@ -360,7 +333,7 @@ def test_the_main_and_aux_maps_are_each_heads_own_labels() -> None:
         spacing=(4.0, 4.0),
         normalization={"kind": "ct_window", "level": 40.0, "width": 400.0},
     )
-    model = CrossedBandNet().eval()
+    model = BandNet(aux_reversed=True).eval()
     pred = predict_volume(model, meta, vol, device="cpu", batch_size=4)
     prep = prepare(vol, meta, model)
     g = prep.grid
