@@ -869,3 +869,16 @@ def test_demo_names_the_bundled_checkpoint_unless_a_file_has_that_name(tmp_path,
     (tmp_path / "demo").write_bytes(b"not a checkpoint")  # a file of that name is what the user means
     assert main(["info", "demo"]) == 2
     assert "demo is not a PyTorch checkpoint" in capsys.readouterr().err
+
+
+def test_refine_help_states_the_engines_iteration_default():
+    """--iterations' help names RefineConfig's default (the CLI leaves the option unset to use it)."""
+    import argparse
+
+    from napari_apl import cli
+    from napari_apl.core.refine import RefineConfig
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    action = next(a for a in sub.choices["refine"]._actions if "--iterations" in a.option_strings)
+    assert action.default is None and f"default {RefineConfig().iterations})" in action.help
