@@ -20,6 +20,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """Turn ``auto|cpu|cuda|mps`` (or ``cuda:N``) into a usable ``torch.device``."""
+    check_device_name(str(device))
     name = str(device).lower()
     if name == "auto":
         if torch.cuda.is_available():
@@ -37,13 +38,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         if mps is None or not mps.is_available():
             raise APLError("device 'mps' asked for but Apple MPS is not available: use --device auto or cpu")
         return torch.device("mps")
-    if name == "cpu":
-        return torch.device("cpu")
-    raise APLError(f"unknown device '{device}': choose one of {', '.join(DEVICES)}")
+    return torch.device("cpu")
 
 
 def check_device_name(device: str) -> None:
-    """Refuse a device name ``resolve_device`` could never accept, whatever the machine."""
+    """Refuse a device name no machine could run (``resolve_device`` checks this first)."""
     name = str(device).lower()
     if name in DEVICES or (name.startswith("cuda:") and name[5:].isdigit()):
         return
