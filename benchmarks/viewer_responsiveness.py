@@ -122,9 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             live[0] - t0,
             "s",
             goal=GOAL_REFRESH_S,
-            note=f"the set-up before the first iteration ({args.slices} slices): the start model's organ "
-            "sizes, the batch-norm re-estimation and the initial pseudo labels, a pass over the slices each; "
-            "the Predict overlay stays on screen meanwhile",
+            note=f"the set-up before the first iteration ({args.slices} slices): the batch-norm "
+            "re-estimation and the initial pseudo labels, a pass over the slices each, then the first "
+            "iteration; the Predict overlay stays on screen meanwhile (the start model's organ sizes are "
+            "counted after the iterations)",
         )
     if refresh_gaps.size:
         rep.add(

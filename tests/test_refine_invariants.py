@@ -380,3 +380,21 @@ def test_zscore_pads_with_the_volumes_darkest_normalised_value() -> None:
     frame[bx : bx + rx, by : by + ry] = False
     assert frame.any()
     assert torch.allclose(x[frame], torch.tensor(prep.fitted.pad, dtype=x.dtype))
+
+
+@pytest.mark.parametrize("teacher_decay", [0.99, 0.0])
+def test_start_organ_sizes_are_the_loaded_models(demo_case: DemoCase, teacher_decay: float) -> None:
+    """The "start" organ sizes are the loaded model's own prediction (counted after the iterations, from its
+    weights), with or without a teacher, and counting them leaves the returned model refined."""
+    model, meta, vol, norm = demo_case
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = run_generator(refine(model, meta, vol, _cfg(iterations=0, bn="frozen", normalization=norm)))
+    counts = plain.organ_voxels["refined"]  # no iteration, the source's statistics: the loaded model
+    assert plain.organ_voxels["start"] == counts and min(counts[1:]) > 0
+    cfg = _cfg(iterations=3, bn="adapt", lr=1e-4, teacher_decay=teacher_decay, normalization=norm)
+    res = run_generator(refine(model, meta, vol, cfg))
+    assert res.organ_voxels["start"] == counts
+    # the returned model is the refined one, not the loaded weights the count used
+    moved = [k for k, v in res.model.state_dict().items() if not torch.equal(v.cpu(), before[k])]
+    assert any(k.endswith("running_mean") for k in moved) and any(k.endswith("weight") for k in moved)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's untouched

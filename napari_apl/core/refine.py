@@ -764,8 +764,6 @@ def _refine_loop(
             counts += _organ_counts(pseudo.class_argmax(pseudo.merge(pm, pa)).cpu(), num_classes)
         return counts
 
-    # the loaded model's organ sizes, to report how refinement changed them (one pass over the target)
-    loaded_counts = label_counts(student, range(n_slices))
     if cfg.bn == "adapt":
         _adapt_bn(student, xs, dev, cfg.bn_mix)
 
@@ -1149,6 +1147,13 @@ def _refine_loop(
             pm, pa = predict_probs(final, xs[idx])
             ensemble.update(idx, pseudo.merge(pm, pa))
     refined_counts = label_counts(final, range(n_slices))
+    # The loaded model's organ sizes, to report how refinement changed them: a pass over the target made
+    # here, after the iterations, not before them (the first live overlay comes that much sooner). The
+    # student is spare once the teacher is returned; otherwise a copy takes the loaded weights.
+    loaded = student if final is not student else copy.deepcopy(student)
+    loaded.load_state_dict(start_state)
+    loaded_counts = label_counts(loaded, range(n_slices))
+    del loaded
     final = final.to("cpu", memory_format=torch.contiguous_format).eval()
     for p in final.parameters():
         p.requires_grad_(True)
