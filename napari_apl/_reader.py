@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,19 +23,17 @@ from ._layers import (
 )
 from .core.batch import volume_name
 from .core.errors import APLError
-from .core.preprocess import looks_like_offset_ct
+from .core.preprocess import (  # (the label rules live in the core: the command line refuses label files)
+    LABEL_NAME_HINT,
+    MAX_HINTED_LABEL_VALUES,
+    is_integral,
+    looks_like_offset_ct,
+)
+from .core.preprocess import looks_like_labels as _array_looks_like_labels
 from .core.volume import Volume, display_data, load_volume, max_voxel_bytes
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-# names that say a file holds labels: label(s), seg(mentation), mask, (ground)truth, annotation(s), and
-# gt as a word of its own (case2_gt.nii.gz, gt-liver.nii; not "length", "truthful" or "unannotated")
-LABEL_NAME_HINT = re.compile(
-    r"(label|seg|mask|truth(?![a-z])|(?<![a-z])annot|(?<![a-z])gt(?![a-z]))", re.IGNORECASE
-)
-MAX_LABEL_VALUES = 64
-MAX_HINTED_LABEL_VALUES = 1024
 LAZY_BYTES = 1024**3
-_SAMPLE_VOXELS = 200_000
 NULL_LAYER: list = [(None,)]  # npe2's "handled, no layer" sentinel
 
 
@@ -143,30 +140,13 @@ def _first_slices_look_like_labels(img: Any) -> bool:
         sample = np.asarray(img.dataobj[:, :, : min(4, int(img.shape[2]))])
     except Exception:
         return False
-    return sample.size > 0 and _is_integral(sample) and np.unique(sample).size <= MAX_HINTED_LABEL_VALUES
-
-
-def _is_integral(arr: np.ndarray) -> bool:
-    """Whether every value of ``arr`` is an integer."""
-    if arr.dtype.kind in "biu":
-        return True
-    return bool(np.all(np.isfinite(arr)) and np.array_equal(arr, np.round(arr)))
+    return sample.size > 0 and is_integral(sample) and np.unique(sample).size <= MAX_HINTED_LABEL_VALUES
 
 
 def looks_like_labels(volume: Volume, name: str = "") -> bool:
-    """Labels: non-negative integral values, few distinct ones (<= 64, <= 1024 with a label-ish name)."""
-    if volume.lazy:
-        return False
-    data = np.asarray(volume.data)
-    hinted = bool(LABEL_NAME_HINT.search(name))
-    if not hinted and data.dtype.kind not in "biu":
-        return False
-    limit = MAX_HINTED_LABEL_VALUES if hinted else MAX_LABEL_VALUES
-    step = max(1, data.size // _SAMPLE_VOXELS)
-    sample = data.ravel(order="K")[::step]  # memory order: a view whatever the layout
-    if not _is_integral(sample) or np.unique(sample).size > limit:
-        return False
-    return _is_integral(data) and data.min() >= 0 and np.unique(data).size <= limit
+    """Whether a volume read whole opens as a Labels layer (``core.preprocess.looks_like_labels``: few
+    non-negative whole numbers); a lazily read one opens as an image."""
+    return not volume.lazy and _array_looks_like_labels(np.asarray(volume.data), name)
 
 
 def _ct_window(volume: Volume) -> tuple[float, float] | None:

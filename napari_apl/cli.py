@@ -109,6 +109,23 @@ def _check_shared_inputs(args: argparse.Namespace) -> None:
     load_checkpoint(args.checkpoint, class_names=CLASS_NAMES)
 
 
+def _refuse_label_volume(path: str) -> None:
+    """Refuse an input that looks like a label volume, not a scan, before the model is loaded (a few of
+    its slices are read); a file that cannot be read is left to the command's own reading to report."""
+    from .core.preprocess import volume_looks_like_labels
+    from .core.volume import load_volume
+
+    try:
+        labels = volume_looks_like_labels(load_volume(path, lazy=True))
+    except Exception:
+        return
+    if labels:
+        raise APLError(
+            f"{path} looks like a label volume (few non-negative integer values), not an image: give the CT "
+            "or MRI scan itself"
+        )
+
+
 def _progress(total: int, desc: str, quiet: bool):
     """Return a tqdm progress bar on stderr (disabled with --quiet)."""
     from tqdm import tqdm
@@ -227,6 +244,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = _out_dir(args.out_dir)
     paths = {n: out / f"{n}.nii.gz" for n in MAP_DTYPES}
     _check_outputs(list(paths.values()), args.overwrite, [args.image, args.checkpoint])
+    _refuse_label_volume(args.image)
     model, meta = load_checkpoint(args.checkpoint, class_names=CLASS_NAMES)
     # A whole file stored axial slice by axial slice is read, predicted and written as a stream: each
     # map is compressed while later slices are predicted. Other layouts, and files whose gzip trailer
@@ -311,6 +329,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     out = _out_dir(args.out_dir)
     outputs = [out / "refined.pt", out / "log.json"] + [out / f"{n}.nii.gz" for n in MAP_DTYPES]
     _check_outputs(outputs, args.overwrite, [args.image, args.checkpoint, args.corrections])
+    _refuse_label_volume(args.image)
     model, meta, volume, norm = _load_inputs(args)
     corrections = None
     if args.corrections:
@@ -505,6 +524,8 @@ def _note_unused_options(args: argparse.Namespace) -> None:
         for opt in ("scheduler", "workers"):
             if getattr(args, opt, None) is not None:
                 notes.append(f"--{opt} is for many volumes (a folder or a quoted glob): this one runs here")
+        if getattr(args, "skip_done", False):
+            notes.append("--skip-done is for many volumes (a folder or a quoted glob): ignored for one")
     elif getattr(args, "scheduler", None) and getattr(args, "workers", None) is not None:
         notes.append("--workers sizes a local cluster: the scheduler's own workers run this batch")
     if args.command == "refine":
@@ -642,7 +663,8 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "image",
         help="input volume (.nii / .nii.gz), or a folder or quoted glob of volumes: each is then "
-        "processed on dask.distributed and written to OUT_DIR/<volume name>/",
+        "processed on dask.distributed and written to OUT_DIR/<volume name>/; a label volume (few "
+        "non-negative integer values) is refused, or left out of a folder or glob",
     )
     p.add_argument(
         "--checkpoint",
@@ -660,7 +682,19 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
         "ct-abdomen-offset for HU + 1024 ones, else the checkpoint's); default auto",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing output files (with --skip-done: only in folders that lack some outputs)",
+    )
+    p.add_argument(
+        "--skip-done",
+        action="store_true",
+        help="with many volumes: leave out the volumes whose OUT_DIR/<volume name>/ already holds every "
+        "output (to resume an interrupted batch); a folder holding only some of them still runs and needs "
+        "--overwrite to replace those; with --overwrite too, complete folders are still skipped and the "
+        "others redone",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument(
         "--largest-component",

@@ -333,3 +333,109 @@ def test_no_more_local_workers_than_volumes(phantom_folder: Path, tmp_path: Path
     )
     batch.run_command_many(lambda a: 0, args, outputs=["main.nii.gz"], echo=lambda t: None)
     assert seen == [3]
+
+
+def _labels_file(folder: Path, name: str, seed: int = 0) -> Path:
+    """A phantom's label volume (uint8, organs 0..4) saved as ``folder / name``."""
+    from napari_apl.core.phantom import write_phantom
+
+    work = folder.parent / f"phantom_for_{name}"
+    _, labels = write_phantom(work, "ct", seed, shape=TINY_SHAPE, spacing=TINY_SPACING)
+    return Path(shutil.move(str(labels), folder / name))
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """Each file of ``folder``: its modification time (ns) and its bytes."""
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+def test_skip_done_resumes_a_batch_and_label_files_are_left_out(
+    phantom_folder: Path, tiny_checkpoint: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """--skip-done leaves out a volume whose folder holds all five maps (its files untouched), runs the
+    others, refuses a folder holding only some of them without --overwrite (saying so), and exits 0
+    without a cluster once every volume is done. A label file the folder holds is left out, named."""
+    from napari_apl.core import batch
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for k in range(3):
+        shutil.copy(phantom_folder / f"case{k}.nii.gz", scans / f"case{k}.nii.gz")
+    _labels_file(scans, "case0_labels.nii.gz")
+    ckpt, out = str(tiny_checkpoint), tmp_path / "out"
+    out.mkdir()
+    _one_volume(["predict", str(scans / "case0.nii.gz"), "-c", ckpt, "-o", str(out / "case0"), "-q"])
+    done_before = _snapshot(out / "case0")
+    (out / "case1").mkdir()
+    (out / "case1" / "main.nii.gz").write_bytes(b"old")  # an interrupted run's folder: one map of five
+    argv = ["predict", str(scans), "-c", ckpt, "-o", str(out), "-q", "--skip-done", "--workers", "2"]
+    capsys.readouterr()
+
+    assert cli.main(argv) == 2  # the partial folder needs --overwrite (refused before any cluster)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("napari-apl predict: error: "), err
+    assert f"{out / 'case1'} holds 1 of the 5 outputs" in err[-1] and "add --overwrite" in err[-1], err
+    assert (out / "case1" / "main.nii.gz").read_bytes() == b"old" and not (out / "case2").exists()
+
+    assert cli.main([*argv, "--overwrite"]) == 0
+    text, err = capsys.readouterr()
+    assert (
+        "note: 1 file looks like a label volume (few non-negative integer values), not an image: "
+        "left out: case0_labels.nii.gz"
+    ) in err, err
+    assert f"note: 1 of 3 volumes already have all their outputs in {out}/<volume>/: skipped" in err, err
+    assert "2 volumes on a local cluster" in text and "2 of 2 volumes done" in text, text
+    assert _snapshot(out / "case0") == done_before  # the done volume was not redone
+    assert sorted(p.name for p in out.iterdir()) == ["case0", "case1", "case2"]  # no case0_labels
+    for k in (1, 2):
+        assert sorted(p.name for p in (out / f"case{k}").iterdir()) == sorted(f"{m}.nii.gz" for m in MAPS)
+    assert (out / "case1" / "main.nii.gz").read_bytes() != b"old"
+
+    monkeypatch.setattr(batch, "cluster_client", lambda *a, **k: pytest.fail("a cluster was started"))
+    before = {k: _snapshot(out / f"case{k}") for k in range(3)}
+    assert cli.main(argv) == 0
+    text, _ = capsys.readouterr()
+    assert f"all 3 volumes already have all their outputs in {out}/<volume>/: nothing to run" in text
+    assert {k: _snapshot(out / f"case{k}") for k in range(3)} == before
+
+
+def test_a_batch_of_only_label_volumes_is_one_line_before_any_cluster(
+    tiny_checkpoint: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    from napari_apl.core import batch
+
+    monkeypatch.setattr(batch, "cluster_client", lambda *a, **k: pytest.fail("a cluster was started"))
+    segs = tmp_path / "segmentations"
+    segs.mkdir()
+    _labels_file(segs, "liver.nii.gz", seed=0)
+    _labels_file(segs, "spleen.nii.gz", seed=1)
+    out = tmp_path / "out"
+    rc = cli.main(["predict", str(segs / "*.nii.gz"), "-c", str(tiny_checkpoint), "-o", str(out), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 2, err
+    assert err[0].endswith("not images: left out: liver.nii.gz, spleen.nii.gz"), err
+    assert "names only label volumes" in err[1] and "give the images" in err[1], err
+    assert not out.exists()
+
+
+def test_skip_done_still_checks_the_outputs_of_the_volumes_that_run(
+    phantom_folder: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """An output of a volume that runs is still checked with --skip-done --overwrite: here one that is,
+    by a hard link, another input of the batch (its folder is not complete: it is not skipped)."""
+    from napari_apl.core import batch
+
+    monkeypatch.setattr(batch, "run_many", lambda *a, **k: pytest.fail("a cluster was started"))
+    monkeypatch.setattr(cli, "_check_shared_inputs", lambda args: None)
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    shutil.copy(phantom_folder / "case0.nii.gz", scans / "case0.nii.gz")
+    shutil.copy(phantom_folder / "case1.nii.gz", scans / "case1.nii.gz")
+    (out / "case0").mkdir(parents=True)
+    (out / "case0" / "main.nii.gz").hardlink_to(scans / "case1.nii.gz")
+    before = (scans / "case1.nii.gz").read_bytes()
+    argv = ["predict", str(scans), "-c", "model.pt", "-o", str(out), "-q", "--skip-done", "--overwrite"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "an input of this batch" in err[0], err
+    assert (scans / "case1.nii.gz").read_bytes() == before and not (out / "case1").exists()

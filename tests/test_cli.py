@@ -882,3 +882,37 @@ def test_refine_help_states_the_engines_iteration_default():
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     action = next(a for a in sub.choices["refine"]._actions if "--iterations" in a.option_strings)
     assert action.default is None and f"default {RefineConfig().iterations})" in action.help
+
+
+@pytest.mark.parametrize("command", ["predict", "refine"])
+def test_a_label_volume_is_refused_before_the_model_is_loaded(
+    tmp_path, tiny_ckpt, phantom_dir, capsys, monkeypatch, command
+):
+    """A label file given as the image (ct_sm_labels.nii.gz for ct_sm.nii.gz) was predicted as a scan:
+    now one line before any model work; a CHAOS-style float label file (label_7) too."""
+    import napari_apl.core.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *a, **k: pytest.fail("the model was loaded"))
+    src = nib.load(phantom_dir / "labels.nii.gz")
+    floats = tmp_path / "label_7.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(src.dataobj).astype(np.float64), src.affine), str(floats))
+    for labels in (phantom_dir / "labels.nii.gz", floats):
+        out = tmp_path / "out"
+        assert main([command, str(labels), "-c", str(tiny_ckpt), "-o", str(out), "-q"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        assert err[0] == (
+            f"napari-apl {command}: error: {labels} looks like a label volume (few non-negative integer "
+            "values), not an image: give the CT or MRI scan itself"
+        )
+        assert not out.exists()  # the output folder made for it is removed again
+
+
+def test_skip_done_with_one_volume_is_noted(tmp_path, tiny_ckpt, phantom_dir, capsys):
+    out = tmp_path / "one"
+    argv = ["predict", str(phantom_dir / "image.nii.gz"), "-c", str(tiny_ckpt), "-o", str(out), "-q"]
+    assert main([*argv, "--skip-done"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "note: --skip-done is for many volumes (a folder or a quoted glob): ignored for one" in err, err
+    assert main([*argv, "--skip-done"]) == 2  # one volume's existing outputs: --overwrite, as before
+    assert "exists already" in capsys.readouterr().err

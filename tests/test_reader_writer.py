@@ -267,6 +267,51 @@ def test_float_label_files_open_as_labels(tmp_path: Path, phantom_files) -> None
     assert read_layer_data(noisy)[2] == "image"
 
 
+class _CountingArray:
+    """A lazy volume stand-in: records each block read from it."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self._data, self.shape, self.dtype, self.reads = data, data.shape, data.dtype, []
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        self.reads.append(key)
+        return self._data[key]
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "PIL"])
+def test_the_label_rule_is_the_cores_and_probes_lazy_volumes_cheaply(
+    tmp_path: Path, phantom_files, orientation: str
+) -> None:
+    """The reader's label rule lives in core.preprocess (the command line refuses label files with it);
+    a lazily read volume is judged on a few of its file's slices, not read whole."""
+    import napari_apl._reader as reader_module
+    from napari_apl.core import preprocess
+    from napari_apl.core.volume import load_volume
+
+    assert reader_module.LABEL_NAME_HINT is preprocess.LABEL_NAME_HINT
+    image_path, labels_path = phantom_files(orientation)
+    for lazy in (True, False):
+        assert preprocess.volume_looks_like_labels(load_volume(labels_path, lazy=lazy))
+        assert not preprocess.volume_looks_like_labels(load_volume(image_path, lazy=lazy))
+    lazy_labels = load_volume(labels_path, lazy=True)
+    assert not reader_module.looks_like_labels(lazy_labels)  # the viewer opens a lazy file as an image
+    assert reader_module.looks_like_labels(load_volume(labels_path), labels_path.name)
+    labels = np.asarray(nib.load(str(labels_path)).dataobj)
+    counting = _CountingArray(labels)
+    assert preprocess.probe_looks_like_labels(counting)
+    assert 0 < len(counting.reads) <= preprocess.LABEL_PROBE_SLICES
+    assert all(key[2].stop - key[2].start == 1 for key in counting.reads)  # one file slice each
+    # floats are labels only under a label-ish name; negative values, many values or one value are not
+    floats = labels.astype(np.float64)
+    assert preprocess.probe_looks_like_labels(floats, "label_7.nii.gz")
+    assert not preprocess.probe_looks_like_labels(floats, "scan.nii.gz")
+    assert not preprocess.probe_looks_like_labels(labels.astype(np.int16) - 1)
+    assert not preprocess.probe_looks_like_labels(np.arange(labels.size).reshape(labels.shape))
+    assert not preprocess.probe_looks_like_labels(np.zeros_like(labels))  # empty mask or blank scan
+    ct = np.asarray(nib.load(str(image_path)).dataobj)
+    assert not preprocess.probe_looks_like_labels(np.abs(ct).astype(np.uint16))
+
+
 def test_ct_files_open_in_the_abdomen_window_hu_or_hu_plus_1024(tmp_path: Path, phantom_files) -> None:
     image_path, _ = phantom_files("RAS")
     src = nib.load(str(image_path))

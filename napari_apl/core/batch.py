@@ -26,14 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import APLError, OutputError
+from .errors import APLError, OutputError, OutputExistsError
 
 __all__ = [
     "NIFTI_SUFFIXES",
     "TaskResult",
     "cluster_client",
+    "done_folders",
     "expand_inputs",
     "is_many",
+    "label_volumes",
     "output_dirs",
     "run_command_many",
     "run_many",
@@ -558,6 +560,42 @@ def _earlier_output(path: Path, out: Path, outputs: Sequence[str]) -> bool:
     return path.name in outputs and path.absolute().parent.parent == out.absolute()
 
 
+def _probe_labels(path: Path) -> bool:
+    """Whether the volume file at ``path`` looks like a label volume (a few of its slices read); a file
+    that cannot be read is not judged here (its task reports what is wrong with it)."""
+    from .preprocess import volume_looks_like_labels
+    from .volume import load_volume
+
+    try:
+        return volume_looks_like_labels(load_volume(path, lazy=True))
+    except Exception:
+        return False
+
+
+def label_volumes(images: Sequence[Path], threads: int = 4) -> list[Path]:
+    """The volumes among ``images`` that look like label volumes (few non-negative whole numbers on a few
+    probed slices: ``preprocess.probe_looks_like_labels``), in their order; ``threads`` probed at once."""
+    if not images:
+        return []
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(int(threads), len(images)))) as pool:
+        flags = list(pool.map(_probe_labels, images))
+    return [image for image, flag in zip(images, flags) if flag]
+
+
+def done_folders(dirs: dict[Path, Path], outputs: Sequence[str]) -> list[Path]:
+    """The volumes of ``dirs`` whose output folder holds a file for every one of ``outputs`` (outputs
+    are written atomically: a file there is a whole one)."""
+    return [image for image, folder in dirs.items() if all((folder / name).is_file() for name in outputs)]
+
+
+def _names(paths: Sequence[Path], first: int = 3) -> str:
+    """The file names of the first ``first`` paths, and how many more there are."""
+    shown = ", ".join(p.name for p in paths[:first])
+    return shown + (f" and {len(paths) - first} more" if len(paths) > first else "")
+
+
 def run_command_many(
     command: Callable[[Any], int],
     args: Any,
@@ -577,6 +615,11 @@ def run_command_many(
     this run made and left empty are removed when it ends (an error, Ctrl-C, failed volumes). On Ctrl-C
     the volumes that finished keep their outputs, both lists are reported and ``KeyboardInterrupt`` is
     raised again. Returns 0 when every volume succeeded, else 2 (each failure reported by ``warn``).
+
+    Before anything starts, files that look like label volumes are left out (``label_volumes``), and
+    with ``args.skip_done`` so are the volumes whose output folder holds every one of ``outputs``
+    (a folder holding only some still runs, and needs ``args.overwrite`` to replace them); when no
+    volume is left to run, this says so and returns 0 without starting a cluster.
     """
     import copy
     import sys
@@ -606,6 +649,20 @@ def run_command_many(
         )
         if not images:
             raise APLError(f"{args.image} names only outputs of an earlier run (under {out}): no volume")
+    labels = label_volumes(images)
+    if labels:
+        images = [p for p in images if p not in labels]
+        one = len(labels) == 1
+        what = "file looks like a label volume" if one else "files look like label volumes"
+        warn(
+            f"note: {len(labels)} {what} (few non-negative integer values), not "
+            f"{'an image' if one else 'images'}: left out: {_names(labels)}"
+        )
+        if not images:
+            raise APLError(
+                f"{args.image} names only label volumes (few non-negative integer values): give the images "
+                "(a folder or glob that leaves the label files out)"
+            )
     dirs = output_dirs(images, args.out_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out-dir {out} is a file, not a folder: choose a folder")
@@ -615,10 +672,44 @@ def run_command_many(
         if folder.exists() and not folder.is_dir():
             raise OutputError(f"{folder} is a file, not a folder: move it or choose another --out-dir")
 
+    skip_done = bool(getattr(args, "skip_done", False))
+    if skip_done:
+        done = done_folders(dirs, outputs)
+        if done:
+            dirs = {image: folder for image, folder in dirs.items() if image not in done}
+            where_out = f"{out}/<volume>/"
+            if not dirs:
+                echo(
+                    f"all {len(done)} volumes already have all their outputs in {where_out}: nothing to run "
+                    "(--overwrite without --skip-done redoes them)"
+                )
+                return 0
+            warn(
+                f"note: {len(done)} of {len(done) + len(dirs)} volumes already have all their outputs in "
+                f"{where_out}: skipped (--overwrite without --skip-done redoes them)"
+            )
+
     # every file the batch reads: no volume's output may replace another volume's input (a recursive
     # glob run again with --overwrite can pick up <out>/<name>/main.nii.gz as an input of its own)
     read = [*images, *(Path(v) for o in path_options if (v := getattr(args, o, None)) and isinstance(v, str))]
     read_files = _file_identities(read)
+
+    def check_one(image: Path, folder: Path, paths: list[Path]) -> None:
+        """``check`` of one volume's outputs, its refusal of existing ones said for a batch."""
+        try:
+            check(paths, [str(image), str(getattr(args, "checkpoint", ""))])  # type: ignore[misc]
+        except OutputExistsError as exc:
+            present = sum(p.is_file() for p in paths)
+            if skip_done and present:  # (a folder holding all of them was skipped above)
+                raise OutputExistsError(
+                    f"{folder} holds {present} of the {len(paths)} outputs (an unfinished run?): "
+                    "--skip-done skips only folders holding all of them; add --overwrite to redo it"
+                ) from None
+            if present == len(paths):
+                raise OutputExistsError(
+                    f"{exc}, or add --skip-done to leave out the volumes that have all their outputs"
+                ) from None
+            raise
 
     def check_all(only_existing: bool) -> None:
         """Check every output (of the folders that exist already, when ``only_existing``)."""
@@ -628,7 +719,7 @@ def run_command_many(
             if only_existing and not folder.is_dir():
                 continue  # a folder still to be made holds no output yet
             paths = [folder / name for name in outputs]
-            check(paths, [str(image), str(getattr(args, "checkpoint", ""))])
+            check_one(image, folder, paths)
             for p in paths:
                 src = read_files.get(_identity_of(p)) or read_files.get(str(p.resolve()))
                 if src is not None:
@@ -637,8 +728,8 @@ def run_command_many(
                         "--out-dir (or leave earlier outputs out of the inputs)"
                     )
 
-    if not scheduler and int(workers) > len(images):  # a process per volume at most: more would only idle
-        workers = len(images)
+    if not scheduler and int(workers) > len(dirs):  # a process per volume at most: more would only idle
+        workers = len(dirs)
     if scheduler:  # reachable before any folder is made or the run is announced
         reach_scheduler(scheduler)
     check_all(only_existing=True)  # before any folder is made: a refused run leaves nothing behind

@@ -8,23 +8,35 @@ volumes) and returns a ``FittedNormalization`` that maps arrays to float32.
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import APLError, VolumeError
 
+if TYPE_CHECKING:
+    from .volume import Volume
+
 __all__ = [
     "KINDS",
+    "LABEL_NAME_HINT",
+    "LABEL_PROBE_SLICES",
     "MAX_FIT_VOXELS",
+    "MAX_HINTED_LABEL_VALUES",
+    "MAX_LABEL_VALUES",
     "PRESETS",
     "FittedNormalization",
     "Normalization",
     "NormalizationError",
     "get_preset",
+    "is_integral",
+    "looks_like_labels",
+    "probe_looks_like_labels",
+    "volume_looks_like_labels",
 ]
 
 KINDS = ("ct_window", "percentile", "zscore")
@@ -344,3 +356,92 @@ def check_preset_name(name: str) -> None:
         raise NormalizationError(
             f"unknown normalization preset {name!r}: use one of auto, checkpoint, {', '.join(PRESETS)}"
         )
+
+
+# --- label volumes --------------------------------------------------------------------------------------
+
+# names that say a file holds labels: label(s), seg(mentation), mask, (ground)truth, annotation(s), and
+# gt as a word of its own (case2_gt.nii.gz, gt-liver.nii; not "length", "truthful" or "unannotated")
+LABEL_NAME_HINT = re.compile(
+    r"(label|seg|mask|truth(?![a-z])|(?<![a-z])annot|(?<![a-z])gt(?![a-z]))", re.IGNORECASE
+)
+MAX_LABEL_VALUES = 64  # distinct values a label volume holds at most (organ labels: a handful)
+MAX_HINTED_LABEL_VALUES = 1024  # the same for a file whose name says labels (instance labels)
+LABEL_PROBE_SLICES = 5  # slices probe_looks_like_labels reads at most: the first, then spread out
+_LABEL_SAMPLE_VOXELS = 200_000
+
+
+def is_integral(arr: np.ndarray) -> bool:
+    """Whether every value of ``arr`` is a (finite) whole number."""
+    if arr.dtype.kind in "biu":
+        return True
+    return bool(np.all(np.isfinite(arr)) and np.array_equal(arr, np.round(arr)))
+
+
+def _label_value_limit(dtype: Any, name: str) -> int | None:
+    """How many distinct values a label volume of this type and file name may hold; ``None`` where its
+    type alone rules labels out (floats, unless the name says labels: CHAOS stores labels as floats)."""
+    hinted = bool(LABEL_NAME_HINT.search(name))
+    if not hinted and np.dtype(dtype).kind not in "biu":
+        return None
+    return MAX_HINTED_LABEL_VALUES if hinted else MAX_LABEL_VALUES
+
+
+def looks_like_labels(data: np.ndarray, name: str = "") -> bool:
+    """Whether a whole in-memory array is a label volume: non-negative whole numbers, few distinct ones
+    (at most ``MAX_LABEL_VALUES``; ``MAX_HINTED_LABEL_VALUES`` and float storage too when ``name`` says
+    labels). A subsample is judged first, so an image is turned down without a pass over all voxels."""
+    data = np.asarray(data)
+    limit = _label_value_limit(data.dtype, name)
+    if limit is None:
+        return False
+    step = max(1, data.size // _LABEL_SAMPLE_VOXELS)
+    sample = data.ravel(order="K")[::step]  # memory order: a view whatever the layout
+    if not is_integral(sample) or np.unique(sample).size > limit:
+        return False
+    return is_integral(data) and data.min() >= 0 and np.unique(data).size <= limit
+
+
+def probe_looks_like_labels(data: Any, name: str = "", *, slice_axis: int = 2) -> bool:
+    """Whether a volume looks like labels on ``LABEL_PROBE_SLICES`` slices along ``slice_axis``, spread
+    over it: cheap for a lazy one (numpy, dask, a nibabel proxy or a lazy volume's slice reader).
+
+    The probed voxels must be non-negative whole numbers with at least two and at most
+    ``MAX_LABEL_VALUES`` distinct values (see ``looks_like_labels`` for a label-ish ``name``); slices
+    holding one value only (an empty mask, padding) say nothing, and are not taken for labels.
+    """
+    limit = _label_value_limit(data.dtype, name)
+    shape = tuple(int(s) for s in data.shape)
+    if limit is None or len(shape) < 3 or 0 in shape:
+        return False
+    n = shape[slice_axis]
+    spread = np.rint(np.linspace(0, n - 1, LABEL_PROBE_SLICES + 1)[1:-1]).astype(int).tolist()
+    # the first slice first: the cheapest of a .nii.gz to read, and on a scan (air below zero in a CT,
+    # an MRI's many values) the probe ends there
+    picks = list(dict.fromkeys([0, *spread]))
+    values: set = set()
+    for k in picks:
+        key = [slice(None)] * len(shape)
+        key[slice_axis] = slice(k, k + 1)
+        block = data[tuple(key)]
+        block = np.asarray(block.compute() if _is_dask(block) else block)
+        if block.size == 0:
+            continue
+        if not is_integral(block) or float(block.min()) < 0:
+            return False
+        values.update(np.unique(block).tolist())
+        if len(values) > limit:
+            return False
+    return len(values) >= 2
+
+
+def volume_looks_like_labels(volume: Volume) -> bool:
+    """Whether a loaded volume (lazy or not) looks like a label volume, from a few of its file's own
+    slices (``probe_looks_like_labels``; its file name counts as the hint)."""
+    from .volume import axial_reader
+
+    reader = axial_reader(volume.data) if volume.lazy else None
+    # the file's third axis is the one whose slices lie whole in the file: the cheap ones to read
+    slice_axis = int(np.asarray(volume.ornt)[2, 0])
+    name = volume.path.name if volume.path is not None else ""
+    return probe_looks_like_labels(reader if reader is not None else volume.data, name, slice_axis=slice_axis)
