@@ -219,7 +219,7 @@ def _load_inputs(args: argparse.Namespace):
     from .core.volume import load_volume
 
     model, meta = load_checkpoint(args.checkpoint, class_names=CLASS_NAMES)
-    volume = load_volume(args.image, lazy=getattr(args, "lazy", False))
+    volume = load_volume(args.image, lazy=getattr(args, "lazy", False), sequential=True)
     norm = _normalization(args.normalize, meta, volume)
     return model, meta, volume, norm
 
@@ -250,7 +250,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # map is compressed while later slices are predicted. Other layouts, and files whose gzip trailer
     # does not show them whole, are read up front (damage is reported before any work) and written at
     # the end.
-    volume = load_volume(args.image, lazy=True)
+    volume = load_volume(args.image, lazy=True, sequential=True)  # (read front to back: see load_volume)
     stream = (
         PredictionWriter.streamable(volume) and file_looks_whole(volume) and not args.largest_component
     )  # the clean-up needs each whole mask before it is written

@@ -631,7 +631,7 @@ def test_realdata_labels_round_trip(data_dir: Path, name: str, codes: tuple[str,
 # ---------------------------------------------------------------- seekable gzip reader (lazy .nii.gz)
 
 
-def _small_reader(path: Path, spacing: int, cache: int):
+def _small_reader(path: Path, spacing: int, cache: int, sequential: bool = False):
     """A gzip reader with tiny blocks so that its checkpoints and cache are exercised on small data."""
     from napari_apl.core import volume as volume_mod
 
@@ -639,7 +639,7 @@ def _small_reader(path: Path, spacing: int, cache: int):
         _IN_CHUNK = 37
         _OUT_CHUNK = 64
 
-    return Small(path, spacing=spacing, cache=cache)
+    return Small(path, spacing=spacing, cache=cache, sequential=sequential)
 
 
 @settings(max_examples=30, deadline=None)
@@ -649,8 +649,11 @@ def _small_reader(path: Path, spacing: int, cache: int):
     spacing=st.sampled_from([64, 200, 1000]),
     cache=st.sampled_from([128, 500, 5000]),
     padding=st.booleans(),
+    sequential=st.booleans(),
 )
-def test_gzip_reader_random_access(tmp_path_factory, members, ops, spacing, cache, padding) -> None:
+def test_gzip_reader_random_access(
+    tmp_path_factory, members, ops, spacing, cache, padding, sequential
+) -> None:
     tmp = tmp_path_factory.mktemp("gz")
     # Compressible content: repeat each member's bytes so offsets go past several checkpoints.
     members = [m * 3 for m in members]
@@ -658,7 +661,7 @@ def test_gzip_reader_random_access(tmp_path_factory, members, ops, spacing, cach
     path = tmp / "x.gz"
     path.write_bytes(blob)
     raw = b"".join(members)
-    reader = _small_reader(path, spacing, cache)
+    reader = _small_reader(path, spacing, cache, sequential)
     try:
         for pos, n in ops:
             reader.seek(pos)
@@ -680,22 +683,65 @@ def test_gzip_reader_member_ending_in_a_capped_call(tmp_path: Path) -> None:
     """
     raw = [b"\x00" * 66, b"", b"abc" * 40]
     (tmp_path / "m.gz").write_bytes(b"".join(gzip.compress(m, mtime=0) for m in raw))
-    reader = _small_reader(tmp_path / "m.gz", 64, 128)
-    assert reader.read() == b"".join(raw)
-    reader.seek(60)
-    assert reader.read(20) == b"".join(raw)[60:80]
-    reader.close()
+    for sequential in (False, True):
+        reader = _small_reader(tmp_path / "m.gz", 64, 128, sequential)
+        assert reader.read() == b"".join(raw)
+        reader.seek(60)
+        assert reader.read(20) == b"".join(raw)[60:80]
+        reader.close()
 
 
-def test_gzip_reader_truncated(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sequential", [False, True])
+def test_gzip_reader_truncated(tmp_path: Path, sequential: bool) -> None:
     raw = np.random.default_rng(0).integers(0, 4, 50_000, dtype=np.uint8).tobytes()
     blob = gzip.compress(raw, mtime=0)
     (tmp_path / "t.gz").write_bytes(blob[: len(blob) // 2])
-    reader = _small_reader(tmp_path / "t.gz", 1000, 5000)
+    reader = _small_reader(tmp_path / "t.gz", 1000, 5000, sequential)
     assert reader.read(100) == raw[:100]
     with pytest.raises(EOFError):
         reader.read()
     reader.close()
+
+
+def test_sequential_gzip_reader_inflates_with_isal_until_read_out_of_order(tmp_path: Path) -> None:
+    """Front to back, a sequential reader inflates with ISA-L and saves no states; its first seek back
+    behind the cache restarts it with zlib from the file's start, saving states from there on."""
+    import zlib
+
+    pytest.importorskip("isal")
+    raw = np.random.default_rng(1).integers(0, 8, 200_000, dtype=np.uint8).tobytes()
+    (tmp_path / "s.gz").write_bytes(gzip.compress(raw, mtime=0))
+    reader = _small_reader(tmp_path / "s.gz", 1000, 2000, sequential=True)
+    for pos in range(0, len(raw), 7000):  # forward reads only
+        reader.seek(pos)
+        assert reader.read(300) == raw[pos : pos + 300]
+    assert type(reader._dec).__module__.startswith("isal") and len(reader._marks) == 1
+    reader.seek(10)  # far behind the cache
+    assert reader.read(50) == raw[10:60]
+    reader.seek(150_000)
+    assert reader.read(100) == raw[150_000:150_100]
+    assert isinstance(reader._dec, type(zlib.decompressobj())) and len(reader._marks) > 100
+    reader.seek(90_000)  # now a saved state near the target, not the file's start, serves it
+    assert reader.read(100) == raw[90_000:90_100]
+    assert reader._cache_start >= 89_000
+    reader.close()
+
+
+@pytest.mark.parametrize("where", ["body", "crc"])
+def test_a_damaged_nii_gz_is_refused_eager_and_lazy(tmp_path: Path, where: str) -> None:
+    """A flipped byte in the deflate stream or in the gzip trailer's CRC is a one-line VolumeError, not
+    voxels read wrong, whichever inflater reads the file (eager: front to back with ISA-L)."""
+    data = np.random.default_rng(2).integers(-1000, 1000, (64, 64, 12)).astype(np.int16)
+    p = _write(tmp_path / "img.nii.gz", data, ORIENTATIONS["RAS"])
+    blob = bytearray(p.read_bytes())
+    blob[len(blob) // 2 if where == "body" else -6] ^= 0xFF
+    p.write_bytes(bytes(blob))
+    with pytest.raises(VolumeError, match=r"img\.nii\.gz cannot be read"):
+        load_volume(p)
+    for sequential in (False, True):
+        lazy = load_volume(p, lazy=True, sequential=sequential)
+        with pytest.raises(VolumeError, match=r"img\.nii\.gz cannot be read .*(checksum|data check)"):
+            lazy.data.compute()
 
 
 @pytest.mark.parametrize("name", ["RAS", "LPS", "PIR"])
