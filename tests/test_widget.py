@@ -1694,3 +1694,19 @@ def test_revert_is_offered_only_for_a_refined_model(setup) -> None:
     widget.controller.confirm = lambda question: True
     assert widget.controller.revert(sync=True)
     assert not widget.controller.refined and not revert.isEnabled()
+
+
+def test_a_long_export_folder_does_not_widen_the_panel(setup, tmp_path: Path) -> None:
+    """The export line names the folder elided in the middle (the whole path in its tooltip and text), so
+    a deep folder does not stretch the dock widget."""
+    _viewer, widget, _image, _ = setup("RAS")
+    assert widget.predict(sync=True)
+    panel = widget.export_panel
+    before = panel.sizeHint().width()
+    folder = tmp_path.joinpath(*(["a_rather_long_folder_name_for_a_study"] * 8), "out")
+    folder.parent.mkdir(parents=True)
+    panel.folder.value = str(folder)
+    assert panel.export()
+    line = f"wrote {len(list(folder.iterdir()))} files to {folder}"
+    assert panel.sizeHint().width() <= before + 20 and panel.minimumSizeHint().width() <= before + 20
+    assert panel.result.text() == line and panel.result.toolTip() == line

@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING
 
 from magicgui.widgets import FileEdit
 from napari.layers import Labels
-from qtpy.QtWidgets import QCheckBox, QFormLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QCheckBox, QFormLayout, QPushButton, QSizePolicy, QVBoxLayout, QWidget
+from superqt import QElidingLabel
 
 from ._common import LayerCombo
 
@@ -42,8 +44,11 @@ class ExportPanel(QWidget):
         self.export_button.setToolTip(
             "write the masks and maps on the scan's own grid, the refined model and a JSON/CSV report"
         )
-        self.result = QLabel("")
-        self.result.setWordWrap(True)
+        # one line, a long folder elided in its middle (whole in the tooltip): a deep path must not widen
+        # the dock widget
+        self.result = QElidingLabel("")
+        self.result.setElideMode(Qt.TextElideMode.ElideMiddle)
+        self.result.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         form = QFormLayout()
         form.addRow("folder", self.folder.native)
         form.addRow("ground truth", self.gt_combo)
@@ -63,7 +68,12 @@ class ExportPanel(QWidget):
 
     def _forget_result(self, *args: object) -> None:
         if self.result.text():
-            self.result.setText("(not exported since the model or the masks changed)")
+            self._say("(not exported since the model or the masks changed)")
+
+    def _say(self, text: str) -> None:
+        """Show ``text`` on the result line (elided to the panel's width) and whole in its tooltip."""
+        self.result.setText(text)
+        self.result.setToolTip(text)
 
     def export(self) -> list[Path]:
         """Export into the chosen folder; return the files written (empty on refusal or error)."""
@@ -75,7 +85,7 @@ class ExportPanel(QWidget):
             largest_component=self.largest.isChecked(),
         )
         if written:
-            self.result.setText(f"wrote {len(written)} files to {Path(written[0]).parent}")
+            self._say(f"wrote {len(written)} files to {Path(written[0]).parent}")
         else:  # the notification says why; an earlier export's line must not stay
-            self.result.setText("nothing was written (see the message)")
+            self._say("nothing was written (see the message)")
         return written
