@@ -586,6 +586,61 @@ def test_predict_on_ct_stored_as_hu_plus_1024_matches_the_hu_file(tmp_path, tiny
         assert np.array_equal(a, b), mask
 
 
+@pytest.mark.parametrize(("unit", "per_mm"), [("meter", 1e-3), ("micron", 1e3)])
+def test_a_header_in_metres_or_microns_is_read_in_millimetres(tmp_path, tiny_ckpt, phantom_dir, unit, per_mm):
+    """NIfTI's spatial unit is honoured: the scan stored with its affine in metres (or microns) and
+    ``xyzt_units`` saying so was refused as "0.002 mm voxels"; now it predicts the masks of the same scan
+    in millimetres, written in millimetres on the same physical grid, and evaluates against its labels."""
+    src = nib.load(str(phantom_dir / "image.nii.gz"))
+    scale = np.diag([per_mm, per_mm, per_mm, 1.0])
+    for name in ("image", "labels"):
+        img = nib.load(str(phantom_dir / f"{name}.nii.gz"))
+        other = nib.Nifti1Image(np.asarray(img.dataobj), scale @ img.affine, img.header)
+        other.header.set_xyzt_units(unit, "sec")
+        nib.save(other, str(tmp_path / f"{name}_{unit}.nii.gz"))
+    argv = ["-c", str(tiny_ckpt), "-q"]
+    assert main(["predict", str(phantom_dir / "image.nii.gz"), "-o", str(tmp_path / "mm"), *argv]) == 0
+    assert main(["predict", str(tmp_path / f"image_{unit}.nii.gz"), "-o", str(tmp_path / unit), *argv]) == 0
+    for mask in ("main", "aux", "pseudo_label", "confidence"):
+        a, b = (
+            nib.load(str(tmp_path / "mm" / f"{mask}.nii.gz")),
+            nib.load(str(tmp_path / unit / f"{mask}.nii.gz")),
+        )
+        assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj)), mask
+        assert np.allclose(b.affine, src.affine, atol=1e-4) and b.header.get_xyzt_units()[0] == "mm"
+    pred = str(tmp_path / unit / "pseudo_label.nii.gz")
+    report = tmp_path / f"{unit}.json"
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred",
+                pred,
+                "--gt",
+                str(tmp_path / f"labels_{unit}.nii.gz"),
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
+    same = tmp_path / "mm.json"
+    mm_pred = str(tmp_path / "mm" / "pseudo_label.nii.gz")
+    assert (
+        main(["evaluate", "--pred", mm_pred, "--gt", str(phantom_dir / "labels.nii.gz"), "--json", str(same)])
+        == 0
+    )
+    got, want = json.loads(report.read_text()), json.loads(same.read_text())
+    assert got["dice"] == want["dice"]  # the same voxels; distances in mm up to float32 header rounding
+    assert got["assd"].keys() == want["assd"].keys()
+    for organ, d in want["assd"].items():
+        assert (
+            got["assd"][organ] == d
+            if isinstance(d, str)
+            else got["assd"][organ] == pytest.approx(d, rel=1e-5)
+        )
+
+
 def test_class_select_belongs_to_apl(tmp_path, tiny_ckpt, phantom_dir, capsys):
     """--class-select with another method is refused in one line, and nothing is written."""
     out = tmp_path / "cbst"

@@ -809,3 +809,30 @@ def test_file_looks_whole_reads_the_gzip_trailer(tmp_path: Path) -> None:
     multi.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
     assert not file_looks_whole(load_volume(multi, lazy=True))
     assert np.array_equal(np.asarray(load_volume(multi).data), np.asarray(load_volume(gz).data))
+
+
+def test_a_qform_only_header_in_metres_is_converted_and_a_wrong_unit_is_named(tmp_path: Path) -> None:
+    """Without an sform the voxel sizes (pixdim) and the qform are both scaled to millimetres, and the
+    header copy the outputs are written from says mm; a spacing implausible only after the conversion
+    names the header's unit in its one-line error."""
+    data = _distinct()
+    aff_mm = np.array([[0.0, -0.9, 0.0, 40.0], [0.7, 0.0, 0.0, -20.0], [0.0, 0.0, 2.5, 10.0], [0, 0, 0, 1.0]])
+    img = nib.Nifti1Image(data, np.diag([1e-3, 1e-3, 1e-3, 1.0]) @ aff_mm)
+    img.set_sform(None, code=0)
+    img.set_qform(np.diag([1e-3, 1e-3, 1e-3, 1.0]) @ aff_mm, code=1)
+    img.header.set_xyzt_units("meter", "sec")
+    nib.save(img, str(tmp_path / "q.nii.gz"))
+    vol = load_volume(tmp_path / "q.nii.gz")
+    assert np.allclose(vol.original_affine, aff_mm, atol=1e-4)
+    assert vol.spacing == pytest.approx((0.9, 0.7, 2.5), abs=1e-5)  # canonical (RAS) order
+    assert vol.header.get_xyzt_units() == ("mm", "sec") and int(vol.header["sform_code"]) == 0
+    assert np.allclose(vol.header.get_zooms()[:3], (0.7, 0.9, 2.5), atol=1e-5)  # the file's order
+    assert np.allclose(vol.header.get_qform(), aff_mm, atol=1e-4)
+    assert np.array_equal(vol.to_original(vol.data), data)
+    wrong = nib.Nifti1Image(data, aff_mm)  # millimetre values under a header that says metres
+    wrong.header.set_xyzt_units("meter")
+    nib.save(wrong, str(tmp_path / "w.nii.gz"))
+    with pytest.raises(VolumeError) as exc:
+        load_volume(tmp_path / "w.nii.gz")
+    assert "converted from the header's unit, meters" in str(exc.value) and "xyzt_units" in str(exc.value)
+    assert len(str(exc.value).splitlines()) == 1

@@ -176,8 +176,37 @@ def _spatial_shape(shape: tuple[int, ...], label: str) -> tuple[int, int, int]:
     return spatial  # type: ignore[return-value]
 
 
-def _check_affine(affine: np.ndarray, label: str) -> np.ndarray:
-    """Validate a 4x4 voxel-to-world affine (finite, sane spacing, non-singular) and return it."""
+# NIfTI spatial units other than millimetres, as the factor that turns them into millimetres
+_UNITS_TO_MM = {"meter": 1000.0, "micron": 0.001}
+
+
+def _in_millimetres(affine: np.ndarray, header: Any) -> tuple[np.ndarray, Any, str]:
+    """``(affine, header, unit)``: for a header whose spatial unit is metres or microns (``xyzt_units``), the
+    affine in millimetres and a copy of the header saying so (its qform, sform and voxel sizes scaled
+    alike), with the file's unit; otherwise all three unchanged (millimetres, or no unit: taken as mm)."""
+    try:
+        unit = str(header.get_xyzt_units()[0])
+    except (AttributeError, KeyError, ValueError):
+        return affine, header, ""
+    factor = _UNITS_TO_MM.get(unit)
+    if factor is None:
+        return affine, header, ""
+    scale = np.diag([factor, factor, factor, 1.0])
+    hdr = header.copy()
+    zooms = hdr.get_zooms()
+    hdr.set_zooms(tuple(float(z) * factor for z in zooms[:3]) + tuple(zooms[3:]))
+    qcode, scode = int(hdr["qform_code"]), int(hdr["sform_code"])
+    if qcode > 0:
+        hdr.set_qform(scale @ header.get_qform(), code=qcode)
+    if scode > 0:
+        hdr.set_sform(scale @ header.get_sform(), code=scode)
+    hdr.set_xyzt_units("mm", hdr.get_xyzt_units()[1])
+    return scale @ np.asarray(affine, dtype=np.float64), hdr, unit
+
+
+def _check_affine(affine: np.ndarray, label: str, unit: str = "") -> np.ndarray:
+    """Validate a 4x4 voxel-to-world affine (finite, sane spacing, non-singular) and return it; ``unit``
+    names the header's spatial unit when the affine was converted from it to millimetres."""
     aff = np.asarray(affine, dtype=np.float64)
     if aff.shape != (4, 4):
         raise VolumeError(f"{label} has an affine of shape {aff.shape}: a 4x4 matrix is needed")
@@ -192,9 +221,11 @@ def _check_affine(affine: np.ndarray, label: str) -> np.ndarray:
             "fix the voxel sizes (pixdim) / affine in the file header"
         )
     if np.any(zooms < MIN_SPACING_MM) or np.any(zooms > MAX_SPACING_MM):
+        said = f", converted from the header's unit, {unit}s," if unit else ""
         raise VolumeError(
-            f"{label} has an implausible voxel spacing {tuple(round(float(z), 4) for z in zooms)} mm "
-            f"(allowed {MIN_SPACING_MM}..{MAX_SPACING_MM} mm): fix the voxel sizes in the file header"
+            f"{label} has an implausible voxel spacing {tuple(round(float(z), 4) for z in zooms)} mm{said} "
+            f"(allowed {MIN_SPACING_MM}..{MAX_SPACING_MM} mm): fix the voxel sizes "
+            f"{'or their unit (xyzt_units) ' if unit else ''}in the file header"
         )
     # |det| relative to the product of column norms: 1 for orthogonal axes, 0 for degenerate ones.
     if abs(np.linalg.det(aff[:3, :3])) / float(np.prod(zooms)) < 1e-6:
@@ -754,7 +785,8 @@ def load_volume(path: str | os.PathLike, *, lazy: bool = False, sequential: bool
     _check_dtype(disk_dtype, label)
     if affine is None:
         raise VolumeError(f"{label} has no affine: fix the qform/sform of the header")
-    affine = _check_affine(affine, label)
+    affine, header, unit = _in_millimetres(affine, header)
+    affine = _check_affine(affine, label, unit)
     ornt = _orientation(affine, label)
     canonical_affine = affine @ inv_ornt_aff(ornt, shape)
     out_itemsize = 8 if has_scaling(img) else disk_dtype.itemsize
