@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from napari_apl import cli
-from napari_apl.core.batch import expand_inputs, is_many, output_dirs, run_many, volume_name
+from napari_apl.core.batch import expand_inputs, is_many, label_volumes, output_dirs, run_many, volume_name
 from napari_apl.core.errors import APLError, OutputError
 
 TINY_SHAPE = (64, 64, 12)  # as conftest.TINY_SHAPE / TINY_SPACING
@@ -439,3 +439,18 @@ def test_skip_done_still_checks_the_outputs_of_the_volumes_that_run(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "an input of this batch" in err[0], err
     assert (scans / "case1.nii.gz").read_bytes() == before and not (out / "case1").exists()
+
+
+def test_the_real_scans_and_their_label_files_are_told_apart(data_dir: Path) -> None:
+    """On every file of the real data (CHAOS MRI stored as floats, TotalSegmentator CT and MRI), a glob
+    over images and labels together keeps exactly the scans: the probe reads a few slices of each."""
+    files = sorted([*data_dir.glob("chaos_t2/*.nii.gz"), *data_dir.glob("totalseg/*.nii.gz")])
+    if len(files) < 4:
+        pytest.skip(f"the real scans are not under {data_dir}")
+    labels = set(label_volumes(files))
+    scans = [f for f in files if f not in labels]
+    assert labels and scans
+    assert all(f.name.startswith("label_") or f.name.endswith("_labels.nii.gz") for f in labels), labels
+    assert all(f.name.startswith("image_") or f.name in ("ct_sm.nii.gz", "mr_sm.nii.gz") for f in scans), (
+        scans
+    )
