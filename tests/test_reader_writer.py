@@ -526,3 +526,40 @@ def test_a_lazily_read_scan_with_nan_is_shown_with_one_warning(
     with pytest.raises(VolumeError, match="NaN or Inf"):
         load_volume(path, lazy=True).data[:, :, 5].compute()
     assert volume_from_layer(layer).data.shape == (24, 20, 16)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "t2_unlabeled.nii.gz",
+        "sub-01_T2w_masked.nii.gz",
+        "T2_presegmentation.nii.gz",
+        "liver_annotated.nii.gz",
+    ],
+)
+def test_a_scan_with_a_label_like_word_inside_its_name_is_still_a_scan(tmp_path: Path, name: str) -> None:
+    """A real scan named "unlabeled", "masked", "presegmentation" or "annotated" was refused by the
+    command line (and opened as labels) when it held at most 1024 grey levels; a uint8 MRI with 32 grey
+    levels was refused however it was named. Label names are whole words now, the command line's rule
+    stays at 64 values whatever the name, and labels must be piecewise constant: a scan's texture is not."""
+    from napari_apl.core import preprocess
+    from napari_apl.core.phantom import make_phantom
+    from napari_apl.core.volume import load_volume
+
+    image, labels, affine = make_phantom("mri", 0, shape=(96, 96, 12), spacing=(3.0, 3.0, 6.0))
+    mri = np.clip(image / image.max() * 800, 0, 800).astype(np.int16)  # a few hundred grey levels
+    assert 64 < np.unique(mri).size <= preprocess.MAX_HINTED_LABEL_VALUES and mri.min() >= 0
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(mri, affine), str(path))
+    assert not preprocess.LABEL_NAME_HINT.search(name)
+    for lazy in (True, False):
+        assert not preprocess.volume_looks_like_labels(load_volume(path, lazy=lazy))
+    assert read_layer_data(path)[2] == "image"
+    levels = (np.round(mri / 800 * 31) * 8).astype(np.uint8)  # 32 grey levels in uint8
+    assert 2 < np.unique(levels).size <= preprocess.MAX_LABEL_VALUES
+    assert not preprocess.probe_looks_like_labels(levels, "mri_u8.nii.gz")
+    assert not preprocess.looks_like_labels(levels, "mri_u8.nii.gz")
+    # the phantom's own labels, under a label name or none, still are labels
+    for label_name in ("case_seg.nii.gz", "organs.nii.gz", "ground_truth.nii.gz"):
+        assert preprocess.probe_looks_like_labels(labels.astype(np.uint8), label_name)
+        assert preprocess.looks_like_labels(labels.astype(np.uint8), label_name)

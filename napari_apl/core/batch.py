@@ -591,8 +591,12 @@ def done_folders(dirs: dict[Path, Path], outputs: Sequence[str]) -> list[Path]:
 
 
 def _names(paths: Sequence[Path], first: int = 3) -> str:
-    """The file names of the first ``first`` paths, and how many more there are."""
-    shown = ", ".join(p.name for p in paths[:first])
+    """The file names of the first ``first`` paths (with their folder where names repeat), and how many
+    more there are."""
+    names = [p.name for p in paths]
+    shown = ", ".join(
+        f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths[:first]
+    )
     return shown + (f" and {len(paths) - first} more" if len(paths) > first else "")
 
 

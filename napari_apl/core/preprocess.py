@@ -360,14 +360,20 @@ def check_preset_name(name: str) -> None:
 
 # --- label volumes --------------------------------------------------------------------------------------
 
-# names that say a file holds labels: label(s), seg(mentation), mask, (ground)truth, annotation(s), and
-# gt as a word of its own (case2_gt.nii.gz, gt-liver.nii; not "length", "truthful" or "unannotated")
+# names that say a file holds labels: label(s), seg(mentation)(s), mask(s), (ground)truth, annotation(s)
+# and gt, each a word of its own between non-letters (label_7.nii.gz, ct_sm_labels, case2_gt, liver-seg;
+# not "unlabeled", "masked", "presegmentation", "annotated", "length" or "truthful": scans named so are
+# common, and a scan taken for labels is refused)
 LABEL_NAME_HINT = re.compile(
-    r"(label|seg|mask|truth(?![a-z])|(?<![a-z])annot|(?<![a-z])gt(?![a-z]))", re.IGNORECASE
+    r"(?<![a-z])(labels?|seg|segs|segmentations?|masks?|truth|groundtruth|annotations?|gt)(?![a-z])",
+    re.IGNORECASE,
 )
 MAX_LABEL_VALUES = 64  # distinct values a label volume holds at most (organ labels: a handful)
 MAX_HINTED_LABEL_VALUES = 1024  # the same for a file whose name says labels (instance labels)
 LABEL_PROBE_SLICES = 5  # slices probe_looks_like_labels reads at most: the first, then spread out
+# Labels are piecewise constant: at most this fraction of a probed slice's neighbouring voxel pairs differ
+# (organ boundaries; a scan's texture and noise make far more pairs differ, however few its grey levels)
+MAX_LABEL_EDGE_FRACTION = 0.1
 _LABEL_SAMPLE_VOXELS = 200_000
 
 
@@ -387,6 +393,17 @@ def _label_value_limit(dtype: Any, name: str) -> int | None:
     return MAX_HINTED_LABEL_VALUES if hinted else MAX_LABEL_VALUES
 
 
+def _edge_fraction(block: np.ndarray, slice_axis: int) -> float:
+    """Fraction of neighbouring voxel pairs within the slice ``block`` (both in-plane axes) that differ."""
+    plane = np.squeeze(block, axis=slice_axis)
+    pairs = differ = 0
+    for axis in (0, 1):
+        if plane.shape[axis] > 1:
+            d = np.diff(plane, axis=axis) != 0
+            pairs, differ = pairs + d.size, differ + int(d.sum())
+    return differ / pairs if pairs else 0.0
+
+
 def looks_like_labels(data: np.ndarray, name: str = "") -> bool:
     """Whether a whole in-memory array is a label volume: non-negative whole numbers, few distinct ones
     (at most ``MAX_LABEL_VALUES``; ``MAX_HINTED_LABEL_VALUES`` and float storage too when ``name`` says
@@ -399,6 +416,10 @@ def looks_like_labels(data: np.ndarray, name: str = "") -> bool:
     sample = data.ravel(order="K")[::step]  # memory order: a view whatever the layout
     if not is_integral(sample) or np.unique(sample).size > limit:
         return False
+    if data.ndim == 3 and data.shape[2] > 0:  # piecewise constant on three axial slices (a scan is not)
+        picks = sorted({data.shape[2] // 4, data.shape[2] // 2, (3 * data.shape[2]) // 4})
+        if any(_edge_fraction(data[:, :, k : k + 1], 2) > MAX_LABEL_EDGE_FRACTION for k in picks):
+            return False
     return is_integral(data) and data.min() >= 0 and np.unique(data).size <= limit
 
 
@@ -406,11 +427,13 @@ def probe_looks_like_labels(data: Any, name: str = "", *, slice_axis: int = 2) -
     """Whether a volume looks like labels on ``LABEL_PROBE_SLICES`` slices along ``slice_axis``, spread
     over it: cheap for a lazy one (numpy, dask, a nibabel proxy or a lazy volume's slice reader).
 
-    The probed voxels must be non-negative whole numbers with at least two and at most
-    ``MAX_LABEL_VALUES`` distinct values (see ``looks_like_labels`` for a label-ish ``name``); slices
-    holding one value only (an empty mask, padding) say nothing, and are not taken for labels.
+    The rule the command line refuses a file by, so it errs towards the image: the probed voxels must be
+    non-negative whole numbers, with at least two and at most ``MAX_LABEL_VALUES`` distinct values
+    whatever the file's name (which only lets float storage count: CHAOS stores labels as floats), and
+    piecewise constant (at most ``MAX_LABEL_EDGE_FRACTION`` of neighbouring voxels differ on each probed
+    slice). Slices holding one value only (an empty mask, padding) say nothing.
     """
-    limit = _label_value_limit(data.dtype, name)
+    limit = None if _label_value_limit(data.dtype, name) is None else MAX_LABEL_VALUES
     shape = tuple(int(s) for s in data.shape)
     if limit is None or len(shape) < 3 or 0 in shape:
         return False
@@ -430,7 +453,7 @@ def probe_looks_like_labels(data: Any, name: str = "", *, slice_axis: int = 2) -
         if not is_integral(block) or float(block.min()) < 0:
             return False
         values.update(np.unique(block).tolist())
-        if len(values) > limit:
+        if len(values) > limit or _edge_fraction(block, slice_axis) > MAX_LABEL_EDGE_FRACTION:
             return False
     return len(values) >= 2
 
