@@ -454,3 +454,42 @@ def test_the_real_scans_and_their_label_files_are_told_apart(data_dir: Path) -> 
     assert all(f.name.startswith("image_") or f.name in ("ct_sm.nii.gz", "mr_sm.nii.gz") for f in scans), (
         scans
     )
+
+
+def test_an_interrupted_batch_removes_the_outputs_it_half_published(
+    phantom_folder: Path, tiny_checkpoint: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """A worker ended between two of a volume's final renames left some of its maps published: a folder
+    --skip-done then refused to resume. After an interrupted run the client removes, for each unfinished
+    volume, the outputs this run wrote into a folder that holds only some of them; a folder holding all of
+    them, files that were there before the run and other files stay."""
+    from napari_apl.core import batch
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for k in range(3):
+        shutil.copy(phantom_folder / f"case{k}.nii.gz", scans / f"case{k}.nii.gz")
+    out = tmp_path / "out"
+    (out / "case2").mkdir(parents=True)
+    (out / "case2" / "main.nii.gz").write_bytes(b"before the run")  # replaced only with --overwrite
+    (out / "case2" / "notes.txt").write_text("mine")
+
+    def interrupted(command, items, **kwargs):
+        """Publish case0 partly, case1 wholly and case2 partly, then Ctrl-C before any result came back."""
+        for one in items:
+            folder, name = Path(one.out_dir), Path(one.out_dir).name
+            maps = {"case0": MAPS[:2], "case1": MAPS, "case2": MAPS[1:3]}[name]
+            for m in maps:
+                (folder / f"{m}.nii.gz").write_bytes(b"this run")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "run_many", interrupted)
+    argv = ["predict", str(scans), "-c", str(tiny_checkpoint), "-o", str(out), "-q", "--overwrite"]
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert not (out / "case0").exists()  # its two maps removed, then the folder this run made
+    assert sorted(p.name for p in (out / "case1").iterdir()) == sorted(f"{m}.nii.gz" for m in MAPS)
+    assert sorted(p.name for p in (out / "case2").iterdir()) == ["main.nii.gz", "notes.txt"]
+    assert (out / "case2" / "main.nii.gz").read_bytes() == b"before the run"
+    assert f"removed {out / 'case0' / 'main.nii.gz'}: its volume did not finish" in err, err
+    assert "not finished: case0, case1, case2" in err, err

@@ -528,6 +528,33 @@ def _remove_temporaries(folder: Path, outputs: Sequence[str]) -> None:
                     path.unlink()
 
 
+def _existing_outputs(folder: Path, outputs: Sequence[str]) -> set[str]:
+    """The names among ``outputs`` that are files in ``folder`` now."""
+    return {name for name in outputs if (folder / name).is_file()}
+
+
+def _remove_partial_outputs(folder: Path, outputs: Sequence[str], before: set[str]) -> list[Path]:
+    """Remove the outputs this run published into ``folder`` when it holds only some of ``outputs``.
+
+    A worker ended between two of a volume's final renames (Ctrl-C on a local cluster ends the worker
+    processes at once) leaves some of its files published and the others not: a folder that ``--skip-
+    done`` would refuse to resume. Only files absent when the run started (``before``) are removed; a
+    folder holding every output is left whole, and files that were there before stay. Returns the files
+    removed.
+    """
+    if not folder.is_dir():
+        return []
+    present = _existing_outputs(folder, outputs)
+    if not present or len(present) == len(outputs):
+        return []
+    removed = []
+    for name in sorted(present - before):
+        with contextlib.suppress(OSError):
+            (folder / name).unlink()
+            removed.append(folder / name)
+    return removed
+
+
 def _remove_empty(created: list[Path]) -> None:
     """Remove the folders this run created and left empty, deepest first (never one holding files)."""
     for folder in reversed(created):
@@ -763,6 +790,8 @@ def run_command_many(
             warn(f"[{name}] error: {res.error or f'exit status {res.value}'}")
 
     created: list[Path] = []
+    # the outputs each folder holds before the run: a volume left unfinished loses only what this run wrote
+    before = {folder: _existing_outputs(folder, outputs) for folder in dirs.values()}
     try:
         _make_folders(out, list(dirs.values()), created)
         check_all(only_existing=False)  # the new folders too (writable, not an input)
@@ -780,9 +809,13 @@ def run_command_many(
         warn(f"not finished: {', '.join(unfinished) or 'none'}")
         raise
     finally:
-        for one in items:  # a worker stopped mid-write leaves its hidden temporary files
-            if Path(one.out_dir).name not in finished:
-                _remove_temporaries(Path(one.out_dir), outputs)
+        for one in items:  # a worker stopped mid-write leaves its hidden temporary files, or some of its
+            # outputs published and the others not
+            folder = Path(one.out_dir)
+            if folder.name not in finished:
+                _remove_temporaries(folder, outputs)
+                for path in _remove_partial_outputs(folder, outputs, before.get(folder, set())):
+                    warn(f"removed {path}: its volume did not finish (its other outputs were not written)")
         _remove_empty(created)
     bad = [r for r in results if not r.ok or r.value not in (0, None)]
     where_out = f", outputs in {out}/<volume>/" if len(bad) < len(results) else ""
