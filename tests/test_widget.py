@@ -1710,3 +1710,13 @@ def test_a_long_export_folder_does_not_widen_the_panel(setup, tmp_path: Path) ->
     line = f"wrote {len(list(folder.iterdir()))} files to {folder}"
     assert panel.sizeHint().width() <= before + 20 and panel.minimumSizeHint().width() <= before + 20
     assert panel.result.text() == line and panel.result.toolTip() == line
+    # the status line above the tabs says it too, in at most STATUS_LINES lines (it took 7 and pushed the
+    # Export button out of view), whole in its tooltip
+    from napari_apl.widgets._main import STATUS_LINES
+
+    status = widget.status
+    said = f"exported {len(list(folder.iterdir()))} files to {folder}"
+    assert status.text() == said and status.toolTip() == said
+    per_line = status.fontMetrics().lineSpacing()
+    assert status.heightForWidth(300) > (STATUS_LINES + 1) * per_line  # the message needs more lines ...
+    assert STATUS_LINES * per_line <= status.maximumHeight() < (STATUS_LINES + 1) * per_line  # ... than shown

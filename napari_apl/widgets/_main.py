@@ -24,6 +24,7 @@ from qtpy.QtWidgets import (
     QPushButton,
     QRadioButton,
     QScrollArea,
+    QSizePolicy,
     QTabWidget,
     QVBoxLayout,
     QWidget,
@@ -52,6 +53,7 @@ RADIOLOGICAL = ("up", "left")  # napari 2-D camera: row index grows upward, colu
 CORRECTIONS_COUNT_DEBOUNCE_MS = 400  # the Refine panel's count of painted voxels, after the strokes pause
 AUTOSAVE_DEBOUNCE_MS = 2000  # an autosave waits this long after the first brush stroke (and the interval)
 CLOSE_QUESTION = "A refinement is running: stop it and close?"
+STATUS_LINES = 3  # the status line's height at most, in lines of text (the rest of a message is cut)
 
 
 class _CloseGuard(QObject):
@@ -176,6 +178,38 @@ class _VerticalScroll(QScrollArea):
         return hint
 
 
+class _StatusLine(QLabel):
+    """The status line: wrapped, at most ``STATUS_LINES`` lines high (the whole message in its tooltip)."""
+
+    def __init__(self) -> None:
+        super().__init__("")
+        self.setWordWrap(True)
+        self.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
+        # its own height (up to the maximum), not what is left over below the panels
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+        self._fit()
+
+    def _fit(self) -> None:
+        """Cap the height at ``STATUS_LINES`` lines as this label lays them out (its style included)."""
+        text = self.text()
+        super().setText("\n".join(["Ag"] * STATUS_LINES))
+        hint = self.sizeHint().height()  # the lines and the padding above and below them
+        super().setText("\n".join(["Ag"] * (STATUS_LINES + 1)))
+        line = self.sizeHint().height() - hint
+        super().setText(text)
+        # down to the last line's bottom (as much padding below as above): no sliver of the next line
+        self.setMaximumHeight((hint + STATUS_LINES * line + 1) // 2)
+
+    def changeEvent(self, event: QEvent) -> None:
+        super().changeEvent(event)
+        if event.type() in (QEvent.Type.FontChange, QEvent.Type.StyleChange):  # napari's style sheet
+            self._fit()
+
+    def showEvent(self, event: Any) -> None:
+        super().showEvent(event)
+        self._fit()  # (styled by now)
+
+
 class APLWidget(QWidget):
     """Dock widget for source-free adaptation: predict, inspect, refine and export (all maths in the core)."""
 
@@ -221,8 +255,9 @@ class APLWidget(QWidget):
         self.predict_button.setToolTip(
             "predict both heads, ω and the disagreement map; the slice in view comes first"
         )
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        # at most STATUS_LINES lines (the whole message in the tooltip): a long path in a message must not
+        # push the tabs below out of view
+        self.status = _StatusLine()
         # -- crash recovery: shown when an autosaved session of the chosen image exists ---------
         self.recovery_bar = QFrame()
         self.recovery_bar.setFrameShape(QFrame.Shape.StyledPanel)
@@ -292,7 +327,7 @@ class APLWidget(QWidget):
         self.checkpoint_file.changed.connect(lambda *_: self.file_radio.setChecked(True))
         self.device_combo.currentTextChanged.connect(self._set_device)
         self.preset_combo.currentTextChanged.connect(self._set_preset)
-        ctl.status.connect(self.status.setText, check_nargs=False)
+        ctl.status.connect(self._show_status, check_nargs=False)
         ctl.model_changed.connect(self._on_model_changed)
         self.radiological.toggled.connect(self.set_radiological)
         ctl.busy_changed.connect(self._on_busy)
@@ -376,10 +411,15 @@ class APLWidget(QWidget):
             self.refine_panel._update_corrections()
             self.inspect.refresh_areas()
 
+    def _show_status(self, text: str) -> None:
+        """Show a status message (cut after ``STATUS_LINES`` lines) and the whole of it in the tooltip."""
+        self.status.setText(text)
+        self.status.setToolTip(text)
+
     def _forget_stale_error(self) -> None:
         """A new image choice clears an error line about the previous one (e.g. 'no image layer')."""
         if self.controller.error_shown and self.status.text() == self.controller.error_shown:
-            self.status.setText("")
+            self._show_status("")
 
     def _chosen_path(self) -> Path | None:
         """The checkpoint the model choice names (the demo's path for the demo model)."""
