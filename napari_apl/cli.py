@@ -126,11 +126,43 @@ def _refuse_label_volume(path: str) -> None:
         )
 
 
-def _progress(total: int, desc: str, quiet: bool):
-    """Return a tqdm progress bar on stderr (disabled with --quiet)."""
+class _ReportedBar:
+    """A progress bar whose count also goes to the client of the batch this command runs in, if any
+    (``core.batch.report_progress``: a volume's progress beside the others' on the client's screen)."""
+
+    def __init__(self, bar: Any, desc: str, total: int) -> None:
+        self._bar, self._desc, self._total, self._done = bar, desc, total, 0
+
+    @property
+    def n(self) -> int:
+        return self._done
+
+    @n.setter
+    def n(self, value: int) -> None:
+        self._done = int(value)
+        self._bar.n = value
+        self._report()
+
+    def update(self, k: int = 1) -> None:
+        self._done += k
+        self._bar.update(k)
+        self._report()
+
+    def _report(self) -> None:
+        from .core.batch import report_progress
+
+        report_progress(self._desc, self._done, self._total)
+
+    def __getattr__(self, name: str) -> Any:  # refresh, set_postfix, write, close: the bar's own
+        return getattr(self._bar, name)
+
+
+def _progress(total: int, desc: str, quiet: bool) -> _ReportedBar:
+    """Return a tqdm progress bar on stderr (disabled with --quiet) that also reports to a batch's client."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="it", disable=quiet, file=sys.stderr, leave=False)
+    bar = tqdm(total=total, desc=desc, unit="it", disable=quiet, file=sys.stderr, leave=False)
+    return _ReportedBar(bar, desc, total)
 
 
 def _write_maps(pred_maps: dict, out: Path, volume, overwrite: bool) -> list[Path]:

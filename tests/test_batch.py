@@ -493,3 +493,68 @@ def test_an_interrupted_batch_removes_the_outputs_it_half_published(
     assert (out / "case2" / "main.nii.gz").read_bytes() == b"before the run"
     assert f"removed {out / 'case0' / 'main.nii.gz'}: its volume did not finish" in err, err
     assert "not finished: case0, case1, case2" in err, err
+
+
+def _reporting(steps: int) -> int:
+    """Task for the progress test: reports each of ``steps`` steps 50 ms apart, then waits for the events
+    to reach the client before it returns."""
+    import time
+
+    from napari_apl.core.batch import report_progress
+
+    for k in range(1, steps + 1):
+        report_progress("count", k, steps)
+        time.sleep(0.05)
+    time.sleep(1.0)
+    return steps
+
+
+def test_tasks_report_their_progress_to_the_client_throttled() -> None:
+    """What a task says through report_progress reaches run_many's on_progress with the task's index: its
+    first and last steps always, the ones between at most once a second."""
+    seen: list[tuple[int, str, int, int]] = []
+    results = run_many(_reporting, [4, 2], workers=1, on_progress=lambda *a: seen.append(a))
+    assert [r.value for r in results] == [4, 2]
+    assert sorted(seen) == [(0, "count", 1, 4), (0, "count", 4, 4), (1, "count", 1, 2), (1, "count", 2, 2)]
+    from napari_apl.core.batch import report_progress
+
+    report_progress("outside a task", 1, 2)  # does nothing (no batch), and raises nothing
+
+
+def test_the_batch_line_shows_the_running_volumes_progress(
+    phantom_folder: Path, tiny_checkpoint: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """The client's line counts the volumes done and names how far the running ones are (a step of a
+    volume already done is dropped); with -q there is no line. The one-volume commands report their bars'
+    counts (predict: slices) through report_progress."""
+    from napari_apl.core import batch
+    from napari_apl.core.batch import TaskResult
+
+    def fake_run_many(command, items, *, on_result, on_progress, **kwargs):
+        on_progress(0, "refine (apl)", 5, 10)
+        on_progress(1, "refine (apl)", 7, 10)
+        on_result(TaskResult(item=items[0], value=0))
+        on_progress(0, "refine (apl)", 10, 10)  # late: case0 is done
+        on_result(TaskResult(item=items[1], value=0))
+        return [TaskResult(item=one, value=0) for one in items]
+
+    monkeypatch.setattr(batch, "run_many", fake_run_many)
+    argv = ["refine", str(phantom_folder), "-c", str(tiny_checkpoint), "-o", str(tmp_path / "a")]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "case0: refine (apl) 5/10" in err and "case1: refine (apl) 7/10" in err, err
+    assert "case0: refine (apl) 10/10" not in err and "volumes" in err
+    assert cli.main([*argv[:-1], str(tmp_path / "b"), "-q"]) == 0
+    assert "volumes:" not in capsys.readouterr().err
+
+    got: list[tuple[str, int, int]] = []
+    token = batch._PROGRESS.set(lambda *a: got.append(a))
+    try:
+        image = str(phantom_folder / "case0.nii.gz")
+        assert (
+            cli.main(["predict", image, "-c", str(tiny_checkpoint), "-o", str(tmp_path / "one"), "-q"]) == 0
+        )
+    finally:
+        batch._PROGRESS.reset(token)
+    slices = nib.load(image).shape[2]
+    assert got and got[-1] == ("predict", slices, slices) and all(t == slices for _, _, t in got)

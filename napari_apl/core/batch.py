@@ -13,6 +13,7 @@ imported only when tasks are run.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import glob
 import io
 import logging
@@ -37,6 +38,7 @@ __all__ = [
     "is_many",
     "label_volumes",
     "output_dirs",
+    "report_progress",
     "run_command_many",
     "run_many",
     "volume_name",
@@ -155,6 +157,41 @@ class TaskResult:
 
 
 REMOTE_STOP_WAIT_S = 30.0  # how long Ctrl-C waits for tasks running on a remote cluster to stop
+# a task's progress goes to the client at most this often (its first and last step always)
+PROGRESS_INTERVAL_S = 1.0
+# inside a task run by run_many with on_progress: where report_progress sends a step
+_PROGRESS: contextvars.ContextVar[Callable[[str, int, int], None] | None] = contextvars.ContextVar(
+    "napari_apl_batch_progress", default=None
+)
+
+
+def report_progress(desc: str, done: int, total: int) -> None:
+    """Tell the client of the batch this task belongs to how far it is (``done`` of ``total`` steps of
+    ``desc``); does nothing outside a batch's task. Throttled to one message per ``PROGRESS_INTERVAL_S``."""
+    hook = _PROGRESS.get()
+    if hook is not None:
+        hook(desc, int(done), int(total))
+
+
+def _progress_sender(topic: str, tag: int) -> Callable[[str, int, int], None]:
+    """A ``report_progress`` hook that sends steps as dask events of ``topic`` (from the worker running
+    the task), at most one per ``PROGRESS_INTERVAL_S`` besides each task part's first and last step."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    last = {"t": 0.0, "desc": None}
+
+    def send(desc: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if desc == last["desc"] and done < total and now - last["t"] < PROGRESS_INTERVAL_S:
+            return
+        last["t"], last["desc"] = now, desc
+        with contextlib.suppress(Exception):  # progress is a courtesy: never the task's failure
+            worker.log_event(topic, {"tag": tag, "desc": desc, "done": done, "total": total})
+
+    return send
+
+
 STOPPED = "stopped: the run was interrupted"
 
 
@@ -217,12 +254,17 @@ class _StopWatch:
 
 
 def _run_task(
-    fn: Callable[[Any], Any], item: Any, threads: int | None, stop_event: str | None = None
+    fn: Callable[[Any], Any],
+    item: Any,
+    threads: int | None,
+    stop_event: str | None = None,
+    progress: tuple[str, int] | None = None,
 ) -> TaskResult:
     """Run one task in a worker, capturing what it prints and turning an error into a one-line message.
 
     With ``stop_event`` (the name of a dask ``Event``) the task stops, leaving no output, once the
-    client sets that event (``TaskResult.error`` is then ``STOPPED``).
+    client sets that event (``TaskResult.error`` is then ``STOPPED``). With ``progress`` (a dask event
+    topic and the task's index) what the task says through ``report_progress`` goes to the client.
     """
     import torch
 
@@ -240,12 +282,16 @@ def _run_task(
                 raise TaskStopped
             # dask arrays inside the task (lazily read volumes) are computed in this worker, not sent
             # back to the cluster (whose threads are busy running tasks like this one)
-            with (
-                contextlib.redirect_stdout(buf),
-                contextlib.redirect_stderr(err),
-                dask.config.set(scheduler="synchronous"),
-            ):
-                result.value = fn(item)
+            token = _PROGRESS.set(_progress_sender(*progress) if progress else None)
+            try:
+                with (
+                    contextlib.redirect_stdout(buf),
+                    contextlib.redirect_stderr(err),
+                    dask.config.set(scheduler="synchronous"),
+                ):
+                    result.value = fn(item)
+            finally:
+                _PROGRESS.reset(token)
         finally:
             if watch is not None:
                 watch.finish()
@@ -426,6 +472,13 @@ def cluster_client(
         cluster.close()
 
 
+def _forward_progress(event: Any, on_progress: Callable[[int, str, int, int], None]) -> None:
+    """Hand one progress event (``(time, message)`` from dask) to ``on_progress``; a bad one is ignored."""
+    with contextlib.suppress(Exception):  # (in the client's event loop: nothing may escape)
+        msg = event[1]
+        on_progress(int(msg["tag"]), str(msg["desc"]), int(msg["done"]), int(msg["total"]))
+
+
 def run_many(
     fn: Callable[[Any], Any],
     items: Sequence[Any],
@@ -435,6 +488,7 @@ def run_many(
     threads: int | None = None,
     on_result: Callable[[TaskResult], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    on_progress: Callable[[int, str, int, int], None] | None = None,
 ) -> list[TaskResult]:
     """Run ``fn(item)`` for every item on dask.distributed; return the results in the items' order.
 
@@ -444,6 +498,8 @@ def run_many(
     are stopped and ``KeyboardInterrupt`` is raised (``on_result`` has seen the finished ones): a local
     cluster's workers are ended at once; on a remote cluster the running tasks are told to stop and
     waited for up to ``REMOTE_STOP_WAIT_S`` seconds (``warn`` names any still running then).
+    ``on_progress(index, desc, done, total)`` is called, from the client's event-loop thread, with what
+    the tasks say through ``report_progress`` while they run (a step may arrive after its task's result).
     """
     if not items:
         return []
@@ -453,10 +509,20 @@ def run_many(
 
     results: dict[int, TaskResult] = {}
     stop_event = f"napari-apl-stop-{uuid.uuid4().hex}" if scheduler else None
+    topic = f"napari-apl-progress-{uuid.uuid4().hex}" if on_progress is not None else None
     with cluster_client(scheduler, workers) as client:
+        if topic is not None:
+            client.subscribe_topic(topic, lambda event: _forward_progress(event, on_progress))
         futures = {
             client.submit(
-                _run_task, fn, item, threads, stop_event, pure=False, key=f"napari-apl-{i}-{time.time_ns()}"
+                _run_task,
+                fn,
+                item,
+                threads,
+                stop_event,
+                (topic, i) if topic is not None else None,
+                pure=False,
+                key=f"napari-apl-{i}-{time.time_ns()}",
             ): i
             for i, item in enumerate(items)
         }
@@ -627,6 +693,79 @@ def _names(paths: Sequence[Path], first: int = 3) -> str:
     return shown + (f" and {len(paths) - first} more" if len(paths) > first else "")
 
 
+class _BatchProgress:
+    """The client's progress line of a batch: volumes done of all, and how far the running ones are (what
+    their commands report through ``report_progress``), on stderr; nothing with ``quiet``."""
+
+    SHOWN = 3  # running volumes named on the line at most
+
+    def __init__(self, names: Sequence[str], quiet: bool) -> None:
+        self.names, self.quiet = list(names), quiet
+        self.bar: Any = None
+        self.running: dict[str, str] = {}
+        self.ended: set[str] = set()
+        self.lock = threading.RLock()
+
+    def start(self) -> None:
+        """Show the line (0 of all volumes done)."""
+        if not self.quiet:
+            import sys
+
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=len(self.names), desc="volumes", unit="vol", file=sys.stderr, leave=False)
+
+    def _show(self) -> None:
+        if self.bar is not None:
+            items = list(self.running.items())
+            more = f"; {len(items) - self.SHOWN} more" if len(items) > self.SHOWN else ""
+            self.bar.set_postfix_str("; ".join(f"{n}: {s}" for n, s in items[: self.SHOWN]) + more)
+
+    def step(self, index: int, desc: str, done: int, total: int) -> None:
+        """A running volume's progress (from the client's event-loop thread)."""
+        with self.lock:
+            name = self.names[index] if 0 <= index < len(self.names) else None
+            if name is None or name in self.ended:  # (a step can arrive after its volume's result)
+                return
+            self.running[name] = f"{desc} {done}/{total}"
+            self._show()
+
+    def finished_then(self, report: Callable[[TaskResult], None]) -> Callable[[TaskResult], None]:
+        """``report`` of a finished volume, which then counts as done on the line."""
+
+        def on_result(res: TaskResult) -> None:
+            report(res)
+            with self.lock:
+                name = Path(res.item.out_dir).name
+                self.ended.add(name)
+                self.running.pop(name, None)
+                if self.bar is not None:
+                    self.bar.update(1)
+                    self._show()
+
+        return on_result
+
+    def around(self, say: Callable[[str], None]) -> Callable[[str], None]:
+        """``say``, with the line cleared before and drawn again after."""
+
+        def said(text: str) -> None:
+            with self.lock:
+                if self.bar is not None:
+                    self.bar.clear()
+                say(text)
+                if self.bar is not None:
+                    self.bar.refresh()
+
+        return said
+
+    def close(self) -> None:
+        """Take the line away."""
+        with self.lock:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+
 def run_command_many(
     command: Callable[[Any], int],
     args: Any,
@@ -792,12 +931,25 @@ def run_command_many(
     created: list[Path] = []
     # the outputs each folder holds before the run: a volume left unfinished loses only what this run wrote
     before = {folder: _existing_outputs(folder, outputs) for folder in dirs.values()}
+    progress = _BatchProgress(
+        [Path(one.out_dir).name for one in items], quiet=bool(getattr(args, "quiet", False))
+    )
     try:
         _make_folders(out, list(dirs.values()), created)
         check_all(only_existing=False)  # the new folders too (writable, not an input)
         where = scheduler or f"a local cluster of {workers} worker processes"
         echo(f"{len(items)} volumes on {where}")
-        results = run_many(command, items, scheduler=scheduler, workers=workers, on_result=report, warn=warn)
+        echo, warn = progress.around(echo), progress.around(warn)  # (the bar steps aside for each line)
+        progress.start()
+        results = run_many(
+            command,
+            items,
+            scheduler=scheduler,
+            workers=workers,
+            on_result=progress.finished_then(report),
+            warn=warn,
+            on_progress=progress.step,
+        )
     except KeyboardInterrupt:
         done = set(finished) | set(failed)
         unfinished = [Path(one.out_dir).name for one in items if Path(one.out_dir).name not in done]
@@ -817,6 +969,7 @@ def run_command_many(
                 for path in _remove_partial_outputs(folder, outputs, before.get(folder, set())):
                     warn(f"removed {path}: its volume did not finish (its other outputs were not written)")
         _remove_empty(created)
+        progress.close()
     bad = [r for r in results if not r.ok or r.value not in (0, None)]
     where_out = f", outputs in {out}/<volume>/" if len(bad) < len(results) else ""
     echo(f"{len(results) - len(bad)} of {len(results)} volumes done{where_out}")
