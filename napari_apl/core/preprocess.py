@@ -407,7 +407,8 @@ def _edge_fraction(block: np.ndarray, slice_axis: int) -> float:
 def looks_like_labels(data: np.ndarray, name: str = "") -> bool:
     """Whether a whole in-memory array is a label volume: non-negative whole numbers, few distinct ones
     (at most ``MAX_LABEL_VALUES``; ``MAX_HINTED_LABEL_VALUES`` and float storage too when ``name`` says
-    labels). A subsample is judged first, so an image is turned down without a pass over all voxels."""
+    labels), piecewise constant on three axial slices (``MAX_LABEL_EDGE_FRACTION``). A subsample is
+    judged first, so an image is turned down without a pass over all voxels."""
     data = np.asarray(data)
     limit = _label_value_limit(data.dtype, name)
     if limit is None:
