@@ -680,7 +680,7 @@ def label_volumes(images: Sequence[Path], threads: int = 4) -> list[Path]:
 def done_folders(dirs: dict[Path, Path], outputs: Sequence[str]) -> list[Path]:
     """The volumes of ``dirs`` whose output folder holds a file for every one of ``outputs`` (outputs
     are written atomically: a file there is a whole one)."""
-    return [image for image, folder in dirs.items() if all((folder / name).is_file() for name in outputs)]
+    return [image for image, folder in dirs.items() if _existing_outputs(folder, outputs) == set(outputs)]
 
 
 def _names(paths: Sequence[Path], first: int = 3) -> str:
@@ -869,7 +869,7 @@ def run_command_many(
         try:
             check(paths, [str(image), str(getattr(args, "checkpoint", ""))])  # type: ignore[misc]
         except OutputExistsError as exc:
-            present = sum(p.is_file() for p in paths)
+            present = len(_existing_outputs(folder, outputs))
             if skip_done and present:  # (a folder holding all of them was skipped above)
                 raise OutputExistsError(
                     f"{folder} holds {present} of the {len(paths)} outputs (an unfinished run?): "
