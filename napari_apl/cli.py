@@ -109,12 +109,19 @@ def _check_shared_inputs(args: argparse.Namespace) -> None:
     load_checkpoint(args.checkpoint, class_names=CLASS_NAMES)
 
 
-def _refuse_label_volume(path: str) -> None:
+def _refuse_label_volume(args: argparse.Namespace) -> None:
     """Refuse an input that looks like a label volume, not a scan, before the model is loaded (a few of
-    its slices are read); a file that cannot be read is left to the command's own reading to report."""
+    its slices are read); a file that cannot be read is left to the command's own reading to report.
+
+    A volume of a batch was probed by the client already (``labels_checked``). The probe opens the file
+    on its own reader: reading its slices out of order would turn the command's front-to-back reader
+    into the slower indexed one (see ``load_volume(sequential=True)``)."""
     from .core.preprocess import volume_looks_like_labels
     from .core.volume import load_volume
 
+    if getattr(args, "labels_checked", False):
+        return
+    path = args.image
     try:
         labels = volume_looks_like_labels(load_volume(path, lazy=True))
     except Exception:
@@ -276,7 +283,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = _out_dir(args.out_dir)
     paths = {n: out / f"{n}.nii.gz" for n in MAP_DTYPES}
     _check_outputs(list(paths.values()), args.overwrite, [args.image, args.checkpoint])
-    _refuse_label_volume(args.image)
+    _refuse_label_volume(args)
     model, meta = load_checkpoint(args.checkpoint, class_names=CLASS_NAMES)
     # A whole file stored axial slice by axial slice is read, predicted and written as a stream: each
     # map is compressed while later slices are predicted. Other layouts, and files whose gzip trailer
@@ -361,7 +368,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     out = _out_dir(args.out_dir)
     outputs = [out / "refined.pt", out / "log.json"] + [out / f"{n}.nii.gz" for n in MAP_DTYPES]
     _check_outputs(outputs, args.overwrite, [args.image, args.checkpoint, args.corrections])
-    _refuse_label_volume(args.image)
+    _refuse_label_volume(args)
     model, meta, volume, norm = _load_inputs(args)
     corrections = None
     if args.corrections:

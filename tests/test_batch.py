@@ -531,6 +531,7 @@ def test_the_batch_line_shows_the_running_volumes_progress(
     from napari_apl.core.batch import TaskResult
 
     def fake_run_many(command, items, *, on_result, on_progress, **kwargs):
+        assert all(one.labels_checked for one in items)  # probed by the client: not again in the worker
         on_progress(0, "refine (apl)", 5, 10)
         on_progress(1, "refine (apl)", 7, 10)
         on_result(TaskResult(item=items[0], value=0))

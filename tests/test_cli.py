@@ -971,3 +971,20 @@ def test_skip_done_with_one_volume_is_noted(tmp_path, tiny_ckpt, phantom_dir, ca
     assert "note: --skip-done is for many volumes (a folder or a quoted glob): ignored for one" in err, err
     assert main([*argv, "--skip-done"]) == 2  # one volume's existing outputs: --overwrite, as before
     assert "exists already" in capsys.readouterr().err
+
+
+def test_a_batch_volume_is_not_probed_for_labels_again(tmp_path, phantom_dir, monkeypatch):
+    """A volume the batch's client probed already (labels_checked) is not read again for the label rule;
+    a command given the file directly is."""
+    import argparse
+
+    import napari_apl.core.preprocess as preprocess
+    from napari_apl import cli
+
+    probed: list[str] = []
+    monkeypatch.setattr(preprocess, "volume_looks_like_labels", lambda v: probed.append(v.path.name) or False)
+    image = str(phantom_dir / "image.nii.gz")
+    cli._refuse_label_volume(argparse.Namespace(image=image, labels_checked=True))
+    assert probed == []
+    cli._refuse_label_volume(argparse.Namespace(image=image))
+    assert probed == ["image.nii.gz"]

@@ -907,6 +907,7 @@ def run_command_many(
     for image, folder in dirs.items():
         one = copy.copy(args)
         one.image, one.out_dir, one.quiet, one.scheduler = str(image), str(folder), True, None
+        one.labels_checked = True  # (label_volumes above: the command need not probe the file again)
         items.append(one)
 
     finished: list[str] = []
