@@ -341,7 +341,7 @@ def test_live_updates_rewrite_the_pseudo_labels(setup, qtbot, monkeypatch) -> No
     shape = ctl.prediction.pseudo.shape
     emitted = [np.full(shape, k, np.uint8) for k in (1, 2, 3)]
 
-    def fake_refine(model, meta, volume, config, *, control=None, corrections=None):
+    def fake_refine(model, meta, volume, config, *, control=None, corrections=None, start=None):
         for i, labels in enumerate(emitted, start=1):
             yield RefineEvent(i, 3, {"con": 1.0 / i}, 0.5 + 0.1 * i, 0.1, 0.0, pseudo=labels)
         return RefineResult(model=model, pseudo=emitted[-1], iterations_done=3)
@@ -368,7 +368,7 @@ def test_live_updates_rewrite_the_pseudo_labels(setup, qtbot, monkeypatch) -> No
     assert widget.refine_panel.loss_plot.series("L_Con").tolist() == [1.0, 0.5, 1.0 / 3]
 
     # with the real throttle, 20 quick events give at most ~2 layer updates per second
-    def fast_refine(model, meta, volume, config, *, control=None, corrections=None):
+    def fast_refine(model, meta, volume, config, *, control=None, corrections=None, start=None):
         for i in range(1, 21):
             yield RefineEvent(i, 20, {"con": 1.0}, 0.5, 0.1, 0.0, pseudo=np.full(shape, i % 5, np.uint8))
         return RefineResult(model=model, pseudo=np.zeros(shape, np.uint8), iterations_done=20)
@@ -1504,7 +1504,7 @@ def test_a_refinement_that_fails_midway_leaves_no_live_overlay(setup, qtbot, mon
     shown, start_model = ctl.prediction, ctl.model
     overlay = ((shown.pseudo.astype(np.int16) + 1) % 5).astype(np.uint8)  # differs from it everywhere
 
-    def failing_refine(model, meta, volume, config, *, control=None, corrections=None):
+    def failing_refine(model, meta, volume, config, *, control=None, corrections=None, start=None):
         yield RefineEvent(1, 5, {"con": 1.0}, 0.5, 0.1, 0.0, pseudo=overlay)
         yield RefineEvent(2, 5, {"con": 0.9}, 0.5, 0.1, 0.0, pseudo=overlay)
         raise RuntimeError("weights became NaN")
@@ -1720,3 +1720,60 @@ def test_a_long_export_folder_does_not_widen_the_panel(setup, tmp_path: Path) ->
     per_line = status.fontMetrics().lineSpacing()
     assert status.heightForWidth(300) > (STATUS_LINES + 1) * per_line  # the message needs more lines ...
     assert STATUS_LINES * per_line <= status.maximumHeight() < (STATUS_LINES + 1) * per_line  # ... than shown
+
+
+def test_refine_starts_from_the_set_up_made_after_predict(setup, tiny_checkpoint, monkeypatch) -> None:
+    """After Predict the next refinement's set-up is made in the background for the Refine panel's
+    settings; Refine then makes none of its own and refines exactly as a run that makes it."""
+    import torch
+
+    import napari_apl.core.refine as refine_module
+    from napari_apl._layers import volume_from_layer
+    from napari_apl.core.utils import run_generator
+
+    _viewer, widget, image, _ = setup("LPS")
+    ctl, panel = widget.controller, widget.refine_panel
+    panel.iterations.setValue(3)
+    made: list[str] = []  # "ahead" or "run": which thread made a set-up
+    real = refine_module._set_up
+
+    def spy(*args, **kwargs):
+        made.append("ahead" if threading.current_thread().name == "napari-apl-prepare" else "run")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(refine_module, "_set_up", spy)
+    widget.predict(sync=True)
+    ahead = ctl._ahead
+    assert ahead is not None and ahead.model is ctl.model
+    ahead.thread.join(60)
+    assert ahead.start is not None and made == ["ahead"]
+    model = ctl.model
+    cfg = panel.config()
+    assert ctl.refine(cfg, image_layer=image, sync=True)
+    assert ahead.start.used and "run" not in made  # the run took the set-up made ahead
+    warm = ctl.last_result
+
+    volume = volume_from_layer(image)
+    norm = ctl.normalization(volume.data, image)
+    cold = run_generator(refine_module.refine(model, ctl.meta, volume, ctl._run_config(cfg, norm)))
+    assert made.count("run") == 1
+    for (key, value), other in zip(
+        warm.model.state_dict().items(), cold.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(value, other), key
+    assert np.array_equal(warm.pseudo, cold.pseudo)
+
+    # the refined model gets its own set-up for a further refinement; a settings change leaves it unused
+    ahead = ctl._ahead
+    assert ahead is not None and ahead.model is ctl.model is warm.model
+    ahead.thread.join(60)
+    panel.bn_mix.setValue(panel.bn_mix.value() / 2)
+    assert ctl.refine(panel.config(), image_layer=image, sync=True)
+    assert not ahead.start.used and made.count("run") == 2
+
+    # loading a checkpoint cancels the set-up made for the model it replaces
+    ahead = ctl._ahead
+    assert ahead is not None
+    assert ctl.load_checkpoint(tiny_checkpoint) is not None
+    assert ctl._ahead is None and ahead._cancel.is_set()
+    ahead.thread.join(60)

@@ -75,9 +75,12 @@ from ..core.refine import (
     RefineControl,
     RefineEvent,
     RefineResult,
+    RefineStart,
     check_corrections,
     organ_size_change,
+    prepare_refinement,
     refine,
+    setup_key,
 )
 from ..core.utils import release_device_memory, resolve_device, warm_up_optimiser
 from ..core.volume import save_canonical
@@ -223,6 +226,45 @@ class _SparseCorrections:
         return out
 
 
+class _Ahead:
+    """A refinement's set-up made in a background thread for the next Refine (``prepare_refinement``).
+
+    It is of one image layer (and its data), one model object and the set-up settings ``key``; Refine
+    takes it when all of them are still those, and the refinement checks the weights and voxels again.
+    """
+
+    def __init__(self, layer: Any, model: Any, meta: CheckpointMeta, volume: Any, cfg: RefineConfig) -> None:
+        # (the layer weakly: a thread still running must not keep a closed viewer's layer alive)
+        self.layer, self.data, self.model = weakref.ref(layer), layer.data, model
+        self.key = setup_key(cfg)
+        self._cancel = threading.Event()
+        self.start: RefineStart | None = None
+        self.thread = threading.Thread(
+            target=self._make, args=(model, meta, volume, cfg), name="napari-apl-prepare", daemon=True
+        )
+        self.thread.start()
+
+    def _make(self, model: Any, meta: CheckpointMeta, volume: Any, cfg: RefineConfig) -> None:
+        try:
+            self.start = prepare_refinement(model, meta, volume, cfg, cancelled=self._cancel.is_set)
+        except Exception as exc:  # the refinement makes its own set-up then (and reports what fails)
+            log.info("napari-apl: preparing the next refinement failed: %s", exc)
+
+    def serves(self, layer: Any, model: Any, cfg: RefineConfig) -> bool:
+        """Whether this set-up is for a refinement of ``model`` on ``layer`` with ``cfg``."""
+        same = layer is self.layer() and layer.data is self.data and model is self.model
+        return same and self.key == setup_key(cfg)
+
+    def cancel(self) -> None:
+        """Stop making it (within a batch of slices); ``result`` is then ``None``."""
+        self._cancel.set()
+
+    def result(self) -> RefineStart | None:
+        """Wait for the set-up and return it (``None`` if it was cancelled or failed)."""
+        self.thread.join()
+        return self.start
+
+
 def _same_grid(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> bool:
     """Whether two voxel-to-world affines put every corner of a ``shape`` volume within half a voxel."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
@@ -326,6 +368,14 @@ class APLController:
         self._lazy_token: object | None = None  # identifies the lazy layers waiting to be added
         self._closing = False
         self._shutting_down = False
+        # -- the next refinement's set-up, made ahead ---------
+        self.refine_settings: Callable[[], RefineConfig] = RefineConfig
+        """The settings Refine would run with now (the Refine panel's): the set-up made ahead is for them."""
+        self.prepare_ahead = True
+        """After Predict and after a refinement, make the next refinement's set-up (the slices on the model
+        grid, the batch-norm re-estimation, the initial pseudo labels) in a background thread, so that a
+        Refine clicked later starts its iterations at once (``core.refine.prepare_refinement``)."""
+        self._ahead: _Ahead | None = None
 
     # -- state ---------
     @property
@@ -393,6 +443,7 @@ class APLController:
             self.status.emit(f"kept the refined model: {p.name} was not loaded")
             return None
         self.model, self.meta, self.checkpoint_path = model, meta, p
+        self._drop_ahead()  # (made for the model replaced)
         self.refined = False
         self._refined_on = None
         self._refinements = []
@@ -588,6 +639,35 @@ class APLController:
             self._pbar.n = n
             self._pbar.refresh()
 
+    def _run_config(self, cfg: RefineConfig, norm: Normalization | None) -> RefineConfig:
+        """``cfg`` as the widget runs it: on its device, with the intensities chosen, live overlays."""
+        return dataclasses.replace(
+            cfg,
+            device=self.device,
+            normalization=norm.to_dict() if norm is not None else cfg.normalization,
+            emit_every=cfg.emit_every,  # live overlays call each event's labels() when due
+            guard_spread=True,  # no iteration carries the whole collapse check: the overlay keeps up
+        ).validate()
+
+    def _prepare_next(self, image_layer: Any) -> None:
+        """Start making the next refinement's set-up on ``image_layer`` in the background."""
+        self._drop_ahead()
+        if not self.prepare_ahead or self._closing or self.model is None or self.meta is None:
+            return
+        try:
+            volume = volume_from_layer(image_layer)
+            cfg = self._run_config(self.refine_settings(), self.normalization(volume.data, image_layer))
+            self._ahead = _Ahead(image_layer, self.model, self.meta, volume, cfg)
+        except Exception as exc:  # (Refine reports what is wrong, if anything, when it is clicked)
+            log.info("napari-apl: the next refinement's set-up was not started: %s", exc)
+
+    def _drop_ahead(self) -> _Ahead | None:
+        """Cancel the set-up made ahead, if any (returned, e.g. to wait for its thread)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.cancel()
+        return ahead
+
     # -- predict ---------
     def predict(self, image_layer: Any = None, sync: bool = False) -> bool:
         """Predict the image layer with both heads; adds/updates the five prediction layers.
@@ -609,6 +689,7 @@ class APLController:
             return False
         model, meta, source = self.model, self.meta, self._model_source()
         self._closing = False
+        self._drop_ahead()  # (made again once this prediction is shown)
         # in 3-D napari would ask a lazy layer for the whole volume on the main thread: not there
         show_at_once = not sync and int(self.viewer.dims.ndisplay) == 2
 
@@ -624,6 +705,7 @@ class APLController:
                 return
             self._show_prediction(image_layer, geometry, pred, source)
             self.status.emit(f"predicted {image_layer.name}")
+            self._prepare_next(image_layer)
 
         later: list[tuple] = []
         if show_at_once:
@@ -1132,13 +1214,7 @@ class APLController:
             volume = volume_from_layer(image_layer)
             geometry = ScanGeometry.from_volume(volume)
             norm = self.normalization(volume.data, image_layer)
-            cfg = dataclasses.replace(
-                cfg,
-                device=self.device,
-                normalization=norm.to_dict() if norm is not None else cfg.normalization,
-                emit_every=cfg.emit_every,  # live overlays call each event's labels() when due
-                guard_spread=True,  # no iteration carries the whole collapse check: the overlay keeps up
-            ).validate()
+            cfg = self._run_config(cfg, norm)
         except Exception as exc:
             self.error(exc)
             return False
@@ -1169,6 +1245,12 @@ class APLController:
         control = self.control = RefineControl()
         self.repredicting = False
         model, meta = self.model, self.meta
+        # the set-up made after Predict (or the last refinement), if it is for this run; waited for in the
+        # worker (a Refine clicked while it is being made does not make a second one)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and not ahead.serves(image_layer, model, cfg):
+            ahead.cancel()
+            ahead = None
         self._set_pseudo_editable(False)
         # a run in progress is autosaved too: the guard-checked weights, from the worker thread
         saver = self.autosaver if shown and self.autosave_enabled and not self._autosave_blocked() else None
@@ -1209,7 +1291,10 @@ class APLController:
                 self._guard(self._autosave_without_the_failed_run)
 
         def job() -> Generator[Any, None, tuple[RefineResult, Prediction | None]]:
-            events = refine(model, meta, volume, cfg, control=control, corrections=self.last_corrections)
+            start = ahead.result() if ahead is not None else None
+            events = refine(
+                model, meta, volume, cfg, control=control, corrections=self.last_corrections, start=start
+            )
             if saver is not None:
                 events = _autosaving(events, saver, model, snapshot_meta, interval, midrun_saved)
             # (a pause asked for shows the labels of the step it holds after, not those of the last overlay)
@@ -1347,6 +1432,7 @@ class APLController:
             for note in result.notes:
                 if note not in self._notes_shown:
                     show_warning(f"napari-apl: {note}")
+            self._prepare_next(image_layer)  # for a further refinement of the refined model
             how = "stopped" if result.stopped else "finished"
             size = organ_size_change(result, meta.class_names)
             self.status.emit(
@@ -1786,9 +1872,12 @@ class APLController:
                 self.control.stop()
             elif self.worker is not None:
                 self.worker.quit()
+            ahead = self._drop_ahead()
             idle = self.wait_idle(timeout)
             if not idle:
                 log.warning("napari-apl: the task did not end within %.0f s of the stop request", timeout)
+            if ahead is not None:
+                ahead.thread.join(timeout)  # (stops at its next batch of slices)
             try:
                 release_device_memory(resolve_device(self.device))
             except Exception:  # no usable device any more: nothing was cached on it

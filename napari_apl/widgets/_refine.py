@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +57,12 @@ def _step_box(top: float, value: float, tip: str) -> QDoubleSpinBox:
     box.setValue(value)
     box.setToolTip(tip)
     return box
+
+
+def _panel_settings(panel: weakref.ref) -> RefineConfig:
+    """The settings of a Refine panel that may be gone (then the defaults)."""
+    alive = panel()
+    return alive.config() if alive is not None else RefineConfig()
 
 
 class RefinePanel(QWidget):
@@ -179,6 +187,9 @@ class RefinePanel(QWidget):
         controller.predicted.connect(self._update_corrections)
         controller.corrections_changed.connect(self._update_corrections)
         controller.iterations_ended.connect(self._on_iterations_ended)
+        # the set-up made after Predict is for the panel's settings (read through a weak reference: the
+        # controller must not keep a closed panel, and with it the viewer, alive)
+        controller.refine_settings = functools.partial(_panel_settings, weakref.ref(self))
         self._on_busy(False)
 
     def config(self) -> RefineConfig:

@@ -1,0 +1,120 @@
+"""A refinement's set-up made ahead of it (``prepare_refinement``) changes none of its numbers."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from _tiny import tiny_ct_case
+
+from napari_apl.core import refine as refine_module
+from napari_apl.core.refine import METHODS, RefineConfig, prepare_refinement, refine
+from napari_apl.core.utils import run_generator
+from napari_apl.core.volume import volume_from_array
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A tiny CT phantom and an untrained (but seeded) unet-dual with its metadata."""
+    return tiny_ct_case(base=8)
+
+
+def _cfg(**kw) -> RefineConfig:
+    base = dict(iterations=4, batch_size=2, device="cpu", lr=1e-3, guard_every=2, bn="adapt", bn_mix=0.5)
+    base.update(kw)
+    return RefineConfig(**base)
+
+
+def _same_result(a, b) -> None:
+    for (k, v), w in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+    assert np.array_equal(a.pseudo, b.pseudo)
+    assert [{k: v for k, v in h.items() if k != "seconds"} for h in a.history] == [
+        {k: v for k, v in h.items() if k != "seconds"} for h in b.history
+    ]
+    assert a.organ_voxels == b.organ_voxels
+    assert a.notes == b.notes
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("teacher", [0.0, 0.99])
+def test_a_start_made_ahead_gives_the_same_refinement(setup, method, teacher, monkeypatch):
+    model, meta, vol = setup
+    cfg = _cfg(method=method, teacher_decay=teacher)
+    start = prepare_refinement(model, meta, vol, cfg)
+    assert start is not None and not start.used
+    calls = []
+    real = refine_module._set_up
+    monkeypatch.setattr(refine_module, "_set_up", lambda *a, **k: calls.append(1) or real(*a, **k))
+    warm = run_generator(refine(model, meta, vol, cfg, start=start))
+    assert calls == [] and start.used  # the start was used: no set-up made in the run
+    cold = run_generator(refine(model, meta, vol, cfg))
+    assert calls == [1]
+    _same_result(warm, cold)
+
+
+def test_a_start_serves_one_refinement_and_never_changes_the_model(setup):
+    model, meta, vol = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = _cfg()
+    start = prepare_refinement(model, meta, vol, cfg)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # (the batch norms were re-estimated on a copy)
+    run_generator(refine(model, meta, vol, cfg, start=start))
+    assert start.fits(model, meta, vol, cfg) == "it was used by a refinement already"
+    again = run_generator(refine(model, meta, vol, cfg, start=start))  # made afresh, same numbers
+    _same_result(again, run_generator(refine(model, meta, vol, cfg)))
+
+
+def test_a_start_that_does_not_fit_is_not_used(setup):
+    """Another model's weights, scan, voxel, set-up setting or checkpoint: the run makes its own set-up."""
+    model, meta, vol = setup
+    cfg = _cfg()
+    start = prepare_refinement(model, meta, vol, cfg)
+    assert start.fits(model, meta, vol, cfg) == ""
+    # settings that do not touch the set-up keep it usable
+    assert start.fits(model, meta, vol, dataclasses.replace(cfg, iterations=9, lr=5e-4, seed=3)) == ""
+
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    assert start.fits(other, meta, vol, cfg) == "the model's weights changed"
+    changes = [
+        dict(bn_mix=0.25),
+        dict(bn="frozen"),
+        dict(channels_last=not cfg.channels_last),
+        dict(teacher_decay=0.0 if cfg.teacher_decay else 0.99),
+        dict(normalization={"kind": "zscore"}),
+    ]
+    for change in changes:
+        assert start.fits(model, meta, vol, dataclasses.replace(cfg, **change)) == (
+            "the refinement's settings changed"
+        ), change
+    data = np.array(vol.data, copy=True)
+    data[3, 4, data.shape[2] // 2] += 7  # one voxel of the middle slice
+    assert start.fits(model, meta, volume_from_array(data, vol.affine), cfg) == "the scan's voxels changed"
+    shifted = np.array(vol.affine, dtype=float)
+    shifted[0, 3] += 5
+    assert start.fits(model, meta, volume_from_array(np.asarray(vol.data), shifted), cfg) == "another scan"
+    assert start.fits(
+        model, dataclasses.replace(meta, class_names=[*meta.class_names[:-1], "x"]), vol, cfg
+    ) == ("another checkpoint")
+    # a start that does not fit is left unused and the run is the cold one
+    res = run_generator(refine(other, meta, vol, cfg, start=start))
+    assert not start.used
+    _same_result(res, run_generator(refine(other, meta, vol, cfg)))
+
+
+def test_preparing_can_be_cancelled(setup):
+    model, meta, vol = setup
+    polls = []
+
+    def cancelled() -> bool:
+        polls.append(1)
+        return len(polls) > 2
+
+    assert prepare_refinement(model, meta, vol, _cfg(), cancelled=cancelled) is None
+    assert len(polls) == 3  # stopped at the first poll that said so
