@@ -834,7 +834,10 @@ def prepare_refinement(
     cfg = (config or RefineConfig()).validate()
     dev = resolve_device(cfg.device)
     try:
-        return _set_up(model, meta, volume, cfg, dev, cancelled)
+        # (as in refine: the batches' freed activations are reused, and given back to the system at the
+        # end; in a thread of its own glibc would otherwise keep them in that thread's arena)
+        with retained_heap():
+            return _set_up(model, meta, volume, cfg, dev, cancelled)
     except _Cancelled:
         return None
 
