@@ -108,6 +108,21 @@ def test_a_start_that_does_not_fit_is_not_used(setup):
     _same_result(res, run_generator(refine(other, meta, vol, cfg)))
 
 
+def test_a_voxel_changed_in_place_anywhere_is_seen(setup):
+    """In-memory voxels are compared whole (not only the probed slices), also through a transposed view."""
+    model, meta, vol = setup
+    cfg = _cfg()
+    layer_data = np.ascontiguousarray(np.transpose(np.asarray(vol.data), (2, 1, 0)))  # (as a layer holds it)
+    view = volume_from_array(layer_data.transpose(2, 1, 0), vol.affine)
+    start = prepare_refinement(model, meta, view, cfg)
+    assert start.fits(model, meta, view, cfg) == ""
+    z = layer_data.shape[0]
+    assert z >= 4
+    layer_data[1, 2, 3] += 5  # a slice none of the three probed ones (first, middle, last)
+    assert 1 not in (0, z // 2, z - 1)
+    assert start.fits(model, meta, view, cfg) == "the scan's voxels changed"
+
+
 def test_preparing_can_be_cancelled(setup):
     model, meta, vol = setup
     polls = []

@@ -688,20 +688,45 @@ def _probe_slices(volume: Volume) -> np.ndarray:
     return np.stack([np.asarray(volume.data[:, :, k]) for k in sorted({0, z // 2, z - 1})])
 
 
+def _voxel_digest(volume: Volume) -> int | None:
+    """CRC-32 of the memory holding an in-memory volume's voxels (``None`` for lazy data).
+
+    It is taken of the whole array the voxels are a view of (a layer's data, seen in canonical order):
+    any voxel changed in place changes it. About 0.02 s for 150 MB here.
+    """
+    import zlib
+
+    data = volume.data
+    if not isinstance(data, np.ndarray):
+        return None
+    root = data
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if root.flags.c_contiguous or root.flags.f_contiguous:
+        return zlib.crc32(memoryview(np.ravel(root, order="K")).cast("B"))
+    crc = 0
+    for k in range(data.shape[2]):  # (strided memory: slice by slice)
+        crc = zlib.crc32(np.ascontiguousarray(data[:, :, k]).data, crc)
+    return crc
+
+
 @dataclass
 class RefineStart:
     """A refinement's set-up, made ahead of it by ``prepare_refinement`` (e.g. while the user looks at
     the prediction): the target's slices on the model grid, the student with its batch-norm statistics
     re-estimated, the teacher and its folded copy, and the initial ensemble of pseudo labels.
 
-    The copies in it are the ones a refinement trains, so a start serves one refinement
-    (``take``). ``cancel()`` stops a ``prepare_refinement`` that is making it.
+    It fits (``fits``) a refinement of the same weights (compared tensor by tensor), checkpoint
+    metadata and set-up settings (``setup_key``) on the same scan: shape, affine and voxels (a CRC of
+    in-memory voxels; of lazy ones three slices are compared). The copies in it are the ones a
+    refinement trains, so a start serves one refinement (``take``).
     """
 
     key: tuple
     meta: CheckpointMeta
     start_state: dict[str, torch.Tensor]
     probe: np.ndarray
+    digest: int | None
     affine: np.ndarray
     student: DualHeadNet
     prep: PreparedVolume
@@ -729,7 +754,7 @@ class RefineStart:
             volume.affine, self.affine
         ):
             return "another scan"
-        if not np.array_equal(_probe_slices(volume), self.probe):
+        if _voxel_digest(volume) != self.digest or not np.array_equal(_probe_slices(volume), self.probe):
             return "the scan's voxels changed"
         return ""
 
@@ -805,6 +830,7 @@ def _set_up(
         meta=meta,
         start_state=start_state,
         probe=_probe_slices(volume),
+        digest=_voxel_digest(volume),
         affine=np.array(volume.affine, dtype=float),
         student=student,
         prep=prep,
