@@ -1777,3 +1777,11 @@ def test_refine_starts_from_the_set_up_made_after_predict(setup, tiny_checkpoint
     assert ctl.load_checkpoint(tiny_checkpoint) is not None
     assert ctl._ahead is None and ahead._cancel.is_set()
     ahead.thread.join(60)
+
+    # closing the scan lets go of the set-up made for it (and of the voxels it holds)
+    widget.predict(sync=True)
+    ahead = ctl._ahead
+    assert ahead is not None
+    _viewer.layers.remove(image)
+    assert ctl._ahead is None and ahead._cancel.is_set()
+    ahead.thread.join(60)

@@ -376,6 +376,8 @@ class APLController:
         grid, the batch-norm re-estimation, the initial pseudo labels) in a background thread, so that a
         Refine clicked later starts its iterations at once (``core.refine.prepare_refinement``)."""
         self._ahead: _Ahead | None = None
+        # (its scan's voxels are let go of with the scan's layer)
+        viewer.layers.events.removed.connect(self._drop_ahead_of_closed_layer)
 
     # -- state ---------
     @property
@@ -660,6 +662,12 @@ class APLController:
             self._ahead = _Ahead(image_layer, self.model, self.meta, volume, cfg)
         except Exception as exc:  # (Refine reports what is wrong, if anything, when it is clicked)
             log.info("napari-apl: the next refinement's set-up was not started: %s", exc)
+
+    def _drop_ahead_of_closed_layer(self, event: Any = None) -> None:
+        """Cancel the set-up made ahead when its image layer is no longer in the viewer."""
+        ahead = self._ahead
+        if ahead is not None and ahead.layer() not in self.viewer.layers:
+            self._drop_ahead()
 
     def _drop_ahead(self) -> _Ahead | None:
         """Cancel the set-up made ahead, if any (returned, e.g. to wait for its thread)."""
