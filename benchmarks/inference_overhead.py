@@ -202,29 +202,27 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = save_checkpoint(tmp / "model.pt", model, meta)
     pipeline, bare, bare_folded = _pipeline_and_bare(model, meta, image, ckpt, tmp / "out", args.batch_size)
 
-    from napari_apl.core import memory as core_memory
+    from napari_apl.core import infer as core_infer
     from napari_apl.core.infer import SlicePredictor
     from napari_apl.core.preprocess import Normalization
     from napari_apl.core.utils import run_generator
 
-    def pipeline_numpy_pages() -> None:
-        """The pipeline with numpy's huge-page advice on every large array, the store's too (as before)."""
-        core_memory.PLAIN_PAGES = False
-        os.environ["NUMPY_MADVISE_HUGEPAGE"] = "1"  # the command line then leaves numpy's setting alone
-        before = core_memory.set_numpy_huge_pages(True)
+    def pipeline_store() -> None:
+        """The pipeline as it was: the five maps kept in a volume store, the writer reading them from it."""
+        core_infer.STREAM_WITHOUT_STORE = False
         try:
             pipeline()
         finally:
-            core_memory.set_numpy_huge_pages(bool(before))
-            del os.environ["NUMPY_MADVISE_HUGEPAGE"]
-            core_memory.PLAIN_PAGES = True
+            core_infer.STREAM_WITHOUT_STORE = True
 
     def no_write() -> None:
-        """The same pipeline without writing: stream the file, predict the five maps into memory."""
-        vol = load_volume(image, lazy=True)
+        """The same pipeline without writing: stream the file, make the five maps of each batch, drop them."""
+        vol = load_volume(image, lazy=True, sequential=True)
         norm = Normalization.from_dict(meta.normalization)
-        sp = SlicePredictor(model, meta, vol, normalization=norm, device="cpu", batch_size=args.batch_size)
-        run_generator(sp.run())
+        sp = SlicePredictor(
+            model, meta, vol, normalization=norm, device="cpu", batch_size=args.batch_size, keep=False
+        )
+        run_generator(sp.run(on_batch=lambda idx, maps: None))
 
     cores = os.cpu_count() or 1
     settings = [args.threads] if args.threads else sorted({max(1, cores - 1), cores})
@@ -245,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             "pipeline": with_cpu("pipeline", pipeline),
             "bare": with_cpu("bare", bare),
             "no_write": no_write,
-            "numpy_pages": pipeline_numpy_pages,
+            "store": pipeline_store,
         }
         if threads == cores:  # (at torch's default only: the run stays under 10 minutes)
             sides["bare_folded"] = bare_folded
@@ -264,11 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         rep.add(f"  CPU-time ratio, {label}", c.paired_ratio(cpu["pipeline"], cpu["bare"]), "x")
         rep.add(f"  pipeline wall, {label} (median)", c.median(times["pipeline"]), "s")
         rep.add(f"  bare forward wall, {label} (median)", c.median(times["bare"]), "s")
-        huge = "pipeline with the store in numpy's huge-page-advised memory / as run"
+        kept = "pipeline keeping the maps in a volume store, written from it (as before) / as run"
         folded = "bare forward of the copy predict runs (batch norms folded) / bare forward"
         paired = [  # (row, numerator side, denominator side, note)
             ("pipeline without writing the NIfTI files / bare", "no_write", "bare", ""),
-            (huge, "numpy_pages", "pipeline", ""),
+            (kept, "store", "pipeline", ""),
             (folded, "bare_folded", "bare", ""),
             (
                 "pipeline / bare forward of that folded copy", "pipeline", "bare_folded",
@@ -358,12 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     voxels = shape[0] * shape[1] * shape[2]
     store_mb = sum(np.dtype(MAP_DTYPES[n]).itemsize for n in MAP_NAMES) * voxels / 1e6
     rep.note(
-        f"the five maps' store ({store_mb:.0f} MB here) is in plain anonymous pages "
-        "(core.memory.zeros_plain_pages): "
-        "numpy advises huge pages for large arrays, and on this machine (transparent huge pages in "
-        "'madvise' mode, none obtained) the first touch of such memory costs several times more; the "
-        "row 'store in numpy's huge-page-advised memory' is the pipeline as it was, measured in the same "
-        "rounds"
+        "predict hands each batch's five maps straight to the writer's threads (SlicePredictor(keep=False), "
+        f"PredictionWriter.feed_batch): no volume of maps is kept, so the {store_mb:.0f} MB store it filled "
+        "before, and the first touch of its pages, are gone; the row 'keeping the maps in a volume store' "
+        "is the pipeline as it was, measured in the same rounds (the viewer keeps such a store, in plain "
+        "anonymous pages: core.memory.zeros_plain_pages)"
     )
     rep.note(
         "the pipeline reads/prepares the next batch and maps the previous one to the voxel grid in a helper "

@@ -275,6 +275,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             outputs=[f"{n}.nii.gz" for n in MAP_DTYPES],
             check=lambda paths, inputs: _check_outputs(paths, args.overwrite, inputs),
         )
+    from .core import infer
     from .core.checkpoint import load_checkpoint
     from .core.infer import PredictionWriter, SlicePredictor, iter_predict, write_maps
     from .core.io_utils import staged_outputs
@@ -296,14 +297,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not stream and not args.lazy:
         volume = load_volume(args.image)
     norm = _normalization(args.normalize, meta, volume)
+    direct = stream and infer.STREAM_WITHOUT_STORE  # each batch's maps straight to the writer, none kept
     sp = SlicePredictor(
-        model, meta, volume, normalization=norm, batch_size=args.batch_size, device=args.device
+        model,
+        meta,
+        volume,
+        normalization=norm,
+        batch_size=args.batch_size,
+        device=args.device,
+        keep=not direct,
     )
     n_slices = sp.total
     bar = _progress(n_slices, "predict", args.quiet)
     t0 = time.perf_counter()
     with staged_outputs():  # all five maps appear together or not at all (e.g. when the disk fills)
-        writer = PredictionWriter(volume, sp.prediction, paths, overwrite=args.overwrite) if stream else None
+        writer = (
+            PredictionWriter(volume, None if direct else sp.prediction, paths, overwrite=args.overwrite)
+            if stream
+            else None
+        )
         gen = iter_predict(
             model,
             meta,
@@ -311,7 +323,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             predictor=sp,
             slices=writer.order if writer else None,
-            on_slices=writer.feed if writer else None,
+            on_slices=writer.feed if writer and not direct else None,
+            on_batch=writer.feed_batch if writer and direct else None,
         )
         try:
             while True:
@@ -334,7 +347,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for n in MAP_DTYPES:
         print(f"wrote {written[n]}")
     print(f"predicted {_count(n_slices, 'slice')} in {time.perf_counter() - t0:.1f} s ({norm.kind})")
-    if not pred.pseudo.any():
+    if not (writer.organs_seen if writer is not None else pred.pseudo.any()):
         print(
             "note: the pseudo labels hold no organ: check that the checkpoint fits this kind of scan and "
             f"the intensities (--normalize; this run used {args.normalize}: {norm.kind})",

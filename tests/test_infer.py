@@ -520,3 +520,69 @@ def test_release_in_background_lets_go_from_its_own_thread() -> None:
     assert held == [] and ref() is not None  # the thread holds it for now
     thread.join(10)
     assert not thread.is_alive() and ref() is None
+
+
+def test_a_predictor_without_a_store_hands_each_batch_to_on_batch(phantom_files, tiny_checkpoint) -> None:
+    """keep=False: no volume of maps; on_batch gets every slice once, in order, with the kept maps' values."""
+    from napari_apl.core.checkpoint import load_checkpoint
+    from napari_apl.core.volume import load_volume
+
+    vol = load_volume(phantom_files("RAS")[0])
+    model, meta = load_checkpoint(tiny_checkpoint)
+    order = list(range(vol.shape[2]))[::-1]
+    kept = predict_volume(model, meta, vol, batch_size=3, slices=order).as_dict()
+    sp = SlicePredictor(model, meta, vol, batch_size=3, keep=False)
+    got: list[tuple[list[int], dict[str, np.ndarray]]] = []
+    result = run_generator(
+        sp.run(
+            order=order,
+            on_batch=lambda idx, maps: got.append((list(idx), {k: v.copy() for k, v in maps.items()})),
+        )
+    )
+    assert result is None and sp.prediction is None
+    assert [k for idx, _ in got for k in idx] == order
+    for idx, maps in got:
+        assert set(maps) == set(kept)
+        for name, arr in maps.items():
+            np.testing.assert_array_equal(arr, np.stack([kept[name][:, :, k].T for k in idx]), err_msg=name)
+    with pytest.raises(RuntimeError, match="keeps no maps"):
+        sp.predict_slice(0)
+
+
+def test_prediction_writer_refuses_slices_out_of_order(phantom_files, tmp_path) -> None:
+    """A batch that is not the next in the file's slice order would write a scrambled file: refused."""
+    from napari_apl.core.infer import PredictionWriter
+    from napari_apl.core.volume import load_volume
+
+    vol = load_volume(phantom_files("RAS")[0])
+    writer = PredictionWriter(vol, None, {"main": tmp_path / "main.nii.gz"})
+    plane = {
+        "main": np.zeros((1, vol.shape[1], vol.shape[0]), np.uint8),
+        "pseudo_label": np.ones((1, 2, 2), np.uint8),
+    }
+    writer.feed_batch([0], plane)
+    assert writer.organs_seen
+    with pytest.raises(ValueError, match="out of order"):
+        writer.feed_batch([2], plane)
+    with pytest.raises(RuntimeError, match="no store"):
+        writer.feed([1])
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "LAI"])
+def test_cli_predict_writes_the_same_files_with_and_without_a_store(
+    orientation: str, phantom_files, tiny_checkpoint, tmp_path, monkeypatch
+) -> None:
+    """The maps handed to the writer batch by batch give the bytes of the maps read back from a store."""
+    from napari_apl import cli
+
+    image, _ = phantom_files(orientation)
+    argv = ["predict", str(image), "-c", str(tiny_checkpoint), "-q", "--batch-size", "3", "-o"]
+    assert cli.main([*argv, str(tmp_path / "direct")]) == 0
+    monkeypatch.setattr(infer, "STREAM_WITHOUT_STORE", False)
+    assert cli.main([*argv, str(tmp_path / "store")]) == 0
+    names = sorted(p.name for p in (tmp_path / "direct").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "store").iterdir()) and len(names) == 5
+    for name in names:
+        assert (tmp_path / "direct" / name).read_bytes() == (tmp_path / "store" / name).read_bytes(), name

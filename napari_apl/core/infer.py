@@ -459,6 +459,7 @@ class SlicePredictor:
         amp: bool | str | None = None,
         prepared: PreparedVolume | None = None,
         batch_size: int = 8,
+        keep: bool = True,
     ) -> None:
         self.device = resolve_device(device)
         self.amp_dtype = _amp_dtype(amp, self.device)
@@ -468,7 +469,11 @@ class SlicePredictor:
         self.batch_size = max(1, int(batch_size))
         self.prepared = prepared if prepared is not None else prepare(volume, meta, model, normalization)
         self.shape = tuple(int(s) for s in volume.data.shape[:3])
-        self.prediction = Prediction.empty(self.shape)  # type: ignore[arg-type]
+        # keep=False: no store; each batch's maps go only to run()'s on_batch (a writer streaming them to
+        # disk), and the store's pages (550 MB for a 512 x 512 x 300 CT) are never written: their first
+        # touch alone cost about 0.35 s of CPU per predict of that CT (benchmarks/inference_overhead.py)
+        self.keep = bool(keep)
+        self.prediction: Prediction | None = Prediction.empty(self.shape) if keep else None  # type: ignore[arg-type]
         self._done = np.zeros(self.shape[2], dtype=bool)
         self._busy: set[int] = set()
         self._cond = threading.Condition()
@@ -516,8 +521,15 @@ class SlicePredictor:
             return main.contiguous().numpy(), aux.contiguous().numpy()
         return main, aux
 
-    def _store(self, idx: list[int], main: Any, aux: Any) -> None:
-        """Map a batch's logits to the voxel grid and write its five maps into the store."""
+    def _store(
+        self,
+        idx: list[int],
+        main: Any,
+        aux: Any,
+        sink: Callable[[list[int], dict[str, np.ndarray]], None] | None = None,
+    ) -> None:
+        """Map a batch's logits to the voxel grid and write its five maps into the store (and give them
+        to ``sink`` as ``(n, Y, X)`` arrays)."""
         if self._to_voxels is None:
             self._to_voxels = _ToVoxels(self.prepared.grid)
         if isinstance(main, torch.Tensor):
@@ -525,6 +537,10 @@ class SlicePredictor:
                 arrays = _postprocess_torch(self._to_voxels, main, aux)
         else:
             arrays = _postprocess(self._to_voxels, main, aux)
+        if sink is not None:
+            sink(idx, arrays)
+        if self.prediction is None:
+            return
         pos = np.asarray(idx)
         contiguous = len(idx) > 1 and idx == list(range(idx[0], idx[-1] + 1))
         for name, arr in arrays.items():
@@ -556,6 +572,10 @@ class SlicePredictor:
     def predict_slices(self, indices: Sequence[int]) -> None:
         """Make sure slices ``indices`` are predicted (missing ones in batches; waits for busy ones)."""
         wanted = list(dict.fromkeys(int(k) for k in indices))
+        if wanted and not self.keep:
+            raise RuntimeError(
+                "this predictor keeps no maps (keep=False): only run() predicts, for its on_batch"
+            )
         for k in wanted:
             if not 0 <= k < self.total:
                 raise IndexError(f"slice {k} is outside 0..{self.total - 1}")
@@ -593,13 +613,17 @@ class SlicePredictor:
         batch_size: int | None = None,
         order: Sequence[int] | None = None,
         on_slices: Callable[[list[int]], None] | None = None,
-    ) -> Generator[tuple[int, int], None, Prediction]:
-        """Predict the slices (all, or ``order``) not done yet, yielding ``(done, total)``; return them.
+        on_batch: Callable[[list[int], dict[str, np.ndarray]], None] | None = None,
+    ) -> Generator[tuple[int, int], None, Prediction | None]:
+        """Predict the slices (all, or ``order``) not done yet, yielding ``(done, total)``; return them
+        (``None`` for a predictor that keeps no maps).
 
         A helper thread reads and prepares the next batch and maps the previous one to the voxel grid
         while the model runs on the current one (numpy and zlib release the GIL), so that on a CPU
         the forward is nearly all the work left on the critical path. ``on_slices`` (called in the
-        helper thread) receives, in ``order``, each run of slices as soon as all before it are done.
+        helper thread) receives, in ``order``, each run of slices as soon as all before it are done;
+        ``on_batch`` (also there) each batch's slices and their five maps ``(n, Y, X)``, batch by batch in
+        ``order``.
         """
         from concurrent.futures import ThreadPoolExecutor
 
@@ -636,7 +660,7 @@ class SlicePredictor:
             return None
 
         def store(chunk: list[int], main: Any, aux: Any) -> None:
-            self._store(chunk, main, aux)
+            self._store(chunk, main, aux, on_batch)
             self._release(chunk, done=True)
             claimed.remove(chunk)
             emit()
@@ -764,14 +788,17 @@ def iter_predict(
     prepared: PreparedVolume | None = None,
     predictor: SlicePredictor | None = None,
     on_slices: Callable[[list[int]], None] | None = None,
-) -> Generator[tuple[int, int], None, Prediction]:
+    on_batch: Callable[[list[int], dict[str, np.ndarray]], None] | None = None,
+) -> Generator[tuple[int, int], None, Prediction | None]:
     """Predict every axial slice (or only ``slices``) of ``volume``, yielding ``(done, total)`` as it goes.
 
     Labels come back as uint8 and the maps as float16, on the canonical voxel grid, so a
     512 x 512 x 300 CT never holds a float probability volume for either head. ``amp`` is the
     mixed precision (``None``: fp16 on CUDA, off elsewhere; ``"fp16"``/``"bf16"``/``True``/``False``).
     Pass a ``predictor`` to complete one that already answered on-demand slice requests, and
-    ``on_slices`` to hear of finished slices in order (e.g. ``PredictionWriter.feed``).
+    ``on_slices`` to hear of finished slices in order (e.g. ``PredictionWriter.feed``), ``on_batch`` to
+    receive each batch's maps (e.g. ``PredictionWriter.feed_batch``, with a predictor made with
+    ``keep=False``, which returns ``None``).
     """
     was_training = model.training
     model.eval()
@@ -786,7 +813,7 @@ def iter_predict(
             prepared=prepared,
             batch_size=batch_size,
         )
-        return (yield from sp.run(batch_size, slices, on_slices))
+        return (yield from sp.run(batch_size, slices, on_slices, on_batch))
     finally:
         model.train(was_training)
 
@@ -946,6 +973,11 @@ def write_maps(
         return {n: f.result() for n, f in futures.items()}
 
 
+# predict (the command line) streams each batch's maps to the writer without keeping them; False keeps them in
+# a volume store the writer reads (for benchmarks/inference_overhead.py, which measures the difference)
+STREAM_WITHOUT_STORE = True
+
+
 class _Aborted(Exception):
     """A streamed map file was abandoned by ``PredictionWriter.abort``."""
 
@@ -954,16 +986,18 @@ class PredictionWriter:
     """Writes the prediction maps as NIfTI on the input's original grid while the slices are predicted.
 
     Each file (the bytes ``write_map`` writes) is compressed slice by slice in its own background
-    thread as ``SlicePredictor.run(..., on_slices=writer.feed)`` finishes slices, through
-    ``atomic_write`` (inside ``staged_outputs`` when the caller is in one). Streaming needs the file's
-    third axis to be the axial one (``streamable``); ``order`` is the prediction order that matches the
-    file's slice order.
+    thread as ``SlicePredictor.run(..., on_slices=writer.feed)`` finishes slices (read from the
+    predictor's store ``prediction``), or as ``run(..., on_batch=writer.feed_batch)`` hands over each
+    batch's maps (``prediction`` may then be ``None``: no store at all), through ``atomic_write``
+    (inside ``staged_outputs`` when the caller is in one). Streaming needs the file's third axis to be
+    the axial one (``streamable``); ``order`` is the prediction order that matches the file's slice
+    order. ``organs_seen`` says whether a pseudo label fed so far holds an organ.
     """
 
     def __init__(
         self,
         reference: Volume,
-        prediction: Prediction,
+        prediction: Prediction | None,
         paths: dict[str, Any],
         *,
         overwrite: bool = False,
@@ -988,6 +1022,8 @@ class PredictionWriter:
         self._inverse = inverse
         self._identity = bool(np.array_equal(inverse, [[0, 1], [1, 1], [2, 1]]))
         self._queues: dict[str, Any] = {}
+        self._fed = 0  # how many slices of ``order`` were queued
+        self.organs_seen = False
         self._threads: list[threading.Thread] = []
         self._errors: list[BaseException] = []
         self.written: dict[str, Any] = {}
@@ -1047,18 +1083,48 @@ class PredictionWriter:
         """Whether the file's third (slowest) axis is the canonical axial axis."""
         return int(np.asarray(reference.ornt)[2, 0]) == 2
 
-    def feed(self, slices: list[int]) -> None:
-        """Queue the finished canonical slices ``slices`` (consecutive in ``order``) for writing."""
-        from nibabel.orientations import apply_orientation
-
+    def _next(self, slices: Sequence[int]) -> None:
+        """Check that ``slices`` are the next ones of ``order``, and count them as queued."""
         if not self._threads:
             self._start()
+        expected = self.order[self._fed : self._fed + len(slices)]
+        if [int(k) for k in slices] != expected:
+            raise ValueError(
+                f"slices {list(slices)[:4]}... fed out of order: the file needs {expected[:4]}..."
+            )
+        self._fed += len(slices)
+
+    def feed(self, slices: list[int]) -> None:
+        """Queue the finished canonical slices ``slices`` (next in ``order``), read from the store."""
+        from nibabel.orientations import apply_orientation
+
+        if self.prediction is None:
+            raise RuntimeError("this writer has no store to read slices from: use feed_batch")
+        self._next(slices)
+        self.organs_seen = self.organs_seen or bool(self.prediction.pseudo[:, :, list(slices)].any())
         for name, q in self._queues.items():
             store = getattr(self.prediction, _FIELDS[name])
             for k in slices:
                 plane = store[:, :, k]  # (X, Y), Fortran-contiguous
                 if not self._identity:
                     plane = apply_orientation(plane[:, :, None], self._inverse)[:, :, 0]
+                q.put(encode_map(name, plane).tobytes(order="F"))
+
+    def feed_batch(self, slices: list[int], arrays: dict[str, np.ndarray]) -> None:
+        """Queue one batch's maps ``(n, Y, X)`` (``SlicePredictor.run``'s on_batch) of the canonical slices
+        ``slices``, the next ones in ``order``."""
+        from nibabel.orientations import apply_orientation
+
+        self._next(slices)
+        self.organs_seen = self.organs_seen or bool(arrays["pseudo_label"].any())
+        for name, q in self._queues.items():
+            batch = arrays[name]
+            if self._identity:  # a slice (Y, X) in C order is the file's (X, Y) in Fortran order
+                for plane in encode_map(name, batch):
+                    q.put(plane.tobytes())
+                continue
+            for j in range(len(slices)):
+                plane = apply_orientation(batch[j].T[:, :, None], self._inverse)[:, :, 0]
                 q.put(encode_map(name, plane).tobytes(order="F"))
 
     def close(self) -> dict[str, Any]:
