@@ -1722,7 +1722,7 @@ def test_a_long_export_folder_does_not_widen_the_panel(setup, tmp_path: Path) ->
     assert STATUS_LINES * per_line <= status.maximumHeight() < (STATUS_LINES + 1) * per_line  # ... than shown
 
 
-def test_refine_starts_from_the_set_up_made_after_predict(setup, tiny_checkpoint, monkeypatch) -> None:
+def test_refine_starts_from_the_set_up_made_after_predict(setup, tiny_checkpoint, monkeypatch, qtbot) -> None:
     """After Predict the next refinement's set-up is made in the background for the Refine panel's
     settings; Refine then makes none of its own and refines exactly as a run that makes it."""
     import torch
@@ -1770,6 +1770,24 @@ def test_refine_starts_from_the_set_up_made_after_predict(setup, tiny_checkpoint
     panel.bn_mix.setValue(panel.bn_mix.value() / 2)
     assert ctl.refine(panel.config(), image_layer=image, sync=True)
     assert not ahead.start.used and made.count("run") == 2
+
+    # a new BN target share (once it has settled) or intensity preset: the set-up is made again for it
+    ahead = ctl._ahead
+    assert ahead is not None
+    ahead.thread.join(60)
+    panel.bn_mix.setValue(0.5)
+    qtbot.waitUntil(lambda: ctl._ahead is not ahead, timeout=5000)
+    assert ahead._cancel.is_set() and ctl._ahead.key == refine_module.setup_key(
+        ctl._run_config(panel.config(), ctl.normalization(volume.data, image))
+    )
+    ahead = ctl._ahead
+    widget.preset_combo.setCurrentText("ct-soft")
+    assert ctl._ahead is not ahead and ahead._cancel.is_set()
+    ahead = ctl._ahead
+    ahead.thread.join(60)
+    runs = made.count("run")
+    assert ctl.refine(panel.config(), image_layer=image, sync=True)
+    assert ahead.start.used and made.count("run") == runs  # the remade set-up served the run
 
     # loading a checkpoint cancels the set-up made for the model it replaces
     ahead = ctl._ahead

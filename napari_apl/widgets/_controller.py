@@ -663,6 +663,25 @@ class APLController:
         except Exception as exc:  # (Refine reports what is wrong, if anything, when it is clicked)
             log.info("napari-apl: the next refinement's set-up was not started: %s", exc)
 
+    def refresh_ahead(self) -> None:
+        """Make the next refinement's set-up again if a setting it depends on changed (the BN target
+        share, the intensity preset, the device) since it was started."""
+        ahead = self._ahead
+        if ahead is None or self.busy:  # (none made yet, or a task that makes one when it ends)
+            return
+        layer = ahead.layer()
+        if layer is None or layer not in self.viewer.layers:
+            self._drop_ahead()
+            return
+        try:
+            volume = volume_from_layer(layer)
+            cfg = self._run_config(self.refine_settings(), self.normalization(volume.data, layer))
+        except Exception as exc:  # (Refine reports what is wrong, if anything, when it is clicked)
+            log.info("napari-apl: the next refinement's set-up was not remade: %s", exc)
+            return
+        if ahead.key != setup_key(cfg):
+            self._prepare_next(layer)
+
     def _drop_ahead_of_closed_layer(self, event: Any = None) -> None:
         """Cancel the set-up made ahead when its image layer is no longer in the viewer."""
         ahead = self._ahead

@@ -7,6 +7,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -57,6 +58,9 @@ def _step_box(top: float, value: float, tip: str) -> QDoubleSpinBox:
     box.setValue(value)
     box.setToolTip(tip)
     return box
+
+
+SETTINGS_SETTLE_MS = 400  # a setting the refinement's set-up depends on is final once unchanged this long
 
 
 def _panel_settings(panel: weakref.ref) -> RefineConfig:
@@ -190,6 +194,12 @@ class RefinePanel(QWidget):
         # the set-up made after Predict is for the panel's settings (read through a weak reference: the
         # controller must not keep a closed panel, and with it the viewer, alive)
         controller.refine_settings = functools.partial(_panel_settings, weakref.ref(self))
+        # a new BN target share: the set-up is made again for it, once the value has settled
+        self._settings_settled = QTimer(self)
+        self._settings_settled.setSingleShot(True)
+        self._settings_settled.setInterval(SETTINGS_SETTLE_MS)
+        self._settings_settled.timeout.connect(controller.refresh_ahead)
+        self.bn_mix.valueChanged.connect(lambda *_: self._settings_settled.start())
         self._on_busy(False)
 
     def config(self) -> RefineConfig:
