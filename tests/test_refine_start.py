@@ -133,3 +133,51 @@ def test_preparing_can_be_cancelled(setup):
 
     assert prepare_refinement(model, meta, vol, _cfg(), cancelled=cancelled) is None
     assert len(polls) == 3  # stopped at the first poll that said so
+
+
+def test_a_start_is_of_the_torch_thread_count_it_was_made_with(setup):
+    """Sums split over another number of threads round differently: such a start does not fit."""
+    model, meta, vol = setup
+    cfg = _cfg()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = prepare_refinement(model, meta, vol, cfg)
+        assert start.fits(model, meta, vol, cfg) == ""
+    finally:
+        torch.set_num_threads(before)
+    if before != 1:
+        assert start.fits(model, meta, vol, cfg) == "another number of torch threads"
+
+
+def test_voxels_changed_while_the_start_is_made_make_it_not_fit(setup):
+    """The scan is checked against the voxels as they were when the set-up began, not when it ended."""
+    model, meta, vol = setup
+    cfg = _cfg()
+    data = np.array(vol.data, copy=True)
+    view = volume_from_array(data, vol.affine)
+    polls = []
+
+    def edit_once() -> bool:  # called between the set-up's batches: the user edits the scan meanwhile
+        if not polls:
+            data[2, 3, 1] += 9
+        polls.append(1)
+        return False
+
+    start = prepare_refinement(model, meta, view, cfg, cancelled=edit_once)
+    assert start is not None and len(polls) > 1
+    assert start.fits(model, meta, view, cfg) == "the scan's voxels changed"
+
+
+def test_a_refinements_own_set_up_reads_no_extra_slices(setup, monkeypatch):
+    """Only a start made ahead reads the probe slices (a lazy file read out of order would slow down)."""
+    model, meta, vol = setup
+    probed = []
+    real = refine_module._probe_slices
+    monkeypatch.setattr(refine_module, "_probe_slices", lambda v: probed.append(1) or real(v))
+    run_generator(refine(model, meta, vol, _cfg(iterations=1)))
+    assert probed == []
+    start = prepare_refinement(model, meta, vol, _cfg(iterations=1))
+    assert probed == [1]
+    run_generator(refine(model, meta, vol, _cfg(iterations=1), start=start))
+    assert probed == [1, 1] and start.used

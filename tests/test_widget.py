@@ -1803,3 +1803,90 @@ def test_refine_starts_from_the_set_up_made_after_predict(setup, tiny_checkpoint
     _viewer.layers.remove(image)
     assert ctl._ahead is None and ahead._cancel.is_set()
     ahead.thread.join(60)
+
+
+def test_the_set_up_made_ahead_computes_with_the_workers_thread_count(
+    setup, tiny_checkpoint, monkeypatch
+) -> None:
+    """From three cores up a viewer task leaves one core for the GUI; the set-up made after Predict runs
+    with that thread count too, so a refinement that takes it ends exactly as one that makes its own."""
+    import os
+
+    import torch
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)  # as on a 4-core machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        _viewer, widget, image, _ = setup("LPS")
+        ctl, panel = widget.controller, widget.refine_panel
+        panel.iterations.setValue(2)
+        weights = []
+        for ahead in (True, False):
+            assert ctl.load_checkpoint(tiny_checkpoint) is not None
+            ctl.prepare_ahead = ahead
+            widget.predict(sync=True)
+            made = ctl._ahead
+            if ahead:
+                made.thread.join(60)
+                assert made.start is not None and made.start.threads == 3
+            else:
+                assert made is None
+            assert ctl.refine(panel.config(), image_layer=image, sync=True)
+            assert not ahead or made.start.used
+            weights.append(ctl.last_result.model.state_dict())
+        for key, value in weights[0].items():
+            assert torch.equal(value, weights[1][key]), key
+        assert torch.get_num_threads() == 4  # given back once the tasks ended
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_overlapping_tasks_share_the_thread_count_and_give_it_back(monkeypatch) -> None:
+    """A worker and the set-up made ahead, overlapping: both run with the count the first chose; each
+    thread gets its own count back, and the last to end the count the first found."""
+    import os
+
+    import torch
+
+    from napari_apl.widgets._controller import _leave_a_core_for_the_gui
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    seen: dict[str, int] = {}
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with _leave_a_core_for_the_gui():
+            seen["first"] = torch.get_num_threads()
+            first_in.set()
+            second_in.wait(10)
+        seen["first after"] = torch.get_num_threads()
+        first_out.set()
+
+    def second() -> None:
+        first_in.wait(10)
+        torch.set_num_threads(2)  # a thread that had another count: it runs with the first's choice
+        with _leave_a_core_for_the_gui():
+            seen["second"] = torch.get_num_threads()
+            second_in.set()
+            first_out.wait(10)
+            seen["second, first ended"] = torch.get_num_threads()
+        seen["second after"] = torch.get_num_threads()
+
+    try:
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(20)
+        assert seen == {
+            "first": 3,
+            "second": 3,
+            "first after": 4,
+            "second, first ended": 3,
+            "second after": 4,
+        }
+    finally:
+        torch.set_num_threads(before)

@@ -717,12 +717,14 @@ class RefineStart:
     re-estimated, the teacher and its folded copy, and the initial ensemble of pseudo labels.
 
     It fits (``fits``) a refinement of the same weights (compared tensor by tensor), checkpoint
-    metadata and set-up settings (``setup_key``) on the same scan: shape, affine and voxels (a CRC of
-    in-memory voxels; of lazy ones three slices are compared). The copies in it are the ones a
+    metadata, set-up settings (``setup_key``) and torch thread count (of the thread that made it and
+    of the one that refines) on the same scan: shape, affine and voxels as they were when the set-up
+    began (a CRC of in-memory voxels; of lazy ones three slices are compared). The copies in it are the ones a
     refinement trains, so a start serves one refinement (``take``).
     """
 
     key: tuple
+    threads: int
     meta: CheckpointMeta
     start_state: dict[str, torch.Tensor]
     probe: np.ndarray
@@ -740,8 +742,12 @@ class RefineStart:
         """Why this start cannot begin a refinement of ``model`` on ``volume`` with ``cfg`` ("" if it can)."""
         if self.used:
             return "it was used by a refinement already"
+        if not self.probe.size:
+            return "it was made by a refinement, not ahead of one"
         if self.key != setup_key(cfg):
             return "the refinement's settings changed"
+        if self.threads != torch.get_num_threads():  # (sums over threads round differently)
+            return "another number of torch threads"
         if meta != self.meta:
             return "another checkpoint"
         state = model.state_dict()
@@ -773,14 +779,21 @@ def _set_up(
     cfg: RefineConfig,
     dev: torch.device,
     cancelled: Callable[[], bool] | None = None,
+    ahead: bool = False,
 ) -> RefineStart:
-    """Make a refinement's set-up: prepared slices, student (batch norms re-estimated), teacher, ensemble."""
+    """Make a refinement's set-up: prepared slices, student (batch norms re-estimated), teacher, ensemble.
+
+    ``ahead``: for a later refinement, which checks the scan against the voxels read here (a refinement
+    making its own set-up skips that reading: a lazy file's last slice, say, read out of order).
+    """
 
     def check() -> None:
         if cancelled is not None and cancelled():
             raise _Cancelled
 
     norm = Normalization.from_dict(cfg.normalization) if cfg.normalization else None
+    # the scan as the set-up reads it, taken first: voxels changed while it runs make it not fit
+    probe, digest = (_probe_slices(volume), _voxel_digest(volume)) if ahead else (np.empty(0), None)
     start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     student = copy.deepcopy(model).to(dev)
     if cfg.channels_last:
@@ -827,10 +840,11 @@ def _set_up(
         ensemble.update(idx, pseudo.merge(pm, pa))
     return RefineStart(
         key=setup_key(cfg),
+        threads=torch.get_num_threads(),
         meta=meta,
         start_state=start_state,
-        probe=_probe_slices(volume),
-        digest=_voxel_digest(volume),
+        probe=probe,
+        digest=digest,
         affine=np.array(volume.affine, dtype=float),
         student=student,
         prep=prep,
@@ -863,7 +877,7 @@ def prepare_refinement(
         # (as in refine: the batches' freed activations are reused, and given back to the system at the
         # end; in a thread of its own glibc would otherwise keep them in that thread's arena)
         with retained_heap():
-            return _set_up(model, meta, volume, cfg, dev, cancelled)
+            return _set_up(model, meta, volume, cfg, dev, cancelled, ahead=True)
     except _Cancelled:
         return None
 

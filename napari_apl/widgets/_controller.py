@@ -129,18 +129,36 @@ def _task_threads(cores: int, available: int) -> int:
     return max(1, min(available, wanted))
 
 
+_threads_lock = threading.Lock()
+_threads_users = 0  # tasks inside _leave_a_core_for_the_gui now
+_threads_before = 0  # torch's thread count when the first of them began
+
+
 @contextmanager
 def _leave_a_core_for_the_gui() -> Iterator[None]:
-    """Run a task with ``_task_threads`` torch threads, so that the viewer stays responsive."""
+    """Run a task with ``_task_threads`` torch threads, so that the viewer stays responsive.
+
+    torch's thread count is kept per thread (``set_num_threads`` also sets the count threads start
+    with). Tasks that overlap (a worker and the refinement's set-up made ahead, two viewers' workers)
+    all run with the count the first of them chose, so the set-up made ahead computes as the
+    refinement's own would. Each gives its thread's count back as it ends, and the last one the count
+    the first found.
+    """
+    global _threads_users, _threads_before
     import torch
 
-    before = torch.get_num_threads()
-    wanted = _task_threads(os.cpu_count() or 2, before)
-    torch.set_num_threads(wanted)
+    with _threads_lock:
+        mine = torch.get_num_threads()
+        if _threads_users == 0:
+            _threads_before = mine
+        torch.set_num_threads(_task_threads(os.cpu_count() or 2, _threads_before))
+        _threads_users += 1
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _threads_lock:
+            _threads_users -= 1
+            torch.set_num_threads(_threads_before if _threads_users == 0 else mine)
 
 
 def _autosave_interval_from_env() -> float:
@@ -246,7 +264,8 @@ class _Ahead:
 
     def _make(self, model: Any, meta: CheckpointMeta, volume: Any, cfg: RefineConfig) -> None:
         try:
-            self.start = prepare_refinement(model, meta, volume, cfg, cancelled=self._cancel.is_set)
+            with _leave_a_core_for_the_gui():  # (the refinement's worker computes with these threads)
+                self.start = prepare_refinement(model, meta, volume, cfg, cancelled=self._cancel.is_set)
         except Exception as exc:  # the refinement makes its own set-up then (and reports what fails)
             log.info("napari-apl: preparing the next refinement failed: %s", exc)
 
