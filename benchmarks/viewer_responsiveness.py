@@ -175,26 +175,31 @@ def main(argv: list[str] | None = None) -> int:
                 "pseudo labels with the bookkeeping (on_return); the redraws of the 0.5 s after the run "
                 "count too",
             )
-    if warm["live"]:
-        rep.add(
-            "overlay: from Refine to the first live overlay, set-up made after Predict",
-            warm["live"][0] - warm["t0"],
-            "s",
-            goal=GOAL_REFRESH_S,
-            note="Refine clicked once the set-up made after Predict was ready (as after a look at the "
+    first_overlay = (
+        (
+            warm,
+            "set-up made after Predict",
+            "Refine clicked once the set-up made after Predict was ready (as after a look at the "
             "prediction): the first iteration is the first work",
-        )
-    if cold["live"]:
-        rep.add(
-            "overlay: from Refine to the first live overlay, nothing made ahead",
-            cold["live"][0] - cold["t0"],
-            "s",
-            goal=GOAL_REFRESH_S,
-            note="prepare_ahead off, or Refine clicked the moment Predict ends (it then waits for the "
+        ),
+        (
+            cold,
+            "nothing made ahead",
+            "prepare_ahead off, or Refine clicked the moment Predict ends (it then waits for the "
             f"set-up under way): the set-up before the first iteration ({args.slices} slices), the "
             "batch-norm re-estimation and the initial pseudo labels, a pass over the slices each, then the "
             "first iteration; the Predict overlay stays on screen meanwhile",
-        )
+        ),
+    )
+    for run, label, note in first_overlay:
+        if run["live"]:
+            rep.add(
+                f"overlay: from Refine to the first live overlay, {label}",
+                run["live"][0] - run["t0"],
+                "s",
+                goal=GOAL_REFRESH_S,
+                note=note,
+            )
     refresh_gaps, live = warm["refresh_gaps"], warm["live"]
     if refresh_gaps.size:
         rep.add(
