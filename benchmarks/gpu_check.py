@@ -476,11 +476,42 @@ def main(argv: list[str] | None = None) -> int:
             print(f"refine {label}: device busy {busy:.1%} of the profiled iterations", flush=True)
         print(f"profile tables in {args.profile}", flush=True)
 
+    def refine_ahead() -> None:
+        """The set-up made ahead (as the widget makes it after Predict) on the device, against its own."""
+        from napari_apl.core.refine import RefineConfig, prepare_refinement, refine
+        from napari_apl.core.utils import run_generator
+
+        cfg = RefineConfig(iterations=args.iterations, batch_size=8, device=str(dev), seed=0)
+        runs = {}
+        t0 = time.perf_counter()
+        start = prepare_refinement(model.to(cpu), meta, volume, cfg)
+        _sync(dev)
+        figs.add("refine set-up made ahead: seconds", time.perf_counter() - t0, "s")
+        runs["ahead"] = run_generator(refine(model.to(cpu), meta, volume, cfg, start=start))
+        figs.add("refine set-up made ahead: used by the run", float(start.used), "", 1.0)
+        for label in ("own set-up", "own set-up, again"):
+            runs[label] = run_generator(refine(model.to(cpu), meta, volume, cfg))
+
+        def weight_diff(a: Any, b: Any) -> float:
+            sa, sb = a.model.state_dict(), b.model.state_dict()
+            return max(float((sa[k].float() - sb[k].float()).abs().max()) for k in sa)
+
+        pairs = (
+            ("set-up made ahead vs its own", runs["ahead"], runs["own set-up"]),
+            ("its own set-up, run to run", runs["own set-up"], runs["own set-up, again"]),
+        )
+        for label, a, b in pairs:  # (on a GPU the second pair shows how far runs differ at all)
+            agree = float(np.mean(a.pseudo == b.pseudo))
+            figs.add(f"refine, {label}: pseudo-label agreement", agree, "", 0.98)
+            figs.add(f"refine, {label}: max weight difference", weight_diff(a, b))
+            print(f"refine, {label}: agreement {agree:.4f}, max weight difference {weight_diff(a, b):.3g}")
+
     figs.section("device selection", device_selection)
     figs.section("predict: GPU vs CPU", predict_parts)
     figs.section("predict overhead on the GPU", predict_overhead)
     figs.section("memory format and precision", memory_formats)
     figs.section("refine: GPU vs CPU", refine_parts)
+    figs.section("refine: the set-up made ahead on the GPU", refine_ahead)
     if args.profile is not None:
         figs.section("refine profile", profile_refine)
     info["failed_sections"] = figs.failed

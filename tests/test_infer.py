@@ -422,6 +422,8 @@ def test_gpu_check_accelerator_part_runs_simulated_on_cpu() -> None:
     assert "predict amp=off" in proc.stdout and "'main_agree': 1.0" in proc.stdout
     for part in ("forward bf16: contiguous", "train step fp32: contiguous", "refine contiguous:"):
         assert part in proc.stdout
+    # a refinement that takes the set-up made ahead ends as one that makes its own (bit for bit here)
+    assert "set-up made ahead vs its own: agreement 1.0000, max weight difference 0\n" in proc.stdout
 
 
 @pytest.mark.parametrize("orientation", ["RAS", "LAI", "PSR"])

@@ -880,6 +880,8 @@ def prepare_refinement(
             return _set_up(model, meta, volume, cfg, dev, cancelled, ahead=True)
     except _Cancelled:
         return None
+    finally:  # an accelerator's cache keeps only what the start holds (the copies of the model)
+        release_device_memory(dev)
 
 
 # --- the loop -----------------------------------------------------------------------------------------
