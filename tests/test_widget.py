@@ -1782,7 +1782,8 @@ def test_refine_starts_from_the_set_up_made_after_predict(setup, tiny_checkpoint
     )
     ahead = ctl._ahead
     widget.preset_combo.setCurrentText("ct-soft")
-    assert ctl._ahead is not ahead and ahead._cancel.is_set()
+    qtbot.waitUntil(lambda: ctl._ahead is not ahead, timeout=5000)
+    assert ahead._cancel.is_set()
     ahead = ctl._ahead
     ahead.thread.join(60)
     runs = made.count("run")
@@ -1890,3 +1891,64 @@ def test_overlapping_tasks_share_the_thread_count_and_give_it_back(monkeypatch) 
         }
     finally:
         torch.set_num_threads(before)
+
+
+def test_settings_changes_remake_the_set_up_once_and_never_raise(setup, qtbot, monkeypatch) -> None:
+    """Many quick preset changes (a mouse wheel over the combo) remake the set-up once; an unusable device
+    drops it without an error at selection (Refine says so when clicked); closing the viewer waits for a
+    cancelled set-up still running."""
+    import napari_apl.core.refine as refine_module
+    import napari_apl.widgets._controller as controller_module
+
+    viewer, widget, image, _ = setup("LPS")
+    ctl = widget.controller
+    made: list[str] = []
+    real = refine_module._set_up
+
+    def slow(*args, **kwargs):
+        made.append("ahead" if kwargs.get("ahead") else "run")
+        time.sleep(0.3)  # (a large scan: the set-up outlives the changes below)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(refine_module, "_set_up", slow)
+    created: list[object] = []
+
+    class Counted(controller_module._Ahead):
+        def __init__(self, *args, **kwargs) -> None:
+            created.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(controller_module, "_Ahead", Counted)
+    widget.predict(sync=True)
+    first = ctl._ahead
+    assert first is not None
+    qtbot.waitUntil(lambda: made == ["ahead"], timeout=5000)
+    for name in ["ct-soft", "ct-abdomen", "ct-soft", "checkpoint", "ct-soft"] * 3:
+        widget.preset_combo.setCurrentText(name)
+        qtbot.wait(20)
+    qtbot.waitUntil(lambda: ctl._ahead is not first, timeout=5000)
+    qtbot.wait(600)
+    assert len(created) == 2 and len(made) == 2  # one set-up for the settled preset
+    running = [th for th in threading.enumerate() if th.name == "napari-apl-prepare"]
+    assert len(running) <= 2  # (the cancelled one winding down, the new one waiting for it)
+
+    import torch
+
+    if not torch.cuda.is_available():  # an unusable device: the set-up is dropped, nothing raised
+        errors: list[BaseException] = []
+        monkeypatch.setattr(ctl, "error", lambda exc: errors.append(exc))
+        widget.device_combo.setCurrentText("cuda")
+        assert ctl.device == "cuda"
+        qtbot.waitUntil(lambda: ctl._ahead is None, timeout=5000)
+        assert errors == []
+        widget.device_combo.setCurrentText("auto")
+
+    # a set-up cancelled while it runs is waited for when the viewer closes
+    widget.refine_panel.settings_changed()
+    widget.predict(sync=True)
+    ahead = ctl._ahead
+    assert ahead is not None and ahead.thread.is_alive()
+    viewer.layers.remove(image)
+    assert ctl._ahead is None and ahead.thread.is_alive()
+    ctl.shutdown()
+    assert not ahead.thread.is_alive()

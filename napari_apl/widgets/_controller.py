@@ -251,18 +251,35 @@ class _Ahead:
     takes it when all of them are still those, and the refinement checks the weights and voxels again.
     """
 
-    def __init__(self, layer: Any, model: Any, meta: CheckpointMeta, volume: Any, cfg: RefineConfig) -> None:
+    def __init__(
+        self,
+        layer: Any,
+        model: Any,
+        meta: CheckpointMeta,
+        volume: Any,
+        cfg: RefineConfig,
+        after: list[threading.Thread] = (),  # type: ignore[assignment]
+    ) -> None:
         # (the layer weakly: a thread still running must not keep a closed viewer's layer alive)
         self.layer, self.data, self.model = weakref.ref(layer), layer.data, model
         self.key = setup_key(cfg)
         self._cancel = threading.Event()
         self.start: RefineStart | None = None
         self.thread = threading.Thread(
-            target=self._make, args=(model, meta, volume, cfg), name="napari-apl-prepare", daemon=True
+            target=self._make,
+            args=(model, meta, volume, cfg, list(after)),
+            name="napari-apl-prepare",
+            daemon=True,
         )
         self.thread.start()
 
-    def _make(self, model: Any, meta: CheckpointMeta, volume: Any, cfg: RefineConfig) -> None:
+    def _make(
+        self, model: Any, meta: CheckpointMeta, volume: Any, cfg: RefineConfig, after: list[threading.Thread]
+    ) -> None:
+        for earlier in after:  # set-ups cancelled before this one end first: one at a time on the cores
+            earlier.join()
+        if self._cancel.is_set():
+            return
         try:
             with _leave_a_core_for_the_gui():  # (the refinement's worker computes with these threads)
                 self.start = prepare_refinement(model, meta, volume, cfg, cancelled=self._cancel.is_set)
@@ -395,6 +412,7 @@ class APLController:
         grid, the batch-norm re-estimation, the initial pseudo labels) in a background thread, so that a
         Refine clicked later starts its iterations at once (``core.refine.prepare_refinement``)."""
         self._ahead: _Ahead | None = None
+        self._cancelled_aheads: list[_Ahead] = []  # cancelled, maybe still running: shutdown waits for them
         # (its scan's voxels are let go of with the scan's layer)
         viewer.layers.events.removed.connect(self._drop_ahead_of_closed_layer)
 
@@ -678,7 +696,8 @@ class APLController:
         try:
             volume = volume_from_layer(image_layer)
             cfg = self._run_config(self.refine_settings(), self.normalization(volume.data, image_layer))
-            self._ahead = _Ahead(image_layer, self.model, self.meta, volume, cfg)
+            running = [a.thread for a in self._cancelled_aheads]
+            self._ahead = _Ahead(image_layer, self.model, self.meta, volume, cfg, after=running)
         except Exception as exc:  # (Refine reports what is wrong, if anything, when it is clicked)
             log.info("napari-apl: the next refinement's set-up was not started: %s", exc)
 
@@ -695,10 +714,12 @@ class APLController:
         try:
             volume = volume_from_layer(layer)
             cfg = self._run_config(self.refine_settings(), self.normalization(volume.data, layer))
+            changed = ahead.key != setup_key(cfg)  # (an unusable device is refused here: Refine says so)
         except Exception as exc:  # (Refine reports what is wrong, if anything, when it is clicked)
             log.info("napari-apl: the next refinement's set-up was not remade: %s", exc)
+            self._drop_ahead()  # (made for settings that are no longer chosen)
             return
-        if ahead.key != setup_key(cfg):
+        if changed:
             self._prepare_next(layer)
 
     def _drop_ahead_of_closed_layer(self, event: Any = None) -> None:
@@ -708,10 +729,12 @@ class APLController:
             self._drop_ahead()
 
     def _drop_ahead(self) -> _Ahead | None:
-        """Cancel the set-up made ahead, if any (returned, e.g. to wait for its thread)."""
+        """Cancel the set-up made ahead, if any (returned; its thread may still run until its next batch)."""
         ahead, self._ahead = self._ahead, None
+        self._cancelled_aheads = [a for a in self._cancelled_aheads if a.thread.is_alive()]
         if ahead is not None:
             ahead.cancel()
+            self._cancelled_aheads.append(ahead)
         return ahead
 
     # -- predict ---------
@@ -1293,10 +1316,11 @@ class APLController:
         model, meta = self.model, self.meta
         # the set-up made after Predict (or the last refinement), if it is for this run; waited for in the
         # worker (a Refine clicked while it is being made does not make a second one)
-        ahead, self._ahead = self._ahead, None
+        ahead = self._ahead
         if ahead is not None and not ahead.serves(image_layer, model, cfg):
-            ahead.cancel()
+            self._drop_ahead()  # (shutdown waits for it while it winds down)
             ahead = None
+        self._ahead = None  # (taken by this run)
         self._set_pseudo_editable(False)
         # a run in progress is autosaved too: the guard-checked weights, from the worker thread
         saver = self.autosaver if shown and self.autosave_enabled and not self._autosave_blocked() else None
@@ -1918,12 +1942,13 @@ class APLController:
                 self.control.stop()
             elif self.worker is not None:
                 self.worker.quit()
-            ahead = self._drop_ahead()
+            self._drop_ahead()
             idle = self.wait_idle(timeout)
             if not idle:
                 log.warning("napari-apl: the task did not end within %.0f s of the stop request", timeout)
-            if ahead is not None:
-                ahead.thread.join(timeout)  # (stops at its next batch of slices)
+            for ahead in self._cancelled_aheads:  # (each stops at its next batch of slices)
+                ahead.thread.join(timeout)
+            self._cancelled_aheads = [a for a in self._cancelled_aheads if a.thread.is_alive()]
             try:
                 release_device_memory(resolve_device(self.device))
             except Exception:  # no usable device any more: nothing was cached on it

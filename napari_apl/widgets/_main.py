@@ -569,11 +569,11 @@ class APLWidget(QWidget):
 
     def _set_device(self, name: str) -> None:
         self.controller.device = name
-        self.controller.refresh_ahead()  # (the next refinement's set-up is made on the device chosen)
+        self.refine_panel.settings_changed()  # (the next refinement's set-up is made on the device chosen)
 
     def _set_preset(self, name: str) -> None:
         self.controller.preset = name
-        self.controller.refresh_ahead()  # (and with the intensities chosen)
+        self.refine_panel.settings_changed()  # (and with the intensities chosen)
 
     def _refresh_layers(self, event: Any = None) -> None:
         self.image_combo.refresh()

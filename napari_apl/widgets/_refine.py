@@ -194,13 +194,18 @@ class RefinePanel(QWidget):
         # the set-up made after Predict is for the panel's settings (read through a weak reference: the
         # controller must not keep a closed panel, and with it the viewer, alive)
         controller.refine_settings = functools.partial(_panel_settings, weakref.ref(self))
-        # a new BN target share: the set-up is made again for it, once the value has settled
+        # a new BN target share (or intensity preset, or device): the set-up is made again for it, once
+        # the value has settled (the mouse wheel over a combo box goes through many)
         self._settings_settled = QTimer(self)
         self._settings_settled.setSingleShot(True)
         self._settings_settled.setInterval(SETTINGS_SETTLE_MS)
         self._settings_settled.timeout.connect(controller.refresh_ahead)
-        self.bn_mix.valueChanged.connect(lambda *_: self._settings_settled.start())
+        self.bn_mix.valueChanged.connect(lambda *_: self.settings_changed())
         self._on_busy(False)
+
+    def settings_changed(self) -> None:
+        """A setting the refinement's set-up depends on changed: remake it once the value has settled."""
+        self._settings_settled.start()
 
     def config(self) -> RefineConfig:
         """The refinement settings shown in the panel."""
