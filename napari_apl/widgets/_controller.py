@@ -688,14 +688,18 @@ class APLController:
             guard_spread=True,  # no iteration carries the whole collapse check: the overlay keeps up
         ).validate()
 
+    def _ahead_inputs(self, image_layer: Any) -> tuple[Any, RefineConfig]:
+        """The volume of ``image_layer`` and the settings Refine would run with on it now."""
+        volume = volume_from_layer(image_layer)
+        return volume, self._run_config(self.refine_settings(), self.normalization(volume.data, image_layer))
+
     def _prepare_next(self, image_layer: Any) -> None:
         """Start making the next refinement's set-up on ``image_layer`` in the background."""
         self._drop_ahead()
         if not self.prepare_ahead or self._closing or self.model is None or self.meta is None:
             return
         try:
-            volume = volume_from_layer(image_layer)
-            cfg = self._run_config(self.refine_settings(), self.normalization(volume.data, image_layer))
+            volume, cfg = self._ahead_inputs(image_layer)
             running = [a.thread for a in self._cancelled_aheads]
             self._ahead = _Ahead(image_layer, self.model, self.meta, volume, cfg, after=running)
         except Exception as exc:  # (Refine reports what is wrong, if anything, when it is clicked)
@@ -712,9 +716,9 @@ class APLController:
             self._drop_ahead()
             return
         try:
-            volume = volume_from_layer(layer)
-            cfg = self._run_config(self.refine_settings(), self.normalization(volume.data, layer))
-            changed = ahead.key != setup_key(cfg)  # (an unusable device is refused here: Refine says so)
+            changed = ahead.key != setup_key(
+                self._ahead_inputs(layer)[1]
+            )  # (an unusable device is refused here: Refine says so)
         except Exception as exc:  # (Refine reports what is wrong, if anything, when it is clicked)
             log.info("napari-apl: the next refinement's set-up was not remade: %s", exc)
             self._drop_ahead()  # (made for settings that are no longer chosen)
